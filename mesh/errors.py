@@ -1,0 +1,124 @@
+"""The one error tree of Allerac Mesh.
+
+Every failure the library reports is a `MeshError`. Each class carries how it
+travels: `grpc_status` (a `grpc.StatusCode` name), `http_status`, and the
+OpenAI-style `error_type` / `code` that the HTTP API puts in its error body.
+The agent maps a `MeshError` to gRPC in exactly one place and to HTTP in
+exactly one place; foreign exceptions (`cryptography`, `grpc`, `sqlite3`,
+`llama_cpp`) are converted where they enter, with `raise ... from exc`.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class MeshError(Exception):
+    """Base of every error Allerac Mesh raises on purpose."""
+
+    grpc_status: ClassVar[str] = "INTERNAL"
+    http_status: ClassVar[int] = 500
+    error_type: ClassVar[str] = "server_error"
+    code: ClassVar[str] = "internal_error"
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+# --- local problems: the operator's setup -------------------------------------------------
+
+
+class ConfigError(MeshError):
+    """A configuration file, flag or model entry is invalid."""
+
+    code = "config_error"
+
+
+class IdentityError(MeshError):
+    """The node's identity key is missing, unreadable or corrupt."""
+
+    code = "identity_error"
+
+
+# --- a caller's request ---------------------------------------------------------------------
+
+
+class InvalidRequest(MeshError):
+    """The caller sent something malformed or out of range (our answer: 400)."""
+
+    grpc_status = "INVALID_ARGUMENT"
+    http_status = 400
+    error_type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class RequestTooLarge(InvalidRequest):
+    http_status = 413
+    code = "request_too_large"
+
+
+class ContextLengthExceeded(InvalidRequest):
+    code = "context_length_exceeded"
+
+
+class UnsupportedProtocol(InvalidRequest):
+    grpc_status = "FAILED_PRECONDITION"
+    code = "unsupported_protocol_version"
+
+
+class Unauthenticated(MeshError):
+    grpc_status = "UNAUTHENTICATED"
+    http_status = 401
+    error_type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class PermissionDenied(MeshError):
+    grpc_status = "PERMISSION_DENIED"
+    http_status = 403
+    error_type = "permission_error"
+    code = "permission_denied"
+
+
+class ModelNotFound(MeshError):
+    grpc_status = "NOT_FOUND"
+    http_status = 404
+    error_type = "invalid_request_error"
+    code = "model_not_found"
+
+
+# --- capacity and availability --------------------------------------------------------------
+
+
+class Overloaded(MeshError):
+    """Every slot and queue place is taken: answered at once, never by waiting."""
+
+    grpc_status = "RESOURCE_EXHAUSTED"
+    http_status = 429
+    error_type = "rate_limit_error"
+    code = "overloaded"
+
+
+class Unavailable(MeshError):
+    """Nobody can serve this right now (shutting down, backend gone)."""
+
+    grpc_status = "UNAVAILABLE"
+    http_status = 503
+    error_type = "server_error"
+    code = "unavailable"
+
+
+class BackendError(MeshError):
+    """The inference engine failed while serving a request."""
+
+    code = "backend_error"
+
+
+class RemoteProtocolError(MeshError):
+    """A peer sent bytes that break the wire contract."""
+
+    grpc_status = "INVALID_ARGUMENT"
+    http_status = 502
+    code = "remote_protocol_error"

@@ -1,0 +1,179 @@
+"""Protobuf <-> domain conversions for the v1 wire contract.
+
+Everything coming off the wire is size-checked before it is parsed and
+validated by the domain constructors, so a bad message becomes an
+`InvalidRequest` / `RemoteProtocolError`, never another exception.
+"""
+
+from __future__ import annotations
+
+from google.protobuf.message import DecodeError
+
+from mesh import PROTOCOL_VERSION
+from mesh.errors import InvalidRequest, MeshError, RemoteProtocolError, UnsupportedProtocol
+from mesh.inference import (
+    ChatMessage,
+    Finished,
+    FinishReason,
+    InferenceEvent,
+    InferenceRequest,
+    Load,
+    ModelInfo,
+    Sampling,
+    ServedBy,
+    TextDelta,
+)
+from mesh.wire.v1 import node_pb2 as pb
+
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+
+_REASON_TO_PB = {
+    FinishReason.STOP: pb.FINISH_REASON_STOP,
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    FinishReason.CANCELLED: pb.FINISH_REASON_CANCELLED,
+}
+_REASON_FROM_PB = {v: k for k, v in _REASON_TO_PB.items()}
+
+
+def request_to_pb(request: InferenceRequest) -> pb.InferRequest:
+    s = request.sampling
+    sampling = pb.Sampling(stop=list(s.stop))
+    if s.max_tokens is not None:
+        sampling.max_tokens = s.max_tokens
+    if s.temperature is not None:
+        sampling.temperature = s.temperature
+    if s.top_p is not None:
+        sampling.top_p = s.top_p
+    if s.seed is not None:
+        sampling.seed = s.seed
+    body = pb.InferBody(
+        request_id=request.request_id, model=request.model, sampling=sampling, user=request.user
+    )
+    if request.messages is not None:
+        body.chat.messages.extend(
+            pb.ChatMessage(role=m.role, content=m.content) for m in request.messages
+        )
+    else:
+        body.prompt = request.prompt or ""
+    return pb.InferRequest(protocol_version=PROTOCOL_VERSION, body=body)
+
+
+def request_from_pb(message: pb.InferRequest) -> InferenceRequest:
+    if message.protocol_version != PROTOCOL_VERSION:
+        raise UnsupportedProtocol(
+            f"protocol version {message.protocol_version} is not spoken here "
+            f"(this node speaks {PROTOCOL_VERSION})"
+        )
+    if message.WhichOneof("payload") != "body":
+        raise InvalidRequest("InferRequest carries no body")
+    body = message.body
+    s = body.sampling
+    sampling = Sampling(
+        max_tokens=s.max_tokens if s.HasField("max_tokens") else None,
+        temperature=s.temperature if s.HasField("temperature") else None,
+        top_p=s.top_p if s.HasField("top_p") else None,
+        seed=s.seed if s.HasField("seed") else None,
+        stop=tuple(s.stop),
+    )
+    which = body.WhichOneof("input")
+    if which == "chat":
+        return InferenceRequest(
+            request_id=body.request_id,
+            model=body.model,
+            messages=tuple(ChatMessage(role=m.role, content=m.content) for m in body.chat.messages),
+            sampling=sampling,
+            user=body.user,
+        )
+    if which == "prompt":
+        return InferenceRequest(
+            request_id=body.request_id,
+            model=body.model,
+            prompt=body.prompt,
+            sampling=sampling,
+            user=body.user,
+        )
+    raise InvalidRequest("InferBody has neither chat messages nor a prompt")
+
+
+def parse_infer_request(data: bytes) -> InferenceRequest:
+    """Bytes straight off a socket (fuzzed in the tests)."""
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise InvalidRequest(f"message is {len(data)} bytes; the limit is {MAX_MESSAGE_BYTES}")
+    message = pb.InferRequest()
+    try:
+        message.ParseFromString(data)
+    except (DecodeError, RuntimeWarning, ValueError) as exc:
+        raise InvalidRequest(f"not an InferRequest: {exc}") from exc
+    return request_from_pb(message)
+
+
+def event_to_pb(event: InferenceEvent, served_by: ServedBy) -> pb.InferEvent:
+    if isinstance(event, TextDelta):
+        return pb.InferEvent(delta=pb.Delta(text=event.text))
+    return pb.InferEvent(
+        finish=pb.Finish(
+            reason=_REASON_TO_PB[event.reason],
+            prompt_tokens=event.prompt_tokens,
+            completion_tokens=event.completion_tokens,
+            served_by=served_by.node_id,
+            route=served_by.route.value,
+            model=served_by.model,
+        )
+    )
+
+
+def event_from_pb(message: pb.InferEvent) -> InferenceEvent:
+    which = message.WhichOneof("event")
+    if which == "delta":
+        return TextDelta(message.delta.text)
+    if which == "finish":
+        reason = _REASON_FROM_PB.get(message.finish.reason)
+        if reason is None:
+            raise RemoteProtocolError(f"unknown finish reason {message.finish.reason}")
+        return Finished(
+            reason=reason,
+            prompt_tokens=message.finish.prompt_tokens,
+            completion_tokens=message.finish.completion_tokens,
+        )
+    raise RemoteProtocolError("InferEvent carries neither a delta nor a finish")
+
+
+def load_to_pb(load: Load) -> pb.Load:
+    return pb.Load(
+        active_streams=load.active_streams,
+        queued=load.queued,
+        slots=load.slots,
+        draining=load.draining,
+    )
+
+
+def model_to_pb(info: ModelInfo) -> pb.ModelCard:
+    return pb.ModelCard(
+        name=info.name,
+        aliases=list(info.aliases),
+        family=info.family,
+        parameter_count=info.parameter_count,
+        quantization=info.quantization,
+        context_length=info.context_length,
+        backend=info.backend,
+        tokens_per_second=info.tokens_per_second,
+        chat=info.chat,
+    )
+
+
+def error_from_status(code_name: str, details: str) -> MeshError:
+    """A gRPC status from a peer, back into the error tree (for clients of the agent)."""
+    for cls in _all_errors():
+        if cls.grpc_status == code_name and cls.__name__ != "MeshError":
+            return cls(details)
+    return RemoteProtocolError(f"{code_name}: {details}")
+
+
+def _all_errors() -> list[type[MeshError]]:
+    out: list[type[MeshError]] = []
+    pending: list[type[MeshError]] = [MeshError]
+    while pending:
+        cls = pending.pop()
+        out.append(cls)
+        pending.extend(cls.__subclasses__())
+    return out

@@ -1,0 +1,1 @@
+"""The Allerac agent daemon: gRPC servicer, OpenAI-compatible HTTP API, inference backends, CLI."""

@@ -1,0 +1,36 @@
+"""What the agent needs from an inference backend.
+
+A backend admits a request or refuses it *at once* (`Overloaded` when every
+slot is taken), then yields the answer as `TextDelta`s ending in exactly one
+`Finished`. Closing the stream early cancels the work and frees the slot.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+from mesh.inference import InferenceEvent, InferenceRequest, Load, ModelInfo
+
+
+class InferenceStream(Protocol):
+    def __aiter__(self) -> AsyncIterator[InferenceEvent]: ...
+
+    async def aclose(self) -> None:
+        """Stop generating (if still running) and free the slot; idempotent."""
+
+
+class Backend(Protocol):
+    @property
+    def info(self) -> ModelInfo: ...
+
+    def load(self) -> Load: ...
+
+    async def start(self) -> None:
+        """Load the model (off the event loop) and start the worker."""
+
+    async def open(self, request: InferenceRequest) -> InferenceStream:
+        """Admit and prepare `request`; raises `MeshError` before any token is produced."""
+
+    async def aclose(self) -> None:
+        """Cancel whatever still runs, stop the worker, release the model."""

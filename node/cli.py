@@ -1,0 +1,321 @@
+"""The `allerac` command line. Parsing happens in `main()`, never at import time."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import http.client
+import json
+import logging
+import signal
+import sys
+import urllib.parse
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from mesh.config import Flags, build_config
+from mesh.errors import MeshError
+from mesh.home import Home
+
+F = TypeVar("F", bound=Callable[..., Any])
+HTTP_TIMEOUT_S = 600.0
+DEFAULT_CHAT_SYSTEM = None
+
+
+def home_option(func: F) -> F:
+    return click.option(
+        "--home",
+        "home_dir",
+        type=click.Path(file_okay=False, path_type=Path),
+        default=None,
+        help="Data dir of the node (default: $ALLERAC_HOME or the platform data dir).",
+    )(func)
+
+
+def _fail(message: str) -> None:
+    raise click.ClickException(message)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="allerac-mesh", prog_name="allerac")
+def cli() -> None:
+    """Allerac Mesh: your boxes and cloud GPUs as one private, OpenAI-compatible AI service."""
+
+
+# --- up -------------------------------------------------------------------------------------
+
+
+@cli.command()
+@home_option
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="TOML config file (default: HOME/config.toml if present).",
+)
+@click.option("--http-host", help="Address of the OpenAI-compatible API (loopback only for now).")
+@click.option("--http-port", type=int, help="Port of the HTTP API; 0 picks a free one.")
+@click.option("--grpc-port", type=int, help="Port of the gRPC agent; 0 picks a free one.")
+@click.option(
+    "--model",
+    "models",
+    multiple=True,
+    metavar="PATH_OR_NAME",
+    help="Serve this model (a GGUF file or a configured name); repeatable.",
+)
+@click.option(
+    "--log-level",
+    default="info",
+    show_default=True,
+    type=click.Choice(["debug", "info", "warning", "error"]),
+)
+def up(
+    home_dir: Path | None,
+    config_file: Path | None,
+    http_host: str | None,
+    http_port: int | None,
+    grpc_port: int | None,
+    models: tuple[str, ...],
+    log_level: str,
+) -> None:
+    """Start this node and serve until Ctrl-C or SIGTERM."""
+    from node.daemon import Node  # heavy imports only for the command that needs them
+
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    home = Home.resolve(home_dir)
+    if config_file is None and home.config_file.is_file():
+        config_file = home.config_file
+    try:
+        config = build_config(
+            config_file=config_file,
+            flags=Flags(
+                http_host=http_host, http_port=http_port, grpc_port=grpc_port, models=models
+            ),
+        )
+    except MeshError as exc:
+        _fail(exc.message)
+
+    async def serve() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        async with Node(config, home) as node:
+            first = node.dispatcher.models()[0].name if node.dispatcher else "MODEL"
+            new = " (new identity)" if node.created_identity else ""
+            click.echo(f"Allerac node {node.node_id}{new}")
+            click.echo(f"  data dir   {home.root}")
+            click.echo(
+                f"  models     {', '.join(m.name for m in node.dispatcher.models())}"
+                if node.dispatcher
+                else ""
+            )
+            click.echo(f"  API        {node.http_url}/v1   (OpenAI-compatible)")
+            click.echo(f"  gRPC       {node.grpc_address}")
+            click.echo("Try it:")
+            click.echo(
+                f"  allerac chat{' --home ' + str(home.root) if home_dir else ''} "
+                '"What is the capital of France?"'
+            )
+            click.echo(
+                f"  curl -s {node.http_url}/v1/chat/completions -H 'Content-Type: "
+                f'application/json\' -d \'{{"model": "{first}", "messages": '
+                '[{"role": "user", "content": "Hello!"}]}\''
+            )
+            click.echo("Ready. Ctrl-C stops the node.", nl=True)
+            sys.stdout.flush()
+            await stop.wait()
+            click.echo("Stopping: finishing answers in progress...", err=True)
+
+    try:
+        asyncio.run(serve())
+    except MeshError as exc:
+        _fail(exc.message)
+
+
+# --- clients of a running node ----------------------------------------------------------------
+
+
+def _node_url(home_dir: Path | None) -> str:
+    try:
+        return str(Home.resolve(home_dir).read_run_info()["http_url"])
+    except MeshError as exc:
+        raise click.ClickException(exc.message) from exc
+
+
+@contextlib.contextmanager
+def _request(
+    base_url: str, method: str, path: str, body: dict[str, Any] | None = None
+) -> Iterator[http.client.HTTPResponse]:
+    url = urllib.parse.urlsplit(base_url)
+    conn = http.client.HTTPConnection(url.hostname or "127.0.0.1", url.port, timeout=HTTP_TIMEOUT_S)
+    try:
+        payload = json.dumps(body).encode() if body is not None else None
+        headers = {"Content-Type": "application/json"} if payload is not None else {}
+        try:
+            conn.request(method, path, body=payload, headers=headers)
+            response = conn.getresponse()
+        except OSError as exc:
+            raise click.ClickException(
+                f"cannot reach the node at {base_url} ({exc}); is `allerac up` running?"
+            ) from exc
+        if response.status >= 400:
+            raw = response.read()
+            try:
+                message = json.loads(raw)["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                message = raw.decode("utf-8", "replace")[:500]
+            raise click.ClickException(f"{response.status}: {message}")
+        yield response
+    finally:
+        conn.close()
+
+
+def _get_json(base_url: str, path: str) -> Any:
+    with _request(base_url, "GET", path) as response:
+        return json.loads(response.read())
+
+
+@cli.command()
+@home_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def status(home_dir: Path | None, as_json: bool) -> None:
+    """Show this node: identity, addresses, load and models."""
+    info = _get_json(_node_url(home_dir), "/allerac/status")
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    load = info["load"]
+    click.echo(f"node      {info['node_id']}  ({info['display_name']})")
+    click.echo(
+        f"version   {info['version']} (protocol v{info['protocol_version']}), "
+        f"pid {info['pid']}, up {info['uptime_s']} s"
+    )
+    click.echo(f"API       {info['http_url']}/v1")
+    click.echo(f"gRPC      {info['grpc_address']}")
+    click.echo(
+        f"load      {load['active_streams']} running, {load['queued']} waiting, "
+        f"{load['slots']} slots{' (draining)' if load['draining'] else ''}"
+    )
+    for model in info["models"]:
+        tps = f"{model['tokens_per_second']:.0f} tok/s" if model["tokens_per_second"] else "-"
+        click.echo(
+            f"model     {model['name']}  ctx {model['context_length']}  "
+            f"{model['quantization'] or '?'}  {tps}"
+        )
+    click.echo("peers     none (LAN pooling arrives with the mesh)")
+
+
+@cli.command()
+@home_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def models(home_dir: Path | None, as_json: bool) -> None:
+    """List the models this node can serve."""
+    data = _get_json(_node_url(home_dir), "/v1/models")
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    click.echo(f"{'MODEL':32} {'ALIASES':20} {'CONTEXT':>8} {'QUANT':8} FAMILY")
+    for model in data["data"]:
+        click.echo(
+            f"{model['id']:32} {','.join(model.get('aliases', [])) or '-':20} "
+            f"{model.get('context_length', 0):>8} {model.get('quantization') or '-':8} "
+            f"{model.get('family') or '-'}"
+        )
+
+
+def _stream_chat(base_url: str, body: dict[str, Any]) -> str:
+    """Send one chat request, print the answer as it streams, return its text."""
+    parts: list[str] = []
+    with _request(base_url, "POST", "/v1/chat/completions", body) as response:
+        for raw in response:
+            line = raw.decode("utf-8").rstrip("\r\n")
+            if not line.startswith("data: "):
+                continue
+            data = line[len("data: ") :]
+            if data == "[DONE]":
+                break
+            chunk = json.loads(data)
+            if "error" in chunk:
+                raise click.ClickException(chunk["error"].get("message", "the answer failed"))
+            for choice in chunk.get("choices", []):
+                text = choice.get("delta", {}).get("content")
+                if text:
+                    parts.append(text)
+                    click.echo(text, nl=False)
+                    sys.stdout.flush()
+    click.echo()
+    return "".join(parts)
+
+
+@cli.command()
+@home_option
+@click.option("-m", "--model", default="default", show_default=True, help="Model name or alias.")
+@click.option("--system", default=None, help="System message (default: the model's own).")
+@click.option("--max-tokens", type=int, default=None, help="Answer length limit in tokens.")
+@click.option("--temperature", type=float, default=None, help="0 for greedy answers.")
+@click.argument("prompt", required=False)
+def chat(
+    home_dir: Path | None,
+    model: str,
+    system: str | None,
+    max_tokens: int | None,
+    temperature: float | None,
+    prompt: str | None,
+) -> None:
+    """Chat with the node: one answer for PROMPT, or an interactive session without it."""
+    base_url = _node_url(home_dir)
+    history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+
+    def ask(text: str) -> str:
+        body: dict[str, Any] = {
+            "model": model,
+            "messages": [*history, {"role": "user", "content": text}],
+            "stream": True,
+        }
+        if max_tokens is not None:
+            body["max_tokens"] = max_tokens
+        if temperature is not None:
+            body["temperature"] = temperature
+        return _stream_chat(base_url, body)
+
+    if prompt is not None:
+        ask(prompt)
+        return
+    click.echo(
+        f"Chatting with {model} at {base_url} (Ctrl-D or /exit to leave, Ctrl-C stops an answer)."
+    )
+    while True:
+        try:
+            text = input("you> ")
+        except EOFError:
+            click.echo()
+            return
+        except KeyboardInterrupt:
+            click.echo()
+            return
+        if text.strip() in ("/exit", "/quit"):
+            return
+        if not text.strip():
+            continue
+        try:
+            answer = ask(text)
+        except KeyboardInterrupt:
+            click.echo("\n(answer stopped)")
+            continue
+        history.extend(
+            ({"role": "user", "content": text}, {"role": "assistant", "content": answer})
+        )
+
+
+def main() -> None:
+    cli(prog_name="allerac")
+
+
+if __name__ == "__main__":
+    main()

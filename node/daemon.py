@@ -1,0 +1,221 @@
+"""One running agent: identity, backends, the gRPC server and the HTTP API.
+
+`Node` is an async context manager. Entering it loads the identity and every
+model (a missing or broken model fails here, at start, not at the first
+request), binds both servers and publishes `run/node.json`. Leaving it drains:
+both servers stop taking new work and give in-flight answers up to
+`shutdown_grace_s` to finish, then whatever is left is cancelled, the model
+workers are joined and node.json is removed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from types import TracebackType
+from typing import Any
+
+import grpc
+from aiohttp import web
+
+from mesh import PROTOCOL_VERSION, __version__
+from mesh.cards import sign_card
+from mesh.config import NodeConfig, is_loopback_host
+from mesh.errors import ConfigError
+from mesh.home import Home
+from mesh.identity import Identity, load_or_create_identity
+from mesh.wire import grpc_options
+from mesh.wire.v1 import node_pb2 as pb
+from mesh.wire.v1 import node_pb2_grpc as pb_grpc
+from node.backends.base import Backend
+from node.backends.llama_cpp import LlamaCppBackend
+from node.dispatch import Dispatcher
+from node.grpc_service import NodeServicer
+from node.http_api import build_app
+
+logger = logging.getLogger(__name__)
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+class Node:
+    def __init__(self, config: NodeConfig, home: Home) -> None:
+        self.config = config
+        self.home = home
+        self.identity: Identity | None = None
+        self.created_identity = False
+        self.backends: list[Backend] = []
+        self.dispatcher: Dispatcher | None = None
+        self.http_url = ""
+        self.grpc_address = ""
+        self._grpc_server: grpc.aio.Server | None = None
+        self._http_runner: web.AppRunner | None = None
+        self._card: pb.SignedCard | None = None
+        self._started_at = time.time()
+
+    @property
+    def node_id(self) -> str:
+        assert self.identity is not None
+        return self.identity.node_id
+
+    async def __aenter__(self) -> Node:
+        try:
+            await self._start()
+        except BaseException:
+            await self.aclose()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def _start(self) -> None:
+        cfg = self.config
+        if not is_loopback_host(cfg.http_host):
+            raise ConfigError(
+                f"refusing to serve the HTTP API on {cfg.http_host}: without API keys only "
+                "loopback addresses (127.0.0.1, ::1, localhost) are allowed, because anyone "
+                "who can reach the port could use this box; API keys arrive with the usage "
+                "ledger"
+            )
+        self.home.ensure()
+        self.identity, self.created_identity = load_or_create_identity(self.home.identity_key)
+        for model in cfg.models:
+            backend = LlamaCppBackend(model)
+            await backend.start()
+            self.backends.append(backend)
+        self.dispatcher = Dispatcher(node_id=self.node_id, backends=self.backends)
+        await self._start_grpc()
+        await self._start_http()
+        self._card = sign_card(
+            self.identity,
+            models=self.dispatcher.models(),
+            grpc_addresses=[self.grpc_address],
+            display_name=cfg.display_name or socket.gethostname(),
+            now_ms=int(time.time() * 1000),
+        )
+        self.home.write_run_info(self.run_info())
+        logger.info(
+            "node %s serving on %s (gRPC %s)", self.node_id, self.http_url, self.grpc_address
+        )
+
+    async def _start_grpc(self) -> None:
+        assert self.dispatcher is not None
+        server = grpc.aio.server(options=grpc_options.server_options())
+        pb_grpc.add_NodeServiceServicer_to_server(
+            NodeServicer(node_id=self.node_id, dispatcher=self.dispatcher, card=self.card),
+            server,
+        )
+        host = self.config.grpc_host
+        # The gRPC agent accepts plain (unsealed) requests until sealing lands, so it is
+        # bound to loopback only: nothing off this box can reach it yet.
+        bind = f"{_url_host(host)}:{self.config.grpc_port}"
+        try:
+            port = server.add_insecure_port(bind)
+        except RuntimeError as exc:
+            raise ConfigError(f"cannot bind the gRPC agent to {bind}: {exc}") from exc
+        await server.start()
+        self._grpc_server = server
+        self.grpc_address = f"{_url_host(host)}:{port}"
+
+    async def _start_http(self) -> None:
+        assert self.dispatcher is not None
+        app = build_app(
+            dispatcher=self.dispatcher,
+            max_request_bytes=self.config.max_request_bytes,
+            status=self.status,
+        )
+        runner = web.AppRunner(
+            app,
+            handler_cancellation=True,  # a client that goes away cancels its generation
+            shutdown_timeout=self.config.shutdown_grace_s,
+            access_log=None,
+        )
+        await runner.setup()
+        self._http_runner = runner
+        site = web.TCPSite(runner, self.config.http_host, self.config.http_port)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot bind the HTTP API to {self.config.http_host}:{self.config.http_port}: "
+                f"{exc.strerror}"
+            ) from exc
+        server = site._server
+        assert isinstance(server, asyncio.base_events.Server)
+        port = server.sockets[0].getsockname()[1]
+        self.http_url = f"http://{_url_host(self.config.http_host)}:{port}"
+
+    def card(self) -> pb.SignedCard:
+        assert self._card is not None
+        return self._card
+
+    def run_info(self) -> dict[str, Any]:
+        return {
+            "node_id": self.node_id,
+            "mesh_id": "",
+            "pid": os.getpid(),
+            "http_url": self.http_url,
+            "grpc_address": self.grpc_address,
+            "version": __version__,
+            "started_at": self._started_at,
+        }
+
+    def status(self) -> dict[str, Any]:
+        assert self.dispatcher is not None
+        load = self.dispatcher.load()
+        return {
+            **self.run_info(),
+            "protocol_version": PROTOCOL_VERSION,
+            "display_name": self.config.display_name or socket.gethostname(),
+            "uptime_s": round(time.time() - self._started_at, 1),
+            "load": {
+                "active_streams": load.active_streams,
+                "queued": load.queued,
+                "slots": load.slots,
+                "draining": load.draining,
+            },
+            "models": [
+                {
+                    "name": m.name,
+                    "aliases": list(m.aliases),
+                    "family": m.family,
+                    "parameter_count": m.parameter_count,
+                    "quantization": m.quantization,
+                    "context_length": m.context_length,
+                    "backend": m.backend,
+                    "tokens_per_second": m.tokens_per_second,
+                    "chat": m.chat,
+                }
+                for m in self.dispatcher.models()
+            ],
+            "peers": [],
+        }
+
+    async def aclose(self) -> None:
+        """Drain and stop; safe to call on a partly started node."""
+        grace = self.config.shutdown_grace_s
+        stopping = []
+        if self._grpc_server is not None:
+            stopping.append(self._grpc_server.stop(grace))
+        if self._http_runner is not None:
+            stopping.append(self._http_runner.cleanup())
+        if stopping:
+            await asyncio.gather(*stopping, return_exceptions=True)
+        self._grpc_server = None
+        self._http_runner = None
+        for backend in self.backends:
+            await backend.aclose()
+        self.backends = []
+        if self.identity is not None:
+            self.home.clear_run_info(os.getpid())
