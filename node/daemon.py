@@ -38,6 +38,11 @@ from node.http_api import build_app
 
 logger = logging.getLogger(__name__)
 
+DRAIN_POLL_S = 0.05
+# Servers cut what is left this long after the grace period; by then the backends have
+# ended every stream themselves, so this margin is only for writing the last bytes.
+SERVER_STOP_MARGIN_S = 2.0
+
 
 def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
@@ -112,7 +117,7 @@ class Node:
     async def _start_grpc(self) -> None:
         assert self.dispatcher is not None
         server = grpc.aio.server(options=grpc_options.server_options())
-        pb_grpc.add_NodeServiceServicer_to_server(
+        pb_grpc.add_NodeServiceServicer_to_server(  # type: ignore[no-untyped-call]
             NodeServicer(node_id=self.node_id, dispatcher=self.dispatcher, card=self.card),
             server,
         )
@@ -138,7 +143,7 @@ class Node:
         runner = web.AppRunner(
             app,
             handler_cancellation=True,  # a client that goes away cancels its generation
-            shutdown_timeout=self.config.shutdown_grace_s,
+            shutdown_timeout=self.config.shutdown_grace_s + SERVER_STOP_MARGIN_S,
             access_log=None,
         )
         await runner.setup()
@@ -155,6 +160,13 @@ class Node:
         assert isinstance(server, asyncio.base_events.Server)
         port = server.sockets[0].getsockname()[1]
         self.http_url = f"http://{_url_host(self.config.http_host)}:{port}"
+
+    async def _end_in_flight(self, grace_s: float) -> None:
+        deadline = time.monotonic() + grace_s
+        while any(b.busy() for b in self.backends) and time.monotonic() < deadline:
+            await asyncio.sleep(DRAIN_POLL_S)
+        for backend in self.backends:
+            backend.cancel_all()
 
     def card(self) -> pb.SignedCard:
         assert self._card is not None
@@ -174,6 +186,7 @@ class Node:
     def status(self) -> dict[str, Any]:
         assert self.dispatcher is not None
         load = self.dispatcher.load()
+        counters = self.dispatcher.counters()
         return {
             **self.run_info(),
             "protocol_version": PROTOCOL_VERSION,
@@ -196,6 +209,7 @@ class Node:
                     "backend": m.backend,
                     "tokens_per_second": m.tokens_per_second,
                     "chat": m.chat,
+                    "requests": counters.get(m.name, {}),
                 }
                 for m in self.dispatcher.models()
             ],
@@ -203,15 +217,25 @@ class Node:
         }
 
     async def aclose(self) -> None:
-        """Drain and stop; safe to call on a partly started node."""
+        """Drain and stop; safe to call on a partly started node.
+
+        New requests are refused at once; answers in progress get `shutdown_grace_s`
+        to finish. Whatever still runs then is cancelled *by the backend*, so its
+        stream ends properly (a final chunk, usage, [DONE]) before the servers'
+        own deadline (grace + SERVER_STOP_MARGIN_S) would cut connections.
+        """
         grace = self.config.shutdown_grace_s
+        for backend in self.backends:
+            backend.drain()
         stopping = []
         if self._grpc_server is not None:
-            stopping.append(self._grpc_server.stop(grace))
+            stopping.append(self._grpc_server.stop(grace + SERVER_STOP_MARGIN_S))
         if self._http_runner is not None:
             stopping.append(self._http_runner.cleanup())
         if stopping:
-            await asyncio.gather(*stopping, return_exceptions=True)
+            await asyncio.gather(
+                self._end_in_flight(grace), *stopping, return_exceptions=True
+            )
         self._grpc_server = None
         self._http_runner = None
         for backend in self.backends:

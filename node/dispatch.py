@@ -10,7 +10,7 @@ DESIGN.md plug in here; the handlers above do not change.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 
 from mesh.errors import ModelNotFound
@@ -32,7 +32,7 @@ class Answer:
     _first: InferenceEvent
     _stream: InferenceStream
 
-    async def events(self) -> AsyncIterator[InferenceEvent]:
+    async def events(self) -> AsyncGenerator[InferenceEvent, None]:
         """Every event of the answer, first one included; closing early cancels the work."""
         try:
             yield self._first
@@ -58,6 +58,9 @@ class Dispatcher:
 
     def models(self) -> list[ModelInfo]:
         return [backend.info for backend in self._backends]
+
+    def counters(self) -> dict[str, dict[str, int]]:
+        return {backend.info.name: dict(backend.counters) for backend in self._backends}
 
     def load(self) -> Load:
         loads = [backend.load() for backend in self._backends]

@@ -9,11 +9,11 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import grpc
 
-from mesh.errors import MeshError
+from mesh.errors import InvalidRequest, MeshError
 from mesh.wire import codec
 from mesh.wire.v1 import node_pb2 as pb
 from mesh.wire.v1 import node_pb2_grpc as pb_grpc
@@ -22,7 +22,7 @@ from node.dispatch import Dispatcher
 logger = logging.getLogger(__name__)
 
 
-async def _abort(context: grpc.aio.ServicerContext, error: MeshError) -> NoReturn:
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: MeshError) -> NoReturn:
     await context.abort(grpc.StatusCode[error.grpc_status], error.message)
     raise AssertionError("unreachable: abort raises")
 
@@ -40,15 +40,15 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
         self._card = card
 
     async def Describe(
-        self, request: pb.DescribeRequest, context: grpc.aio.ServicerContext
+        self, request: pb.DescribeRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.SignedCard:
         return self._card()
 
     async def Ping(
-        self, request: pb.PingRequest, context: grpc.aio.ServicerContext
+        self, request: pb.PingRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.PingResponse:
         if len(request.nonce) > 64:
-            await _abort(context, codec.InvalidRequest("ping nonce is longer than 64 bytes"))
+            await _abort(context, InvalidRequest("ping nonce is longer than 64 bytes"))
         return pb.PingResponse(
             nonce=request.nonce,
             node_id=self._node_id,
@@ -57,7 +57,7 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
         )
 
     async def Infer(
-        self, request: pb.InferRequest, context: grpc.aio.ServicerContext
+        self, request: pb.InferRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.InferEvent]:
         try:
             inference = codec.request_from_pb(request)

@@ -26,10 +26,12 @@ logger = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 DISPATCHER = web.AppKey("dispatcher", Dispatcher)
 MAX_BYTES = web.AppKey("max_request_bytes", int)
-STATUS = web.AppKey("status", Callable[[], dict[str, Any]])
+STATUS: web.AppKey[Callable[[], dict[str, Any]]] = web.AppKey("status")
 
 
-def _json_response(body: dict[str, Any], *, status: int = 200, **headers: str) -> web.Response:
+def _json_response(
+    body: dict[str, Any], *, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
     return web.Response(
         body=json.dumps(body, ensure_ascii=False).encode("utf-8"),
         status=status,
@@ -97,7 +99,7 @@ async def _answer(
                     parts.append(event.text)
                 else:
                     return _json_response(
-                        ids.complete("".join(parts), event), **_route_headers(answer)
+                        ids.complete("".join(parts), event), headers=_route_headers(answer)
                     )
         raise AssertionError("an answer always ends with Finished")
     response = web.StreamResponse(

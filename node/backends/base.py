@@ -26,11 +26,24 @@ class Backend(Protocol):
 
     def load(self) -> Load: ...
 
+    @property
+    def counters(self) -> dict[str, int]:
+        """Lifetime request counts: completed, cancelled, failed, rejected."""
+
     async def start(self) -> None:
         """Load the model (off the event loop) and start the worker."""
 
     async def open(self, request: InferenceRequest) -> InferenceStream:
         """Admit and prepare `request`; raises `MeshError` before any token is produced."""
+
+    def drain(self) -> None:
+        """Refuse new requests (503); admitted ones go on."""
+
+    def busy(self) -> bool:
+        """Anything running or waiting?"""
+
+    def cancel_all(self) -> None:
+        """End every admitted request now; running ones finish as cancelled."""
 
     async def aclose(self) -> None:
         """Cancel whatever still runs, stop the worker, release the model."""

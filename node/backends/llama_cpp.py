@@ -145,6 +145,8 @@ class LlamaCppBackend:
         self._closing = False
         self._thread: threading.Thread | None = None
         self._tokens_per_second = 0.0
+        # Lifetime counters, shown by `allerac status`.
+        self.counters = {"completed": 0, "cancelled": 0, "failed": 0, "rejected": 0}
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -217,17 +219,32 @@ class LlamaCppBackend:
             time.perf_counter() - started,
         )
 
-    async def aclose(self) -> None:
-        """Cancel everything still queued or running, stop the worker, free the model."""
+    def drain(self) -> None:
+        """Take no new requests (they get 503); what is admitted goes on."""
+        with self._lock:
+            self._closing = True
+
+    def busy(self) -> bool:
+        with self._lock:
+            return self._running is not None or bool(self._queued)
+
+    def cancel_all(self) -> None:
+        """End everything now: waiting requests get 503, the running one ends as cancelled."""
         with self._lock:
             self._closing = True
             queued, self._queued = self._queued, []
             running = self._running
+            for job in queued:
+                job.state = _State.DONE
         for job in queued:
-            job.state = _State.DONE
+            job.cancel.set()
             job.emit(_Failure(Unavailable("the node is shutting down")))
         if running is not None:
             running.cancel.set()
+
+    async def aclose(self) -> None:
+        """Cancel everything still queued or running, stop the worker, free the model."""
+        self.cancel_all()
         self._jobs.put(None)
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
@@ -254,6 +271,7 @@ class LlamaCppBackend:
                 raise Unavailable(f"model {self._config.name!r} is not serving (shutting down)")
             busy = len(self._queued) + (1 if self._running is not None else 0)
             if busy >= self._slots:
+                self.counters["rejected"] += 1
                 raise Overloaded(
                     f"model {self._config.name!r} is busy: {busy} requests running or waiting "
                     f"(the limit is {self._slots}); retry shortly"
@@ -274,18 +292,20 @@ class LlamaCppBackend:
         self._jobs.put(placeholder)
         return LlamaStream(placeholder, self)
 
-    def _remove_queued(self, job: _Job) -> bool:
+    def _remove_queued(self, job: _Job, *, cancelled: bool = False) -> bool:
         with self._lock:
             if job.state is _State.QUEUED and job in self._queued:
                 self._queued.remove(job)
                 job.state = _State.DONE
+                if cancelled:
+                    self.counters["cancelled"] += 1
                 return True
         return False
 
     def cancel(self, job: _Job) -> None:
         """The caller left: a queued job frees its slot now, a running one at the next token."""
         job.cancel.set()
-        self._remove_queued(job)
+        self._remove_queued(job, cancelled=True)
 
     def _prepare(self, request: InferenceRequest) -> tuple[list[int], int]:
         """Render and tokenize the prompt; check it fits. Runs on an executor thread
@@ -361,6 +381,12 @@ class LlamaCppBackend:
             with self._lock:
                 self._running = None
                 job.state = _State.DONE
+                if not isinstance(outcome, Finished):
+                    self.counters["failed"] += 1
+                elif outcome.reason is FinishReason.CANCELLED:
+                    self.counters["cancelled"] += 1
+                else:
+                    self.counters["completed"] += 1
             # The slot is free before the caller hears the end, so its next request is admitted.
             job.emit(outcome)
 

@@ -1,0 +1,209 @@
+"""One box: what the agent costs on top of llama-cpp-python.
+
+Same model (the embedded SmolLM2-135M-Instruct), same prompts, greedy, 256
+tokens, measured in one run and interleaved round by round so machine noise
+hits every path alike:
+
+  (a) llama-cpp-python called in-process (`Llama.create_completion(stream=True)`)
+  (b) the node's gRPC Infer (a real `allerac up` process)
+  (c) the node's HTTP API, streaming server-sent events
+
+Prints decode tokens/s and time to first token per path, the ratios against
+(a), and the node's resident memory at idle with the model loaded.
+Targets (issue "One box"): (b), (c) >= 0.97x the tokens/s of (a) and at most
++5 ms median time to first token.
+
+    python bench/bench_one_box.py [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import grpc
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from mesh.config import embedded_model_path  # noqa: E402
+from mesh.inference import InferenceRequest, Sampling  # noqa: E402
+from mesh.wire import codec, grpc_options  # noqa: E402
+from mesh.wire.v1 import node_pb2_grpc as pb_grpc  # noqa: E402
+from tests.nodeproc import NodeProcess  # noqa: E402
+
+MAX_TOKENS = 256
+# Prompts whose greedy continuation does not stop early, so every run makes 256 tokens.
+PROMPTS = [
+    "1, 2, 3, 4, 5,",
+    "Monday, Tuesday, Wednesday,",
+    "a b c d e f g",
+    "10 20 30 40",
+]
+
+
+@dataclass
+class Path_:
+    name: str
+    ttft_s: list[float] = field(default_factory=list)
+    rate: list[float] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+
+    def add(self, started: float, first: float, last: float, tokens: int) -> None:
+        self.ttft_s.append(first - started)
+        self.tokens.append(tokens)
+        if tokens > 1 and last > first:
+            self.rate.append((tokens - 1) / (last - first))
+
+
+def run_in_process(llama: object, prompt: str, path: Path_) -> None:
+    started = time.perf_counter()
+    first = last = 0.0
+    tokens = 0
+    for chunk in llama.create_completion(  # type: ignore[attr-defined]
+        prompt, max_tokens=MAX_TOKENS, temperature=0, stream=True
+    ):
+        now = time.perf_counter()
+        if chunk["choices"][0]["text"] or chunk["choices"][0]["finish_reason"] is None:
+            tokens += 1
+            last = now
+            if tokens == 1:
+                first = now
+    path.add(started, first, last, tokens)
+
+
+async def run_grpc(stub: pb_grpc.NodeServiceStub, prompt: str, path: Path_) -> None:
+    request = codec.request_to_pb(
+        InferenceRequest(
+            model="default", prompt=prompt, sampling=Sampling(temperature=0, max_tokens=MAX_TOKENS)
+        )
+    )
+    started = time.perf_counter()
+    first = last = 0.0
+    completion = 0
+    async for event in stub.Infer(request, timeout=120):
+        now = time.perf_counter()
+        if event.HasField("delta"):
+            last = now
+            if not first:
+                first = now
+        else:
+            completion = event.finish.completion_tokens
+    path.add(started, first, last, completion)
+
+
+async def run_http(session: aiohttp.ClientSession, url: str, prompt: str, path: Path_) -> None:
+    body = {
+        "model": "default",
+        "prompt": prompt,
+        "temperature": 0,
+        "max_tokens": MAX_TOKENS,
+        "stream": True,
+    }
+    started = time.perf_counter()
+    first = last = 0.0
+    completion = 0
+    async with session.post(url + "/v1/completions", json=body) as response:
+        async for line in response.content:
+            now = time.perf_counter()
+            if not line.startswith(b"data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                completion = chunk["usage"]["completion_tokens"]
+            elif chunk["choices"] and chunk["choices"][0]["text"]:
+                last = now
+                if not first:
+                    first = now
+    path.add(started, first, last, completion)
+
+
+def report(paths: list[Path_], rss_idle: int, rss_after: int, rounds: int) -> None:
+    base = paths[0]
+    base_rate = statistics.median(base.rate)
+    base_ttft = statistics.median(base.ttft_s)
+    print(
+        f"machine: {platform.machine()} {os.cpu_count()} cores, {platform.python_version()}, "
+        f"{platform.platform()}"
+    )
+    print(
+        f"model: {embedded_model_path().name}; {len(PROMPTS)} prompts x {rounds} rounds, "
+        f"greedy, {MAX_TOKENS} tokens"
+    )
+    print(
+        f"{'path':28} {'tok/s (median)':>15} {'vs (a)':>8} {'TTFT ms (median)':>17} "
+        f"{'+ms vs (a)':>11} {'tokens':>7}"
+    )
+    for path in paths:
+        rate = statistics.median(path.rate)
+        ttft = statistics.median(path.ttft_s)
+        print(
+            f"{path.name:28} {rate:15.1f} {rate / base_rate:7.3f}x {ttft * 1000:17.2f} "
+            f"{(ttft - base_ttft) * 1000:+11.2f} {statistics.median(path.tokens):7.0f}"
+        )
+    print(
+        f"node resident memory: idle with model loaded {rss_idle / 2**20:.1f} MiB, "
+        f"after the runs {rss_after / 2**20:.1f} MiB"
+    )
+    ok = all(
+        statistics.median(p.rate) >= 0.97 * base_rate
+        and statistics.median(p.ttft_s) - base_ttft <= 0.005
+        for p in paths[1:]
+    )
+    print(f"targets (>= 0.97x tok/s, <= +5 ms TTFT): {'met' if ok else 'NOT met'}")
+
+
+async def main(rounds: int) -> None:
+    from llama_cpp import Llama
+
+    llama = Llama(model_path=str(embedded_model_path()), n_ctx=2048, verbose=False)
+    paths = [
+        Path_("(a) llama-cpp-python"),
+        Path_("(b) node gRPC Infer"),
+        Path_("(c) node HTTP SSE"),
+    ]
+    with tempfile.TemporaryDirectory() as home:
+        node = NodeProcess(Path(home)).start()
+        try:
+            rss_idle = psutil.Process(node.proc.pid).memory_info().rss  # type: ignore[union-attr]
+            async with (
+                grpc.aio.insecure_channel(
+                    node.info["grpc_address"], options=grpc_options.channel_options()
+                ) as channel,
+                aiohttp.ClientSession() as session,
+            ):
+                stub = pb_grpc.NodeServiceStub(channel)
+                # Warm-up: first calls pay one-time costs on every path.
+                run_in_process(llama, PROMPTS[0], Path_("warm"))
+                await run_grpc(stub, PROMPTS[0], Path_("warm"))
+                await run_http(session, node.url, PROMPTS[0], Path_("warm"))
+                # Each call follows a call with a different prompt on its engine, so no
+                # path gets llama.cpp's prompt-prefix cache for free.
+                for _ in range(rounds):
+                    for prompt in PROMPTS:
+                        run_in_process(llama, prompt, paths[0])
+                        await run_grpc(stub, prompt, paths[1])
+                    for prompt in PROMPTS:
+                        await run_http(session, node.url, prompt, paths[2])
+            rss_after = psutil.Process(node.proc.pid).memory_info().rss  # type: ignore[union-attr]
+            node.stop()
+        finally:
+            node.kill()
+    report(paths, rss_idle, rss_after, rounds)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    asyncio.run(main(parser.parse_args().rounds))

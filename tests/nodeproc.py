@@ -1,0 +1,96 @@
+"""Run real `allerac` processes for tests, and always clean them up."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+READY_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 30.0
+
+
+class NodeProcess:
+    def __init__(self, home: Path, *args: str, config: str | None = None) -> None:
+        self.home = home
+        self.args = list(args)
+        self.config = config
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.info: dict[str, Any] = {}
+
+    @property
+    def url(self) -> str:
+        return str(self.info["http_url"])
+
+    @property
+    def node_id(self) -> str:
+        return str(self.info["node_id"])
+
+    def start(self) -> NodeProcess:
+        self.home.mkdir(parents=True, exist_ok=True)
+        args = [sys.executable, "-m", "node", "up", "--home", str(self.home)]
+        args += ["--http-port", "0", "--grpc-port", "0", *self.args]
+        if self.config is not None:
+            path = self.home / "test-config.toml"
+            path.write_text(self.config, encoding="utf-8")
+            args += ["--config", str(path)]
+        self.log = (self.home / "node.log").open("wb")
+        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        run_file = self.home / "run" / "node.json"
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"node exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                info = json.loads(run_file.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                info = {}
+            if info.get("pid") == self.proc.pid:
+                self.info = info
+                return self
+            time.sleep(0.05)
+        self.kill()
+        raise RuntimeError(f"node did not become ready:\n{self.output()}")
+
+    def output(self) -> str:
+        try:
+            return (self.home / "node.log").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return ""
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        """Ask the node to stop; returns its exit code (kills it if it hangs)."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                raise
+        self.log.close()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        if hasattr(self, "log"):
+            self.log.close()
+
+
+def run_cli(home: Path, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "node", *args, "--home", str(home)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        check=False,
+    )
