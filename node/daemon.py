@@ -163,7 +163,7 @@ class Node:
 
     async def _end_in_flight(self, grace_s: float) -> None:
         deadline = time.monotonic() + grace_s
-        while any(b.busy() for b in self.backends) and time.monotonic() < deadline:
+        while any(b.busy() for b in self.backends) and time.monotonic() < deadline:  # noqa: ASYNC110 (polls worker threads)
             await asyncio.sleep(DRAIN_POLL_S)
         for backend in self.backends:
             backend.cancel_all()
