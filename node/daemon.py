@@ -233,9 +233,7 @@ class Node:
         if self._http_runner is not None:
             stopping.append(self._http_runner.cleanup())
         if stopping:
-            await asyncio.gather(
-                self._end_in_flight(grace), *stopping, return_exceptions=True
-            )
+            await asyncio.gather(self._end_in_flight(grace), *stopping, return_exceptions=True)
         self._grpc_server = None
         self._http_runner = None
         for backend in self.backends:
