@@ -152,3 +152,40 @@ async def test_a_queued_request_whose_client_leaves_frees_its_place(
         response = await admitted
         assert response.status == 200
         response.release()
+
+
+async def test_grpc_callers_get_resource_exhausted_when_full(
+    small_queue_node: NodeProcess, session: aiohttp.ClientSession
+) -> None:
+    import grpc
+
+    from mesh.inference import InferenceRequest, Sampling
+    from mesh.wire import codec, grpc_options
+    from mesh.wire.v1 import node_pb2_grpc as pb_grpc
+
+    node = small_queue_node
+
+    def request(max_tokens: int) -> Any:
+        return codec.request_to_pb(
+            InferenceRequest(
+                model="default",
+                prompt="1, 2, 3, 4, 5,",
+                sampling=Sampling(temperature=0, max_tokens=max_tokens),
+            )
+        )
+
+    async with grpc.aio.insecure_channel(
+        node.info["grpc_address"], options=grpc_options.channel_options()
+    ) as channel:
+        stub = pb_grpc.NodeServiceStub(channel)
+        running = stub.Infer(request(800), timeout=60)
+        await running.read()  # first token: busy
+        queued = stub.Infer(request(2), timeout=60)
+        await wait_for(session, node, lambda i: i["load"]["queued"] == 1, 5)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.Infer(request(2), timeout=60).read()
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "busy" in (info.value.details() or "")
+        running.cancel()
+        events = [event async for event in queued]
+        assert events[-1].finish.completion_tokens == 2

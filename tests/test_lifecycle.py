@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 import urllib.parse
@@ -183,3 +186,30 @@ def test_a_stream_longer_than_the_grace_period_still_ends_cleanly(fresh_home: Pa
     assert rest.rstrip().endswith("data: [DONE]")
     assert chunks[-2]["choices"][0]["finish_reason"] == "length"
     assert 0 < chunks[-1]["usage"]["completion_tokens"] < 1500
+
+
+def test_interactive_chat_keeps_the_conversation(node: NodeProcess) -> None:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "node",
+            "chat",
+            "--home",
+            str(node.home),
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "40",
+        ],
+        input="What is the capital of France?\n\nAnd of Italy?\n/exit\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("you> ") == 4  # two questions, one empty line, /exit
+    assert "Paris" in result.stdout
