@@ -375,15 +375,17 @@ def build_config(*, config_file: Path | None, flags: Flags) -> NodeConfig:
     models: tuple[ModelConfig, ...] = settings.get("models", ())
     if not models:
         models = (embedded_model(),)
-    seen: dict[str, str] = {}
-    for model in models:
+    # Selecting the same model twice (by name and by alias) is harmless: keep one.
+    unique = tuple(dict.fromkeys(models))
+    seen: dict[str, ModelConfig] = {}
+    for model in unique:
         for name in model.names:
-            if name in seen and seen[name] != model.name:
+            other = seen.get(name)
+            if other is not None:
                 raise ConfigError(
-                    f"model name {name!r} is used by both {seen[name]!r} and {model.name!r}"
+                    f"model name {name!r} is used by both {other.name!r} ({other.path}) and "
+                    f"{model.name!r} ({model.path})"
                 )
-            seen[name] = model.name
-    # Selecting the same model twice (by name and alias) is harmless; keep one.
-    unique = tuple({m.name: m for m in models}.values())
+            seen[name] = model
     settings["models"] = unique
     return NodeConfig(**settings)

@@ -67,6 +67,7 @@ class Home:
 
     def write_run_info(self, info: dict[str, Any]) -> None:
         """Atomically publish what a running node bound (read by status/chat/tests)."""
+        self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         tmp = self.run_file.with_suffix(".json.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
@@ -89,8 +90,8 @@ class Home:
             raise ConfigError(f"cannot read {self.run_file}: {exc.strerror}") from exc
         try:
             info = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"{self.run_file} is corrupt: {exc}") from exc
+        except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, absurd nesting
+            raise ConfigError(f"{self.run_file} is corrupt: {type(exc).__name__}") from exc
         if not isinstance(info, dict) or not isinstance(info.get("http_url"), str):
             raise ConfigError(f"{self.run_file} is corrupt: no http_url")
         return info

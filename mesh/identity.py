@@ -152,10 +152,11 @@ def load_or_create_identity(path: Path) -> tuple[Identity, bool]:
         return _create_identity(path), True
     except OSError as exc:
         raise IdentityError(f"cannot open identity key {path}: {exc.strerror}") from exc
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise IdentityError(f"identity key {path} is not a regular file; left untouched")
     with os.fdopen(fd, "rb") as handle:
-        mode = os.fstat(handle.fileno()).st_mode
-        if not stat.S_ISREG(mode):
-            raise IdentityError(f"identity key {path} is not a regular file")
         if mode & (stat.S_IRWXG | stat.S_IRWXO):
             raise IdentityError(
                 f"identity key {path} is readable by other users (mode {stat.S_IMODE(mode):o}); "

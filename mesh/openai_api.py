@@ -50,6 +50,8 @@ def decode_json_body(body: bytes, *, max_bytes: int) -> dict[str, Any]:
         ) from exc
     except RecursionError as exc:
         raise InvalidRequest("request body nests too deeply") from exc
+    except ValueError as exc:  # e.g. an integer beyond Python's digit limit
+        raise InvalidRequest(f"request body is not usable JSON: {exc}") from exc
     if not isinstance(value, dict):
         raise InvalidRequest(f"request body must be a JSON object, not {_json_type(value)}")
     return value
@@ -88,15 +90,18 @@ def _opt_float(body: Mapping[str, Any], key: str) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise _wrong(key, "a number", value)
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError as exc:
+        raise InvalidRequest(f"{key} is out of range", param=key) from exc
 
 
 def _sampling(body: Mapping[str, Any]) -> Sampling:
-    max_tokens = _opt_int(body, "max_completion_tokens")
+    max_key = "max_completion_tokens"
+    max_tokens = _opt_int(body, max_key)
+    legacy = _opt_int(body, "max_tokens")  # type-checked even when the newer key wins
     if max_tokens is None:
-        max_tokens = _opt_int(body, "max_tokens")
-    elif body.get("max_tokens") is not None:
-        _opt_int(body, "max_tokens")  # still type-checked
+        max_key, max_tokens = "max_tokens", legacy
     stop_value = body.get("stop")
     if stop_value is None:
         stop: tuple[str, ...] = ()
@@ -110,8 +115,7 @@ def _sampling(body: Mapping[str, Any]) -> Sampling:
     if n is not None and n != 1:
         raise InvalidRequest("only n=1 is supported", param="n")
     if max_tokens is not None and max_tokens < 1:
-        key = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
-        raise InvalidRequest(f"{key} must be at least 1, got {max_tokens}", param=key)
+        raise InvalidRequest(f"{max_key} must be at least 1, got {max_tokens}", param=max_key)
     return Sampling(
         max_tokens=max_tokens,
         temperature=_opt_float(body, "temperature"),

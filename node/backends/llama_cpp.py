@@ -436,7 +436,10 @@ class LlamaCppBackend:
             generator.close()
         if reason is not FinishReason.CANCELLED and not scanner.stopped:
             released, _ = scanner.feed(decoder.decode(b"", final=True))
-            tail = released + scanner.flush()
+            rest, stopped = scanner.flush()
+            tail = released + rest
+            if stopped:
+                reason = FinishReason.STOP
             if tail:
                 job.emit(TextDelta(tail))
         if produced >= 8 and last_at > first_at:

@@ -1,0 +1,340 @@
+"""Configuration: TOML file + flags, every error naming its key and value."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mesh.config import (
+    DEFAULT_GRPC_PORT,
+    DEFAULT_HTTP_PORT,
+    EMBEDDED_MODEL_NAME,
+    Flags,
+    NodeConfig,
+    build_config,
+    embedded_model_path,
+    is_loopback_host,
+    read_config_file,
+)
+from mesh.errors import ConfigError
+
+
+@pytest.fixture
+def model_file(tmp_path: Path) -> Path:
+    path = tmp_path / "models" / "Tiny-Model.Q4_0.gguf"
+    path.parent.mkdir()
+    path.write_bytes(b"GGUF not really a model")
+    return path
+
+
+def write_config(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def config_error(path: Path, flags: Flags | None = None) -> str:
+    with pytest.raises(ConfigError) as info:
+        build_config(config_file=path, flags=flags or Flags())
+    return str(info.value)
+
+
+def test_valid_file(tmp_path: Path, model_file: Path) -> None:
+    path = write_config(
+        tmp_path,
+        f"""
+display_name = "kitchen-box"
+shutdown_grace_s = 2.5
+
+[http]
+host = "0.0.0.0"
+port = 9000
+max_request_bytes = 2048
+
+[grpc]
+port = 9001
+
+[[models]]
+name = "tiny"
+path = "{model_file}"
+aliases = ["default", "small"]
+context_length = 4096
+threads = 2
+backend = "llama_cpp"
+queue_size = 3
+system_prompt = "Be brief."
+""",
+    )
+    config = build_config(config_file=path, flags=Flags())
+    assert config.display_name == "kitchen-box"
+    assert config.shutdown_grace_s == 2.5
+    assert (config.http_host, config.http_port, config.max_request_bytes) == ("0.0.0.0", 9000, 2048)
+    assert config.grpc_port == 9001
+    (model,) = config.models
+    assert model.name == "tiny"
+    assert model.path == model_file
+    assert model.names == ("tiny", "default", "small")
+    assert (model.context_length, model.threads, model.queue_size) == (4096, 2, 3)
+    assert model.system_prompt == "Be brief."
+
+
+def test_relative_model_path_is_relative_to_the_config_file(
+    tmp_path: Path, model_file: Path
+) -> None:
+    path = write_config(tmp_path, '[[models]]\npath = "models/Tiny-Model.Q4_0.gguf"\n')
+    config = build_config(config_file=path, flags=Flags())
+    (model,) = config.models
+    assert model.path == model_file
+    assert model.name == "tiny-model.q4_0"  # derived from the file name
+
+
+def test_empty_file_gives_defaults(tmp_path: Path) -> None:
+    config = build_config(config_file=write_config(tmp_path, ""), flags=Flags())
+    assert config.http_port == DEFAULT_HTTP_PORT
+    assert config.grpc_port == DEFAULT_GRPC_PORT
+    assert config.http_host == "127.0.0.1"
+
+
+def test_flags_override_the_file(tmp_path: Path) -> None:
+    path = write_config(tmp_path, '[http]\nhost = "0.0.0.0"\nport = 9000\n[grpc]\nport = 9001\n')
+    config = build_config(
+        config_file=path, flags=Flags(http_port=1234, http_host="::1", grpc_port=0)
+    )
+    assert (config.http_host, config.http_port, config.grpc_port) == ("::1", 1234, 0)
+    config = build_config(config_file=path, flags=Flags(http_port=1234))
+    assert (config.http_host, config.http_port, config.grpc_port) == ("0.0.0.0", 1234, 9001)
+
+
+def test_model_flag_selects_a_configured_model_by_alias(tmp_path: Path, model_file: Path) -> None:
+    other = tmp_path / "other.gguf"
+    other.write_bytes(b"x")
+    path = write_config(
+        tmp_path,
+        f'[[models]]\nname = "a"\npath = "{model_file}"\naliases = ["fast"]\n'
+        f'[[models]]\nname = "b"\npath = "{other}"\n',
+    )
+    config = build_config(config_file=path, flags=Flags(models=("fast", "a")))
+    assert [m.name for m in config.models] == ["a"]  # the same model twice is kept once
+
+
+def test_model_flag_with_a_file_path(model_file: Path) -> None:
+    config = build_config(config_file=None, flags=Flags(models=(str(model_file),)))
+    (model,) = config.models
+    assert model.path == model_file
+    assert model.name == "tiny-model.q4_0"
+
+
+def test_model_flag_with_nonexistent_path_is_named(tmp_path: Path) -> None:
+    missing = str(tmp_path / "nope.gguf")
+    with pytest.raises(ConfigError) as info:
+        build_config(config_file=None, flags=Flags(models=(missing,)))
+    assert f"--model = {missing!r}" in str(info.value)
+    assert info.value.param == "model"
+
+
+def test_no_models_means_the_embedded_default() -> None:
+    config = build_config(config_file=None, flags=Flags())
+    assert isinstance(config, NodeConfig)
+    (model,) = config.models
+    assert model.name == EMBEDDED_MODEL_NAME == "smollm2-135m-instruct"
+    assert model.path.is_file()
+    assert model.path == embedded_model_path()
+    assert "default" in model.aliases
+
+
+@pytest.mark.parametrize("flag", ["default", EMBEDDED_MODEL_NAME])
+def test_model_flag_can_name_the_embedded_model(flag: str) -> None:
+    config = build_config(config_file=None, flags=Flags(models=(flag,)))
+    assert [m.name for m in config.models] == [EMBEDDED_MODEL_NAME]
+
+
+# --- errors name the key and the value --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("[http]\nport = 70000\n", "http.port = 70000: must be an integer from 0 to 65535"),
+        ("[http]\nport = -1\n", "http.port = -1: must be an integer"),
+        ('[http]\nport = "8470"\n', "http.port = '8470': must be an integer"),
+        ("[http]\nport = true\n", "http.port = True: must be an integer"),
+        ("[http]\nport = 80.5\n", "http.port = 80.5: must be an integer"),
+        ("[grpc]\nport = 65536\n", "grpc.port = 65536: must be an integer"),
+        ("[http]\nmax_request_bytes = 10\n", "http.max_request_bytes = 10: must be an integer"),
+        ('[http]\nhost = "my-box"\n', "http.host = 'my-box': must be an IP address or 'localhost'"),
+        ("[http]\nhost = 127\n", "http.host = 127: must be a string"),
+        ("[http]\nprot = 8470\n", "http.prot = 8470: unknown key (did you mean 'port'?)"),
+        ("[grpc]\nhost = '0.0.0.0'\n", "grpc.host = '0.0.0.0': unknown key"),
+        ('display_nam = "x"\n', "display_nam = 'x': unknown key (did you mean 'display_name'?)"),
+        ("zzz = 1\n", "zzz = 1: unknown key; known keys: display_name, grpc, http"),
+        ("http = 5\n", "http = 5: must be a table"),
+        ("models = 5\n", "models = 5: must be an array of tables"),
+        ("models = [1]\n", "models[0] = 1: must be a table"),
+        ('display_name = "a\\tb"\n', "display_name = 'a\\tb': must be at most 64 printable"),
+        (f'display_name = "{"x" * 65}"\n', "must be at most 64 printable characters"),
+        ("shutdown_grace_s = 4000\n", "shutdown_grace_s = 4000: must be a number from 0 to 3600"),
+        ("shutdown_grace_s = nan\n", "shutdown_grace_s = nan: must be a number"),
+        ('shutdown_grace_s = "10"\n', "shutdown_grace_s = '10': must be a number"),
+    ],
+)
+def test_bad_node_setting_names_key_and_value(tmp_path: Path, text: str, expected: str) -> None:
+    path = write_config(tmp_path, text)
+    message = config_error(path)
+    assert message.startswith(f"config {path}: ")
+    assert expected in message
+
+
+@pytest.mark.parametrize(
+    ("model_lines", "expected"),
+    [
+        ("context_length = -5", "models[0].context_length = -5: must be an integer from 64 to"),
+        ("context_length = 1.5", "models[0].context_length = 1.5: must be an integer"),
+        ("threads = 0", "models[0].threads = 0: must be an integer from 1 to 1024"),
+        ("queue_size = -1", "models[0].queue_size = -1: must be an integer from 0 to 10000"),
+        ('backend = "vllm"', "models[0].backend = 'vllm': must be one of llama_cpp"),
+        ('name = "bad name!"', "models[0].name = 'bad name!': must be 1-128 letters"),
+        ('name = ""', "models[0].name = '': must be 1-128 letters"),
+        ("name = 7", "models[0].name = 7: must be a string"),
+        ('aliases = "small"', "models[0].aliases = 'small': must be a list of model names"),
+        ('aliases = ["ok", "not ok"]', "models[0].aliases = ['ok', 'not ok']: must be a list"),
+        ("system_prompt = 3", "models[0].system_prompt = 3: must be a string"),
+        ("contxt_length = 2048", "models[0].contxt_length = 2048: unknown key (did you mean"),
+    ],
+)
+def test_bad_model_setting_names_key_and_value(
+    tmp_path: Path, model_file: Path, model_lines: str, expected: str
+) -> None:
+    path = write_config(tmp_path, f'[[models]]\npath = "{model_file}"\n{model_lines}\n')
+    assert expected in config_error(path)
+
+
+def test_second_model_errors_carry_its_index(tmp_path: Path, model_file: Path) -> None:
+    path = write_config(
+        tmp_path,
+        f'[[models]]\npath = "{model_file}"\n[[models]]\npath = "{model_file}"\nthreads = 0\n',
+    )
+    assert "models[1].threads = 0" in config_error(path)
+
+
+def test_unknown_model_key_suggests_the_right_one(tmp_path: Path, model_file: Path) -> None:
+    path = write_config(tmp_path, f'[[models]]\npath = "{model_file}"\nthread = 2\n')
+    assert "models[0].thread = 2: unknown key (did you mean 'threads'?)" in config_error(path)
+
+
+def test_missing_model_path(tmp_path: Path) -> None:
+    path = write_config(tmp_path, '[[models]]\nname = "x"\n')
+    with pytest.raises(ConfigError) as info:
+        build_config(config_file=path, flags=Flags())
+    assert "models[0].path is missing" in str(info.value)
+    assert info.value.param == "path"
+
+
+def test_missing_model_file(tmp_path: Path) -> None:
+    path = write_config(tmp_path, '[[models]]\npath = "absent.gguf"\n')
+    message = config_error(path)
+    assert f"models[0].path = 'absent.gguf': no model file at {tmp_path / 'absent.gguf'}" in message
+
+
+def test_model_path_that_is_a_directory(tmp_path: Path) -> None:
+    (tmp_path / "dir.gguf").mkdir()
+    path = write_config(tmp_path, '[[models]]\npath = "dir.gguf"\n')
+    assert "no model file at" in config_error(path)
+
+
+def test_bad_toml(tmp_path: Path) -> None:
+    path = write_config(tmp_path, "[http\nport = 1\n")
+    assert f"config {path}: not valid TOML" in config_error(path)
+
+
+def test_duplicate_toml_key_is_bad_toml(tmp_path: Path) -> None:
+    path = write_config(tmp_path, "[http]\nport = 1\nport = 2\n")
+    assert "not valid TOML" in config_error(path)
+
+
+def test_non_utf8_file(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_bytes(b'display_name = "caf\xe9"\n')
+    assert f"config {path}: not UTF-8 text" in config_error(path)
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    path = tmp_path / "absent.toml"
+    assert f"config {path}: cannot read" in config_error(path)
+
+
+def test_oversized_config_file(tmp_path: Path) -> None:
+    path = write_config(tmp_path, "# " + "x" * (1024 * 1024) + "\n")
+    assert "larger than" in config_error(path)
+
+
+def test_bad_flag_values_are_named_as_flags() -> None:
+    with pytest.raises(ConfigError, match=r"flag: --http-port = 70000: must be an integer"):
+        build_config(config_file=None, flags=Flags(http_port=70000))
+    with pytest.raises(ConfigError, match=r"flag: --grpc-port = -1: must be an integer"):
+        build_config(config_file=None, flags=Flags(grpc_port=-1))
+    with pytest.raises(ConfigError, match=r"flag: --http-host = 'nas\.local': must be an IP"):
+        build_config(config_file=None, flags=Flags(http_host="nas.local"))
+
+
+def test_alias_clashing_with_another_models_name(tmp_path: Path, model_file: Path) -> None:
+    other = tmp_path / "other.gguf"
+    other.write_bytes(b"x")
+    path = write_config(
+        tmp_path,
+        f'[[models]]\nname = "a"\npath = "{model_file}"\n'
+        f'[[models]]\nname = "b"\npath = "{other}"\naliases = ["a"]\n',
+    )
+    message = config_error(path)
+    assert "model name 'a' is used by both 'a' (" in message
+    assert ") and 'b' (" in message
+
+
+def test_same_alias_on_two_models(tmp_path: Path, model_file: Path) -> None:
+    other = tmp_path / "other.gguf"
+    other.write_bytes(b"x")
+    path = write_config(
+        tmp_path,
+        f'[[models]]\nname = "a"\npath = "{model_file}"\naliases = ["fast"]\n'
+        f'[[models]]\nname = "b"\npath = "{other}"\naliases = ["fast"]\n',
+    )
+    message = config_error(path)
+    assert "model name 'fast' is used by both 'a' (" in message
+    assert ") and 'b' (" in message
+
+
+def test_two_models_with_the_same_name(tmp_path: Path, model_file: Path) -> None:
+    other = tmp_path / "other.gguf"
+    other.write_bytes(b"x")
+    path = write_config(
+        tmp_path,
+        f'[[models]]\nname = "a"\npath = "{model_file}"\n'
+        f'[[models]]\nname = "a"\npath = "{other}"\n',
+    )
+    assert "model name 'a' is used by both" in config_error(path)
+
+
+def test_read_config_file_returns_only_what_was_set(tmp_path: Path) -> None:
+    path = write_config(tmp_path, "[http]\nport = 1\n")
+    assert read_config_file(path) == {"http_port": 1}
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("localhost", True),
+        ("127.0.0.1", True),
+        ("127.8.9.10", True),
+        ("::1", True),
+        ("0.0.0.0", False),
+        ("::", False),
+        ("192.168.1.20", False),
+        ("10.0.0.1", False),
+        ("fe80::1", False),
+        ("example.com", False),
+        ("localhost.example.com", False),
+        ("", False),
+    ],
+)
+def test_is_loopback_host(host: str, loopback: bool) -> None:
+    assert is_loopback_host(host) is loopback
