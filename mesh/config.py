@@ -30,6 +30,8 @@ Example file:
     backend = "llama_cpp"
     queue_size = 8
     system_prompt = "You are a helpful assistant."   # when a chat brings none
+    temperature = 0.7                                  # when a request sets none
+    top_p = 0.9
 """
 
 from __future__ import annotations
@@ -68,6 +70,9 @@ class ModelConfig:
     queue_size: int = 8  # requests waiting behind the one running
     # Used when a chat request brings no system message of its own (like Ollama's SYSTEM).
     system_prompt: str | None = None
+    # Sampling defaults for requests that set none (like Ollama's PARAMETER); None: llama.cpp's.
+    temperature: float | None = None
+    top_p: float | None = None
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -118,8 +123,10 @@ def embedded_model() -> ModelConfig:
         path=embedded_model_path(),
         aliases=("default",),
         context_length=2048,
-        # Without a system message this 135M model tends to ramble; with one it answers.
+        # Without a system message this 135M model tends to ramble; with one, and decoding
+        # greedily unless a request asks otherwise, it answers plain questions correctly.
         system_prompt="You are a helpful assistant.",
+        temperature=0.0,
     )
 
 
@@ -240,6 +247,13 @@ def _model(reader: _Reader, *, base_dir: Path) -> ModelConfig:
                 "system_prompt", prompt[:40] + "...", "must be at most 16384 characters"
             )
         kwargs["system_prompt"] = prompt
+    if reader.has("temperature"):
+        kwargs["temperature"] = reader.number("temperature", 0.0, 2.0)
+    if reader.has("top_p"):
+        top_p = reader.number("top_p", 0.0, 1.0)
+        if top_p == 0.0:
+            raise reader.fail("top_p", top_p, "must be greater than 0 and at most 1")
+        kwargs["top_p"] = top_p
     if reader.has("backend"):
         backend = reader.string("backend")
         if backend not in BACKENDS:
@@ -255,6 +269,8 @@ def _model(reader: _Reader, *, base_dir: Path) -> ModelConfig:
             "backend",
             "queue_size",
             "system_prompt",
+            "temperature",
+            "top_p",
         )
     )
     return ModelConfig(**kwargs)

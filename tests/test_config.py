@@ -338,3 +338,24 @@ def test_read_config_file_returns_only_what_was_set(tmp_path: Path) -> None:
 )
 def test_is_loopback_host(host: str, loopback: bool) -> None:
     assert is_loopback_host(host) is loopback
+
+
+def test_model_sampling_defaults(tmp_path: Path, model_file: Path) -> None:
+    path = write_config(
+        tmp_path,
+        f'[[models]]\nname = "a"\npath = "{model_file}"\ntemperature = 0.7\ntop_p = 0.9\n',
+    )
+    (model,) = build_config(config_file=path, flags=Flags()).models
+    assert (model.temperature, model.top_p) == (0.7, 0.9)
+    bad = write_config(tmp_path, f'[[models]]\nname = "a"\npath = "{model_file}"\ntop_p = 0\n')
+    assert "models[0].top_p = 0.0" in config_error(bad)
+    hot = write_config(
+        tmp_path, f'[[models]]\nname = "a"\npath = "{model_file}"\ntemperature = 3\n'
+    )
+    assert "models[0].temperature = 3" in config_error(hot)
+
+
+def test_the_embedded_model_decodes_greedily_by_default() -> None:
+    (model,) = build_config(config_file=None, flags=Flags()).models
+    assert model.temperature == 0.0
+    assert model.system_prompt

@@ -70,6 +70,14 @@ _FILE_TYPES = {
 }  # fmt: skip
 
 
+def _first(*values: float | None) -> float:
+    """The request's value, else the model's default, else llama.cpp's."""
+    for value in values:
+        if value is not None:
+            return value
+    raise ValueError("no default given")
+
+
 class _State(enum.Enum):
     QUEUED = 1
     RUNNING = 2
@@ -402,10 +410,12 @@ class LlamaCppBackend:
         produced = 0
         reason = FinishReason.LENGTH
         first_at = last_at = 0.0
+        cfg = self._config
+        temperature = _first(sampling.temperature, cfg.temperature, DEFAULT_TEMPERATURE)
         generator = llama.generate(
             job.prompt_tokens,
-            temp=sampling.temperature if sampling.temperature is not None else DEFAULT_TEMPERATURE,
-            top_p=sampling.top_p if sampling.top_p is not None else DEFAULT_TOP_P,
+            temp=temperature,
+            top_p=_first(sampling.top_p, cfg.top_p, DEFAULT_TOP_P),
             top_k=DEFAULT_TOP_K,
             min_p=DEFAULT_MIN_P,
             repeat_penalty=1.0,
