@@ -8,8 +8,11 @@ hits every path alike:
   (b) the node's gRPC Infer (a real `allerac up` process)
   (c) the node's HTTP API, streaming server-sent events
 
-Prints decode tokens/s and time to first token per path, the ratios against
-(a), and the node's resident memory at idle with the model loaded.
+Prints decode tokens/s (from the 256-token runs) and time to first token per
+path, the ratios against (a), and the node's resident memory at idle with the
+model loaded. Time to first token is measured on its own, many times, with a
+prompt no engine has seen before (a numbered variant per call), so no path
+profits from llama.cpp's prompt-prefix cache.
 Targets (issue "One box"): (b), (c) >= 0.97x the tokens/s of (a) and at most
 +5 ms median time to first token.
 
@@ -67,12 +70,12 @@ class Path_:
             self.rate.append((tokens - 1) / (last - first))
 
 
-def run_in_process(llama: object, prompt: str, path: Path_) -> None:
+def run_in_process(llama: object, prompt: str, path: Path_, max_tokens: int = MAX_TOKENS) -> None:
     started = time.perf_counter()
     first = last = 0.0
     tokens = 0
     for chunk in llama.create_completion(  # type: ignore[attr-defined]
-        prompt, max_tokens=MAX_TOKENS, temperature=0, stream=True
+        prompt, max_tokens=max_tokens, temperature=0, stream=True
     ):
         now = time.perf_counter()
         if chunk["choices"][0]["text"] or chunk["choices"][0]["finish_reason"] is None:
@@ -83,10 +86,12 @@ def run_in_process(llama: object, prompt: str, path: Path_) -> None:
     path.add(started, first, last, tokens)
 
 
-async def run_grpc(stub: pb_grpc.NodeServiceStub, prompt: str, path: Path_) -> None:
+async def run_grpc(
+    stub: pb_grpc.NodeServiceStub, prompt: str, path: Path_, max_tokens: int = MAX_TOKENS
+) -> None:
     request = codec.request_to_pb(
         InferenceRequest(
-            model="default", prompt=prompt, sampling=Sampling(temperature=0, max_tokens=MAX_TOKENS)
+            model="default", prompt=prompt, sampling=Sampling(temperature=0, max_tokens=max_tokens)
         )
     )
     started = time.perf_counter()
@@ -103,12 +108,18 @@ async def run_grpc(stub: pb_grpc.NodeServiceStub, prompt: str, path: Path_) -> N
     path.add(started, first, last, completion)
 
 
-async def run_http(session: aiohttp.ClientSession, url: str, prompt: str, path: Path_) -> None:
+async def run_http(
+    session: aiohttp.ClientSession,
+    url: str,
+    prompt: str,
+    path: Path_,
+    max_tokens: int = MAX_TOKENS,
+) -> None:
     body = {
         "model": "default",
         "prompt": prompt,
         "temperature": 0,
-        "max_tokens": MAX_TOKENS,
+        "max_tokens": max_tokens,
         "stream": True,
     }
     started = time.perf_counter()
@@ -164,7 +175,7 @@ def report(paths: list[Path_], rss_idle: int, rss_after: int, rounds: int) -> No
     print(f"targets (>= 0.97x tok/s, <= +5 ms TTFT): {'met' if ok else 'NOT met'}")
 
 
-async def main(rounds: int) -> None:
+async def main(rounds: int, ttft_samples: int) -> None:
     from llama_cpp import Llama
 
     llama = Llama(model_path=str(embedded_model_path()), n_ctx=2048, verbose=False)
@@ -188,14 +199,38 @@ async def main(rounds: int) -> None:
                 run_in_process(llama, PROMPTS[0], Path_("warm"))
                 await run_grpc(stub, PROMPTS[0], Path_("warm"))
                 await run_http(session, node.url, PROMPTS[0], Path_("warm"))
-                # Each call follows a call with a different prompt on its engine, so no
-                # path gets llama.cpp's prompt-prefix cache for free.
+
+                async def one(which: int, prompt: str, into: list[Path_], max_tokens: int) -> None:
+                    if which == 0:
+                        run_in_process(llama, prompt, into[0], max_tokens)
+                    elif which == 1:
+                        await run_grpc(stub, prompt, into[1], max_tokens)
+                    else:
+                        await run_http(session, node.url, prompt, into[2], max_tokens)
+
+                # The order of the three paths rotates every call, so each is equally often
+                # the first to run after the other process (cold threads, cold caches). The
+                # node serves (b) and (c) with one engine, so they never get the same prompt
+                # back to back: no path profits from llama.cpp's prompt-prefix cache.
+                step = 0
                 for _ in range(rounds):
-                    for prompt in PROMPTS:
-                        run_in_process(llama, prompt, paths[0])
-                        await run_grpc(stub, prompt, paths[1])
-                    for prompt in PROMPTS:
-                        await run_http(session, node.url, prompt, paths[2])
+                    for index, prompt in enumerate(PROMPTS):
+                        other = PROMPTS[(index + 2) % len(PROMPTS)]
+                        for which in (step % 3, (step + 1) % 3, (step + 2) % 3):
+                            use = other if which == 2 else prompt
+                            await one(which, use, paths, MAX_TOKENS)
+                        step += 1
+                # Time to first token: the node runs in another process, and whichever
+                # engine ran last has warm threads and caches (~5 ms here). So every call
+                # alternates engines: a, b, a, c, a, b, ... Each (a) follows the node and each
+                # (b)/(c) follows (a): all equally cold, as a node is after idle time.
+                ttft = [Path_(p.name) for p in paths]
+                for index in range(ttft_samples):
+                    base = PROMPTS[index % len(PROMPTS)]
+                    await one(0, f"Note {index}: {base}", ttft, 1)
+                    await one(1 + index % 2, f"Item {index}: {base}", ttft, 1)
+                for path, first in zip(paths, ttft, strict=True):
+                    path.ttft_s = first.ttft_s
             rss_after = psutil.Process(node.proc.pid).memory_info().rss  # type: ignore[union-attr]
             node.stop()
         finally:
@@ -206,4 +241,6 @@ async def main(rounds: int) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
-    asyncio.run(main(parser.parse_args().rounds))
+    parser.add_argument("--ttft-samples", type=int, default=60)
+    args = parser.parse_args()
+    asyncio.run(main(args.rounds, args.ttft_samples))

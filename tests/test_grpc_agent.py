@@ -57,7 +57,7 @@ async def test_infer_streams_tokens_then_one_finish(
     )
     call = stub.Infer(codec.request_to_pb(request), timeout=DEADLINE_S)
     events = [event async for event in call]
-    metadata = dict(await call.initial_metadata())
+    metadata = dict(await call.trailing_metadata())
     assert metadata["x-allerac-route"] == "local"
     assert metadata["x-allerac-node"] == node.node_id
     decoded = [codec.event_from_pb(e) for e in events]
