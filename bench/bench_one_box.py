@@ -5,7 +5,7 @@ tokens, measured in one run and interleaved round by round so machine noise
 hits every path alike:
 
   (a) llama-cpp-python called in-process (`Llama.create_completion(stream=True)`)
-  (b) the node's gRPC Infer (a real `allerac up` process)
+  (b) the node's gRPC Infer, sealed, from a member of its mesh (a real `allerac up`)
   (c) the node's HTTP API, streaming server-sent events
 
 Prints decode tokens/s (from the 256-token runs) and time to first token per
@@ -34,16 +34,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
-import grpc
 import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from mesh.cards import PeerCard  # noqa: E402
 from mesh.config import embedded_model_path  # noqa: E402
-from mesh.inference import InferenceRequest, Sampling  # noqa: E402
-from mesh.wire import codec, grpc_options  # noqa: E402
-from mesh.wire.v1 import node_pb2_grpc as pb_grpc  # noqa: E402
+from mesh.inference import (  # noqa: E402
+    InferenceRequest,
+    Sampling,
+    TextDelta,
+)
+from node.peer_client import PeerClient  # noqa: E402
+from tests.members import join_as_member  # noqa: E402
 from tests.nodeproc import NodeProcess  # noqa: E402
 
 MAX_TOKENS = 256
@@ -87,24 +91,23 @@ def run_in_process(llama: object, prompt: str, path: Path_, max_tokens: int = MA
 
 
 async def run_grpc(
-    stub: pb_grpc.NodeServiceStub, prompt: str, path: Path_, max_tokens: int = MAX_TOKENS
+    client: PeerClient, peer: PeerCard, prompt: str, path: Path_, max_tokens: int = MAX_TOKENS
 ) -> None:
-    request = codec.request_to_pb(
-        InferenceRequest(
-            model="default", prompt=prompt, sampling=Sampling(temperature=0, max_tokens=max_tokens)
-        )
+    """A member's sealed request, the way another box of the mesh sends it."""
+    request = InferenceRequest(
+        model="default", prompt=prompt, sampling=Sampling(temperature=0, max_tokens=max_tokens)
     )
     started = time.perf_counter()
     first = last = 0.0
     completion = 0
-    async for event in stub.Infer(request, timeout=120):
+    async for event in client.infer(peer, request):
         now = time.perf_counter()
-        if event.HasField("delta"):
+        if isinstance(event, TextDelta):
             last = now
             if not first:
                 first = now
         else:
-            completion = event.finish.completion_tokens
+            completion = event.completion_tokens
     path.add(started, first, last, completion)
 
 
@@ -185,26 +188,25 @@ async def main(rounds: int, ttft_samples: int) -> None:
         Path_("(c) node HTTP SSE"),
     ]
     with tempfile.TemporaryDirectory() as home:
-        node = NodeProcess(Path(home)).start()
+        node = NodeProcess(Path(home) / "node").start()
         try:
             rss_idle = psutil.Process(node.proc.pid).memory_info().rss  # type: ignore[union-attr]
+            member = await join_as_member(node, Path(home) / "member")
             async with (
-                grpc.aio.insecure_channel(
-                    node.info["grpc_address"], options=grpc_options.channel_options()
-                ) as channel,
+                PeerClient(node.info["grpc_address"], trust=member) as client,
                 aiohttp.ClientSession() as session,
             ):
-                stub = pb_grpc.NodeServiceStub(channel)
+                peer = await client.public_card()
                 # Warm-up: first calls pay one-time costs on every path.
                 run_in_process(llama, PROMPTS[0], Path_("warm"))
-                await run_grpc(stub, PROMPTS[0], Path_("warm"))
+                await run_grpc(client, peer, PROMPTS[0], Path_("warm"))
                 await run_http(session, node.url, PROMPTS[0], Path_("warm"))
 
                 async def one(which: int, prompt: str, into: list[Path_], max_tokens: int) -> None:
                     if which == 0:
                         run_in_process(llama, prompt, into[0], max_tokens)
                     elif which == 1:
-                        await run_grpc(stub, prompt, into[1], max_tokens)
+                        await run_grpc(client, peer, prompt, into[1], max_tokens)
                     else:
                         await run_http(session, node.url, prompt, into[2], max_tokens)
 

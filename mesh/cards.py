@@ -12,15 +12,19 @@ from __future__ import annotations
 import os
 import platform
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from google.protobuf.message import DecodeError
 
 from mesh import PROTOCOL_VERSION, __version__
-from mesh.errors import RemoteProtocolError
+from mesh.enckeys import PeerKeys, verify_encryption_keys
+from mesh.errors import BadSignature, RemoteProtocolError
 from mesh.identity import Identity, node_id_from_public_key, verify_signature
 from mesh.inference import ModelInfo
+from mesh.membership import Membership, verify_cert
 from mesh.wire.codec import model_to_pb
 from mesh.wire.v1 import node_pb2 as pb
+from mesh.wire.v1 import trust_pb2 as tpb
 
 CARD_SIGNATURE_CONTEXT = b"allerac-mesh/v1/node-card\x00"
 MAX_CARD_BYTES = 64 * 1024
@@ -47,24 +51,34 @@ def hardware_summary() -> pb.Hardware:
 def sign_card(
     identity: Identity,
     *,
-    models: Iterable[ModelInfo],
-    grpc_addresses: Iterable[str],
-    display_name: str,
+    membership: tpb.SignedCert,
+    encryption_keys: tpb.SignedEncryptionKeys,
+    mesh_id: str,
+    models: Iterable[ModelInfo] = (),
+    grpc_addresses: Iterable[str] = (),
+    display_name: str = "",
     now_ms: int,
     tier: int = pb.TIER_HOME,
+    public: bool = False,
 ) -> pb.SignedCard:
+    """The full card, or with `public=True` only what may travel in clear: who the
+    node is, its membership and its encryption keys (DESIGN.md "Sealing")."""
     card = pb.NodeCard(
         protocol_version=PROTOCOL_VERSION,
         node_id=identity.node_id,
         identity_public_key=identity.public_key_raw,
         software_version=__version__,
-        tier=tier,  # type: ignore[arg-type]
-        hardware=hardware_summary(),
-        models=[model_to_pb(m) for m in models],
-        grpc_addresses=list(grpc_addresses),
         issued_at_unix_ms=now_ms,
-        display_name=display_name,
+        membership=membership,
+        encryption_keys=encryption_keys,
+        mesh_id=mesh_id,
     )
+    if not public:
+        card.tier = tier  # type: ignore[assignment]
+        card.hardware.CopyFrom(hardware_summary())
+        card.models.extend(model_to_pb(m) for m in models)
+        card.grpc_addresses.extend(grpc_addresses)
+        card.display_name = display_name
     data = card.SerializeToString(deterministic=True)
     return pb.SignedCard(card=data, signature=identity.sign(CARD_SIGNATURE_CONTEXT + data))
 
@@ -89,3 +103,39 @@ def open_card(signed: pb.SignedCard) -> pb.NodeCard:
     if node_id_from_public_key(card.identity_public_key) != card.node_id:
         raise RemoteProtocolError("card node ID does not match its identity key")
     return card
+
+
+@dataclass(frozen=True, kw_only=True)
+class PeerCard:
+    """A card whose signature, membership and encryption keys all verified."""
+
+    card: pb.NodeCard
+    membership: Membership
+    keys: PeerKeys
+
+    @property
+    def node_id(self) -> str:
+        return self.card.node_id
+
+
+def verify_peer_card(
+    signed: pb.SignedCard,
+    *,
+    mesh_public_key: bytes,
+    now_ms: int,
+    revoked: frozenset[str] = frozenset(),
+) -> PeerCard:
+    """A peer is used only after this passes (answering mDNS proves nothing)."""
+    card = open_card(signed)
+    membership = verify_cert(
+        card.membership, mesh_public_key=mesh_public_key, now_ms=now_ms, revoked=revoked
+    )
+    if membership.identity_public_key != card.identity_public_key:
+        raise BadSignature("card's membership certificate is for another identity key")
+    keys = verify_encryption_keys(
+        card.encryption_keys,
+        identity_public_key=card.identity_public_key,
+        node_id=card.node_id,
+        now_ms=now_ms,
+    )
+    return PeerCard(card=card, membership=membership, keys=keys)

@@ -19,6 +19,7 @@ Example file:
     max_request_bytes = 1048576
 
     [grpc]
+    host = "0.0.0.0"          # where mesh peers reach this node (sealed, members only)
     port = 8471
 
     [[models]]
@@ -84,7 +85,9 @@ class NodeConfig:
     display_name: str = ""
     http_host: str = "127.0.0.1"
     http_port: int = DEFAULT_HTTP_PORT
-    grpc_host: str = "127.0.0.1"
+    # Peers reach the gRPC agent here. Every request on it is sealed and members-only,
+    # so by default it listens on every interface.
+    grpc_host: str = "0.0.0.0"  # noqa: S104
     grpc_port: int = DEFAULT_GRPC_PORT
     max_request_bytes: int = 1024 * 1024
     shutdown_grace_s: float = 10.0
@@ -301,9 +304,11 @@ def _node_settings(reader: _Reader, *, base_dir: Path) -> dict[str, Any]:
         http.finish(("host", "port", "max_request_bytes"))
     if reader.has("grpc"):
         grpc = _Reader(reader.table_of("grpc"), source=reader.source, prefix="grpc.")
+        if grpc.has("host"):
+            out["grpc_host"] = _host(grpc, "host")
         if grpc.has("port"):
             out["grpc_port"] = grpc.integer("port", 0, 65535)
-        grpc.finish(("port",))
+        grpc.finish(("host", "port"))
     if reader.has("models"):
         models = reader.raw("models")
         if not isinstance(models, list):
@@ -348,6 +353,7 @@ class Flags:
 
     http_host: str | None = None
     http_port: int | None = None
+    grpc_host: str | None = None
     grpc_port: int | None = None
     models: tuple[str, ...] = ()
 
@@ -356,11 +362,14 @@ def _flag_settings(flags: Flags, configured: tuple[ModelConfig, ...]) -> dict[st
     out: dict[str, Any] = {}
     values = {"http-host": flags.http_host, "http-port": flags.http_port}
     values["grpc-port"] = flags.grpc_port
+    values["grpc-host"] = flags.grpc_host
     reader = _Reader({k: v for k, v in values.items() if v is not None}, source="flag", prefix="--")
     if reader.has("http-host"):
         out["http_host"] = _host(reader, "http-host")
     if reader.has("http-port"):
         out["http_port"] = reader.integer("http-port", 0, 65535)
+    if reader.has("grpc-host"):
+        out["grpc_host"] = _host(reader, "grpc-host")
     if reader.has("grpc-port"):
         out["grpc_port"] = reader.integer("grpc-port", 0, 65535)
     if flags.models:

@@ -122,3 +122,40 @@ class RemoteProtocolError(MeshError):
     grpc_status = "INVALID_ARGUMENT"
     http_status = 502
     code = "remote_protocol_error"
+
+
+# --- trust: membership and sealing ----------------------------------------------------------
+
+
+class NotAMember(PermissionDenied):
+    """The peer proved who it is, but it is not (or no longer) a member of this mesh."""
+
+    code = "not_a_member"
+
+
+class BadSignature(Unauthenticated):
+    """A signature or certificate does not verify: forged, tampered or for another mesh."""
+
+    code = "bad_signature"
+
+
+class SealingError(Unauthenticated):
+    """A sealed envelope or frame cannot be opened: tampered, wrong recipient, wrong key."""
+
+    code = "sealing_error"
+
+
+class ReplayDetected(PermissionDenied):
+    code = "replay"
+
+
+class ClockSkew(Unauthenticated):
+    """The sender's clock is too far from ours for the replay window to protect us."""
+
+    code = "clock_skew"
+
+
+class InviteError(PermissionDenied):
+    """An invite code is malformed, unknown, expired or already used."""
+
+    code = "invite_invalid"

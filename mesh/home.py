@@ -65,17 +65,15 @@ class Home:
         except OSError as exc:
             raise ConfigError(f"cannot create data dir {self.root}: {exc.strerror}") from exc
 
+    @property
+    def mesh_dir(self) -> Path:
+        return self.root / "mesh"
+
     def write_run_info(self, info: dict[str, Any]) -> None:
         """Atomically publish what a running node bound (read by status/chat/tests)."""
         self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tmp = self.run_file.with_suffix(".json.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(info, handle, indent=2, sort_keys=True)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, self.run_file)
+        data = json.dumps(info, indent=2, sort_keys=True) + "\n"
+        write_private(self.run_file, data.encode("utf-8"))
 
     def read_run_info(self) -> dict[str, Any]:
         try:
@@ -104,3 +102,18 @@ class Home:
             return
         if isinstance(info, dict) and info.get("pid") == pid:
             self.run_file.unlink(missing_ok=True)
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Replace `path` atomically with `data`, readable by its owner only (0600)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

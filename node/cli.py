@@ -58,6 +58,7 @@ def cli() -> None:
 )
 @click.option("--http-host", help="Address of the OpenAI-compatible API (loopback only for now).")
 @click.option("--http-port", type=int, help="Port of the HTTP API; 0 picks a free one.")
+@click.option("--grpc-host", help="Address mesh peers reach the gRPC agent on (default all).")
 @click.option("--grpc-port", type=int, help="Port of the gRPC agent; 0 picks a free one.")
 @click.option(
     "--model",
@@ -77,6 +78,7 @@ def up(
     config_file: Path | None,
     http_host: str | None,
     http_port: int | None,
+    grpc_host: str | None,
     grpc_port: int | None,
     models: tuple[str, ...],
     log_level: str,
@@ -94,7 +96,11 @@ def up(
         config = build_config(
             config_file=config_file,
             flags=Flags(
-                http_host=http_host, http_port=http_port, grpc_port=grpc_port, models=models
+                http_host=http_host,
+                http_port=http_port,
+                grpc_host=grpc_host,
+                grpc_port=grpc_port,
+                models=models,
             ),
         )
     except MeshError as exc:
@@ -179,6 +185,84 @@ def _request(
 def _get_json(base_url: str, path: str) -> Any:
     with _request(base_url, "GET", path) as response:
         return json.loads(response.read())
+
+
+def _post_json(base_url: str, path: str, body: dict[str, Any]) -> Any:
+    with _request(base_url, "POST", path, body) as response:
+        return json.loads(response.read())
+
+
+@cli.group()
+def mesh() -> None:
+    """Your mesh: invite boxes, join one, list members, revoke."""
+
+
+@mesh.command()
+@home_option
+@click.option(
+    "--role",
+    type=click.Choice(["member", "overflow"]),
+    default="member",
+    show_default=True,
+    help="overflow: a cloud node that serves but never routes.",
+)
+@click.option(
+    "--ttl", default="1h", show_default=True, help="How long the code works: 15m, 2h, 7d."
+)
+def invite(home_dir: Path | None, role: str, ttl: str) -> None:
+    """Print a one-time invite code for another box."""
+    from node.mesh_admin import parse_duration
+
+    try:
+        ttl_s = parse_duration(ttl)
+    except MeshError as exc:
+        raise click.ClickException(exc.message) from exc
+    reply = _post_json(_node_url(home_dir), "/allerac/mesh/invites", {"role": role, "ttl_s": ttl_s})
+    click.echo(reply["code"])
+    click.echo(
+        f"One-time {reply['role']} invite to mesh {reply['mesh_id']}, valid {ttl}. "
+        "On the other box run:  allerac mesh join CODE",
+        err=True,
+    )
+
+
+@mesh.command()
+@home_option
+@click.argument("code")
+def join(home_dir: Path | None, code: str) -> None:
+    """Join the mesh that CODE invites this box to (the node must be running)."""
+    reply = _post_json(_node_url(home_dir), "/allerac/mesh/join", {"code": code})
+    click.echo(f"Joined mesh {reply['mesh_id']} as {reply['role']}.")
+
+
+@mesh.command()
+@home_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def members(home_dir: Path | None, as_json: bool) -> None:
+    """List the members this node knows (an admin knows everyone it invited)."""
+    data = _get_json(_node_url(home_dir), "/allerac/mesh/members")
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    click.echo(f"mesh {data['mesh_id']}  (revocation list v{data['revocations_version']})")
+    for member in data["members"]:
+        flags = " (this node)" if member["this_node"] else ""
+        flags += " REVOKED" if member["revoked"] else ""
+        click.echo(f"  {member['node_id']}  {member['role']:8} {member['display_name']}{flags}")
+
+
+@mesh.command()
+@home_option
+@click.argument("node_id")
+def revoke(home_dir: Path | None, node_id: str) -> None:
+    """Revoke NODE_ID: every peer refuses it from now on."""
+    reply = _post_json(_node_url(home_dir), "/allerac/mesh/revoke", {"node_id": node_id})
+    click.echo(
+        f"Revocation list v{reply['version']}: {len(reply['revoked'])} revoked; told "
+        f"{len(reply['told'])} member(s) at once."
+    )
+    for node, error in reply["unreachable"].items():
+        click.echo(f"  not reached yet: {node} ({error})", err=True)
 
 
 @cli.command()

@@ -11,6 +11,8 @@ workers are joined and node.json is removed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ipaddress
 import logging
 import os
 import socket
@@ -35,10 +37,13 @@ from node.backends.llama_cpp import LlamaCppBackend
 from node.dispatch import Dispatcher
 from node.grpc_service import NodeServicer
 from node.http_api import build_app
+from node.mesh_admin import MeshAdmin
+from node.trust_store import TrustStore
 
 logger = logging.getLogger(__name__)
 
 DRAIN_POLL_S = 0.05
+MAINTENANCE_INTERVAL_S = 60.0
 # Servers cut what is left this long after the grace period; by then the backends have
 # ended every stream themselves, so this margin is only for writing the last bytes.
 SERVER_STOP_MARGIN_S = 2.0
@@ -46,6 +51,27 @@ SERVER_STOP_MARGIN_S = 2.0
 
 def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
+
+
+def advertised_addresses(host: str, port: int) -> list[str]:
+    """Where peers can reach a server bound to `host`: itself, or for a wildcard bind
+    every address of this machine (LAN ones first, loopback last)."""
+    try:
+        wildcard = ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        wildcard = False
+    if not wildcard:
+        return [f"{_url_host(host)}:{port}"]
+    import ifaddr
+
+    lan: list[str] = []
+    loopback: list[str] = []
+    for adapter in ifaddr.get_adapters():
+        for ip in adapter.ips:
+            if not isinstance(ip.ip, str):
+                continue  # IPv6 needs a scope; LAN IPv4 is what boxes use
+            (loopback if ipaddress.ip_address(ip.ip).is_loopback else lan).append(f"{ip.ip}:{port}")
+    return lan + loopback or [f"127.0.0.1:{port}"]
 
 
 class Node:
@@ -60,7 +86,11 @@ class Node:
         self.grpc_address = ""
         self._grpc_server: grpc.aio.Server | None = None
         self._http_runner: web.AppRunner | None = None
-        self._card: pb.SignedCard | None = None
+        self.trust: TrustStore | None = None
+        self.grpc_addresses: list[str] = []
+        self._public_card = pb.SignedCard()
+        self._full_card = pb.SignedCard()
+        self._maintenance: asyncio.Task[None] | None = None
         self._started_at = time.time()
 
     @property
@@ -95,6 +125,7 @@ class Node:
             )
         self.home.ensure()
         self.identity, self.created_identity = load_or_create_identity(self.home.identity_key)
+        self.trust = TrustStore.open(self.home, self.identity)
         for model in cfg.models:
             backend = LlamaCppBackend(model)
             await backend.start()
@@ -102,13 +133,8 @@ class Node:
         self.dispatcher = Dispatcher(node_id=self.node_id, backends=self.backends)
         await self._start_grpc()
         await self._start_http()
-        self._card = sign_card(
-            self.identity,
-            models=self.dispatcher.models(),
-            grpc_addresses=[self.grpc_address],
-            display_name=cfg.display_name or socket.gethostname(),
-            now_ms=int(time.time() * 1000),
-        )
+        self.refresh_cards()
+        self._maintenance = asyncio.create_task(self._maintain(), name="trust-maintenance")
         self.home.write_run_info(self.run_info())
         logger.info(
             "node %s serving on %s (gRPC %s)", self.node_id, self.http_url, self.grpc_address
@@ -116,14 +142,18 @@ class Node:
 
     async def _start_grpc(self) -> None:
         assert self.dispatcher is not None
+        assert self.trust is not None
         server = grpc.aio.server(options=grpc_options.server_options())
         pb_grpc.add_NodeServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            NodeServicer(node_id=self.node_id, dispatcher=self.dispatcher, card=self.card),
+            NodeServicer(
+                trust=self.trust,
+                dispatcher=self.dispatcher,
+                public_card=lambda: self._public_card,
+                full_card=lambda: self._full_card,
+            ),
             server,
         )
         host = self.config.grpc_host
-        # The gRPC agent accepts plain (unsealed) requests until sealing lands, so it is
-        # bound to loopback only: nothing off this box can reach it yet.
         bind = f"{_url_host(host)}:{self.config.grpc_port}"
         try:
             port = server.add_insecure_port(bind)
@@ -131,14 +161,22 @@ class Node:
             raise ConfigError(f"cannot bind the gRPC agent to {bind}: {exc}") from exc
         await server.start()
         self._grpc_server = server
-        self.grpc_address = f"{_url_host(host)}:{port}"
+        self.grpc_addresses = advertised_addresses(host, port)
+        self.grpc_address = self.grpc_addresses[0]
 
     async def _start_http(self) -> None:
         assert self.dispatcher is not None
+        assert self.trust is not None
         app = build_app(
             dispatcher=self.dispatcher,
             max_request_bytes=self.config.max_request_bytes,
             status=self.status,
+            mesh_admin=MeshAdmin(
+                trust=self.trust,
+                addresses=lambda: self.grpc_addresses,
+                display_name=self.config.display_name,
+                on_change=self.after_membership_change,
+            ),
         )
         runner = web.AppRunner(
             app,
@@ -168,14 +206,45 @@ class Node:
         for backend in self.backends:
             backend.cancel_all()
 
-    def card(self) -> pb.SignedCard:
-        assert self._card is not None
-        return self._card
+    def refresh_cards(self) -> None:
+        """Re-sign both cards (after a key rotation, a join, a model change)."""
+        assert self.trust is not None
+        assert self.identity is not None
+        assert self.dispatcher is not None
+        common = {
+            "membership": self.trust.cert,
+            "encryption_keys": self.trust.keyring.current.signed,
+            "mesh_id": self.trust.mesh_id,
+            "now_ms": int(time.time() * 1000),
+        }
+        self._public_card = sign_card(self.identity, public=True, **common)  # type: ignore[arg-type]
+        self._full_card = sign_card(
+            self.identity,
+            models=self.dispatcher.models(),
+            grpc_addresses=self.grpc_addresses,
+            display_name=self.config.display_name or socket.gethostname(),
+            **common,  # type: ignore[arg-type]
+        )
+
+    async def _maintain(self) -> None:
+        """Rotate encryption keys when due (and destroy expired ones)."""
+        assert self.trust is not None
+        while True:
+            await asyncio.sleep(MAINTENANCE_INTERVAL_S)
+            if self.trust.rotate_keys(int(time.time() * 1000)):
+                self.refresh_cards()
+
+    def after_membership_change(self) -> None:
+        self.refresh_cards()
+        self.home.write_run_info(self.run_info())
 
     def run_info(self) -> dict[str, Any]:
+        assert self.trust is not None
         return {
             "node_id": self.node_id,
-            "mesh_id": "",
+            "mesh_id": self.trust.mesh_id,
+            "role": self.trust.role.value,
+            "grpc_addresses": self.grpc_addresses,
             "pid": os.getpid(),
             "http_url": self.http_url,
             "grpc_address": self.grpc_address,
@@ -225,6 +294,11 @@ class Node:
         own deadline (grace + SERVER_STOP_MARGIN_S) would cut connections.
         """
         grace = self.config.shutdown_grace_s
+        if self._maintenance is not None:
+            self._maintenance.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._maintenance
+            self._maintenance = None
         for backend in self.backends:
             backend.drain()
         stopping = []

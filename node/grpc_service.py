@@ -1,6 +1,10 @@
-"""The gRPC NodeService: thin. Wire types in, `Dispatcher` call, wire types out.
+"""The gRPC NodeService: thin. Wire types in, library calls, wire types out.
 
-`MeshError` -> gRPC status happens in `_abort` and nowhere else.
+Only Describe (the public card), Ping and Join answer in clear. Infer accepts
+sealed envelopes from verified, unrevoked members only, and answers in sealed
+frames; errors after the envelope opened travel sealed too, because their text
+can name the model or echo the request. `MeshError` -> gRPC status happens in
+`_abort` and nowhere else.
 """
 
 from __future__ import annotations
@@ -8,65 +12,135 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from typing import Any, NoReturn
 
 import grpc
 
-from mesh.errors import InvalidRequest, MeshError
+from mesh.errors import InvalidRequest, MeshError, PermissionDenied
+from mesh.inference import Finished
+from mesh.membership import Role
+from mesh.sealing import FrameWriter
 from mesh.wire import codec
 from mesh.wire.v1 import node_pb2 as pb
 from mesh.wire.v1 import node_pb2_grpc as pb_grpc
+from mesh.wire.v1 import trust_pb2 as tpb
 from node.dispatch import Dispatcher
+from node.trust_store import TrustStore
 
 logger = logging.getLogger(__name__)
+REJECTIONS_REMEMBERED = 1024
+
+Context = grpc.aio.ServicerContext[Any, Any]
 
 
-async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: MeshError) -> NoReturn:
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+ERROR_CODE_METADATA = "x-allerac-error"
+
+
+async def _abort(context: Context, error: MeshError) -> NoReturn:
+    context.set_trailing_metadata(((ERROR_CODE_METADATA, error.code),))
     await context.abort(grpc.StatusCode[error.grpc_status], error.message)
     raise AssertionError("unreachable: abort raises")
+
+
+def _sealed(writer: FrameWriter, event: pb.InferEvent, *, final: bool) -> pb.InferEvent:
+    return pb.InferEvent(sealed=writer.seal(event.SerializeToString(), final=final))
 
 
 class NodeServicer(pb_grpc.NodeServiceServicer):
     def __init__(
         self,
         *,
-        node_id: str,
+        trust: TrustStore,
         dispatcher: Dispatcher,
-        card: Callable[[], pb.SignedCard],
+        public_card: Callable[[], pb.SignedCard],
+        full_card: Callable[[], pb.SignedCard],
+        on_revocations: Callable[[], None] = lambda: None,
     ) -> None:
-        self._node_id = node_id
+        self._trust = trust
         self._dispatcher = dispatcher
-        self._card = card
+        self._public_card = public_card
+        self._full_card = full_card
+        self._on_revocations = on_revocations
+        self._rejected: OrderedDict[tuple[str, str], None] = OrderedDict()
 
-    async def Describe(
-        self, request: pb.DescribeRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> pb.SignedCard:
-        return self._card()
+    def _log_rejection(self, peer: str, error: MeshError) -> None:
+        """Log a refused peer once per reason, so a misbehaving peer cannot flood the log."""
+        key = (peer.rsplit(":", 1)[0], error.code)
+        if key in self._rejected:
+            return
+        self._rejected[key] = None
+        if len(self._rejected) > REJECTIONS_REMEMBERED:
+            self._rejected.popitem(last=False)
+        logger.warning("refused a request from %s: %s", peer, error.message)
 
-    async def Ping(
-        self, request: pb.PingRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> pb.PingResponse:
+    async def Describe(self, request: pb.DescribeRequest, context: Context) -> pb.SignedCard:
+        return self._public_card()
+
+    async def Ping(self, request: pb.PingRequest, context: Context) -> pb.PingResponse:
         if len(request.nonce) > 64:
             await _abort(context, InvalidRequest("ping nonce is longer than 64 bytes"))
         return pb.PingResponse(
             nonce=request.nonce,
-            node_id=self._node_id,
-            received_at_unix_ms=int(time.time() * 1000),
+            node_id=self._trust.identity.node_id,
+            received_at_unix_ms=_now_ms(),
             load=codec.load_to_pb(self._dispatcher.load()),
         )
 
+    async def Join(self, request: tpb.JoinRequest, context: Context) -> tpb.JoinResponse:
+        try:
+            response = self._trust.redeem(request, now=_now_ms())
+        except MeshError as error:
+            self._log_rejection(context.peer(), error)
+            await _abort(context, error)
+        logger.info("a node joined the mesh through an invite")
+        return response
+
+    async def PushRevocations(
+        self, request: tpb.SignedRevocations, context: Context
+    ) -> pb.PushRevocationsResponse:
+        try:
+            if self._trust.apply_revocations(request):
+                logger.info("revocation list v%d applied", self._trust.revocations_version)
+                self._on_revocations()
+        except MeshError as error:
+            self._log_rejection(context.peer(), error)
+            await _abort(context, error)
+        return pb.PushRevocationsResponse(version=self._trust.revocations_version)
+
     async def Infer(
-        self, request: pb.InferRequest, context: grpc.aio.ServicerContext[Any, Any]
+        self, request: pb.InferRequest, context: Context
     ) -> AsyncIterator[pb.InferEvent]:
         try:
-            inference = codec.request_from_pb(request)
+            codec.check_protocol_version(request.protocol_version)
+            if request.WhichOneof("payload") != "sealed":
+                raise InvalidRequest("only sealed requests are served")
+            opened = self._trust.opener.open(request.sealed, now_ms=_now_ms())
+        except MeshError as error:
+            self._log_rejection(context.peer(), error)
+            await _abort(context, error)
+        writer = opened.writer
+        if opened.purpose == "card":
+            yield _sealed(writer, pb.InferEvent(card=self._full_card()), final=True)
+            return
+        try:
+            if opened.purpose != "infer":
+                raise InvalidRequest(f"unknown request purpose {opened.purpose!r}")
+            if opened.sender.role is Role.OVERFLOW:
+                raise PermissionDenied("overflow nodes serve requests; they do not send them")
+            inference = codec.parse_infer_request(opened.body)
             answer = await self._dispatcher.open(inference)
         except MeshError as error:
-            await _abort(context, error)
-        # Who served it travels in the Finish event and, for generic gRPC tooling, in
-        # trailing metadata: sending initial metadata separately would cost the first
-        # token an extra write (~1-2 ms measured here).
+            yield _sealed(writer, codec.error_to_pb(error), final=True)
+            return
+        # Who served it travels in the sealed Finish event and, for generic gRPC tooling,
+        # in trailing metadata (sending initial metadata on its own would cost the first
+        # token an extra write).
         context.set_trailing_metadata(
             (
                 ("x-allerac-node", answer.served_by.node_id),
@@ -76,6 +150,7 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
         async with contextlib.aclosing(answer.events()) as events:
             try:
                 async for event in events:
-                    yield codec.event_to_pb(event, answer.served_by)
+                    final = isinstance(event, Finished)
+                    yield _sealed(writer, codec.event_to_pb(event, answer.served_by), final=final)
             except MeshError as error:
-                await _abort(context, error)
+                yield _sealed(writer, codec.error_to_pb(error), final=True)

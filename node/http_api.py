@@ -17,15 +17,18 @@ from typing import Any
 from aiohttp import web
 
 from mesh import openai_api
-from mesh.errors import MeshError, RequestTooLarge
+from mesh.config import is_loopback_host
+from mesh.errors import InvalidRequest, MeshError, PermissionDenied, RequestTooLarge
 from mesh.inference import Finished, InferenceRequest, TextDelta
 from node.dispatch import Answer, Dispatcher
+from node.mesh_admin import MeshAdmin
 
 logger = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 DISPATCHER = web.AppKey("dispatcher", Dispatcher)
 MAX_BYTES = web.AppKey("max_request_bytes", int)
+MESH_ADMIN = web.AppKey("mesh_admin", MeshAdmin)
 STATUS: web.AppKey[Callable[[], dict[str, Any]]] = web.AppKey("status")
 
 
@@ -149,16 +152,75 @@ async def get_status(request: web.Request) -> web.Response:
     return _json_response(request.app[STATUS]())
 
 
+# --- mesh administration (the box's owner only) ----------------------------------------------
+
+
+def _owner_only(request: web.Request) -> MeshAdmin:
+    if not is_loopback_host(request.remote or ""):
+        raise PermissionDenied("mesh administration is only available on this box (loopback)")
+    return request.app[MESH_ADMIN]
+
+
+async def _json_fields(request: web.Request) -> dict[str, Any]:
+    return openai_api.decode_json_body(await _read_body(request), max_bytes=64 * 1024)
+
+
+def _string(body: dict[str, Any], key: str, default: str | None = None) -> str:
+    value = body.get(key, default)
+    if not isinstance(value, str) or not value:
+        raise InvalidRequest(f"{key} must be a non-empty string", param=key)
+    return value
+
+
+async def mesh_describe(request: web.Request) -> web.Response:
+    return _json_response(_owner_only(request).describe())
+
+
+async def mesh_invite(request: web.Request) -> web.Response:
+    admin = _owner_only(request)
+    body = await _json_fields(request)
+    ttl = body.get("ttl_s", 3600)
+    if isinstance(ttl, bool) or not isinstance(ttl, int | float):
+        raise InvalidRequest("ttl_s must be a number of seconds", param="ttl_s")
+    return _json_response(admin.invite(role=_string(body, "role", "member"), ttl_s=float(ttl)))
+
+
+async def mesh_join(request: web.Request) -> web.Response:
+    admin = _owner_only(request)
+    body = await _json_fields(request)
+    return _json_response(await admin.join(_string(body, "code")))
+
+
+async def mesh_members(request: web.Request) -> web.Response:
+    return _json_response(_owner_only(request).members())
+
+
+async def mesh_revoke(request: web.Request) -> web.Response:
+    admin = _owner_only(request)
+    body = await _json_fields(request)
+    return _json_response(await admin.revoke(_string(body, "node_id")))
+
+
 def build_app(
-    *, dispatcher: Dispatcher, max_request_bytes: int, status: Callable[[], dict[str, Any]]
+    *,
+    dispatcher: Dispatcher,
+    max_request_bytes: int,
+    status: Callable[[], dict[str, Any]],
+    mesh_admin: MeshAdmin,
 ) -> web.Application:
     # client_max_size bounds what aiohttp itself buffers; _read_body gives the clear error.
     app = web.Application(client_max_size=max_request_bytes, middlewares=[_error_middleware])
     app[DISPATCHER] = dispatcher
     app[MAX_BYTES] = max_request_bytes
     app[STATUS] = status
+    app[MESH_ADMIN] = mesh_admin
     app.router.add_get("/v1/models", list_models)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
     app.router.add_get("/allerac/status", get_status)
+    app.router.add_get("/allerac/mesh", mesh_describe)
+    app.router.add_post("/allerac/mesh/invites", mesh_invite)
+    app.router.add_post("/allerac/mesh/join", mesh_join)
+    app.router.add_get("/allerac/mesh/members", mesh_members)
+    app.router.add_post("/allerac/mesh/revoke", mesh_revoke)
     return app

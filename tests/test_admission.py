@@ -6,6 +6,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -155,37 +156,35 @@ async def test_a_queued_request_whose_client_leaves_frees_its_place(
 
 
 async def test_grpc_callers_get_resource_exhausted_when_full(
-    small_queue_node: NodeProcess, session: aiohttp.ClientSession
+    small_queue_node: NodeProcess, session: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
-    import grpc
-
+    from mesh.errors import Overloaded
     from mesh.inference import InferenceRequest, Sampling
-    from mesh.wire import codec, grpc_options
-    from mesh.wire.v1 import node_pb2_grpc as pb_grpc
+    from node.peer_client import PeerClient
+    from tests.members import join_as_member
 
     node = small_queue_node
+    member = await join_as_member(node, tmp_path / "member")
 
-    def request(max_tokens: int) -> Any:
-        return codec.request_to_pb(
-            InferenceRequest(
-                model="default",
-                prompt="1, 2, 3, 4, 5,",
-                sampling=Sampling(temperature=0, max_tokens=max_tokens),
-            )
+    def request(max_tokens: int) -> InferenceRequest:
+        return InferenceRequest(
+            model="default",
+            prompt="1, 2, 3, 4, 5,",
+            sampling=Sampling(temperature=0, max_tokens=max_tokens),
         )
 
-    async with grpc.aio.insecure_channel(
-        node.info["grpc_address"], options=grpc_options.channel_options()
-    ) as channel:
-        stub = pb_grpc.NodeServiceStub(channel)
-        running = stub.Infer(request(800), timeout=60)
-        await running.read()  # first token: busy
-        queued = stub.Infer(request(2), timeout=60)
+    async with PeerClient(node.info["grpc_address"], trust=member) as client:
+        peer = await client.public_card()
+        running = client.infer(peer, request(800))
+        await anext(running)  # first token: busy
+        queued = asyncio.create_task(_collect(client.infer(peer, request(2))))
         await wait_for(session, node, lambda i: i["load"]["queued"] == 1, 5)
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            await stub.Infer(request(2), timeout=60).read()
-        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "busy" in (info.value.details() or "")
-        running.cancel()
-        events = [event async for event in queued]
-        assert events[-1].finish.completion_tokens == 2
+        with pytest.raises(Overloaded, match="busy"):
+            await anext(client.infer(peer, request(2)))
+        await running.aclose()
+        events = await queued
+        assert events[-1].completion_tokens == 2
+
+
+async def _collect(stream: Any) -> list[Any]:
+    return [event async for event in stream]

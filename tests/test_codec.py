@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from mesh import PROTOCOL_VERSION
 from mesh.cards import CARD_SIGNATURE_CONTEXT, MAX_CARD_BYTES, open_card, sign_card
+from mesh.enckeys import KeyPair
 from mesh.errors import (
     InvalidRequest,
     MeshError,
@@ -26,7 +27,9 @@ from mesh.inference import (
     ServedBy,
     TextDelta,
 )
+from mesh.membership import MeshAuthority, Role
 from mesh.wire.codec import (
+    check_protocol_version,
     event_from_pb,
     event_to_pb,
     parse_infer_request,
@@ -111,24 +114,15 @@ def test_empty_prompt_is_still_a_completion() -> None:
 
 @pytest.mark.parametrize("version", [0, PROTOCOL_VERSION + 1, 2**32 - 1])
 def test_wrong_protocol_version(version: int) -> None:
-    message = request_to_pb(CHAT)
-    message.protocol_version = version
     with pytest.raises(UnsupportedProtocol) as info:
-        request_from_pb(message)
+        check_protocol_version(version)
     assert info.value.grpc_status == "FAILED_PRECONDITION"
-    with pytest.raises(UnsupportedProtocol):
-        parse_infer_request(message.SerializeToString())
-
-
-def test_missing_body() -> None:
-    with pytest.raises(InvalidRequest, match="no body") as info:
-        request_from_pb(pb.InferRequest(protocol_version=PROTOCOL_VERSION))
-    assert type(info.value) is InvalidRequest
+    check_protocol_version(PROTOCOL_VERSION)
 
 
 def test_missing_input() -> None:
     message = request_to_pb(CHAT)
-    message.body.ClearField("chat")
+    message.ClearField("chat")
     with pytest.raises(InvalidRequest, match="neither chat messages nor a prompt") as info:
         request_from_pb(message)
     assert type(info.value) is InvalidRequest
@@ -137,14 +131,14 @@ def test_missing_input() -> None:
 @pytest.mark.parametrize(
     "mutate",
     [
-        lambda m: setattr(m.body, "model", ""),
-        lambda m: setattr(m.body, "request_id", "not-hex"),
-        lambda m: setattr(m.body.chat.messages[0], "role", "tool"),
-        lambda m: setattr(m.body.sampling, "temperature", float("nan")),
-        lambda m: setattr(m.body.sampling, "top_p", 0.0),
-        lambda m: setattr(m.body.sampling, "max_tokens", 0),
-        lambda m: m.body.sampling.stop.extend(["a", "b", "c"]),
-        lambda m: m.body.chat.ClearField("messages"),
+        lambda m: setattr(m, "model", ""),
+        lambda m: setattr(m, "request_id", "not-hex"),
+        lambda m: setattr(m.chat.messages[0], "role", "tool"),
+        lambda m: setattr(m.sampling, "temperature", float("nan")),
+        lambda m: setattr(m.sampling, "top_p", 0.0),
+        lambda m: setattr(m.sampling, "max_tokens", 0),
+        lambda m: m.sampling.stop.extend(["a", "b", "c"]),
+        lambda m: m.chat.ClearField("messages"),
     ],
     ids=["no-model", "bad-id", "bad-role", "nan-temp", "zero-top-p", "zero-max", "stops", "empty"],
 )
@@ -236,8 +230,15 @@ MODELS = [
         tokens_per_second=41.5,
     )
 ]
+AUTHORITY = MeshAuthority.generate()
+KEYS = KeyPair.generate(IDENTITY, now_ms=1_700_000_000_000, lifetime_ms=86_400_000)
 SIGNED = sign_card(
     IDENTITY,
+    membership=AUTHORITY.issue(
+        IDENTITY.public_key_raw, role=Role.MEMBER, now_ms=1_700_000_000_000, ttl_ms=86_400_000
+    ),
+    encryption_keys=KEYS.signed,
+    mesh_id=AUTHORITY.mesh_id,
     models=MODELS,
     grpc_addresses=["192.168.1.20:8471"],
     display_name="kitchen-box",

@@ -1,127 +1,196 @@
-"""The gRPC agent of one real node: card, ping, streamed inference, errors."""
+"""The gRPC agent of one real node, used the way a peer uses it: sealed."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 import pytest
 
 from mesh import PROTOCOL_VERSION
-from mesh.cards import open_card
+from mesh.cards import PeerCard, open_card
+from mesh.errors import InvalidRequest, ModelNotFound, NotAMember
 from mesh.inference import ChatMessage, Finished, InferenceRequest, Sampling, TextDelta
-from mesh.wire import codec, grpc_options
+from mesh.wire import grpc_options
 from mesh.wire.v1 import node_pb2 as pb
 from mesh.wire.v1 import node_pb2_grpc as pb_grpc
+from node.peer_client import PeerClient
+from node.trust_store import TrustStore
+from tests.members import join_as_member, new_trust
 from tests.nodeproc import NodeProcess
 
 DEADLINE_S = 60.0
+CAPITAL = InferenceRequest(
+    model="smollm2-135m-instruct",
+    messages=(ChatMessage(role="user", content="What is the capital of France?"),),
+    sampling=Sampling(temperature=0, max_tokens=40),
+)
 
 
 @pytest.fixture
-async def stub(node: NodeProcess) -> AsyncIterator[pb_grpc.NodeServiceStub]:
+async def member(node: NodeProcess, tmp_path: Path) -> TrustStore:
+    return await join_as_member(node, tmp_path / "member")
+
+
+@pytest.fixture
+async def client(node: NodeProcess, member: TrustStore) -> AsyncIterator[PeerClient]:
+    async with PeerClient(node.info["grpc_address"], trust=member) as peer_client:
+        yield peer_client
+
+
+@pytest.fixture
+async def peer(client: PeerClient) -> PeerCard:
+    return await client.public_card()
+
+
+@pytest.fixture
+async def raw_stub(node: NodeProcess) -> AsyncIterator[pb_grpc.NodeServiceStub]:
     async with grpc.aio.insecure_channel(
         node.info["grpc_address"], options=grpc_options.channel_options()
     ) as channel:
         yield pb_grpc.NodeServiceStub(channel)
 
 
-async def test_describe_returns_a_card_signed_by_the_node(
-    stub: pb_grpc.NodeServiceStub, node: NodeProcess
+async def test_public_card_shows_identity_and_keys_but_not_models(
+    peer: PeerCard, node: NodeProcess, member: TrustStore
 ) -> None:
-    signed = await stub.Describe(pb.DescribeRequest(), timeout=DEADLINE_S)
-    card = open_card(signed)
-    assert card.node_id == node.node_id
-    assert card.protocol_version == PROTOCOL_VERSION
+    assert peer.node_id == node.node_id
+    assert peer.membership.role.value == "admin"
+    assert peer.membership.mesh_id == member.mesh_id == node.info["mesh_id"]
+    assert peer.keys.offers_hybrid
+    assert list(peer.card.models) == []
+    assert not peer.card.HasField("hardware")
+
+
+async def test_full_card_comes_sealed_with_models(client: PeerClient, peer: PeerCard) -> None:
+    card = await client.full_card(peer)
+    assert card.node_id == peer.node_id
     assert [m.name for m in card.models] == ["smollm2-135m-instruct"]
     assert card.models[0].context_length == 2048
     assert card.models[0].quantization == "Q4_1"
     assert card.hardware.cpu_count >= 1
-    assert node.info["grpc_address"] in card.grpc_addresses
 
 
-async def test_ping_echoes_the_nonce_and_reports_load(stub: pb_grpc.NodeServiceStub) -> None:
-    reply = await stub.Ping(pb.PingRequest(nonce=b"n0nce", sent_at_unix_ms=1), timeout=DEADLINE_S)
-    assert reply.nonce == b"n0nce"
-    assert reply.load.slots == 9
-    assert reply.received_at_unix_ms > 1
-
-
-async def test_infer_streams_tokens_then_one_finish(
-    stub: pb_grpc.NodeServiceStub, node: NodeProcess
+async def test_sealed_infer_streams_tokens_then_one_finish(
+    client: PeerClient, peer: PeerCard
 ) -> None:
-    request = InferenceRequest(
-        model="smollm2-135m-instruct",
-        messages=(ChatMessage(role="user", content="What is the capital of France?"),),
-        sampling=Sampling(temperature=0, max_tokens=40),
-    )
-    call = stub.Infer(codec.request_to_pb(request), timeout=DEADLINE_S)
-    events = [event async for event in call]
-    metadata = dict(await call.trailing_metadata())
-    assert metadata["x-allerac-route"] == "local"
-    assert metadata["x-allerac-node"] == node.node_id
-    decoded = [codec.event_from_pb(e) for e in events]
-    deltas = [e for e in decoded if isinstance(e, TextDelta)]
+    events = [event async for event in client.infer(peer, CAPITAL)]
+    deltas = [e for e in events if isinstance(e, TextDelta)]
     assert len(deltas) > 3
     assert "Paris" in "".join(d.text for d in deltas)
-    assert isinstance(decoded[-1], Finished)
-    assert sum(isinstance(e, Finished) for e in decoded) == 1
-    finish = events[-1].finish
-    assert finish.served_by == node.node_id
-    assert finish.route == "local"
-    assert 0 < finish.completion_tokens <= 40
-    assert finish.prompt_tokens > 5
+    assert isinstance(events[-1], Finished)
+    assert sum(isinstance(e, Finished) for e in events) == 1
+    assert 0 < events[-1].completion_tokens <= 40
 
 
-async def test_infer_errors_map_to_grpc_status(stub: pb_grpc.NodeServiceStub) -> None:
-    good = codec.request_to_pb(
-        InferenceRequest(model="default", prompt="hi", sampling=Sampling(max_tokens=2))
-    )
-    unknown_model = pb.InferRequest()
-    unknown_model.CopyFrom(good)
-    unknown_model.body.model = "gpt-17"
-    old_version = pb.InferRequest()
-    old_version.CopyFrom(good)
-    old_version.protocol_version = 99
-    bad_id = pb.InferRequest()
-    bad_id.CopyFrom(good)
-    bad_id.body.request_id = "not-hex"
-    empty = pb.InferRequest(protocol_version=PROTOCOL_VERSION)
-    cases = [
-        (unknown_model, grpc.StatusCode.NOT_FOUND, "gpt-17"),
-        (old_version, grpc.StatusCode.FAILED_PRECONDITION, "protocol version 99"),
-        (bad_id, grpc.StatusCode.INVALID_ARGUMENT, "request_id"),
-        (empty, grpc.StatusCode.INVALID_ARGUMENT, "no body"),
-    ]
-    for message, code, words in cases:
+async def test_errors_after_opening_come_back_sealed_and_typed(
+    client: PeerClient, peer: PeerCard
+) -> None:
+    with pytest.raises(ModelNotFound, match="gpt-17"):
+        async for _ in client.infer(peer, InferenceRequest(model="gpt-17", prompt="hi")):
+            pass
+    too_long = InferenceRequest(model="default", prompt="hi", sampling=Sampling(max_tokens=9999))
+    with pytest.raises(InvalidRequest, match="context"):
+        async for _ in client.infer(peer, too_long):
+            pass
+    events = [e async for e in client.infer(peer, CAPITAL)]
+    assert isinstance(events[-1], Finished)
+
+
+async def test_unsealed_and_unknown_version_requests_are_refused(
+    raw_stub: pb_grpc.NodeServiceStub,
+) -> None:
+    for message, code, words in [
+        (
+            pb.InferRequest(protocol_version=PROTOCOL_VERSION),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "only sealed",
+        ),
+        (
+            pb.InferRequest(protocol_version=99),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "protocol version 99",
+        ),
+    ]:
         with pytest.raises(grpc.aio.AioRpcError) as info:
-            async for _ in stub.Infer(message, timeout=DEADLINE_S):
+            async for _ in raw_stub.Infer(message, timeout=DEADLINE_S):
                 pass
         assert info.value.code() == code
         assert words in (info.value.details() or "")
-    # ...and the node goes on serving.
-    events = [e async for e in stub.Infer(good, timeout=DEADLINE_S)]
-    assert events[-1].finish.completion_tokens == 2
 
 
-async def test_a_cancelled_grpc_stream_frees_the_model(stub: pb_grpc.NodeServiceStub) -> None:
-    long = codec.request_to_pb(
-        InferenceRequest(
-            model="default", prompt="1, 2, 3, 4,", sampling=Sampling(temperature=0, max_tokens=1500)
+async def test_describe_and_ping_answer_anyone(
+    raw_stub: pb_grpc.NodeServiceStub, node: NodeProcess
+) -> None:
+    card = open_card(await raw_stub.Describe(pb.DescribeRequest(), timeout=DEADLINE_S))
+    assert card.node_id == node.node_id
+    reply = await raw_stub.Ping(pb.PingRequest(nonce=b"n0nce"), timeout=DEADLINE_S)
+    assert reply.nonce == b"n0nce"
+    assert reply.load.slots == 9
+
+
+async def test_a_node_of_another_mesh_is_refused(node: NodeProcess, tmp_path: Path) -> None:
+    stranger = new_trust(tmp_path / "stranger")  # valid keys, its own mesh, no invite
+    async with PeerClient(node.info["grpc_address"], trust=stranger) as client:
+        with pytest.raises(NotAMember):
+            await client.public_card()  # the node is not in *our* mesh either
+        raw = await client._stub.Describe(pb.DescribeRequest(), timeout=DEADLINE_S)
+        peer = PeerCard(
+            card=open_card(raw),
+            membership=_admin_membership_as_seen_by(stranger, raw),
+            keys=_keys(raw),
         )
+        with pytest.raises(NotAMember, match="not to this mesh"):
+            async for _ in client.infer(peer, CAPITAL):
+                pass
+
+
+def _admin_membership_as_seen_by(trust: TrustStore, signed: pb.SignedCard):  # type: ignore[no-untyped-def]
+    from mesh.membership import read_cert, verify_cert
+
+    card = open_card(signed)
+    cert, _ = read_cert(card.membership)
+    return verify_cert(card.membership, mesh_public_key=cert.mesh_public_key, now_ms=_now())
+
+
+def _keys(signed: pb.SignedCard):  # type: ignore[no-untyped-def]
+    from mesh.enckeys import verify_encryption_keys
+
+    card = open_card(signed)
+    return verify_encryption_keys(
+        card.encryption_keys,
+        identity_public_key=card.identity_public_key,
+        node_id=card.node_id,
+        now_ms=_now(),
     )
-    call = stub.Infer(long, timeout=DEADLINE_S)
+
+
+def _now() -> int:
+    import time
+
+    return int(time.time() * 1000)
+
+
+async def test_a_cancelled_sealed_stream_frees_the_model(
+    client: PeerClient, peer: PeerCard
+) -> None:
+    long = InferenceRequest(
+        model="default", prompt="1, 2, 3, 4,", sampling=Sampling(temperature=0, max_tokens=1500)
+    )
+    stream = client.infer(peer, long)
     seen = 0
-    async for _ in call:
+    async for _ in stream:
         seen += 1
         if seen == 3:
             break
-    call.cancel()
-    # A new request is admitted and served at once: the worker did not keep counting.
-    short = codec.request_to_pb(
-        InferenceRequest(model="default", prompt="hi", sampling=Sampling(max_tokens=2))
-    )
-    events = [e async for e in stub.Infer(short, timeout=10)]
-    assert events[-1].finish.completion_tokens == 2
-    reply = await stub.Ping(pb.PingRequest(), timeout=DEADLINE_S)
-    assert reply.load.queued == 0
+    await stream.aclose()
+    short = InferenceRequest(model="default", prompt="hi", sampling=Sampling(max_tokens=2))
+    events = await asyncio.wait_for(_collect(client, peer, short), timeout=10)
+    assert isinstance(events[-1], Finished)
+    assert events[-1].completion_tokens == 2
+
+
+async def _collect(client: PeerClient, peer: PeerCard, request: InferenceRequest) -> list:  # type: ignore[type-arg]
+    return [e async for e in client.infer(peer, request)]

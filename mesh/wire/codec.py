@@ -10,7 +10,18 @@ from __future__ import annotations
 from google.protobuf.message import DecodeError
 
 from mesh import PROTOCOL_VERSION
-from mesh.errors import InvalidRequest, MeshError, RemoteProtocolError, UnsupportedProtocol
+from mesh.errors import (
+    BackendError,
+    InvalidRequest,
+    MeshError,
+    ModelNotFound,
+    Overloaded,
+    PermissionDenied,
+    RemoteProtocolError,
+    Unauthenticated,
+    Unavailable,
+    UnsupportedProtocol,
+)
 from mesh.inference import (
     ChatMessage,
     Finished,
@@ -35,7 +46,8 @@ _REASON_TO_PB = {
 _REASON_FROM_PB = {v: k for k, v in _REASON_TO_PB.items()}
 
 
-def request_to_pb(request: InferenceRequest) -> pb.InferRequest:
+def request_to_pb(request: InferenceRequest) -> pb.InferBody:
+    """The request body that travels inside a sealed envelope."""
     s = request.sampling
     sampling = pb.Sampling(stop=list(s.stop))
     if s.max_tokens is not None:
@@ -55,18 +67,10 @@ def request_to_pb(request: InferenceRequest) -> pb.InferRequest:
         )
     else:
         body.prompt = request.prompt or ""
-    return pb.InferRequest(protocol_version=PROTOCOL_VERSION, body=body)
+    return body
 
 
-def request_from_pb(message: pb.InferRequest) -> InferenceRequest:
-    if message.protocol_version != PROTOCOL_VERSION:
-        raise UnsupportedProtocol(
-            f"protocol version {message.protocol_version} is not spoken here "
-            f"(this node speaks {PROTOCOL_VERSION})"
-        )
-    if message.WhichOneof("payload") != "body":
-        raise InvalidRequest("InferRequest carries no body")
-    body = message.body
+def request_from_pb(body: pb.InferBody) -> InferenceRequest:
     s = body.sampling
     sampling = Sampling(
         max_tokens=s.max_tokens if s.HasField("max_tokens") else None,
@@ -96,15 +100,28 @@ def request_from_pb(message: pb.InferRequest) -> InferenceRequest:
 
 
 def parse_infer_request(data: bytes) -> InferenceRequest:
-    """Bytes straight off a socket (fuzzed in the tests)."""
+    """An InferBody's bytes, as opened from a sealed envelope (fuzzed in the tests)."""
     if len(data) > MAX_MESSAGE_BYTES:
         raise InvalidRequest(f"message is {len(data)} bytes; the limit is {MAX_MESSAGE_BYTES}")
-    message = pb.InferRequest()
+    message = pb.InferBody()
     try:
         message.ParseFromString(data)
     except (DecodeError, RuntimeWarning, ValueError) as exc:
-        raise InvalidRequest(f"not an InferRequest: {exc}") from exc
+        raise InvalidRequest(f"not an InferBody: {exc}") from exc
     return request_from_pb(message)
+
+
+def check_protocol_version(version: int) -> None:
+    if version != PROTOCOL_VERSION:
+        raise UnsupportedProtocol(
+            f"protocol version {version} is not spoken here (this node speaks {PROTOCOL_VERSION})"
+        )
+
+
+def error_to_pb(error: MeshError) -> pb.InferEvent:
+    return pb.InferEvent(
+        error=pb.ErrorEvent(grpc_status=error.grpc_status, message=error.message, code=error.code)
+    )
 
 
 def event_to_pb(event: InferenceEvent, served_by: ServedBy) -> pb.InferEvent:
@@ -135,6 +152,10 @@ def event_from_pb(message: pb.InferEvent) -> InferenceEvent:
             prompt_tokens=message.finish.prompt_tokens,
             completion_tokens=message.finish.completion_tokens,
         )
+    if which == "error":
+        raise error_from_status(
+            message.error.grpc_status, message.error.message, message.error.code
+        )
     raise RemoteProtocolError("InferEvent carries neither a delta nor a finish")
 
 
@@ -161,19 +182,34 @@ def model_to_pb(info: ModelInfo) -> pb.ModelCard:
     )
 
 
-def error_from_status(code_name: str, details: str) -> MeshError:
-    """A gRPC status from a peer, back into the error tree (for clients of the agent)."""
-    for cls in _all_errors():
-        if cls.grpc_status == code_name and cls.__name__ != "MeshError":
-            return cls(details)
-    return RemoteProtocolError(f"{code_name}: {details}")
+_STATUS_TO_ERROR: dict[str, type[MeshError]] = {
+    "INVALID_ARGUMENT": InvalidRequest,
+    "FAILED_PRECONDITION": UnsupportedProtocol,
+    "NOT_FOUND": ModelNotFound,
+    "RESOURCE_EXHAUSTED": Overloaded,
+    "UNAVAILABLE": Unavailable,
+    "UNAUTHENTICATED": Unauthenticated,
+    "PERMISSION_DENIED": PermissionDenied,
+    "INTERNAL": BackendError,
+}
 
 
-def _all_errors() -> list[type[MeshError]]:
-    out: list[type[MeshError]] = []
+def _by_code() -> dict[str, type[MeshError]]:
+    found: dict[str, type[MeshError]] = {}
     pending: list[type[MeshError]] = [MeshError]
     while pending:
         cls = pending.pop()
-        out.append(cls)
+        found.setdefault(cls.code, cls)
         pending.extend(cls.__subclasses__())
-    return out
+    return found
+
+
+def error_from_status(code_name: str, details: str, error_code: str = "") -> MeshError:
+    """A gRPC status (and our error code, when the peer sent one) back into the error tree."""
+    cls = _by_code().get(error_code) if error_code else None
+    if cls is not None and cls.grpc_status == code_name:
+        return cls(details)
+    fallback = _STATUS_TO_ERROR.get(code_name)
+    if fallback is None:
+        return RemoteProtocolError(f"{code_name}: {details}")
+    return fallback(details)

@@ -1,3 +1,4 @@
+from mesh.wire.v1 import trust_pb2 as _trust_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -40,7 +41,7 @@ class SignedCard(_message.Message):
     def __init__(self, card: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class NodeCard(_message.Message):
-    __slots__ = ("protocol_version", "node_id", "identity_public_key", "software_version", "tier", "hardware", "models", "grpc_addresses", "issued_at_unix_ms", "display_name")
+    __slots__ = ("protocol_version", "node_id", "identity_public_key", "software_version", "tier", "hardware", "models", "grpc_addresses", "issued_at_unix_ms", "display_name", "membership", "encryption_keys", "mesh_id")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     IDENTITY_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
@@ -51,6 +52,9 @@ class NodeCard(_message.Message):
     GRPC_ADDRESSES_FIELD_NUMBER: _ClassVar[int]
     ISSUED_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     DISPLAY_NAME_FIELD_NUMBER: _ClassVar[int]
+    MEMBERSHIP_FIELD_NUMBER: _ClassVar[int]
+    ENCRYPTION_KEYS_FIELD_NUMBER: _ClassVar[int]
+    MESH_ID_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     node_id: str
     identity_public_key: bytes
@@ -61,7 +65,10 @@ class NodeCard(_message.Message):
     grpc_addresses: _containers.RepeatedScalarFieldContainer[str]
     issued_at_unix_ms: int
     display_name: str
-    def __init__(self, protocol_version: _Optional[int] = ..., node_id: _Optional[str] = ..., identity_public_key: _Optional[bytes] = ..., software_version: _Optional[str] = ..., tier: _Optional[_Union[Tier, str]] = ..., hardware: _Optional[_Union[Hardware, _Mapping]] = ..., models: _Optional[_Iterable[_Union[ModelCard, _Mapping]]] = ..., grpc_addresses: _Optional[_Iterable[str]] = ..., issued_at_unix_ms: _Optional[int] = ..., display_name: _Optional[str] = ...) -> None: ...
+    membership: _trust_pb2.SignedCert
+    encryption_keys: _trust_pb2.SignedEncryptionKeys
+    mesh_id: str
+    def __init__(self, protocol_version: _Optional[int] = ..., node_id: _Optional[str] = ..., identity_public_key: _Optional[bytes] = ..., software_version: _Optional[str] = ..., tier: _Optional[_Union[Tier, str]] = ..., hardware: _Optional[_Union[Hardware, _Mapping]] = ..., models: _Optional[_Iterable[_Union[ModelCard, _Mapping]]] = ..., grpc_addresses: _Optional[_Iterable[str]] = ..., issued_at_unix_ms: _Optional[int] = ..., display_name: _Optional[str] = ..., membership: _Optional[_Union[_trust_pb2.SignedCert, _Mapping]] = ..., encryption_keys: _Optional[_Union[_trust_pb2.SignedEncryptionKeys, _Mapping]] = ..., mesh_id: _Optional[str] = ...) -> None: ...
 
 class Hardware(_message.Message):
     __slots__ = ("cpu_count", "cpu_model", "memory_bytes", "gpu", "gpu_memory_bytes")
@@ -132,12 +139,12 @@ class Load(_message.Message):
     def __init__(self, active_streams: _Optional[int] = ..., queued: _Optional[int] = ..., slots: _Optional[int] = ..., draining: _Optional[bool] = ...) -> None: ...
 
 class InferRequest(_message.Message):
-    __slots__ = ("protocol_version", "body")
+    __slots__ = ("protocol_version", "sealed")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
-    BODY_FIELD_NUMBER: _ClassVar[int]
+    SEALED_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
-    body: InferBody
-    def __init__(self, protocol_version: _Optional[int] = ..., body: _Optional[_Union[InferBody, _Mapping]] = ...) -> None: ...
+    sealed: _trust_pb2.SealedEnvelope
+    def __init__(self, protocol_version: _Optional[int] = ..., sealed: _Optional[_Union[_trust_pb2.SealedEnvelope, _Mapping]] = ...) -> None: ...
 
 class InferBody(_message.Message):
     __slots__ = ("request_id", "model", "chat", "prompt", "sampling", "user")
@@ -184,12 +191,34 @@ class Sampling(_message.Message):
     def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class InferEvent(_message.Message):
-    __slots__ = ("delta", "finish")
+    __slots__ = ("delta", "finish", "sealed", "error", "card")
     DELTA_FIELD_NUMBER: _ClassVar[int]
     FINISH_FIELD_NUMBER: _ClassVar[int]
+    SEALED_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    CARD_FIELD_NUMBER: _ClassVar[int]
     delta: Delta
     finish: Finish
-    def __init__(self, delta: _Optional[_Union[Delta, _Mapping]] = ..., finish: _Optional[_Union[Finish, _Mapping]] = ...) -> None: ...
+    sealed: _trust_pb2.SealedFrame
+    error: ErrorEvent
+    card: SignedCard
+    def __init__(self, delta: _Optional[_Union[Delta, _Mapping]] = ..., finish: _Optional[_Union[Finish, _Mapping]] = ..., sealed: _Optional[_Union[_trust_pb2.SealedFrame, _Mapping]] = ..., error: _Optional[_Union[ErrorEvent, _Mapping]] = ..., card: _Optional[_Union[SignedCard, _Mapping]] = ...) -> None: ...
+
+class ErrorEvent(_message.Message):
+    __slots__ = ("grpc_status", "message", "code")
+    GRPC_STATUS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    grpc_status: str
+    message: str
+    code: str
+    def __init__(self, grpc_status: _Optional[str] = ..., message: _Optional[str] = ..., code: _Optional[str] = ...) -> None: ...
+
+class PushRevocationsResponse(_message.Message):
+    __slots__ = ("version",)
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    def __init__(self, version: _Optional[int] = ...) -> None: ...
 
 class Delta(_message.Message):
     __slots__ = ("text",)

@@ -4,6 +4,7 @@ import grpc
 import warnings
 
 from mesh.wire.v1 import node_pb2 as mesh_dot_wire_dot_v1_dot_node__pb2
+from mesh.wire.v1 import trust_pb2 as mesh_dot_wire_dot_v1_dot_trust__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -49,13 +50,24 @@ class NodeServiceStub:
                 request_serializer=mesh_dot_wire_dot_v1_dot_node__pb2.InferRequest.SerializeToString,
                 response_deserializer=mesh_dot_wire_dot_v1_dot_node__pb2.InferEvent.FromString,
                 _registered_method=True)
+        self.Join = channel.unary_unary(
+                '/allerac.mesh.v1.NodeService/Join',
+                request_serializer=mesh_dot_wire_dot_v1_dot_trust__pb2.JoinRequest.SerializeToString,
+                response_deserializer=mesh_dot_wire_dot_v1_dot_trust__pb2.JoinResponse.FromString,
+                _registered_method=True)
+        self.PushRevocations = channel.unary_unary(
+                '/allerac.mesh.v1.NodeService/PushRevocations',
+                request_serializer=mesh_dot_wire_dot_v1_dot_trust__pb2.SignedRevocations.SerializeToString,
+                response_deserializer=mesh_dot_wire_dot_v1_dot_node__pb2.PushRevocationsResponse.FromString,
+                _registered_method=True)
 
 
 class NodeServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Describe(self, request, context):
-        """The node's signed capability card.
+        """The node's public card: node ID, identity key, encryption keys and membership,
+        signed. Models and hardware are only in the full card, fetched sealed.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -70,7 +82,22 @@ class NodeServiceServicer:
 
     def Infer(self, request, context):
         """One inference request, answered as a stream of text deltas ending in
-        exactly one Finish event.
+        exactly one Finish event. Only sealed requests from verified members are
+        served; the answer is a stream of sealed frames.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Join(self, request, context):
+        """Redeem a one-time invite for a membership certificate.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PushRevocations(self, request, context):
+        """An admin pushes a newer revocation list; members apply it at once.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -93,6 +120,16 @@ def add_NodeServiceServicer_to_server(servicer, server):
                     servicer.Infer,
                     request_deserializer=mesh_dot_wire_dot_v1_dot_node__pb2.InferRequest.FromString,
                     response_serializer=mesh_dot_wire_dot_v1_dot_node__pb2.InferEvent.SerializeToString,
+            ),
+            'Join': grpc.unary_unary_rpc_method_handler(
+                    servicer.Join,
+                    request_deserializer=mesh_dot_wire_dot_v1_dot_trust__pb2.JoinRequest.FromString,
+                    response_serializer=mesh_dot_wire_dot_v1_dot_trust__pb2.JoinResponse.SerializeToString,
+            ),
+            'PushRevocations': grpc.unary_unary_rpc_method_handler(
+                    servicer.PushRevocations,
+                    request_deserializer=mesh_dot_wire_dot_v1_dot_trust__pb2.SignedRevocations.FromString,
+                    response_serializer=mesh_dot_wire_dot_v1_dot_node__pb2.PushRevocationsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -176,6 +213,60 @@ class NodeService:
             '/allerac.mesh.v1.NodeService/Infer',
             mesh_dot_wire_dot_v1_dot_node__pb2.InferRequest.SerializeToString,
             mesh_dot_wire_dot_v1_dot_node__pb2.InferEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Join(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/allerac.mesh.v1.NodeService/Join',
+            mesh_dot_wire_dot_v1_dot_trust__pb2.JoinRequest.SerializeToString,
+            mesh_dot_wire_dot_v1_dot_trust__pb2.JoinResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushRevocations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/allerac.mesh.v1.NodeService/PushRevocations',
+            mesh_dot_wire_dot_v1_dot_trust__pb2.SignedRevocations.SerializeToString,
+            mesh_dot_wire_dot_v1_dot_node__pb2.PushRevocationsResponse.FromString,
             options,
             channel_credentials,
             insecure,

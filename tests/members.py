@@ -1,0 +1,38 @@
+"""Make a test client a real member of a running node's mesh, through a real invite."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from pathlib import Path
+
+from mesh.home import Home
+from mesh.identity import load_or_create_identity
+from node.peer_client import join_mesh
+from node.trust_store import TrustStore
+from tests.nodeproc import NodeProcess
+
+
+def invite_code(node: NodeProcess, role: str = "member", ttl_s: float = 600) -> str:
+    request = urllib.request.Request(
+        node.url + "/allerac/mesh/invites",
+        data=json.dumps({"role": role, "ttl_s": ttl_s}).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return str(json.loads(response.read())["code"])
+
+
+def new_trust(home: Path) -> TrustStore:
+    """A fresh identity with its own mesh of one (not a member of anyone else's)."""
+    resolved = Home.resolve(home)
+    resolved.ensure()
+    identity, _ = load_or_create_identity(resolved.identity_key)
+    return TrustStore.open(resolved, identity)
+
+
+async def join_as_member(node: NodeProcess, home: Path, role: str = "member") -> TrustStore:
+    trust = new_trust(home)
+    await join_mesh(invite_code(node, role), trust, display_name="test-client", addresses=())
+    return trust
