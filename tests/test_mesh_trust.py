@@ -1,0 +1,191 @@
+"""Membership and sealing between real node processes: invites, revocation, and a
+recording proxy that must never see a prompt or an answer."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mesh.errors import BadSignature, InviteError, NotAMember
+from mesh.home import Home
+from mesh.identity import load_or_create_identity
+from mesh.inference import ChatMessage, Finished, InferenceRequest, Sampling, TextDelta
+from mesh.wire.v1 import trust_pb2 as tpb
+from node.peer_client import PeerClient, join_mesh
+from node.trust_store import TrustStore
+from tests.members import invite_code, join_as_member, new_trust
+from tests.nodeproc import NodeProcess, run_cli
+
+
+@pytest.fixture
+def admin(tmp_path: Path) -> Iterator[NodeProcess]:
+    proc = NodeProcess(tmp_path / "admin").start()
+    try:
+        yield proc
+    finally:
+        proc.kill()
+
+
+def start_member(admin: NodeProcess, home: Path) -> NodeProcess:
+    proc = NodeProcess(home).start()
+    code = run_cli(admin.home, "mesh", "invite")
+    assert code.returncode == 0, code.stderr
+    joined = run_cli(home, "mesh", "join", code.stdout.strip())
+    assert joined.returncode == 0, joined.stderr
+    assert admin.info["mesh_id"] in joined.stdout
+    return proc
+
+
+def trust_of(node: NodeProcess) -> TrustStore:
+    """The node's own identity and membership, read from its home (as the node sees them)."""
+    home = Home.resolve(node.home)
+    identity, _ = load_or_create_identity(home.identity_key)
+    return TrustStore.open(home, identity)
+
+
+def grpc_address(node: NodeProcess) -> str:
+    return str(json.loads((node.home / "run" / "node.json").read_text())["grpc_address"])
+
+
+class RecordingProxy:
+    """A TCP proxy that keeps every byte it forwards, both ways."""
+
+    def __init__(self, target: str) -> None:
+        host, port = target.rsplit(":", 1)
+        self.target = (host, int(port))
+        self.recording = bytearray()
+        self.server: asyncio.Server | None = None
+        self._pipes: set[asyncio.Task[None]] = set()
+
+    @property
+    def address(self) -> str:
+        assert self.server is not None
+        return f"127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def __aenter__(self) -> RecordingProxy:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        for task in self._pipes:
+            task.cancel()
+        await asyncio.gather(*self._pipes, return_exceptions=True)
+        await self.server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(*self.target)
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(ConnectionError, asyncio.CancelledError):
+                while data := await src.read(65536):
+                    self.recording += data
+                    dst.write(data)
+                    await dst.drain()
+            dst.close()
+
+        for task in (
+            asyncio.create_task(pipe(reader, up_writer)),
+            asyncio.create_task(pipe(up_reader, writer)),
+        ):
+            self._pipes.add(task)
+
+
+async def test_nothing_readable_crosses_the_wire(admin: NodeProcess, tmp_path: Path) -> None:
+    member = await join_as_member(admin, tmp_path / "member")
+    canary = "canary-" + secrets.token_hex(8)
+    request = InferenceRequest(
+        model="smollm2-135m-instruct",
+        messages=(
+            ChatMessage(role="user", content=f"Repeat this word exactly: {canary}. Then say hi."),
+        ),
+        sampling=Sampling(temperature=0, max_tokens=60),
+    )
+    async with RecordingProxy(grpc_address(admin)) as proxy:
+        async with PeerClient(proxy.address, trust=member) as client:
+            peer = await client.public_card()
+            card = await client.full_card(peer)
+            events = [event async for event in client.infer(peer, request)]
+    answer = "".join(e.text for e in events if isinstance(e, TextDelta))
+    assert isinstance(events[-1], Finished)
+    assert len(answer) > 10
+    recording = bytes(proxy.recording)
+    assert len(recording) > 2000  # the conversation really went through the proxy
+    assert canary.encode() not in recording
+    assert answer.encode() not in recording
+    assert answer.strip()[:12].encode() not in recording
+    assert b"Repeat this word" not in recording
+    # The full card (models, hardware) is sealed too; only identity material is in clear.
+    assert [m.name for m in card.models] == ["smollm2-135m-instruct"]
+    assert b"smollm2" not in recording
+    assert peer.node_id.encode() in recording  # who talks to whom is visible, by design
+
+
+async def test_invites_are_single_use_and_expire(admin: NodeProcess, tmp_path: Path) -> None:
+    code = invite_code(admin)
+    first = new_trust(tmp_path / "first")
+    await join_mesh(code, first, display_name="first", addresses=())
+    assert first.mesh_id == admin.info["mesh_id"]
+    second = new_trust(tmp_path / "second")
+    with pytest.raises(InviteError, match="already used"):
+        await join_mesh(code, second, display_name="second", addresses=())
+    short = invite_code(admin, ttl_s=1)
+    await asyncio.sleep(1.2)  # the invite's one-second lifetime must really pass
+    with pytest.raises(InviteError, match="expired"):
+        await join_mesh(short, second, display_name="second", addresses=())
+    assert second.mesh_id != admin.info["mesh_id"]
+    garbage = run_cli(tmp_path / "second", "mesh", "join", "allerac1-not-a-code")
+    assert garbage.returncode != 0
+
+
+async def test_a_revoked_node_is_refused_by_every_peer(admin: NodeProcess, tmp_path: Path) -> None:
+    bob = start_member(admin, tmp_path / "bob")
+    carol = start_member(admin, tmp_path / "carol")
+    try:
+        members = run_cli(admin.home, "mesh", "members", "--json")
+        listed = {m["node_id"] for m in json.loads(members.stdout)["members"]}
+        assert {bob.node_id, carol.node_id} <= listed
+
+        hello = InferenceRequest(model="default", prompt="hi", sampling=Sampling(max_tokens=2))
+
+        async def ask(sender: NodeProcess, target: NodeProcess) -> list[object]:
+            async with PeerClient(grpc_address(target), trust=trust_of(sender)) as client:
+                peer = await client.public_card()
+                return [e async for e in client.infer(peer, hello)]
+
+        assert isinstance((await ask(carol, bob))[-1], Finished)  # members reach each other
+        result = run_cli(admin.home, "mesh", "revoke", carol.node_id)
+        assert result.returncode == 0, result.stderr
+        assert "told 2 member(s) at once" in result.stdout
+        for target in (admin, bob):
+            with pytest.raises(NotAMember, match="revoked"):
+                await ask(carol, target)
+        assert isinstance((await ask(bob, admin))[-1], Finished)  # the others go on
+        assert "REVOKED" in run_cli(admin.home, "mesh", "members").stdout
+    finally:
+        bob.kill()
+        carol.kill()
+
+
+async def test_valid_keys_without_a_membership_certificate_are_refused(
+    admin: NodeProcess, tmp_path: Path
+) -> None:
+    member = await join_as_member(admin, tmp_path / "member")
+    member.cert = tpb.SignedCert()  # keys and identity intact, certificate gone
+    hello = InferenceRequest(model="default", prompt="hi", sampling=Sampling(max_tokens=2))
+    async with PeerClient(grpc_address(admin), trust=member) as client:
+        peer = await client.public_card()
+        for _ in range(3):
+            with pytest.raises(BadSignature, match="certificate"):
+                async for _ in client.infer(peer, hello):
+                    pass
+    # The refusal is logged once, not once per attempt, and the node goes on serving.
+    assert admin.output().count("refused a request") == 1
+    assert run_cli(admin.home, "chat", "--max-tokens", "3", "hi").returncode == 0
