@@ -13,16 +13,16 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any, NoReturn
 
 import grpc
 
-from mesh.errors import InvalidRequest, MeshError, PermissionDenied
+from mesh.errors import InvalidRequest, MeshError, Overloaded, PermissionDenied
 from mesh.inference import Finished
 from mesh.membership import Role
-from mesh.sealing import FrameWriter
-from mesh.wire import codec
+from mesh.sealing import FrameWriter, OpenedRequest
+from mesh.wire import codec, grpc_options
 from mesh.wire.v1 import node_pb2 as pb
 from mesh.wire.v1 import node_pb2_grpc as pb_grpc
 from mesh.wire.v1 import trust_pb2 as tpb
@@ -68,6 +68,7 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
         self._full_card = full_card
         self._on_revocations = on_revocations
         self._rejected: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._streams_per_peer: dict[str, int] = {}
 
     def _log_rejection(self, peer: str, error: MeshError) -> None:
         """Log a refused peer once per reason, so a misbehaving peer cannot flood the log."""
@@ -124,6 +125,31 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
         except MeshError as error:
             self._log_rejection(context.peer(), error)
             await _abort(context, error)
+        sender = opened.sender.node_id
+        if self._streams_per_peer.get(sender, 0) >= grpc_options.MAX_STREAMS_PER_PEER:
+            await _abort(
+                context,
+                Overloaded(
+                    f"at most {grpc_options.MAX_STREAMS_PER_PEER} concurrent requests per node"
+                ),
+            )
+        self._streams_per_peer[sender] = self._streams_per_peer.get(sender, 0) + 1
+        # Callers set deadlines; one that did not still cannot hold a stream forever.
+        ends_at = time.monotonic() + (context.time_remaining() or grpc_options.MAX_CALL_S)
+        try:
+            async with contextlib.aclosing(self._serve(opened, context)) as events:
+                async for event in events:
+                    yield event
+                    if time.monotonic() > ends_at:
+                        await _abort(context, Overloaded("the call ran past its deadline"))
+        finally:
+            left = self._streams_per_peer.pop(sender) - 1
+            if left:
+                self._streams_per_peer[sender] = left
+
+    async def _serve(
+        self, opened: OpenedRequest, context: Context
+    ) -> AsyncGenerator[pb.InferEvent, None]:
         writer = opened.writer
         if opened.purpose == "card":
             yield _sealed(writer, pb.InferEvent(card=self._full_card()), final=True)

@@ -12,7 +12,9 @@ from mesh.wire.codec import MAX_MESSAGE_BYTES
 KEEPALIVE_TIME_MS = 20_000
 KEEPALIVE_TIMEOUT_MS = 5_000
 MIN_PING_INTERVAL_MS = 10_000
-MAX_CONCURRENT_STREAMS = 64
+MAX_CONCURRENT_STREAMS = 64  # per connection
+MAX_STREAMS_PER_PEER = 16  # per sending node, across its connections
+MAX_CALL_S = 1800.0  # a server-side bound for callers that set no deadline
 
 
 def server_options() -> list[tuple[str, int]]:
