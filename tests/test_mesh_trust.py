@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import secrets
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -189,3 +190,60 @@ async def test_valid_keys_without_a_membership_certificate_are_refused(
     # The refusal is logged once, not once per attempt, and the node goes on serving.
     assert admin.output().count("refused a request") == 1
     assert run_cli(admin.home, "chat", "--max-tokens", "3", "hi").returncode == 0
+
+
+def _post(node: NodeProcess, path: str, body: bytes) -> tuple[int, dict[str, object]]:
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(
+        node.url + path, data=body, headers={"Content-Type": "application/json"}, method="POST"
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_bad_mesh_admin_input_gets_clear_errors(admin: NodeProcess) -> None:
+    cases = [
+        ("/allerac/mesh/join", b'{"code": "allerac1-AAAA"}', 403, "invite_invalid"),
+        ("/allerac/mesh/join", b'{"code": "hello"}', 403, "invite_invalid"),
+        ("/allerac/mesh/join", b"{}", 400, "invalid_request"),
+        ("/allerac/mesh/invites", b'{"role": "admin"}', 403, "invite_invalid"),
+        ("/allerac/mesh/invites", b'{"role": "wizard"}', 400, "invalid_request"),
+        ("/allerac/mesh/invites", b'{"ttl_s": -5}', 400, "invalid_request"),
+        ("/allerac/mesh/invites", b"not json", 400, "invalid_request"),
+        ("/allerac/mesh/revoke", b'{"node_id": "nope"}', 400, "invalid_request"),
+    ]
+    for path, body, status, code in cases:
+        got, payload = _post(admin, path, body)
+        error = payload["error"]
+        assert (got, error["code"]) == (status, code), (path, body, payload)  # type: ignore[index]
+    assert run_cli(admin.home, "mesh", "invite", "--ttl", "soon").returncode != 0
+    assert run_cli(admin.home, "mesh", "members").returncode == 0  # still serving
+
+
+async def test_forged_joins_and_revocations_are_refused_over_grpc(
+    admin: NodeProcess, tmp_path: Path
+) -> None:
+    from mesh.errors import PermissionDenied
+    from mesh.invites import decode_invite, make_join_request
+    from mesh.membership import MeshAuthority
+
+    stranger = new_trust(tmp_path / "stranger")
+    code = invite_code(admin)
+    invite = decode_invite(code, now_ms=int(time.time() * 1000))
+    forged = make_join_request(invite, stranger.identity, now_ms=int(time.time() * 1000))
+    forged.proof = bytes(32)  # does not know the secret
+    async with PeerClient(grpc_address(admin), trust=stranger) as client:
+        with pytest.raises(PermissionDenied, match="prove"):
+            await client.join(forged)
+        fake_admin = MeshAuthority.generate()
+        fake = fake_admin.revocations(version=99, revoked=[admin.node_id], now_ms=1)
+        with pytest.raises(BadSignature, match="another mesh"):
+            await client.push_revocations(fake)
+    # The real invite was not used up by the forgery.
+    await join_mesh(code, stranger, display_name="late", addresses=())
+    assert stranger.mesh_id == admin.info["mesh_id"]
