@@ -33,6 +33,7 @@ ROTATE_EVERY_MS = 24 * HOUR_MS
 OVERLAP_MS = HOUR_MS  # a key stays advertised-valid this long after its successor appears
 GRACE_MS = HOUR_MS  # ...and its private half opens envelopes this much longer
 MLKEM768_PUBLIC_BYTES = 1184
+CLOCK_TOLERANCE_MS = 60_000  # peers' clocks may differ this much (the replay window)
 
 
 def hybrid_available() -> bool:
@@ -141,6 +142,8 @@ def verify_encryption_keys(
         raise BadSignature("encryption keys belong to another node")
     if now_ms >= body.expires_at_unix_ms:
         raise BadSignature(f"encryption keys of node {node_id[:7]} have expired")
+    if now_ms < body.not_before_unix_ms - CLOCK_TOLERANCE_MS:
+        raise BadSignature(f"encryption keys of node {node_id[:7]} are not valid yet")
     if len(body.x25519_public_key) != 32:
         raise BadSignature("encryption keys carry a malformed X25519 key")
     if body.mlkem768_public_key and len(body.mlkem768_public_key) != MLKEM768_PUBLIC_BYTES:

@@ -27,7 +27,7 @@ from typing import Any
 
 from google.protobuf.message import DecodeError
 
-from mesh.errors import InviteError
+from mesh.errors import InviteError, MeshError
 from mesh.identity import Identity, node_id_from_public_key, verify_signature
 from mesh.membership import Role, role_from_pb, role_to_pb
 from mesh.wire.v1 import trust_pb2 as tpb
@@ -68,15 +68,26 @@ def decode_invite(code: str, *, now_ms: int) -> tpb.Invite:
         raise InviteError("invite code is damaged (bad secret or mesh key)")
     if not invite.inviter_addresses:
         raise InviteError("invite code names no address of the inviter")
-    role_from_pb(invite.role)
+    try:
+        role_from_pb(invite.role)
+    except MeshError as exc:
+        raise InviteError("invite code is damaged (unknown role)") from exc
     if now_ms >= invite.expires_at_unix_ms:
         raise InviteError("this invite has expired; ask for a new one")
     return invite
 
 
 def transcript(
-    *, invite: bytes, mesh_public_key: bytes, identity_public_key: bytes, sent_at_ms: int
+    *,
+    invite: bytes,
+    mesh_public_key: bytes,
+    identity_public_key: bytes,
+    sent_at_ms: int,
+    display_name: str = "",
+    addresses: tuple[str, ...] = (),
 ) -> bytes:
+    """Everything the join request says, so none of it can be changed on the way."""
+    extras = "\n".join((display_name, *addresses)).encode("utf-8")
     return b"".join(
         (
             TRANSCRIPT_CONTEXT,
@@ -84,6 +95,8 @@ def transcript(
             mesh_public_key,
             identity_public_key,
             sent_at_ms.to_bytes(8, "big", signed=True),
+            len(extras).to_bytes(4, "big"),
+            extras,
         )
     )
 
@@ -97,11 +110,15 @@ def make_join_request(
     addresses: tuple[str, ...] = (),
 ) -> tpb.JoinRequest:
     ident = invite_id(invite.secret)
+    display_name = display_name[:64]
+    addresses = tuple(addresses)[:8]
     data = transcript(
         invite=ident,
         mesh_public_key=invite.mesh_public_key,
         identity_public_key=identity.public_key_raw,
         sent_at_ms=now_ms,
+        display_name=display_name,
+        addresses=addresses,
     )
     return tpb.JoinRequest(
         invite_id=ident,
@@ -109,8 +126,8 @@ def make_join_request(
         sent_at_unix_ms=now_ms,
         proof=hmac.new(invite.secret, data, hashlib.sha256).digest(),
         signature=identity.sign(data),
-        display_name=display_name[:64],
-        addresses=list(addresses)[:8],
+        display_name=display_name,
+        addresses=list(addresses),
     )
 
 
@@ -172,11 +189,15 @@ class InviteBook:
             raise InviteError("join request is too old or from a clock far off ours")
         if len(request.identity_public_key) != 32:
             raise InviteError("join request has a malformed identity key")
+        if len(request.display_name) > 64 or len(request.addresses) > 8:
+            raise InviteError("join request carries too much")
         data = transcript(
             invite=request.invite_id,
             mesh_public_key=mesh_public_key,
             identity_public_key=request.identity_public_key,
             sent_at_ms=request.sent_at_unix_ms,
+            display_name=request.display_name,
+            addresses=tuple(request.addresses),
         )
         expected = hmac.new(entry.secret, data, hashlib.sha256).digest()
         if not hmac.compare_digest(expected, request.proof):
@@ -212,6 +233,6 @@ class InviteBook:
                     expires_at_ms=int(row["expires_at_ms"]),
                     used_by=str(row.get("used_by", "")),
                 )
-        except (ValueError, KeyError, TypeError) as exc:
-            raise InviteError(f"the invite book is corrupt: {exc}") from exc
+        except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as exc:
+            raise InviteError(f"the invite book is corrupt: {type(exc).__name__}") from exc
         return book

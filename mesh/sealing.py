@@ -164,6 +164,11 @@ def seal_request(
     request_id: bytes | None = None,
 ) -> Sealed:
     request_id = request_id if request_id is not None else os.urandom(REQUEST_ID_BYTES)
+    if now_ms >= recipient.expires_at_ms:
+        raise SealingError(
+            f"the encryption keys of node {recipient.node_id[:7]} have expired; "
+            "fetch its card again"
+        )
     use_hybrid = offer_hybrid and recipient.mlkem768 is not None
     header = tpb.EnvelopeHeader(
         protocol_version=PROTOCOL_VERSION,
@@ -210,6 +215,7 @@ class ReplayGuard:
         return len(self._seen)
 
     def check(self, request_id: bytes, issued_at_ms: int, now_ms: int) -> None:
+        """Refuse a skewed or already seen request; `remember` it once it proved genuine."""
         skew = issued_at_ms - now_ms
         if abs(skew) > self._window_ms:
             raise ClockSkew(
@@ -223,6 +229,10 @@ class ReplayGuard:
             raise ReplayDetected("this request was already received (replayed)")
         if len(self._seen) >= self._capacity:
             raise Overloaded("too many requests inside the replay window")
+
+    def remember(self, request_id: bytes, issued_at_ms: int) -> None:
+        if request_id in self._seen:
+            raise ReplayDetected("this request was already received (replayed)")
         forget_after = issued_at_ms + self._window_ms
         self._seen[request_id] = forget_after
         heapq.heappush(self._expiry, (forget_after, request_id))
@@ -283,7 +293,9 @@ class EnvelopeOpener:
             _signed_bytes(envelope.header, envelope.ciphertext),
         ):
             raise BadSignature("envelope signature does not verify (forged or tampered)")
-        self.replay.check(header.request_id, header.issued_at_unix_ms, now_ms)
+        # Request IDs are remembered per sender: one member cannot burn another's IDs.
+        replay_key = sender.identity_public_key + header.request_id
+        self.replay.check(replay_key, header.issued_at_unix_ms, now_ms)
         pair = self.keyring.find(header.recipient_key_id, now_ms)
         if pair is None:
             raise SealingError(
@@ -318,6 +330,8 @@ class EnvelopeOpener:
             raise SealingError("sealed body does not parse") from exc
         if len(body.response_key) != RESPONSE_KEY_BYTES:
             raise SealingError("sealed body has a malformed response key")
+        # Only a request that opened is remembered, so a failed one never burns its ID.
+        self.replay.remember(replay_key, header.issued_at_unix_ms)
         return OpenedRequest(
             sender=sender,
             request_id=header.request_id,
