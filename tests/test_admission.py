@@ -188,3 +188,59 @@ async def test_grpc_callers_get_resource_exhausted_when_full(
 
 async def _collect(stream: Any) -> list[Any]:
     return [event async for event in stream]
+
+
+@pytest.fixture(scope="module")
+def deep_queue_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
+    config = f"""
+[[models]]
+name = "smollm2-135m-instruct"
+aliases = ["default"]
+path = "{embedded_model_path()}"
+queue_size = 30
+"""
+    proc = NodeProcess(tmp_path_factory.mktemp("home"), config=config).start()
+    try:
+        yield proc
+    finally:
+        proc.kill()
+
+
+async def test_one_peer_cannot_take_every_stream(
+    deep_queue_node: NodeProcess, session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    from mesh.errors import Overloaded
+    from mesh.inference import InferenceRequest, Sampling
+    from mesh.wire.grpc_options import MAX_STREAMS_PER_PEER
+    from node.peer_client import PeerClient
+    from tests.members import join_as_member
+
+    node = deep_queue_node
+    greedy = await join_as_member(node, tmp_path / "greedy")
+    polite = await join_as_member(node, tmp_path / "polite")
+    long = InferenceRequest(
+        model="default", prompt="1, 2, 3, 4, 5,", sampling=Sampling(temperature=0, max_tokens=900)
+    )
+    async with (
+        PeerClient(node.info["grpc_address"], trust=greedy) as client,
+        PeerClient(node.info["grpc_address"], trust=polite) as other,
+    ):
+        peer = await client.public_card()
+        streams = [client.infer(peer, long) for _ in range(MAX_STREAMS_PER_PEER)]
+        first = asyncio.create_task(anext(streams[0]))
+        waiting = [asyncio.create_task(anext(s)) for s in streams[1:]]
+        await first
+        await wait_for(session, node, lambda i: i["load"]["queued"] == MAX_STREAMS_PER_PEER - 1, 10)
+        with pytest.raises(Overloaded, match="per node"):
+            await anext(client.infer(peer, long))
+        # Another member still gets in.
+        short = InferenceRequest(model="default", prompt="hi", sampling=Sampling(max_tokens=1))
+        queued_other = asyncio.create_task(_collect(other.infer(peer, short)))
+        await wait_for(session, node, lambda i: i["load"]["queued"] == MAX_STREAMS_PER_PEER, 10)
+        for task in waiting:
+            task.cancel()
+        await asyncio.gather(*waiting, return_exceptions=True)
+        for stream in streams:
+            await stream.aclose()
+        events = await queued_other
+        assert events[-1].completion_tokens == 1
