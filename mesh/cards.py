@@ -57,6 +57,7 @@ def sign_card(
     models: Iterable[ModelInfo] = (),
     grpc_addresses: Iterable[str] = (),
     display_name: str = "",
+    peer_addresses: Iterable[str] = (),
     now_ms: int,
     tier: int = pb.TIER_HOME,
     public: bool = False,
@@ -79,6 +80,7 @@ def sign_card(
         card.models.extend(model_to_pb(m) for m in models)
         card.grpc_addresses.extend(grpc_addresses)
         card.display_name = display_name
+        card.peer_addresses.extend(peer_addresses)
     data = card.SerializeToString(deterministic=True)
     return pb.SignedCard(card=data, signature=identity.sign(CARD_SIGNATURE_CONTEXT + data))
 

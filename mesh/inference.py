@@ -96,6 +96,7 @@ class InferenceRequest:
     sampling: Sampling = field(default_factory=Sampling)
     request_id: str = field(default_factory=new_request_id)
     user: str = ""
+    continuation: str = ""  # failover: answer text already delivered; generate after it
 
     def __post_init__(self) -> None:
         if not self.model or len(self.model) > 256:

@@ -68,6 +68,14 @@ def cli() -> None:
     help="Serve this model (a GGUF file or a configured name); repeatable.",
 )
 @click.option(
+    "--peer",
+    "peers",
+    multiple=True,
+    metavar="HOST:PORT",
+    help="A box of the mesh to connect to directly (no multicast needed); repeatable.",
+)
+@click.option("--no-mdns", is_flag=True, help="Do not announce or look for boxes with mDNS.")
+@click.option(
     "--log-level",
     default="info",
     show_default=True,
@@ -81,6 +89,8 @@ def up(
     grpc_host: str | None,
     grpc_port: int | None,
     models: tuple[str, ...],
+    peers: tuple[str, ...],
+    no_mdns: bool,
     log_level: str,
 ) -> None:
     """Start this node and serve until Ctrl-C or SIGTERM."""
@@ -101,6 +111,8 @@ def up(
                 grpc_host=grpc_host,
                 grpc_port=grpc_port,
                 models=models,
+                peers=peers,
+                no_mdns=no_mdns,
             ),
         )
     except MeshError as exc:
@@ -292,7 +304,16 @@ def status(home_dir: Path | None, as_json: bool) -> None:
             f"model     {model['name']}  ctx {model['context_length']}  "
             f"{model['quantization'] or '?'}  {tps}"
         )
-    click.echo("peers     none (LAN pooling arrives with the mesh)")
+    click.echo(f"mesh      {info['mesh_id']}  (this node: {info['role']})")
+    if not info["peers"]:
+        click.echo("peers     none yet (other boxes appear here when they join the mesh)")
+    for peer in info["peers"]:
+        load = peer["load"]
+        click.echo(
+            f"peer      {peer['node_id'][:15]}  {peer['state']:7} {peer['route']:5} "
+            f"rtt {peer['rtt_ms']:.1f} ms  load {load['active_streams']}+{load['queued']}"
+            f"/{load['slots']}  {peer['display_name']}  models: {', '.join(peer['models'])}"
+        )
 
 
 @cli.command()
@@ -395,6 +416,52 @@ def chat(
         history.extend(
             ({"role": "user", "content": text}, {"role": "assistant", "content": answer})
         )
+
+
+@cli.command()
+@home_option
+@click.argument("model")
+@click.option("--explain", is_flag=True, help="Show every candidate and its score.")
+@click.option(
+    "--privacy", type=click.Choice(["local-only", "mesh", "any"]), default="mesh", show_default=True
+)
+@click.option("--max-tokens", type=int, default=None)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def route(
+    home_dir: Path | None,
+    model: str,
+    explain: bool,
+    privacy: str,
+    max_tokens: int | None,
+    as_json: bool,
+) -> None:
+    """Where a request for MODEL would go now, and (--explain) why."""
+    query = urllib.parse.urlencode(
+        {"model": model, "privacy": privacy, **({"max_tokens": max_tokens} if max_tokens else {})}
+    )
+    data = _get_json(_node_url(home_dir), f"/allerac/route?{query}")
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    rows = data["candidates"]
+    chosen = next((r for r in rows if r["status"] == "chosen"), None)
+    if chosen is None:
+        click.echo(f"{model}: nobody can serve it now ({data['reason']})")
+    else:
+        click.echo(f"{model} -> {chosen['node_id']} ({chosen['route']}): {data['reason']}")
+    if explain:
+        click.echo(
+            f"{'NODE':16} {'ROUTE':6} {'ETA ms':>8} {'WAIT ms':>8} {'RTT ms':>7} "
+            f"{'LOAD':>6} {'TOK/S':>6}  STATUS"
+        )
+        for r in rows:
+            eta = f"{r['eta_ms']:.0f}" if r["eta_ms"] is not None else "-"
+            wait = f"{r['wait_ms']:.0f}" if r["wait_ms"] is not None else "-"
+            click.echo(
+                f"{r['node_id'][:15]:16} {r['route']:6} {eta:>8} {wait:>8} "
+                f"{r['rtt_ms']:>7.1f} {r['busy']:>3}/{r['slots']:<2} "
+                f"{r['tokens_per_second']:>6.0f}  {r['status']}"
+            )
 
 
 def main() -> None:

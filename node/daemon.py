@@ -29,6 +29,8 @@ from mesh.config import NodeConfig, is_loopback_host
 from mesh.errors import ConfigError
 from mesh.home import Home
 from mesh.identity import Identity, load_or_create_identity
+from mesh.peers import PeerState, PeerTable
+from mesh.scheduler import Privacy
 from mesh.wire import grpc_options
 from mesh.wire.v1 import node_pb2 as pb
 from mesh.wire.v1 import node_pb2_grpc as pb_grpc
@@ -38,6 +40,7 @@ from node.dispatch import Dispatcher
 from node.grpc_service import NodeServicer
 from node.http_api import build_app
 from node.mesh_admin import MeshAdmin
+from node.peering import Peering
 from node.trust_store import TrustStore
 
 logger = logging.getLogger(__name__)
@@ -87,9 +90,12 @@ class Node:
         self._grpc_server: grpc.aio.Server | None = None
         self._http_runner: web.AppRunner | None = None
         self.trust: TrustStore | None = None
+        self.peer_table = PeerTable()
+        self.peering: Peering | None = None
         self.grpc_addresses: list[str] = []
         self._public_card = pb.SignedCard()
         self._full_card = pb.SignedCard()
+        self._card_issued_at_ms = 0
         self._maintenance: asyncio.Task[None] | None = None
         self._started_at = time.time()
 
@@ -130,11 +136,26 @@ class Node:
             backend = LlamaCppBackend(model)
             await backend.start()
             self.backends.append(backend)
-        self.dispatcher = Dispatcher(node_id=self.node_id, backends=self.backends)
+        self.peer_table = PeerTable()
+        self.peering = Peering(
+            trust=self.trust,
+            table=self.peer_table,
+            static_peers=cfg.peers,
+            on_change=self.refresh_cards,
+        )
+        self.dispatcher = Dispatcher(
+            node_id=self.node_id,
+            backends=self.backends,
+            peers=self.peer_table,
+            links=self.peering,
+            max_wait_ms=cfg.max_wait_ms,
+            default_privacy=Privacy(cfg.privacy),
+        )
         await self._start_grpc()
         await self._start_http()
         self.refresh_cards()
         self._maintenance = asyncio.create_task(self._maintain(), name="trust-maintenance")
+        await self.peering.start()
         self.home.write_run_info(self.run_info())
         logger.info(
             "node %s serving on %s (gRPC %s)", self.node_id, self.http_url, self.grpc_address
@@ -150,6 +171,10 @@ class Node:
                 dispatcher=self.dispatcher,
                 public_card=lambda: self._public_card,
                 full_card=lambda: self._full_card,
+                on_leaving=lambda node_id: (
+                    self.peering.leaving(node_id) if self.peering is not None else None
+                ),
+                card_issued_at=lambda: self._card_issued_at_ms,
             ),
             server,
         )
@@ -223,7 +248,13 @@ class Node:
             models=self.dispatcher.models(),
             grpc_addresses=self.grpc_addresses,
             display_name=self.config.display_name or socket.gethostname(),
+            peer_addresses=[p.address for p in self.peer_table if p.state is PeerState.UP],
             **common,  # type: ignore[arg-type]
+        )
+        # Strictly increasing, so peers notice every change even within one millisecond.
+        self._card_issued_at_ms = max(
+            int(common["now_ms"]),  # type: ignore[call-overload]
+            self._card_issued_at_ms + 1,
         )
 
     async def _maintain(self) -> None:
@@ -282,7 +313,23 @@ class Node:
                 }
                 for m in self.dispatcher.models()
             ],
-            "peers": [],
+            "peers": [
+                {
+                    "node_id": peer.node_id,
+                    "display_name": peer.display_name,
+                    "address": peer.address,
+                    "route": peer.route.value,
+                    "state": peer.state.value,
+                    "rtt_ms": round(peer.rtt_ms, 2),
+                    "load": {
+                        "active_streams": peer.load.active_streams,
+                        "queued": peer.load.queued,
+                        "slots": peer.load.slots,
+                    },
+                    "models": [m.name for m in peer.models],
+                }
+                for peer in self.peer_table
+            ],
         }
 
     async def aclose(self) -> None:
@@ -294,6 +341,8 @@ class Node:
         own deadline (grace + SERVER_STOP_MARGIN_S) would cut connections.
         """
         grace = self.config.shutdown_grace_s
+        if self.peering is not None:
+            await self.peering.aclose()  # peers hear we are leaving and stop sending now
         if self._maintenance is not None:
             self._maintenance.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -1,66 +1,225 @@
-"""Where a request goes. Today: the model on this box (route `local`).
+"""Where a request goes: this box, or the nearest capable peer (DESIGN.md "Scheduling").
 
-`Dispatcher.open()` resolves the model by name or alias, admits the request and
-waits for the first event, so every failure that happens before the first
-token (unknown model, full queue, prompt too long) is raised here, before an
-HTTP status or a gRPC stream has been committed. The LAN and relay tiers of
-DESIGN.md plug in here; the handlers above do not change.
+`Dispatcher.open()` asks `mesh.scheduler.plan` for an order of candidates and
+tries them in turn until one produces its first event; a candidate that fails
+before the first token is skipped silently. So every failure before the first
+token is raised here, before an HTTP status or a gRPC stream is committed.
+
+After the first token, `Answer.events()` keeps the client's stream whole: if the
+serving peer fails mid-stream, the next candidate is asked to continue after the
+text already delivered (`InferenceRequest.continuation`), and its tokens are
+passed on as if nothing happened. Requests that came from a peer are served
+here only (`Privacy.LOCAL_ONLY`): the mesh never forwards twice.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncGenerator, Sequence
-from dataclasses import dataclass
+import dataclasses
+import logging
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from typing import Any, Protocol
 
-from mesh.errors import ModelNotFound
+from mesh.errors import (
+    BackendError,
+    ContextLengthExceeded,
+    MeshError,
+    ModelNotFound,
+    NotAMember,
+    Overloaded,
+    RemoteProtocolError,
+    SealingError,
+    Unauthenticated,
+    Unavailable,
+)
 from mesh.inference import (
     Finished,
+    FinishReason,
     InferenceEvent,
     InferenceRequest,
     Load,
     ModelInfo,
     Route,
     ServedBy,
+    TextDelta,
+    new_request_id,
 )
-from node.backends.base import Backend, InferenceStream
+from mesh.peers import PeerState, PeerTable
+from mesh.scheduler import DEFAULT_MAX_WAIT_MS, Candidate, Plan, Privacy, Scored, plan
+from node.backends.base import Backend
+
+logger = logging.getLogger(__name__)
+
+# Failures that say "this candidate, not this request": try the next one.
+RETRYABLE = (
+    Unavailable,
+    Overloaded,
+    RemoteProtocolError,
+    SealingError,
+    Unauthenticated,
+    NotAMember,
+    BackendError,
+    ModelNotFound,
+)
+SERVICE_SMOOTHING = 0.3
 
 
-@dataclass(eq=False)
-class Answer:
-    served_by: ServedBy
-    _first: InferenceEvent
-    _stream: InferenceStream
+class PeerLinks(Protocol):
+    """What the dispatcher needs from the peering layer."""
 
-    async def events(self) -> AsyncGenerator[InferenceEvent, None]:
-        """Every event of the answer, first one included; closing early cancels the work."""
-        try:
-            yield self._first
-            if isinstance(self._first, Finished):
-                return
-            async for event in self._stream:
-                yield event
-        finally:
-            await self._stream.aclose()
+    def client(self, node_id: str) -> Any: ...
+
+
+class _Source:
+    """One candidate's stream: its first event is already in hand."""
+
+    def __init__(
+        self,
+        served_by: ServedBy,
+        first: InferenceEvent,
+        rest: AsyncIterator[InferenceEvent],
+        closer: Any,
+    ) -> None:
+        self.served_by = served_by
+        self.first = first
+        self.rest = rest
+        self._closer = closer
 
     async def aclose(self) -> None:
-        await self._stream.aclose()
+        await self._closer()
+
+
+class Answer:
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        request: InferenceRequest,
+        plan_: Plan,
+        source: _Source,
+        tried: set[str],
+    ) -> None:
+        self._dispatcher = dispatcher
+        self._request = request
+        self._plan = plan_
+        self._source = source
+        self._tried = tried
+        self.served_by = source.served_by
+        self.failovers: list[str] = []
+
+    async def aclose(self) -> None:
+        await self._source.aclose()
+
+    async def events(self) -> AsyncGenerator[InferenceEvent, None]:
+        """Every event of the answer; closing early cancels the work wherever it runs."""
+        delivered: list[str] = []
+        tokens_before = 0  # tokens made by sources that failed mid-stream
+        started = time.monotonic()
+        source = self._source
+        pending: InferenceEvent | None = source.first
+        try:
+            while True:
+                try:
+                    while True:
+                        event = pending if pending is not None else await anext(source.rest)
+                        pending = None
+                        if isinstance(event, TextDelta):
+                            delivered.append(event.text)
+                            yield event
+                            continue
+                        self._dispatcher.record_service(
+                            source.served_by, (time.monotonic() - started) * 1000
+                        )
+                        yield dataclasses.replace(
+                            event, completion_tokens=event.completion_tokens + tokens_before
+                        )
+                        return
+                except StopAsyncIteration:
+                    failure: MeshError = RemoteProtocolError("the answer ended without finishing")
+                except RETRYABLE as exc:
+                    failure = exc
+                # Mid-stream failure: continue on the next candidate after what was delivered.
+                await source.aclose()
+                self._dispatcher.note_failure(source.served_by, failure)
+                tokens_before += len(delivered) - self._delivered_at_switch
+                self._delivered_at_switch = len(delivered)
+                text = "".join(delivered)
+                wanted = self._request.sampling.max_tokens
+                if wanted is not None and tokens_before >= wanted:
+                    yield Finished(
+                        reason=FinishReason.LENGTH, prompt_tokens=0, completion_tokens=tokens_before
+                    )
+                    return
+                follow_up = dataclasses.replace(
+                    self._request,
+                    request_id=new_request_id(),
+                    continuation=self._request.continuation + text,
+                    sampling=dataclasses.replace(
+                        self._request.sampling,
+                        max_tokens=None if wanted is None else wanted - tokens_before,
+                    ),
+                )
+                logger.warning(
+                    "%s failed mid-stream (%s); continuing on the next candidate",
+                    source.served_by.node_id[:7],
+                    failure.message,
+                )
+                source = await self._dispatcher.start_first(follow_up, self._plan, self._tried)
+                self.failovers.append(source.served_by.node_id)
+                pending = source.first
+        finally:
+            await source.aclose()
+
+    _delivered_at_switch = 0
 
 
 class Dispatcher:
-    def __init__(self, *, node_id: str, backends: Sequence[Backend]) -> None:
+    def __init__(
+        self,
+        *,
+        node_id: str,
+        backends: Sequence[Backend],
+        peers: PeerTable | None = None,
+        links: PeerLinks | None = None,
+        max_wait_ms: float = DEFAULT_MAX_WAIT_MS,
+        default_privacy: Privacy = Privacy.MESH,
+    ) -> None:
         self._node_id = node_id
         self._backends = list(backends)
         self._by_name: dict[str, Backend] = {}
         for backend in self._backends:
             for name in (backend.info.name, *backend.info.aliases):
                 self._by_name[name] = backend
+        self.peers = peers if peers is not None else PeerTable()
+        self._links = links
+        self._max_wait_ms = max_wait_ms
+        self.default_privacy = default_privacy
+        self._local_service_ms = 0.0
+        self._rejected: dict[str, int] = {}  # turned away here before reaching a backend
+
+    # --- what this node and the mesh serve ----------------------------------------------------
 
     def models(self) -> list[ModelInfo]:
         return [backend.info for backend in self._backends]
 
+    def mesh_models(self) -> list[tuple[ModelInfo, list[str]]]:
+        """Every model the mesh can serve, with the nodes (up) that serve it."""
+        found: dict[str, tuple[ModelInfo, list[str]]] = {}
+        for info in self.models():
+            found[info.name] = (info, [self._node_id])
+        for peer in self.peers:
+            if peer.state is not PeerState.UP:
+                continue
+            for info in peer.models:
+                entry = found.setdefault(info.name, (info, []))
+                entry[1].append(peer.node_id)
+        return list(found.values())
+
     def counters(self) -> dict[str, dict[str, int]]:
-        return {backend.info.name: dict(backend.counters) for backend in self._backends}
+        out = {backend.info.name: dict(backend.counters) for backend in self._backends}
+        for name, count in self._rejected.items():
+            out[name]["rejected"] = out[name].get("rejected", 0) + count
+        return out
 
     def load(self) -> Load:
         loads = [backend.load() for backend in self._backends]
@@ -71,23 +230,207 @@ class Dispatcher:
             draining=any(x.draining for x in loads),
         )
 
-    def resolve(self, model: str) -> Backend:
-        backend = self._by_name.get(model)
-        if backend is None:
-            known = ", ".join(sorted(self._by_name)) or "none"
-            raise ModelNotFound(
-                f"model {model!r} is not served here; available: {known}", param="model"
-            )
-        return backend
+    def resolve(self, model: str) -> Backend | None:
+        return self._by_name.get(model)
 
-    async def open(self, request: InferenceRequest) -> Answer:
-        backend = self.resolve(request.model)
-        stream = await backend.open(request)
+    # --- scheduling ---------------------------------------------------------------------------
+
+    def candidates(self, model: str) -> list[Candidate]:
+        out = []
+        backend = self.resolve(model)
+        if backend is not None:
+            load = backend.load()
+            out.append(
+                Candidate(
+                    node_id=self._node_id,
+                    route=Route.LOCAL,
+                    model=backend.info.name,
+                    busy=load.active_streams + load.queued,
+                    slots=load.slots,
+                    service_ms=self._local_service_ms,
+                    tokens_per_second=backend.info.tokens_per_second,
+                    context_length=backend.info.context_length,
+                    available=not load.draining,
+                    unavailable_reason="draining",
+                )
+            )
+        for peer in self.peers:
+            info = peer.serves(model)
+            if info is None:
+                continue
+            out.append(
+                Candidate(
+                    node_id=peer.node_id,
+                    route=peer.route,
+                    model=info.name,
+                    rtt_ms=peer.rtt_ms,
+                    busy=max(peer.load.active_streams + peer.load.queued, peer.in_flight),
+                    slots=max(peer.load.slots, 1),
+                    service_ms=peer.service_ms,
+                    tokens_per_second=info.tokens_per_second,
+                    context_length=info.context_length,
+                    available=peer.state is PeerState.UP and not peer.load.draining,
+                    unavailable_reason=f"peer is {peer.state}",
+                )
+            )
+        return out
+
+    def plan(self, request: InferenceRequest, privacy: Privacy) -> Plan:
+        prompt_chars = len(request.prompt or "") + sum(
+            len(m.content) for m in request.messages or ()
+        )
+        return plan(
+            self.candidates(request.model),
+            privacy=privacy,
+            prompt_tokens=prompt_chars // 4,  # a rough estimate; the server checks exactly
+            max_tokens=request.sampling.max_tokens,
+            max_wait_ms=self._max_wait_ms,
+        )
+
+    def explain(self, model: str, privacy: Privacy, max_tokens: int | None) -> dict[str, Any]:
+        decided = plan(
+            self.candidates(model),
+            privacy=privacy,
+            prompt_tokens=0,
+            max_tokens=max_tokens,
+            max_wait_ms=self._max_wait_ms,
+        )
+
+        def row(scored: Scored | None, candidate: Candidate, why: str) -> dict[str, Any]:
+            return {
+                "node_id": candidate.node_id,
+                "route": candidate.route.value,
+                "model": candidate.model,
+                "eta_ms": round(scored.eta_ms, 1) if scored else None,
+                "wait_ms": round(scored.wait_ms, 1) if scored else None,
+                "rtt_ms": round(candidate.rtt_ms, 2),
+                "busy": candidate.busy,
+                "slots": candidate.slots,
+                "tokens_per_second": candidate.tokens_per_second,
+                "status": why,
+            }
+
+        rows = [
+            row(s, s.candidate, "chosen" if i == 0 else f"failover #{i}")
+            for i, s in enumerate(decided.order)
+        ]
+        rows += [row(None, c, why) for c, why in decided.excluded]
+        return {
+            "model": model,
+            "privacy": privacy.value,
+            "reason": decided.reason,
+            "candidates": rows,
+        }
+
+    # --- running it ---------------------------------------------------------------------------
+
+    async def open(self, request: InferenceRequest, *, privacy: Privacy | None = None) -> Answer:
+        chosen_privacy = privacy or self.default_privacy
+        decided = self.plan(request, chosen_privacy)
+        tried: set[str] = set()
+        source = await self.start_first(request, decided, tried)
+        return Answer(self, request, decided, source, tried)
+
+    async def start_first(
+        self, request: InferenceRequest, decided: Plan, tried: set[str]
+    ) -> _Source:
+        """The first candidate (in plan order, not yet tried) that produces an event."""
+        failures: list[str] = []
+        busy = 0  # candidates that were full, or said so when asked
+        for scored in decided.order:
+            candidate = scored.candidate
+            if candidate.node_id in tried:
+                continue
+            tried.add(candidate.node_id)
+            try:
+                return await self._start_on(candidate, request)
+            except RETRYABLE as exc:
+                self.note_failure(
+                    ServedBy(
+                        node_id=candidate.node_id, route=candidate.route, model=candidate.model
+                    ),
+                    exc,
+                )
+                busy += isinstance(exc, Overloaded)
+                failures.append(f"{candidate.node_id[:7]} ({candidate.route}): {exc.message}")
+        if not decided.order and not decided.excluded:
+            known = ", ".join(sorted({m.name for m, _ in self.mesh_models()})) or "none"
+            raise ModelNotFound(
+                f"model {request.model!r} is not served in this mesh; available: {known}",
+                param="model",
+            )
+        busy += sum(why.startswith("full") for _, why in decided.excluded)
+        reasons = failures + [f"{c.node_id[:7]} ({c.route}): {why}" for c, why in decided.excluded]
+        detail = "; ".join(reasons) or "no node"
+        too_small = [why for _, why in decided.excluded if why.startswith("context")]
+        if too_small and len(too_small) == len(reasons):
+            raise ContextLengthExceeded(
+                f"no node serving {request.model!r} has room for this request "
+                f"({'; '.join(too_small)}): shorten the prompt or lower max_tokens",
+                param="max_tokens",
+            )
+        if busy and busy == len(reasons):
+            local = self.resolve(request.model)
+            if local is not None:
+                name = local.info.name
+                self._rejected[name] = self._rejected.get(name, 0) + 1
+            raise Overloaded(f"every node serving {request.model!r} is busy: {detail}")
+        raise Unavailable(f"nobody can serve {request.model!r} right now: {detail}")
+
+    async def _start_on(self, candidate: Candidate, request: InferenceRequest) -> _Source:
+        served_by = ServedBy(
+            node_id=candidate.node_id, route=candidate.route, model=candidate.model
+        )
+        if candidate.route is Route.LOCAL:
+            backend = self.resolve(request.model)
+            if backend is None:
+                raise ModelNotFound(f"model {request.model!r} is not served here")
+            stream = await backend.open(request)
+            try:
+                first = await anext(aiter(stream))
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await stream.aclose()
+                raise
+            return _Source(served_by, first, aiter(stream), stream.aclose)
+        link = self._links.client(candidate.node_id) if self._links else None
+        if link is None:
+            raise Unavailable("no connection to that peer")
+        client, card = link
+        peer = self.peers.get(candidate.node_id)
+        generator = client.infer(card, request)
+        if peer is not None:
+            peer.in_flight += 1
+
+        async def close() -> None:
+            if peer is not None and close.open:  # type: ignore[attr-defined]
+                peer.in_flight -= 1
+                close.open = False  # type: ignore[attr-defined]
+            await generator.aclose()
+
+        close.open = True  # type: ignore[attr-defined]
         try:
-            first = await anext(aiter(stream))
+            first = await anext(generator)
         except BaseException:
-            with contextlib.suppress(Exception):
-                await stream.aclose()
+            await close()
             raise
-        served_by = ServedBy(node_id=self._node_id, route=Route.LOCAL, model=backend.info.name)
-        return Answer(served_by, first, stream)
+        return _Source(served_by, first, generator, close)
+
+    def note_failure(self, served_by: ServedBy, error: MeshError) -> None:
+        if served_by.route is not Route.LOCAL and isinstance(
+            error, Unavailable | RemoteProtocolError | SealingError
+        ):
+            self.peers.failed(served_by.node_id, error.message)
+
+    def record_service(self, served_by: ServedBy, elapsed_ms: float) -> None:
+        if served_by.route is Route.LOCAL:
+            self._local_service_ms = (
+                elapsed_ms
+                if self._local_service_ms == 0
+                else (
+                    (1 - SERVICE_SMOOTHING) * self._local_service_ms
+                    + SERVICE_SMOOTHING * elapsed_ms
+                )
+            )
+        else:
+            self.peers.served(served_by.node_id, elapsed_ms=elapsed_ms)

@@ -21,6 +21,7 @@ import grpc
 from mesh.errors import InvalidRequest, MeshError, Overloaded, PermissionDenied
 from mesh.inference import Finished
 from mesh.membership import Role
+from mesh.scheduler import Privacy
 from mesh.sealing import FrameWriter, OpenedRequest
 from mesh.wire import codec, grpc_options
 from mesh.wire.v1 import node_pb2 as pb
@@ -61,12 +62,16 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
         public_card: Callable[[], pb.SignedCard],
         full_card: Callable[[], pb.SignedCard],
         on_revocations: Callable[[], None] = lambda: None,
+        on_leaving: Callable[[str], None] = lambda node_id: None,
+        card_issued_at: Callable[[], int] = lambda: 0,
     ) -> None:
         self._trust = trust
         self._dispatcher = dispatcher
         self._public_card = public_card
         self._full_card = full_card
         self._on_revocations = on_revocations
+        self._on_leaving = on_leaving
+        self._card_issued_at = card_issued_at
         self._rejected: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._streams_per_peer: dict[str, int] = {}
 
@@ -84,13 +89,18 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
         return self._public_card()
 
     async def Ping(self, request: pb.PingRequest, context: Context) -> pb.PingResponse:
-        if len(request.nonce) > 64:
-            await _abort(context, InvalidRequest("ping nonce is longer than 64 bytes"))
+        if len(request.nonce) > 64 or len(request.leaving_node_id) > 128:
+            await _abort(context, InvalidRequest("ping fields are too long"))
+        if request.leaving_node_id:
+            # Unauthenticated, so it only moves the peer out of rotation until its next
+            # heartbeat answer: the worst a forger achieves is a one-second detour.
+            self._on_leaving(request.leaving_node_id)
         return pb.PingResponse(
             nonce=request.nonce,
             node_id=self._trust.identity.node_id,
             received_at_unix_ms=_now_ms(),
             load=codec.load_to_pb(self._dispatcher.load()),
+            card_issued_at_unix_ms=self._card_issued_at(),
         )
 
     async def Join(self, request: tpb.JoinRequest, context: Context) -> tpb.JoinResponse:
@@ -160,7 +170,8 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
             if opened.sender.role is Role.OVERFLOW:
                 raise PermissionDenied("overflow nodes serve requests; they do not send them")
             inference = codec.parse_infer_request(opened.body)
-            answer = await self._dispatcher.open(inference)
+            # A request from a peer is served here: the mesh never forwards twice.
+            answer = await self._dispatcher.open(inference, privacy=Privacy.LOCAL_ONLY)
         except MeshError as error:
             yield _sealed(writer, codec.error_to_pb(error), final=True)
             return

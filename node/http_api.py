@@ -20,6 +20,7 @@ from mesh import openai_api
 from mesh.config import is_loopback_host
 from mesh.errors import InvalidRequest, MeshError, PermissionDenied, RequestTooLarge
 from mesh.inference import Finished, InferenceRequest, TextDelta
+from mesh.scheduler import Privacy
 from node.dispatch import Answer, Dispatcher
 from node.mesh_admin import MeshAdmin
 
@@ -89,10 +90,18 @@ def _route_headers(answer: Answer) -> dict[str, str]:
     }
 
 
+PRIVACY_HEADER = "x-allerac-privacy"
+
+
+def _privacy(request: web.Request) -> Privacy | None:
+    value = request.headers.get(PRIVACY_HEADER)
+    return Privacy.parse(value) if value is not None else None
+
+
 async def _answer(
     request: web.Request, inference: InferenceRequest, stream: bool
 ) -> web.StreamResponse:
-    answer = await request.app[DISPATCHER].open(inference)
+    answer = await request.app[DISPATCHER].open(inference, privacy=_privacy(request))
     ids = openai_api.ResponseIds(inference, answer.served_by.model)
     if not stream:
         parts: list[str] = []
@@ -145,7 +154,27 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 
 async def list_models(request: web.Request) -> web.Response:
-    return _json_response(openai_api.models_list(request.app[DISPATCHER].models()))
+    """Every model the mesh can serve, and where (the nodes up that serve it)."""
+    served = request.app[DISPATCHER].mesh_models()
+    body = openai_api.models_list([info for info, _ in served])
+    for entry, (_, nodes) in zip(body["data"], served, strict=True):
+        entry["served_by"] = nodes
+    return _json_response(body)
+
+
+async def route_explain(request: web.Request) -> web.Response:
+    model = request.query.get("model", "")
+    if not model:
+        raise InvalidRequest("model is required", param="model")
+    privacy = Privacy.parse(request.query.get("privacy", "mesh"))
+    raw_max = request.query.get("max_tokens")
+    if raw_max is not None and not raw_max.isdigit():
+        raise InvalidRequest("max_tokens must be a positive integer", param="max_tokens")
+    return _json_response(
+        request.app[DISPATCHER].explain(
+            model, privacy, int(raw_max) if raw_max is not None else None
+        )
+    )
 
 
 async def get_status(request: web.Request) -> web.Response:
@@ -218,6 +247,7 @@ def build_app(
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
     app.router.add_get("/allerac/status", get_status)
+    app.router.add_get("/allerac/route", route_explain)
     app.router.add_get("/allerac/mesh", mesh_describe)
     app.router.add_post("/allerac/mesh/invites", mesh_invite)
     app.router.add_post("/allerac/mesh/join", mesh_join)

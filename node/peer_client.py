@@ -8,6 +8,7 @@ ends know. A peer is used only after its card verifies against our mesh.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import AsyncGenerator
 from types import TracebackType
@@ -145,6 +146,22 @@ class PeerClient:
             yield event
             if isinstance(event, Finished):
                 return
+
+    async def ping(
+        self, *, timeout_s: float = CONTROL_TIMEOUT_S, leaving_node_id: str = ""
+    ) -> pb.PingResponse:
+        try:
+            reply: pb.PingResponse = await self._stub.Ping(
+                pb.PingRequest(
+                    nonce=os.urandom(8),
+                    sent_at_unix_ms=_now_ms(),
+                    leaving_node_id=leaving_node_id,
+                ),
+                timeout=timeout_s,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise _rpc_error(exc) from exc
+        return reply
 
     async def join(self, request: tpb.JoinRequest) -> tpb.JoinResponse:
         try:

@@ -59,7 +59,11 @@ def request_to_pb(request: InferenceRequest) -> pb.InferBody:
     if s.seed is not None:
         sampling.seed = s.seed
     body = pb.InferBody(
-        request_id=request.request_id, model=request.model, sampling=sampling, user=request.user
+        request_id=request.request_id,
+        model=request.model,
+        sampling=sampling,
+        user=request.user,
+        continuation=request.continuation,
     )
     if request.messages is not None:
         body.chat.messages.extend(
@@ -87,6 +91,7 @@ def request_from_pb(body: pb.InferBody) -> InferenceRequest:
             messages=tuple(ChatMessage(role=m.role, content=m.content) for m in body.chat.messages),
             sampling=sampling,
             user=body.user,
+            continuation=body.continuation,
         )
     if which == "prompt":
         return InferenceRequest(
@@ -95,6 +100,7 @@ def request_from_pb(body: pb.InferBody) -> InferenceRequest:
             prompt=body.prompt,
             sampling=sampling,
             user=body.user,
+            continuation=body.continuation,
         )
     raise InvalidRequest("InferBody has neither chat messages nor a prompt")
 
@@ -165,6 +171,15 @@ def load_to_pb(load: Load) -> pb.Load:
         queued=load.queued,
         slots=load.slots,
         draining=load.draining,
+    )
+
+
+def load_from_pb(message: pb.Load) -> Load:
+    return Load(
+        active_streams=message.active_streams,
+        queued=message.queued,
+        slots=message.slots,
+        draining=message.draining,
     )
 
 

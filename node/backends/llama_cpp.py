@@ -98,6 +98,7 @@ class _Job:
     events: asyncio.Queue[InferenceEvent | _Failure] = field(default_factory=asyncio.Queue)
     cancel: threading.Event = field(default_factory=threading.Event)
     state: _State = _State.QUEUED
+    counted_prompt_tokens: int = 0  # the prompt without a failover continuation
 
     def emit(self, event: InferenceEvent | _Failure) -> None:
         """Called from the worker thread."""
@@ -288,12 +289,15 @@ class LlamaCppBackend:
             placeholder = _Job(request=request, prompt_tokens=[], max_new_tokens=0, loop=loop)
             self._queued.append(placeholder)
         try:
-            prompt_tokens, max_new = await loop.run_in_executor(None, self._prepare, request)
+            prompt_tokens, max_new, counted = await loop.run_in_executor(
+                None, self._prepare, request
+            )
         except BaseException:
             self._remove_queued(placeholder)
             raise
         placeholder.prompt_tokens = prompt_tokens
         placeholder.max_new_tokens = max_new
+        placeholder.counted_prompt_tokens = counted
         with self._lock:
             if placeholder.state is _State.DONE:  # aclose() ran meanwhile
                 raise Unavailable(f"model {self._config.name!r} is shutting down")
@@ -315,10 +319,11 @@ class LlamaCppBackend:
         job.cancel.set()
         self._remove_queued(job, cancelled=True)
 
-    def _prepare(self, request: InferenceRequest) -> tuple[list[int], int]:
+    def _prepare(self, request: InferenceRequest) -> tuple[list[int], int, int]:
         """Render and tokenize the prompt; check it fits. Runs on an executor thread
         (llama.cpp tokenization only reads the vocabulary, so it is safe beside decoding)."""
         llama = self._llama
+        prompt_only = 0
         if request.messages is not None:
             if self._formatter is None:
                 raise InvalidRequest(
@@ -335,12 +340,26 @@ class LlamaCppBackend:
                 raise InvalidRequest(
                     f"the model's chat template rejected the messages: {exc}"
                 ) from exc
-            tokens = llama.tokenize(
-                rendered.prompt.encode("utf-8"), add_bos=not rendered.added_special, special=True
-            )
+            add_bos = not rendered.added_special
+            tokens = llama.tokenize(rendered.prompt.encode("utf-8"), add_bos=add_bos, special=True)
+            if request.continuation:
+                # Failover: the answer so far follows the prompt; the model goes on from it.
+                prompt_only = len(tokens)
+                tokens = llama.tokenize(
+                    (rendered.prompt + request.continuation).encode("utf-8"),
+                    add_bos=add_bos,
+                    special=True,
+                )
         else:
             assert request.prompt is not None
             tokens = llama.tokenize(request.prompt.encode("utf-8"), add_bos=True, special=False)
+            if request.continuation:
+                prompt_only = len(tokens)
+                tokens = llama.tokenize(
+                    (request.prompt + request.continuation).encode("utf-8"),
+                    add_bos=True,
+                    special=False,
+                )
             if not tokens:
                 bos = llama.token_bos()
                 if bos == -1:
@@ -357,7 +376,8 @@ class LlamaCppBackend:
                 + "; shorten the prompt or lower max_tokens",
                 param="messages" if request.is_chat else "prompt",
             )
-        return tokens, room if wanted is None else wanted
+        prompt_tokens = prompt_only if request.continuation else len(tokens)
+        return tokens, room if wanted is None else wanted, prompt_tokens
 
     # --- the worker --------------------------------------------------------------------------
 
@@ -460,5 +480,5 @@ class LlamaCppBackend:
                 else (1 - TPS_SMOOTHING) * self._tokens_per_second + TPS_SMOOTHING * rate
             )
         return Finished(
-            reason=reason, prompt_tokens=len(job.prompt_tokens), completion_tokens=produced
+            reason=reason, prompt_tokens=job.counted_prompt_tokens, completion_tokens=produced
         )

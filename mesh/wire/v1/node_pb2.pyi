@@ -41,7 +41,7 @@ class SignedCard(_message.Message):
     def __init__(self, card: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class NodeCard(_message.Message):
-    __slots__ = ("protocol_version", "node_id", "identity_public_key", "software_version", "tier", "hardware", "models", "grpc_addresses", "issued_at_unix_ms", "display_name", "membership", "encryption_keys", "mesh_id")
+    __slots__ = ("protocol_version", "node_id", "identity_public_key", "software_version", "tier", "hardware", "models", "grpc_addresses", "issued_at_unix_ms", "display_name", "membership", "encryption_keys", "mesh_id", "peer_addresses")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     IDENTITY_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
@@ -55,6 +55,7 @@ class NodeCard(_message.Message):
     MEMBERSHIP_FIELD_NUMBER: _ClassVar[int]
     ENCRYPTION_KEYS_FIELD_NUMBER: _ClassVar[int]
     MESH_ID_FIELD_NUMBER: _ClassVar[int]
+    PEER_ADDRESSES_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     node_id: str
     identity_public_key: bytes
@@ -68,7 +69,8 @@ class NodeCard(_message.Message):
     membership: _trust_pb2.SignedCert
     encryption_keys: _trust_pb2.SignedEncryptionKeys
     mesh_id: str
-    def __init__(self, protocol_version: _Optional[int] = ..., node_id: _Optional[str] = ..., identity_public_key: _Optional[bytes] = ..., software_version: _Optional[str] = ..., tier: _Optional[_Union[Tier, str]] = ..., hardware: _Optional[_Union[Hardware, _Mapping]] = ..., models: _Optional[_Iterable[_Union[ModelCard, _Mapping]]] = ..., grpc_addresses: _Optional[_Iterable[str]] = ..., issued_at_unix_ms: _Optional[int] = ..., display_name: _Optional[str] = ..., membership: _Optional[_Union[_trust_pb2.SignedCert, _Mapping]] = ..., encryption_keys: _Optional[_Union[_trust_pb2.SignedEncryptionKeys, _Mapping]] = ..., mesh_id: _Optional[str] = ...) -> None: ...
+    peer_addresses: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, protocol_version: _Optional[int] = ..., node_id: _Optional[str] = ..., identity_public_key: _Optional[bytes] = ..., software_version: _Optional[str] = ..., tier: _Optional[_Union[Tier, str]] = ..., hardware: _Optional[_Union[Hardware, _Mapping]] = ..., models: _Optional[_Iterable[_Union[ModelCard, _Mapping]]] = ..., grpc_addresses: _Optional[_Iterable[str]] = ..., issued_at_unix_ms: _Optional[int] = ..., display_name: _Optional[str] = ..., membership: _Optional[_Union[_trust_pb2.SignedCert, _Mapping]] = ..., encryption_keys: _Optional[_Union[_trust_pb2.SignedEncryptionKeys, _Mapping]] = ..., mesh_id: _Optional[str] = ..., peer_addresses: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Hardware(_message.Message):
     __slots__ = ("cpu_count", "cpu_model", "memory_bytes", "gpu", "gpu_memory_bytes")
@@ -107,24 +109,28 @@ class ModelCard(_message.Message):
     def __init__(self, name: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ..., family: _Optional[str] = ..., parameter_count: _Optional[int] = ..., quantization: _Optional[str] = ..., context_length: _Optional[int] = ..., backend: _Optional[str] = ..., tokens_per_second: _Optional[float] = ..., chat: _Optional[bool] = ...) -> None: ...
 
 class PingRequest(_message.Message):
-    __slots__ = ("nonce", "sent_at_unix_ms")
+    __slots__ = ("nonce", "sent_at_unix_ms", "leaving_node_id")
     NONCE_FIELD_NUMBER: _ClassVar[int]
     SENT_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    LEAVING_NODE_ID_FIELD_NUMBER: _ClassVar[int]
     nonce: bytes
     sent_at_unix_ms: int
-    def __init__(self, nonce: _Optional[bytes] = ..., sent_at_unix_ms: _Optional[int] = ...) -> None: ...
+    leaving_node_id: str
+    def __init__(self, nonce: _Optional[bytes] = ..., sent_at_unix_ms: _Optional[int] = ..., leaving_node_id: _Optional[str] = ...) -> None: ...
 
 class PingResponse(_message.Message):
-    __slots__ = ("nonce", "node_id", "received_at_unix_ms", "load")
+    __slots__ = ("nonce", "node_id", "received_at_unix_ms", "load", "card_issued_at_unix_ms")
     NONCE_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     RECEIVED_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
+    CARD_ISSUED_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     nonce: bytes
     node_id: str
     received_at_unix_ms: int
     load: Load
-    def __init__(self, nonce: _Optional[bytes] = ..., node_id: _Optional[str] = ..., received_at_unix_ms: _Optional[int] = ..., load: _Optional[_Union[Load, _Mapping]] = ...) -> None: ...
+    card_issued_at_unix_ms: int
+    def __init__(self, nonce: _Optional[bytes] = ..., node_id: _Optional[str] = ..., received_at_unix_ms: _Optional[int] = ..., load: _Optional[_Union[Load, _Mapping]] = ..., card_issued_at_unix_ms: _Optional[int] = ...) -> None: ...
 
 class Load(_message.Message):
     __slots__ = ("active_streams", "queued", "slots", "draining")
@@ -147,20 +153,22 @@ class InferRequest(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ..., sealed: _Optional[_Union[_trust_pb2.SealedEnvelope, _Mapping]] = ...) -> None: ...
 
 class InferBody(_message.Message):
-    __slots__ = ("request_id", "model", "chat", "prompt", "sampling", "user")
+    __slots__ = ("request_id", "model", "chat", "prompt", "sampling", "user", "continuation")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     CHAT_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     USER_FIELD_NUMBER: _ClassVar[int]
+    CONTINUATION_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     chat: ChatInput
     prompt: str
     sampling: Sampling
     user: str
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., chat: _Optional[_Union[ChatInput, _Mapping]] = ..., prompt: _Optional[str] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., user: _Optional[str] = ...) -> None: ...
+    continuation: str
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., chat: _Optional[_Union[ChatInput, _Mapping]] = ..., prompt: _Optional[str] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., user: _Optional[str] = ..., continuation: _Optional[str] = ...) -> None: ...
 
 class ChatInput(_message.Message):
     __slots__ = ("messages",)

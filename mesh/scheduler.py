@@ -1,0 +1,134 @@
+"""Choosing who serves a request: the nearest capable peer (DESIGN.md "Scheduling").
+
+Pure: candidates and a policy in, an ordered plan out (the first choice, then the
+failover order), with the reason for every candidate left out.
+
+1. Capable: serves the model (name or alias), the context fits, not full, not
+   down or draining, and the privacy policy allows its tier.
+2. Nearest: tiers in order local -> lan -> relay -> cloud. Within a tier, the
+   smallest estimated time to finish: RTT + queue wait (requests ahead x recent
+   service time) + generation (tokens to make / measured tokens per second).
+3. A further tier is used only when every nearer one cannot serve or would make
+   the request wait longer than `max_wait_ms`; if all would, the smallest
+   estimate wins.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from mesh.errors import InvalidRequest
+from mesh.inference import Route
+
+TIER_ORDER = (Route.LOCAL, Route.LAN, Route.RELAY, Route.CLOUD)
+DEFAULT_SERVICE_MS = 2000.0  # assumed time per request ahead before we have measured one
+DEFAULT_TOKENS_PER_SECOND = 20.0  # assumed speed before a model has been measured
+DEFAULT_MAX_WAIT_MS = 0.0  # any wait on this box sends the request to an idle peer
+
+
+class Privacy(enum.StrEnum):
+    LOCAL_ONLY = "local-only"  # never leaves this box
+    MESH = "mesh"  # this box and other members (LAN or relay), never a cloud node
+    ANY = "any"  # cloud overflow nodes too
+
+    @classmethod
+    def parse(cls, text: str) -> Privacy:
+        try:
+            return cls(text)
+        except ValueError as exc:
+            raise InvalidRequest(
+                f"privacy must be one of {', '.join(p.value for p in cls)}, got {text!r}",
+                param="privacy",
+            ) from exc
+
+    def allows(self, route: Route) -> bool:
+        if self is Privacy.LOCAL_ONLY:
+            return route is Route.LOCAL
+        if self is Privacy.MESH:
+            return route is not Route.CLOUD
+        return True
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Candidate:
+    node_id: str
+    route: Route
+    model: str  # canonical name there
+    rtt_ms: float = 0.0
+    busy: int = 0  # running + queued
+    slots: int = 1
+    service_ms: float = 0.0
+    tokens_per_second: float = 0.0
+    context_length: int = 0
+    available: bool = True  # up (not suspect, down or draining)
+    unavailable_reason: str = ""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Scored:
+    candidate: Candidate
+    eta_ms: float
+    wait_ms: float
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Plan:
+    order: tuple[Scored, ...]  # first = chosen; the rest = failover order
+    excluded: tuple[tuple[Candidate, str], ...]
+    reason: str
+
+    @property
+    def chosen(self) -> Scored | None:
+        return self.order[0] if self.order else None
+
+
+def estimate(candidate: Candidate, *, new_tokens: int) -> Scored:
+    service = candidate.service_ms or DEFAULT_SERVICE_MS
+    wait = candidate.busy * service
+    speed = candidate.tokens_per_second or DEFAULT_TOKENS_PER_SECOND
+    generation = new_tokens / speed * 1000.0
+    return Scored(candidate=candidate, eta_ms=candidate.rtt_ms + wait + generation, wait_ms=wait)
+
+
+def plan(
+    candidates: Iterable[Candidate],
+    *,
+    privacy: Privacy,
+    prompt_tokens: int,
+    max_tokens: int | None,
+    max_wait_ms: float = DEFAULT_MAX_WAIT_MS,
+) -> Plan:
+    new_tokens = max_tokens if max_tokens is not None else 256
+    by_tier: dict[Route, list[Scored]] = {tier: [] for tier in TIER_ORDER}
+    excluded: list[tuple[Candidate, str]] = []
+    for candidate in candidates:
+        if not privacy.allows(candidate.route):
+            excluded.append((candidate, f"privacy {privacy.value} keeps it off {candidate.route}"))
+        elif not candidate.available:
+            excluded.append((candidate, candidate.unavailable_reason or "unavailable"))
+        elif candidate.busy >= candidate.slots:
+            excluded.append((candidate, f"full ({candidate.busy} of {candidate.slots} slots)"))
+        elif (
+            candidate.context_length
+            and prompt_tokens + (max_tokens or 0) > candidate.context_length
+        ):
+            excluded.append((candidate, f"context {candidate.context_length} too small"))
+        else:
+            by_tier[candidate.route].append(estimate(candidate, new_tokens=new_tokens))
+    for scored in by_tier.values():
+        scored.sort(key=lambda s: s.eta_ms)
+    chosen: Scored | None = None
+    reason = "nobody can serve it"
+    for tier in TIER_ORDER:
+        if by_tier[tier] and by_tier[tier][0].wait_ms <= max_wait_ms:
+            chosen = by_tier[tier][0]
+            reason = f"nearest tier with no wait: {tier}"
+            break
+    everyone = [s for tier in TIER_ORDER for s in by_tier[tier]]
+    if chosen is None and everyone:
+        chosen = min(everyone, key=lambda s: s.eta_ms)
+        reason = "every tier is busy: smallest estimated time to finish"
+    order = ([chosen] if chosen else []) + [s for s in everyone if s is not chosen]
+    return Plan(order=tuple(order), excluded=tuple(excluded), reason=reason)

@@ -1,0 +1,238 @@
+"""Keeping in touch with the other boxes of the mesh (the I/O around `mesh.peers`).
+
+For every address it is given (static `--peer`s, mDNS sightings) it fetches the
+public card, verifies it against our mesh, fetches the sealed full card and
+enters the peer in the table. Every second it pings each known peer (load and
+RTT), applies silence to the table, and retries addresses whose peer is down,
+so a restarted box is back at its first answer. On shutdown it tells each peer
+it is leaving, so they stop sending at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+
+import grpc
+
+from mesh.cards import PeerCard
+from mesh.errors import MeshError
+from mesh.inference import ModelInfo, Route
+from mesh.peers import (
+    HEARTBEAT_INTERVAL_MS,
+    HEARTBEAT_TIMEOUT_MS,
+    PeerDiscovered,
+    PeerEvent,
+    PeerLost,
+    PeerState,
+    PeerStateChanged,
+    PeerTable,
+)
+from mesh.wire import codec
+from mesh.wire.v1 import node_pb2 as pb
+from node.peer_client import PeerClient
+from node.trust_store import TrustStore
+
+logger = logging.getLogger(__name__)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _model_info(card: pb.NodeCard) -> tuple[ModelInfo, ...]:
+    return tuple(
+        ModelInfo(
+            name=m.name,
+            aliases=tuple(m.aliases),
+            family=m.family,
+            parameter_count=m.parameter_count,
+            quantization=m.quantization,
+            context_length=m.context_length,
+            backend=m.backend,
+            tokens_per_second=m.tokens_per_second,
+            chat=m.chat,
+        )
+        for m in card.models
+    )
+
+
+class Peering:
+    def __init__(
+        self,
+        *,
+        trust: TrustStore,
+        table: PeerTable,
+        static_peers: tuple[str, ...] = (),
+        on_change: Callable[[], None] = lambda: None,
+    ) -> None:
+        self._trust = trust
+        self.table = table
+        self._addresses: dict[str, str | None] = dict.fromkeys(static_peers)  # -> node ID
+        self._clients: dict[str, PeerClient] = {}  # node ID -> client
+        self._cards: dict[str, PeerCard] = {}
+        self._on_change = on_change
+        self._task: asyncio.Task[None] | None = None
+        self._connecting: set[str] = set()
+        self._card_versions: dict[str, int] = {}  # node ID -> issued-at of the card we hold
+        self._wake = asyncio.Event()
+
+    # --- what the dispatcher needs -------------------------------------------------------
+
+    def client(self, node_id: str) -> tuple[PeerClient, PeerCard] | None:
+        client, card = self._clients.get(node_id), self._cards.get(node_id)
+        if client is None or card is None:
+            return None
+        return client, card
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="peering")
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        await self._say_goodbye()
+        for client in self._clients.values():
+            await client.aclose()
+        self._clients.clear()
+
+    def consider(self, address: str) -> None:
+        """An address where a peer may listen (mDNS, static): try it soon."""
+        if address not in self._addresses:
+            self._addresses[address] = None
+            self._wake.set()
+
+    def leaving(self, node_id: str) -> None:
+        """A peer told us it is shutting down."""
+        self._apply(self.table.goodbye(node_id))
+
+    # --- the loop ----------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while True:
+            # An admin knows where the members it invited listen.
+            for member in list(self._trust.members.values()):
+                for address in member.get("addresses", [])[:2]:
+                    self.consider(address)
+            await self._connect_pending()
+            await self._heartbeat()
+            self._apply(self.table.tick(_now_ms()))
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), HEARTBEAT_INTERVAL_MS / 1000)
+
+    def _apply(self, events: list[PeerEvent]) -> None:
+        for event in events:
+            if isinstance(event, PeerDiscovered):
+                logger.info("peer %s joined the rotation", event.node_id[:7])
+            elif isinstance(event, PeerStateChanged):
+                logger.info(
+                    "peer %s %s -> %s (%s)", event.node_id[:7], event.old, event.new, event.reason
+                )
+            elif isinstance(event, PeerLost):
+                logger.info("peer %s forgotten (%s)", event.node_id[:7], event.reason)
+        if events:
+            self._on_change()
+
+    async def _connect_pending(self) -> None:
+        todo = []
+        for address, node_id in self._addresses.items():
+            peer = self.table.get(node_id) if node_id else None
+            if (peer is None or peer.state is PeerState.DOWN) and address not in self._connecting:
+                todo.append(address)
+        if todo:
+            await asyncio.gather(*(self._connect(a) for a in todo))
+
+    async def _connect(self, address: str) -> None:
+        self._connecting.add(address)
+        client = PeerClient(address, trust=self._trust)
+        try:
+            card = await client.public_card(timeout_s=HEARTBEAT_TIMEOUT_MS / 1000 * 2)
+            if card.node_id == self._trust.identity.node_id:
+                self._addresses.pop(address, None)  # that is us
+                await client.aclose()
+                return
+            full = await client.full_card(card, timeout_s=HEARTBEAT_TIMEOUT_MS / 1000 * 2)
+        except MeshError as exc:
+            logger.debug("peer at %s not usable: %s", address, exc.message)
+            await client.aclose()
+            return
+        finally:
+            self._connecting.discard(address)
+        old = self._clients.pop(card.node_id, None)
+        if old is not None and old is not client:
+            await old.aclose()
+        self._clients[card.node_id] = client
+        self._cards[card.node_id] = card
+        self._addresses[address] = card.node_id
+        self._learn(card.node_id, address, full)
+
+    def _learn(self, node_id: str, address: str, full: pb.NodeCard) -> None:
+        self._card_versions[node_id] = full.issued_at_unix_ms
+        self._apply(
+            self.table.verified(
+                node_id=node_id,
+                address=address,
+                route=Route.LAN,
+                models=_model_info(full),
+                display_name=full.display_name,
+                now_ms=_now_ms(),
+            )
+        )
+        for other in full.peer_addresses[:64]:
+            self.consider(other)
+
+    async def _refresh_card(self, node_id: str, client: PeerClient) -> None:
+        card = self._cards.get(node_id)
+        peer = self.table.get(node_id)
+        if card is None or peer is None:
+            return
+        try:
+            full = await client.full_card(card, timeout_s=HEARTBEAT_TIMEOUT_MS / 1000 * 2)
+        except MeshError as exc:
+            logger.debug("could not refresh the card of %s: %s", node_id[:7], exc.message)
+            return
+        self._learn(node_id, peer.address, full)
+
+    async def _heartbeat(self) -> None:
+        async def ping(node_id: str, client: PeerClient) -> None:
+            started = time.perf_counter()
+            try:
+                reply = await client.ping(timeout_s=HEARTBEAT_TIMEOUT_MS / 1000)
+            except MeshError:
+                return  # silence: tick() decides when it becomes suspect or down
+            rtt_ms = (time.perf_counter() - started) * 1000
+            if reply.card_issued_at_unix_ms != self._card_versions.get(node_id):
+                await self._refresh_card(node_id, client)
+            self._apply(
+                self.table.heartbeat_ok(
+                    node_id,
+                    now_ms=_now_ms(),
+                    rtt_ms=rtt_ms,
+                    load=codec.load_from_pb(reply.load),
+                )
+            )
+
+        peers = [
+            (node_id, client)
+            for node_id, client in self._clients.items()
+            if (peer := self.table.get(node_id)) is not None and peer.state is not PeerState.DOWN
+        ]
+        await asyncio.gather(*(ping(n, c) for n, c in peers))
+
+    async def _say_goodbye(self) -> None:
+        me = self._trust.identity.node_id
+
+        async def bye(client: PeerClient) -> None:
+            with contextlib.suppress(MeshError, grpc.aio.AioRpcError):
+                await client.ping(timeout_s=0.5, leaving_node_id=me)
+
+        await asyncio.gather(*(bye(c) for c in self._clients.values()))

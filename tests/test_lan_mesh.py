@@ -1,0 +1,274 @@
+"""Boxes pooled into one service: real node processes on loopback, found through one
+static peer and the mesh's own gossip (the mDNS and network-namespace tests come with
+LAN discovery)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mesh.config import embedded_model_path
+from tests.nodeproc import NodeProcess, run_cli
+
+MODEL_FILE = embedded_model_path()
+
+
+def models_config(*names: str) -> str:
+    return "".join(
+        f'[[models]]\nname = "{name}"\npath = "{MODEL_FILE}"\nsystem_prompt = "You are a '
+        f'helpful assistant."\ntemperature = 0.0\n'
+        for name in names
+    )
+
+
+def status(node: NodeProcess) -> dict[str, Any]:
+    with urllib.request.urlopen(node.url + "/allerac/status", timeout=10) as response:
+        return dict(json.loads(response.read()))
+
+
+def wait_until(check: Any, timeout_s: float, what: str) -> float:
+    started = time.monotonic()
+    while True:
+        if check():
+            return time.monotonic() - started
+        if time.monotonic() - started > timeout_s:
+            raise AssertionError(f"not within {timeout_s} s: {what}")
+        time.sleep(0.05)
+
+
+def peer_states(node: NodeProcess) -> dict[str, str]:
+    return {p["node_id"]: p["state"] for p in status(node)["peers"]}
+
+
+def post(
+    node: NodeProcess, path: str, body: dict[str, Any], headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], Any]:
+    request = urllib.request.Request(
+        node.url + path,
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json", **(headers or {})},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, dict(response.headers), json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), json.loads(exc.read())
+
+
+def start_mesh(root: Path, configs: dict[str, str]) -> dict[str, NodeProcess]:
+    """The first node is the admin; the others know only its address and join by invite."""
+    nodes: dict[str, NodeProcess] = {}
+    names = list(configs)
+    try:
+        admin = NodeProcess(root / names[0], config=configs[names[0]]).start()
+        nodes[names[0]] = admin
+        for name in names[1:]:
+            node = NodeProcess(
+                root / name, "--peer", admin.info["grpc_address"], config=configs[name]
+            ).start()
+            nodes[name] = node
+            code = run_cli(admin.home, "mesh", "invite").stdout.strip()
+            joined = run_cli(node.home, "mesh", "join", code)
+            assert joined.returncode == 0, joined.stderr
+        others = {n.node_id for n in nodes.values()}
+        for node in nodes.values():
+            wait_until(
+                lambda node=node: (
+                    {k for k, v in peer_states(node).items() if v == "up"}
+                    == others - {node.node_id}
+                ),
+                10,
+                f"{node.home.name} sees every other box up",
+            )
+    except BaseException:
+        for node in nodes.values():
+            node.kill()
+        raise
+    return nodes
+
+
+@pytest.fixture(scope="module")
+def mesh3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, NodeProcess]]:
+    nodes = start_mesh(
+        tmp_path_factory.mktemp("mesh3"),
+        {
+            "a": models_config("smollm2-135m-instruct"),
+            "b": models_config("smollm2-135m-instruct"),
+            "c": models_config("smollm2-135m-instruct", "c-only"),
+        },
+    )
+    try:
+        yield nodes
+    finally:
+        for node in nodes.values():
+            node.kill()
+
+
+CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def test_a_model_only_one_box_serves_is_answered_by_that_box(
+    mesh3: dict[str, NodeProcess],
+) -> None:
+    a, c = mesh3["a"], mesh3["c"]
+    code, headers, body = post(
+        a, "/v1/chat/completions", {"model": "c-only", "messages": CAPITAL, "max_tokens": 30}
+    )
+    assert code == 200, body
+    assert headers["x-allerac-node"] == c.node_id
+    assert headers["x-allerac-route"] == "lan"
+    assert "Paris" in body["choices"][0]["message"]["content"]
+    assert body["usage"]["completion_tokens"] > 0
+    with urllib.request.urlopen(a.url + "/v1/models", timeout=10) as response:
+        listed = {m["id"]: m["served_by"] for m in json.loads(response.read())["data"]}
+    assert listed["c-only"] == [c.node_id]
+    assert len(listed["smollm2-135m-instruct"]) == 3
+    explained = run_cli(a.home, "route", "--explain", "c-only")
+    assert c.node_id in explained.stdout
+    assert "chosen" in explained.stdout
+
+
+def test_local_only_never_leaves_the_box(mesh3: dict[str, NodeProcess]) -> None:
+    code, _, body = post(
+        mesh3["a"],
+        "/v1/chat/completions",
+        {"model": "c-only", "messages": CAPITAL},
+        headers={"x-allerac-privacy": "local-only"},
+    )
+    assert code == 503
+    assert "privacy local-only" in body["error"]["message"]
+
+
+def test_a_busy_box_hands_the_next_request_to_an_idle_peer(
+    mesh3: dict[str, NodeProcess],
+) -> None:
+    a = mesh3["a"]
+    long = {
+        "model": "smollm2-135m-instruct",
+        "prompt": "1, 2, 3, 4,",
+        "max_tokens": 600,
+        "stream": True,
+    }
+    request = urllib.request.Request(
+        a.url + "/v1/completions",
+        data=json.dumps(long).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=120) as busy:
+        assert busy.headers["x-allerac-route"] == "local"
+        busy.readline()  # A is generating
+        code, headers, body = post(
+            a,
+            "/v1/completions",
+            {"model": "smollm2-135m-instruct", "prompt": "Hi", "max_tokens": 4},
+        )
+        assert code == 200, body
+        assert headers["x-allerac-route"] == "lan"
+        assert headers["x-allerac-node"] in {mesh3["b"].node_id, mesh3["c"].node_id}
+
+
+def test_a_box_of_another_mesh_is_never_used(mesh3: dict[str, NodeProcess], tmp_path: Path) -> None:
+    a = mesh3["a"]
+    stranger = NodeProcess(
+        tmp_path / "d", "--peer", a.info["grpc_address"], config=models_config("d-only")
+    ).start()
+    try:
+        time.sleep(2.5)  # two heartbeats' time for a (wrong) connection to happen
+        assert stranger.node_id not in peer_states(a)
+        assert peer_states(stranger) == {}
+        code, _, _ = post(a, "/v1/chat/completions", {"model": "d-only", "messages": CAPITAL})
+        assert code == 404
+    finally:
+        stranger.kill()
+
+
+@pytest.fixture
+def shared_mesh(tmp_path: Path) -> Iterator[dict[str, NodeProcess]]:
+    nodes = start_mesh(
+        tmp_path,
+        {
+            "a": models_config("smollm2-135m-instruct"),
+            "b": models_config("shared"),
+            "c": models_config("shared"),
+        },
+    )
+    try:
+        yield nodes
+    finally:
+        for node in nodes.values():
+            node.kill()
+
+
+def test_killing_the_serving_box_mid_stream_costs_the_client_nothing(
+    shared_mesh: dict[str, NodeProcess],
+) -> None:
+    a = shared_mesh["a"]
+    body = {
+        "model": "shared",
+        "prompt": "1, 2, 3, 4,",
+        "temperature": 0,
+        "max_tokens": 120,
+        "stream": True,
+    }
+    request = urllib.request.Request(
+        a.url + "/v1/completions",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    pieces: list[str] = []
+    usage: dict[str, int] = {}
+    killed: list[NodeProcess] = []
+    with urllib.request.urlopen(request, timeout=120) as response:
+        serving = response.headers["x-allerac-node"]
+        victim = next(n for n in shared_mesh.values() if n.node_id == serving)
+        for raw in response:
+            line = raw.decode().strip()
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+            elif chunk["choices"] and chunk["choices"][0]["text"]:
+                pieces.append(chunk["choices"][0]["text"])
+                if len(pieces) == 20 and not killed:
+                    victim.stop(signal.SIGKILL)
+                    killed.append(victim)
+    assert killed, "the stream ended before the kill"
+    text = "".join(pieces)
+    survivor = next(n for n in (shared_mesh["b"], shared_mesh["c"]) if n is not victim)
+    code, _, reference = post(
+        survivor,
+        "/v1/completions",
+        {"model": "shared", "prompt": "1, 2, 3, 4,", "temperature": 0, "max_tokens": 120},
+    )
+    assert code == 200
+    expected = reference["choices"][0]["text"]
+    # One coherent answer: what the killed box sent, then the survivor's continuation.
+    assert text == expected
+    assert usage["completion_tokens"] >= 100
+    # ...and the dead box leaves the rotation within 6 s of the kill.
+    took = wait_until(
+        lambda: peer_states(a).get(victim.node_id) == "down", 6, "the killed box is down"
+    )
+    assert took < 6
+
+
+def test_a_graceful_shutdown_tells_peers_at_once(shared_mesh: dict[str, NodeProcess]) -> None:
+    a, b = shared_mesh["a"], shared_mesh["b"]
+    stopper = threading.Thread(target=b.stop)
+    stopper.start()
+    took = wait_until(lambda: peer_states(a).get(b.node_id) == "down", 3, "b is down at a")
+    stopper.join(30)
+    assert took < 1.5
