@@ -36,6 +36,7 @@ from mesh.wire.v1 import node_pb2 as pb
 from mesh.wire.v1 import node_pb2_grpc as pb_grpc
 from node.backends.base import Backend
 from node.backends.llama_cpp import LlamaCppBackend
+from node.discovery import Discovery
 from node.dispatch import Dispatcher
 from node.grpc_service import NodeServicer
 from node.http_api import build_app
@@ -92,6 +93,7 @@ class Node:
         self.trust: TrustStore | None = None
         self.peer_table = PeerTable()
         self.peering: Peering | None = None
+        self.discovery: Discovery | None = None
         self.grpc_addresses: list[str] = []
         self._public_card = pb.SignedCard()
         self._full_card = pb.SignedCard()
@@ -156,6 +158,7 @@ class Node:
         self.refresh_cards()
         self._maintenance = asyncio.create_task(self._maintain(), name="trust-maintenance")
         await self.peering.start()
+        await self._start_discovery()
         self.home.write_run_info(self.run_info())
         logger.info(
             "node %s serving on %s (gRPC %s)", self.node_id, self.http_url, self.grpc_address
@@ -201,6 +204,7 @@ class Node:
                 addresses=lambda: self.grpc_addresses,
                 display_name=self.config.display_name,
                 on_change=self.after_membership_change,
+                on_joined=self.after_join,
             ),
         )
         runner = web.AppRunner(
@@ -230,6 +234,38 @@ class Node:
             await asyncio.sleep(DRAIN_POLL_S)
         for backend in self.backends:
             backend.cancel_all()
+
+    async def _start_discovery(self) -> None:
+        if not self.config.mdns:
+            return
+        ips = [a.rsplit(":", 1)[0] for a in self.grpc_addresses]
+        lan = [ip for ip in ips if not ipaddress.ip_address(ip).is_loopback]
+        if not lan:
+            logger.info("mDNS off: the gRPC agent listens on loopback only")
+            return
+        assert self.trust is not None
+        trust, peering = self.trust, self.peering
+        assert peering is not None
+        self.discovery = Discovery(
+            node_id=self.node_id,
+            mesh_id=lambda: trust.mesh_id,
+            ips=lan,
+            port=int(self.grpc_addresses[0].rsplit(":", 1)[1]),
+            on_sighting=lambda address, node_id: peering.consider(address),
+        )
+        try:
+            await self.discovery.start()
+        except OSError as exc:
+            logger.warning("mDNS unavailable (%s); use --peer to name other boxes", exc)
+            self.discovery = None
+
+    async def after_join(self, inviter_addresses: list[str]) -> None:
+        self.after_membership_change()
+        if self.peering is not None:
+            for address in inviter_addresses:
+                self.peering.consider(address)
+        if self.discovery is not None:
+            await self.discovery.update()
 
     def refresh_cards(self) -> None:
         """Re-sign both cards (after a key rotation, a join, a model change)."""
@@ -341,6 +377,9 @@ class Node:
         own deadline (grace + SERVER_STOP_MARGIN_S) would cut connections.
         """
         grace = self.config.shutdown_grace_s
+        if self.discovery is not None:
+            await self.discovery.aclose()  # mDNS goodbye
+            self.discovery = None
         if self.peering is not None:
             await self.peering.aclose()  # peers hear we are leaving and stop sending now
         if self._maintenance is not None:

@@ -12,7 +12,7 @@ import logging
 import re
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from mesh.errors import InvalidRequest, MeshError
@@ -48,11 +48,13 @@ class MeshAdmin:
         addresses: Callable[[], list[str]],
         display_name: str,
         on_change: Callable[[], None],
+        on_joined: Callable[[list[str]], Awaitable[None]] | None = None,
     ) -> None:
         self._trust = trust
         self._addresses = addresses
         self._display_name = display_name or socket.gethostname()
         self._on_change = on_change
+        self._on_joined = on_joined
 
     def describe(self) -> dict[str, Any]:
         trust = self._trust
@@ -87,13 +89,16 @@ class MeshAdmin:
         }
 
     async def join(self, code: str) -> dict[str, Any]:
-        await join_mesh(
+        inviter = await join_mesh(
             code,
             self._trust,
             display_name=self._display_name,
             addresses=tuple(self._addresses()),
         )
-        self._on_change()
+        if self._on_joined is not None:
+            await self._on_joined(inviter)
+        else:
+            self._on_change()
         logger.info("joined mesh %s as %s", self._trust.mesh_id, self._trust.role.value)
         return self.describe()
 

@@ -180,8 +180,9 @@ class PeerClient:
 
 async def join_mesh(
     code: str, trust: TrustStore, *, display_name: str, addresses: tuple[str, ...]
-) -> None:
-    """Redeem an invite at the inviter and adopt the certificate it returns."""
+) -> list[str]:
+    """Redeem an invite at the inviter and adopt the certificate it returns.
+    Returns the inviter's addresses: the first peer to talk to in the new mesh."""
     invite = decode_invite(code, now_ms=_now_ms())
     if invite.mesh_public_key == trust.mesh_public_key:
         raise InviteError("this node is already a member of that mesh")
@@ -201,5 +202,5 @@ async def join_mesh(
             errors.append(f"{address}: {exc.message}")
             continue
         trust.adopt(response, mesh_public_key=invite.mesh_public_key, now=_now_ms())
-        return
+        return list(invite.inviter_addresses)
     raise Unavailable("could not reach the inviter: " + "; ".join(errors))

@@ -34,7 +34,10 @@ class NodeProcess:
     def start(self) -> NodeProcess:
         self.home.mkdir(parents=True, exist_ok=True)
         args = [sys.executable, "-m", "node", "up", "--home", str(self.home)]
-        args += ["--http-port", "0", "--grpc-host", "127.0.0.1", "--grpc-port", "0", *self.args]
+        # Loopback and no mDNS: tests never send multicast onto the machine's real network
+        # (the mDNS tests run inside network namespaces).
+        args += ["--http-port", "0", "--grpc-host", "127.0.0.1", "--grpc-port", "0"]
+        args += ["--no-mdns", *self.args]
         if self.config is not None:
             path = self.home / "test-config.toml"
             path.write_text(self.config, encoding="utf-8")
