@@ -34,8 +34,8 @@ from mesh.scheduler import Privacy
 from mesh.wire import grpc_options
 from mesh.wire.v1 import node_pb2 as pb
 from mesh.wire.v1 import node_pb2_grpc as pb_grpc
+from node.backends import create_backend
 from node.backends.base import Backend
-from node.backends.llama_cpp import LlamaCppBackend
 from node.discovery import Discovery
 from node.dispatch import Dispatcher
 from node.grpc_service import NodeServicer
@@ -135,7 +135,7 @@ class Node:
         self.identity, self.created_identity = load_or_create_identity(self.home.identity_key)
         self.trust = TrustStore.open(self.home, self.identity)
         for model in cfg.models:
-            backend = LlamaCppBackend(model)
+            backend = create_backend(model)
             await backend.start()
             self.backends.append(backend)
         self.peer_table = PeerTable()

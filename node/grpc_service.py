@@ -27,6 +27,7 @@ from mesh.wire import codec, grpc_options
 from mesh.wire.v1 import node_pb2 as pb
 from mesh.wire.v1 import node_pb2_grpc as pb_grpc
 from mesh.wire.v1 import trust_pb2 as tpb
+from node.coalesce import coalesce
 from node.dispatch import Dispatcher
 from node.trust_store import TrustStore
 
@@ -186,7 +187,7 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
         )
         async with contextlib.aclosing(answer.events()) as events:
             try:
-                async for event in events:
+                async for event in coalesce(events):
                     final = isinstance(event, Finished)
                     yield _sealed(writer, codec.event_to_pb(event, answer.served_by), final=final)
             except MeshError as error:

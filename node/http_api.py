@@ -21,6 +21,7 @@ from mesh.config import is_loopback_host
 from mesh.errors import InvalidRequest, MeshError, PermissionDenied, RequestTooLarge
 from mesh.inference import Finished, InferenceRequest, TextDelta
 from mesh.scheduler import Privacy
+from node.coalesce import coalesce
 from node.dispatch import Answer, Dispatcher
 from node.mesh_admin import MeshAdmin
 
@@ -126,7 +127,7 @@ async def _answer(
         if inference.is_chat:
             await response.write(openai_api.sse(ids.role_chunk()))
         try:
-            async for event in events:
+            async for event in coalesce(events):
                 if isinstance(event, TextDelta):
                     await response.write(openai_api.sse(ids.chunk(event.text)))
                 elif isinstance(event, Finished):

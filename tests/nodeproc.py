@@ -16,10 +16,18 @@ STOP_TIMEOUT_S = 30.0
 
 
 class NodeProcess:
-    def __init__(self, home: Path, *args: str, config: str | None = None) -> None:
+    def __init__(
+        self,
+        home: Path,
+        *args: str,
+        config: str | None = None,
+        command: list[str] | None = None,
+    ) -> None:
         self.home = home
         self.args = list(args)
         self.config = config
+        # What runs the CLI: `python -m node`, or a launcher (the benchmarks' instant node).
+        self.command = command or [sys.executable, "-m", "node"]
         self.proc: subprocess.Popen[bytes] | None = None
         self.info: dict[str, Any] = {}
 
@@ -33,7 +41,7 @@ class NodeProcess:
 
     def start(self) -> NodeProcess:
         self.home.mkdir(parents=True, exist_ok=True)
-        args = [sys.executable, "-m", "node", "up", "--home", str(self.home)]
+        args = [*self.command, "up", "--home", str(self.home)]
         # Loopback and no mDNS: tests never send multicast onto the machine's real network
         # (the mDNS tests run inside network namespaces).
         args += ["--http-port", "0", "--grpc-host", "127.0.0.1", "--grpc-port", "0"]

@@ -193,7 +193,10 @@ def test_bad_node_setting_names_key_and_value(tmp_path: Path, text: str, expecte
         ("context_length = 1.5", "models[0].context_length = 1.5: must be an integer"),
         ("threads = 0", "models[0].threads = 0: must be an integer from 1 to 1024"),
         ("queue_size = -1", "models[0].queue_size = -1: must be an integer from 0 to 10000"),
-        ('backend = "vllm"', "models[0].backend = 'vllm': must be one of llama_cpp"),
+        (
+            'backend = "Not A Backend"',
+            "models[0].backend = 'Not A Backend': must be a backend name",
+        ),
         ('name = "bad name!"', "models[0].name = 'bad name!': must be 1-128 letters"),
         ('name = ""', "models[0].name = '': must be 1-128 letters"),
         ("name = 7", "models[0].name = 7: must be a string"),

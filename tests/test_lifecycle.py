@@ -214,3 +214,16 @@ def test_interactive_chat_keeps_the_conversation(node: NodeProcess) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("you> ") == 4  # two questions, one empty line, /exit
     assert "Paris" in result.stdout
+
+
+def test_an_unknown_backend_fails_at_start_naming_it(fresh_home: Path) -> None:
+    from mesh.config import embedded_model_path
+
+    config = fresh_home / "allerac.toml"
+    config.parent.mkdir(parents=True)
+    config.write_text(
+        f'[[models]]\nname = "x"\npath = "{embedded_model_path()}"\nbackend = "vllm"\n'
+    )
+    result = run_cli(fresh_home, "up", "--config", str(config), "--no-mdns")
+    assert result.returncode != 0
+    assert "backend = 'vllm' is unknown; known: llama_cpp" in result.stderr

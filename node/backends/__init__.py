@@ -1,1 +1,25 @@
-"""Inference backends. Each loaded model is one backend object with its own worker."""
+"""Inference backends. Each loaded model is one backend object with its own worker.
+
+`FACTORIES` maps a config's `backend = "..."` to the class that serves it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from mesh.config import ModelConfig
+from mesh.errors import ConfigError
+from node.backends.base import Backend
+from node.backends.llama_cpp import LlamaCppBackend
+
+FACTORIES: dict[str, Callable[[ModelConfig], Backend]] = {"llama_cpp": LlamaCppBackend}
+
+
+def create_backend(config: ModelConfig) -> Backend:
+    factory = FACTORIES.get(config.backend)
+    if factory is None:
+        raise ConfigError(
+            f"model {config.name!r}: backend = {config.backend!r} is unknown; "
+            f"known: {', '.join(sorted(FACTORIES))}"
+        )
+    return factory(config)
