@@ -21,6 +21,7 @@ import enum
 from dataclasses import dataclass, field
 
 from mesh.inference import Load, ModelInfo, Route
+from mesh.peer_index import ModelColumns
 
 HEARTBEAT_INTERVAL_MS = 1000
 HEARTBEAT_TIMEOUT_MS = 1000
@@ -82,6 +83,52 @@ class Peer:
 class PeerTable:
     def __init__(self) -> None:
         self._peers: dict[str, Peer] = {}
+        self._index: dict[str, ModelColumns] = {}  # model name or alias -> columns
+
+    # --- the per-model index (kept in step with every change to a peer) -----------------
+
+    def _sync(self, peer: Peer) -> None:
+        available = peer.state is PeerState.UP and not peer.load.draining
+        busy = max(peer.load.active_streams + peer.load.queued, peer.in_flight)
+        for info in peer.models:
+            for name in (info.name, *info.aliases):
+                self._index.setdefault(name, ModelColumns()).upsert(
+                    peer.node_id,
+                    rtt=peer.rtt_ms,
+                    busy=busy,
+                    slots=max(peer.load.slots, 1),
+                    service=peer.service_ms,
+                    tps=info.tokens_per_second,
+                    ctx=info.context_length,
+                    available=available,
+                )
+
+    def _unindex(self, peer: Peer) -> None:
+        for info in peer.models:
+            for name in (info.name, *info.aliases):
+                columns = self._index.get(name)
+                if columns is not None:
+                    columns.remove(peer.node_id)
+
+    def best(self, model: str, *, k: int, new_tokens: int, needed_context: int) -> list[Peer]:
+        """The k most promising peers for `model` (vectorized; see mesh.peer_index)."""
+        columns = self._index.get(model)
+        if columns is None:
+            return []
+        ids = columns.best(k=k, new_tokens=new_tokens, needed_context=needed_context)
+        return [self._peers[node_id] for node_id in ids if node_id in self._peers]
+
+    def started(self, node_id: str) -> None:
+        peer = self._peers.get(node_id)
+        if peer is not None:
+            peer.in_flight += 1
+            self._sync(peer)
+
+    def finished(self, node_id: str) -> None:
+        peer = self._peers.get(node_id)
+        if peer is not None:
+            peer.in_flight = max(0, peer.in_flight - 1)
+            self._sync(peer)
 
     def __len__(self) -> int:
         return len(self._peers)
@@ -106,7 +153,7 @@ class PeerTable:
         change): it is up, at this address, serving these models."""
         peer = self._peers.get(node_id)
         if peer is None:
-            self._peers[node_id] = Peer(
+            peer = Peer(
                 node_id=node_id,
                 address=address,
                 route=route,
@@ -114,17 +161,19 @@ class PeerTable:
                 display_name=display_name,
                 last_ok_ms=now_ms,
             )
+            self._peers[node_id] = peer
+            self._sync(peer)
             return [PeerDiscovered(node_id)]
+        self._unindex(peer)
         peer.address, peer.route, peer.models = address, route, models
         peer.display_name = display_name
-        return self._mark_ok(peer, now_ms, "card verified")
+        events = self._mark_ok(peer, now_ms, "card verified")
+        self._sync(peer)
+        return events
 
     def _mark_ok(self, peer: Peer, now_ms: int, reason: str) -> list[PeerEvent]:
         peer.last_ok_ms = now_ms
-        if peer.state is PeerState.UP:
-            return []
-        old, peer.state = peer.state, PeerState.UP
-        return [PeerStateChanged(peer.node_id, old, PeerState.UP, reason)]
+        return self._set(peer, PeerState.UP, reason)
 
     def heartbeat_ok(
         self, node_id: str, *, now_ms: int, rtt_ms: float, load: Load
@@ -139,8 +188,11 @@ class PeerTable:
         )
         peer.load = load
         if load.draining:
-            return self._set(peer, PeerState.DOWN, "draining (shutting down)")
-        return self._mark_ok(peer, now_ms, "answered a heartbeat")
+            events = self._set(peer, PeerState.DOWN, "draining (shutting down)")
+        else:
+            events = self._mark_ok(peer, now_ms, "answered a heartbeat")
+        self._sync(peer)
+        return events
 
     def tick(self, now_ms: int) -> list[PeerEvent]:
         """Apply silence: call after heartbeats (failed ones simply do not report ok)."""
@@ -167,14 +219,17 @@ class PeerTable:
         return self._set(peer, PeerState.DOWN, "said goodbye")
 
     def forget(self, node_id: str, reason: str) -> list[PeerEvent]:
-        if self._peers.pop(node_id, None) is None:
+        peer = self._peers.pop(node_id, None)
+        if peer is None:
             return []
+        self._unindex(peer)
         return [PeerLost(node_id, reason)]
 
     def _set(self, peer: Peer, state: PeerState, reason: str) -> list[PeerEvent]:
         if peer.state is state:
             return []
         old, peer.state = peer.state, state
+        self._sync(peer)
         return [PeerStateChanged(peer.node_id, old, state, reason)]
 
     def served(self, node_id: str, *, elapsed_ms: float) -> None:
@@ -186,3 +241,4 @@ class PeerTable:
                 if peer.service_ms == 0
                 else ((1 - SERVICE_SMOOTHING) * peer.service_ms + SERVICE_SMOOTHING * elapsed_ms)
             )
+            self._sync(peer)

@@ -63,6 +63,7 @@ RETRYABLE = (
     ModelNotFound,
 )
 SERVICE_SMOOTHING = 0.3
+PRESELECT_PEERS = 8  # peers given a full look per request (the rest are failover-irrelevant)
 
 
 class PeerLinks(Protocol):
@@ -235,7 +236,16 @@ class Dispatcher:
 
     # --- scheduling ---------------------------------------------------------------------------
 
-    def candidates(self, model: str) -> list[Candidate]:
+    def candidates(
+        self,
+        model: str,
+        *,
+        best_of: int | None = None,
+        new_tokens: int = 256,
+        needed_context: int = 0,
+    ) -> list[Candidate]:
+        """This box and the peers serving `model`; with `best_of`, only the most promising
+        peers (a vectorized pre-selection, so thousands of peers cost about nothing)."""
         out = []
         backend = self.resolve(model)
         if backend is not None:
@@ -254,7 +264,12 @@ class Dispatcher:
                     unavailable_reason="draining",
                 )
             )
-        for peer in self.peers:
+        peers = (
+            self.peers.best(model, k=best_of, new_tokens=new_tokens, needed_context=needed_context)
+            if best_of is not None
+            else list(self.peers)
+        )
+        for peer in peers:
             info = peer.serves(model)
             if info is None:
                 continue
@@ -279,8 +294,14 @@ class Dispatcher:
         prompt_chars = len(request.prompt or "") + sum(
             len(m.content) for m in request.messages or ()
         )
+        new_tokens = request.sampling.max_tokens or 256
         return plan(
-            self.candidates(request.model),
+            self.candidates(
+                request.model,
+                best_of=PRESELECT_PEERS,
+                new_tokens=new_tokens,
+                needed_context=prompt_chars // 4 + (request.sampling.max_tokens or 0),
+            ),
             privacy=privacy,
             prompt_tokens=prompt_chars // 4,  # a rough estimate; the server checks exactly
             max_tokens=request.sampling.max_tokens,
@@ -397,18 +418,16 @@ class Dispatcher:
         if link is None:
             raise Unavailable("no connection to that peer")
         client, card = link
-        peer = self.peers.get(candidate.node_id)
         generator = client.infer(card, request)
-        if peer is not None:
-            peer.in_flight += 1
+        self.peers.started(candidate.node_id)
+        still_open = [True]
 
         async def close() -> None:
-            if peer is not None and close.open:  # type: ignore[attr-defined]
-                peer.in_flight -= 1
-                close.open = False  # type: ignore[attr-defined]
+            if still_open[0]:
+                still_open[0] = False
+                self.peers.finished(candidate.node_id)
             await generator.aclose()
 
-        close.open = True  # type: ignore[attr-defined]
         try:
             first = await anext(generator)
         except BaseException:

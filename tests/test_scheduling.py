@@ -1,0 +1,158 @@
+"""The scheduler and the peer table, without sockets."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mesh.errors import InvalidRequest
+from mesh.inference import Load, ModelInfo, Route
+from mesh.peers import DOWN_AFTER_MS, SUSPECT_AFTER_MS, PeerState, PeerStateChanged, PeerTable
+from mesh.scheduler import Candidate, Privacy, estimate, plan
+
+
+def cand(node: str, route: Route, **kw: object) -> Candidate:
+    defaults: dict[str, object] = {"model": "m", "slots": 4, "tokens_per_second": 50.0}
+    return Candidate(node_id=node, route=route, **{**defaults, **kw})  # type: ignore[arg-type]
+
+
+def chosen(candidates: list[Candidate], **kw: object) -> str | None:
+    args: dict[str, object] = {"privacy": Privacy.ANY, "prompt_tokens": 10, "max_tokens": 100}
+    decided = plan(candidates, **{**args, **kw})  # type: ignore[arg-type]
+    return decided.chosen.candidate.node_id if decided.chosen else None
+
+
+def test_an_idle_local_box_serves_first() -> None:
+    assert chosen([cand("lan", Route.LAN, rtt_ms=0.5), cand("me", Route.LOCAL)]) == "me"
+
+
+def test_a_busy_box_hands_off_to_an_idle_peer_unless_waiting_is_allowed() -> None:
+    busy_local = cand("me", Route.LOCAL, busy=1, service_ms=3000)
+    idle_peer = cand("lan", Route.LAN, rtt_ms=1.0)
+    assert chosen([busy_local, idle_peer]) == "lan"
+    assert chosen([busy_local, idle_peer], max_wait_ms=5000) == "me"
+
+
+def test_within_a_tier_the_smallest_estimated_time_wins() -> None:
+    slow = cand("slow", Route.LAN, tokens_per_second=10)
+    fast = cand("fast", Route.LAN, tokens_per_second=100, rtt_ms=3)
+    queued = cand("queued", Route.LAN, tokens_per_second=200, busy=2, service_ms=1000)
+    assert chosen([slow, fast, queued]) == "fast"
+    assert estimate(queued, new_tokens=100).wait_ms == 2000
+
+
+def test_further_tiers_only_when_nearer_ones_cannot_serve() -> None:
+    full_lan = cand("lan", Route.LAN, busy=4, slots=4)
+    cloud = cand("cloud", Route.CLOUD)
+    relay = cand("relay", Route.RELAY, rtt_ms=40)
+    assert chosen([full_lan, cloud, relay]) == "relay"
+    assert chosen([full_lan, cloud]) == "cloud"
+    decided = plan([full_lan, cloud], privacy=Privacy.MESH, prompt_tokens=1, max_tokens=1)
+    assert decided.chosen is None
+    reasons = dict((c.node_id, why) for c, why in decided.excluded)
+    assert reasons["lan"].startswith("full")
+    assert "privacy mesh" in reasons["cloud"]
+
+
+def test_local_only_never_leaves_the_box() -> None:
+    candidates = [cand("me", Route.LOCAL, busy=4, slots=4), cand("lan", Route.LAN)]
+    assert chosen(candidates, privacy=Privacy.LOCAL_ONLY) is None
+    with pytest.raises(InvalidRequest, match="privacy"):
+        Privacy.parse("everywhere")
+
+
+def test_context_and_state_exclude_with_reasons() -> None:
+    small = cand("small", Route.LAN, context_length=512)
+    down = cand("down", Route.LAN, available=False, unavailable_reason="peer is down")
+    decided = plan([small, down], privacy=Privacy.ANY, prompt_tokens=400, max_tokens=200)
+    assert decided.chosen is None
+    assert {why for _, why in decided.excluded} == {"context 512 too small", "peer is down"}
+
+
+def test_when_every_tier_waits_the_smallest_estimate_wins_and_the_rest_is_failover() -> None:
+    local = cand("me", Route.LOCAL, busy=3, service_ms=2000)
+    lan = cand("lan", Route.LAN, busy=1, service_ms=2000)
+    decided = plan([local, lan], privacy=Privacy.ANY, prompt_tokens=1, max_tokens=10)
+    assert [s.candidate.node_id for s in decided.order] == ["lan", "me"]
+
+
+def info(name: str = "m", tps: float = 50.0) -> tuple[ModelInfo, ...]:
+    return (ModelInfo(name=name, aliases=("alias",), context_length=4096, tokens_per_second=tps),)
+
+
+def test_peer_states_follow_heartbeats_and_silence() -> None:
+    table = PeerTable()
+    table.verified(
+        node_id="p", address="a:1", route=Route.LAN, models=info(), display_name="", now_ms=0
+    )
+    assert table.get("p").state is PeerState.UP  # type: ignore[union-attr]
+    assert table.tick(SUSPECT_AFTER_MS - 1) == []
+    events = table.tick(SUSPECT_AFTER_MS)
+    assert events == [PeerStateChanged("p", PeerState.UP, PeerState.SUSPECT, "silent for 2.0 s")]
+    assert table.tick(DOWN_AFTER_MS)[0].new is PeerState.DOWN  # type: ignore[union-attr]
+    assert table.best("m", k=3, new_tokens=10, needed_context=0) == []
+    table.heartbeat_ok(
+        "p", now_ms=DOWN_AFTER_MS + 5, rtt_ms=2.0, load=Load(active_streams=0, queued=0, slots=2)
+    )
+    assert table.get("p").state is PeerState.UP  # type: ignore[union-attr]
+    assert [p.node_id for p in table.best("alias", k=3, new_tokens=10, needed_context=0)] == ["p"]
+    table.heartbeat_ok(
+        "p",
+        now_ms=DOWN_AFTER_MS + 6,
+        rtt_ms=2.0,
+        load=Load(active_streams=0, queued=0, slots=2, draining=True),
+    )
+    assert table.get("p").state is PeerState.DOWN  # type: ignore[union-attr]
+    assert table.forget("p", "gone")[0].node_id == "p"  # type: ignore[union-attr]
+    assert table.best("m", k=3, new_tokens=10, needed_context=0) == []
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(min_value=1, max_value=200), st.integers(min_value=0, max_value=2**32))
+def test_the_index_picks_what_a_full_plan_picks(n: int, seed: int) -> None:
+    rng = random.Random(seed)
+    table = PeerTable()
+    for i in range(n):
+        node = f"n{i}"
+        table.verified(
+            node_id=node,
+            address=f"h:{i}",
+            route=Route.LAN,
+            models=info(tps=rng.choice([0.0, 20.0, 80.0])),
+            display_name="",
+            now_ms=0,
+        )
+        table.heartbeat_ok(
+            node,
+            now_ms=0,
+            rtt_ms=rng.random() * 10,
+            load=Load(active_streams=rng.randint(0, 3), queued=0, slots=3),
+        )
+        if rng.random() < 0.2:
+            table.forget(node, "churn")
+    everyone = [
+        cand(
+            p.node_id,
+            Route.LAN,
+            rtt_ms=p.rtt_ms,
+            busy=p.load.active_streams,
+            slots=3,
+            tokens_per_second=p.models[0].tokens_per_second,
+            context_length=4096,
+        )
+        for p in table
+    ]
+    full = plan(everyone, privacy=Privacy.MESH, prompt_tokens=0, max_tokens=50).chosen
+    best = table.best("m", k=1, new_tokens=50, needed_context=50)
+    if full is None:
+        assert best == []
+    else:
+        assert best
+        assert estimate(full.candidate, new_tokens=50).eta_ms == pytest.approx(
+            estimate(
+                next(c for c in everyone if c.node_id == best[0].node_id), new_tokens=50
+            ).eta_ms
+        )
