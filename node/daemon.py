@@ -47,7 +47,8 @@ from node.trust_store import TrustStore
 logger = logging.getLogger(__name__)
 
 DRAIN_POLL_S = 0.05
-MAINTENANCE_INTERVAL_S = 60.0
+MAINTENANCE_INTERVAL_S = 5.0
+TPS_DRIFT = 0.2  # re-sign the card when a model's measured speed moved this much
 # Servers cut what is left this long after the grace period; by then the backends have
 # ended every stream themselves, so this margin is only for writing the last bytes.
 SERVER_STOP_MARGIN_S = 2.0
@@ -294,12 +295,24 @@ class Node:
         )
 
     async def _maintain(self) -> None:
-        """Rotate encryption keys when due (and destroy expired ones)."""
+        """Rotate encryption keys when due (and destroy expired ones); re-sign the card
+        when measured speeds moved, so peers schedule with current numbers."""
         assert self.trust is not None
         while True:
             await asyncio.sleep(MAINTENANCE_INTERVAL_S)
-            if self.trust.rotate_keys(int(time.time() * 1000)):
+            if self.trust.rotate_keys(int(time.time() * 1000)) or self._speeds_moved():
                 self.refresh_cards()
+
+    def _speeds_moved(self) -> bool:
+        assert self.dispatcher is not None
+        card = pb.NodeCard.FromString(self._full_card.card)
+        advertised = {m.name: m.tokens_per_second for m in card.models}
+        for info in self.dispatcher.models():
+            before = advertised.get(info.name, 0.0)
+            now = info.tokens_per_second
+            if now and (not before or abs(now - before) / before > TPS_DRIFT):
+                return True
+        return False
 
     def after_membership_change(self) -> None:
         self.refresh_cards()

@@ -269,6 +269,9 @@ class Dispatcher:
             if best_of is not None
             else list(self.peers)
         )
+        # A peer that has not measured this model yet is assumed as fast as this box is
+        # at it (rather than a pessimistic default that would keep it idle).
+        local_speed = backend.info.tokens_per_second if backend is not None else 0.0
         for peer in peers:
             info = peer.serves(model)
             if info is None:
@@ -282,7 +285,7 @@ class Dispatcher:
                     busy=max(peer.load.active_streams + peer.load.queued, peer.in_flight),
                     slots=max(peer.load.slots, 1),
                     service_ms=peer.service_ms,
-                    tokens_per_second=info.tokens_per_second,
+                    tokens_per_second=info.tokens_per_second or local_speed,
                     context_length=info.context_length,
                     available=peer.state is PeerState.UP and not peer.load.draining,
                     unavailable_reason=f"peer is {peer.state}",
