@@ -179,6 +179,7 @@ class Node:
                     self.peering.leaving(node_id) if self.peering is not None else None
                 ),
                 card_issued_at=lambda: self._card_issued_at_ms,
+                on_member_joined=self._member_joined,
             ),
             server,
         )
@@ -259,6 +260,11 @@ class Node:
         except OSError as exc:
             logger.warning("mDNS unavailable (%s); use --peer to name other boxes", exc)
             self.discovery = None
+
+    def _member_joined(self, addresses: list[str]) -> None:
+        if self.peering is not None:
+            for address in addresses:
+                self.peering.consider(address)
 
     async def after_join(self, inviter_addresses: list[str]) -> None:
         self.after_membership_change()

@@ -64,6 +64,7 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
         full_card: Callable[[], pb.SignedCard],
         on_revocations: Callable[[], None] = lambda: None,
         on_leaving: Callable[[str], None] = lambda node_id: None,
+        on_member_joined: Callable[[list[str]], None] = lambda addresses: None,
         card_issued_at: Callable[[], int] = lambda: 0,
     ) -> None:
         self._trust = trust
@@ -72,6 +73,7 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
         self._full_card = full_card
         self._on_revocations = on_revocations
         self._on_leaving = on_leaving
+        self._on_member_joined = on_member_joined
         self._card_issued_at = card_issued_at
         self._rejected: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._streams_per_peer: dict[str, int] = {}
@@ -111,6 +113,7 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
             self._log_rejection(context.peer(), error)
             await _abort(context, error)
         logger.info("a node joined the mesh through an invite")
+        self._on_member_joined(list(request.addresses)[:8])
         return response
 
     async def PushRevocations(

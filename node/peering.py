@@ -37,6 +37,7 @@ from node.peer_client import PeerClient
 from node.trust_store import TrustStore
 
 logger = logging.getLogger(__name__)
+MAX_ADDRESSES = 4096  # addresses to try; hints beyond it are dropped
 
 
 def _now_ms() -> int:
@@ -79,6 +80,7 @@ class Peering:
         self._connecting: set[str] = set()
         self._card_versions: dict[str, int] = {}  # node ID -> issued-at of the card we hold
         self._wake = asyncio.Event()
+        self._connects: set[asyncio.Task[None]] = set()
 
     # --- what the dispatcher needs -------------------------------------------------------
 
@@ -99,15 +101,22 @@ class Peering:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        for task in self._connects:
+            task.cancel()
+        await asyncio.gather(*self._connects, return_exceptions=True)
         await self._say_goodbye()
         for client in self._clients.values():
             await client.aclose()
         self._clients.clear()
 
     def consider(self, address: str) -> None:
-        """An address where a peer may listen (mDNS, static): try it soon."""
-        if address not in self._addresses:
-            self._addresses[address] = None
+        """An address where a peer may listen (mDNS, static, a join): try it now, unless
+        a peer is already up there."""
+        if len(self._addresses) >= MAX_ADDRESSES and address not in self._addresses:
+            return
+        node_id = self._addresses.setdefault(address, None)
+        peer = self.table.get(node_id) if node_id else None
+        if peer is None or peer.state is not PeerState.UP:
             self._wake.set()
 
     def leaving(self, node_id: str) -> None:
@@ -117,17 +126,24 @@ class Peering:
     # --- the loop ----------------------------------------------------------------------------
 
     async def _run(self) -> None:
+        interval = HEARTBEAT_INTERVAL_MS / 1000
+        last_beat = 0.0
         while True:
+            self._wake.clear()
             # An admin knows where the members it invited listen.
             for member in list(self._trust.members.values()):
                 for address in member.get("addresses", [])[:2]:
                     self.consider(address)
-            await self._connect_pending()
-            await self._heartbeat()
-            self._apply(self.table.tick(_now_ms()))
-            self._wake.clear()
+            # Connection attempts run on their own: an unreachable address (a stale hint,
+            # a dead box) must not delay the heartbeats that keep the table honest.
+            self._connect_pending()
+            if time.monotonic() - last_beat >= interval:
+                last_beat = time.monotonic()
+                await self._heartbeat()
+                self._apply(self.table.tick(_now_ms()))
+            pause = max(0.0, interval - (time.monotonic() - last_beat))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), HEARTBEAT_INTERVAL_MS / 1000)
+                await asyncio.wait_for(self._wake.wait(), pause)
 
     def _apply(self, events: list[PeerEvent]) -> None:
         for event in events:
@@ -142,17 +158,16 @@ class Peering:
         if events:
             self._on_change()
 
-    async def _connect_pending(self) -> None:
-        todo = []
-        for address, node_id in self._addresses.items():
+    def _connect_pending(self) -> None:
+        for address, node_id in list(self._addresses.items()):
             peer = self.table.get(node_id) if node_id else None
             if (peer is None or peer.state is PeerState.DOWN) and address not in self._connecting:
-                todo.append(address)
-        if todo:
-            await asyncio.gather(*(self._connect(a) for a in todo))
+                self._connecting.add(address)
+                task = asyncio.create_task(self._connect(address))
+                self._connects.add(task)
+                task.add_done_callback(self._connects.discard)
 
     async def _connect(self, address: str) -> None:
-        self._connecting.add(address)
         client = PeerClient(address, trust=self._trust)
         try:
             card = await client.public_card(timeout_s=HEARTBEAT_TIMEOUT_MS / 1000 * 2)
