@@ -115,6 +115,7 @@ class Answer:
         """Every event of the answer; closing early cancels the work wherever it runs."""
         delivered: list[str] = []
         tokens_before = 0  # tokens made by sources that failed mid-stream
+        delivered_at_switch = 0  # len(delivered) when the current source took over
         started = time.monotonic()
         source = self._source
         pending: InferenceEvent | None = source.first
@@ -142,8 +143,8 @@ class Answer:
                 # Mid-stream failure: continue on the next candidate after what was delivered.
                 await source.aclose()
                 self._dispatcher.note_failure(source.served_by, failure)
-                tokens_before += len(delivered) - self._delivered_at_switch
-                self._delivered_at_switch = len(delivered)
+                tokens_before += len(delivered) - delivered_at_switch
+                delivered_at_switch = len(delivered)
                 text = "".join(delivered)
                 wanted = self._request.sampling.max_tokens
                 if wanted is not None and tokens_before >= wanted:
@@ -170,8 +171,6 @@ class Answer:
                 pending = source.first
         finally:
             await source.aclose()
-
-    _delivered_at_switch = 0
 
 
 class Dispatcher:
