@@ -72,6 +72,13 @@ class Peer:
     last_ok_ms: int = 0
     service_ms: float = 0.0  # smoothed time one request occupied it, as we saw it
     in_flight: int = 0  # requests we sent it that are still running
+    others_busy: int = 0  # its load from others, as of its last heartbeat
+
+    @property
+    def busy(self) -> int:
+        """Requests ahead of a new one there: ours (known now) plus others' (as of the last
+        heartbeat). Heartbeats lag by up to a second; our own count does not."""
+        return self.in_flight + self.others_busy
 
     def serves(self, model: str) -> ModelInfo | None:
         for info in self.models:
@@ -89,7 +96,7 @@ class PeerTable:
 
     def _sync(self, peer: Peer) -> None:
         available = peer.state is PeerState.UP and not peer.load.draining
-        busy = max(peer.load.active_streams + peer.load.queued, peer.in_flight)
+        busy = peer.busy
         for info in peer.models:
             for name in (info.name, *info.aliases):
                 self._index.setdefault(name, ModelColumns()).upsert(
@@ -187,6 +194,7 @@ class PeerTable:
             else ((1 - RTT_SMOOTHING) * peer.rtt_ms + RTT_SMOOTHING * rtt_ms)
         )
         peer.load = load
+        peer.others_busy = max(0, load.active_streams + load.queued - peer.in_flight)
         if load.draining:
             events = self._set(peer, PeerState.DOWN, "draining (shutting down)")
         else:

@@ -45,7 +45,7 @@ from mesh.inference import (
     TextDelta,
     new_request_id,
 )
-from mesh.peers import PeerState, PeerTable
+from mesh.peers import PeerEvent, PeerState, PeerTable
 from mesh.scheduler import DEFAULT_MAX_WAIT_MS, Candidate, Plan, Privacy, Scored, plan
 from node.backends.base import Backend
 
@@ -70,6 +70,9 @@ class PeerLinks(Protocol):
     """What the dispatcher needs from the peering layer."""
 
     def client(self, node_id: str) -> Any: ...
+
+    def apply(self, events: list[PeerEvent]) -> None:
+        """Log peer state changes and tell whoever listens (cards are re-signed)."""
 
 
 class _Source:
@@ -281,7 +284,7 @@ class Dispatcher:
                     route=peer.route,
                     model=info.name,
                     rtt_ms=peer.rtt_ms,
-                    busy=max(peer.load.active_streams + peer.load.queued, peer.in_flight),
+                    busy=peer.busy,
                     slots=max(peer.load.slots, 1),
                     service_ms=peer.service_ms,
                     tokens_per_second=info.tokens_per_second or local_speed,
@@ -441,7 +444,9 @@ class Dispatcher:
         if served_by.route is not Route.LOCAL and isinstance(
             error, Unavailable | RemoteProtocolError | SealingError
         ):
-            self.peers.failed(served_by.node_id, error.message)
+            events = self.peers.failed(served_by.node_id, error.message)
+            if self._links is not None:
+                self._links.apply(events)
 
     def record_service(self, served_by: ServedBy, elapsed_ms: float) -> None:
         if served_by.route is Route.LOCAL:

@@ -121,7 +121,7 @@ class Peering:
 
     def leaving(self, node_id: str) -> None:
         """A peer told us it is shutting down."""
-        self._apply(self.table.goodbye(node_id))
+        self.apply(self.table.goodbye(node_id))
 
     # --- the loop ----------------------------------------------------------------------------
 
@@ -140,12 +140,12 @@ class Peering:
             if time.monotonic() - last_beat >= interval:
                 last_beat = time.monotonic()
                 await self._heartbeat()
-                self._apply(self.table.tick(_now_ms()))
+                self.apply(self.table.tick(_now_ms()))
             pause = max(0.0, interval - (time.monotonic() - last_beat))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), pause)
 
-    def _apply(self, events: list[PeerEvent]) -> None:
+    def apply(self, events: list[PeerEvent]) -> None:
         for event in events:
             if isinstance(event, PeerDiscovered):
                 logger.info("peer %s joined the rotation", event.node_id[:7])
@@ -192,7 +192,7 @@ class Peering:
 
     def _learn(self, node_id: str, address: str, full: pb.NodeCard) -> None:
         self._card_versions[node_id] = full.issued_at_unix_ms
-        self._apply(
+        self.apply(
             self.table.verified(
                 node_id=node_id,
                 address=address,
@@ -227,7 +227,7 @@ class Peering:
             rtt_ms = (time.perf_counter() - started) * 1000
             if reply.card_issued_at_unix_ms != self._card_versions.get(node_id):
                 await self._refresh_card(node_id, client)
-            self._apply(
+            self.apply(
                 self.table.heartbeat_ok(
                     node_id,
                     now_ms=_now_ms(),
