@@ -20,7 +20,7 @@ import grpc
 
 from mesh.cards import PeerCard
 from mesh.errors import MeshError
-from mesh.inference import ModelInfo, Route
+from mesh.inference import Route
 from mesh.peers import (
     HEARTBEAT_INTERVAL_MS,
     HEARTBEAT_TIMEOUT_MS,
@@ -42,23 +42,6 @@ MAX_ADDRESSES = 4096  # addresses to try; hints beyond it are dropped
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
-
-
-def _model_info(card: pb.NodeCard) -> tuple[ModelInfo, ...]:
-    return tuple(
-        ModelInfo(
-            name=m.name,
-            aliases=tuple(m.aliases),
-            family=m.family,
-            parameter_count=m.parameter_count,
-            quantization=m.quantization,
-            context_length=m.context_length,
-            backend=m.backend,
-            tokens_per_second=m.tokens_per_second,
-            chat=m.chat,
-        )
-        for m in card.models
-    )
 
 
 class Peering:
@@ -197,7 +180,7 @@ class Peering:
                 node_id=node_id,
                 address=address,
                 route=Route.LAN,
-                models=_model_info(full),
+                models=tuple(codec.model_from_pb(m) for m in full.models),
                 display_name=full.display_name,
                 now_ms=_now_ms(),
             )

@@ -36,3 +36,16 @@ async def join_as_member(node: NodeProcess, home: Path, role: str = "member") ->
     trust = new_trust(home)
     await join_mesh(invite_code(node, role), trust, display_name="test-client", addresses=())
     return trust
+
+
+def models_config(*names: str) -> str:
+    """[[models]] entries serving the embedded model under these names, greedy, with the
+    system prompt the embedded model needs to answer plain questions."""
+    from mesh.config import embedded_model_path
+
+    path = embedded_model_path()
+    return "".join(
+        f'[[models]]\nname = "{name}"\npath = "{path}"\nsystem_prompt = "You are a '
+        f'helpful assistant."\ntemperature = 0.0\n'
+        for name in names
+    )

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import json
 import os
 import secrets
@@ -26,6 +27,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -423,3 +425,26 @@ class NetnsLab:
     def link_down(self, node: LabNode) -> None:
         """Unplug the box: its bridge-side veth goes down, packets to it vanish."""
         _ip("link", "set", node.host_veth, "down")
+
+
+def start_all(lab: NetnsLab, plans: list[tuple[int, list[str], str]]) -> list[LabNode]:
+    """Start several nodes at once (model loading dominates); plans: (box, args, config)."""
+    with ThreadPoolExecutor(len(plans)) as pool:
+        futures = [pool.submit(lab.start, box, *args, config=cfg) for box, args, cfg in plans]
+        return [f.result() for f in futures]
+
+
+def sees_all_others_up(lab: NetnsLab, node: LabNode, everyone: set[str]) -> bool:
+    return lab.up_peers(node) == everyone - {node.node_id}
+
+
+def all_see_each_other_up(lab: NetnsLab, nodes: list[LabNode], timeout_s: float) -> float:
+    everyone = {n.node_id for n in nodes}
+    started = time.monotonic()
+    for node in nodes:
+        wait_until(
+            functools.partial(sees_all_others_up, lab, node, everyone),
+            max(0.0, timeout_s - (time.monotonic() - started)),
+            f"{node.name} sees every other box up",
+        )
+    return time.monotonic() - started

@@ -17,17 +17,10 @@ from typing import Any
 import pytest
 
 from mesh.config import embedded_model_path
+from tests.members import models_config
 from tests.nodeproc import NodeProcess, run_cli
 
 MODEL_FILE = embedded_model_path()
-
-
-def models_config(*names: str) -> str:
-    return "".join(
-        f'[[models]]\nname = "{name}"\npath = "{MODEL_FILE}"\nsystem_prompt = "You are a '
-        f'helpful assistant."\ntemperature = 0.0\n'
-        for name in names
-    )
 
 
 def status(node: NodeProcess) -> dict[str, Any]:

@@ -9,13 +9,21 @@ import importlib.util
 import json
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from mesh.config import embedded_model_path
-from tests.netns import LabNode, NetnsLab, kill9, netns_unavailable, wait_until
+from tests.members import models_config
+from tests.netns import (
+    LabNode,
+    NetnsLab,
+    all_see_each_other_up,
+    kill9,
+    netns_unavailable,
+    start_all,
+    wait_until,
+)
 
 MODEL_FILE = embedded_model_path()
 CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
@@ -45,37 +53,6 @@ def need_mdns() -> None:
 def lab3(tmp_path: Path) -> Iterator[NetnsLab]:
     with NetnsLab(3, tmp_path) as lab:
         yield lab
-
-
-def models_config(*names: str) -> str:
-    return "".join(
-        f'[[models]]\nname = "{name}"\npath = "{MODEL_FILE}"\nsystem_prompt = "You are a '
-        f'helpful assistant."\ntemperature = 0.0\n'
-        for name in names
-    )
-
-
-def start_all(lab: NetnsLab, plans: list[tuple[int, list[str], str]]) -> list[LabNode]:
-    """Start several nodes at once (model loading dominates); plans: (box, args, config)."""
-    with ThreadPoolExecutor(len(plans)) as pool:
-        futures = [pool.submit(lab.start, box, *args, config=cfg) for box, args, cfg in plans]
-        return [f.result() for f in futures]
-
-
-def sees_all_others_up(lab: NetnsLab, node: LabNode, everyone: set[str]) -> bool:
-    return lab.up_peers(node) == everyone - {node.node_id}
-
-
-def all_see_each_other_up(lab: NetnsLab, nodes: list[LabNode], timeout_s: float) -> float:
-    everyone = {n.node_id for n in nodes}
-    started = time.monotonic()
-    for node in nodes:
-        wait_until(
-            functools.partial(sees_all_others_up, lab, node, everyone),
-            max(0.0, timeout_s - (time.monotonic() - started)),
-            f"{node.name} sees every other box up",
-        )
-    return time.monotonic() - started
 
 
 def static_mesh(lab: NetnsLab) -> list[LabNode]:

@@ -219,6 +219,20 @@ def _by_code() -> dict[str, type[MeshError]]:
     return found
 
 
+def model_from_pb(card: pb.ModelCard) -> ModelInfo:
+    return ModelInfo(
+        name=card.name,
+        aliases=tuple(card.aliases),
+        family=card.family,
+        parameter_count=card.parameter_count,
+        quantization=card.quantization,
+        context_length=card.context_length,
+        backend=card.backend,
+        tokens_per_second=card.tokens_per_second,
+        chat=card.chat,
+    )
+
+
 def error_from_status(code_name: str, details: str, error_code: str = "") -> MeshError:
     """A gRPC status (and our error code, when the peer sent one) back into the error tree."""
     cls = _by_code().get(error_code) if error_code else None
