@@ -136,6 +136,7 @@ class InferenceRequest:
 @dataclass(frozen=True, slots=True)
 class TextDelta:
     text: str
+    tokens: int = 1  # how many generated tokens this text is (deltas get merged on the wire)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -1,15 +1,17 @@
-"""Adaptive batching of an answer stream for the wire.
+"""Batching of an answer stream for the wire.
 
-When the sender keeps up, every token goes out on its own, at once. When it
-falls behind (a fast backend, a slow link), the text deltas that piled up are
-merged into one, so the per-message cost of gRPC is paid per batch instead of
-per token. Latency never grows: nothing waits for a batch to fill.
+The first token always goes out at once. After it, text deltas that piled up
+while the previous message was being sent are merged into one message, and
+with a `window_s` the sender also gathers the tokens of up to that long into
+one message: gRPC's cost is per message (most of a relaying box's CPU), and a
+reader does not notice 15 ms of grouping in a stream of text.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncGenerator, AsyncIterator
 
 from mesh.inference import InferenceEvent, TextDelta
@@ -22,8 +24,13 @@ class _End:
     pass
 
 
-async def coalesce(source: AsyncIterator[InferenceEvent]) -> AsyncGenerator[InferenceEvent, None]:
-    queue: asyncio.Queue[InferenceEvent | BaseException | _End] = asyncio.Queue(QUEUE_EVENTS)
+_Item = InferenceEvent | BaseException | _End
+
+
+async def coalesce(
+    source: AsyncIterator[InferenceEvent], *, window_s: float = 0.0
+) -> AsyncGenerator[InferenceEvent, None]:
+    queue: asyncio.Queue[_Item] = asyncio.Queue(QUEUE_EVENTS)
 
     async def pump() -> None:
         try:
@@ -34,35 +41,53 @@ async def coalesce(source: AsyncIterator[InferenceEvent]) -> AsyncGenerator[Infe
         else:
             await queue.put(_End())
 
+    def settle(item: _Item) -> InferenceEvent | None:
+        if isinstance(item, _End):
+            return None
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
     task = asyncio.create_task(pump())
+    first = True
     try:
         while True:
-            item = await queue.get()
-            if isinstance(item, _End):
+            event = settle(await queue.get())
+            if event is None:
                 return
-            if isinstance(item, BaseException):
-                raise item
-            if not isinstance(item, TextDelta):
-                yield item
+            if not isinstance(event, TextDelta):
+                yield event
                 continue
-            parts = [item.text]
-            size = len(item.text)
-            held: InferenceEvent | BaseException | _End | None = None
-            while size < MAX_BATCH_CHARS and not queue.empty():
-                following = queue.get_nowait()
+            parts = [event.text]
+            tokens = event.tokens
+            size = len(event.text)
+            held: _Item | None = None
+            deadline = time.monotonic() + (0.0 if first else window_s)
+            first = False
+            while size < MAX_BATCH_CHARS:
+                if not queue.empty():
+                    following = queue.get_nowait()
+                else:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    try:
+                        following = await asyncio.wait_for(queue.get(), remaining)
+                    except TimeoutError:
+                        break
                 if isinstance(following, TextDelta):
                     parts.append(following.text)
+                    tokens += following.tokens
                     size += len(following.text)
                 else:
                     held = following
                     break
-            yield TextDelta("".join(parts)) if len(parts) > 1 else item
+            yield TextDelta("".join(parts), tokens) if len(parts) > 1 else event
             if held is not None:
-                if isinstance(held, _End):
+                settled = settle(held)
+                if settled is None:
                     return
-                if isinstance(held, BaseException):
-                    raise held
-                yield held
+                yield settled
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -117,8 +117,8 @@ class Answer:
     async def events(self) -> AsyncGenerator[InferenceEvent, None]:
         """Every event of the answer; closing early cancels the work wherever it runs."""
         delivered: list[str] = []
-        tokens_before = 0  # tokens made by sources that failed mid-stream
-        delivered_at_switch = 0  # len(delivered) when the current source took over
+        delivered_tokens = 0  # tokens whose text the client has (exact, per delta)
+        tokens_before = 0  # of those, made by sources that failed mid-stream
         started = time.monotonic()
         source = self._source
         pending: InferenceEvent | None = source.first
@@ -130,6 +130,7 @@ class Answer:
                         pending = None
                         if isinstance(event, TextDelta):
                             delivered.append(event.text)
+                            delivered_tokens += event.tokens
                             yield event
                             continue
                         self._dispatcher.record_service(
@@ -146,8 +147,7 @@ class Answer:
                 # Mid-stream failure: continue on the next candidate after what was delivered.
                 await source.aclose()
                 self._dispatcher.note_failure(source.served_by, failure)
-                tokens_before += len(delivered) - delivered_at_switch
-                delivered_at_switch = len(delivered)
+                tokens_before = delivered_tokens
                 text = "".join(delivered)
                 wanted = self._request.sampling.max_tokens
                 if wanted is not None and tokens_before >= wanted:

@@ -78,7 +78,8 @@ async def test_sealed_infer_streams_tokens_then_one_finish(
 ) -> None:
     events = [event async for event in client.infer(peer, CAPITAL)]
     deltas = [e for e in events if isinstance(e, TextDelta)]
-    assert len(deltas) > 3
+    assert len(deltas) >= 2  # streamed (tokens after the first may travel grouped)
+    assert sum(d.tokens for d in deltas) == events[-1].completion_tokens
     assert "Paris" in "".join(d.text for d in deltas)
     assert isinstance(events[-1], Finished)
     assert sum(isinstance(e, Finished) for e in events) == 1

@@ -132,7 +132,7 @@ def error_to_pb(error: MeshError) -> pb.InferEvent:
 
 def event_to_pb(event: InferenceEvent, served_by: ServedBy) -> pb.InferEvent:
     if isinstance(event, TextDelta):
-        return pb.InferEvent(delta=pb.Delta(text=event.text))
+        return pb.InferEvent(delta=pb.Delta(text=event.text, tokens=event.tokens))
     return pb.InferEvent(
         finish=pb.Finish(
             reason=_REASON_TO_PB[event.reason],
@@ -148,7 +148,7 @@ def event_to_pb(event: InferenceEvent, served_by: ServedBy) -> pb.InferEvent:
 def event_from_pb(message: pb.InferEvent) -> InferenceEvent:
     which = message.WhichOneof("event")
     if which == "delta":
-        return TextDelta(message.delta.text)
+        return TextDelta(message.delta.text, max(1, message.delta.tokens))
     if which == "finish":
         reason = _REASON_FROM_PB.get(message.finish.reason)
         if reason is None:

@@ -428,6 +428,7 @@ class LlamaCppBackend:
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         scanner = StopScanner(sampling.stop)
         produced = 0
+        unsent = 0  # tokens whose text is not out yet (held back by the stop scanner)
         reason = FinishReason.LENGTH
         first_at = last_at = 0.0
         cfg = self._config
@@ -450,12 +451,14 @@ class LlamaCppBackend:
                     reason = FinishReason.STOP
                     break
                 produced += 1
+                unsent += 1
                 last_at = time.perf_counter()
                 if produced == 1:
                     first_at = last_at
                 released, stopped = scanner.feed(decoder.decode(llama.detokenize([token])))
                 if released:
-                    job.emit(TextDelta(released))
+                    job.emit(TextDelta(released, unsent))
+                    unsent = 0
                 if stopped:
                     reason = FinishReason.STOP
                     break
@@ -471,7 +474,7 @@ class LlamaCppBackend:
             if stopped:
                 reason = FinishReason.STOP
             if tail:
-                job.emit(TextDelta(tail))
+                job.emit(TextDelta(tail, max(1, unsent)))
         if produced >= 8 and last_at > first_at:
             rate = (produced - 1) / (last_at - first_at)
             self._tokens_per_second = (

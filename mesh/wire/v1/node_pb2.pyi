@@ -229,10 +229,12 @@ class PushRevocationsResponse(_message.Message):
     def __init__(self, version: _Optional[int] = ...) -> None: ...
 
 class Delta(_message.Message):
-    __slots__ = ("text",)
+    __slots__ = ("text", "tokens")
     TEXT_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
     text: str
-    def __init__(self, text: _Optional[str] = ...) -> None: ...
+    tokens: int
+    def __init__(self, text: _Optional[str] = ..., tokens: _Optional[int] = ...) -> None: ...
 
 class Finish(_message.Message):
     __slots__ = ("reason", "prompt_tokens", "completion_tokens", "served_by", "route", "model")
