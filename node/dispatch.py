@@ -111,9 +111,6 @@ class Answer:
         self.served_by = source.served_by
         self.failovers: list[str] = []
 
-    async def aclose(self) -> None:
-        await self._source.aclose()
-
     async def events(self) -> AsyncGenerator[InferenceEvent, None]:
         """Every event of the answer; closing early cancels the work wherever it runs."""
         delivered: list[str] = []

@@ -25,7 +25,7 @@ from typing import Any
 from mesh.enckeys import KeyPair, KeyRing, hybrid_available
 from mesh.errors import IdentityError, InviteError, MeshError, PermissionDenied
 from mesh.home import Home, write_private
-from mesh.identity import Identity, load_or_create_identity, parse_node_id
+from mesh.identity import Identity, parse_node_id
 from mesh.invites import InviteBook
 from mesh.membership import (
     ADMIN_CERT_TTL_MS,
@@ -301,9 +301,3 @@ class TrustStore:
         self._set_cert(response.cert, now)
         if response.HasField("revocations"):
             self.apply_revocations(response.revocations)
-
-
-def open_trust(home: Home) -> TrustStore:
-    """For CLI commands that work on a stopped node's home."""
-    identity, _ = load_or_create_identity(home.identity_key)
-    return TrustStore.open(home, identity)

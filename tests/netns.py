@@ -32,7 +32,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-READY_TIMEOUT_S = 60.0
+from tests.nodeproc import wait_for_run_info
+
 STOP_TIMEOUT_S = 30.0
 CLI_TIMEOUT_S = 120.0
 IP_TIMEOUT_S = 20.0
@@ -155,23 +156,12 @@ class LabNode:
             args += ["--config", str(path)]
         self._log = (self.home / "node.log").open("ab")
         self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, env=_ENV)
-        run_file = self.home / "run" / "node.json"
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"node {self.name} exited with {self.proc.returncode}:\n{self.output()}"
-                )
-            try:
-                info = json.loads(run_file.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                info = {}
-            if info.get("pid") == self.proc.pid:
-                self.info = info
-                return self
-            time.sleep(0.05)
-        self.kill()
-        raise RuntimeError(f"node {self.name} did not become ready:\n{self.output()}")
+        try:
+            self.info = wait_for_run_info(self.proc, self.home, self.output, f"node {self.name}")
+        except RuntimeError:
+            self.kill()
+            raise
+        return self
 
     def output(self) -> str:
         try:

@@ -8,11 +8,31 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 30.0
+
+
+def wait_for_run_info(
+    proc: subprocess.Popen[bytes], home: Path, output: Callable[[], str], name: str = "node"
+) -> dict[str, Any]:
+    """Wait until the node started as `proc` publishes HOME/run/node.json (its pid in it)."""
+    run_file = home / "run" / "node.json"
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited with {proc.returncode}:\n{output()}")
+        try:
+            info = json.loads(run_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            info = {}
+        if info.get("pid") == proc.pid:
+            return dict(info)
+        time.sleep(0.05)
+    raise RuntimeError(f"{name} did not become ready:\n{output()}")
 
 
 class NodeProcess:
@@ -52,21 +72,12 @@ class NodeProcess:
             args += ["--config", str(path)]
         self.log = (self.home / "node.log").open("wb")
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        run_file = self.home / "run" / "node.json"
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"node exited with {self.proc.returncode}:\n{self.output()}")
-            try:
-                info = json.loads(run_file.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                info = {}
-            if info.get("pid") == self.proc.pid:
-                self.info = info
-                return self
-            time.sleep(0.05)
-        self.kill()
-        raise RuntimeError(f"node did not become ready:\n{self.output()}")
+        try:
+            self.info = wait_for_run_info(self.proc, self.home, self.output)
+        except RuntimeError:
+            self.kill()
+            raise
+        return self
 
     def output(self) -> str:
         try:

@@ -19,16 +19,20 @@ from tests.nodeproc import NodeProcess
 COUNTING = {"model": "default", "prompt": "1, 2, 3, 4, 5,", "temperature": 0}
 
 
-@pytest.fixture(scope="module")
-def small_queue_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
+def queue_node(tmp_path_factory: pytest.TempPathFactory, queue_size: int) -> NodeProcess:
     config = f"""
 [[models]]
 name = "smollm2-135m-instruct"
 aliases = ["default"]
 path = "{embedded_model_path()}"
-queue_size = 1
+queue_size = {queue_size}
 """
-    proc = NodeProcess(tmp_path_factory.mktemp("home"), config=config).start()
+    return NodeProcess(tmp_path_factory.mktemp("home"), config=config).start()
+
+
+@pytest.fixture(scope="module")
+def small_queue_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
+    proc = queue_node(tmp_path_factory, 1)
     try:
         yield proc
     finally:
@@ -192,14 +196,7 @@ async def _collect(stream: Any) -> list[Any]:
 
 @pytest.fixture(scope="module")
 def deep_queue_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
-    config = f"""
-[[models]]
-name = "smollm2-135m-instruct"
-aliases = ["default"]
-path = "{embedded_model_path()}"
-queue_size = 30
-"""
-    proc = NodeProcess(tmp_path_factory.mktemp("home"), config=config).start()
+    proc = queue_node(tmp_path_factory, 30)
     try:
         yield proc
     finally:
