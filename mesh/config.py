@@ -13,6 +13,7 @@ Example file:
     display_name = "kitchen-box"
     shutdown_grace_s = 10
     peers = ["192.168.1.21:8471"]   # static peers, where multicast (mDNS) is blocked
+    relays = ["relay.example.net:7443"]  # other offices and cloud nodes, through a relay
     mdns = true
 
     [http]
@@ -39,6 +40,16 @@ Example file:
     system_prompt = "You are a helpful assistant."   # when a chat brings none
     temperature = 0.7                                  # when a request sets none
     top_p = 0.9
+
+    [[models]]                # served by an OpenAI-compatible upstream (a cloud GPU node)
+    name = "llama-3.1-8b"
+    backend = "openai"
+    url = "http://10.0.0.5:8000/v1"                    # the upstream's API base
+    upstream_model = "meta-llama/Llama-3.1-8B-Instruct" # default: name
+    api_key_env = "VLLM_API_KEY"  # the variable holding the key (never the key itself)
+    slots = 8                     # concurrent requests sent upstream; more get 429 at once
+    timeout_s = 120               # longest the upstream may stay silent
+    context_length = 131072       # default: what the upstream's /models says
 """
 
 from __future__ import annotations
@@ -49,6 +60,7 @@ import ipaddress
 import os
 import re
 import tomllib
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,13 +77,36 @@ DEFAULT_HTTP_PORT = 8470
 DEFAULT_GRPC_PORT = 8471
 MAX_CONFIG_BYTES = 1024 * 1024
 MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+MAX_URL_CHARS = 2048
+MAX_API_KEY_CHARS = 4096
+DEFAULT_UPSTREAM_SLOTS = 8
+DEFAULT_UPSTREAM_TIMEOUT_S = 120.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class UpstreamConfig:
+    """Where an `openai` model is served: any OpenAI-compatible server (vLLM, llama.cpp's
+    server, a hosted API)."""
+
+    url: str  # the API base without a trailing slash, e.g. http://10.0.0.5:8000/v1
+    model: str  # the upstream's name for the model
+    api_key_env: str | None = None  # the environment variable the key was read from
+    api_key: str | None = field(default=None, repr=False)  # never printed
+    slots: int = DEFAULT_UPSTREAM_SLOTS  # requests sent upstream at once; more get 429
+    # The longest the upstream may keep us waiting for anything: the answer to start, or the
+    # next piece of a streamed answer. Connecting has its own, shorter deadline.
+    timeout_s: float = DEFAULT_UPSTREAM_TIMEOUT_S
 
 
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     name: str
-    path: Path
+    path: Path | None = None  # llama_cpp: the GGUF file
+    upstream: UpstreamConfig | None = None  # openai: the server that answers
     aliases: tuple[str, ...] = ()
+    family: str = ""  # openai: what the card says (llama_cpp reads it from the GGUF)
+    # 0 (openai only): take what the upstream's /models says, or unknown.
     context_length: int = 2048
     threads: int | None = None  # None: every core
     backend: str = "llama_cpp"
@@ -85,6 +120,13 @@ class ModelConfig:
     @property
     def names(self) -> tuple[str, ...]:
         return (self.name, *self.aliases)
+
+    @property
+    def where(self) -> str:
+        """The model file, or the upstream URL: what error messages point at."""
+        if self.upstream is not None:
+            return self.upstream.url
+        return str(self.path)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -100,6 +142,7 @@ class NodeConfig:
     shutdown_grace_s: float = 10.0
     models: tuple[ModelConfig, ...] = field(default_factory=tuple)
     peers: tuple[str, ...] = ()  # static peers "host:port", for networks without multicast
+    relays: tuple[str, ...] = ()  # relays "host:port": members elsewhere and cloud nodes
     mdns: bool = True
     # Scheduling: how long a request may wait on a nearer tier before a further one is used,
     # and the privacy policy of requests that do not choose one.
@@ -210,7 +253,20 @@ class _Reader:
                 why = f"unknown key (did you mean {hint[0]!r}?)" if hint else "unknown key"
                 if allowed:
                     why += f"; known keys: {', '.join(sorted(allowed))}"
-                raise self.fail(key, self.table[key], why)
+                # A misplaced secret must not end up in a log through its own error message.
+                value = _HIDDEN if _SECRET_KEY_RE.search(key) else self.table[key]
+                raise self.fail(key, value, why)
+
+
+class _Hidden:
+    """Stands in for a value an error message must not repeat (it may be a secret)."""
+
+    def __repr__(self) -> str:
+        return "<hidden>"
+
+
+_HIDDEN = _Hidden()
+_SECRET_KEY_RE = re.compile(r"key|token|secret|passw", re.IGNORECASE)
 
 
 def _host(reader: _Reader, key: str) -> str:
@@ -224,7 +280,35 @@ def _host(reader: _Reader, key: str) -> str:
     return host
 
 
+# Keys every model entry may have, and those of one backend only.
+_COMMON_MODEL_KEYS = (
+    "name",
+    "aliases",
+    "backend",
+    "context_length",
+    "system_prompt",
+    "temperature",
+    "top_p",
+)
+_FILE_MODEL_KEYS = ("path", "threads", "queue_size")
+_UPSTREAM_MODEL_KEYS = ("url", "upstream_model", "api_key_env", "slots", "timeout_s", "family")
+_NOT_FOR_UPSTREAM = {
+    "path": "an openai model has no model file: its upstream (url) serves it",
+    "threads": "an openai model runs on its upstream, which chooses its own threads",
+    "queue_size": "an openai model has no queue: slots bounds the requests sent upstream",
+    "api_key": (
+        "an API key does not belong in a config file: put it in an environment variable "
+        "and name that variable with api_key_env"
+    ),
+}
+
+
 def _model(reader: _Reader, *, base_dir: Path) -> ModelConfig:
+    backend = "llama_cpp"
+    if reader.has("backend"):
+        backend = reader.string("backend")
+        if not BACKEND_NAME_RE.match(backend):
+            raise reader.fail("backend", backend, "must be a backend name such as llama_cpp")
     name = (
         reader.string(
             "name", pattern=MODEL_NAME_RE, what="1-128 letters, digits or . _ : / - characters"
@@ -232,17 +316,22 @@ def _model(reader: _Reader, *, base_dir: Path) -> ModelConfig:
         if reader.has("name")
         else None
     )
-    if not reader.has("path"):
-        raise ConfigError(f"{reader.source}: {reader.prefix}path is missing", param="path")
-    raw_path = reader.string("path")
-    path = Path(raw_path).expanduser()
-    if not path.is_absolute():
-        path = base_dir / path
-    if not path.is_file():
-        raise reader.fail("path", raw_path, f"no model file at {path}")
-    if not os.access(path, os.R_OK):
-        raise reader.fail("path", raw_path, "the model file is not readable")
-    kwargs: dict[str, Any] = {"name": name or _name_from_path(path), "path": path}
+    kwargs: dict[str, Any] = {"backend": backend}
+    allowed: tuple[str, ...]
+    if backend == "openai":
+        if name is None:
+            raise ConfigError(
+                f"{reader.source}: {reader.prefix}name is missing (an openai model has no file "
+                "to take its name from)",
+                param="name",
+            )
+        kwargs["name"] = name
+        kwargs["context_length"] = 0  # unless set below: ask the upstream
+        kwargs.update(_upstream_settings(reader, name))
+        allowed = _COMMON_MODEL_KEYS + _UPSTREAM_MODEL_KEYS
+    else:
+        kwargs.update(_file_settings(reader, name, backend, base_dir=base_dir))
+        allowed = _COMMON_MODEL_KEYS + _FILE_MODEL_KEYS
     if reader.has("aliases"):
         aliases = reader.raw("aliases")
         if not isinstance(aliases, list) or not all(
@@ -252,10 +341,6 @@ def _model(reader: _Reader, *, base_dir: Path) -> ModelConfig:
         kwargs["aliases"] = tuple(aliases)
     if reader.has("context_length"):
         kwargs["context_length"] = reader.integer("context_length", 64, 1 << 20)
-    if reader.has("threads"):
-        kwargs["threads"] = reader.integer("threads", 1, 1024)
-    if reader.has("queue_size"):
-        kwargs["queue_size"] = reader.integer("queue_size", 0, 10_000)
     if reader.has("system_prompt"):
         prompt = reader.string("system_prompt")
         if len(prompt) > 16384:
@@ -270,26 +355,133 @@ def _model(reader: _Reader, *, base_dir: Path) -> ModelConfig:
         if top_p == 0.0:
             raise reader.fail("top_p", top_p, "must be greater than 0 and at most 1")
         kwargs["top_p"] = top_p
-    if reader.has("backend"):
-        backend = reader.string("backend")
-        if not BACKEND_NAME_RE.match(backend):
-            raise reader.fail("backend", backend, "must be a backend name such as llama_cpp")
-        kwargs["backend"] = backend
-    reader.finish(
-        (
-            "name",
-            "path",
-            "aliases",
-            "context_length",
-            "threads",
-            "backend",
-            "queue_size",
-            "system_prompt",
-            "temperature",
-            "top_p",
-        )
-    )
+    reader.finish(allowed)
     return ModelConfig(**kwargs)
+
+
+def _file_settings(
+    reader: _Reader, name: str | None, backend: str, *, base_dir: Path
+) -> dict[str, Any]:
+    """A model served from a GGUF file on this box (llama_cpp)."""
+    for key in _UPSTREAM_MODEL_KEYS:
+        if reader.has(key):
+            raise reader.fail(
+                key,
+                _HIDDEN if _SECRET_KEY_RE.search(key) else reader.raw(key),
+                f'is a setting of backend = "openai" models; this one is {backend!r}',
+            )
+    if not reader.has("path"):
+        raise ConfigError(f"{reader.source}: {reader.prefix}path is missing", param="path")
+    raw_path = reader.string("path")
+    path = Path(raw_path).expanduser()
+    if not path.is_absolute():
+        path = base_dir / path
+    if not path.is_file():
+        raise reader.fail("path", raw_path, f"no model file at {path}")
+    if not os.access(path, os.R_OK):
+        raise reader.fail("path", raw_path, "the model file is not readable")
+    out: dict[str, Any] = {"name": name or _name_from_path(path), "path": path}
+    if reader.has("threads"):
+        out["threads"] = reader.integer("threads", 1, 1024)
+    if reader.has("queue_size"):
+        out["queue_size"] = reader.integer("queue_size", 0, 10_000)
+    return out
+
+
+def _upstream_settings(reader: _Reader, name: str) -> dict[str, Any]:
+    """A model served by an OpenAI-compatible upstream (backend = "openai")."""
+    for key, why in _NOT_FOR_UPSTREAM.items():
+        if reader.has(key):
+            raise reader.fail(key, _HIDDEN if key == "api_key" else reader.raw(key), why)
+    if not reader.has("url"):
+        raise ConfigError(
+            f"{reader.source}: {reader.prefix}url is missing (the upstream's API base, "
+            "such as http://10.0.0.5:8000/v1)",
+            param="url",
+        )
+    upstream: dict[str, Any] = {"url": _upstream_url(reader, "url"), "model": name}
+    if reader.has("upstream_model"):
+        model = reader.string("upstream_model")
+        if not 1 <= len(model) <= 256 or not model.isprintable() or model != model.strip():
+            raise reader.fail(
+                "upstream_model",
+                model,
+                "must be 1-256 printable characters without surrounding spaces",
+            )
+        upstream["model"] = model
+    if reader.has("api_key_env"):
+        upstream["api_key_env"], upstream["api_key"] = _api_key(reader, "api_key_env")
+    if reader.has("slots"):
+        upstream["slots"] = reader.integer("slots", 1, 10_000)
+    if reader.has("timeout_s"):
+        upstream["timeout_s"] = reader.number("timeout_s", 0.1, 3600)
+    out: dict[str, Any] = {"upstream": UpstreamConfig(**upstream)}
+    if reader.has("family"):
+        family = reader.string("family")
+        if len(family) > 64 or not family.isprintable():
+            raise reader.fail("family", family, "must be at most 64 printable characters")
+        out["family"] = family
+    return out
+
+
+def _upstream_url(reader: _Reader, key: str) -> str:
+    raw = reader.string(key)
+    example = "such as http://10.0.0.5:8000/v1"
+    if len(raw) > MAX_URL_CHARS or not raw.isprintable() or any(c.isspace() for c in raw):
+        raise reader.fail(key, raw[:80], f"must be a URL of at most {MAX_URL_CHARS} characters")
+    try:
+        parts = urllib.parse.urlsplit(raw)
+        parts.port  # noqa: B018 (raises ValueError on a bad port)
+    except ValueError as exc:
+        shown: object = _HIDDEN if "@" in raw else raw  # it may hold a password
+        raise reader.fail(
+            key, shown, f"is not a usable URL ({exc}); give the API base, {example}"
+        ) from exc
+    if parts.username is not None or parts.password is not None:
+        raise reader.fail(
+            key,
+            _HIDDEN,
+            "must not carry credentials: put the key in an environment variable and name it "
+            "with api_key_env",
+        )
+    if parts.scheme not in ("http", "https"):
+        raise reader.fail(key, raw, f"must start with http:// or https://, {example}")
+    if not parts.hostname:
+        raise reader.fail(key, raw, f"has no host; give the API base, {example}")
+    if parts.query or parts.fragment:
+        raise reader.fail(key, raw, f"must have no query or fragment; give the API base, {example}")
+    return raw.rstrip("/")
+
+
+def _api_key(reader: _Reader, key: str) -> tuple[str, str]:
+    """The name of the variable and the key it holds, read now: a missing key is an error
+    at start, not at the first request."""
+    variable = reader.raw(key)
+    if not isinstance(variable, str) or not ENV_NAME_RE.match(variable):
+        # Never repeat it: a common mistake is to paste the key itself here.
+        raise reader.fail(
+            key,
+            _HIDDEN,
+            "must be the name of an environment variable (letters, digits, _) that holds the "
+            "key, not the key itself",
+        )
+    value = os.environ.get(variable)
+    if value is None:
+        raise reader.fail(
+            key,
+            variable,
+            f"the environment variable {variable} is not set (it must hold the upstream's API key)",
+        )
+    if not value:
+        raise reader.fail(key, variable, f"the environment variable {variable} is empty")
+    if len(value) > MAX_API_KEY_CHARS or not all(33 <= ord(c) < 127 for c in value):
+        raise reader.fail(
+            key,
+            variable,
+            f"the environment variable {variable} holds characters an API key cannot have "
+            "(it must be printable ASCII without spaces)",
+        )
+    return variable, value
 
 
 def _name_from_path(path: Path) -> str:
@@ -342,6 +534,13 @@ def _node_settings(reader: _Reader, *, base_dir: Path) -> dict[str, Any]:
         if not isinstance(peers, list) or not all(isinstance(p, str) for p in peers):
             raise reader.fail("peers", peers, 'must be a list of "host:port" strings')
         out["peers"] = tuple(_peer_address(reader, "peers", p) for p in peers)
+    if reader.has("relays"):
+        relays = reader.raw("relays")
+        if not isinstance(relays, list) or not all(isinstance(r, str) for r in relays):
+            raise reader.fail("relays", relays, 'must be a list of "host:port" strings')
+        if len(relays) > MAX_RELAYS:
+            raise reader.fail("relays", relays, f"at most {MAX_RELAYS} relays")
+        out["relays"] = tuple(_peer_address(reader, "relays", r) for r in relays)
     if reader.has("mdns"):
         mdns = reader.raw("mdns")
         if not isinstance(mdns, bool):
@@ -367,11 +566,15 @@ def _node_settings(reader: _Reader, *, base_dir: Path) -> dict[str, Any]:
             "grpc",
             "models",
             "peers",
+            "relays",
             "mdns",
             "scheduler",
         )
     )
     return out
+
+
+MAX_RELAYS = 4
 
 
 def _peer_address(reader: _Reader, key: str, value: str) -> str:
@@ -410,6 +613,7 @@ class Flags:
     grpc_port: int | None = None
     models: tuple[str, ...] = ()
     peers: tuple[str, ...] = ()
+    relays: tuple[str, ...] = ()
     no_mdns: bool = False
 
 
@@ -432,6 +636,11 @@ def _flag_settings(flags: Flags, configured: tuple[ModelConfig, ...]) -> dict[st
     if flags.peers:
         peer_reader = _Reader({}, source="flag", prefix="--")
         out["peers"] = tuple(_peer_address(peer_reader, "peer", p) for p in flags.peers)
+    if flags.relays:
+        relay_reader = _Reader({}, source="flag", prefix="--")
+        if len(flags.relays) > MAX_RELAYS:
+            raise relay_reader.fail("relay", flags.relays, f"at most {MAX_RELAYS} relays")
+        out["relays"] = tuple(_peer_address(relay_reader, "relay", r) for r in flags.relays)
     if flags.no_mdns:
         out["mdns"] = False
     return out
@@ -468,8 +677,8 @@ def build_config(*, config_file: Path | None, flags: Flags) -> NodeConfig:
             other = seen.get(name)
             if other is not None:
                 raise ConfigError(
-                    f"model name {name!r} is used by both {other.name!r} ({other.path}) and "
-                    f"{model.name!r} ({model.path})"
+                    f"model name {name!r} is used by both {other.name!r} ({other.where}) and "
+                    f"{model.name!r} ({model.where})"
                 )
             seen[name] = model
     settings["models"] = unique

@@ -82,6 +82,25 @@ class PermissionDenied(MeshError):
     code = "permission_denied"
 
 
+class PrivacyNotAllowed(PermissionDenied):
+    """A request asked for a looser privacy policy than its API key allows."""
+
+    code = "privacy_not_allowed"
+
+
+class UserExists(InvalidRequest):
+    grpc_status = "ALREADY_EXISTS"
+    http_status = 409
+    code = "user_exists"
+
+
+class UserNotFound(MeshError):
+    grpc_status = "NOT_FOUND"
+    http_status = 404
+    error_type = "invalid_request_error"
+    code = "user_not_found"
+
+
 class ModelNotFound(MeshError):
     grpc_status = "NOT_FOUND"
     http_status = 404

@@ -4,6 +4,7 @@ Several nodes on one machine are several homes. Layout:
 
     identity.key       Ed25519 identity (0600)
     config.toml        optional configuration, read when no --config is given
+    users.json         users and the SHA-256 of their API keys (0600; see mesh/users.py)
     run/node.json      written by a running node: IDs, bound addresses, pid
 """
 
@@ -11,12 +12,13 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mesh.errors import ConfigError
+from mesh.errors import ConfigError, MeshError
 
 HOME_ENV = "ALLERAC_HOME"
 MAX_RUN_FILE_BYTES = 64 * 1024
@@ -49,6 +51,10 @@ class Home:
     @property
     def config_file(self) -> Path:
         return self.root / "config.toml"
+
+    @property
+    def users_file(self) -> Path:
+        return self.root / "users.json"
 
     @property
     def run_dir(self) -> Path:
@@ -117,3 +123,36 @@ def write_private(path: Path, data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def read_owner_only(
+    path: Path, *, what: str, max_bytes: int, error: type[MeshError]
+) -> bytes | None:
+    """The bytes of a secret file only its owner may read, or None when it does not exist.
+
+    Refuses (with `error`, naming `what` and the path, and leaving the file untouched) a
+    link, anything but a regular file, a file others may read, and one over `max_bytes`.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise error(f"cannot open {what} {path}: {exc.strerror}") from exc
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise error(f"{what} {path} is not a regular file; it was left untouched")
+    with os.fdopen(fd, "rb") as handle:
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise error(
+                f"{what} {path} is readable by other users (mode {stat.S_IMODE(mode):o}); "
+                f"run: chmod 600 {path}"
+            )
+        try:
+            data = handle.read(max_bytes + 1)
+        except OSError as exc:
+            raise error(f"cannot read {what} {path}: {exc.strerror}") from exc
+    if len(data) > max_bytes:
+        raise error(f"{what} {path} is too large (over {max_bytes} bytes); it was left untouched")
+    return data

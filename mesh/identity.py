@@ -19,7 +19,6 @@ import base64
 import contextlib
 import hashlib
 import os
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 
 from mesh.errors import IdentityError, InvalidRequest
+from mesh.home import read_owner_only
 
 _B32_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
 _GROUP = 13
@@ -146,28 +146,11 @@ def load_or_create_identity(path: Path) -> tuple[Identity, bool]:
 
     Returns (identity, created). Never overwrites an existing file.
     """
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-    except FileNotFoundError:
+    data = read_owner_only(
+        path, what="identity key", max_bytes=MAX_KEY_FILE_BYTES, error=IdentityError
+    )
+    if data is None:
         return _create_identity(path), True
-    except OSError as exc:
-        raise IdentityError(f"cannot open identity key {path}: {exc.strerror}") from exc
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
-        os.close(fd)
-        raise IdentityError(f"identity key {path} is not a regular file; left untouched")
-    with os.fdopen(fd, "rb") as handle:
-        if mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise IdentityError(
-                f"identity key {path} is readable by other users (mode {stat.S_IMODE(mode):o}); "
-                f"run: chmod 600 {path}"
-            )
-        try:
-            data = handle.read(MAX_KEY_FILE_BYTES + 1)
-        except OSError as exc:
-            raise IdentityError(f"cannot read identity key {path}: {exc.strerror}") from exc
-    if len(data) > MAX_KEY_FILE_BYTES:
-        raise IdentityError(f"identity key {path} is too large to be a key; left untouched")
     return Identity.from_pem(data, source=f"identity key {path}"), False
 
 

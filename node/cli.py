@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import http.client
 import json
 import logging
@@ -56,7 +57,10 @@ def cli() -> None:
     type=click.Path(dir_okay=False, path_type=Path),
     help="TOML config file (default: HOME/config.toml if present).",
 )
-@click.option("--http-host", help="Address of the OpenAI-compatible API (loopback only for now).")
+@click.option(
+    "--http-host",
+    help="Address of the OpenAI-compatible API; beyond loopback, clients need an API key.",
+)
 @click.option("--http-port", type=int, help="Port of the HTTP API; 0 picks a free one.")
 @click.option("--grpc-host", help="Address mesh peers reach the gRPC agent on (default all).")
 @click.option("--grpc-port", type=int, help="Port of the gRPC agent; 0 picks a free one.")
@@ -74,6 +78,13 @@ def cli() -> None:
     metavar="HOST:PORT",
     help="A box of the mesh to connect to directly (no multicast needed); repeatable.",
 )
+@click.option(
+    "--relay",
+    "relays",
+    multiple=True,
+    metavar="HOST:PORT",
+    help="A relay through which members elsewhere and cloud nodes are reached; repeatable.",
+)
 @click.option("--no-mdns", is_flag=True, help="Do not announce or look for boxes with mDNS.")
 @click.option(
     "--log-level",
@@ -90,6 +101,7 @@ def up(
     grpc_port: int | None,
     models: tuple[str, ...],
     peers: tuple[str, ...],
+    relays: tuple[str, ...],
     no_mdns: bool,
     log_level: str,
 ) -> None:
@@ -112,6 +124,7 @@ def up(
                 grpc_port=grpc_port,
                 models=models,
                 peers=peers,
+                relays=relays,
                 no_mdns=no_mdns,
             ),
         )
@@ -204,6 +217,11 @@ def _post_json(base_url: str, path: str, body: dict[str, Any]) -> Any:
         return json.loads(response.read())
 
 
+def _delete_json(base_url: str, path: str) -> Any:
+    with _request(base_url, "DELETE", path) as response:
+        return json.loads(response.read())
+
+
 @cli.group()
 def mesh() -> None:
     """Your mesh: invite boxes, join one, list members, revoke."""
@@ -275,6 +293,71 @@ def revoke(home_dir: Path | None, node_id: str) -> None:
     )
     for node, error in reply["unreachable"].items():
         click.echo(f"  not reached yet: {node} ({error})", err=True)
+
+
+@cli.group()
+def user() -> None:
+    """Users of this node and their API keys (needed beyond loopback)."""
+
+
+PRIVACY_CHOICE = click.Choice(["local-only", "mesh", "any"])
+
+
+@user.command("add")
+@home_option
+@click.argument("name")
+@click.option(
+    "--privacy",
+    type=PRIVACY_CHOICE,
+    default=None,
+    help="The key's privacy policy: its requests' default and the loosest they may ask "
+    "for (default: the node's scheduler.privacy).",
+)
+def user_add(home_dir: Path | None, name: str, privacy: str | None) -> None:
+    """Add user NAME and print their API key (shown this once only)."""
+    body = {"name": name, **({"privacy": privacy} if privacy else {})}
+    reply = _post_json(_node_url(home_dir), "/allerac/users", body)
+    click.echo(reply["api_key"])
+    click.echo(
+        f"API key of {reply['name']} (privacy {reply['privacy']}). It is shown only now and "
+        "not stored (the node keeps its hash): hand it over, it cannot be shown again. "
+        "Clients send it as: Authorization: Bearer KEY",
+        err=True,
+    )
+
+
+@user.command("list")
+@home_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def user_list(home_dir: Path | None, as_json: bool) -> None:
+    """List the users (never their keys)."""
+    data = _get_json(_node_url(home_dir), "/allerac/users")
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    if not data["users"]:
+        click.echo("no users yet; add one with: allerac user add NAME")
+        return
+    click.echo(f"{'NAME':24} {'PRIVACY':10} CREATED (UTC)")
+    for entry in data["users"]:
+        created = datetime.datetime.fromtimestamp(entry["created_at_ms"] / 1000, datetime.UTC)
+        click.echo(f"{entry['name']:24} {entry['privacy']:10} {created:%Y-%m-%d %H:%M}")
+
+
+@user.command("remove")
+@home_option
+@click.argument("name")
+def user_remove(home_dir: Path | None, name: str) -> None:
+    """Remove user NAME: their API key stops working at once."""
+    from mesh.users import validate_name
+
+    try:
+        validate_name(name)
+    except MeshError as exc:
+        raise click.ClickException(exc.message) from exc
+    path = "/allerac/users/" + urllib.parse.quote(name, safe="")
+    reply = _delete_json(_node_url(home_dir), path)
+    click.echo(f"Removed user {reply['name']}: their API key no longer works.")
 
 
 @cli.command()
@@ -462,6 +545,68 @@ def route(
                 f"{r['rtt_ms']:>7.1f} {r['busy']:>3}/{r['slots']:<2} "
                 f"{r['tokens_per_second']:>6.0f}  {r['status']}"
             )
+
+
+# --- relay ------------------------------------------------------------------------------------
+
+
+@cli.group()
+def relay() -> None:
+    """Run a blind relay, or look at one."""
+
+
+@relay.command("up")
+@home_option
+@click.option("--host", default="0.0.0.0", show_default=True, help="Address to listen on.")  # noqa: S104
+@click.option("--port", type=int, default=7443, show_default=True, help="0 picks a free one.")
+@click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning"]))
+def relay_up(home_dir: Path | None, host: str, port: int, log_level: str) -> None:
+    """Forward sealed traffic between nodes of the same mesh (it cannot read it)."""
+    from cloud_relay.server import Relay  # heavy imports only for the command that needs them
+
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    home = Home.resolve(home_dir)
+    home.ensure()
+
+    async def serve() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        async with Relay(host=host, port=port, run_file=home.run_dir / "relay.json") as server:
+            click.echo(f"Allerac relay listening on {server.address}")
+            click.echo(
+                f"  nodes join it with: allerac up --relay HOST:{server.address.rsplit(':', 1)[1]}"
+            )
+            click.echo("Ready. Ctrl-C stops the relay.")
+            sys.stdout.flush()
+            await stop.wait()
+
+    try:
+        asyncio.run(serve())
+    except MeshError as exc:
+        _fail(exc.message)
+
+
+@relay.command("stats")
+@click.argument("address", metavar="HOST:PORT")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def relay_stats(address: str, as_json: bool) -> None:
+    """What a relay forwarded and refused (totals only)."""
+    from cloud_relay.client import fetch_stats
+
+    try:
+        stats = asyncio.run(fetch_stats(address))
+    except MeshError as exc:
+        _fail(exc.message)
+        return
+    if as_json:
+        click.echo(json.dumps(stats, indent=2))
+        return
+    for key, value in stats.items():
+        click.echo(f"{key:18} {value}")
 
 
 def main() -> None:

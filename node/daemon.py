@@ -25,11 +25,12 @@ from aiohttp import web
 
 from mesh import PROTOCOL_VERSION, __version__
 from mesh.cards import sign_card
-from mesh.config import NodeConfig, is_loopback_host
+from mesh.config import NodeConfig
 from mesh.errors import ConfigError
 from mesh.home import Home
 from mesh.identity import Identity, load_or_create_identity
-from mesh.peers import PeerState, PeerTable
+from mesh.membership import Role
+from mesh.peers import PeerTable
 from mesh.scheduler import Privacy
 from mesh.wire import grpc_options
 from mesh.wire.v1 import node_pb2 as pb
@@ -38,11 +39,13 @@ from node.backends import create_backend
 from node.backends.base import Backend
 from node.discovery import Discovery
 from node.dispatch import Dispatcher
-from node.grpc_service import NodeServicer
+from node.grpc_service import NodeCalls, NodeServicer
 from node.http_api import build_app
 from node.mesh_admin import MeshAdmin
 from node.peering import Peering
+from node.relay_client import RelayLink
 from node.trust_store import TrustStore
+from node.users_admin import UsersAdmin, log_api_access
 
 logger = logging.getLogger(__name__)
 
@@ -92,9 +95,12 @@ class Node:
         self._grpc_server: grpc.aio.Server | None = None
         self._http_runner: web.AppRunner | None = None
         self.trust: TrustStore | None = None
+        self.users: UsersAdmin | None = None
         self.peer_table = PeerTable()
         self.peering: Peering | None = None
         self.discovery: Discovery | None = None
+        self.relays: list[RelayLink] = []
+        self.calls: NodeCalls | None = None
         self.grpc_addresses: list[str] = []
         self._public_card = pb.SignedCard()
         self._full_card = pb.SignedCard()
@@ -125,15 +131,10 @@ class Node:
 
     async def _start(self) -> None:
         cfg = self.config
-        if not is_loopback_host(cfg.http_host):
-            raise ConfigError(
-                f"refusing to serve the HTTP API on {cfg.http_host}: without API keys only "
-                "loopback addresses (127.0.0.1, ::1, localhost) are allowed, because anyone "
-                "who can reach the port could use this box; API keys arrive with the usage "
-                "ledger"
-            )
         self.home.ensure()
         self.identity, self.created_identity = load_or_create_identity(self.home.identity_key)
+        # Beyond loopback the HTTP API serves API keys only, so a bad users file stops here.
+        self.users = UsersAdmin.open(self.home, default_privacy=Privacy(cfg.privacy))
         self.trust = TrustStore.open(self.home, self.identity)
         for model in cfg.models:
             backend = create_backend(model)
@@ -156,8 +157,10 @@ class Node:
         )
         await self._start_grpc()
         await self._start_http()
+        log_api_access(cfg.http_host, self.users)
         self.refresh_cards()
         self._maintenance = asyncio.create_task(self._maintain(), name="trust-maintenance")
+        await self._start_relays()
         await self.peering.start()
         await self._start_discovery()
         self.home.write_run_info(self.run_info())
@@ -169,19 +172,19 @@ class Node:
         assert self.dispatcher is not None
         assert self.trust is not None
         server = grpc.aio.server(options=grpc_options.server_options())
-        pb_grpc.add_NodeServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            NodeServicer(
-                trust=self.trust,
-                dispatcher=self.dispatcher,
-                public_card=lambda: self._public_card,
-                full_card=lambda: self._full_card,
-                on_leaving=lambda node_id: (
-                    self.peering.leaving(node_id) if self.peering is not None else None
-                ),
-                card_issued_at=lambda: self._card_issued_at_ms,
-                on_member_joined=self._member_joined,
+        self.calls = NodeCalls(
+            trust=self.trust,
+            dispatcher=self.dispatcher,
+            public_card=lambda: self._public_card,
+            full_card=lambda: self._full_card,
+            on_leaving=lambda node_id: (
+                self.peering.leaving(node_id) if self.peering is not None else None
             ),
-            server,
+            card_issued_at=lambda: self._card_issued_at_ms,
+            on_member_joined=self._member_joined,
+        )
+        pb_grpc.add_NodeServiceServicer_to_server(  # type: ignore[no-untyped-call]
+            NodeServicer(self.calls), server
         )
         host = self.config.grpc_host
         bind = f"{_url_host(host)}:{self.config.grpc_port}"
@@ -197,6 +200,7 @@ class Node:
     async def _start_http(self) -> None:
         assert self.dispatcher is not None
         assert self.trust is not None
+        assert self.users is not None
         app = build_app(
             dispatcher=self.dispatcher,
             max_request_bytes=self.config.max_request_bytes,
@@ -208,6 +212,7 @@ class Node:
                 on_change=self.after_membership_change,
                 on_joined=self.after_join,
             ),
+            users=self.users,
         )
         runner = web.AppRunner(
             app,
@@ -236,6 +241,23 @@ class Node:
             await asyncio.sleep(DRAIN_POLL_S)
         for backend in self.backends:
             backend.cancel_all()
+
+    async def _start_relays(self) -> None:
+        """One session per configured relay: other offices and cloud nodes are reached
+        through it, and they reach this node through it."""
+        assert self.trust is not None
+        assert self.calls is not None
+        assert self.peering is not None
+        for address in self.config.relays:
+            link = RelayLink(
+                address,
+                trust=self.trust,
+                calls=self.calls,
+                on_directory=self.peering.relay_directory,
+            )
+            self.peering.attach_relay(link)
+            await link.start()
+            self.relays.append(link)
 
     async def _start_discovery(self) -> None:
         if not self.config.mdns:
@@ -268,6 +290,8 @@ class Node:
 
     async def after_join(self, inviter_addresses: list[str]) -> None:
         self.after_membership_change()
+        for link in self.relays:  # the relay files a node under the mesh of its certificate
+            await link.restart()
         if self.peering is not None:
             for address in inviter_addresses:
                 self.peering.consider(address)
@@ -291,7 +315,8 @@ class Node:
             models=self.dispatcher.models(),
             grpc_addresses=self.grpc_addresses,
             display_name=self.config.display_name or socket.gethostname(),
-            peer_addresses=[p.address for p in self.peer_table if p.state is PeerState.UP],
+            peer_addresses=self.peering.direct_addresses() if self.peering else [],
+            tier=pb.TIER_CLOUD if self.trust.role is Role.OVERFLOW else pb.TIER_HOME,
             **common,  # type: ignore[arg-type]
         )
         # Strictly increasing, so peers notice every change even within one millisecond.
@@ -334,6 +359,10 @@ class Node:
             "pid": os.getpid(),
             "http_url": self.http_url,
             "grpc_address": self.grpc_address,
+            "relays": [
+                {"address": link.address, "connected": link.connected.is_set()}
+                for link in self.relays
+            ],
             "version": __version__,
             "started_at": self._started_at,
         }
@@ -417,6 +446,9 @@ class Node:
             await asyncio.gather(self._end_in_flight(grace), *stopping, return_exceptions=True)
         self._grpc_server = None
         self._http_runner = None
+        for link in self.relays:  # after the drain: answers through the relay finish too
+            await link.aclose()
+        self.relays = []
         for backend in self.backends:
             await backend.aclose()
         self.backends = []

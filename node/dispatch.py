@@ -166,7 +166,15 @@ class Answer:
                     source.served_by.node_id[:7],
                     failure.message,
                 )
-                source = await self._dispatcher.start_first(follow_up, self._plan, self._tried)
+                failed = source.served_by
+                try:
+                    source = await self._dispatcher.start_first(follow_up, self._plan, self._tried)
+                except MeshError as exc:
+                    # Say what broke the stream, not only that nobody could take it over.
+                    raise type(exc)(
+                        f"{failed.node_id[:7]} ({failed.route}) failed mid-answer "
+                        f"({failure.message}) and nobody could continue it: {exc.message}"
+                    ) from exc
                 self.failovers.append(source.served_by.node_id)
                 pending = source.first
         finally:
@@ -377,6 +385,15 @@ class Dispatcher:
                 busy += isinstance(exc, Overloaded)
                 failures.append(f"{candidate.node_id[:7]} ({candidate.route}): {exc.message}")
         if not decided.order and not decided.excluded:
+            silent = [
+                f"{peer.node_id[:7]} ({peer.route}): peer is {peer.state}"
+                for peer in self.peers
+                if peer.serves(request.model) is not None
+            ]
+            if silent:  # known, but nobody serving it answers right now: not a typo
+                raise Unavailable(
+                    f"nobody can serve {request.model!r} right now: {'; '.join(silent[:8])}"
+                )
             known = ", ".join(sorted({m.name for m, _ in self.mesh_models()})) or "none"
             raise ModelNotFound(
                 f"model {request.model!r} is not served in this mesh; available: {known}",

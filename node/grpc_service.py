@@ -57,7 +57,11 @@ def _sealed(writer: FrameWriter, event: pb.InferEvent, *, final: bool) -> pb.Inf
     return pb.InferEvent(sealed=writer.seal(event.SerializeToString(), final=final))
 
 
-class NodeServicer(pb_grpc.NodeServiceServicer):
+class NodeCalls:
+    """What every NodeService method does, over wire messages, whatever carried them:
+    direct gRPC (`NodeServicer`) or a relay session (`node.relay_client`). Refusals
+    raise `MeshError`; an Infer refusal is raised before its first event."""
+
     def __init__(
         self,
         *,
@@ -81,7 +85,7 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
         self._rejected: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._streams_per_peer: dict[str, int] = {}
 
-    def _log_rejection(self, peer: str, error: MeshError) -> None:
+    def log_rejection(self, peer: str, error: MeshError) -> None:
         """Log a refused peer once per reason, so a misbehaving peer cannot flood the log."""
         key = (peer.rsplit(":", 1)[0], error.code)
         if key in self._rejected:
@@ -91,12 +95,12 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
             self._rejected.popitem(last=False)
         logger.warning("refused a request from %s: %s", peer, error.message)
 
-    async def Describe(self, request: pb.DescribeRequest, context: Context) -> pb.SignedCard:
+    def describe(self) -> pb.SignedCard:
         return self._public_card()
 
-    async def Ping(self, request: pb.PingRequest, context: Context) -> pb.PingResponse:
+    def ping(self, request: pb.PingRequest) -> pb.PingResponse:
         if len(request.nonce) > 64 or len(request.leaving_node_id) > 128:
-            await _abort(context, InvalidRequest("ping fields are too long"))
+            raise InvalidRequest("ping fields are too long")
         if request.leaving_node_id:
             # Unauthenticated, so it only moves the peer out of rotation until its next
             # heartbeat answer: the worst a forger achieves is a one-second detour.
@@ -109,67 +113,76 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
             card_issued_at_unix_ms=self._card_issued_at(),
         )
 
-    async def Join(self, request: tpb.JoinRequest, context: Context) -> tpb.JoinResponse:
+    def join(self, request: tpb.JoinRequest, peer: str) -> tpb.JoinResponse:
         try:
             response = self._trust.redeem(request, now=_now_ms())
         except MeshError as error:
-            self._log_rejection(context.peer(), error)
-            await _abort(context, error)
+            self.log_rejection(peer, error)
+            raise
         logger.info("a node joined the mesh through an invite")
         self._on_member_joined(list(request.addresses)[:8])
         return response
 
-    async def PushRevocations(
-        self, request: tpb.SignedRevocations, context: Context
+    def push_revocations(
+        self, request: tpb.SignedRevocations, peer: str
     ) -> pb.PushRevocationsResponse:
         try:
             if self._trust.apply_revocations(request):
                 logger.info("revocation list v%d applied", self._trust.revocations_version)
                 self._on_revocations()
         except MeshError as error:
-            self._log_rejection(context.peer(), error)
-            await _abort(context, error)
+            self.log_rejection(peer, error)
+            raise
         return pb.PushRevocationsResponse(version=self._trust.revocations_version)
 
-    async def Infer(
-        self, request: pb.InferRequest, context: Context
-    ) -> AsyncIterator[pb.InferEvent]:
+    async def infer(
+        self,
+        request: pb.InferRequest,
+        *,
+        peer: str,
+        time_remaining_s: float | None,
+        via_relay: str = "",
+    ) -> AsyncGenerator[pb.InferEvent, None]:
+        """Open the sealed request and stream the sealed answer. `via_relay` is the node ID
+        the relay says sent it; the envelope's signed sender must be that node."""
         try:
             codec.check_protocol_version(request.protocol_version)
             if request.WhichOneof("payload") != "sealed":
                 raise InvalidRequest("only sealed requests are served")
             opened = self._trust.opener.open(request.sealed, now_ms=_now_ms())
+            if via_relay and opened.sender.node_id != via_relay:
+                raise PermissionDenied("the envelope's sender is not the node that sent it")
         except MeshError as error:
-            self._log_rejection(context.peer(), error)
-            await _abort(context, error)
+            self.log_rejection(peer, error)
+            raise
         sender = opened.sender.node_id
         if self._streams_per_peer.get(sender, 0) >= grpc_options.MAX_STREAMS_PER_PEER:
-            await _abort(
-                context,
-                Overloaded(
-                    f"at most {grpc_options.MAX_STREAMS_PER_PEER} concurrent requests per node"
-                ),
+            raise Overloaded(
+                f"at most {grpc_options.MAX_STREAMS_PER_PEER} concurrent requests per node"
             )
         self._streams_per_peer[sender] = self._streams_per_peer.get(sender, 0) + 1
         # Callers set deadlines; one that did not still cannot hold a stream forever.
-        ends_at = time.monotonic() + (context.time_remaining() or grpc_options.MAX_CALL_S)
+        ends_at = time.monotonic() + (time_remaining_s or grpc_options.MAX_CALL_S)
         try:
-            async with contextlib.aclosing(self._serve(opened, context)) as events:
+            async with contextlib.aclosing(self._serve(opened)) as events:
                 async for event in events:
                     yield event
                     if time.monotonic() > ends_at:
-                        await _abort(context, Overloaded("the call ran past its deadline"))
+                        raise Overloaded("the call ran past its deadline")
         finally:
             left = self._streams_per_peer.pop(sender) - 1
             if left:
                 self._streams_per_peer[sender] = left
 
-    async def _serve(
-        self, opened: OpenedRequest, context: Context
-    ) -> AsyncGenerator[pb.InferEvent, None]:
+    async def _serve(self, opened: OpenedRequest) -> AsyncGenerator[pb.InferEvent, None]:
         writer = opened.writer
         if opened.purpose == "card":
-            yield _sealed(writer, pb.InferEvent(card=self._full_card()), final=True)
+            if opened.sender.role is Role.OVERFLOW:
+                # Cloud nodes serve the mesh; they never learn its members' models or hardware.
+                refusal = PermissionDenied("overflow nodes do not receive members' cards")
+                yield _sealed(writer, codec.error_to_pb(refusal), final=True)
+            else:
+                yield _sealed(writer, pb.InferEvent(card=self._full_card()), final=True)
             return
         try:
             if opened.purpose != "infer":
@@ -182,15 +195,6 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
         except MeshError as error:
             yield _sealed(writer, codec.error_to_pb(error), final=True)
             return
-        # Who served it travels in the sealed Finish event and, for generic gRPC tooling,
-        # in trailing metadata (sending initial metadata on its own would cost the first
-        # token an extra write).
-        context.set_trailing_metadata(
-            (
-                ("x-allerac-node", answer.served_by.node_id),
-                ("x-allerac-route", answer.served_by.route.value),
-            )
-        )
         async with contextlib.aclosing(answer.events()) as events:
             try:
                 async for event in coalesce(events, window_s=STREAM_WINDOW_S):
@@ -198,3 +202,46 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
                     yield _sealed(writer, codec.event_to_pb(event, answer.served_by), final=final)
             except MeshError as error:
                 yield _sealed(writer, codec.error_to_pb(error), final=True)
+
+
+class NodeServicer(pb_grpc.NodeServiceServicer):
+    """Direct gRPC: `NodeCalls`, with `MeshError` turned into a status."""
+
+    def __init__(self, calls: NodeCalls) -> None:
+        self._calls = calls
+
+    async def Describe(self, request: pb.DescribeRequest, context: Context) -> pb.SignedCard:
+        return self._calls.describe()
+
+    async def Ping(self, request: pb.PingRequest, context: Context) -> pb.PingResponse:
+        try:
+            return self._calls.ping(request)
+        except MeshError as error:
+            await _abort(context, error)
+
+    async def Join(self, request: tpb.JoinRequest, context: Context) -> tpb.JoinResponse:
+        try:
+            return self._calls.join(request, context.peer())
+        except MeshError as error:
+            await _abort(context, error)
+
+    async def PushRevocations(
+        self, request: tpb.SignedRevocations, context: Context
+    ) -> pb.PushRevocationsResponse:
+        try:
+            return self._calls.push_revocations(request, context.peer())
+        except MeshError as error:
+            await _abort(context, error)
+
+    async def Infer(
+        self, request: pb.InferRequest, context: Context
+    ) -> AsyncIterator[pb.InferEvent]:
+        events = self._calls.infer(
+            request, peer=context.peer(), time_remaining_s=context.time_remaining()
+        )
+        try:
+            async with contextlib.aclosing(events):
+                async for event in events:
+                    yield event
+        except MeshError as error:
+            await _abort(context, error)

@@ -4,11 +4,18 @@
 `_error_middleware` and nowhere else. Every answer carries `x-allerac-node` and
 `x-allerac-route`. A streamed answer commits its 200 only after the first
 event, so errors before the first token still get their proper status.
+
+Who is calling is decided before a body is read (`mesh.users`): a Bearer API key
+names a user, whose key sets the privacy policy's default and ceiling; no key is
+the box's owner on loopback and a 401 anywhere else. The `/allerac/mesh` and
+`/allerac/users` administration endpoints answer loopback clients only.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import ipaddress
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -17,13 +24,14 @@ from typing import Any
 from aiohttp import web
 
 from mesh import openai_api
-from mesh.config import is_loopback_host
 from mesh.errors import InvalidRequest, MeshError, PermissionDenied, RequestTooLarge
 from mesh.inference import Finished, InferenceRequest, TextDelta
 from mesh.scheduler import Privacy
+from mesh.users import Caller
 from node.coalesce import coalesce
 from node.dispatch import Answer, Dispatcher
 from node.mesh_admin import MeshAdmin
+from node.users_admin import UsersAdmin
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +39,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 DISPATCHER = web.AppKey("dispatcher", Dispatcher)
 MAX_BYTES = web.AppKey("max_request_bytes", int)
 MESH_ADMIN = web.AppKey("mesh_admin", MeshAdmin)
+USERS = web.AppKey("users", UsersAdmin)
 STATUS: web.AppKey[Callable[[], dict[str, Any]]] = web.AppKey("status")
 
 
@@ -65,7 +74,11 @@ async def _error_middleware(request: web.Request, handler: Handler) -> web.Strea
     except MeshError as error:
         if error.http_status >= 500:
             logger.warning("%s %s failed: %s", request.method, request.path, error.message)
-        return _json_response(openai_api.error_body(error), status=error.http_status)
+        # RFC 7235 section 3.1: a 401 names the scheme that would work.
+        challenge = {"WWW-Authenticate": "Bearer"} if error.http_status == 401 else None
+        return _json_response(
+            openai_api.error_body(error), status=error.http_status, headers=challenge
+        )
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -99,10 +112,30 @@ def _privacy(request: web.Request) -> Privacy | None:
     return Privacy.parse(value) if value is not None else None
 
 
+def _from_loopback(request: web.Request) -> bool:
+    try:
+        address = ipaddress.ip_address(request.remote or "")
+    except ValueError:
+        return False  # not an IP peer (a Unix socket): not known to be this box
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped  # a dual-stack socket's IPv4 client
+    return address.is_loopback
+
+
+def _caller(request: web.Request) -> Caller:
+    """Who sent this request (401 when they must and did not prove it)."""
+    return request.app[USERS].caller(
+        request.headers.get("Authorization"), loopback=_from_loopback(request)
+    )
+
+
 async def _answer(
-    request: web.Request, inference: InferenceRequest, stream: bool
+    request: web.Request, caller: Caller, inference: InferenceRequest, stream: bool
 ) -> web.StreamResponse:
-    answer = await request.app[DISPATCHER].open(inference, privacy=_privacy(request))
+    privacy = caller.privacy_for(_privacy(request))
+    # The user is who the key says (the owner: ""), never the body's own `user` field.
+    inference = dataclasses.replace(inference, user=caller.user)
+    answer = await request.app[DISPATCHER].open(inference, privacy=privacy)
     ids = openai_api.ResponseIds(inference, answer.served_by.model)
     if not stream:
         parts: list[str] = []
@@ -143,19 +176,22 @@ async def _answer(
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
+    caller = _caller(request)
     body = await _read_body(request)
     inference, stream = openai_api.parse_chat_request(body, max_bytes=request.app[MAX_BYTES])
-    return await _answer(request, inference, stream)
+    return await _answer(request, caller, inference, stream)
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
+    caller = _caller(request)
     body = await _read_body(request)
     inference, stream = openai_api.parse_completion_request(body, max_bytes=request.app[MAX_BYTES])
-    return await _answer(request, inference, stream)
+    return await _answer(request, caller, inference, stream)
 
 
 async def list_models(request: web.Request) -> web.Response:
     """Every model the mesh can serve, and where (the nodes up that serve it)."""
+    _caller(request)  # beyond loopback: only with a key
     served = request.app[DISPATCHER].mesh_models()
     body = openai_api.models_list([info for info, _ in served])
     for entry, (_, nodes) in zip(body["data"], served, strict=True):
@@ -164,31 +200,47 @@ async def list_models(request: web.Request) -> web.Response:
 
 
 async def route_explain(request: web.Request) -> web.Response:
+    caller = _caller(request)
     model = request.query.get("model", "")
     if not model:
         raise InvalidRequest("model is required", param="model")
-    privacy = Privacy.parse(request.query.get("privacy", "mesh"))
+    requested = request.query.get("privacy")
+    dispatcher = request.app[DISPATCHER]
+    privacy = caller.privacy_for(Privacy.parse(requested) if requested is not None else None)
     raw_max = request.query.get("max_tokens")
     if raw_max is not None and not raw_max.isdigit():
         raise InvalidRequest("max_tokens must be a positive integer", param="max_tokens")
     return _json_response(
-        request.app[DISPATCHER].explain(
-            model, privacy, int(raw_max) if raw_max is not None else None
+        dispatcher.explain(
+            model,
+            privacy or dispatcher.default_privacy,
+            int(raw_max) if raw_max is not None else None,
         )
     )
 
 
 async def get_status(request: web.Request) -> web.Response:
+    _caller(request)  # beyond loopback: only with a key
     return _json_response(request.app[STATUS]())
 
 
-# --- mesh administration (the box's owner only) ----------------------------------------------
+# --- administration (the box's owner only) ---------------------------------------------------
+
+
+def _require_loopback(request: web.Request, what: str) -> None:
+    # An API key never opens administration: only being on this box does.
+    if not _from_loopback(request):
+        raise PermissionDenied(f"{what} administration is only available on this box (loopback)")
 
 
 def _owner_only(request: web.Request) -> MeshAdmin:
-    if not is_loopback_host(request.remote or ""):
-        raise PermissionDenied("mesh administration is only available on this box (loopback)")
+    _require_loopback(request, "mesh")
     return request.app[MESH_ADMIN]
+
+
+def _users_owner_only(request: web.Request) -> UsersAdmin:
+    _require_loopback(request, "user")
+    return request.app[USERS]
 
 
 async def _json_fields(request: web.Request) -> dict[str, Any]:
@@ -231,12 +283,34 @@ async def mesh_revoke(request: web.Request) -> web.Response:
     return _json_response(await admin.revoke(_string(body, "node_id")))
 
 
+async def users_list(request: web.Request) -> web.Response:
+    return _json_response(_users_owner_only(request).describe())
+
+
+async def users_add(request: web.Request) -> web.Response:
+    users = _users_owner_only(request)
+    body = await _json_fields(request)
+    privacy = body.get("privacy")
+    return _json_response(
+        users.add(
+            name=_string(body, "name"),
+            privacy=Privacy.parse(_string(body, "privacy")) if privacy is not None else None,
+        ),
+        status=201,
+    )
+
+
+async def users_remove(request: web.Request) -> web.Response:
+    return _json_response(_users_owner_only(request).remove(request.match_info["name"]))
+
+
 def build_app(
     *,
     dispatcher: Dispatcher,
     max_request_bytes: int,
     status: Callable[[], dict[str, Any]],
     mesh_admin: MeshAdmin,
+    users: UsersAdmin,
 ) -> web.Application:
     # client_max_size bounds what aiohttp itself buffers; _read_body gives the clear error.
     app = web.Application(client_max_size=max_request_bytes, middlewares=[_error_middleware])
@@ -244,6 +318,7 @@ def build_app(
     app[MAX_BYTES] = max_request_bytes
     app[STATUS] = status
     app[MESH_ADMIN] = mesh_admin
+    app[USERS] = users
     app.router.add_get("/v1/models", list_models)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
@@ -254,4 +329,7 @@ def build_app(
     app.router.add_post("/allerac/mesh/join", mesh_join)
     app.router.add_get("/allerac/mesh/members", mesh_members)
     app.router.add_post("/allerac/mesh/revoke", mesh_revoke)
+    app.router.add_get("/allerac/users", users_list)
+    app.router.add_post("/allerac/users", users_add)
+    app.router.add_delete("/allerac/users/{name}", users_remove)
     return app

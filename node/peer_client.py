@@ -7,19 +7,20 @@ ends know. A peer is used only after its card verifies against our mesh.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
 from collections.abc import AsyncGenerator
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import grpc
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 
 from mesh import PROTOCOL_VERSION
 from mesh.cards import PeerCard, open_card, verify_peer_card
-from mesh.errors import InviteError, MeshError, RemoteProtocolError, Unavailable
+from mesh.errors import InvalidRequest, InviteError, MeshError, RemoteProtocolError, Unavailable
 from mesh.inference import Finished, InferenceEvent, InferenceRequest
 from mesh.invites import decode_invite, make_join_request
 from mesh.sealing import Sealed, seal_request
@@ -28,6 +29,9 @@ from mesh.wire.v1 import node_pb2 as pb
 from mesh.wire.v1 import node_pb2_grpc as pb_grpc
 from mesh.wire.v1 import trust_pb2 as tpb
 from node.trust_store import TrustStore
+
+if TYPE_CHECKING:
+    from node.relay_client import RelayLink
 
 logger = logging.getLogger(__name__)
 
@@ -51,12 +55,102 @@ def _rpc_error(exc: grpc.aio.AioRpcError) -> MeshError:
     return codec.error_from_status(code.name, exc.details() or "", error_code)
 
 
-class PeerClient:
-    def __init__(self, address: str, *, trust: TrustStore) -> None:
-        self.address = address
-        self._trust = trust
+M = TypeVar("M", bound=Message)
+
+
+class Transport(Protocol):
+    """How NodeService calls reach a peer: a direct gRPC channel or a relay session."""
+
+    label: str
+
+    def stream(
+        self, method: str, request: Message, reply_type: type[M], timeout_s: float
+    ) -> AsyncGenerator[M, None]: ...
+
+    async def unary(
+        self, method: str, request: Message, reply_type: type[M], timeout_s: float
+    ) -> M: ...
+
+    async def aclose(self) -> None: ...
+
+
+class GrpcTransport:
+    def __init__(self, address: str) -> None:
+        self.label = address
         self._channel = grpc.aio.insecure_channel(address, options=grpc_options.channel_options())
         self._stub = pb_grpc.NodeServiceStub(self._channel)  # type: ignore[no-untyped-call]
+
+    async def unary(
+        self, method: str, request: Message, reply_type: type[M], timeout_s: float
+    ) -> M:
+        try:
+            reply: M = await getattr(self._stub, method)(request, timeout=timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise _rpc_error(exc) from exc
+        return reply
+
+    async def stream(
+        self, method: str, request: Message, reply_type: type[M], timeout_s: float
+    ) -> AsyncGenerator[M, None]:
+        call = getattr(self._stub, method)(request, timeout=timeout_s)
+        try:
+            async for message in call:
+                yield message
+        except grpc.aio.AioRpcError as exc:
+            raise _rpc_error(exc) from exc
+        finally:
+            call.cancel()
+
+    async def aclose(self) -> None:
+        await self._channel.close(None)
+
+
+class RelayTransport:
+    """Calls to one node through this node's relay session."""
+
+    def __init__(self, link: RelayLink, node_id: str) -> None:
+        self.label = f"relay:{node_id}"
+        self._link = link
+        self._node_id = node_id
+
+    async def stream(
+        self, method: str, request: Message, reply_type: type[M], timeout_s: float
+    ) -> AsyncGenerator[M, None]:
+        replies = self._link.call(
+            self._node_id, method, request.SerializeToString(), timeout_s=timeout_s
+        )
+        async with contextlib.aclosing(replies):
+            async for payload in replies:
+                try:
+                    yield codec.parse_message(reply_type, payload)
+                except InvalidRequest as exc:
+                    raise RemoteProtocolError(f"peer sent {exc.message}") from exc
+
+    async def unary(
+        self, method: str, request: Message, reply_type: type[M], timeout_s: float
+    ) -> M:
+        async with contextlib.aclosing(
+            self.stream(method, request, reply_type, timeout_s)
+        ) as replies:
+            async for reply in replies:
+                return reply
+        raise RemoteProtocolError(f"peer sent no answer to {method}")
+
+    async def aclose(self) -> None:
+        return None  # the relay session belongs to the node, not to one peer
+
+
+class PeerClient:
+    def __init__(
+        self, address: str, *, trust: TrustStore, transport: Transport | None = None
+    ) -> None:
+        self.address = address
+        self._trust = trust
+        self.transport: Transport = transport or GrpcTransport(address)
+
+    @property
+    def via_relay(self) -> bool:
+        return isinstance(self.transport, RelayTransport)
 
     async def __aenter__(self) -> PeerClient:
         return self
@@ -70,13 +164,12 @@ class PeerClient:
         await self.aclose()
 
     async def aclose(self) -> None:
-        await self._channel.close(None)
+        await self.transport.aclose()
 
     async def public_card(self, *, timeout_s: float = CONTROL_TIMEOUT_S) -> PeerCard:
-        try:
-            signed = await self._stub.Describe(pb.DescribeRequest(), timeout=timeout_s)
-        except grpc.aio.AioRpcError as exc:
-            raise _rpc_error(exc) from exc
+        signed = await self.transport.unary(
+            "Describe", pb.DescribeRequest(), pb.SignedCard, timeout_s
+        )
         return verify_peer_card(
             signed,
             mesh_public_key=self._trust.mesh_public_key,
@@ -99,20 +192,14 @@ class PeerClient:
         self, peer: PeerCard, body: bytes, purpose: str, timeout_s: float
     ) -> AsyncGenerator[bytes, None]:
         sealed = self._seal(peer, body, purpose)
-        call = self._stub.Infer(
-            pb.InferRequest(protocol_version=PROTOCOL_VERSION, sealed=sealed.envelope),
-            timeout=timeout_s,
-        )
-        try:
-            async for message in call:
+        request = pb.InferRequest(protocol_version=PROTOCOL_VERSION, sealed=sealed.envelope)
+        events = self.transport.stream("Infer", request, pb.InferEvent, timeout_s)
+        async with contextlib.aclosing(events):
+            async for message in events:
                 if message.WhichOneof("event") != "sealed":
                     raise RemoteProtocolError("peer sent an unsealed answer")
                 yield sealed.reader.open(message.sealed)
-            sealed.reader.check_complete()
-        except grpc.aio.AioRpcError as exc:
-            raise _rpc_error(exc) from exc
-        finally:
-            call.cancel()
+        sealed.reader.check_complete()
 
     async def full_card(
         self, peer: PeerCard, *, timeout_s: float = CONTROL_TIMEOUT_S
@@ -150,31 +237,18 @@ class PeerClient:
     async def ping(
         self, *, timeout_s: float = CONTROL_TIMEOUT_S, leaving_node_id: str = ""
     ) -> pb.PingResponse:
-        try:
-            reply: pb.PingResponse = await self._stub.Ping(
-                pb.PingRequest(
-                    nonce=os.urandom(8),
-                    sent_at_unix_ms=_now_ms(),
-                    leaving_node_id=leaving_node_id,
-                ),
-                timeout=timeout_s,
-            )
-        except grpc.aio.AioRpcError as exc:
-            raise _rpc_error(exc) from exc
-        return reply
+        request = pb.PingRequest(
+            nonce=os.urandom(8), sent_at_unix_ms=_now_ms(), leaving_node_id=leaving_node_id
+        )
+        return await self.transport.unary("Ping", request, pb.PingResponse, timeout_s)
 
     async def join(self, request: tpb.JoinRequest) -> tpb.JoinResponse:
-        try:
-            response: tpb.JoinResponse = await self._stub.Join(request, timeout=CONTROL_TIMEOUT_S)
-        except grpc.aio.AioRpcError as exc:
-            raise _rpc_error(exc) from exc
-        return response
+        return await self.transport.unary("Join", request, tpb.JoinResponse, CONTROL_TIMEOUT_S)
 
     async def push_revocations(self, signed: tpb.SignedRevocations) -> int:
-        try:
-            reply = await self._stub.PushRevocations(signed, timeout=CONTROL_TIMEOUT_S)
-        except grpc.aio.AioRpcError as exc:
-            raise _rpc_error(exc) from exc
+        reply = await self.transport.unary(
+            "PushRevocations", signed, pb.PushRevocationsResponse, CONTROL_TIMEOUT_S
+        )
         return int(reply.version)
 
 

@@ -6,6 +6,14 @@ enters the peer in the table. Every second it pings each known peer (load and
 RTT), applies silence to the table, and retries addresses whose peer is down,
 so a restarted box is back at its first answer. On shutdown it tells each peer
 it is leaving, so they stop sending at once.
+
+Members the relay lists (other offices, cloud overflow nodes) are reached
+through the relay session the same way: same cards, same sealed calls, same
+heartbeats, entered in the table as tier `relay` (or `cloud` for overflow
+nodes). A direct path wins: a peer reached through the relay keeps being tried
+directly where an address is known, and the relay never replaces a working
+direct path. An overflow node never connects to anyone: it serves what it is
+sent and never routes.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import grpc
 from mesh.cards import PeerCard
 from mesh.errors import MeshError
 from mesh.inference import Route
+from mesh.membership import Role
 from mesh.peers import (
     HEARTBEAT_INTERVAL_MS,
     HEARTBEAT_TIMEOUT_MS,
@@ -33,11 +42,13 @@ from mesh.peers import (
 )
 from mesh.wire import codec
 from mesh.wire.v1 import node_pb2 as pb
-from node.peer_client import PeerClient
+from node.peer_client import PeerClient, RelayTransport
+from node.relay_client import RelayLink, RelayMember
 from node.trust_store import TrustStore
 
 logger = logging.getLogger(__name__)
 MAX_ADDRESSES = 4096  # addresses to try; hints beyond it are dropped
+DIRECT_RETRY_S = 5.0  # how often a peer reached through the relay is tried directly
 
 
 def _now_ms() -> int:
@@ -64,8 +75,21 @@ class Peering:
         self._card_versions: dict[str, int] = {}  # node ID -> issued-at of the card we hold
         self._wake = asyncio.Event()
         self._connects: set[asyncio.Task[None]] = set()
+        self._relay: RelayLink | None = None
+        self._relay_members: dict[str, Role] = {}
+        self._direct_tried: dict[str, float] = {}  # address -> when (peers on the relay)
 
     # --- what the dispatcher needs -------------------------------------------------------
+
+    def direct_addresses(self) -> list[str]:
+        """Where the peers up on a direct path listen (gossiped in our full card)."""
+        return [
+            peer.address
+            for peer in self.table
+            if peer.state is PeerState.UP
+            and (client := self._clients.get(peer.node_id)) is not None
+            and not client.via_relay
+        ]
 
     def client(self, node_id: str) -> tuple[PeerClient, PeerCard] | None:
         client, card = self._clients.get(node_id), self._cards.get(node_id)
@@ -101,6 +125,19 @@ class Peering:
         peer = self.table.get(node_id) if node_id else None
         if peer is None or peer.state is not PeerState.UP:
             self._wake.set()
+
+    def attach_relay(self, link: RelayLink) -> None:
+        self._relay = link
+
+    def relay_directory(self, members: list[RelayMember]) -> None:
+        """The relay's list of our mesh's nodes connected to it (empty when it is lost)."""
+        gone = set(self._relay_members) - {m.node_id for m in members}
+        self._relay_members = {m.node_id: m.role for m in members[:MAX_ADDRESSES]}
+        for node_id in gone:
+            client = self._clients.get(node_id)
+            if client is not None and client.via_relay:
+                self.apply(self.table.failed(node_id, "left the relay"))
+        self._wake.set()
 
     def leaving(self, node_id: str) -> None:
         """A peer told us it is shutting down."""
@@ -142,44 +179,87 @@ class Peering:
             self._on_change()
 
     def _connect_pending(self) -> None:
+        if self._trust.role is Role.OVERFLOW:
+            return  # overflow nodes serve; they never route, so they need no peers
+        now = time.monotonic()
         for address, node_id in list(self._addresses.items()):
             peer = self.table.get(node_id) if node_id else None
-            if (peer is None or peer.state is PeerState.DOWN) and address not in self._connecting:
-                self._connecting.add(address)
-                task = asyncio.create_task(self._connect(address))
-                self._connects.add(task)
-                task.add_done_callback(self._connects.discard)
+            client = self._clients.get(node_id) if node_id else None
+            retry_direct = (
+                client is not None
+                and client.via_relay
+                and now - self._direct_tried.get(address, 0.0) >= DIRECT_RETRY_S
+            )
+            if (
+                peer is None or peer.state is PeerState.DOWN or retry_direct
+            ) and address not in self._connecting:
+                self._direct_tried[address] = now
+                self._spawn(address, PeerClient(address, trust=self._trust))
+        relay = self._relay
+        if relay is None or not relay.connected.is_set():
+            return
+        for node_id in list(self._relay_members):
+            peer = self.table.get(node_id)
+            key = f"relay:{node_id}"
+            if (peer is None or peer.state is PeerState.DOWN) and key not in self._connecting:
+                transport = RelayTransport(relay, node_id)
+                self._spawn(
+                    key, PeerClient(transport.label, trust=self._trust, transport=transport)
+                )
 
-    async def _connect(self, address: str) -> None:
-        client = PeerClient(address, trust=self._trust)
+    def _spawn(self, key: str, client: PeerClient) -> None:
+        self._connecting.add(key)
+        task = asyncio.create_task(self._connect(key, client))
+        self._connects.add(task)
+        task.add_done_callback(self._connects.discard)
+
+    async def _connect(self, key: str, client: PeerClient) -> None:
+        timeout_s = HEARTBEAT_TIMEOUT_MS / 1000 * 2
         try:
-            card = await client.public_card(timeout_s=HEARTBEAT_TIMEOUT_MS / 1000 * 2)
+            card = await client.public_card(timeout_s=timeout_s)
             if card.node_id == self._trust.identity.node_id:
-                self._addresses.pop(address, None)  # that is us
+                self._addresses.pop(key, None)  # that is us
                 await client.aclose()
                 return
-            full = await client.full_card(card, timeout_s=HEARTBEAT_TIMEOUT_MS / 1000 * 2)
+            full = await client.full_card(card, timeout_s=timeout_s)
         except MeshError as exc:
-            logger.debug("peer at %s not usable: %s", address, exc.message)
+            logger.debug("peer at %s not usable: %s", key, exc.message)
             await client.aclose()
             return
         finally:
-            self._connecting.discard(address)
-        old = self._clients.pop(card.node_id, None)
+            self._connecting.discard(key)
+        old = self._clients.get(card.node_id)
+        peer = self.table.get(card.node_id)
+        if (
+            client.via_relay
+            and old is not None
+            and not old.via_relay
+            and peer is not None
+            and peer.state is not PeerState.DOWN
+        ):
+            return  # a direct path came up meanwhile: it wins
+        self._clients.pop(card.node_id, None)
         if old is not None and old is not client:
             await old.aclose()
         self._clients[card.node_id] = client
         self._cards[card.node_id] = card
-        self._addresses[address] = card.node_id
-        self._learn(card.node_id, address, full)
+        if not client.via_relay:
+            self._addresses[key] = card.node_id
+        self._learn(card.node_id, client.address, full, self._route(card, client))
 
-    def _learn(self, node_id: str, address: str, full: pb.NodeCard) -> None:
+    @staticmethod
+    def _route(card: PeerCard, client: PeerClient) -> Route:
+        if card.membership.role is Role.OVERFLOW:
+            return Route.CLOUD
+        return Route.RELAY if client.via_relay else Route.LAN
+
+    def _learn(self, node_id: str, address: str, full: pb.NodeCard, route: Route) -> None:
         self._card_versions[node_id] = full.issued_at_unix_ms
         self.apply(
             self.table.verified(
                 node_id=node_id,
                 address=address,
-                route=Route.LAN,
+                route=route,
                 models=tuple(codec.model_from_pb(m) for m in full.models),
                 display_name=full.display_name,
                 now_ms=_now_ms(),
@@ -198,7 +278,7 @@ class Peering:
         except MeshError as exc:
             logger.debug("could not refresh the card of %s: %s", node_id[:7], exc.message)
             return
-        self._learn(node_id, peer.address, full)
+        self._learn(node_id, peer.address, full, peer.route)
 
     async def _heartbeat(self) -> None:
         async def ping(node_id: str, client: PeerClient) -> None:

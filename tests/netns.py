@@ -111,7 +111,13 @@ class LabNode:
     """One `python -m node up` inside a namespace, its log in HOME/node.log."""
 
     def __init__(
-        self, lab: NetnsLab, box: int, home: Path, args: list[str], config: str | None
+        self,
+        lab: NetnsLab,
+        box: int,
+        home: Path,
+        args: list[str],
+        config: str | None,
+        http_host: str = "127.0.0.1",
     ) -> None:
         self.lab = lab
         self.box = box
@@ -121,6 +127,7 @@ class LabNode:
         self.home = home
         self.args = args
         self.config = config
+        self.http_host = http_host
         self.proc: subprocess.Popen[bytes] | None = None
         self.info: dict[str, Any] = {}
         self._log: Any = None
@@ -146,7 +153,7 @@ class LabNode:
         args = [
             *("ip", "netns", "exec", self.ns),  # execs in place: the pid is the node's own
             *(sys.executable, "-m", "node", "up", "--home", str(self.home)),
-            *("--http-host", "127.0.0.1", "--http-port", "0"),
+            *("--http-host", self.http_host, "--http-port", "0"),
             *("--grpc-host", self.ip, "--grpc-port", "0"),
             *self.args,
         ]
@@ -215,13 +222,13 @@ def stop(node: LabNode) -> int | None:
 class NetnsLab:
     """n namespaces on one bridge; a context manager that leaves nothing behind."""
 
-    def __init__(self, n: int, root: Path) -> None:
+    def __init__(self, n: int, root: Path, *, subnet: str | None = None) -> None:
         if not 1 <= n <= 26:
             raise ValueError("between 1 and 26 boxes")
         self.root = root
         self.tag = secrets.token_hex(3)
         self.bridge = f"alrb{self.tag}"  # 10 chars (IFNAMSIZ allows 15)
-        self.subnet = f"198.18.{secrets.randbelow(250) + 1}"
+        self.subnet = subnet or f"198.18.{secrets.randbelow(250) + 1}"
         letters = "abcdefghijklmnopqrstuvwxyz"[:n]
         self.namespaces = [f"alr-{self.tag}-{x}" for x in letters]
         self.host_veths = [f"alr{self.tag}h{i}" for i in range(n)]  # <= 12 chars
@@ -316,9 +323,19 @@ class NetnsLab:
 
     # --- nodes -------------------------------------------------------------------------------
 
-    def start(self, box: int, *args: str, config: str | None = None) -> LabNode:
-        """Start `python -m node up` in namespace `box` (0-based); args add to the flags."""
-        node = LabNode(self, box, self.root / self.namespaces[box][-1], list(args), config)
+    def start(
+        self,
+        box: int,
+        *args: str,
+        config: str | None = None,
+        http_host: str = "127.0.0.1",
+        home_name: str | None = None,
+    ) -> LabNode:
+        """Start `python -m node up` in namespace `box` (0-based); args add to the flags.
+        The HTTP API listens on the namespace's loopback unless `http_host` says otherwise;
+        a second node in one namespace needs a `home_name` of its own."""
+        home = self.root / (home_name or self.namespaces[box][-1])
+        node = LabNode(self, box, home, list(args), config, http_host)
         self.nodes.append(node)
         return node.start()
 
@@ -342,16 +359,7 @@ class NetnsLab:
 
     def popen_python(self, box: int, script: str, *args: str, log: Path) -> subprocess.Popen[bytes]:
         """A long-running script inside namespace `box`; killed with the lab."""
-        out = log.open("ab")
-        try:
-            return subprocess.Popen(
-                ["ip", "netns", "exec", self.namespaces[box], sys.executable, "-c", script, *args],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=_ENV,
-            )
-        finally:
-            out.close()
+        return self.popen(box, sys.executable, "-c", script, *args, log=log)
 
     def cli(
         self, node: LabNode, *args: str, timeout_s: float = CLI_TIMEOUT_S
@@ -375,8 +383,8 @@ class NetnsLab:
     def up_peers(self, node: LabNode) -> set[str]:
         return {k for k, v in self.peer_states(node).items() if v == "up"}
 
-    def invite(self, admin: LabNode) -> str:
-        result = self.cli(admin, "mesh", "invite")
+    def invite(self, admin: LabNode, *args: str) -> str:
+        result = self.cli(admin, "mesh", "invite", *args)
         if result.returncode != 0:
             raise RuntimeError(f"invite at {admin.name} failed: {result.stderr.strip()}")
         return result.stdout.strip()
@@ -411,6 +419,45 @@ class NetnsLab:
         except ValueError:
             payload = reply["body"]
         return reply["status"], reply["headers"], payload
+
+    def attach_router(self, router: NetnsLab, box: int = 0) -> str:
+        """Give namespace `box` of `router` a leg on this LAN (address .254) and make it
+        every box's default route: the way to the internet. The router does not forward
+        (a new namespace's default), so it reaches every LAN it has a leg on while those
+        LANs do not reach each other: offices behind NAT, a relay in the cloud."""
+        ns = router.namespaces[box]
+        host = f"alr{self.tag}r{box}"
+        inner = f"alr{self.tag}q{box}"
+        _ip("link", "add", host, "type", "veth", "peer", "name", inner)
+        router._made_links.append(host)
+        _ip("link", "set", inner, "netns", ns)
+        _ip("link", "set", host, "master", self.bridge)
+        _ip("link", "set", host, "up")
+        leg = f"{self.subnet}.254"
+        _ip("-n", ns, "addr", "add", f"{leg}/24", "dev", inner)
+        _ip("-n", ns, "link", "set", inner, "up")
+        for office_ns in self.namespaces:
+            _ip("-n", office_ns, "route", "add", "default", "via", leg)
+        return leg
+
+    def forwarding(self, box: int, on: bool) -> None:
+        """Let namespace `box` route between its legs (on) or not (off)."""
+        result = self.run(box, "sysctl", "-q", "-w", f"net.ipv4.ip_forward={int(on)}")
+        if result.returncode != 0:
+            raise RuntimeError(f"sysctl failed: {result.stderr.strip()}")
+
+    def popen(self, box: int, *argv: str, log: Path) -> subprocess.Popen[bytes]:
+        """A long-running command inside namespace `box` (the lab kills it on close)."""
+        out = log.open("ab")
+        try:
+            return subprocess.Popen(
+                ["ip", "netns", "exec", self.namespaces[box], *argv],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=_ENV,
+            )
+        finally:
+            out.close()
 
     def link_down(self, node: LabNode) -> None:
         """Unplug the box: its bridge-side veth goes down, packets to it vanish."""

@@ -363,3 +363,136 @@ def test_the_embedded_model_decodes_greedily_by_default() -> None:
     (model,) = build_config(config_file=None, flags=Flags()).models
     assert model.temperature == 0.0
     assert model.system_prompt
+
+
+# --- models served by an OpenAI-compatible upstream (backend = "openai") ----------------------
+
+
+def upstream_config(tmp_path: Path, lines: str, *, name: str | None = "cloud-llama") -> Path:
+    head = f'name = "{name}"\n' if name is not None else ""
+    return write_config(tmp_path, f'[[models]]\n{head}backend = "openai"\n{lines}\n')
+
+
+def test_openai_model_with_every_setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VLLM_API_KEY", "sk-secret-123")
+    path = upstream_config(
+        tmp_path,
+        """url = "https://gpu.example.com:8000/v1/"
+upstream_model = "meta-llama/Llama-3.1-8B-Instruct"
+api_key_env = "VLLM_API_KEY"
+slots = 32
+timeout_s = 30
+context_length = 8192
+family = "llama"
+aliases = ["big"]
+system_prompt = "Be brief."
+temperature = 0.3
+""",
+    )
+    (model,) = build_config(config_file=path, flags=Flags()).models
+    assert (model.name, model.backend, model.aliases) == ("cloud-llama", "openai", ("big",))
+    assert model.path is None
+    assert (model.context_length, model.family, model.system_prompt) == (8192, "llama", "Be brief.")
+    assert model.temperature == 0.3
+    upstream = model.upstream
+    assert upstream is not None
+    assert upstream.url == "https://gpu.example.com:8000/v1"  # no trailing slash
+    assert upstream.model == "meta-llama/Llama-3.1-8B-Instruct"
+    assert (upstream.api_key_env, upstream.api_key) == ("VLLM_API_KEY", "sk-secret-123")
+    assert (upstream.slots, upstream.timeout_s) == (32, 30.0)
+    assert "sk-secret-123" not in repr(model)  # the key never shows in a log line
+
+
+def test_openai_model_defaults(tmp_path: Path) -> None:
+    path = upstream_config(tmp_path, 'url = "http://127.0.0.1:8000/v1"')
+    (model,) = build_config(config_file=path, flags=Flags()).models
+    upstream = model.upstream
+    assert upstream is not None
+    assert upstream.model == "cloud-llama"  # the entry's own name
+    assert (upstream.api_key, upstream.slots, upstream.timeout_s) == (None, 8, 120.0)
+    assert model.context_length == 0  # unknown: the upstream's /models says it at start
+
+
+def test_an_unset_key_variable_is_named_at_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("ABSENT_KEY", raising=False)
+    path = upstream_config(tmp_path, 'url = "http://h:8000/v1"\napi_key_env = "ABSENT_KEY"')
+    assert (
+        "models[0].api_key_env = 'ABSENT_KEY': the environment variable ABSENT_KEY is not set"
+        in config_error(path)
+    )
+    monkeypatch.setenv("ABSENT_KEY", "")
+    assert "the environment variable ABSENT_KEY is empty" in config_error(path)
+    monkeypatch.setenv("ABSENT_KEY", "two words")
+    assert "holds characters an API key cannot have" in config_error(path)
+
+
+@pytest.mark.parametrize(
+    "lines",
+    [
+        'url = "http://h:8000/v1"\napi_key = "sk-live-abcdef"',
+        'url = "http://h:8000/v1"\napi_key_env = "sk-live-abcdef"',
+        'url = "http://h:8000/v1"\napikey = "sk-live-abcdef"',
+        'url = "http://user:sk-live-abcdef@h:8000/v1"',
+    ],
+)
+def test_a_key_written_into_the_file_is_refused_and_never_repeated(
+    tmp_path: Path, lines: str
+) -> None:
+    message = config_error(upstream_config(tmp_path, lines))
+    assert "sk-live-abcdef" not in message
+    assert "<hidden>" in message
+    assert "environment variable" in message or "unknown key" in message
+
+
+@pytest.mark.parametrize(
+    ("lines", "expected"),
+    [
+        ('url = "ftp://h/v1"', "models[0].url = 'ftp://h/v1': must start with http:// or https://"),
+        ('url = "h:8000/v1"', "must start with http:// or https://"),
+        ('url = "http:///v1"', "models[0].url = 'http:///v1': has no host"),
+        ('url = "http://h:99999/v1"', "is not a usable URL"),
+        ('url = "http://h/v1?x=1"', "must have no query or fragment"),
+        ('url = "http://h /v1"', "must be a URL of at most 2048 characters"),
+        ("url = 8000", "models[0].url = 8000: must be a string"),
+        ("", "models[0].url is missing (the upstream's API base"),
+        ('url = "http://h/v1"\nslots = 0', "models[0].slots = 0: must be an integer from 1"),
+        ('url = "http://h/v1"\ntimeout_s = 0', "models[0].timeout_s = 0: must be a number from"),
+        ('url = "http://h/v1"\nupstream_model = " x"', "must be 1-256 printable characters"),
+        ('url = "http://h/v1"\nupstream_model = ""', "must be 1-256 printable characters"),
+        ('url = "http://h/v1"\nfamily = 3', "models[0].family = 3: must be a string"),
+        ('url = "http://h/v1"\npath = "/m.gguf"', "an openai model has no model file"),
+        ('url = "http://h/v1"\nqueue_size = 4', "slots bounds the requests sent upstream"),
+        (
+            'url = "http://h/v1"\nslot = 4',
+            "models[0].slot = 4: unknown key (did you mean 'slots'?)",
+        ),
+    ],
+)
+def test_bad_openai_model_setting_names_key_and_value(
+    tmp_path: Path, lines: str, expected: str
+) -> None:
+    assert expected in config_error(upstream_config(tmp_path, lines))
+
+
+def test_an_openai_model_needs_a_name(tmp_path: Path) -> None:
+    path = upstream_config(tmp_path, 'url = "http://h/v1"', name=None)
+    assert "models[0].name is missing (an openai model has no file" in config_error(path)
+
+
+def test_upstream_settings_on_a_file_model_are_named(tmp_path: Path, model_file: Path) -> None:
+    path = write_config(tmp_path, f'[[models]]\npath = "{model_file}"\nurl = "http://h/v1"\n')
+    assert (
+        "models[0].url = 'http://h/v1': is a setting of backend = \"openai\" models; this one "
+        "is 'llama_cpp'" in config_error(path)
+    )
+
+
+def test_an_openai_model_name_clash_points_at_both_places(tmp_path: Path, model_file: Path) -> None:
+    path = write_config(
+        tmp_path,
+        f'[[models]]\nname = "a"\npath = "{model_file}"\n'
+        '[[models]]\nname = "b"\nbackend = "openai"\nurl = "http://h:8000/v1"\naliases = ["a"]\n',
+    )
+    assert f"used by both 'a' ({model_file}) and 'b' (http://h:8000/v1)" in config_error(path)

@@ -137,7 +137,9 @@ async def test_a_node_of_another_mesh_is_refused(node: NodeProcess, tmp_path: Pa
     async with PeerClient(node.info["grpc_address"], trust=stranger) as client:
         with pytest.raises(NotAMember):
             await client.public_card()  # the node is not in *our* mesh either
-        raw = await client._stub.Describe(pb.DescribeRequest(), timeout=DEADLINE_S)
+        raw = await client.transport.unary(
+            "Describe", pb.DescribeRequest(), pb.SignedCard, DEADLINE_S
+        )
         peer = PeerCard(
             card=open_card(raw),
             membership=_admin_membership_as_seen_by(stranger, raw),

@@ -5,11 +5,13 @@ from __future__ import annotations
 import http.client
 import json
 import urllib.parse
+from collections.abc import Iterator
 from typing import Any
 
 import openai
 import pytest
 
+from tests.clients import openai_client
 from tests.nodeproc import NodeProcess
 
 MODEL = "smollm2-135m-instruct"
@@ -17,9 +19,10 @@ CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.fixture(scope="module")
-def client(node: NodeProcess) -> openai.OpenAI:
-    # Loopback needs no key; the client insists on one, and the node ignores it.
-    return openai.OpenAI(base_url=node.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+def client(node: NodeProcess) -> Iterator[openai.OpenAI]:
+    # Loopback needs no key: the box's owner sends none.
+    with openai_client(node.url + "/v1") as owner:
+        yield owner
 
 
 def raw_post(

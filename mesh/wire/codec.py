@@ -7,7 +7,9 @@ validated by the domain constructors, so a bad message becomes an
 
 from __future__ import annotations
 
-from google.protobuf.message import DecodeError
+from typing import TypeVar
+
+from google.protobuf.message import DecodeError, Message
 
 from mesh import PROTOCOL_VERSION
 from mesh.errors import (
@@ -35,6 +37,8 @@ from mesh.inference import (
     TextDelta,
 )
 from mesh.wire.v1 import node_pb2 as pb
+
+M = TypeVar("M", bound=Message)
 
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
@@ -105,16 +109,21 @@ def request_from_pb(body: pb.InferBody) -> InferenceRequest:
     raise InvalidRequest("InferBody has neither chat messages nor a prompt")
 
 
-def parse_infer_request(data: bytes) -> InferenceRequest:
-    """An InferBody's bytes, as opened from a sealed envelope (fuzzed in the tests)."""
+def parse_message(message_type: type[M], data: bytes) -> M:
+    """Bytes from outside as one message, size-checked first (fuzzed in the tests)."""
     if len(data) > MAX_MESSAGE_BYTES:
         raise InvalidRequest(f"message is {len(data)} bytes; the limit is {MAX_MESSAGE_BYTES}")
-    message = pb.InferBody()
+    message = message_type()
     try:
         message.ParseFromString(data)
     except (DecodeError, RuntimeWarning, ValueError) as exc:
-        raise InvalidRequest(f"not an InferBody: {exc}") from exc
-    return request_from_pb(message)
+        raise InvalidRequest(f"not a {message_type.__name__}: {exc}") from exc
+    return message
+
+
+def parse_infer_request(data: bytes) -> InferenceRequest:
+    """An InferBody's bytes, as opened from a sealed envelope (fuzzed in the tests)."""
+    return request_from_pb(parse_message(pb.InferBody, data))
 
 
 def check_protocol_version(version: int) -> None:

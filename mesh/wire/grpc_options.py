@@ -7,7 +7,14 @@ ping (a peer pinging faster than that is disconnected by the server).
 
 from __future__ import annotations
 
+from typing import Any
+
+import grpc
+
 from mesh.wire.codec import MAX_MESSAGE_BYTES
+
+# What `read()` on a gRPC aio stream returns at its end (missing from grpc-stubs).
+STREAM_EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]
 
 KEEPALIVE_TIME_MS = 20_000
 KEEPALIVE_TIMEOUT_MS = 5_000

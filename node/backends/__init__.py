@@ -11,8 +11,12 @@ from mesh.config import ModelConfig
 from mesh.errors import ConfigError
 from node.backends.base import Backend
 from node.backends.llama_cpp import LlamaCppBackend
+from node.backends.openai_upstream import OpenAIUpstreamBackend
 
-FACTORIES: dict[str, Callable[[ModelConfig], Backend]] = {"llama_cpp": LlamaCppBackend}
+FACTORIES: dict[str, Callable[[ModelConfig], Backend]] = {
+    "llama_cpp": LlamaCppBackend,
+    "openai": OpenAIUpstreamBackend,
+}
 
 
 def create_backend(config: ModelConfig) -> Backend:

@@ -179,6 +179,8 @@ class LlamaCppBackend:
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         cfg = self._config
+        if cfg.path is None:
+            raise ConfigError(f"model {cfg.name!r}: a llama_cpp model needs a path (a GGUF file)")
         kwargs: dict[str, Any] = {
             "model_path": str(cfg.path),
             "n_ctx": cfg.context_length,

@@ -1,0 +1,27 @@
+"""Asking a relay for its totals (`allerac relay stats`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+from google.protobuf.json_format import MessageToDict
+
+from mesh.errors import Unavailable
+from mesh.wire import grpc_options
+from mesh.wire.v1 import relay_pb2 as rpb
+from mesh.wire.v1 import relay_pb2_grpc as rpb_grpc
+
+STATS_TIMEOUT_S = 5.0
+
+
+async def fetch_stats(address: str) -> dict[str, Any]:
+    async with grpc.aio.insecure_channel(address, options=grpc_options.channel_options()) as ch:
+        stub = rpb_grpc.RelayServiceStub(ch)  # type: ignore[no-untyped-call]
+        try:
+            stats = await stub.Stats(rpb.RelayStatsRequest(), timeout=STATS_TIMEOUT_S)
+        except grpc.aio.AioRpcError as exc:
+            raise Unavailable(f"relay {address} did not answer: {exc.details()}") from exc
+    return MessageToDict(
+        stats, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )

@@ -1,0 +1,203 @@
+"""The blind relay's rules, without I/O (DESIGN.md "Relay"; wire in relay.proto).
+
+Session opening: the relay sends a fresh 32-byte nonce; the node answers with a
+Hello carrying its membership certificate and an Ed25519 signature, by the
+identity key that certificate names, over a context string, the nonce and the
+certificate's hash. The relay cannot check the certificate against a mesh it
+was told about (it is told about none): it checks that the certificate is
+signed by the mesh key it names, and files the node under that key's mesh ID.
+Someone who makes their own mesh key only ever reaches their own mesh.
+
+Forwarding: packets go by recipient node ID and only inside one mesh.
+Overflow nodes (cloud) answer calls but never start them and never see the
+directory. Every packet is checked for size and shape before it is forwarded,
+rates are token buckets (per node and global), and the relay sets the sender
+of every packet it delivers, so nobody can speak for another node.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+
+from mesh import PROTOCOL_VERSION
+from mesh.errors import BadSignature, InvalidRequest, MeshError, NotAMember
+from mesh.identity import Identity, node_id_from_public_key, verify_signature
+from mesh.membership import (
+    Revocations,
+    Role,
+    mesh_id_from_public_key,
+    read_cert,
+    role_from_pb,
+    verify_revocations,
+)
+from mesh.wire.codec import MAX_MESSAGE_BYTES
+from mesh.wire.v1 import relay_pb2 as rpb
+from mesh.wire.v1 import trust_pb2 as tpb
+
+HELLO_CONTEXT = b"allerac-relay-hello-v1\x00"
+NONCE_BYTES = 32
+MAX_PACKET_BYTES = MAX_MESSAGE_BYTES  # a sealed request or answer frame fits
+MAX_FRAME_BYTES = MAX_PACKET_BYTES + 64 * 1024  # the packet plus its envelope fields
+MAX_NODE_ID_CHARS = 64
+CALL_METHODS = frozenset({"Describe", "Ping", "Infer", "PushRevocations"})
+MAX_TIMEOUT_S = 1800.0
+
+Kind = rpb.PacketKind
+CALLER_KINDS = frozenset({rpb.PACKET_KIND_CALL, rpb.PACKET_KIND_CANCEL})
+CALLEE_KINDS = frozenset({rpb.PACKET_KIND_REPLY, rpb.PACKET_KIND_END})
+
+
+def new_challenge(now_ms: int) -> rpb.RelayChallenge:
+    return rpb.RelayChallenge(
+        protocol_version=PROTOCOL_VERSION,
+        nonce=os.urandom(NONCE_BYTES),
+        relay_time_unix_ms=now_ms,
+    )
+
+
+def _hello_message(nonce: bytes, cert: bytes) -> bytes:
+    return HELLO_CONTEXT + nonce + hashlib.sha256(cert).digest()
+
+
+def sign_hello(
+    challenge: rpb.RelayChallenge,
+    *,
+    identity: Identity,
+    cert: tpb.SignedCert,
+    revocations: tpb.SignedRevocations | None = None,
+) -> rpb.RelayHello:
+    """The node's answer to a relay's challenge."""
+    if challenge.protocol_version != PROTOCOL_VERSION:
+        raise InvalidRequest(
+            f"the relay speaks protocol {challenge.protocol_version}, this node {PROTOCOL_VERSION}"
+        )
+    if len(challenge.nonce) != NONCE_BYTES:
+        raise InvalidRequest("the relay sent a malformed challenge")
+    hello = rpb.RelayHello(
+        protocol_version=PROTOCOL_VERSION,
+        membership=cert,
+        signature=identity.sign(_hello_message(challenge.nonce, cert.cert)),
+    )
+    if revocations is not None:
+        hello.revocations.CopyFrom(revocations)
+    return hello
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SessionIdentity:
+    """Who opened a relay session, as far as the relay can tell."""
+
+    node_id: str
+    mesh_id: str
+    mesh_public_key: bytes
+    role: Role
+    expires_at_ms: int
+    revocations: Revocations | None
+
+
+def verify_hello(hello: rpb.RelayHello, *, nonce: bytes, now_ms: int) -> SessionIdentity:
+    """Relay side: the Hello answers our nonce, by the key its certificate names, and the
+    certificate is signed by the mesh key it names, current, for that very key."""
+    if hello.protocol_version != PROTOCOL_VERSION:
+        raise InvalidRequest(
+            f"protocol version {hello.protocol_version} is not spoken here "
+            f"(this relay speaks {PROTOCOL_VERSION})"
+        )
+    cert, valid = read_cert(hello.membership)
+    if not valid:
+        raise BadSignature("membership certificate signature does not verify (forged?)")
+    if node_id_from_public_key(cert.identity_public_key) != cert.node_id:
+        raise BadSignature("membership certificate names a node ID that is not its key's")
+    if now_ms >= cert.expires_at_unix_ms:
+        raise NotAMember(f"membership of node {cert.node_id[:7]} has expired")
+    if now_ms < cert.issued_at_unix_ms - 60_000:
+        raise NotAMember(f"membership of node {cert.node_id[:7]} is not valid yet")
+    if len(hello.signature) != 64 or not verify_signature(
+        cert.identity_public_key, hello.signature, _hello_message(nonce, hello.membership.cert)
+    ):
+        raise BadSignature("the hello is not signed by the certificate's node (replayed?)")
+    revocations = None
+    if hello.HasField("revocations"):
+        revocations = verify_revocations(hello.revocations, mesh_public_key=cert.mesh_public_key)
+        if cert.node_id in revocations.revoked:
+            raise NotAMember(f"node {cert.node_id[:7]} has been revoked from its mesh")
+    return SessionIdentity(
+        node_id=cert.node_id,
+        mesh_id=mesh_id_from_public_key(cert.mesh_public_key),
+        mesh_public_key=cert.mesh_public_key,
+        role=role_from_pb(cert.role),
+        expires_at_ms=cert.expires_at_unix_ms,
+        revocations=revocations,
+    )
+
+
+class Refused(MeshError):
+    """A packet the relay will not forward; `reason` travels back in a RelayRefusal."""
+
+    def __init__(self, reason: int, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def check_packet(packet: rpb.RelayPacket, *, sender_role: Role) -> None:
+    """Shape and role rules for a packet a node hands the relay (raises Refused)."""
+    malformed = rpb.REFUSAL_REASON_MALFORMED
+    if not packet.peer or len(packet.peer) > MAX_NODE_ID_CHARS:
+        raise Refused(malformed, "a packet must name its recipient")
+    if packet.kind not in CALLER_KINDS and packet.kind not in CALLEE_KINDS:
+        raise Refused(malformed, f"unknown packet kind {packet.kind}")
+    if len(packet.payload) > MAX_PACKET_BYTES:
+        raise Refused(
+            malformed, f"payload is {len(packet.payload)} bytes; the limit is {MAX_PACKET_BYTES}"
+        )
+    if packet.kind == rpb.PACKET_KIND_CALL and packet.method not in CALL_METHODS:
+        raise Refused(malformed, f"unknown method {packet.method[:40]!r}")
+    if sender_role is Role.OVERFLOW and packet.kind in CALLER_KINDS:
+        raise Refused(
+            rpb.REFUSAL_REASON_NOT_ALLOWED, "overflow nodes answer calls; they do not make them"
+        )
+
+
+def may_reach(sender_role: Role, recipient_role: Role) -> bool:
+    """Inside one mesh: anyone reaches members; overflow nodes never reach each other."""
+    return not (sender_role is Role.OVERFLOW and recipient_role is Role.OVERFLOW)
+
+
+def sees_directory(role: Role) -> bool:
+    """Overflow nodes serve what they are sent; they never learn who else is in the mesh."""
+    return role is not Role.OVERFLOW
+
+
+class TokenBucket:
+    """`rate` tokens per second, at most `burst` saved up; `now_s` is injected."""
+
+    __slots__ = ("_last", "_tokens", "burst", "rate")
+
+    def __init__(self, *, rate: float, burst: float, now_s: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._tokens = burst
+        self._last = now_s
+
+    def take(self, amount: float, now_s: float) -> bool:
+        elapsed = max(0.0, now_s - self._last)
+        self._last = now_s
+        self._tokens = min(self.burst, self._tokens + elapsed * self.rate)
+        if amount > self._tokens:
+            return False
+        self._tokens -= amount
+        return True
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RelayLimits:
+    max_sessions: int = 10_000
+    node_packets_per_s: float = 2_000.0
+    node_bytes_per_s: float = 32 * 1024 * 1024
+    global_packets_per_s: float = 50_000.0
+    queue_packets: int = 1024  # per recipient
+    queue_bytes: int = 16 * 1024 * 1024  # per recipient
+    global_queue_bytes: int = 256 * 1024 * 1024
+    hello_timeout_s: float = 5.0

@@ -1,0 +1,311 @@
+"""Users and API keys without a node: keys, who a request comes from, the privacy ceiling
+and the users file (Hypothesis: the parser reads a valid file back or raises ConfigError)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mesh.errors import (
+    ConfigError,
+    InvalidRequest,
+    PrivacyNotAllowed,
+    Unauthenticated,
+    UserExists,
+    UserNotFound,
+)
+from mesh.scheduler import Privacy
+from mesh.users import (
+    KEY_PREFIX,
+    OWNER,
+    UserBook,
+    UserRecord,
+    dump_users,
+    effective_privacy,
+    hash_api_key,
+    load_users,
+    parse_users,
+    save_users,
+)
+
+NOW_MS = 1_767_225_600_000
+LOOSENESS = [Privacy.LOCAL_ONLY, Privacy.MESH, Privacy.ANY]
+
+
+def test_a_new_key_is_recognisable_random_and_only_its_hash_is_kept() -> None:
+    book = UserBook()
+    alice, alice_key = book.add("alice", Privacy.MESH, now_ms=NOW_MS)
+    _, bob_key = book.add("bob", Privacy.MESH, now_ms=NOW_MS)
+    assert alice_key.startswith(KEY_PREFIX)
+    assert len(alice_key) >= len(KEY_PREFIX) + 43  # 256 random bits in base64url
+    assert alice_key != bob_key
+    assert alice.key_hash == hash_api_key(alice_key) != alice_key
+    saved = dump_users(book).decode()
+    assert alice_key not in saved
+    assert bob_key not in saved
+    assert alice.key_hash in saved
+
+
+def test_authenticate_finds_the_user_and_refuses_anything_else() -> None:
+    book = UserBook()
+    alice, key = book.add("alice", Privacy.LOCAL_ONLY, now_ms=NOW_MS)
+    assert book.authenticate(key) == alice
+    for wrong in ["", key + "x", key[:-1], key.upper(), alice.key_hash, "amk_" + "A" * 43]:
+        with pytest.raises(Unauthenticated) as info:
+            book.authenticate(wrong)
+        assert info.value.http_status == 401
+        assert info.value.code == "invalid_api_key"
+
+
+def test_a_removed_user_is_refused_and_unknown_names_are_named() -> None:
+    book = UserBook()
+    _, key = book.add("alice", Privacy.MESH, now_ms=NOW_MS)
+    book.remove("alice")
+    with pytest.raises(Unauthenticated, match="removed"):
+        book.authenticate(key)
+    with pytest.raises(UserNotFound, match="no user named 'alice'"):
+        book.remove("alice")
+
+
+@pytest.mark.parametrize(
+    "name", ["", "-alice", ".x", "a b", "a/b", "ä", "x" * 65, "alice\n", "a:b"]
+)
+def test_bad_names_are_refused_with_the_rule(name: str) -> None:
+    with pytest.raises(InvalidRequest, match="1 to 64 letters") as info:
+        UserBook().add(name, Privacy.MESH, now_ms=NOW_MS)
+    assert info.value.param == "name"
+
+
+def test_a_name_is_taken_only_once() -> None:
+    book = UserBook()
+    book.add("alice", Privacy.MESH, now_ms=NOW_MS)
+    with pytest.raises(UserExists, match="already exists") as info:
+        book.add("alice", Privacy.ANY, now_ms=NOW_MS)
+    assert info.value.http_status == 409
+    assert [r.privacy for r in book] == [Privacy.MESH]
+
+
+def test_a_copy_changes_without_touching_the_original() -> None:
+    book = UserBook()
+    book.add("alice", Privacy.MESH, now_ms=NOW_MS)
+    staged = book.copy()
+    staged.remove("alice")
+    staged.add("bob", Privacy.MESH, now_ms=NOW_MS)
+    assert [r.name for r in book] == ["alice"]
+    assert [r.name for r in staged] == ["bob"]
+
+
+# --- the privacy ceiling ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ceiling", LOOSENESS)
+def test_no_requested_policy_means_the_keys_own(ceiling: Privacy) -> None:
+    assert effective_privacy(ceiling, None) is ceiling
+
+
+@pytest.mark.parametrize("ceiling", LOOSENESS)
+@pytest.mark.parametrize("requested", LOOSENESS)
+def test_stricter_is_granted_looser_is_refused(ceiling: Privacy, requested: Privacy) -> None:
+    if LOOSENESS.index(requested) <= LOOSENESS.index(ceiling):
+        assert effective_privacy(ceiling, requested) is requested
+        return
+    with pytest.raises(PrivacyNotAllowed) as info:
+        effective_privacy(ceiling, requested)
+    assert info.value.http_status == 403
+    assert info.value.code == "privacy_not_allowed"
+    assert f"privacy policy is {ceiling.value}" in info.value.message
+    assert requested.value in info.value.message
+
+
+# --- who is calling -----------------------------------------------------------------------------
+
+
+def test_callers_by_key_and_by_address() -> None:
+    book = UserBook()
+    _, key = book.add("alice", Privacy.LOCAL_ONLY, now_ms=NOW_MS)
+    for loopback in (True, False):
+        caller = book.caller(f"Bearer {key}", loopback=loopback)
+        assert caller.user == "alice"
+        assert caller.privacy_for(None) is Privacy.LOCAL_ONLY
+        with pytest.raises(PrivacyNotAllowed):
+            caller.privacy_for(Privacy.MESH)
+        assert book.caller(f"bearer   {key} ", loopback=loopback).user == "alice"
+    owner = book.caller(None, loopback=True)
+    assert owner == OWNER
+    assert owner.user == ""
+    assert owner.privacy_for(None) is None  # the node's configured default
+    assert owner.privacy_for(Privacy.ANY) is Privacy.ANY
+    with pytest.raises(Unauthenticated, match="an API key is required"):
+        book.caller(None, loopback=False)
+
+
+@pytest.mark.parametrize(
+    "header", ["Bearer", "Bearer ", "Basic dXNlcjpwYXNz", "amk_x", "Bearer wrong", "Token abc"]
+)
+@pytest.mark.parametrize("loopback", [True, False])
+def test_a_bad_authorization_header_is_refused_even_on_loopback(
+    header: str, loopback: bool
+) -> None:
+    with pytest.raises(Unauthenticated) as info:
+        UserBook().caller(header, loopback=loopback)
+    # On loopback the error says how to be the owner instead.
+    assert ("send no key at all" in info.value.message) is loopback
+
+
+def test_an_absurdly_long_header_is_refused_before_hashing() -> None:
+    with pytest.raises(Unauthenticated, match="Bearer API_KEY"):
+        UserBook().caller("Bearer " + "a" * 100_000, loopback=False)
+
+
+# --- the file -----------------------------------------------------------------------------------
+
+
+def test_save_and_load_round_trip_with_mode_0600(tmp_path: Path) -> None:
+    path = tmp_path / "users.json"
+    assert len(load_users(path)) == 0  # no file yet: no users
+    book = UserBook()
+    _, key = book.add("alice", Privacy.ANY, now_ms=NOW_MS)
+    book.add("bob.smith", Privacy.LOCAL_ONLY, now_ms=NOW_MS + 1)
+    save_users(path, book)
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert key not in path.read_text()
+    again = load_users(path)
+    assert list(again) == list(book)
+    assert again.authenticate(key).name == "alice"
+    assert json.loads(path.read_text())["version"] == 1
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o620])
+def test_a_file_open_to_other_users_is_refused(tmp_path: Path, mode: int) -> None:
+    path = tmp_path / "users.json"
+    save_users(path, UserBook())
+    path.chmod(mode)
+    with pytest.raises(ConfigError, match=f"chmod 600 {path}"):
+        load_users(path)
+
+
+def test_a_directory_or_a_symlink_is_refused(tmp_path: Path) -> None:
+    folder = tmp_path / "users.json"
+    folder.mkdir()
+    with pytest.raises(ConfigError, match="not a regular file"):
+        load_users(folder)
+    real = tmp_path / "real.json"
+    save_users(real, UserBook())
+    link = tmp_path / "link.json"
+    os.symlink(real, link)
+    with pytest.raises(ConfigError, match="cannot open users file"):
+        load_users(link)
+
+
+def _file(users: list[dict[str, object]], **top: object) -> bytes:
+    return json.dumps({"version": 1, "users": users, **top}).encode()
+
+
+GOOD = {"name": "alice", "key_hash": "ab" * 32, "privacy": "mesh", "created_at_ms": NOW_MS}
+
+BAD_FILES = [
+    ("not JSON", b"{", "JSONDecodeError"),
+    ("not UTF-8", b'{"version": 1, "users": ["\xff"]}', "UnicodeDecodeError"),
+    ("a list", b"[]", "not a JSON object"),
+    ("no version", json.dumps({"users": []}).encode(), "no version number"),
+    ("a newer version", json.dumps({"version": 2, "users": []}).encode(), "format version 2"),
+    ("version as bool", json.dumps({"version": True, "users": []}).encode(), "no version"),
+    ("unknown top field", _file([], extra=1), "unknown fields ['extra']"),
+    ("users not a list", json.dumps({"version": 1, "users": {}}).encode(), "not a list"),
+    ("record not an object", _file(["alice"]), "users[0] is not an object"),
+    ("missing field", _file([{k: v for k, v in GOOD.items() if k != "privacy"}]), "'privacy'"),
+    ("unknown field", _file([{**GOOD, "key": "amk_x"}]), "unknown fields ['key']"),
+    ("bad name", _file([{**GOOD, "name": "-x"}]), "users[0].name"),
+    ("short hash", _file([{**GOOD, "key_hash": "ab"}]), "users[0].key_hash"),
+    ("upper-case hash", _file([{**GOOD, "key_hash": "AB" * 32}]), "users[0].key_hash"),
+    ("bad privacy", _file([{**GOOD, "privacy": "public"}]), "users[0].privacy"),
+    ("negative time", _file([{**GOOD, "created_at_ms": -1}]), "created_at_ms"),
+    ("time as bool", _file([{**GOOD, "created_at_ms": True}]), "created_at_ms"),
+    ("time as float", _file([{**GOOD, "created_at_ms": 1.5}]), "created_at_ms"),
+    ("duplicate name", _file([GOOD, {**GOOD, "key_hash": "cd" * 32}]), "already exists"),
+    ("duplicate hash", _file([GOOD, {**GOOD, "name": "bob"}]), "same key"),
+    ("duplicate JSON field", b'{"version": 1, "version": 1, "users": []}', "duplicate field"),
+    ("deep nesting", b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+]
+
+
+@pytest.mark.parametrize(
+    ("data", "problem"), [b[1:] for b in BAD_FILES], ids=[b[0] for b in BAD_FILES]
+)
+def test_a_bad_file_is_refused_naming_the_problem(data: bytes, problem: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_users(data, source="users file /h/users.json")
+    assert problem in info.value.message
+    assert "users file /h/users.json is not a valid users file" in info.value.message
+    assert "left untouched" in info.value.message
+
+
+def test_a_bad_file_on_disk_is_left_as_it_was(tmp_path: Path) -> None:
+    path = tmp_path / "users.json"
+    path.write_bytes(b'{"version": 1, "users": [{"name": "alice"}]}')
+    path.chmod(0o600)
+    before = path.read_bytes()
+    with pytest.raises(ConfigError, match=str(path)):
+        load_users(path)
+    assert path.read_bytes() == before
+
+
+names = st.from_regex(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+records = st.builds(
+    UserRecord,
+    name=names,
+    key_hash=st.binary(min_size=32, max_size=32).map(bytes.hex),
+    privacy=st.sampled_from(list(Privacy)),
+    created_at_ms=st.integers(0, (1 << 63) - 1),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(records, max_size=8, unique_by=(lambda r: r.name, lambda r: r.key_hash)))
+def test_any_book_survives_the_file(users: list[UserRecord]) -> None:
+    book = UserBook(users)
+    assert list(parse_users(dump_users(book))) == sorted(users, key=lambda r: r.name)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.one_of(
+        st.binary(max_size=300),
+        json_values.map(lambda v: json.dumps(v).encode()),
+        st.dictionaries(
+            st.sampled_from(["version", "users", "x"]),
+            st.one_of(
+                st.integers(0, 3),
+                st.lists(
+                    st.fixed_dictionaries(
+                        {}, optional={k: st.just(v) | json_values for k, v in GOOD.items()}
+                    )
+                ),
+            ),
+        ).map(lambda v: json.dumps(v).encode()),
+    )
+)
+def test_the_parser_reads_a_book_or_raises_config_error(data: bytes) -> None:
+    try:
+        book = parse_users(data)
+    except ConfigError as exc:
+        message = exc.message
+    else:
+        message = ""
+    if message:
+        assert "not a valid users file" in message
+        return
+    assert list(parse_users(dump_users(book))) == list(book)
+    assert all(isinstance(r.privacy, Privacy) for r in book)
