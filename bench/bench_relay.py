@@ -103,7 +103,10 @@ async def idle_sessions(address: str, count: int) -> list[object]:
         cert = authority.issue(
             node.public_key_raw, role=Role.MEMBER, now_ms=int(time.time() * 1000), ttl_ms=YEAR_MS
         )
-        channel = grpc.aio.insecure_channel(address)
+        # Its own connection, as a node has (the relay allows few streams per connection).
+        channel = grpc.aio.insecure_channel(
+            address, options=[("grpc.use_local_subchannel_pool", 1)]
+        )
         call = rpb_grpc.RelayServiceStub(channel).Session()  # type: ignore[no-untyped-call]
         challenge = await call.read()
         await call.write(

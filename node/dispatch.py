@@ -385,15 +385,17 @@ class Dispatcher:
                 busy += isinstance(exc, Overloaded)
                 failures.append(f"{candidate.node_id[:7]} ({candidate.route}): {exc.message}")
         if not decided.order and not decided.excluded:
-            silent = [
-                f"{peer.node_id[:7]} ({peer.route}): peer is {peer.state}"
-                for peer in self.peers
-                if peer.serves(request.model) is not None
-            ]
-            if silent:  # known, but nobody serving it answers right now: not a typo
-                raise Unavailable(
-                    f"nobody can serve {request.model!r} right now: {'; '.join(silent[:8])}"
-                )
+            # The pre-selection drops full and silent peers: a model they serve is no typo.
+            serving = [peer for peer in self.peers if peer.serves(request.model) is not None]
+            states = "; ".join(
+                f"{peer.node_id[:7]} ({peer.route}): "
+                + ("full" if peer.state is PeerState.UP else f"peer is {peer.state}")
+                for peer in serving[:8]
+            )
+            if any(peer.state is PeerState.UP for peer in serving):
+                raise Overloaded(f"every node serving {request.model!r} is busy: {states}")
+            if serving:
+                raise Unavailable(f"nobody can serve {request.model!r} right now: {states}")
             known = ", ".join(sorted({m.name for m, _ in self.mesh_models()})) or "none"
             raise ModelNotFound(
                 f"model {request.model!r} is not served in this mesh; available: {known}",

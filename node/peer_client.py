@@ -7,13 +7,14 @@ ends know. A peer is used only after its card verifies against our mesh.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
 import time
 from collections.abc import AsyncGenerator
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError, Message
@@ -74,6 +75,16 @@ class Transport(Protocol):
     async def aclose(self) -> None: ...
 
 
+def _raise_if_we_are_cancelled(exc: asyncio.CancelledError) -> NoReturn:
+    """gRPC aio raises CancelledError in a call whose channel was closed under it (a peer's
+    client replaced while a heartbeat was in flight): that is the call failing, not our
+    task being cancelled, and it must not end the task that made the call."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise exc
+    raise Unavailable("the connection to the peer was closed") from exc
+
+
 class GrpcTransport:
     def __init__(self, address: str) -> None:
         self.label = address
@@ -87,6 +98,8 @@ class GrpcTransport:
             reply: M = await getattr(self._stub, method)(request, timeout=timeout_s)
         except grpc.aio.AioRpcError as exc:
             raise _rpc_error(exc) from exc
+        except asyncio.CancelledError as exc:
+            _raise_if_we_are_cancelled(exc)
         return reply
 
     async def stream(
@@ -98,6 +111,8 @@ class GrpcTransport:
                 yield message
         except grpc.aio.AioRpcError as exc:
             raise _rpc_error(exc) from exc
+        except asyncio.CancelledError as exc:
+            _raise_if_we_are_cancelled(exc)
         finally:
             call.cancel()
 

@@ -49,6 +49,7 @@ from node.trust_store import TrustStore
 logger = logging.getLogger(__name__)
 MAX_ADDRESSES = 4096  # addresses to try; hints beyond it are dropped
 DIRECT_RETRY_S = 5.0  # how often a peer reached through the relay is tried directly
+RETRY_S = HEARTBEAT_INTERVAL_MS / 1000  # how often an address that failed is tried again
 
 
 def _now_ms() -> int:
@@ -77,7 +78,7 @@ class Peering:
         self._connects: set[asyncio.Task[None]] = set()
         self._relay: RelayLink | None = None
         self._relay_members: dict[str, Role] = {}
-        self._direct_tried: dict[str, float] = {}  # address -> when (peers on the relay)
+        self._tried: dict[str, float] = {}  # address -> when we last tried it
 
     # --- what the dispatcher needs -------------------------------------------------------
 
@@ -123,7 +124,14 @@ class Peering:
             return
         node_id = self._addresses.setdefault(address, None)
         peer = self.table.get(node_id) if node_id else None
-        if peer is None or peer.state is not PeerState.UP:
+        due = time.monotonic() - self._tried.get(address, -RETRY_S) >= RETRY_S
+        # Only when an attempt is due: the loop calls this for every member it knows, and
+        # waking it for an address it just tried would spin it.
+        if (
+            due
+            and address not in self._connecting
+            and (peer is None or peer.state is not PeerState.UP)
+        ):
             self._wake.set()
 
     def attach_relay(self, link: RelayLink) -> None:
@@ -146,6 +154,20 @@ class Peering:
     # --- the loop ----------------------------------------------------------------------------
 
     async def _run(self) -> None:
+        while True:
+            try:
+                await self._rounds()
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is None or task.cancelling():
+                    raise  # we are being stopped
+                logger.exception("a peering round was cancelled from below; going on")
+                await asyncio.sleep(HEARTBEAT_INTERVAL_MS / 1000)
+            except Exception:  # the loop that keeps the table honest must never die
+                logger.exception("peering round failed; going on")
+                await asyncio.sleep(HEARTBEAT_INTERVAL_MS / 1000)
+
+    async def _rounds(self) -> None:
         interval = HEARTBEAT_INTERVAL_MS / 1000
         last_beat = 0.0
         while True:
@@ -183,17 +205,18 @@ class Peering:
             return  # overflow nodes serve; they never route, so they need no peers
         now = time.monotonic()
         for address, node_id in list(self._addresses.items()):
+            if address in self._connecting:
+                continue
             peer = self.table.get(node_id) if node_id else None
             client = self._clients.get(node_id) if node_id else None
-            retry_direct = (
-                client is not None
-                and client.via_relay
-                and now - self._direct_tried.get(address, 0.0) >= DIRECT_RETRY_S
-            )
-            if (
-                peer is None or peer.state is PeerState.DOWN or retry_direct
-            ) and address not in self._connecting:
-                self._direct_tried[address] = now
+            since = now - self._tried.get(address, -RETRY_S)
+            if client is not None and client.via_relay:
+                due = since >= DIRECT_RETRY_S  # a direct path would beat the relay
+            else:
+                # A new address at once; a failing one at most once a heartbeat interval.
+                due = (peer is None or peer.state is PeerState.DOWN) and since >= RETRY_S
+            if due:
+                self._tried[address] = now
                 self._spawn(address, PeerClient(address, trust=self._trust))
         relay = self._relay
         if relay is None or not relay.connected.is_set():
@@ -201,7 +224,18 @@ class Peering:
         for node_id in list(self._relay_members):
             peer = self.table.get(node_id)
             key = f"relay:{node_id}"
-            if (peer is None or peer.state is PeerState.DOWN) and key not in self._connecting:
+            current = self._clients.get(node_id)
+            # Down, or silent on its direct path: the relay may still reach it.
+            lost = (
+                peer is None
+                or peer.state is PeerState.DOWN
+                or (
+                    peer.state is PeerState.SUSPECT
+                    and current is not None
+                    and not current.via_relay
+                )
+            )
+            if lost and key not in self._connecting:
                 transport = RelayTransport(relay, node_id)
                 self._spawn(
                     key, PeerClient(transport.label, trust=self._trust, transport=transport)
@@ -235,9 +269,9 @@ class Peering:
             and old is not None
             and not old.via_relay
             and peer is not None
-            and peer.state is not PeerState.DOWN
+            and peer.state is PeerState.UP
         ):
-            return  # a direct path came up meanwhile: it wins
+            return  # the direct path works (again): it wins
         self._clients.pop(card.node_id, None)
         if old is not None and old is not client:
             await old.aclose()
@@ -246,6 +280,8 @@ class Peering:
         if not client.via_relay:
             self._addresses[key] = card.node_id
         self._learn(card.node_id, client.address, full, self._route(card, client))
+        # Its load and RTT now, not at the next heartbeat: until then it would look full.
+        await self._ping(card.node_id, client)
 
     @staticmethod
     def _route(card: PeerCard, client: PeerClient) -> Route:
@@ -280,31 +316,32 @@ class Peering:
             return
         self._learn(node_id, peer.address, full, peer.route)
 
-    async def _heartbeat(self) -> None:
-        async def ping(node_id: str, client: PeerClient) -> None:
-            started = time.perf_counter()
-            try:
-                reply = await client.ping(timeout_s=HEARTBEAT_TIMEOUT_MS / 1000)
-            except MeshError:
-                return  # silence: tick() decides when it becomes suspect or down
-            rtt_ms = (time.perf_counter() - started) * 1000
-            if reply.card_issued_at_unix_ms != self._card_versions.get(node_id):
-                await self._refresh_card(node_id, client)
-            self.apply(
-                self.table.heartbeat_ok(
-                    node_id,
-                    now_ms=_now_ms(),
-                    rtt_ms=rtt_ms,
-                    load=codec.load_from_pb(reply.load),
-                )
+    async def _ping(self, node_id: str, client: PeerClient) -> None:
+        started = time.perf_counter()
+        try:
+            reply = await client.ping(timeout_s=HEARTBEAT_TIMEOUT_MS / 1000)
+        except MeshError as exc:
+            logger.debug("no heartbeat from %s: %s", node_id[:7], exc.message)
+            return  # silence: tick() decides when it becomes suspect or down
+        rtt_ms = (time.perf_counter() - started) * 1000
+        if reply.card_issued_at_unix_ms != self._card_versions.get(node_id):
+            await self._refresh_card(node_id, client)
+        self.apply(
+            self.table.heartbeat_ok(
+                node_id,
+                now_ms=_now_ms(),
+                rtt_ms=rtt_ms,
+                load=codec.load_from_pb(reply.load),
             )
+        )
 
+    async def _heartbeat(self) -> None:
         peers = [
             (node_id, client)
             for node_id, client in self._clients.items()
             if (peer := self.table.get(node_id)) is not None and peer.state is not PeerState.DOWN
         ]
-        await asyncio.gather(*(ping(n, c) for n, c in peers))
+        await asyncio.gather(*(self._ping(n, c) for n, c in peers))
 
     async def _say_goodbye(self) -> None:
         me = self._trust.identity.node_id

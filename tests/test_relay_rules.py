@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import asyncio
 
+import grpc
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cloud_relay.switchboard import Session, SessionClosed, Switchboard
-from mesh.errors import BadSignature, MeshError, NotAMember, Overloaded
+from mesh.errors import BadSignature, MeshError, NotAMember, Overloaded, Unavailable
 from mesh.identity import Identity
 from mesh.membership import MeshAuthority, Role
 from mesh.relay import (
@@ -22,8 +23,11 @@ from mesh.relay import (
     sign_hello,
     verify_hello,
 )
+from mesh.wire.v1 import node_pb2 as pb
+from mesh.wire.v1 import node_pb2_grpc as pb_grpc
 from mesh.wire.v1 import relay_pb2 as rpb
 from mesh.wire.v1 import trust_pb2 as tpb
+from node.peer_client import GrpcTransport
 
 NOW = 1_800_000_000_000
 YEAR_MS = 365 * 86_400_000
@@ -268,3 +272,32 @@ async def test_the_session_limit_answers_full() -> None:
     board.open(_who(mesh))
     with pytest.raises(Overloaded, match="full"):
         board.open(_who(mesh))
+
+
+# --- a peer's connection replaced under an in-flight call -------------------------------------
+
+
+class _SlowNode(pb_grpc.NodeServiceServicer):
+    async def Ping(self, request: pb.PingRequest, context: object) -> pb.PingResponse:
+        await asyncio.sleep(30)
+        return pb.PingResponse()
+
+
+async def test_a_call_on_a_closed_connection_fails_instead_of_cancelling_the_caller() -> None:
+    """Closing a peer's channel under a heartbeat (its client was replaced) must fail that
+    call with Unavailable: a CancelledError would end the peering loop that made it."""
+    server = grpc.aio.server()
+    pb_grpc.add_NodeServiceServicer_to_server(_SlowNode(), server)  # type: ignore[no-untyped-call]
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        transport = GrpcTransport(f"127.0.0.1:{port}")
+        call = asyncio.ensure_future(
+            transport.unary("Ping", pb.PingRequest(), pb.PingResponse, 10.0)
+        )
+        await asyncio.sleep(0.2)
+        await transport.aclose()
+        with pytest.raises(Unavailable, match="closed"):
+            await call
+    finally:
+        await server.stop(None)
