@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from mesh.errors import BadSignature, InviteError, NotAMember
+from mesh.errors import BadSignature, InviteError, NotAMember, PermissionDenied
 from mesh.home import Home
 from mesh.identity import load_or_create_identity
 from mesh.inference import ChatMessage, Finished, InferenceRequest, Sampling, TextDelta
@@ -190,6 +190,20 @@ async def test_valid_keys_without_a_membership_certificate_are_refused(
     # The refusal is logged once, not once per attempt, and the node goes on serving.
     assert admin.output().count("refused a request") == 1
     assert run_cli(admin.home, "chat", "--max-tokens", "3", "hi").returncode == 0
+
+
+async def test_an_overflow_node_serves_but_never_sees_members_cards_or_sends_requests(
+    admin: NodeProcess, tmp_path: Path
+) -> None:
+    cloud = await join_as_member(admin, tmp_path / "cloud", role="overflow")
+    hello = InferenceRequest(model="default", prompt="hi", sampling=Sampling(max_tokens=2))
+    async with PeerClient(grpc_address(admin), trust=cloud) as client:
+        peer = await client.public_card()  # in clear, as for anyone
+        with pytest.raises(PermissionDenied, match="cards"):
+            await client.full_card(peer)  # models, hardware, addresses: members only
+        with pytest.raises(PermissionDenied, match="do not send"):
+            async for _ in client.infer(peer, hello):
+                pass
 
 
 def _post(node: NodeProcess, path: str, body: bytes) -> tuple[int, dict[str, object]]:
