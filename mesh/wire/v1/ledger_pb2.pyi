@@ -1,0 +1,67 @@
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class RecordKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RECORD_KIND_UNSPECIFIED: _ClassVar[RecordKind]
+    RECORD_KIND_COMPLETE: _ClassVar[RecordKind]
+    RECORD_KIND_PARTIAL: _ClassVar[RecordKind]
+RECORD_KIND_UNSPECIFIED: RecordKind
+RECORD_KIND_COMPLETE: RecordKind
+RECORD_KIND_PARTIAL: RecordKind
+
+class UsageRecord(_message.Message):
+    __slots__ = ("node_id", "identity_public_key", "seq", "prev_hash", "request_id", "entry_node_id", "user", "model", "prompt_tokens", "completion_tokens", "route", "started_at_unix_ms", "ended_at_unix_ms", "kind")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    IDENTITY_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    PREV_HASH_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    ENTRY_NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    USER_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ROUTE_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    ENDED_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    identity_public_key: bytes
+    seq: int
+    prev_hash: bytes
+    request_id: str
+    entry_node_id: str
+    user: str
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    route: str
+    started_at_unix_ms: int
+    ended_at_unix_ms: int
+    kind: RecordKind
+    def __init__(self, node_id: _Optional[str] = ..., identity_public_key: _Optional[bytes] = ..., seq: _Optional[int] = ..., prev_hash: _Optional[bytes] = ..., request_id: _Optional[str] = ..., entry_node_id: _Optional[str] = ..., user: _Optional[str] = ..., model: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., route: _Optional[str] = ..., started_at_unix_ms: _Optional[int] = ..., ended_at_unix_ms: _Optional[int] = ..., kind: _Optional[_Union[RecordKind, str]] = ...) -> None: ...
+
+class SignedRecord(_message.Message):
+    __slots__ = ("record", "signature")
+    RECORD_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    record: bytes
+    signature: bytes
+    def __init__(self, record: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
+class Receipt(_message.Message):
+    __slots__ = ("record_hash", "entry_node_id", "entry_public_key", "signature")
+    RECORD_HASH_FIELD_NUMBER: _ClassVar[int]
+    ENTRY_NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    ENTRY_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    record_hash: bytes
+    entry_node_id: str
+    entry_public_key: bytes
+    signature: bytes
+    def __init__(self, record_hash: _Optional[bytes] = ..., entry_node_id: _Optional[str] = ..., entry_public_key: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
