@@ -15,6 +15,7 @@ they arrived as, and parsed only after their signature verifies.
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
 from collections import defaultdict
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
@@ -204,7 +205,8 @@ def verify(
     if workers > 1 and len(items) > 1000:
         size = -(-len(items) // (workers * 4))
         chunks = [items[i : i + size] for i in range(0, len(items), size)]
-        with ProcessPoolExecutor(workers) as pool:
+        # spawn, not fork: the node has gRPC and sqlite threads, and forking those deadlocks.
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             checked = [c for part in pool.map(_check_chunk, chunks) for c in part]
     else:
         checked = _check_chunk(items)
