@@ -496,3 +496,29 @@ def test_an_openai_model_name_clash_points_at_both_places(tmp_path: Path, model_
         '[[models]]\nname = "b"\nbackend = "openai"\nurl = "http://h:8000/v1"\naliases = ["a"]\n',
     )
     assert f"used by both 'a' ({model_file}) and 'b' (http://h:8000/v1)" in config_error(path)
+
+
+def test_relays_from_the_file_and_from_flags(tmp_path: Path) -> None:
+    path = write_config(tmp_path, 'relays = ["relay.example.net:7443"]\n')
+    assert build_config(config_file=path, flags=Flags()).relays == ("relay.example.net:7443",)
+    flags = Flags(relays=("10.0.0.9:7443",))
+    assert build_config(config_file=path, flags=flags).relays == ("10.0.0.9:7443",)  # flags win
+    assert build_config(config_file=None, flags=Flags()).relays == ()
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ('relays = ["nope"]\n', "relays = 'nope': must be host:port"),
+        ('relays = "relay:7443"\n', "must be a list"),
+        ('relays = ["a:1", "b:2", "c:3", "d:4", "e:5"]\n', "at most 4 relays"),
+        ('relay = ["a:1"]\n', "relays"),  # a typo gets a suggestion
+    ],
+)
+def test_bad_relays_are_named(tmp_path: Path, text: str, words: str) -> None:
+    assert words in config_error(write_config(tmp_path, text))
+
+
+def test_a_bad_relay_flag_is_named(tmp_path: Path) -> None:
+    message = config_error(write_config(tmp_path, ""), Flags(relays=("no-port",)))
+    assert "--relay = 'no-port'" in message
