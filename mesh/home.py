@@ -6,6 +6,7 @@ Several nodes on one machine are several homes. Layout:
     config.toml        optional configuration, read when no --config is given
     users.json         users and the SHA-256 of their API keys (0600; see mesh/users.py)
     run/node.json      written by a running node: IDs, bound addresses, pid
+    ledger.db          the usage ledger (aiosqlite, WAL)
 """
 
 from __future__ import annotations
@@ -70,6 +71,10 @@ class Home:
             self.run_dir.mkdir(exist_ok=True, mode=0o700)
         except OSError as exc:
             raise ConfigError(f"cannot create data dir {self.root}: {exc.strerror}") from exc
+
+    @property
+    def ledger_file(self) -> Path:
+        return self.root / "ledger.db"
 
     @property
     def mesh_dir(self) -> Path:

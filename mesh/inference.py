@@ -144,6 +144,8 @@ class Finished:
     reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
+    # The serving node's signed usage record (serialized SignedRecord), once it has one.
+    usage_record: bytes = b""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

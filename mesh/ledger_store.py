@@ -22,10 +22,11 @@ from pathlib import Path
 from types import TracebackType
 
 import aiosqlite
+from google.protobuf.message import DecodeError
 
-from mesh.errors import ConfigError
+from mesh.errors import BadSignature, ConfigError
 from mesh.identity import Identity
-from mesh.ledger import GENESIS, ChainWriter, Usage
+from mesh.ledger import GENESIS, ChainWriter, Usage, countersign, open_record, record_hash
 from mesh.wire.v1 import ledger_pb2 as lpb
 
 SCHEMA = """
@@ -194,6 +195,50 @@ class LedgerStore:
         async with self._db.execute(query, (*args, limit)) as cursor:
             rows = await cursor.fetchall()
         return [lpb.SignedRecord(record=bytes(r[0]), signature=bytes(r[1])) for r in rows]
+
+    async def countersign(self, signed: lpb.SignedRecord) -> lpb.Receipt:
+        """This node, as the entry node, countersigns a record and keeps the receipt."""
+        receipt = countersign(self._identity, signed)
+        await self.add_receipt(receipt)
+        return receipt
+
+    async def accept(
+        self, raw: bytes, *, served_by: str, request_id: str, completion_tokens: int
+    ) -> str:
+        """A peer's record for a request this node let in: keep and countersign it if it
+        is that peer's, for that request, and counts what was delivered. Returns what is
+        wrong with it, or "" when it was accepted."""
+        if not raw:
+            return "the answer came without a usage record"
+        try:
+            signed = lpb.SignedRecord.FromString(raw)
+            record = open_record(signed)
+        except (DecodeError, BadSignature) as exc:
+            return f"the usage record does not verify ({exc})"
+        if record.node_id != served_by or record.request_id != request_id:
+            return "the usage record is for another node or request"
+        if record.entry_node_id != self._identity.node_id:
+            return "the usage record names another entry node"
+        if record.completion_tokens != completion_tokens:
+            return (
+                f"the usage record counts {record.completion_tokens} tokens; "
+                f"{completion_tokens} were delivered"
+            )
+        await self._db.execute(
+            "INSERT OR IGNORE INTO records (node_id, seq, request_id, kind, record, signature, "
+            "hash) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                record.node_id,
+                record.seq,
+                record.request_id,
+                record.kind,
+                signed.record,
+                signed.signature,
+                record_hash(signed),
+            ),
+        )
+        await self.countersign(signed)  # commits both
+        return ""
 
     async def add_receipt(self, receipt: lpb.Receipt) -> None:
         await self._db.execute(

@@ -29,6 +29,7 @@ from mesh.config import NodeConfig
 from mesh.errors import ConfigError
 from mesh.home import Home
 from mesh.identity import Identity, load_or_create_identity
+from mesh.ledger_store import LedgerStore
 from mesh.membership import Role
 from mesh.peers import PeerTable
 from mesh.scheduler import Privacy
@@ -96,6 +97,7 @@ class Node:
         self._http_runner: web.AppRunner | None = None
         self.trust: TrustStore | None = None
         self.users: UsersAdmin | None = None
+        self.ledger: LedgerStore | None = None
         self.peer_table = PeerTable()
         self.peering: Peering | None = None
         self.discovery: Discovery | None = None
@@ -136,6 +138,7 @@ class Node:
         # Beyond loopback the HTTP API serves API keys only, so a bad users file stops here.
         self.users = UsersAdmin.open(self.home, default_privacy=Privacy(cfg.privacy))
         self.trust = TrustStore.open(self.home, self.identity)
+        self.ledger = await LedgerStore.open(self.home.ledger_file, self.identity)
         for model in cfg.models:
             backend = create_backend(model)
             await backend.start()
@@ -154,6 +157,7 @@ class Node:
             links=self.peering,
             max_wait_ms=cfg.max_wait_ms,
             default_privacy=Privacy(cfg.privacy),
+            ledger=self.ledger,
         )
         await self._start_grpc()
         await self._start_http()
@@ -452,5 +456,8 @@ class Node:
         for backend in self.backends:
             await backend.aclose()
         self.backends = []
+        if self.ledger is not None:  # last: every answer above has left its record
+            await self.ledger.close()
+            self.ledger = None
         if self.identity is not None:
             self.home.clear_run_info(os.getpid())

@@ -45,6 +45,8 @@ from mesh.inference import (
     TextDelta,
     new_request_id,
 )
+from mesh.ledger import Usage
+from mesh.ledger_store import LedgerStore
 from mesh.peers import PeerEvent, PeerState, PeerTable
 from mesh.scheduler import DEFAULT_MAX_WAIT_MS, Candidate, Plan, Privacy, Scored, plan
 from node.backends.base import Backend
@@ -64,6 +66,14 @@ RETRYABLE = (
 )
 SERVICE_SMOOTHING = 0.3
 PRESELECT_PEERS = 8  # peers given a full look per request (the rest are failover-irrelevant)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class Arrival:
+    """Who let a request into the mesh, and the tier it took to reach this node."""
+
+    entry_node_id: str
+    route: Route
 
 
 class PeerLinks(Protocol):
@@ -102,12 +112,14 @@ class Answer:
         plan_: Plan,
         source: _Source,
         tried: set[str],
+        arrival: Arrival,
     ) -> None:
         self._dispatcher = dispatcher
         self._request = request
         self._plan = plan_
         self._source = source
         self._tried = tried
+        self._arrival = arrival
         self.served_by = source.served_by
         self.failovers: list[str] = []
 
@@ -117,7 +129,9 @@ class Answer:
         delivered_tokens = 0  # tokens whose text the client has (exact, per delta)
         tokens_before = 0  # of those, made by sources that failed mid-stream
         started = time.monotonic()
+        started_ms = int(time.time() * 1000)
         source = self._source
+        asked = self._request  # what the current source was asked (a failover asks anew)
         pending: InferenceEvent | None = source.first
         try:
             while True:
@@ -132,6 +146,9 @@ class Answer:
                             continue
                         self._dispatcher.record_service(
                             source.served_by, (time.monotonic() - started) * 1000
+                        )
+                        event = await self._dispatcher.account(
+                            source.served_by, asked, event, self._arrival, started_ms
                         )
                         yield dataclasses.replace(
                             event, completion_tokens=event.completion_tokens + tokens_before
@@ -169,6 +186,7 @@ class Answer:
                 failed = source.served_by
                 try:
                     source = await self._dispatcher.start_first(follow_up, self._plan, self._tried)
+                    asked = follow_up
                 except MeshError as exc:
                     # Say what broke the stream, not only that nobody could take it over.
                     raise type(exc)(
@@ -191,8 +209,10 @@ class Dispatcher:
         links: PeerLinks | None = None,
         max_wait_ms: float = DEFAULT_MAX_WAIT_MS,
         default_privacy: Privacy = Privacy.MESH,
+        ledger: LedgerStore | None = None,
     ) -> None:
         self._node_id = node_id
+        self._ledger = ledger
         self._backends = list(backends)
         self._by_name: dict[str, Backend] = {}
         for backend in self._backends:
@@ -355,12 +375,66 @@ class Dispatcher:
 
     # --- running it ---------------------------------------------------------------------------
 
-    async def open(self, request: InferenceRequest, *, privacy: Privacy | None = None) -> Answer:
+    async def open(
+        self,
+        request: InferenceRequest,
+        *,
+        privacy: Privacy | None = None,
+        arrival: Arrival | None = None,
+    ) -> Answer:
+        """`arrival`: who let the request in and how it reached this node (a peer's request
+        served here); None for a request made to this node's own API."""
         chosen_privacy = privacy or self.default_privacy
         decided = self.plan(request, chosen_privacy)
         tried: set[str] = set()
         source = await self.start_first(request, decided, tried)
-        return Answer(self, request, decided, source, tried)
+        here = arrival or Arrival(entry_node_id=self._node_id, route=Route.LOCAL)
+        return Answer(self, request, decided, source, tried, here)
+
+    # --- the usage ledger -------------------------------------------------------------------------
+
+    async def account(
+        self,
+        served_by: ServedBy,
+        asked: InferenceRequest,
+        finished: Finished,
+        arrival: Arrival,
+        started_ms: int,
+    ) -> Finished:
+        """Leave the answer's record in the ledger. Served here: this node signs a record
+        (and countersigns it too when the request came in here). Served by a peer: its
+        record is checked against what was delivered, countersigned and kept."""
+        ledger = self._ledger
+        if ledger is None:
+            return finished
+        if served_by.route is Route.LOCAL:
+            signed = await ledger.append(
+                Usage(
+                    request_id=asked.request_id,
+                    entry_node_id=arrival.entry_node_id,
+                    user=asked.user,
+                    model=served_by.model,
+                    prompt_tokens=finished.prompt_tokens,
+                    completion_tokens=finished.completion_tokens,
+                    route=arrival.route.value,
+                    started_at_ms=started_ms,
+                    ended_at_ms=int(time.time() * 1000),
+                )
+            )
+            if arrival.entry_node_id == self._node_id:
+                await ledger.countersign(signed)
+            return dataclasses.replace(finished, usage_record=signed.SerializeToString())
+        problem = await ledger.accept(
+            finished.usage_record,
+            served_by=served_by.node_id,
+            request_id=asked.request_id,
+            completion_tokens=finished.completion_tokens,
+        )
+        if problem:
+            logger.warning(
+                "not countersigning the usage record of %s: %s", served_by.node_id[:7], problem
+            )
+        return finished
 
     async def start_first(
         self, request: InferenceRequest, decided: Plan, tried: set[str]

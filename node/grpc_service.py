@@ -19,7 +19,7 @@ from typing import Any, NoReturn
 import grpc
 
 from mesh.errors import InvalidRequest, MeshError, Overloaded, PermissionDenied
-from mesh.inference import Finished
+from mesh.inference import Finished, Route
 from mesh.membership import Role
 from mesh.scheduler import Privacy
 from mesh.sealing import FrameWriter, OpenedRequest
@@ -28,7 +28,7 @@ from mesh.wire.v1 import node_pb2 as pb
 from mesh.wire.v1 import node_pb2_grpc as pb_grpc
 from mesh.wire.v1 import trust_pb2 as tpb
 from node.coalesce import coalesce
-from node.dispatch import Dispatcher
+from node.dispatch import Arrival, Dispatcher
 from node.trust_store import TrustStore
 
 logger = logging.getLogger(__name__)
@@ -164,7 +164,7 @@ class NodeCalls:
         # Callers set deadlines; one that did not still cannot hold a stream forever.
         ends_at = time.monotonic() + (time_remaining_s or grpc_options.MAX_CALL_S)
         try:
-            async with contextlib.aclosing(self._serve(opened)) as events:
+            async with contextlib.aclosing(self._serve(opened, bool(via_relay))) as events:
                 async for event in events:
                     yield event
                     if time.monotonic() > ends_at:
@@ -174,7 +174,17 @@ class NodeCalls:
             if left:
                 self._streams_per_peer[sender] = left
 
-    async def _serve(self, opened: OpenedRequest) -> AsyncGenerator[pb.InferEvent, None]:
+    def _arrival(self, sender: str, via_relay: bool) -> Arrival:
+        """The tier the entry node reached us by, as it sees it (and records it)."""
+        if self._trust.role is Role.OVERFLOW:
+            route = Route.CLOUD
+        else:
+            route = Route.RELAY if via_relay else Route.LAN
+        return Arrival(entry_node_id=sender, route=route)
+
+    async def _serve(
+        self, opened: OpenedRequest, via_relay: bool
+    ) -> AsyncGenerator[pb.InferEvent, None]:
         writer = opened.writer
         if opened.purpose == "card":
             if opened.sender.role is Role.OVERFLOW:
@@ -191,7 +201,11 @@ class NodeCalls:
                 raise PermissionDenied("overflow nodes serve requests; they do not send them")
             inference = codec.parse_infer_request(opened.body)
             # A request from a peer is served here: the mesh never forwards twice.
-            answer = await self._dispatcher.open(inference, privacy=Privacy.LOCAL_ONLY)
+            answer = await self._dispatcher.open(
+                inference,
+                privacy=Privacy.LOCAL_ONLY,
+                arrival=self._arrival(opened.sender.node_id, via_relay),
+            )
         except MeshError as error:
             yield _sealed(writer, codec.error_to_pb(error), final=True)
             return

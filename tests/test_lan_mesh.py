@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 
 from mesh.config import embedded_model_path
-from tests.members import models_config
+from mesh.ledger import open_record, record_hash, verify
+from tests.members import models_config, read_ledger
 from tests.nodeproc import NodeProcess, run_cli
 
 MODEL_FILE = embedded_model_path()
@@ -265,3 +266,47 @@ def test_a_graceful_shutdown_tells_peers_at_once(shared_mesh: dict[str, NodeProc
     took = wait_until(lambda: peer_states(a).get(b.node_id) == "down", 3, "b is down at a")
     stopper.join(30)
     assert took < 1.5
+
+
+def test_every_answer_leaves_a_signed_countersigned_record_with_the_apis_counts(
+    mesh3: dict[str, NodeProcess],
+) -> None:
+    a, c = mesh3["a"], mesh3["c"]
+    answers = {}
+    for model in ("c-only", "smollm2-135m-instruct"):
+        code, headers, body = post(
+            a,
+            "/v1/completions",
+            {"model": model, "prompt": "One, two,", "max_tokens": 5},
+            {"x-allerac-privacy": "local-only" if model != "c-only" else "mesh"},
+        )
+        assert code == 200, body
+        answers[model] = (headers["x-allerac-node"], body["usage"], body["id"].split("-", 1)[1])
+    assert answers["c-only"][0] == c.node_id
+    assert answers["smollm2-135m-instruct"][0] == a.node_id
+    records, receipts = read_ledger(a.home)
+    by_request = {open_record(r).request_id: open_record(r) for r in records}
+    served_by_c = by_request[answers["c-only"][2]]  # the answer's id names its request
+    served_here = by_request[answers["smollm2-135m-instruct"][2]]
+    # c signed its record, a (the entry node) checked and countersigned it, and kept both.
+    assert (served_by_c.node_id, served_by_c.route) == (c.node_id, "lan")
+    assert (served_here.node_id, served_here.route) == (a.node_id, "local")
+    for record, (_, usage, _) in (
+        (served_by_c, answers["c-only"]),
+        (served_here, answers["smollm2-135m-instruct"]),
+    ):
+        assert record.entry_node_id == a.node_id
+        assert record.completion_tokens == usage["completion_tokens"]
+        assert record.prompt_tokens == usage["prompt_tokens"]
+    report = verify([r for r in records if open_record(r).node_id == a.node_id], receipts)
+    assert report.ok, report.problems
+    assert any(
+        r.record_hash == record_hash(s)
+        for r in receipts
+        for s in records
+        if open_record(s).node_id == c.node_id
+    )
+    # c's own log holds the record it signed, one chain, verified.
+    c_records, _ = read_ledger(c.home)
+    assert verify(c_records, require_receipts=False).ok
+    assert served_by_c.request_id in {open_record(r).request_id for r in c_records}

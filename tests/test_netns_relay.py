@@ -22,7 +22,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.members import models_config
+from mesh.ledger import open_record, verify
+from tests.members import models_config, read_ledger
 from tests.netns import LabNode, NetnsLab, netns_unavailable, wait_until
 
 PROXY_PORT = 7443
@@ -197,6 +198,16 @@ def test_office_a_reaches_office_b_through_the_relay_and_the_relay_reads_nothing
     assert B_MODEL.encode() not in recording  # not even the model's name
     if len(answer) >= 12:
         assert answer.encode() not in recording
+    # b1 signed the record (route relay), a1 checked it against the answer and countersigned.
+    records, receipts = read_ledger(a1.home)
+    request_id = body["id"].split("-", 1)[1]  # the answer's id names its request
+    [record] = [open_record(r) for r in records if open_record(r).request_id == request_id]
+    assert record.node_id == b1.node_id
+    assert (record.route, record.entry_node_id) == ("relay", a1.node_id)
+    assert record.completion_tokens == body["usage"]["completion_tokens"]
+    assert [
+        p for p in verify(records, receipts).problems if p.kind != "gap"
+    ] == []  # gaps: other entry nodes' parts
 
 
 def test_another_mesh_on_the_same_relay_neither_sees_nor_reaches_ours(world: World) -> None:
@@ -356,6 +367,15 @@ def test_cloud_overflow_only_when_the_mesh_is_saturated_and_the_policy_allows(
         assert headers["x-allerac-node"] == cloud_node.node_id
         assert headers["x-allerac-route"] == "cloud"
         assert body["usage"]["completion_tokens"] > 0  # the upstream's own count
+        records, receipts = read_ledger(a1.home)
+        request_id = body["id"].split("-", 1)[1]
+        cloud_records = [open_record(r) for r in records if open_record(r).request_id == request_id]
+        assert [r.node_id for r in cloud_records] == [cloud_node.node_id]
+        assert [r.route for r in cloud_records] == ["cloud"]
+        assert cloud_records[0].completion_tokens == body["usage"]["completion_tokens"]
+        assert [
+            p for p in verify(records, receipts).problems if p.kind != "gap"
+        ] == []  # gaps: other entry nodes' parts
         status, headers, body = lab_a.http(
             a1, "POST", "/v1/completions", ask, {"x-allerac-privacy": "mesh"}
         )

@@ -36,6 +36,7 @@ from mesh.inference import (
     ServedBy,
     TextDelta,
 )
+from mesh.wire.v1 import ledger_pb2 as lpb
 from mesh.wire.v1 import node_pb2 as pb
 
 M = TypeVar("M", bound=Message)
@@ -150,6 +151,9 @@ def event_to_pb(event: InferenceEvent, served_by: ServedBy) -> pb.InferEvent:
             served_by=served_by.node_id,
             route=served_by.route.value,
             model=served_by.model,
+            usage_record=(
+                lpb.SignedRecord.FromString(event.usage_record) if event.usage_record else None
+            ),
         )
     )
 
@@ -166,6 +170,11 @@ def event_from_pb(message: pb.InferEvent) -> InferenceEvent:
             reason=reason,
             prompt_tokens=message.finish.prompt_tokens,
             completion_tokens=message.finish.completion_tokens,
+            usage_record=(
+                message.finish.usage_record.SerializeToString()
+                if message.finish.HasField("usage_record")
+                else b""
+            ),
         )
     if which == "error":
         raise error_from_status(

@@ -1,3 +1,4 @@
+from mesh.wire.v1 import ledger_pb2 as _ledger_pb2
 from mesh.wire.v1 import trust_pb2 as _trust_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -237,17 +238,19 @@ class Delta(_message.Message):
     def __init__(self, text: _Optional[str] = ..., tokens: _Optional[int] = ...) -> None: ...
 
 class Finish(_message.Message):
-    __slots__ = ("reason", "prompt_tokens", "completion_tokens", "served_by", "route", "model")
+    __slots__ = ("reason", "prompt_tokens", "completion_tokens", "served_by", "route", "model", "usage_record")
     REASON_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SERVED_BY_FIELD_NUMBER: _ClassVar[int]
     ROUTE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    USAGE_RECORD_FIELD_NUMBER: _ClassVar[int]
     reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
     served_by: str
     route: str
     model: str
-    def __init__(self, reason: _Optional[_Union[FinishReason, str]] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., served_by: _Optional[str] = ..., route: _Optional[str] = ..., model: _Optional[str] = ...) -> None: ...
+    usage_record: _ledger_pb2.SignedRecord
+    def __init__(self, reason: _Optional[_Union[FinishReason, str]] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., served_by: _Optional[str] = ..., route: _Optional[str] = ..., model: _Optional[str] = ..., usage_record: _Optional[_Union[_ledger_pb2.SignedRecord, _Mapping]] = ...) -> None: ...
