@@ -20,6 +20,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 
 from google.protobuf.message import DecodeError
 
@@ -266,3 +267,86 @@ def _best_effort_position(signed: lpb.SignedRecord) -> tuple[str, int]:
     except (DecodeError, ValueError):
         return "?", 0
     return record.node_id[:64] or "?", int(record.seq)
+
+
+USAGE_KEYS = ("node", "model", "tier", "user")
+
+
+@dataclass(kw_only=True)
+class UsageRow:
+    key: str
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+def summarize(
+    records: Iterable[lpb.SignedRecord],
+    *,
+    by: str = "user",
+    user: str | None = None,
+    since_ms: int = 0,
+    until_ms: int = 2**63 - 1,
+) -> list[UsageRow]:
+    """Usage by node, model, tier or user, from the records that verify, each counted once
+    (by node and sequence), ended inside [since_ms, until_ms)."""
+    if by not in USAGE_KEYS:
+        raise InvalidRequest(f"--by must be one of {', '.join(USAGE_KEYS)}", param="by")
+    seen: set[tuple[str, int]] = set()
+    rows: dict[str, UsageRow] = {}
+    for signed in records:
+        try:
+            record = open_record(signed)
+        except BadSignature:
+            continue  # `verify` reports it; usage counts only what is proven
+        if (record.node_id, record.seq) in seen:
+            continue
+        seen.add((record.node_id, record.seq))
+        if user is not None and record.user != user:
+            continue
+        if not since_ms <= record.ended_at_unix_ms < until_ms:
+            continue
+        key = {
+            "node": record.node_id,
+            "model": record.model,
+            "tier": record.route,
+            "user": record.user or "(owner)",
+        }[by]
+        row = rows.setdefault(key, UsageRow(key=key))
+        row.requests += 1
+        row.prompt_tokens += record.prompt_tokens
+        row.completion_tokens += record.completion_tokens
+    return sorted(rows.values(), key=lambda r: (-r.completion_tokens - r.prompt_tokens, r.key))
+
+
+def period_bounds(text: str, *, now_ms: int) -> tuple[int, int]:
+    """'all', 'day' (today, UTC), 'month' (this month, UTC), 'YYYY-MM' or 'YYYY-MM-DD'
+    -> [since_ms, until_ms)."""
+    now = datetime.fromtimestamp(now_ms / 1000, tz=UTC)
+    try:
+        if text == "all":
+            return 0, 2**63 - 1
+        if text == "day":
+            start = now.replace(hour=0, minute=0, second=0, microsecond=0)
+            return _ms(start), _ms(start + timedelta(days=1))
+        if text == "month" or len(text) == 7:
+            start = (
+                now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+                if text == "month"
+                else datetime.strptime(text, "%Y-%m").replace(tzinfo=UTC)
+            )
+            following = start.replace(
+                year=start.year + start.month // 12, month=start.month % 12 + 1
+            )
+            return _ms(start), _ms(following)
+        start = datetime.strptime(text, "%Y-%m-%d").replace(tzinfo=UTC)
+        return _ms(start), _ms(start + timedelta(days=1))
+    except ValueError as exc:
+        raise InvalidRequest(
+            f"not a period: {text!r} (use all, day, month, 2026-11 or 2026-11-25)",
+            param="period",
+        ) from exc
+
+
+def _ms(moment: datetime) -> int:
+    return int(moment.timestamp() * 1000)

@@ -251,3 +251,26 @@ class LedgerStore:
         async with self._db.execute("SELECT receipt FROM receipts") as cursor:
             rows = await cursor.fetchall()
         return [lpb.Receipt.FromString(bytes(r[0])) for r in rows]
+
+
+def read_ledger(path: Path) -> tuple[list[lpb.SignedRecord], list[lpb.Receipt]]:
+    """Everything in a ledger file, read-only (safe while the node writes: WAL)."""
+    if not path.exists():
+        return [], []
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            rows = db.execute("SELECT record, signature FROM records ORDER BY node_id, seq")
+            records = [lpb.SignedRecord(record=bytes(r), signature=bytes(s)) for r, s in rows]
+            raw = [bytes(r) for (r,) in db.execute("SELECT receipt FROM receipts")]
+        finally:
+            db.close()
+    except sqlite3.Error as exc:
+        raise ConfigError(f"cannot read the ledger {path}: {exc}") from exc
+    receipts = []
+    for item in raw:
+        try:
+            receipts.append(lpb.Receipt.FromString(item))
+        except DecodeError:
+            continue  # an unreadable receipt is as good as none: verify reports the record
+    return records, receipts

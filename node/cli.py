@@ -547,6 +547,139 @@ def route(
             )
 
 
+# --- ledger ------------------------------------------------------------------------------------
+
+
+@cli.group()
+def ledger() -> None:
+    """The signed usage ledger this node holds."""
+
+
+@ledger.command("verify")
+@home_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def ledger_verify(home_dir: Path | None, as_json: bool) -> None:
+    """Check every record's signature, each node's chain and the countersignatures; report
+    forks and gaps by node and sequence. Exits 1 when anything is wrong."""
+    import os
+
+    from mesh.ledger import open_record, verify
+    from mesh.ledger_store import read_ledger
+
+    home = Home.resolve(home_dir)
+    try:
+        records, receipts = read_ledger(home.ledger_file)
+    except MeshError as exc:
+        _fail(exc.message)
+        return
+    report = verify(records, receipts, workers=min(os.cpu_count() or 1, 4))
+    # A record this node served for another entry node is countersigned there: until the
+    # ledgers sync, its receipt is awaited here, not missing.
+    others = {
+        (r.node_id, r.seq)
+        for r in (open_record(s) for s in records if _verifies(s))
+        if r.entry_node_id != r.node_id
+    }
+    awaited = [
+        p for p in report.problems if p.kind == "no_receipt" and (p.node_id, p.seq) in others
+    ]
+    problems = [p for p in report.problems if p not in awaited]
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    "ok": not problems,
+                    "records": report.records,
+                    "nodes": report.nodes,
+                    "awaiting_receipts": len(awaited),
+                    "problems": [
+                        {"kind": p.kind, "node_id": p.node_id, "seq": p.seq, "detail": p.detail}
+                        for p in problems
+                    ],
+                },
+                indent=2,
+            )
+        )
+    else:
+        click.echo(f"{report.records} records from {report.nodes} nodes")
+        for p in problems:
+            click.echo(f"  {p.kind:14} {p.node_id[:7]} #{p.seq}: {p.detail}")
+        if awaited:
+            click.echo(
+                f"{len(awaited)} records served for other entry nodes: their countersignatures "
+                "are kept there (ledger sync brings them here)"
+            )
+        click.echo("ledger verifies" if not problems else f"{len(problems)} problems")
+    if problems:
+        sys.exit(1)
+
+
+def _verifies(signed: Any) -> bool:
+    from mesh.errors import BadSignature
+    from mesh.ledger import open_record
+
+    try:
+        open_record(signed)
+    except BadSignature:
+        return False
+    return True
+
+
+@cli.command()
+@home_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--user", default=None, help="Only this user's requests ('' for the owner).")
+@click.option(
+    "--period", default="all", show_default=True, help="all, day, month, 2026-11 or 2026-11-25"
+)
+@click.option(
+    "--by",
+    type=click.Choice(["node", "model", "tier", "user"]),
+    default="user",
+    show_default=True,
+)
+def usage(home_dir: Path | None, as_json: bool, user: str | None, period: str, by: str) -> None:
+    """Who used what, where, from the signed records this node holds (UTC periods)."""
+    import time
+
+    from mesh.ledger import period_bounds, summarize
+    from mesh.ledger_store import read_ledger
+
+    home = Home.resolve(home_dir)
+    try:
+        since, until = period_bounds(period, now_ms=int(time.time() * 1000))
+        records, _ = read_ledger(home.ledger_file)
+    except MeshError as exc:
+        _fail(exc.message)
+        return
+    rows = summarize(records, by=by, user=user, since_ms=since, until_ms=until)
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    "period": period,
+                    "by": by,
+                    "rows": [
+                        {
+                            by: r.key,
+                            "requests": r.requests,
+                            "prompt_tokens": r.prompt_tokens,
+                            "completion_tokens": r.completion_tokens,
+                        }
+                        for r in rows
+                    ],
+                },
+                indent=2,
+            )
+        )
+        return
+    click.echo(f"{by:58} {'requests':>9} {'prompt':>10} {'completion':>11}")
+    for r in rows:
+        click.echo(f"{r.key:58} {r.requests:9} {r.prompt_tokens:10} {r.completion_tokens:11}")
+    if not rows:
+        click.echo("no usage recorded in this period")
+
+
 # --- relay ------------------------------------------------------------------------------------
 
 

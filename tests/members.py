@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 import urllib.request
 from pathlib import Path
 
 from mesh.home import Home
 from mesh.identity import load_or_create_identity
+from mesh.ledger_store import read_ledger as read_ledger_file
 from mesh.wire.v1 import ledger_pb2 as lpb
 from node.peer_client import join_mesh
 from node.trust_store import TrustStore
@@ -55,13 +55,4 @@ def models_config(*names: str) -> str:
 
 def read_ledger(home: Path) -> tuple[list[lpb.SignedRecord], list[lpb.Receipt]]:
     """What a node's ledger holds, read-only (a running node is its only writer)."""
-    db = sqlite3.connect(f"file:{home / 'ledger.db'}?mode=ro", uri=True)
-    try:
-        rows = db.execute("SELECT record, signature FROM records ORDER BY node_id, seq")
-        records = [lpb.SignedRecord(record=bytes(r), signature=bytes(s)) for r, s in rows]
-        receipts = [
-            lpb.Receipt.FromString(bytes(r)) for (r,) in db.execute("SELECT receipt FROM receipts")
-        ]
-    finally:
-        db.close()
-    return records, receipts
+    return read_ledger_file(home / "ledger.db")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import signal
+import sqlite3
 import threading
 import time
 import urllib.error
@@ -310,3 +311,62 @@ def test_every_answer_leaves_a_signed_countersigned_record_with_the_apis_counts(
     c_records, _ = read_ledger(c.home)
     assert verify(c_records, require_receipts=False).ok
     assert served_by_c.request_id in {open_record(r).request_id for r in c_records}
+
+
+def test_ledger_verify_and_usage_commands(mesh3: dict[str, NodeProcess]) -> None:
+    a, c = mesh3["a"], mesh3["c"]
+    code, _, body = post(a, "/v1/completions", {"model": "c-only", "prompt": "Hi", "max_tokens": 3})
+    assert code == 200, body
+    checked = run_cli(a.home, "ledger", "verify", "--json")
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert json.loads(checked.stdout)["ok"] is True
+    # c served it for a: its receipt is at a until the ledgers sync; not a problem.
+    at_c = run_cli(c.home, "ledger", "verify", "--json")
+    assert at_c.returncode == 0, at_c.stdout + at_c.stderr
+    assert json.loads(at_c.stdout)["awaiting_receipts"] >= 1
+    used = run_cli(a.home, "usage", "--by", "tier", "--period", "day", "--json")
+    assert used.returncode == 0, used.stderr
+    tiers = {row["tier"]: row for row in json.loads(used.stdout)["rows"]}
+    assert tiers["lan"]["requests"] >= 1
+    assert tiers["lan"]["completion_tokens"] >= body["usage"]["completion_tokens"]
+    bad = run_cli(a.home, "usage", "--period", "yesterday")
+    assert bad.returncode != 0
+    assert "not a period" in bad.stderr
+
+
+def test_ledger_verify_names_an_edited_record(
+    mesh3: dict[str, NodeProcess], tmp_path: Path
+) -> None:
+    a = mesh3["a"]
+    code, _, _ = post(
+        a,
+        "/v1/completions",
+        {"model": "smollm2-135m-instruct", "prompt": "Hi", "max_tokens": 2},
+        {"x-allerac-privacy": "local-only"},
+    )
+    assert code == 200
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    source = sqlite3.connect(a.home / "ledger.db")
+    target = sqlite3.connect(copy / "ledger.db")
+    with target:
+        source.backup(target)  # a consistent copy of the live ledger
+    row = target.execute(
+        "SELECT seq, record FROM records WHERE node_id = ? ORDER BY seq DESC LIMIT 1",
+        (a.node_id,),
+    ).fetchone()
+    edited = row[1].replace(b"smollm2", b"smollm3")  # a cheaper model, say
+    assert edited != row[1]
+    with target:
+        target.execute(
+            "UPDATE records SET record = ? WHERE node_id = ? AND seq = ?",
+            (edited, a.node_id, row[0]),
+        )
+    source.close()
+    target.close()
+    checked = run_cli(copy, "ledger", "verify", "--json")
+    assert checked.returncode == 1
+    problems = json.loads(checked.stdout)["problems"]
+    assert {"kind": "bad_signature", "node_id": a.node_id, "seq": row[0]}.items() <= next(
+        p for p in problems if p["kind"] == "bad_signature"
+    ).items()

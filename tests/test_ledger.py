@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mesh.errors import InvalidRequest
 from mesh.identity import Identity
 from mesh.ledger import (
     GENESIS,
@@ -15,7 +16,9 @@ from mesh.ledger import (
     Usage,
     countersign,
     open_record,
+    period_bounds,
     record_hash,
+    summarize,
     verify,
 )
 from mesh.wire.v1 import ledger_pb2 as lpb
@@ -143,3 +146,34 @@ def test_checking_in_several_processes_reports_the_same() -> None:
     two = verify(records, receipts[:-1], workers=2)
     assert one.problems == two.problems
     assert {p.kind for p in one.problems} == {"bad_signature", "gap", "no_receipt"}
+
+
+def test_usage_is_summed_once_per_record_by_any_key() -> None:
+    writer = ChainWriter(SERVER)
+    records = [
+        writer.append(_usage(1, user="alice", route="lan")),
+        writer.append(_usage(2, user="bob", route="cloud")),
+        writer.append(_usage(3, user="alice", route="cloud")),
+    ]
+    twice = [*records, records[0]]  # the same record held twice (e.g. synced) counts once
+    by_user = {r.key: (r.requests, r.completion_tokens) for r in summarize(twice, by="user")}
+    assert by_user == {"alice": (2, 21 + 23), "bob": (1, 22)}
+    by_tier = {r.key: r.prompt_tokens for r in summarize(records, by="tier", user="alice")}
+    assert by_tier == {"lan": 11, "cloud": 13}
+    forged = lpb.SignedRecord(record=records[1].record, signature=bytes(64))
+    assert [r.key for r in summarize([forged], by="user")] == []  # only proven usage counts
+    with pytest.raises(InvalidRequest):
+        summarize(records, by="color")
+
+
+def test_periods_are_utc_days_and_months() -> None:
+    now = 1_795_600_000_000  # 2026-11-25 (UTC)
+    assert period_bounds("day", now_ms=now) == period_bounds("2026-11-25", now_ms=now)
+    month = period_bounds("month", now_ms=now)
+    assert month == period_bounds("2026-11", now_ms=now)
+    assert month[1] == period_bounds("2026-12", now_ms=now)[0]
+    assert period_bounds("2026-12", now_ms=now)[1] == period_bounds("2027-01", now_ms=now)[0]
+    assert period_bounds("all", now_ms=now)[0] == 0
+    for bad in ("yesterday", "2026-13", "2026-11-31", ""):
+        with pytest.raises(InvalidRequest, match="not a period"):
+            period_bounds(bad, now_ms=now)
