@@ -58,6 +58,8 @@ class LedgerStore:
         self._writer = writer
         self._pending: list[tuple[Usage, asyncio.Future[lpb.SignedRecord]]] = []
         self._wake = asyncio.Event()
+        # One connection: one transaction at a time, so a rollback only undoes its own.
+        self._transaction = asyncio.Lock()
         self._committer = asyncio.create_task(self._commit_loop(), name="ledger-commits")
         self.commits = 0
 
@@ -119,7 +121,8 @@ class LedgerStore:
             self._wake.clear()
             while self._pending:
                 batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
-                await self._commit(batch)
+                async with self._transaction:
+                    await self._commit(batch)
 
     async def _commit(self, batch: list[tuple[Usage, asyncio.Future[lpb.SignedRecord]]]) -> None:
         writer_state = (self._writer.last_seq, self._writer.last_hash)
@@ -224,28 +227,35 @@ class LedgerStore:
                 f"the usage record counts {record.completion_tokens} tokens; "
                 f"{completion_tokens} were delivered"
             )
-        await self._db.execute(
-            "INSERT OR IGNORE INTO records (node_id, seq, request_id, kind, record, signature, "
-            "hash) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (
-                record.node_id,
-                record.seq,
-                record.request_id,
-                record.kind,
-                signed.record,
-                signed.signature,
-                record_hash(signed),
-            ),
-        )
-        await self.countersign(signed)  # commits both
+        receipt = countersign(self._identity, signed)
+        async with self._transaction:  # never inside another transaction's commit or rollback
+            await self._db.execute(
+                "INSERT OR IGNORE INTO records (node_id, seq, request_id, kind, record, "
+                "signature, hash) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    record.node_id,
+                    record.seq,
+                    record.request_id,
+                    record.kind,
+                    signed.record,
+                    signed.signature,
+                    record_hash(signed),
+                ),
+            )
+            await self._insert_receipt(receipt)
+            await self._db.commit()
         return ""
 
     async def add_receipt(self, receipt: lpb.Receipt) -> None:
+        async with self._transaction:
+            await self._insert_receipt(receipt)
+            await self._db.commit()
+
+    async def _insert_receipt(self, receipt: lpb.Receipt) -> None:
         await self._db.execute(
             "INSERT OR IGNORE INTO receipts (hash, entry_node_id, receipt) VALUES (?, ?, ?)",
             (receipt.record_hash, receipt.entry_node_id, receipt.SerializeToString()),
         )
-        await self._db.commit()
 
     async def receipts(self) -> list[lpb.Receipt]:
         async with self._db.execute("SELECT receipt FROM receipts") as cursor:
