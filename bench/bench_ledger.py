@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from mesh.identity import Identity  # noqa: E402
 from mesh.ledger import ChainWriter, Usage, countersign, record_hash, verify  # noqa: E402
-from mesh.ledger_store import SCHEMA, LedgerStore  # noqa: E402
+from mesh.ledger_store import INSERT_RECORD, SCHEMA, LedgerStore  # noqa: E402
 
 ENTRY = Identity.generate()  # the entry node that countersigns
 
@@ -59,8 +59,7 @@ def one_by_one(path: Path, identity: Identity, n: int) -> float:
     for i in range(n):
         signed = writer.append(usage(i))
         db.execute(
-            "INSERT INTO records (node_id, seq, request_id, kind, record, signature, hash) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            INSERT_RECORD,
             (
                 identity.node_id,
                 writer.last_seq,

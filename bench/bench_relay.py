@@ -18,15 +18,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import grpc
@@ -43,30 +42,9 @@ from mesh.membership import MeshAuthority, Role  # noqa: E402
 from mesh.relay import sign_hello  # noqa: E402
 from mesh.wire.v1 import relay_pb2 as rpb  # noqa: E402
 from mesh.wire.v1 import relay_pb2_grpc as rpb_grpc  # noqa: E402
-from tests.nodeproc import NodeProcess, run_cli  # noqa: E402
+from tests.nodeproc import NodeProcess, RelayProcess, run_cli  # noqa: E402
 
 YEAR_MS = 365 * 86_400_000
-
-
-def start_relay(home: Path) -> tuple[subprocess.Popen[bytes], str]:
-    home.mkdir(parents=True)
-    run_file = home / "run" / "relay.json"
-    log = (home / "relay.log").open("ab")
-    proc = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "node", "relay", "up", "--home", str(home)),
-            *("--host", "127.0.0.1", "--port", "0", "--log-level", "warning"),
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        cwd=ROOT,
-    )
-    deadline = time.monotonic() + 30
-    while not run_file.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError((home / "relay.log").read_text())
-        time.sleep(0.05)
-    return proc, f"127.0.0.1:{json.loads(run_file.read_text())['port']}"
 
 
 async def one_request(
@@ -94,10 +72,11 @@ async def wait_for_routes(
     raise RuntimeError(f"routes not as wanted: {wanted}")
 
 
-async def idle_sessions(address: str, count: int) -> list[object]:
-    """`count` authenticated sessions of a throwaway mesh, kept open (nobody talks)."""
+async def idle_sessions(address: str, count: int) -> list[tuple[grpc.aio.Channel, Any]]:
+    """`count` authenticated sessions of a throwaway mesh, kept open (nobody talks): each
+    channel with its session call (held, so the session stays open)."""
     authority = MeshAuthority.generate()
-    channels, calls = [], []
+    held = []
     for _ in range(count):
         node = Identity.generate()
         cert = authority.issue(
@@ -113,15 +92,15 @@ async def idle_sessions(address: str, count: int) -> list[object]:
             rpb.RelayFrame(hello=sign_hello(challenge.challenge, identity=node, cert=cert))
         )
         await call.read()  # welcome
-        channels.append(channel)
-        calls.append(call)
-    return [channels, calls]
+        held.append((channel, call))
+    return held
 
 
 async def main(requests: int, streams: int, tokens: int, concurrent: int, sessions: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        relay_proc, relay = start_relay(root / "relay")
+        relay_proc = RelayProcess(root / "relay").start()
+        relay = relay_proc.address
         entry = NodeProcess(
             root / "entry", "--relay", relay, config=instant_config("entry-only"), command=LAUNCHER
         ).start()
@@ -176,20 +155,18 @@ async def main(requests: int, streams: int, tokens: int, concurrent: int, sessio
                     )
                 )
                 aggregate_tps = concurrent * tokens / (time.perf_counter() - started)
-            relay_ps = psutil.Process(relay_proc.pid)
+            assert relay_proc.proc is not None
+            relay_ps = psutil.Process(relay_proc.proc.pid)
             rss_before = relay_ps.memory_info().rss
             held = await idle_sessions(relay, sessions)
             await asyncio.sleep(0.5)
             rss_after = relay_ps.memory_info().rss
-            for call in held[1]:
-                call.cancel()  # type: ignore[attr-defined]
-            for channel in held[0]:
-                await channel.close()  # type: ignore[attr-defined]
+            for channel, _call in held:
+                await channel.close()  # ends its session too
         finally:
             for node in nodes:
                 node.kill()
             relay_proc.kill()
-            relay_proc.wait(10)
     ms = 1000.0
     d_req = statistics.median(req["instant-direct"]) * ms
     r_req = statistics.median(req["instant-relay"]) * ms

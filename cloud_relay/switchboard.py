@@ -186,9 +186,6 @@ class Switchboard:
             ]
         )
 
-    def mesh_count(self) -> int:
-        return len(self._meshes)
-
     # --- revocations --------------------------------------------------------------------------
 
     def revocations(self, sender: Session, signed: tpb.SignedRevocations) -> None:

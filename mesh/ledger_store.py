@@ -48,6 +48,10 @@ CREATE TABLE IF NOT EXISTS receipts (
     UNIQUE (hash, entry_node_id)
 );
 """
+INSERT_RECORD = (
+    "INSERT INTO records (node_id, seq, request_id, kind, record, signature, hash) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
 MAX_BATCH = 4096
 
 
@@ -151,8 +155,7 @@ class LedgerStore:
                     )
                 results.append(existing)
             await self._db.executemany(
-                "INSERT INTO records (node_id, seq, request_id, kind, record, signature, hash) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                INSERT_RECORD,
                 rows,
             )
             await self._db.commit()
@@ -230,8 +233,8 @@ class LedgerStore:
         receipt = countersign(self._identity, signed)
         async with self._transaction:  # never inside another transaction's commit or rollback
             await self._db.execute(
-                "INSERT OR IGNORE INTO records (node_id, seq, request_id, kind, record, "
-                "signature, hash) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                # A second record for a position is fork proof: sync keeps it, not this.
+                INSERT_RECORD.replace("INSERT", "INSERT OR IGNORE", 1),
                 (
                     record.node_id,
                     record.seq,

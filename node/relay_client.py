@@ -96,21 +96,17 @@ class RelayLink:
         trust: TrustStore,
         calls: NodeCalls,
         on_directory: Callable[[list[RelayMember]], None] = lambda members: None,
-        on_connected: Callable[[bool], None] = lambda up: None,
     ) -> None:
         self.address = address
         self._trust = trust
         self._calls = calls
         self._on_directory = on_directory
-        self._on_connected = on_connected
         self._ids = itertools.count(1)
         self._pending: dict[int, _Call] = {}  # calls we made, by stream ID
         self._served: dict[tuple[str, int], asyncio.Task[None]] = {}  # calls made to us
         self._outbox: asyncio.Queue[rpb.RelayFrame] = asyncio.Queue(OUTBOX_FRAMES)
         self._task: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
-        self.node_ids: frozenset[str] = frozenset()
-        self.sessions_opened = 0
         self.last_error = ""
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -173,10 +169,8 @@ class RelayLink:
             stream = stub.Session()
             try:
                 await self._handshake(stream)
-                self.sessions_opened += 1
                 self.last_error = ""
                 self.connected.set()
-                self._on_connected(True)
                 logger.info("relay %s: session open", self.address)
                 writer = asyncio.create_task(self._write(stream))
                 reader = asyncio.create_task(self._read(stream))
@@ -213,10 +207,7 @@ class RelayLink:
                 raise RemoteProtocolError("the relay welcomed another node")
 
     def _session_lost(self) -> None:
-        if self.connected.is_set():
-            self.connected.clear()
-            self._on_connected(False)
-        self.node_ids = frozenset()
+        self.connected.clear()
         self._on_directory([])
         lost = Unavailable(f"lost the relay session ({self.address})")
         for call in self._pending.values():
@@ -247,7 +238,6 @@ class RelayLink:
                     for m in frame.directory.members
                     if m.node_id != self._trust.identity.node_id
                 ]
-                self.node_ids = frozenset(m.node_id for m in members)
                 self._on_directory(members)
             else:
                 logger.debug("relay sent an unexpected %s frame", kind)

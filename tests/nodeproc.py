@@ -17,10 +17,14 @@ STOP_TIMEOUT_S = 30.0
 
 
 def wait_for_run_info(
-    proc: subprocess.Popen[bytes], home: Path, output: Callable[[], str], name: str = "node"
+    proc: subprocess.Popen[bytes],
+    home: Path,
+    output: Callable[[], str],
+    name: str = "node",
+    run_file_name: str = "node.json",
 ) -> dict[str, Any]:
-    """Wait until the node started as `proc` publishes HOME/run/node.json (its pid in it)."""
-    run_file = home / "run" / "node.json"
+    """Wait until the process started as `proc` publishes HOME/run/<file> (its pid in it)."""
+    run_file = home / "run" / run_file_name
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -116,3 +120,52 @@ def run_cli(home: Path, *args: str, timeout: float = 120.0) -> subprocess.Comple
         env=env,
         check=False,
     )
+
+
+class RelayProcess:
+    """`python -m node relay up` (inside a namespace with `prefix`), restartable on the
+    port it first bound."""
+
+    def __init__(
+        self, home: Path, *, host: str = "127.0.0.1", prefix: tuple[str, ...] = ()
+    ) -> None:
+        self.home = home
+        self.host = host
+        self.prefix = prefix
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def output(self) -> str:
+        try:
+            return (self.home / "relay.log").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return ""
+
+    def start(self) -> RelayProcess:
+        self.home.mkdir(parents=True, exist_ok=True)
+        with (self.home / "relay.log").open("ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    *self.prefix,  # `ip netns exec NS` execs in place: the pid is the relay's
+                    *(sys.executable, "-m", "node", "relay", "up", "--home", str(self.home)),
+                    *("--host", self.host, "--port", str(self.port), "--log-level", "info"),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        try:
+            info = wait_for_run_info(self.proc, self.home, self.output, "relay", "relay.json")
+        except RuntimeError:
+            self.kill()
+            raise
+        self.port = int(info["port"])
+        return self
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)

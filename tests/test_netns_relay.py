@@ -11,7 +11,6 @@ cloud forwards (as if set up at the main office), then forwarding stops for good
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ import pytest
 from mesh.ledger import open_record, verify
 from tests.members import models_config, read_ledger
 from tests.netns import LabNode, NetnsLab, netns_unavailable, wait_until
+from tests.nodeproc import RelayProcess
 
 PROXY_PORT = 7443
 CANARY = "Quetzalcoatl-Marmalade-4417"
@@ -38,47 +38,17 @@ def _need_netns() -> None:
         pytest.skip(f"network namespaces unavailable: {why}")
 
 
-class RelayProc:
-    """`python -m node relay up` in the cloud namespace, restartable on the same port."""
+def _rss_bytes(relay: RelayProcess) -> int:
+    assert relay.proc is not None
+    return int(psutil.Process(relay.proc.pid).memory_info().rss)
 
-    def __init__(self, cloud: NetnsLab, home: Path) -> None:
-        self.cloud = cloud
-        self.home = home
-        self.port = 0
-        self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> RelayProc:
-        self.home.mkdir(parents=True, exist_ok=True)
-        run_file = self.home / "run" / "relay.json"
-        run_file.unlink(missing_ok=True)
-        self.proc = self.cloud.popen(
-            0,
-            *(sys.executable, "-m", "node", "relay", "up", "--home", str(self.home)),
-            *("--host", "127.0.0.1", "--port", str(self.port)),
-            log=self.home / "relay.log",
-        )
-        proc = self.proc
-        wait_until(lambda: run_file.exists() or proc.poll() is not None, 30, "relay started")
-        if proc.poll() is not None:
-            raise RuntimeError((self.home / "relay.log").read_text())
-        self.port = int(json.loads(run_file.read_text())["port"])
-        return self
-
-    def kill9(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def rss_bytes(self) -> int:
-        assert self.proc is not None
-        return int(psutil.Process(self.proc.pid).memory_info().rss)
-
-    def stats(self) -> dict[str, object]:
-        result = self.cloud.run(
-            0, sys.executable, "-m", "node", "relay", "stats", f"127.0.0.1:{self.port}", "--json"
-        )
-        assert result.returncode == 0, result.stderr
-        return dict(json.loads(result.stdout))
+def _stats(world: World) -> dict[str, object]:
+    result = world.cloud.run(
+        0, sys.executable, "-m", "node", "relay", "stats", world.relay.address, "--json"
+    )
+    assert result.returncode == 0, result.stderr
+    return dict(json.loads(result.stdout))
 
 
 @dataclass
@@ -86,7 +56,7 @@ class World:
     office_a: NetnsLab
     office_b: NetnsLab
     cloud: NetnsLab
-    relay: RelayProc
+    relay: RelayProcess
     recording: Path
     a1: LabNode
     a2: LabNode
@@ -117,12 +87,13 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     ):
         office_a.attach_router(cloud)
         office_b.attach_router(cloud)
-        relay = RelayProc(cloud, root / "relay").start()
+        relay = RelayProcess(root / "relay", prefix=("ip", "netns", "exec", cloud.namespaces[0]))
+        relay.start()
         recording = root / "relay-wire.bin"
         proxy = cloud.popen(
             0,
             *(sys.executable, "-m", "tests.recording_proxy", str(PROXY_PORT)),
-            *(f"127.0.0.1:{relay.port}", str(recording)),
+            *(relay.address, str(recording)),
             log=root / "proxy.log",
         )
         wait_until(
@@ -166,9 +137,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         finally:
             proxy.kill()
             proxy.wait(10)
-            if relay.proc is not None:
-                relay.proc.kill()
-                relay.proc.wait(10)
+            relay.kill()
 
 
 def test_office_a_reaches_office_b_through_the_relay_and_the_relay_reads_nothing(
@@ -235,7 +204,7 @@ def test_another_mesh_on_the_same_relay_neither_sees_nor_reaches_ours(world: Wor
         {"model": "smollm2-135m-instruct", "prompt": "One, two,", "max_tokens": 4},
     )
     assert status == 404, body
-    assert int(str(world.relay.stats()["meshes"])) >= 2
+    assert int(str(_stats(world)["meshes"])) >= 2
 
 
 FLOOD_SCRIPT = r"""
@@ -279,7 +248,7 @@ def test_a_flooding_node_costs_the_others_nothing_and_the_relay_stays_bounded(
     calls as fast as it can and never reads its refusals; meanwhile a1 still gets answers
     from b1 through the relay, and the relay's memory stays bounded."""
     wait_until(lambda: _route_of(world.office_a, world.a1, world.b1) == "relay", 30, "mesh up")
-    rss_before = world.relay.rss_bytes()
+    rss_before = _rss_bytes(world.relay)
     log = tmp_path / "flood.log"
     flooder = world.office_a.popen_python(
         1,
@@ -301,11 +270,11 @@ def test_a_flooding_node_costs_the_others_nothing_and_the_relay_stays_bounded(
         )
         assert status == 200, body
         assert headers["x-allerac-route"] == "relay"
-        stats = world.relay.stats()
+        stats = _stats(world)
         refused = stats["packets_refused"]
         assert isinstance(refused, dict)
         assert int(refused.get("RATE_LIMITED", 0)) + int(refused.get("PEER_FULL", 0)) > 0
-        growth_mib = (world.relay.rss_bytes() - rss_before) / 2**20
+        growth_mib = (_rss_bytes(world.relay) - rss_before) / 2**20
         # A thousand MiB went in; the relay kept at most its queue budget of it.
         assert growth_mib < 300, f"relay grew {growth_mib:.0f} MiB"
     finally:
@@ -398,7 +367,7 @@ def test_relay_killed_and_restarted_nodes_are_back_within_seconds(
     log = tmp_path / "in-flight.log"
     in_flight = _busy_until_done(lab_a, a1, B_MODEL, log)
     wait_until(lambda: "data: {" in log.read_text(), 60, "the answer is streaming")
-    world.relay.kill9()
+    world.relay.kill()  # SIGKILL
     in_flight.wait(60)
     # Nobody else may serve it (the cloud is not allowed by default): a clear error in the
     # stream, and the stream still ends properly.

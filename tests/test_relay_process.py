@@ -5,10 +5,7 @@ and the relay goes on serving a proper node (cloud_relay/server.py)."""
 from __future__ import annotations
 
 import asyncio
-import json
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -22,6 +19,7 @@ from mesh.relay import MAX_FRAME_BYTES, sign_hello
 from mesh.wire.v1 import relay_pb2 as rpb
 from mesh.wire.v1 import relay_pb2_grpc as rpb_grpc
 from mesh.wire.v1 import trust_pb2 as tpb
+from tests.nodeproc import RelayProcess
 
 DEADLINE_S = 10.0
 YEAR_MS = 365 * 86_400_000
@@ -29,29 +27,13 @@ YEAR_MS = 365 * 86_400_000
 
 @pytest.fixture(scope="module")
 def relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    home = tmp_path_factory.mktemp("relay")
-    log = (home / "relay.log").open("ab")
-    proc = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "node", "relay", "up", "--home", str(home)),
-            *("--host", "127.0.0.1", "--port", "0"),
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    run_file = home / "run" / "relay.json"
+    process = RelayProcess(tmp_path_factory.mktemp("relay")).start()
     try:
-        deadline = time.monotonic() + 30
-        while not run_file.exists():
-            assert proc.poll() is None, (home / "relay.log").read_text()
-            assert time.monotonic() < deadline, "the relay did not start"
-            time.sleep(0.05)
-        yield f"127.0.0.1:{json.loads(run_file.read_text())['port']}"
-        assert proc.poll() is None, "the relay died: " + (home / "relay.log").read_text()
+        yield process.address
+        assert process.proc is not None
+        assert process.proc.poll() is None, "the relay died: " + process.output()
     finally:
-        proc.kill()
-        proc.wait(10)
-        log.close()
+        process.kill()
 
 
 @pytest.fixture
