@@ -71,6 +71,7 @@ class Usage:
     started_at_ms: int
     ended_at_ms: int
     partial: bool = False
+    served_by: str = ""  # who generated the tokens, when not the signing node
 
 
 class ChainWriter:
@@ -99,6 +100,7 @@ class ChainWriter:
             started_at_unix_ms=usage.started_at_ms,
             ended_at_unix_ms=usage.ended_at_ms,
             kind=lpb.RECORD_KIND_PARTIAL if usage.partial else lpb.RECORD_KIND_COMPLETE,
+            served_by=usage.served_by,
         )
         data = record.SerializeToString(deterministic=True)
         signed = lpb.SignedRecord(record=data, signature=self._identity.sign(RECORD_CONTEXT + data))
@@ -307,7 +309,7 @@ def summarize(
         if not since_ms <= record.ended_at_unix_ms < until_ms:
             continue
         key = {
-            "node": record.node_id,
+            "node": record.served_by or record.node_id,
             "model": record.model,
             "tier": record.route,
             "user": record.user or "(owner)",

@@ -14,6 +14,7 @@ here only (`Privacy.LOCAL_ONLY`): the mesh never forwards twice.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import logging
@@ -124,7 +125,9 @@ class Answer:
         self.failovers: list[str] = []
 
     async def events(self) -> AsyncGenerator[InferenceEvent, None]:
-        """Every event of the answer; closing early cancels the work wherever it runs."""
+        """Every event of the answer; closing early cancels the work wherever it runs.
+        A source that stops after delivering tokens without finishing (it failed, or the
+        client went away) leaves a PARTIAL record of what it delivered."""
         delivered: list[str] = []
         delivered_tokens = 0  # tokens whose text the client has (exact, per delta)
         tokens_before = 0  # of those, made by sources that failed mid-stream
@@ -133,6 +136,7 @@ class Answer:
         source = self._source
         asked = self._request  # what the current source was asked (a failover asks anew)
         pending: InferenceEvent | None = source.first
+        finished = False
         try:
             while True:
                 try:
@@ -147,6 +151,7 @@ class Answer:
                         self._dispatcher.record_service(
                             source.served_by, (time.monotonic() - started) * 1000
                         )
+                        finished = True
                         event = await self._dispatcher.account(
                             source.served_by, asked, event, self._arrival, started_ms
                         )
@@ -161,10 +166,18 @@ class Answer:
                 # Mid-stream failure: continue on the next candidate after what was delivered.
                 await source.aclose()
                 self._dispatcher.note_failure(source.served_by, failure)
+                await self._dispatcher.account_partial(
+                    source.served_by,
+                    asked,
+                    delivered_tokens - tokens_before,
+                    self._arrival,
+                    started_ms,
+                )
                 tokens_before = delivered_tokens
                 text = "".join(delivered)
                 wanted = self._request.sampling.max_tokens
                 if wanted is not None and tokens_before >= wanted:
+                    finished = True
                     yield Finished(
                         reason=FinishReason.LENGTH, prompt_tokens=0, completion_tokens=tokens_before
                     )
@@ -188,6 +201,7 @@ class Answer:
                     source = await self._dispatcher.start_first(follow_up, self._plan, self._tried)
                     asked = follow_up
                 except MeshError as exc:
+                    finished = True  # the failed part is recorded; nothing else was delivered
                     # Say what broke the stream, not only that nobody could take it over.
                     raise type(exc)(
                         f"{failed.node_id[:7]} ({failed.route}) failed mid-answer "
@@ -197,6 +211,19 @@ class Answer:
                 pending = source.first
         finally:
             await source.aclose()
+            if not finished:
+                # The client went away (or an error ended the answer): what it was sent
+                # from this source is still usage. Shielded: a cancelled request's record
+                # is committed all the same.
+                await asyncio.shield(
+                    self._dispatcher.account_partial(
+                        source.served_by,
+                        asked,
+                        delivered_tokens - tokens_before,
+                        self._arrival,
+                        started_ms,
+                    )
+                )
 
 
 class Dispatcher:
@@ -435,6 +462,41 @@ class Dispatcher:
                 "not countersigning the usage record of %s: %s", served_by.node_id[:7], problem
             )
         return finished
+
+    async def account_partial(
+        self,
+        served_by: ServedBy,
+        asked: InferenceRequest,
+        delivered_tokens: int,
+        arrival: Arrival,
+        started_ms: int,
+    ) -> None:
+        """The entry node records the part of an answer a source delivered before it
+        stopped without finishing: a server that died cannot sign for it, and what the
+        client was sent is what the user used. A node serving a peer's request leaves
+        this to that entry node."""
+        ledger = self._ledger
+        if ledger is None or delivered_tokens <= 0 or arrival.entry_node_id != self._node_id:
+            return
+        try:
+            signed = await ledger.append(
+                Usage(
+                    request_id=asked.request_id,
+                    entry_node_id=self._node_id,
+                    user=asked.user,
+                    model=served_by.model,
+                    prompt_tokens=0,  # the failed server never said; the continuation counts
+                    completion_tokens=delivered_tokens,
+                    route=served_by.route.value,
+                    started_at_ms=started_ms,
+                    ended_at_ms=int(time.time() * 1000),
+                    partial=True,
+                    served_by="" if served_by.route is Route.LOCAL else served_by.node_id,
+                )
+            )
+            await ledger.countersign(signed)
+        except MeshError as exc:
+            logger.error("could not record a partial answer: %s", exc.message)
 
     async def start_first(
         self, request: InferenceRequest, decided: Plan, tried: set[str]

@@ -19,6 +19,7 @@ import pytest
 
 from mesh.config import embedded_model_path
 from mesh.ledger import open_record, record_hash, verify
+from mesh.wire.v1 import ledger_pb2 as lpb
 from tests.members import models_config, read_ledger
 from tests.nodeproc import NodeProcess, run_cli
 
@@ -258,6 +259,55 @@ def test_killing_the_serving_box_mid_stream_costs_the_client_nothing(
         lambda: peer_states(a).get(victim.node_id) == "down", 6, "the killed box is down"
     )
     assert took < 6
+    # The ledger holds both parts: the entry node signed for what the dead box delivered
+    # (it cannot sign any more), the survivor for its continuation; together, the usage.
+    records, receipts = read_ledger(a.home)
+    opened = [open_record(r) for r in records]
+    partial = [r for r in opened if r.kind == lpb.RECORD_KIND_PARTIAL]
+    assert len(partial) == 1
+    assert (partial[0].node_id, partial[0].served_by) == (a.node_id, victim.node_id)
+    assert partial[0].route == "lan"
+    assert partial[0].completion_tokens >= 20
+    rest = [r for r in opened if r.node_id == survivor.node_id]
+    assert len(rest) == 1
+    assert rest[0].kind == lpb.RECORD_KIND_COMPLETE
+    assert partial[0].completion_tokens + rest[0].completion_tokens == usage["completion_tokens"]
+    assert verify(records, receipts).ok
+
+
+def test_a_client_that_goes_away_mid_stream_is_still_counted(
+    mesh3: dict[str, NodeProcess],
+) -> None:
+    a = mesh3["a"]
+    before = {r.request_id for r in map(open_record, read_ledger(a.home)[0])}
+    request = urllib.request.Request(
+        a.url + "/v1/completions",
+        data=json.dumps(
+            {"model": "c-only", "prompt": "1, 2, 3,", "max_tokens": 200, "stream": True}
+        ).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    seen = 0
+    with urllib.request.urlopen(request, timeout=120) as response:
+        for raw in response:
+            if raw.startswith(b"data: {") and b'"text":""' not in raw:
+                seen += 1
+            if seen == 5:
+                break  # hang up mid-answer
+
+    def partial() -> list[Any]:
+        return [
+            r
+            for r in map(open_record, read_ledger(a.home)[0])
+            if r.request_id not in before and r.kind == lpb.RECORD_KIND_PARTIAL
+        ]
+
+    wait_until(lambda: bool(partial()), 10, "the abandoned answer is recorded")
+    (record,) = partial()
+    assert record.served_by == mesh3["c"].node_id
+    assert record.user == ""
+    assert 5 <= record.completion_tokens < 200
 
 
 def test_a_graceful_shutdown_tells_peers_at_once(shared_mesh: dict[str, NodeProcess]) -> None:

@@ -1,6 +1,8 @@
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -15,7 +17,7 @@ RECORD_KIND_COMPLETE: RecordKind
 RECORD_KIND_PARTIAL: RecordKind
 
 class UsageRecord(_message.Message):
-    __slots__ = ("node_id", "identity_public_key", "seq", "prev_hash", "request_id", "entry_node_id", "user", "model", "prompt_tokens", "completion_tokens", "route", "started_at_unix_ms", "ended_at_unix_ms", "kind")
+    __slots__ = ("node_id", "identity_public_key", "seq", "prev_hash", "request_id", "entry_node_id", "user", "model", "prompt_tokens", "completion_tokens", "route", "started_at_unix_ms", "ended_at_unix_ms", "kind", "served_by")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     IDENTITY_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
@@ -30,6 +32,7 @@ class UsageRecord(_message.Message):
     STARTED_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     ENDED_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
+    SERVED_BY_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     identity_public_key: bytes
     seq: int
@@ -44,7 +47,8 @@ class UsageRecord(_message.Message):
     started_at_unix_ms: int
     ended_at_unix_ms: int
     kind: RecordKind
-    def __init__(self, node_id: _Optional[str] = ..., identity_public_key: _Optional[bytes] = ..., seq: _Optional[int] = ..., prev_hash: _Optional[bytes] = ..., request_id: _Optional[str] = ..., entry_node_id: _Optional[str] = ..., user: _Optional[str] = ..., model: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., route: _Optional[str] = ..., started_at_unix_ms: _Optional[int] = ..., ended_at_unix_ms: _Optional[int] = ..., kind: _Optional[_Union[RecordKind, str]] = ...) -> None: ...
+    served_by: str
+    def __init__(self, node_id: _Optional[str] = ..., identity_public_key: _Optional[bytes] = ..., seq: _Optional[int] = ..., prev_hash: _Optional[bytes] = ..., request_id: _Optional[str] = ..., entry_node_id: _Optional[str] = ..., user: _Optional[str] = ..., model: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., route: _Optional[str] = ..., started_at_unix_ms: _Optional[int] = ..., ended_at_unix_ms: _Optional[int] = ..., kind: _Optional[_Union[RecordKind, str]] = ..., served_by: _Optional[str] = ...) -> None: ...
 
 class SignedRecord(_message.Message):
     __slots__ = ("record", "signature")
@@ -65,3 +69,35 @@ class Receipt(_message.Message):
     entry_public_key: bytes
     signature: bytes
     def __init__(self, record_hash: _Optional[bytes] = ..., entry_node_id: _Optional[str] = ..., entry_public_key: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
+class SyncRequest(_message.Message):
+    __slots__ = ("heads", "receipts_after", "max_records")
+    HEADS_FIELD_NUMBER: _ClassVar[int]
+    RECEIPTS_AFTER_FIELD_NUMBER: _ClassVar[int]
+    MAX_RECORDS_FIELD_NUMBER: _ClassVar[int]
+    heads: _containers.RepeatedCompositeFieldContainer[ChainHead]
+    receipts_after: int
+    max_records: int
+    def __init__(self, heads: _Optional[_Iterable[_Union[ChainHead, _Mapping]]] = ..., receipts_after: _Optional[int] = ..., max_records: _Optional[int] = ...) -> None: ...
+
+class ChainHead(_message.Message):
+    __slots__ = ("node_id", "seq")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    seq: int
+    def __init__(self, node_id: _Optional[str] = ..., seq: _Optional[int] = ...) -> None: ...
+
+class SyncBatch(_message.Message):
+    __slots__ = ("records", "receipts", "receipts_cursor", "more", "fork_proofs")
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    RECEIPTS_FIELD_NUMBER: _ClassVar[int]
+    RECEIPTS_CURSOR_FIELD_NUMBER: _ClassVar[int]
+    MORE_FIELD_NUMBER: _ClassVar[int]
+    FORK_PROOFS_FIELD_NUMBER: _ClassVar[int]
+    records: _containers.RepeatedCompositeFieldContainer[SignedRecord]
+    receipts: _containers.RepeatedCompositeFieldContainer[Receipt]
+    receipts_cursor: int
+    more: bool
+    fork_proofs: _containers.RepeatedCompositeFieldContainer[SignedRecord]
+    def __init__(self, records: _Optional[_Iterable[_Union[SignedRecord, _Mapping]]] = ..., receipts: _Optional[_Iterable[_Union[Receipt, _Mapping]]] = ..., receipts_cursor: _Optional[int] = ..., more: _Optional[bool] = ..., fork_proofs: _Optional[_Iterable[_Union[SignedRecord, _Mapping]]] = ...) -> None: ...
