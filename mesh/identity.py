@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import hashlib
 import os
 from dataclasses import dataclass
@@ -52,6 +53,7 @@ def _luhn32_check_char(group: str) -> str:
     return _B32_ALPHABET[(n - remainder) % n]
 
 
+@functools.lru_cache(maxsize=4096)  # a ledger names the same few keys a million times
 def node_id_from_public_key(public_key_raw: bytes) -> str:
     if len(public_key_raw) != _PUBLIC_KEY_BYTES:
         raise InvalidRequest(
@@ -85,9 +87,14 @@ def short_node_id(node_id: str) -> str:
     return node_id.split("-", 1)[0]
 
 
+@functools.lru_cache(maxsize=4096)
+def _public_key(public_key_raw: bytes) -> Ed25519PublicKey:
+    return Ed25519PublicKey.from_public_bytes(public_key_raw)
+
+
 def verify_signature(public_key_raw: bytes, signature: bytes, message: bytes) -> bool:
     try:
-        Ed25519PublicKey.from_public_bytes(public_key_raw).verify(signature, message)
+        _public_key(public_key_raw).verify(signature, message)
     except (InvalidSignature, ValueError):
         return False
     return True

@@ -120,15 +120,23 @@ def countersign(identity: Identity, signed: lpb.SignedRecord) -> lpb.Receipt:
     )
 
 
+def receipt_is_signed(receipt: lpb.Receipt) -> bool:
+    """Signed by the node it names, over the hash it names (whatever record that is)."""
+    key = receipt.entry_public_key
+    return (
+        len(key) == 32
+        and len(receipt.record_hash) == 32
+        and node_id_from_public_key(key) == receipt.entry_node_id
+        and verify_signature(key, receipt.signature, RECEIPT_CONTEXT + receipt.record_hash)
+    )
+
+
 def check_receipt(receipt: lpb.Receipt, record: lpb.UsageRecord, digest: bytes) -> bool:
     """Signed by the entry node the record names, over this very record."""
-    key = receipt.entry_public_key
     return (
         receipt.record_hash == digest
         and receipt.entry_node_id == record.entry_node_id
-        and len(key) == 32
-        and node_id_from_public_key(key) == record.entry_node_id
-        and verify_signature(key, receipt.signature, RECEIPT_CONTEXT + digest)
+        and receipt_is_signed(receipt)
     )
 
 

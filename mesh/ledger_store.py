@@ -18,15 +18,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
 import aiosqlite
 from google.protobuf.message import DecodeError
 
-from mesh.errors import BadSignature, ConfigError
+from mesh.errors import BadSignature, ConfigError, InvalidRequest
 from mesh.identity import Identity
 from mesh.ledger import GENESIS, ChainWriter, Usage, countersign, open_record, record_hash
+from mesh.ledger_sync import (
+    FRAME_RECORDS,
+    MAX_FORK_PROOFS,
+    MAX_HEADS,
+    MAX_RECORDS_PER_CALL,
+    Checked,
+    Checker,
+    Held,
+    Received,
+    contiguous_head,
+    plan_chain,
+)
 from mesh.wire.v1 import ledger_pb2 as lpb
 
 SCHEMA = """
@@ -45,7 +60,22 @@ CREATE TABLE IF NOT EXISTS receipts (
     hash          BLOB NOT NULL,
     entry_node_id TEXT NOT NULL,
     receipt       BLOB NOT NULL,
+    from_peer     TEXT NOT NULL DEFAULT '',  -- who sent it: never sent back to them
     UNIQUE (hash, entry_node_id)
+);
+-- Proof that a node's history split: records signed by it that conflict with the
+-- records held (a second record for a position, or one naming another predecessor).
+CREATE TABLE IF NOT EXISTS forks (
+    node_id   TEXT    NOT NULL,
+    seq       INTEGER NOT NULL,
+    record    BLOB    NOT NULL,
+    signature BLOB    NOT NULL,
+    hash      BLOB    NOT NULL UNIQUE
+);
+-- Per peer: how far this node has read that peer's receipts (the peer's own order).
+CREATE TABLE IF NOT EXISTS sync_cursors (
+    peer_id        TEXT    PRIMARY KEY,
+    receipts_after INTEGER NOT NULL
 );
 """
 INSERT_RECORD = (
@@ -56,8 +86,18 @@ MAX_BATCH = 4096
 
 
 class LedgerStore:
-    def __init__(self, db: aiosqlite.Connection, identity: Identity, writer: ChainWriter):
+    def __init__(
+        self,
+        db: aiosqlite.Connection,
+        reader: aiosqlite.Connection,
+        identity: Identity,
+        writer: ChainWriter,
+    ):
         self._db = db
+        # Answers to peers read here: WAL lets it read while the writer writes, and it
+        # sees committed records only (a record another transaction may still roll back
+        # must never leave this node).
+        self._reader = reader
         self._identity = identity
         self._writer = writer
         self._pending: list[tuple[Usage, asyncio.Future[lpb.SignedRecord]]] = []
@@ -74,12 +114,19 @@ class LedgerStore:
             await db.execute("PRAGMA journal_mode=WAL")
             await db.execute("PRAGMA synchronous=FULL")
             await db.executescript(SCHEMA)
+            async with db.execute("PRAGMA table_info(receipts)") as cursor:
+                columns = {str(row[1]) for row in await cursor.fetchall()}
+            if "from_peer" not in columns:  # a ledger made before sync
+                await db.execute(
+                    "ALTER TABLE receipts ADD COLUMN from_peer TEXT NOT NULL DEFAULT ''"
+                )
             await db.commit()
             async with db.execute(
                 "SELECT seq, hash FROM records WHERE node_id = ? ORDER BY seq DESC LIMIT 1",
                 (identity.node_id,),
             ) as cursor:
                 last = await cursor.fetchone()
+            reader = await aiosqlite.connect(f"file:{path}?mode=ro", uri=True)
         except sqlite3.Error as exc:
             raise ConfigError(f"cannot open the ledger {path}: {exc}") from exc
         writer = ChainWriter(
@@ -87,7 +134,7 @@ class LedgerStore:
             last_seq=int(last[0]) if last else 0,
             last_hash=bytes(last[1]) if last else GENESIS,
         )
-        return cls(db, identity, writer)
+        return cls(db, reader, identity, writer)
 
     async def __aenter__(self) -> LedgerStore:
         return self
@@ -107,6 +154,7 @@ class LedgerStore:
         for _, future in self._pending:
             if not future.done():
                 future.set_exception(ConfigError("the ledger was closed"))
+        await self._reader.close()
         await self._db.close()
 
     # --- this node's records ------------------------------------------------------------------
@@ -231,23 +279,27 @@ class LedgerStore:
                 f"{completion_tokens} were delivered"
             )
         receipt = countersign(self._identity, signed)
+        item = Checked(
+            node_id=record.node_id,
+            seq=record.seq,
+            prev_hash=record.prev_hash,
+            digest=record_hash(signed),
+            request_id=record.request_id,
+            kind=record.kind,
+            record=signed.record,
+            signature=signed.signature,
+        )
         async with self._transaction:  # never inside another transaction's commit or rollback
-            await self._db.execute(
-                # A second record for a position is fork proof: sync keeps it, not this.
-                INSERT_RECORD.replace("INSERT", "INSERT OR IGNORE", 1),
-                (
-                    record.node_id,
-                    record.seq,
-                    record.request_id,
-                    record.kind,
-                    signed.record,
-                    signed.signature,
-                    record_hash(signed),
-                ),
-            )
-            await self._insert_receipt(receipt)
-            await self._db.commit()
-        return ""
+            try:
+                result = Ingested()
+                await self._keep_chain(record.node_id, [item], result)
+                await self._insert_receipt(receipt)
+                await self._db.commit()
+            except Exception:
+                with contextlib.suppress(sqlite3.Error):
+                    await self._db.rollback()
+                raise
+        return "; ".join(result.problems)
 
     async def add_receipt(self, receipt: lpb.Receipt) -> None:
         async with self._transaction:
@@ -265,6 +317,247 @@ class LedgerStore:
             rows = await cursor.fetchall()
         return [lpb.Receipt.FromString(bytes(r[0])) for r in rows]
 
+    # --- sync (mesh.ledger_sync decides; this reads and writes) -------------------------------
+
+    async def heads(self) -> list[lpb.ChainHead]:
+        """Per node, the highest sequence held with none missing before it, and its hash."""
+        async with self._reader.execute(
+            # SQLite: the bare column `hash` comes from the row holding MAX(seq).
+            "SELECT node_id, MAX(seq), COUNT(*), hash FROM records GROUP BY node_id"
+        ) as cursor:
+            rows = await cursor.fetchall()
+        heads = []
+        for node_id, top, count, digest in rows:
+            head, head_hash = int(top), bytes(digest)
+            if head != count:  # a gap: find where it starts (rare)
+                async with self._reader.execute(
+                    "SELECT seq, hash FROM records WHERE node_id = ? ORDER BY seq", (node_id,)
+                ) as cursor:
+                    held = {int(r[0]): bytes(r[1]) for r in await cursor.fetchall()}
+                head = contiguous_head(held)
+                head_hash = held.get(head, b"")
+            heads.append(lpb.ChainHead(node_id=str(node_id), seq=head, hash=head_hash))
+        return heads
+
+    async def answer(
+        self, request: lpb.SyncRequest, *, asker: str = "", limit: int = MAX_RECORDS_PER_CALL
+    ) -> list[lpb.SyncBatch]:
+        """What the asker lacks, after its heads and its receipt cursor, in frames
+        (receipts it sent here are not sent back)."""
+        if len(request.heads) > MAX_HEADS:
+            raise InvalidRequest(f"a sync request names at most {MAX_HEADS} nodes")
+        heads = {head.node_id: head.seq for head in request.heads}
+        budget = min(request.max_records or limit, limit)
+        more = False
+        records: list[lpb.SignedRecord] = []
+        async with self._reader.execute(
+            "SELECT node_id, MAX(seq) FROM records GROUP BY node_id ORDER BY node_id"
+        ) as cursor:
+            tops = await cursor.fetchall()
+        for node_id, top in tops:
+            after = heads.get(str(node_id), 0)
+            if int(top) <= after:
+                continue
+            if budget == 0:
+                more = True
+                break
+            async with self._reader.execute(
+                "SELECT record, signature FROM records WHERE node_id = ? AND seq > ? "
+                "ORDER BY seq LIMIT ?",
+                (node_id, after, budget + 1),
+            ) as cursor:
+                rows = list(await cursor.fetchall())
+            if len(rows) > budget:
+                rows, more = rows[:budget], True
+            budget -= len(rows)
+            records += [lpb.SignedRecord(record=bytes(r[0]), signature=bytes(r[1])) for r in rows]
+        async with self._reader.execute(
+            "SELECT rowid, receipt, from_peer FROM receipts WHERE rowid > ? ORDER BY rowid LIMIT ?",
+            (request.receipts_after, limit + 1),
+        ) as cursor:
+            receipt_rows = list(await cursor.fetchall())
+        if len(receipt_rows) > limit:
+            receipt_rows, more = receipt_rows[:limit], True
+        cursor_after = int(receipt_rows[-1][0]) if receipt_rows else request.receipts_after
+        receipts = [
+            lpb.Receipt.FromString(bytes(r[1])) for r in receipt_rows if not asker or r[2] != asker
+        ]
+        forks = await self._differing_heads(request.heads)
+        async with self._reader.execute(
+            "SELECT record, signature FROM forks ORDER BY rowid LIMIT ?", (MAX_FORK_PROOFS,)
+        ) as cursor:
+            forks += [
+                lpb.SignedRecord(record=bytes(r[0]), signature=bytes(r[1]))
+                for r in await cursor.fetchall()
+            ]
+        frames = []
+        for start in range(0, max(len(records), len(receipts), 1), FRAME_RECORDS):
+            frames.append(
+                lpb.SyncBatch(
+                    records=records[start : start + FRAME_RECORDS],
+                    receipts=receipts[start : start + FRAME_RECORDS],
+                )
+            )
+        last = frames[-1]
+        last.receipts_cursor = cursor_after
+        last.more = more
+        last.fork_proofs.extend(forks)
+        return frames
+
+    async def _differing_heads(self, heads: Iterable[lpb.ChainHead]) -> list[lpb.SignedRecord]:
+        """Where the asker's head record is not the one held here: ours, as fork proof."""
+        proofs: list[lpb.SignedRecord] = []
+        for head in heads:
+            if not head.hash or len(proofs) >= MAX_FORK_PROOFS:
+                continue
+            async with self._reader.execute(
+                "SELECT record, signature, hash FROM records WHERE node_id = ? AND seq = ?",
+                (head.node_id, head.seq),
+            ) as cursor:
+                row = await cursor.fetchone()
+            if row is not None and bytes(row[2]) != head.hash:
+                proofs.append(lpb.SignedRecord(record=bytes(row[0]), signature=bytes(row[1])))
+        return proofs
+
+    async def receipts_cursor(self, peer_id: str) -> int:
+        async with self._reader.execute(
+            "SELECT receipts_after FROM sync_cursors WHERE peer_id = ?", (peer_id,)
+        ) as cursor:
+            row = await cursor.fetchone()
+        return int(row[0]) if row else 0
+
+    async def ingest(
+        self, received: Received, *, peer_id: str = "", receipts_cursor: int = 0
+    ) -> Ingested:
+        """Keep what a peer sent (already signature-checked): records that extend or fill
+        a chain, receipts, and fork proof apart; then move the peer's receipt cursor."""
+        result = Ingested(problems=list(received.rejected))
+        by_node: dict[str, list[Checked]] = {}
+        for item in received.records:
+            by_node.setdefault(item.node_id, []).append(item)
+        async with self._transaction:
+            try:
+                for node_id, items in by_node.items():
+                    await self._keep_chain(node_id, items, result)
+                for proof in received.fork_proofs:
+                    held = await self._held(proof.node_id, proof.seq + 1, proof.seq - 1)
+                    have = held.get(proof.seq)
+                    if have is not None and have.digest != proof.digest:
+                        if await self._insert_forks([proof]):
+                            result.forks += 1
+                            result.problems.append(
+                                f"fork: node {proof.node_id[:7]} signed two different records "
+                                f"#{proof.seq}"
+                            )
+                before = self._db.total_changes
+                await self._db.executemany(
+                    "INSERT OR IGNORE INTO receipts (hash, entry_node_id, receipt, from_peer) "
+                    "VALUES (?, ?, ?, ?)",
+                    [
+                        (r.record_hash, r.entry_node_id, r.receipt, peer_id)
+                        for r in received.receipts
+                    ],
+                )
+                result.receipts = self._db.total_changes - before
+                if peer_id:
+                    await self._db.execute(
+                        "INSERT INTO sync_cursors (peer_id, receipts_after) VALUES (?, ?) "
+                        "ON CONFLICT (peer_id) DO UPDATE SET "
+                        "receipts_after = MAX(receipts_after, excluded.receipts_after)",
+                        (peer_id, receipts_cursor),
+                    )
+                await self._db.commit()
+            except Exception:
+                with contextlib.suppress(sqlite3.Error):
+                    await self._db.rollback()
+                raise
+            await self._follow_own_chain()
+        return result
+
+    async def _keep_chain(self, node_id: str, items: list[Checked], result: Ingested) -> None:
+        """Inside a transaction: one node's verified records, kept where they fit its
+        chain; the ones that conflict with it kept apart as fork proof."""
+        seqs = [item.seq for item in items]
+        plan = plan_chain(await self._held(node_id, min(seqs), max(seqs)), items)
+        result.problems += plan.problems
+        result.records += await self._insert_records(plan.accept, result)
+        result.forks += await self._insert_forks(plan.conflicts)
+
+    async def _held(self, node_id: str, low: int, high: int) -> dict[int, Held]:
+        """This node's records of `node_id` from low-1 to high+1 (inclusive)."""
+        async with self._db.execute(
+            "SELECT seq, hash, record FROM records WHERE node_id = ? AND seq BETWEEN ? AND ?",
+            (node_id, min(low, high) - 1, max(low, high) + 1),
+        ) as cursor:
+            rows = await cursor.fetchall()
+        return {
+            int(seq): Held(bytes(digest), lpb.UsageRecord.FromString(bytes(record)).prev_hash)
+            for seq, digest, record in rows
+        }
+
+    async def _insert_records(self, items: list[Checked], result: Ingested) -> int:
+        if not items:
+            return 0
+        before = self._db.total_changes
+        await self._db.executemany(
+            INSERT_RECORD.replace("INSERT", "INSERT OR IGNORE", 1),
+            [
+                (i.node_id, i.seq, i.request_id, i.kind, i.record, i.signature, i.digest)
+                for i in items
+            ],
+        )
+        added = self._db.total_changes - before
+        if added < len(items):
+            # A record for a request (and kind) this node already holds under another
+            # sequence number: its node signed the same request twice. Proof, kept apart.
+            for item in items:
+                async with self._db.execute(
+                    "SELECT hash FROM records WHERE node_id = ? AND seq = ?",
+                    (item.node_id, item.seq),
+                ) as cursor:
+                    row = await cursor.fetchone()
+                if row is None or bytes(row[0]) != item.digest:
+                    result.forks += await self._insert_forks([item])
+                    result.problems.append(
+                        f"node {item.node_id[:7]} signed request {item.request_id[:12]} twice"
+                    )
+        return added
+
+    async def _insert_forks(self, items: list[Checked]) -> int:
+        before = self._db.total_changes
+        await self._db.executemany(
+            "INSERT OR IGNORE INTO forks (node_id, seq, record, signature, hash) "
+            "VALUES (?, ?, ?, ?, ?)",
+            [(i.node_id, i.seq, i.record, i.signature, i.digest) for i in items],
+        )
+        return self._db.total_changes - before
+
+    async def _follow_own_chain(self) -> None:
+        """Records of this node's own that a peer gave back (a node restored without its
+        ledger) move the writer on, so the chain continues instead of forking."""
+        async with self._db.execute(
+            "SELECT seq, hash FROM records WHERE node_id = ? ORDER BY seq DESC LIMIT 1",
+            (self._identity.node_id,),
+        ) as cursor:
+            last = await cursor.fetchone()
+        if last is not None and int(last[0]) > self._writer.last_seq:
+            self._writer.last_seq, self._writer.last_hash = int(last[0]), bytes(last[1])
+
+    async def forks(self) -> list[lpb.SignedRecord]:
+        async with self._reader.execute(
+            "SELECT record, signature FROM forks ORDER BY node_id, seq"
+        ) as cursor:
+            rows = await cursor.fetchall()
+        return [lpb.SignedRecord(record=bytes(r[0]), signature=bytes(r[1])) for r in rows]
+
+
+@dataclass(kw_only=True)
+class Ingested:
+    records: int = 0
+    receipts: int = 0
+    forks: int = 0
+    problems: list[str] = field(default_factory=list)
+
 
 def read_ledger(path: Path) -> tuple[list[lpb.SignedRecord], list[lpb.Receipt]]:
     """Everything in a ledger file, read-only (safe while the node writes: WAL)."""
@@ -275,6 +568,10 @@ def read_ledger(path: Path) -> tuple[list[lpb.SignedRecord], list[lpb.Receipt]]:
         try:
             rows = db.execute("SELECT record, signature FROM records ORDER BY node_id, seq")
             records = [lpb.SignedRecord(record=bytes(r), signature=bytes(s)) for r, s in rows]
+            with contextlib.suppress(sqlite3.OperationalError):  # a ledger from before forks
+                rows = db.execute("SELECT record, signature FROM forks ORDER BY node_id, seq")
+                # After the records: usage counts what was held first, verify sees the fork.
+                records += [lpb.SignedRecord(record=bytes(r), signature=bytes(s)) for r, s in rows]
             raw = [bytes(r) for (r,) in db.execute("SELECT receipt FROM receipts")]
         finally:
             db.close()
@@ -287,3 +584,52 @@ def read_ledger(path: Path) -> tuple[list[lpb.SignedRecord], list[lpb.Receipt]]:
         except DecodeError:
             continue  # an unreadable receipt is as good as none: verify reports the record
     return records, receipts
+
+
+Ask = Callable[[lpb.SyncRequest], AsyncIterator[lpb.SyncBatch]]
+PIPELINE = 3  # answer frames being checked while the next ones arrive
+
+
+async def pull(
+    store: LedgerStore, peer_id: str, ask: Ask, checker: Checker, *, max_records: int = 0
+) -> Ingested:
+    """Everything `peer_id` holds that this store lacks, by asking until nothing is left
+    (`ask` carries one SyncRequest to the peer and yields its answer frames). Frames are
+    checked in parallel and kept in order, so a chain is always extended from its end."""
+    total = Ingested()
+    in_flight: deque[tuple[lpb.SyncBatch, asyncio.Task[Received]]] = deque()
+    try:
+        while True:
+            cursor = await store.receipts_cursor(peer_id)
+            request = lpb.SyncRequest(
+                heads=await store.heads(), receipts_after=cursor, max_records=max_records
+            )
+            kept = total.records
+            more = False
+            async for batch in ask(request):
+                in_flight.append((batch, asyncio.create_task(checker.check(batch))))
+                more = more or batch.more
+                if len(in_flight) >= PIPELINE:
+                    await _keep_oldest(store, peer_id, in_flight, total)
+            while in_flight:
+                await _keep_oldest(store, peer_id, in_flight, total)
+            stuck = total.records == kept and await store.receipts_cursor(peer_id) == cursor
+            if not more or stuck:  # stuck: what is left does not fit (fork proof was kept)
+                return total
+    finally:
+        for _, task in in_flight:
+            task.cancel()
+
+
+async def _keep_oldest(
+    store: LedgerStore,
+    peer_id: str,
+    in_flight: deque[tuple[lpb.SyncBatch, asyncio.Task[Received]]],
+    total: Ingested,
+) -> None:
+    batch, task = in_flight.popleft()
+    done = await store.ingest(await task, peer_id=peer_id, receipts_cursor=batch.receipts_cursor)
+    total.records += done.records
+    total.receipts += done.receipts
+    total.forks += done.forks
+    total.problems += done.problems

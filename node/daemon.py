@@ -42,6 +42,7 @@ from node.discovery import Discovery
 from node.dispatch import Dispatcher
 from node.grpc_service import NodeCalls, NodeServicer
 from node.http_api import build_app
+from node.ledger_sync import LedgerSync
 from node.mesh_admin import MeshAdmin
 from node.peering import Peering
 from node.relay_client import RelayLink
@@ -98,6 +99,7 @@ class Node:
         self.trust: TrustStore | None = None
         self.users: UsersAdmin | None = None
         self.ledger: LedgerStore | None = None
+        self.ledger_sync: LedgerSync | None = None
         self.peer_table = PeerTable()
         self.peering: Peering | None = None
         self.discovery: Discovery | None = None
@@ -166,6 +168,14 @@ class Node:
         self._maintenance = asyncio.create_task(self._maintain(), name="trust-maintenance")
         await self._start_relays()
         await self.peering.start()
+        trust = self.trust
+        self.ledger_sync = LedgerSync(
+            store=self.ledger,
+            table=self.peer_table,
+            links=self.peering,
+            active=lambda: trust.role is not Role.OVERFLOW,  # overflow nodes never ask
+        )
+        await self.ledger_sync.start()
         await self._start_discovery()
         self.home.write_run_info(self.run_info())
         logger.info(
@@ -186,6 +196,7 @@ class Node:
             ),
             card_issued_at=lambda: self._card_issued_at_ms,
             on_member_joined=self._member_joined,
+            ledger=self.ledger,
         )
         pb_grpc.add_NodeServiceServicer_to_server(  # type: ignore[no-untyped-call]
             NodeServicer(self.calls), server
@@ -415,9 +426,21 @@ class Node:
                         "slots": peer.load.slots,
                     },
                     "models": [m.name for m in peer.models],
+                    "ledger_sync": self._sync_status(peer.node_id),
                 }
                 for peer in self.peer_table
             ],
+        }
+
+    def _sync_status(self, node_id: str) -> dict[str, Any] | None:
+        done = self.ledger_sync.peers.get(node_id) if self.ledger_sync else None
+        if done is None:
+            return None
+        return {
+            "at_unix_ms": done.at_ms,
+            "records": done.records,
+            "receipts": done.receipts,
+            "error": done.error,
         }
 
     async def aclose(self) -> None:
@@ -432,6 +455,9 @@ class Node:
         if self.discovery is not None:
             await self.discovery.aclose()  # mDNS goodbye
             self.discovery = None
+        if self.ledger_sync is not None:
+            await self.ledger_sync.aclose()
+            self.ledger_sync = None
         if self.peering is not None:
             await self.peering.aclose()  # peers hear we are leaving and stop sending now
         if self._maintenance is not None:

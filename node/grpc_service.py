@@ -18,12 +18,14 @@ from typing import Any, NoReturn
 
 import grpc
 
-from mesh.errors import InvalidRequest, MeshError, Overloaded, PermissionDenied
+from mesh.errors import InvalidRequest, MeshError, Overloaded, PermissionDenied, Unavailable
 from mesh.inference import Finished, Route
+from mesh.ledger_store import LedgerStore
 from mesh.membership import Role
 from mesh.scheduler import Privacy
 from mesh.sealing import FrameWriter, OpenedRequest
 from mesh.wire import codec, grpc_options
+from mesh.wire.v1 import ledger_pb2 as lpb
 from mesh.wire.v1 import node_pb2 as pb
 from mesh.wire.v1 import node_pb2_grpc as pb_grpc
 from mesh.wire.v1 import trust_pb2 as tpb
@@ -73,6 +75,7 @@ class NodeCalls:
         on_leaving: Callable[[str], None] = lambda node_id: None,
         on_member_joined: Callable[[list[str]], None] = lambda addresses: None,
         card_issued_at: Callable[[], int] = lambda: 0,
+        ledger: LedgerStore | None = None,
     ) -> None:
         self._trust = trust
         self._dispatcher = dispatcher
@@ -82,6 +85,7 @@ class NodeCalls:
         self._on_leaving = on_leaving
         self._on_member_joined = on_member_joined
         self._card_issued_at = card_issued_at
+        self._ledger = ledger
         self._rejected: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._streams_per_peer: dict[str, int] = {}
 
@@ -194,6 +198,10 @@ class NodeCalls:
             else:
                 yield _sealed(writer, pb.InferEvent(card=self._full_card()), final=True)
             return
+        if opened.purpose == "ledger":
+            async for frame in self._ledger_answer(opened):
+                yield frame
+            return
         try:
             if opened.purpose != "infer":
                 raise InvalidRequest(f"unknown request purpose {opened.purpose!r}")
@@ -216,6 +224,23 @@ class NodeCalls:
                     yield _sealed(writer, codec.event_to_pb(event, answer.served_by), final=final)
             except MeshError as error:
                 yield _sealed(writer, codec.error_to_pb(error), final=True)
+
+    async def _ledger_answer(self, opened: OpenedRequest) -> AsyncGenerator[pb.InferEvent, None]:
+        """What this node's ledger holds that the asking member lacks (ledger sync)."""
+        writer = opened.writer
+        try:
+            if opened.sender.role is Role.OVERFLOW:
+                raise PermissionDenied("overflow nodes do not read the mesh's ledger")
+            if self._ledger is None:
+                raise Unavailable("this node keeps no ledger")
+            request = codec.parse_message(lpb.SyncRequest, opened.body)
+            frames = await self._ledger.answer(request, asker=opened.sender.node_id)
+        except MeshError as error:
+            yield _sealed(writer, codec.error_to_pb(error), final=True)
+            return
+        for i, frame in enumerate(frames):
+            final = i == len(frames) - 1
+            yield _sealed(writer, pb.InferEvent(ledger=frame), final=final)
 
 
 class NodeServicer(pb_grpc.NodeServiceServicer):

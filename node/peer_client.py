@@ -26,6 +26,7 @@ from mesh.inference import Finished, InferenceEvent, InferenceRequest
 from mesh.invites import decode_invite, make_join_request
 from mesh.sealing import Sealed, seal_request
 from mesh.wire import codec, grpc_options
+from mesh.wire.v1 import ledger_pb2 as lpb
 from mesh.wire.v1 import node_pb2 as pb
 from mesh.wire.v1 import node_pb2_grpc as pb_grpc
 from mesh.wire.v1 import trust_pb2 as tpb
@@ -38,6 +39,7 @@ logger = logging.getLogger(__name__)
 
 CONTROL_TIMEOUT_S = 10.0
 INFER_TIMEOUT_S = 600.0
+SYNC_TIMEOUT_S = 120.0
 
 
 def _now_ms() -> int:
@@ -248,6 +250,22 @@ class PeerClient:
             yield event
             if isinstance(event, Finished):
                 return
+
+    async def sync(
+        self, peer: PeerCard, request: lpb.SyncRequest, *, timeout_s: float = SYNC_TIMEOUT_S
+    ) -> AsyncGenerator[lpb.SyncBatch, None]:
+        """The peer's answer to a ledger sync request, frame by frame."""
+        body = request.SerializeToString()
+        async for plaintext in self._sealed_call(peer, body, "ledger", timeout_s):
+            message = pb.InferEvent()
+            try:
+                message.ParseFromString(plaintext)
+            except DecodeError as exc:
+                raise RemoteProtocolError("peer sent an unreadable ledger answer") from exc
+            if message.WhichOneof("event") != "ledger":
+                codec.event_from_pb(message)  # raises the peer's error
+                raise RemoteProtocolError("peer answered a ledger request with something else")
+            yield message.ledger
 
     async def ping(
         self, *, timeout_s: float = CONTROL_TIMEOUT_S, leaving_node_id: str = ""

@@ -463,6 +463,10 @@ class NetnsLab:
         """Unplug the box: its bridge-side veth goes down, packets to it vanish."""
         _ip("link", "set", node.host_veth, "down")
 
+    def link_up(self, node: LabNode) -> None:
+        """Plug it back in."""
+        _ip("link", "set", node.host_veth, "up")
+
 
 def start_all(lab: NetnsLab, plans: list[tuple[int, list[str], str]]) -> list[LabNode]:
     """Start several nodes at once (model loading dominates); plans: (box, args, config)."""

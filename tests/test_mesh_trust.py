@@ -13,10 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from mesh.errors import BadSignature, InviteError, NotAMember, PermissionDenied
+from mesh.errors import BadSignature, InvalidRequest, InviteError, NotAMember, PermissionDenied
 from mesh.home import Home
 from mesh.identity import load_or_create_identity
 from mesh.inference import ChatMessage, Finished, InferenceRequest, Sampling, TextDelta
+from mesh.wire import codec
+from mesh.wire.v1 import ledger_pb2 as lpb
+from mesh.wire.v1 import node_pb2 as pb
 from mesh.wire.v1 import trust_pb2 as tpb
 from node.peer_client import PeerClient, join_mesh
 from node.trust_store import TrustStore
@@ -204,6 +207,32 @@ async def test_an_overflow_node_serves_but_never_sees_members_cards_or_sends_req
         with pytest.raises(PermissionDenied, match="do not send"):
             async for _ in client.infer(peer, hello):
                 pass
+
+
+async def test_ledger_sync_answers_members_only_and_refuses_bad_requests(
+    admin: NodeProcess, tmp_path: Path
+) -> None:
+    assert run_cli(admin.home, "chat", "--max-tokens", "2", "hi").returncode == 0
+    member = await join_as_member(admin, tmp_path / "member")
+    cloud = await join_as_member(admin, tmp_path / "cloud", role="overflow")
+    async with PeerClient(grpc_address(admin), trust=member) as client:
+        peer = await client.public_card()
+        frames = [f async for f in client.sync(peer, lpb.SyncRequest())]
+        assert len(frames[-1].records) >= 1  # the chat's record, sealed to us
+        assert frames[-1].receipts_cursor >= 1
+        [raw] = [f async for f in client._sealed_call(peer, b"\xff\xff\xff", "ledger", 10)]
+        with pytest.raises(InvalidRequest, match="SyncRequest"):
+            codec.event_from_pb(pb.InferEvent.FromString(raw))
+        too_many = lpb.SyncRequest(heads=[lpb.ChainHead(node_id="x")] * 100_001)
+        with pytest.raises(InvalidRequest, match="at most"):
+            async for _ in client.sync(peer, too_many):
+                pass
+    async with PeerClient(grpc_address(admin), trust=cloud) as client:
+        peer = await client.public_card()
+        with pytest.raises(PermissionDenied, match="ledger"):
+            async for _ in client.sync(peer, lpb.SyncRequest()):
+                pass
+    assert run_cli(admin.home, "chat", "--max-tokens", "2", "hi").returncode == 0
 
 
 def _post(node: NodeProcess, path: str, body: bytes) -> tuple[int, dict[str, object]]:

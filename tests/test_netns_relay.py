@@ -21,7 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from mesh.ledger import open_record, verify
+from mesh.ledger import open_record, record_hash, verify
 from tests.members import models_config, read_ledger
 from tests.netns import LabNode, NetnsLab, netns_unavailable, wait_until
 from tests.nodeproc import RelayProcess
@@ -177,6 +177,13 @@ def test_office_a_reaches_office_b_through_the_relay_and_the_relay_reads_nothing
     assert [
         p for p in verify(records, receipts).problems if p.kind != "gap"
     ] == []  # gaps: other entry nodes' parts
+    # Ledger sync through the relay brings a1's receipt to b1 (offices share no network).
+    digest = record_hash(next(r for r in records if open_record(r).request_id == request_id))
+    wait_until(
+        lambda: any(r.record_hash == digest for r in read_ledger(b1.home)[1]),
+        15,
+        "b1 holds a1's countersignature, synced through the relay",
+    )
 
 
 def test_another_mesh_on_the_same_relay_neither_sees_nor_reaches_ours(world: World) -> None:

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19mesh/wire/v1/ledger.proto\x12\x0f\x61llerac.mesh.v1\"\xd8\x02\n\x0bUsageRecord\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x1b\n\x13identity_public_key\x18\x02 \x01(\x0c\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12\x11\n\tprev_hash\x18\x04 \x01(\x0c\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x15\n\rentry_node_id\x18\x06 \x01(\t\x12\x0c\n\x04user\x18\x07 \x01(\t\x12\r\n\x05model\x18\x08 \x01(\t\x12\x15\n\rprompt_tokens\x18\t \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\n \x01(\r\x12\r\n\x05route\x18\x0b \x01(\t\x12\x1a\n\x12started_at_unix_ms\x18\x0c \x01(\x03\x12\x18\n\x10\x65nded_at_unix_ms\x18\r \x01(\x03\x12)\n\x04kind\x18\x0e \x01(\x0e\x32\x1b.allerac.mesh.v1.RecordKind\x12\x11\n\tserved_by\x18\x0f \x01(\t\"1\n\x0cSignedRecord\x12\x0e\n\x06record\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"b\n\x07Receipt\x12\x13\n\x0brecord_hash\x18\x01 \x01(\x0c\x12\x15\n\rentry_node_id\x18\x02 \x01(\t\x12\x18\n\x10\x65ntry_public_key\x18\x03 \x01(\x0c\x12\x11\n\tsignature\x18\x04 \x01(\x0c\"e\n\x0bSyncRequest\x12)\n\x05heads\x18\x01 \x03(\x0b\x32\x1a.allerac.mesh.v1.ChainHead\x12\x16\n\x0ereceipts_after\x18\x02 \x01(\x04\x12\x13\n\x0bmax_records\x18\x03 \x01(\r\")\n\tChainHead\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\"\xc2\x01\n\tSyncBatch\x12.\n\x07records\x18\x01 \x03(\x0b\x32\x1d.allerac.mesh.v1.SignedRecord\x12*\n\x08receipts\x18\x02 \x03(\x0b\x32\x18.allerac.mesh.v1.Receipt\x12\x17\n\x0freceipts_cursor\x18\x03 \x01(\x04\x12\x0c\n\x04more\x18\x04 \x01(\x08\x12\x32\n\x0b\x66ork_proofs\x18\x05 \x03(\x0b\x32\x1d.allerac.mesh.v1.SignedRecord*\\\n\nRecordKind\x12\x1b\n\x17RECORD_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14RECORD_KIND_COMPLETE\x10\x01\x12\x17\n\x13RECORD_KIND_PARTIAL\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19mesh/wire/v1/ledger.proto\x12\x0f\x61llerac.mesh.v1\"\xd8\x02\n\x0bUsageRecord\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x1b\n\x13identity_public_key\x18\x02 \x01(\x0c\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12\x11\n\tprev_hash\x18\x04 \x01(\x0c\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x15\n\rentry_node_id\x18\x06 \x01(\t\x12\x0c\n\x04user\x18\x07 \x01(\t\x12\r\n\x05model\x18\x08 \x01(\t\x12\x15\n\rprompt_tokens\x18\t \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\n \x01(\r\x12\r\n\x05route\x18\x0b \x01(\t\x12\x1a\n\x12started_at_unix_ms\x18\x0c \x01(\x03\x12\x18\n\x10\x65nded_at_unix_ms\x18\r \x01(\x03\x12)\n\x04kind\x18\x0e \x01(\x0e\x32\x1b.allerac.mesh.v1.RecordKind\x12\x11\n\tserved_by\x18\x0f \x01(\t\"1\n\x0cSignedRecord\x12\x0e\n\x06record\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"b\n\x07Receipt\x12\x13\n\x0brecord_hash\x18\x01 \x01(\x0c\x12\x15\n\rentry_node_id\x18\x02 \x01(\t\x12\x18\n\x10\x65ntry_public_key\x18\x03 \x01(\x0c\x12\x11\n\tsignature\x18\x04 \x01(\x0c\"e\n\x0bSyncRequest\x12)\n\x05heads\x18\x01 \x03(\x0b\x32\x1a.allerac.mesh.v1.ChainHead\x12\x16\n\x0ereceipts_after\x18\x02 \x01(\x04\x12\x13\n\x0bmax_records\x18\x03 \x01(\r\"7\n\tChainHead\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x0c\n\x04hash\x18\x03 \x01(\x0c\"\xc2\x01\n\tSyncBatch\x12.\n\x07records\x18\x01 \x03(\x0b\x32\x1d.allerac.mesh.v1.SignedRecord\x12*\n\x08receipts\x18\x02 \x03(\x0b\x32\x18.allerac.mesh.v1.Receipt\x12\x17\n\x0freceipts_cursor\x18\x03 \x01(\x04\x12\x0c\n\x04more\x18\x04 \x01(\x08\x12\x32\n\x0b\x66ork_proofs\x18\x05 \x03(\x0b\x32\x1d.allerac.mesh.v1.SignedRecord*\\\n\nRecordKind\x12\x1b\n\x17RECORD_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14RECORD_KIND_COMPLETE\x10\x01\x12\x17\n\x13RECORD_KIND_PARTIAL\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'mesh.wire.v1.ledger_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_RECORDKIND']._serialized_start=887
-  _globals['_RECORDKIND']._serialized_end=979
+  _globals['_RECORDKIND']._serialized_start=901
+  _globals['_RECORDKIND']._serialized_end=993
   _globals['_USAGERECORD']._serialized_start=47
   _globals['_USAGERECORD']._serialized_end=391
   _globals['_SIGNEDRECORD']._serialized_start=393
@@ -42,7 +42,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SYNCREQUEST']._serialized_start=544
   _globals['_SYNCREQUEST']._serialized_end=645
   _globals['_CHAINHEAD']._serialized_start=647
-  _globals['_CHAINHEAD']._serialized_end=688
-  _globals['_SYNCBATCH']._serialized_start=691
-  _globals['_SYNCBATCH']._serialized_end=885
+  _globals['_CHAINHEAD']._serialized_end=702
+  _globals['_SYNCBATCH']._serialized_start=705
+  _globals['_SYNCBATCH']._serialized_end=899
 # @@protoc_insertion_point(module_scope)

@@ -81,12 +81,14 @@ class SyncRequest(_message.Message):
     def __init__(self, heads: _Optional[_Iterable[_Union[ChainHead, _Mapping]]] = ..., receipts_after: _Optional[int] = ..., max_records: _Optional[int] = ...) -> None: ...
 
 class ChainHead(_message.Message):
-    __slots__ = ("node_id", "seq")
+    __slots__ = ("node_id", "seq", "hash")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
+    HASH_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     seq: int
-    def __init__(self, node_id: _Optional[str] = ..., seq: _Optional[int] = ...) -> None: ...
+    hash: bytes
+    def __init__(self, node_id: _Optional[str] = ..., seq: _Optional[int] = ..., hash: _Optional[bytes] = ...) -> None: ...
 
 class SyncBatch(_message.Message):
     __slots__ = ("records", "receipts", "receipts_cursor", "more", "fork_proofs")

@@ -1,0 +1,229 @@
+"""Ledger anti-entropy without I/O (DESIGN.md "Usage ledger and quotas"; wire in
+ledger.proto: SyncRequest, SyncBatch).
+
+A member asks a peer for what follows its own view of each node's chain (per-node
+sequence heads) and for the receipts the peer added since the last time (a cursor in
+the peer's own receipt order). Nothing a peer sends is kept before it is verified:
+`check_batch` verifies every record's and every receipt's signature (in worker
+processes when there are many: `Checker`), and `plan_chain` decides, against what this
+node already holds for that node, which records extend or fill its chain, and which
+are proof of a fork: a second, different record signed for a position, or a record
+naming a predecessor other than the one held.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import multiprocessing
+from collections.abc import Iterable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+
+from google.protobuf.message import DecodeError
+
+from mesh.errors import BadSignature
+from mesh.ledger import GENESIS, open_record, receipt_is_signed
+from mesh.wire.v1 import ledger_pb2 as lpb
+
+FRAME_RECORDS = 1000  # records (and receipts) per answer frame: about 0.5 MB
+MAX_RECORDS_PER_CALL = 20_000  # per sync call; `more` says to ask again
+MAX_HEADS = 100_000  # nodes named in one SyncRequest
+MAX_FORK_PROOFS = 64  # fork proof records sent per answer
+INLINE_ITEMS = 256  # fewer signatures than this are checked on the event loop
+CHUNK_ITEMS = 500
+
+
+@dataclass(frozen=True, slots=True)
+class Checked:
+    """A record whose signature verified, with what the chain logic needs."""
+
+    node_id: str
+    seq: int
+    prev_hash: bytes
+    digest: bytes
+    request_id: str
+    kind: int
+    record: bytes
+    signature: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class CheckedReceipt:
+    record_hash: bytes
+    entry_node_id: str
+    receipt: bytes
+
+
+@dataclass(kw_only=True)
+class Received:
+    """A peer's batch after the signature checks."""
+
+    records: list[Checked] = field(default_factory=list)
+    receipts: list[CheckedReceipt] = field(default_factory=list)
+    fork_proofs: list[Checked] = field(default_factory=list)
+    rejected: list[str] = field(default_factory=list)
+
+    def extend(self, other: Received) -> None:
+        self.records += other.records
+        self.receipts += other.receipts
+        self.fork_proofs += other.fork_proofs
+        self.rejected += other.rejected
+
+
+def check_record(record: bytes, signature: bytes) -> Checked:
+    """BadSignature unless the record is signed by the node it names."""
+    signed = lpb.SignedRecord(record=record, signature=signature)
+    parsed = open_record(signed)
+    return Checked(
+        node_id=parsed.node_id,
+        seq=parsed.seq,
+        prev_hash=parsed.prev_hash,
+        digest=hashlib.sha256(record).digest(),
+        request_id=parsed.request_id,
+        kind=parsed.kind,
+        record=record,
+        signature=signature,
+    )
+
+
+def check_batch(
+    records: Pairs,
+    receipts: list[bytes],
+    fork_proofs: Pairs | None = None,
+) -> Received:
+    """Verify every signature in a batch (picklable in and out: runs in workers)."""
+    out = Received()
+    for record, signature in records:
+        try:
+            out.records.append(check_record(record, signature))
+        except BadSignature as exc:
+            out.rejected.append(exc.message)
+    for record, signature in fork_proofs or ():
+        try:
+            out.fork_proofs.append(check_record(record, signature))
+        except BadSignature as exc:
+            out.rejected.append(f"fork proof: {exc.message}")
+    for raw in receipts:
+        try:
+            receipt = lpb.Receipt.FromString(raw)
+        except (DecodeError, ValueError):
+            out.rejected.append("a receipt does not parse")
+            continue
+        if not receipt_is_signed(receipt):
+            out.rejected.append("a receipt is not signed by the entry node it names")
+            continue
+        out.receipts.append(
+            CheckedReceipt(receipt.record_hash, receipt.entry_node_id, receipt.SerializeToString())
+        )
+    return out
+
+
+Pairs = list[tuple[bytes, bytes]]  # (record, signature)
+
+
+def _parts(batch: lpb.SyncBatch) -> tuple[Pairs, list[bytes], Pairs]:
+    return (
+        [(r.record, r.signature) for r in batch.records],
+        [r.SerializeToString() for r in batch.receipts],
+        [(r.record, r.signature) for r in batch.fork_proofs],
+    )
+
+
+class Checker:
+    """`check_batch` for a node: small batches on the event loop, large ones split over
+    worker processes (made once, on first need; spawn, not fork: the node has gRPC and
+    sqlite threads, and forking those deadlocks)."""
+
+    def __init__(self, workers: int = 2) -> None:
+        self._workers = workers
+        self._pool: ProcessPoolExecutor | None = None
+
+    async def check(self, batch: lpb.SyncBatch) -> Received:
+        records, receipts, forks = _parts(batch)
+        if len(records) + len(receipts) < INLINE_ITEMS or self._workers < 2:
+            return check_batch(records, receipts, forks)
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(
+                self._workers, mp_context=multiprocessing.get_context("spawn")
+            )
+        loop = asyncio.get_running_loop()
+        jobs = [loop.run_in_executor(self._pool, check_batch, [], [], forks)]
+        for start in range(0, max(len(records), len(receipts)), CHUNK_ITEMS):
+            jobs.append(
+                loop.run_in_executor(
+                    self._pool,
+                    check_batch,
+                    records[start : start + CHUNK_ITEMS],
+                    receipts[start : start + CHUNK_ITEMS],
+                )
+            )
+        out = Received()
+        for part in await asyncio.gather(*jobs):
+            out.extend(part)
+        return out
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+
+@dataclass(frozen=True, slots=True)
+class Held:
+    """A record this node holds: its hash and the hash it names as its predecessor."""
+
+    digest: bytes
+    prev_hash: bytes
+
+
+@dataclass(kw_only=True)
+class ChainPlan:
+    accept: list[Checked] = field(default_factory=list)
+    conflicts: list[Checked] = field(default_factory=list)  # kept apart as fork proof
+    problems: list[str] = field(default_factory=list)
+
+
+def plan_chain(held: dict[int, Held], incoming: Iterable[Checked]) -> ChainPlan:
+    """For one node's records: `held` is what this node has around the incoming range
+    (seq -> Held). A record that repeats one held is skipped; one that differs from one
+    held, or does not link to its held neighbour, is fork proof and ends the batch for
+    that node (its history split: which branch is right is not ours to pick)."""
+    plan = ChainPlan()
+    view = dict(held)
+    for item in sorted(incoming, key=lambda c: c.seq):
+        have = view.get(item.seq)
+        if have is not None:
+            if have.digest == item.digest:
+                continue
+            plan.conflicts.append(item)
+            plan.problems.append(
+                f"fork: node {item.node_id[:7]} signed two different records #{item.seq}"
+            )
+            break
+        before = view.get(item.seq - 1)
+        after = view.get(item.seq + 1)
+        if (
+            (item.seq == 1 and item.prev_hash != GENESIS)
+            or (before is not None and before.digest != item.prev_hash)
+            or (after is not None and after.prev_hash != item.digest)
+        ):
+            plan.conflicts.append(item)
+            plan.problems.append(
+                f"fork: node {item.node_id[:7]}'s record #{item.seq} does not link to the "
+                "records held around it"
+            )
+            break
+        view[item.seq] = Held(item.digest, item.prev_hash)
+        plan.accept.append(item)
+    return plan
+
+
+def contiguous_head(seqs: Iterable[int]) -> int:
+    """The highest n such that 1..n are all present."""
+    head = 0
+    for seq in sorted(seqs):
+        if seq != head + 1:
+            break
+        head = seq
+    return head

@@ -1,0 +1,127 @@
+"""Keeping this node's ledger in step with the mesh's (anti-entropy, DESIGN.md "Usage
+ledger and quotas").
+
+Every SYNC_INTERVAL_S this node pulls from a few peers that are up (all of them in a
+small mesh), over the same sealed calls as inference, directly or through the relay:
+`mesh.ledger_store.pull` asks for what follows its per-node heads and verifies
+everything before keeping it. A peer that cannot answer is simply asked again next
+round; a fork is logged once and kept as proof. `kick()` asks for a round now (after
+this node recorded something, so others learn of it sooner).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from mesh.errors import MeshError
+from mesh.ledger_store import LedgerStore, pull
+from mesh.ledger_sync import Checker
+from mesh.peers import PeerState, PeerTable
+from mesh.wire.v1 import ledger_pb2 as lpb
+from node.peering import Peering
+
+logger = logging.getLogger(__name__)
+
+SYNC_INTERVAL_S = 2.0
+PEERS_PER_ROUND = 4
+NEW_PEER_CHECK_S = 0.25
+
+
+@dataclass(kw_only=True)
+class PeerSync:
+    """What the last pull from one peer did."""
+
+    at_ms: int = 0
+    records: int = 0
+    receipts: int = 0
+    error: str = ""
+
+
+class LedgerSync:
+    def __init__(
+        self,
+        *,
+        store: LedgerStore,
+        table: PeerTable,
+        links: Peering,
+        interval_s: float = SYNC_INTERVAL_S,
+        workers: int = 2,
+        active: Callable[[], bool] = lambda: True,
+    ) -> None:
+        self._active = active
+        self._store = store
+        self._table = table
+        self._links = links
+        self._interval_s = interval_s
+        self._checker = Checker(workers)
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.peers: dict[str, PeerSync] = {}
+        self._logged: set[str] = set()
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="ledger-sync")
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        self._checker.close()
+
+    def kick(self) -> None:
+        self._wake.set()
+
+    async def _run(self) -> None:
+        last_round = time.monotonic()
+        was_up: set[str] = set()
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), NEW_PEER_CHECK_S)
+            if not self._active():
+                continue
+            up = [peer.node_id for peer in self._table if peer.state is PeerState.UP]
+            if self._wake.is_set() or time.monotonic() - last_round >= self._interval_s:
+                self._wake.clear()
+                last_round = time.monotonic()
+                chosen = random.sample(up, min(len(up), PEERS_PER_ROUND))
+            else:  # a peer just up (a new member, or back after a partition): now
+                chosen = [node_id for node_id in up if node_id not in was_up]
+            was_up = set(up)
+            for node_id in chosen:
+                await self.pull_from(node_id)
+
+    async def pull_from(self, node_id: str) -> PeerSync:
+        """One pull from one peer, until it has nothing more for us."""
+        outcome = PeerSync(at_ms=int(time.time() * 1000))
+        link = self._links.client(node_id)
+        if link is None:
+            outcome.error = "no connection"
+            self.peers[node_id] = outcome
+            return outcome
+        client, card = link
+
+        def ask(request: lpb.SyncRequest) -> AsyncIterator[lpb.SyncBatch]:
+            answer: AsyncIterator[lpb.SyncBatch] = client.sync(card, request)
+            return answer
+
+        try:
+            done = await pull(self._store, node_id, ask, self._checker)
+        except MeshError as exc:
+            outcome.error = exc.message
+            logger.debug("ledger sync with %s failed: %s", node_id[:7], exc.message)
+        else:
+            outcome.records, outcome.receipts = done.records, done.receipts
+            for problem in done.problems:
+                if problem not in self._logged:  # once: a fork stays a fork
+                    self._logged.add(problem)
+                    logger.warning("ledger sync with %s: %s", node_id[:7], problem)
+        self.peers[node_id] = outcome
+        return outcome
