@@ -120,6 +120,19 @@ class Overloaded(MeshError):
     code = "overloaded"
 
 
+class QuotaExceeded(MeshError):
+    """A user (or a mesh's cloud plan) has no quota left for this request this period."""
+
+    grpc_status = "RESOURCE_EXHAUSTED"
+    http_status = 429
+    error_type = "insufficient_quota"
+    code = "quota_exceeded"
+
+    def __init__(self, message: str, *, param: str | None = None, resets_at: str = "") -> None:
+        super().__init__(message, param=param)
+        self.resets_at = resets_at  # ISO 8601 UTC, when known
+
+
 class Unavailable(MeshError):
     """Nobody can serve this right now (shutting down, backend gone)."""
 

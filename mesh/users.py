@@ -1,6 +1,7 @@
 """Users and their API keys, and what each key may ask for (DESIGN.md "Interface contract").
 
-A user is a name, the SHA-256 of their API key and a privacy policy. The key itself is
+A user is a name, the SHA-256 of their API key, a privacy policy and a quota
+(`mesh.quota`), kept by the user's home node (where they were added). The key itself is
 `amk_` + 256 random bits (base64url): shown once when the user is added and never stored,
 so a copy of the data dir cannot be used to call the API. Presenting a key means hashing it
 and looking the hash up; the hash of a 256-bit secret needs no slow KDF, and a dict lookup
@@ -17,10 +18,18 @@ A key's privacy policy is its default and its ceiling (`effective_privacy`): a r
 ask for a stricter policy (local-only is stricter than mesh, mesh than any), never a looser
 one.
 
+Users are the mesh's, not one box's: members exchange their user lists (`merge`), so a
+key works on every box. Each entry carries when it last changed; the later change wins,
+and a removed user stays as a tombstone so that the removal travels too.
+
 On disk: `$ALLERAC_HOME/users.json`, mode 0600, written only by the running node:
 
-    {"version": 1, "users": [{"name": "alice", "key_hash": "<64 hex>",
-                              "privacy": "mesh", "created_at_ms": 1767225600000}]}
+    {"version": 2, "users": [{"name": "alice", "key_hash": "<64 hex>", "privacy": "mesh",
+                              "quota": "cloud=1M/month", "home_node_id": "<node ID>",
+                              "created_at_ms": 1767225600000, "updated_at_ms": 1767225600000,
+                              "removed": false}]}
+
+Version 1 files (no quota, home, update time or tombstones) are read as they are.
 
 Loading checks everything and refuses (without touching the file) anything it does not
 understand: a newer version, an unknown field, a bad name or hash, duplicates, a file other
@@ -34,7 +43,7 @@ import json
 import re
 import secrets
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +57,7 @@ from mesh.errors import (
     UserNotFound,
 )
 from mesh.home import read_owner_only, write_private
+from mesh.quota import UNLIMITED, Quota, parse_quota
 from mesh.scheduler import Privacy
 
 KEY_PREFIX = "amk_"
@@ -57,12 +67,14 @@ _KEY_FORMAT = re.compile(r"amk_[A-Za-z0-9_-]{43}")
 _NAME_FORMAT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _HASH_FORMAT = re.compile(r"[0-9a-f]{64}")
 MAX_AUTHORIZATION_CHARS = 1024
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MAX_USERS = 10_000
 MAX_USERS_FILE_BYTES = 4 * 1024 * 1024
 _MAX_TIME_MS = (1 << 63) - 1
 _FILE_FIELDS = frozenset({"version", "users"})
-_RECORD_FIELDS = frozenset({"name", "key_hash", "privacy", "created_at_ms"})
+_V1_FIELDS = frozenset({"name", "key_hash", "privacy", "created_at_ms"})
+_RECORD_FIELDS = _V1_FIELDS | {"quota", "home_node_id", "updated_at_ms", "removed"}
+_NODE_ID_FORMAT = re.compile(r"[A-Z2-7-]{1,80}")
 
 # How far each policy lets a request travel; a larger number is looser.
 _REACH = {Privacy.LOCAL_ONLY: 0, Privacy.MESH: 1, Privacy.ANY: 2}
@@ -123,12 +135,23 @@ class UserRecord:
     key_hash: str
     privacy: Privacy
     created_at_ms: int
+    quota: Quota = UNLIMITED
+    home_node_id: str = ""  # the node keeping the user's quota ("": this node)
+    updated_at_ms: int = 0
+    removed: bool = False
+
+    @property
+    def version(self) -> tuple[int, str, bool]:
+        """Later wins; on a tie, a deterministic order (every node picks the same)."""
+        return (self.updated_at_ms or self.created_at_ms, self.key_hash, self.removed)
 
     def describe(self) -> dict[str, Any]:
         """What may be shown about a user: never the hash."""
         return {
             "name": self.name,
             "privacy": self.privacy.value,
+            "quota": self.quota.spec,
+            "home_node_id": self.home_node_id,
             "created_at_ms": self.created_at_ms,
         }
 
@@ -151,51 +174,119 @@ OWNER = Caller(user="", ceiling=None)
 
 
 class UserBook:
-    """Every user of one node, by name and by key hash."""
+    """Every user of the mesh this node knows, by name and by key hash; removed users
+    stay as tombstones (not listed, no key) so that removals travel."""
 
     def __init__(self, records: tuple[UserRecord, ...] | list[UserRecord] = ()) -> None:
-        self._by_name: dict[str, UserRecord] = {}
-        self._by_hash: dict[str, UserRecord] = {}
+        self._by_name: dict[str, UserRecord] = {}  # tombstones included
+        self._by_hash: dict[str, UserRecord] = {}  # live users only
         for record in records:
             self._insert(record)
 
     def _insert(self, record: UserRecord) -> None:
         if record.name in self._by_name:
             raise UserExists(f"a user named {record.name!r} already exists", param="name")
-        if record.key_hash in self._by_hash:
+        if not record.removed and record.key_hash in self._by_hash:
             raise UserExists(f"user {record.name!r} has the same key as another user")
         if len(self._by_name) >= MAX_USERS:
-            raise InvalidRequest(f"a node has at most {MAX_USERS} users")
+            raise InvalidRequest(f"a mesh has at most {MAX_USERS} users (removed ones count)")
         self._by_name[record.name] = record
-        self._by_hash[record.key_hash] = record
+        if not record.removed:
+            self._by_hash[record.key_hash] = record
 
     def __iter__(self) -> Iterator[UserRecord]:
-        return iter(sorted(self._by_name.values(), key=lambda r: r.name))
+        """The live users, by name."""
+        return iter(sorted((r for r in self._by_name.values() if not r.removed), key=_name))
 
     def __len__(self) -> int:
-        return len(self._by_name)
+        return len(self._by_hash)
+
+    def entries(self) -> list[UserRecord]:
+        """Everything, tombstones too: what is exchanged with other members."""
+        return sorted(self._by_name.values(), key=_name)
+
+    def get(self, name: str) -> UserRecord | None:
+        record = self._by_name.get(name)
+        return None if record is None or record.removed else record
 
     def copy(self) -> UserBook:
         return UserBook(list(self._by_name.values()))
 
-    def add(self, name: str, privacy: Privacy, *, now_ms: int) -> tuple[UserRecord, str]:
-        """Add a user; returns their record and their API key (the only time it exists)."""
+    def add(
+        self,
+        name: str,
+        privacy: Privacy,
+        *,
+        now_ms: int,
+        quota: Quota = UNLIMITED,
+        home_node_id: str = "",
+    ) -> tuple[UserRecord, str]:
+        """Add a user; returns their record and their API key (the only time it exists).
+        A removed user's name may be taken again (with a new key)."""
         key = new_api_key()
         record = UserRecord(
             name=validate_name(name),
             key_hash=hash_api_key(key),
             privacy=privacy,
             created_at_ms=now_ms,
+            quota=quota,
+            home_node_id=home_node_id,
+            updated_at_ms=now_ms,
         )
+        old = self._by_name.get(record.name)
+        if old is not None and old.removed:
+            # Later than the tombstone, or the tombstone would win the merge.
+            later = max(now_ms, old.version[0] + 1)
+            record = replace(record, created_at_ms=later, updated_at_ms=later)
+            del self._by_name[record.name]
         self._insert(record)
         return record, key
 
-    def remove(self, name: str) -> UserRecord:
-        record = self._by_name.pop(name, None)
+    def update(self, name: str, *, now_ms: int, **changes: Any) -> UserRecord:
+        """Change a live user's privacy or quota."""
+        record = self.get(name)
+        if record is None:
+            raise UserNotFound(f"no user named {name[:80]!r}", param="name")
+        later = max(now_ms, record.version[0] + 1)
+        changed = replace(record, updated_at_ms=later, **changes)
+        self._by_name[name] = changed
+        self._by_hash[record.key_hash] = changed
+        return changed
+
+    def remove(self, name: str, *, now_ms: int = 0) -> UserRecord:
+        """Remove a user: their key stops working; a tombstone remains to tell the mesh."""
+        record = self.get(name)
         if record is None:
             raise UserNotFound(f"no user named {name[:80]!r}", param="name")
         del self._by_hash[record.key_hash]
+        later = max(now_ms, record.version[0] + 1)
+        self._by_name[name] = replace(record, removed=True, updated_at_ms=later)
         return record
+
+    def merge(self, incoming: list[UserRecord]) -> list[UserRecord]:
+        """Take the entries from another member that are newer than ours; returns what
+        changed. An entry whose key another live user holds is skipped."""
+        changed = []
+        for record in incoming:
+            ours = self._by_name.get(record.name)
+            if ours is not None and ours.version >= record.version:
+                continue
+            holder = self._by_hash.get(record.key_hash)
+            if not record.removed and holder is not None and holder.name != record.name:
+                continue
+            if ours is None and len(self._by_name) >= MAX_USERS:
+                continue
+            if ours is not None and not ours.removed:
+                del self._by_hash[ours.key_hash]
+            self._by_name[record.name] = record
+            if not record.removed:
+                self._by_hash[record.key_hash] = record
+            changed.append(record)
+        return changed
+
+    def digest(self) -> bytes:
+        """Equal on two nodes exactly when their lists are (tombstones included)."""
+        return hashlib.sha256(dump_users(self)).digest()
 
     def authenticate(self, key: str) -> UserRecord:
         record = (
@@ -230,19 +321,25 @@ class UserBook:
 # --- the file ---------------------------------------------------------------------------------
 
 
-def dump_users(book: UserBook) -> bytes:
-    body = {
-        "version": FORMAT_VERSION,
-        "users": [
-            {
-                "name": r.name,
-                "key_hash": r.key_hash,
-                "privacy": r.privacy.value,
-                "created_at_ms": r.created_at_ms,
-            }
-            for r in book
-        ],
+def _name(record: UserRecord) -> str:
+    return record.name
+
+
+def entry_to_json(r: UserRecord) -> dict[str, Any]:
+    return {
+        "name": r.name,
+        "key_hash": r.key_hash,
+        "privacy": r.privacy.value,
+        "quota": r.quota.spec,
+        "home_node_id": r.home_node_id,
+        "created_at_ms": r.created_at_ms,
+        "updated_at_ms": r.updated_at_ms,
+        "removed": r.removed,
     }
+
+
+def dump_users(book: UserBook) -> bytes:
+    body = {"version": FORMAT_VERSION, "users": [entry_to_json(r) for r in book.entries()]}
     return (json.dumps(body, indent=2) + "\n").encode("utf-8")
 
 
@@ -255,13 +352,23 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _record(index: int, raw: object) -> UserRecord:
-    where = f"users[{index}]"
+def _time(value: object, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _MAX_TIME_MS:
+        raise ValueError(f"{what} is not a time in milliseconds")
+    return value
+
+
+def entry_from_json(
+    raw: object, *, where: str = "user", version: int = FORMAT_VERSION
+) -> UserRecord:
+    """One user entry (from the file, or from another member); ValueError naming the
+    problem otherwise."""
     if not isinstance(raw, dict):
         raise ValueError(f"{where} is not an object")
-    if set(raw) != _RECORD_FIELDS:
-        missing = sorted(_RECORD_FIELDS - set(raw))
-        unknown = sorted(set(raw) - _RECORD_FIELDS)
+    fields = _V1_FIELDS if version == 1 else _RECORD_FIELDS
+    if set(raw) != fields:
+        missing = sorted(fields - set(raw))
+        unknown = sorted(set(raw) - fields)
         raise ValueError(f"{where} has missing fields {missing} or unknown fields {unknown}")
     try:
         name = validate_name(raw["name"])
@@ -276,14 +383,32 @@ def _record(index: int, raw: object) -> UserRecord:
             f"{where}.privacy must be one of {', '.join(p.value for p in Privacy)}, "
             f"got {repr(privacy)[:40]}"
         )
-    created = raw["created_at_ms"]
-    if (
-        isinstance(created, bool)
-        or not isinstance(created, int)
-        or not 0 <= created <= _MAX_TIME_MS
-    ):
-        raise ValueError(f"{where}.created_at_ms is not a time in milliseconds")
-    return UserRecord(name=name, key_hash=key_hash, privacy=Privacy(privacy), created_at_ms=created)
+    created = _time(raw["created_at_ms"], f"{where}.created_at_ms")
+    record = UserRecord(
+        name=name, key_hash=key_hash, privacy=Privacy(privacy), created_at_ms=created
+    )
+    if version == 1:
+        return replace(record, updated_at_ms=created)
+    quota = raw["quota"]
+    if not isinstance(quota, str):
+        raise ValueError(f"{where}.quota is not a string")
+    try:
+        parsed = parse_quota(quota)
+    except InvalidRequest as exc:
+        raise ValueError(f"{where}.quota: {exc.message}") from exc
+    home = raw["home_node_id"]
+    if not isinstance(home, str) or (home and _NODE_ID_FORMAT.fullmatch(home) is None):
+        raise ValueError(f"{where}.home_node_id is not a node ID")
+    removed = raw["removed"]
+    if not isinstance(removed, bool):
+        raise ValueError(f"{where}.removed is not true or false")
+    return replace(
+        record,
+        quota=parsed,
+        home_node_id=home,
+        updated_at_ms=_time(raw["updated_at_ms"], f"{where}.updated_at_ms"),
+        removed=removed,
+    )
 
 
 def parse_users(data: bytes, *, source: str = "users file") -> UserBook:
@@ -305,8 +430,8 @@ def parse_users(data: bytes, *, source: str = "users file") -> UserBook:
     version = body.get("version")
     if isinstance(version, bool) or not isinstance(version, int):
         raise bad("no version number")
-    if version != FORMAT_VERSION:
-        raise bad(f"format version {version}; this node reads version {FORMAT_VERSION}")
+    if version not in (1, FORMAT_VERSION):
+        raise bad(f"format version {version}; this node reads versions 1 and {FORMAT_VERSION}")
     if set(body) != _FILE_FIELDS:
         raise bad(f"unknown fields {sorted(set(body) - _FILE_FIELDS)} or no users list")
     users = body["users"]
@@ -315,7 +440,12 @@ def parse_users(data: bytes, *, source: str = "users file") -> UserBook:
     if len(users) > MAX_USERS:
         raise bad(f"more than {MAX_USERS} users")
     try:
-        return UserBook([_record(i, raw) for i, raw in enumerate(users)])
+        return UserBook(
+            [
+                entry_from_json(raw, where=f"users[{i}]", version=version)
+                for i, raw in enumerate(users)
+            ]
+        )
     except ValueError as exc:
         raise bad(str(exc)) from exc
     except MeshError as exc:  # duplicates

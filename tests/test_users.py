@@ -3,6 +3,7 @@ and the users file (Hypothesis: the parser reads a valid file back or raises Con
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -19,6 +20,7 @@ from mesh.errors import (
     UserExists,
     UserNotFound,
 )
+from mesh.quota import parse_quota
 from mesh.scheduler import Privacy
 from mesh.users import (
     KEY_PREFIX,
@@ -177,7 +179,19 @@ def test_save_and_load_round_trip_with_mode_0600(tmp_path: Path) -> None:
     again = load_users(path)
     assert list(again) == list(book)
     assert again.authenticate(key).name == "alice"
-    assert json.loads(path.read_text())["version"] == 1
+    assert json.loads(path.read_text())["version"] == 2
+
+
+def test_a_version_1_file_is_read_as_it_is(tmp_path: Path) -> None:
+    book = parse_users(_file([GOOD]))
+    [alice] = list(book)
+    assert (alice.name, alice.quota.spec, alice.home_node_id, alice.removed) == (
+        "alice",
+        "unlimited",
+        "",
+        False,
+    )
+    assert alice.updated_at_ms == NOW_MS
 
 
 @pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o620])
@@ -206,14 +220,25 @@ def _file(users: list[dict[str, object]], **top: object) -> bytes:
     return json.dumps({"version": 1, "users": users, **top}).encode()
 
 
+def _file2(users: list[dict[str, object]]) -> bytes:
+    return json.dumps({"version": 2, "users": users}).encode()
+
+
 GOOD = {"name": "alice", "key_hash": "ab" * 32, "privacy": "mesh", "created_at_ms": NOW_MS}
+GOOD2 = {
+    **GOOD,
+    "quota": "cloud=1M/month",
+    "home_node_id": "ABCDEFG-HIJKLMN",
+    "updated_at_ms": NOW_MS,
+    "removed": False,
+}
 
 BAD_FILES = [
     ("not JSON", b"{", "JSONDecodeError"),
     ("not UTF-8", b'{"version": 1, "users": ["\xff"]}', "UnicodeDecodeError"),
     ("a list", b"[]", "not a JSON object"),
     ("no version", json.dumps({"users": []}).encode(), "no version number"),
-    ("a newer version", json.dumps({"version": 2, "users": []}).encode(), "format version 2"),
+    ("a newer version", json.dumps({"version": 3, "users": []}).encode(), "format version 3"),
     ("version as bool", json.dumps({"version": True, "users": []}).encode(), "no version"),
     ("unknown top field", _file([], extra=1), "unknown fields ['extra']"),
     ("users not a list", json.dumps({"version": 1, "users": {}}).encode(), "not a list"),
@@ -231,6 +256,12 @@ BAD_FILES = [
     ("duplicate hash", _file([GOOD, {**GOOD, "name": "bob"}]), "same key"),
     ("duplicate JSON field", b'{"version": 1, "version": 1, "users": []}', "duplicate field"),
     ("deep nesting", b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+    ("v2 without its fields", _file([GOOD], version=2), "missing fields"),
+    ("bad quota", _file2([{**GOOD2, "quota": "cloud=lots"}]), "users[0].quota"),
+    ("quota not a string", _file2([{**GOOD2, "quota": 5}]), "users[0].quota"),
+    ("bad home", _file2([{**GOOD2, "home_node_id": "../x"}]), "home_node_id"),
+    ("removed not a bool", _file2([{**GOOD2, "removed": 1}]), "removed"),
+    ("bad update time", _file2([{**GOOD2, "updated_at_ms": "now"}]), "updated_at_ms"),
 ]
 
 
@@ -262,6 +293,12 @@ records = st.builds(
     key_hash=st.binary(min_size=32, max_size=32).map(bytes.hex),
     privacy=st.sampled_from(list(Privacy)),
     created_at_ms=st.integers(0, (1 << 63) - 1),
+    quota=st.sampled_from(["unlimited", "cloud=1M/month", "mesh=50k/day,cloud=2G"]).map(
+        parse_quota
+    ),
+    home_node_id=st.sampled_from(["", "ABCDEFG-HIJKLMN"]),
+    updated_at_ms=st.integers(0, (1 << 63) - 1),
+    removed=st.booleans(),
 )
 
 
@@ -269,7 +306,46 @@ records = st.builds(
 @given(st.lists(records, max_size=8, unique_by=(lambda r: r.name, lambda r: r.key_hash)))
 def test_any_book_survives_the_file(users: list[UserRecord]) -> None:
     book = UserBook(users)
-    assert list(parse_users(dump_users(book))) == sorted(users, key=lambda r: r.name)
+    again = parse_users(dump_users(book))
+    assert again.entries() == sorted(users, key=lambda r: r.name)
+    assert list(again) == sorted((u for u in users if not u.removed), key=lambda r: r.name)
+
+
+def test_merging_takes_the_later_change_and_removals_travel() -> None:
+    here, there = UserBook(), UserBook()
+    _, key = here.add("alice", Privacy.MESH, now_ms=NOW_MS, quota=parse_quota("cloud=1k"))
+    assert [r.name for r in there.merge(here.entries())] == ["alice"]
+    assert there.authenticate(key).quota.spec == "cloud=1k/month"
+    assert there.merge(here.entries()) == []  # nothing newer: nothing changes
+    assert there.digest() == here.digest()
+    there.update("alice", now_ms=NOW_MS + 5, quota=parse_quota("cloud=2k"))
+    here.merge(there.entries())
+    assert here.authenticate(key).quota.spec == "cloud=2k/month"
+    here.remove("alice", now_ms=NOW_MS + 9)
+    there.merge(here.entries())
+    with pytest.raises(Unauthenticated):
+        there.authenticate(key)
+    assert list(there) == []
+    # An older copy of alice arriving late does not bring her back.
+    stale = UserBook()
+    stale.merge([r for r in here.entries() if False])
+    assert (
+        there.merge([dataclasses.replace(here.entries()[0], removed=False, updated_at_ms=1)]) == []
+    )
+    # Added again, with a new key: later than the tombstone, so it wins everywhere.
+    _, new_key = there.add("alice", Privacy.ANY, now_ms=NOW_MS + 1)
+    here.merge(there.entries())
+    assert here.authenticate(new_key).privacy is Privacy.ANY
+    with pytest.raises(Unauthenticated):
+        here.authenticate(key)
+
+
+def test_a_merged_entry_may_not_take_another_users_key() -> None:
+    here = UserBook()
+    alice, _ = here.add("alice", Privacy.MESH, now_ms=NOW_MS)
+    thief = dataclasses.replace(alice, name="mallory", updated_at_ms=NOW_MS + 1)
+    assert here.merge([thief]) == []
+    assert [r.name for r in here] == ["alice"]
 
 
 json_values = st.recursive(

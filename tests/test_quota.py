@@ -1,0 +1,322 @@
+"""Quotas without I/O (mesh/quota.py): the spec, reservations that never let used plus
+reserved tokens pass a limit, idempotent release, periods that reset on the UTC calendar
+(injected clock), and a prompt bound no tokenizer exceeds."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mesh.errors import InvalidRequest, QuotaExceeded
+from mesh.identity import Identity
+from mesh.inference import ChatMessage, InferenceRequest, Sampling
+from mesh.ledger import ChainWriter, Usage, open_record
+from mesh.quota import (
+    DEFAULT_MAX_TOKENS,
+    HOLD_TTL_MS,
+    QuotaBook,
+    TierClass,
+    parse_quota,
+    prompt_bound,
+)
+
+MESH, CLOUD = TierClass.MESH, TierClass.CLOUD
+WRITER = ChainWriter(Identity.generate())
+
+
+def ms(text: str) -> int:
+    return int(datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp() * 1000)
+
+
+NOW = ms("2026-11-25T12:00:00")
+
+
+def record(user: str, tokens: int, *, route: str = "lan", at: int = NOW) -> object:
+    signed = WRITER.append(
+        Usage(
+            request_id=f"{WRITER.last_seq:032x}",
+            entry_node_id="E",
+            user=user,
+            model="m",
+            prompt_tokens=tokens // 2,
+            completion_tokens=tokens - tokens // 2,
+            route=route,
+            started_at_ms=at - 10,
+            ended_at_ms=at,
+        )
+    )
+    return open_record(signed)
+
+
+@pytest.mark.parametrize(
+    ("spec", "canonical"),
+    [
+        ("mesh=unlimited,cloud=1M/month", "cloud=1M/month"),
+        ("cloud=1M", "cloud=1M/month"),
+        ("cloud=1000000/month", "cloud=1M/month"),
+        ("  mesh = 250k / day , cloud=2G ", "mesh=250k/day,cloud=2G/month"),
+        (
+            "cloud=1M/month,cloud=50k/day,mesh=1500/day",
+            "mesh=1500/day,cloud=50k/day,cloud=1M/month",
+        ),
+        ("unlimited", "unlimited"),
+        ("", "unlimited"),
+    ],
+)
+def test_quota_specs_parse_to_one_canonical_form(spec: str, canonical: str) -> None:
+    quota = parse_quota(spec)
+    assert quota.spec == canonical
+    assert parse_quota(quota.spec) == quota
+
+
+@pytest.mark.parametrize(
+    ("spec", "problem"),
+    [
+        ("cloud", "has no '='"),
+        ("gpu=1M", "unknown class 'gpu'"),
+        ("cloud=lots", "'lots' is not a token count"),
+        ("cloud=1M/week", "unknown period 'week'"),
+        ("cloud=-5", "is not a token count"),
+        ("cloud=1T", "is not a token count"),
+        ("cloud=unlimited/day", "unlimited takes no period"),
+        ("cloud=1M,cloud=2M", "two month limits"),
+        ("mesh=unlimited,mesh=1k", "both unlimited and limited"),
+        ("cloud=" + "9" * 300, "longer than"),
+    ],
+)
+def test_a_bad_quota_spec_says_what_is_wrong_and_how_to_write_one(spec: str, problem: str) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        parse_quota(spec)
+    assert problem in info.value.message
+    assert "mesh=unlimited,cloud=1M/month" in info.value.message
+    assert info.value.param == "quota"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=60) | st.from_regex(r"(mesh|cloud)=[0-9kMG]{0,4}(/(day|month|x))?"))
+def test_any_text_is_a_quota_or_a_clear_error(spec: str) -> None:
+    try:
+        quota = parse_quota(spec)
+    except InvalidRequest as exc:
+        message = exc.message
+    else:
+        message = ""
+        assert parse_quota(quota.spec) == quota
+    assert not message or message.startswith("not a quota")
+
+
+def test_reservations_never_let_used_plus_reserved_pass_the_limit() -> None:
+    book = QuotaBook()
+    quota = parse_quota("mesh=1000/day")
+    book.count([record("alice", 700)])
+    grant = book.reserve(
+        request_id="r1",
+        user="alice",
+        quota=quota,
+        classes=[MESH],
+        prompt_tokens=50,
+        max_tokens=200,
+        now_ms=NOW,
+    )
+    assert grant.classes == {MESH}
+    assert grant.max_tokens == 200
+    assert book.held("alice", MESH) == 250
+    with pytest.raises(QuotaExceeded) as info:  # 700 used + 250 held: 50 left
+        book.reserve(
+            request_id="r2",
+            user="alice",
+            quota=quota,
+            classes=[MESH],
+            prompt_tokens=10,
+            max_tokens=50,
+            now_ms=NOW,
+        )
+    message = info.value.message
+    assert "'alice'" in message
+    assert "mesh=1k/day" in message
+    assert "50 of 1,000 tokens left this day" in message
+    assert "resets at 2026-11-26T00:00:00Z" in message
+    assert info.value.resets_at == "2026-11-26T00:00:00Z"
+    # Other users and the owner are not touched by alice's quota.
+    book.reserve(
+        request_id="r3",
+        user="bob",
+        quota=quota,
+        classes=[MESH],
+        prompt_tokens=10,
+        max_tokens=500,
+        now_ms=NOW,
+    )
+    # Released (the answer's records now count): the room comes back, once.
+    assert book.release("r1") is True
+    assert book.release("r1") is False
+    assert book.held("alice", MESH) == 0
+    book.count([record("alice", 120)])
+    assert book.used("alice", MESH, parse_quota("mesh=1/day").limits[0].period, NOW) == 820
+
+
+def test_reserving_the_same_request_twice_holds_it_once() -> None:
+    book = QuotaBook()
+    quota = parse_quota("cloud=1000")
+    first = book.reserve(
+        request_id="r",
+        user="a",
+        quota=quota,
+        classes=[CLOUD],
+        prompt_tokens=10,
+        max_tokens=100,
+        now_ms=NOW,
+    )
+    again = book.reserve(
+        request_id="r",
+        user="a",
+        quota=quota,
+        classes=[CLOUD],
+        prompt_tokens=10,
+        max_tokens=100,
+        now_ms=NOW,
+    )
+    assert first == again
+    assert book.held("a", CLOUD) == 110
+
+
+def test_a_class_without_room_is_closed_and_the_others_stay_open() -> None:
+    book = QuotaBook()
+    quota = parse_quota("mesh=unlimited,cloud=100/day")
+    book.count([record("alice", 90, route="cloud")])
+    grant = book.reserve(
+        request_id="r",
+        user="alice",
+        quota=quota,
+        classes=[MESH, CLOUD],
+        prompt_tokens=20,
+        max_tokens=30,
+        now_ms=NOW,
+    )
+    assert grant.classes == {MESH}
+    assert "cloud=100/day" in grant.refusals[0]
+    # Mesh usage never counts against the cloud limit.
+    book.count([record("alice", 10_000, route="local")])
+    assert book.used("alice", CLOUD, quota.limits[0].period, NOW) == 90
+
+
+def test_without_max_tokens_the_grant_caps_generation_at_what_is_left() -> None:
+    book = QuotaBook()
+    grant = book.reserve(
+        request_id="r",
+        user="u",
+        quota=parse_quota("mesh=500/day"),
+        classes=[MESH],
+        prompt_tokens=100,
+        max_tokens=None,
+        now_ms=NOW,
+    )
+    assert grant.max_tokens == 400
+    unlimited = book.reserve(
+        request_id="s",
+        user="u",
+        quota=parse_quota("unlimited"),
+        classes=[MESH],
+        prompt_tokens=100,
+        max_tokens=None,
+        now_ms=NOW,
+    )
+    assert unlimited.max_tokens is None  # nothing to protect: no cap
+    big = book.reserve(
+        request_id="t",
+        user="v",
+        quota=parse_quota("mesh=1G"),
+        classes=[MESH],
+        prompt_tokens=1,
+        max_tokens=None,
+        now_ms=NOW,
+    )
+    assert big.max_tokens == DEFAULT_MAX_TOKENS
+
+
+def test_periods_reset_on_the_utc_calendar() -> None:
+    book = QuotaBook()
+    quota = parse_quota("mesh=1000/day,mesh=1500/month")
+    late = ms("2026-11-30T23:59:59")
+    book.count([record("alice", 1000, at=late)])
+
+    def ask(now: int, tokens: int = 600) -> None:
+        book.reserve(
+            request_id=str(now),
+            user="alice",
+            quota=quota,
+            classes=[MESH],
+            prompt_tokens=0,
+            max_tokens=tokens,
+            now_ms=now,
+        )
+        book.release(str(now))
+
+    with pytest.raises(QuotaExceeded, match="mesh=1k/day"):
+        ask(late)
+    # A new day and a new month: both limits start again.
+    ask(ms("2026-12-01T00:00:00"))
+    book.count([record("alice", 1000, at=ms("2026-12-02T10:00:00"))])
+    ask(ms("2026-12-03T10:00:00"), 500)  # a new day; the month has 500 left
+    with pytest.raises(QuotaExceeded, match="mesh=1500/month") as info:
+        book.reserve(
+            request_id="x",
+            user="alice",
+            quota=quota,
+            classes=[MESH],
+            prompt_tokens=0,
+            max_tokens=501,
+            now_ms=ms("2026-12-03T10:00:00"),
+        )
+    assert info.value.resets_at == "2027-01-01T00:00:00Z"
+
+
+def test_a_reservation_whose_entry_node_vanished_expires() -> None:
+    book = QuotaBook()
+    quota = parse_quota("mesh=100/day")
+    book.reserve(
+        request_id="lost",
+        user="u",
+        quota=quota,
+        classes=[MESH],
+        prompt_tokens=0,
+        max_tokens=100,
+        now_ms=NOW,
+    )
+    with pytest.raises(QuotaExceeded):
+        book.reserve(
+            request_id="next",
+            user="u",
+            quota=quota,
+            classes=[MESH],
+            prompt_tokens=0,
+            max_tokens=1,
+            now_ms=NOW + 1000,
+        )
+    book.reserve(
+        request_id="later",
+        user="u",
+        quota=quota,
+        classes=[MESH],
+        prompt_tokens=0,
+        max_tokens=1,
+        now_ms=NOW + HOLD_TTL_MS,
+    )
+
+
+def test_the_prompt_bound_covers_text_template_and_continuation() -> None:
+    chat = InferenceRequest(
+        model="m",
+        messages=(
+            ChatMessage(role="system", content="Be brief."),
+            ChatMessage(role="user", content="Hé, ça va ?"),
+        ),
+        sampling=Sampling(max_tokens=5),
+        continuation="Oui",
+    )
+    assert prompt_bound(chat) == len("Be brief.") + len("Hé, ça va ?".encode()) + 3 + 3 * 32
+    plain = InferenceRequest(model="m", prompt="1, 2, 3", sampling=Sampling())
+    assert prompt_bound(plain) == 7 + 32
