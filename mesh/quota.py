@@ -45,6 +45,7 @@ DEFAULT_MAX_TOKENS = 4096
 # Chat templates wrap each message in a few special tokens; a generous allowance.
 TEMPLATE_TOKENS_PER_MESSAGE = 32
 HOLD_TTL_MS = 30 * 60 * 1000  # a reservation whose entry node vanished expires
+MESH_PLAN = "*"  # the "user" of a cloud node's plan: every user of the mesh together
 
 _LIMIT = re.compile(r"(?P<n>\d{1,12})(?P<unit>[kKmMgG]?)")
 _UNITS = {"": 1, "k": 1000, "m": 1_000_000, "g": 1_000_000_000}
@@ -327,12 +328,14 @@ def _iso(ms: int) -> str:
 
 
 def _exceeded(user: str, limit: Limit, left: int, needed: int, now_ms: int) -> QuotaExceeded:
-    who = f"user {user!r}" if user else "the owner"
     resets = _iso(limit.period.bounds(now_ms)[1])
+    who = (
+        "this mesh's cloud plan is used up" if user == MESH_PLAN else f"user {user!r} is over quota"
+    )
     return QuotaExceeded(
-        f"{who} is over quota {limit.spec} on {limit.tier_class} hardware: "
-        f"{max(left, 0):,} of {limit.tokens:,} tokens left this {limit.period}, this request "
-        f"needs up to {needed:,}; it resets at {resets}",
+        f"{who}: {limit.spec} on {limit.tier_class} hardware, {max(left, 0):,} of "
+        f"{limit.tokens:,} tokens left this {limit.period}, this request needs up to "
+        f"{needed:,}; it resets at {resets}",
         param="quota",
         resets_at=resets,
     )

@@ -16,7 +16,7 @@ failover order), with the reason for every candidate left out.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from mesh.errors import InvalidRequest
@@ -99,13 +99,17 @@ def plan(
     prompt_tokens: int,
     max_tokens: int | None,
     max_wait_ms: float = DEFAULT_MAX_WAIT_MS,
+    closed: Mapping[Route, str] | None = None,
 ) -> Plan:
+    """`closed`: tiers this request may not use, and why (a user's quota, say)."""
     new_tokens = max_tokens if max_tokens is not None else 256
     by_tier: dict[Route, list[Scored]] = {tier: [] for tier in TIER_ORDER}
     excluded: list[tuple[Candidate, str]] = []
     for candidate in candidates:
         if not privacy.allows(candidate.route):
             excluded.append((candidate, f"privacy {privacy.value} keeps it off {candidate.route}"))
+        elif closed and candidate.route in closed:
+            excluded.append((candidate, closed[candidate.route]))
         elif not candidate.available:
             excluded.append((candidate, candidate.unavailable_reason or "unavailable"))
         elif candidate.busy >= candidate.slots:

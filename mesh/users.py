@@ -59,6 +59,7 @@ from mesh.errors import (
 from mesh.home import read_owner_only, write_private
 from mesh.quota import UNLIMITED, Quota, parse_quota
 from mesh.scheduler import Privacy
+from mesh.wire.v1 import ledger_pb2 as lpb
 
 KEY_PREFIX = "amk_"
 KEY_RANDOM_BYTES = 32
@@ -336,6 +337,35 @@ def entry_to_json(r: UserRecord) -> dict[str, Any]:
         "updated_at_ms": r.updated_at_ms,
         "removed": r.removed,
     }
+
+
+def entry_to_pb(r: UserRecord) -> lpb.UserEntry:
+    return lpb.UserEntry(
+        name=r.name,
+        key_hash=r.key_hash,
+        privacy=r.privacy.value,
+        quota=r.quota.spec,
+        home_node_id=r.home_node_id,
+        created_at_unix_ms=r.created_at_ms,
+        updated_at_unix_ms=r.updated_at_ms,
+        removed=r.removed,
+    )
+
+
+def entry_from_pb(entry: lpb.UserEntry) -> UserRecord:
+    """Another member's entry, checked as strictly as the file (ValueError otherwise)."""
+    return entry_from_json(
+        {
+            "name": entry.name,
+            "key_hash": entry.key_hash,
+            "privacy": entry.privacy,
+            "quota": entry.quota,
+            "home_node_id": entry.home_node_id,
+            "created_at_ms": entry.created_at_unix_ms,
+            "updated_at_ms": entry.updated_at_unix_ms,
+            "removed": entry.removed,
+        }
+    )
 
 
 def dump_users(book: UserBook) -> bytes:

@@ -222,6 +222,11 @@ def _delete_json(base_url: str, path: str) -> Any:
         return json.loads(response.read())
 
 
+def _patch_json(base_url: str, path: str, body: dict[str, Any]) -> Any:
+    with _request(base_url, "PATCH", path, body) as response:
+        return json.loads(response.read())
+
+
 @cli.group()
 def mesh() -> None:
     """Your mesh: invite boxes, join one, list members, revoke."""
@@ -297,10 +302,25 @@ def revoke(home_dir: Path | None, node_id: str) -> None:
 
 @cli.group()
 def user() -> None:
-    """Users of this node and their API keys (needed beyond loopback)."""
+    """Users of the mesh, their API keys (needed beyond loopback) and quotas."""
 
 
 PRIVACY_CHOICE = click.Choice(["local-only", "mesh", "any"])
+QUOTA_HELP = (
+    "Tokens per period and tier class, e.g. mesh=unlimited,cloud=1M/month or "
+    "mesh=200k/day (classes: mesh, cloud; periods: day, month, UTC). "
+    "Kept by this node, the user's home."
+)
+
+
+def _check_quota(spec: str | None) -> None:
+    from mesh.quota import parse_quota
+
+    if spec is not None:
+        try:
+            parse_quota(spec)
+        except MeshError as exc:
+            raise click.ClickException(exc.message) from exc
 
 
 @user.command("add")
@@ -313,17 +333,43 @@ PRIVACY_CHOICE = click.Choice(["local-only", "mesh", "any"])
     help="The key's privacy policy: its requests' default and the loosest they may ask "
     "for (default: the node's scheduler.privacy).",
 )
-def user_add(home_dir: Path | None, name: str, privacy: str | None) -> None:
-    """Add user NAME and print their API key (shown this once only)."""
-    body = {"name": name, **({"privacy": privacy} if privacy else {})}
+@click.option("--quota", default=None, help=QUOTA_HELP + " Default: unlimited.")
+def user_add(home_dir: Path | None, name: str, privacy: str | None, quota: str | None) -> None:
+    """Add user NAME and print their API key (shown this once only). The key works on
+    every box of the mesh a moment later."""
+    _check_quota(quota)
+    body = {
+        "name": name,
+        **({"privacy": privacy} if privacy else {}),
+        **({"quota": quota} if quota is not None else {}),
+    }
     reply = _post_json(_node_url(home_dir), "/allerac/users", body)
     click.echo(reply["api_key"])
     click.echo(
-        f"API key of {reply['name']} (privacy {reply['privacy']}). It is shown only now and "
-        "not stored (the node keeps its hash): hand it over, it cannot be shown again. "
-        "Clients send it as: Authorization: Bearer KEY",
+        f"API key of {reply['name']} (privacy {reply['privacy']}, quota {reply['quota']}). "
+        "It is shown only now and not stored (the node keeps its hash): hand it over, it "
+        "cannot be shown again. Clients send it as: Authorization: Bearer KEY",
         err=True,
     )
+
+
+@user.command("set")
+@home_option
+@click.argument("name")
+@click.option("--privacy", type=PRIVACY_CHOICE, default=None, help="A new privacy policy.")
+@click.option("--quota", default=None, help=QUOTA_HELP)
+def user_set(home_dir: Path | None, name: str, privacy: str | None, quota: str | None) -> None:
+    """Change user NAME's privacy policy or quota (their key stays the same)."""
+    _check_quota(quota)
+    if privacy is None and quota is None:
+        raise click.ClickException("give --privacy, --quota or both")
+    body = {
+        **({"privacy": privacy} if privacy else {}),
+        **({"quota": quota} if quota is not None else {}),
+    }
+    path = "/allerac/users/" + urllib.parse.quote(name, safe="")
+    reply = _patch_json(_node_url(home_dir), path, body)
+    click.echo(f"User {reply['name']}: privacy {reply['privacy']}, quota {reply['quota']}.")
 
 
 @user.command("list")
@@ -338,10 +384,17 @@ def user_list(home_dir: Path | None, as_json: bool) -> None:
     if not data["users"]:
         click.echo("no users yet; add one with: allerac user add NAME")
         return
-    click.echo(f"{'NAME':24} {'PRIVACY':10} CREATED (UTC)")
+    click.echo(f"{'NAME':24} {'PRIVACY':10} {'CREATED (UTC)':17} QUOTA")
     for entry in data["users"]:
         created = datetime.datetime.fromtimestamp(entry["created_at_ms"] / 1000, datetime.UTC)
-        click.echo(f"{entry['name']:24} {entry['privacy']:10} {created:%Y-%m-%d %H:%M}")
+        click.echo(
+            f"{entry['name']:24} {entry['privacy']:10} {created:%Y-%m-%d %H:%M}  {entry['quota']}"
+        )
+        for state in entry.get("quota_state", []):
+            click.echo(
+                f"{'':24}   {state['limit']}: {state['used']:,} used, {state['reserved']:,} "
+                f"reserved, {state['left']:,} left until {state['resets_at']}"
+            )
 
 
 @user.command("remove")

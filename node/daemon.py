@@ -25,7 +25,7 @@ from aiohttp import web
 
 from mesh import PROTOCOL_VERSION, __version__
 from mesh.cards import sign_card
-from mesh.config import NodeConfig
+from mesh.config import NodeConfig, cloud_plan_quota
 from mesh.errors import ConfigError
 from mesh.home import Home
 from mesh.identity import Identity, load_or_create_identity
@@ -45,6 +45,7 @@ from node.http_api import build_app
 from node.ledger_sync import LedgerSync
 from node.mesh_admin import MeshAdmin
 from node.peering import Peering
+from node.quota_service import QuotaService
 from node.relay_client import RelayLink
 from node.trust_store import TrustStore
 from node.users_admin import UsersAdmin, log_api_access
@@ -100,6 +101,7 @@ class Node:
         self.users: UsersAdmin | None = None
         self.ledger: LedgerStore | None = None
         self.ledger_sync: LedgerSync | None = None
+        self.quota: QuotaService | None = None
         self.peer_table = PeerTable()
         self.peering: Peering | None = None
         self.discovery: Discovery | None = None
@@ -138,7 +140,9 @@ class Node:
         self.home.ensure()
         self.identity, self.created_identity = load_or_create_identity(self.home.identity_key)
         # Beyond loopback the HTTP API serves API keys only, so a bad users file stops here.
-        self.users = UsersAdmin.open(self.home, default_privacy=Privacy(cfg.privacy))
+        self.users = UsersAdmin.open(
+            self.home, default_privacy=Privacy(cfg.privacy), node_id=self.node_id
+        )
         self.trust = TrustStore.open(self.home, self.identity)
         self.ledger = await LedgerStore.open(self.home.ledger_file, self.identity)
         for model in cfg.models:
@@ -152,6 +156,14 @@ class Node:
             static_peers=cfg.peers,
             on_change=self.refresh_cards,
         )
+        self.quota = QuotaService(
+            node_id=self.node_id,
+            users=self.users,
+            store=self.ledger,
+            links=self.peering,
+            cloud_plan=cloud_plan_quota(cfg.cloud_plan),
+        )
+        await self.quota.start()
         self.dispatcher = Dispatcher(
             node_id=self.node_id,
             backends=self.backends,
@@ -173,6 +185,7 @@ class Node:
             store=self.ledger,
             table=self.peer_table,
             links=self.peering,
+            users=self.users,
             active=lambda: trust.role is not Role.OVERFLOW,  # overflow nodes never ask
         )
         await self.ledger_sync.start()
@@ -197,6 +210,8 @@ class Node:
             card_issued_at=lambda: self._card_issued_at_ms,
             on_member_joined=self._member_joined,
             ledger=self.ledger,
+            quota=self.quota,
+            users=self.users,
         )
         pb_grpc.add_NodeServiceServicer_to_server(  # type: ignore[no-untyped-call]
             NodeServicer(self.calls), server
@@ -214,6 +229,7 @@ class Node:
 
     async def _start_http(self) -> None:
         assert self.dispatcher is not None
+        assert self.quota is not None
         assert self.trust is not None
         assert self.users is not None
         app = build_app(
@@ -228,6 +244,7 @@ class Node:
                 on_joined=self.after_join,
             ),
             users=self.users,
+            quota=self.quota,
         )
         runner = web.AppRunner(
             app,

@@ -19,7 +19,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from typing import Any, Protocol
 
 from mesh.errors import (
@@ -29,6 +29,7 @@ from mesh.errors import (
     ModelNotFound,
     NotAMember,
     Overloaded,
+    QuotaExceeded,
     RemoteProtocolError,
     SealingError,
     Unauthenticated,
@@ -50,6 +51,7 @@ from mesh.ledger import Usage
 from mesh.ledger_store import LedgerStore
 from mesh.peers import PeerEvent, PeerState, PeerTable
 from mesh.scheduler import DEFAULT_MAX_WAIT_MS, Candidate, Plan, Privacy, Scored, plan
+from mesh.wire.v1 import ledger_pb2 as lpb
 from node.backends.base import Backend
 
 logger = logging.getLogger(__name__)
@@ -64,6 +66,7 @@ RETRYABLE = (
     NotAMember,
     BackendError,
     ModelNotFound,
+    QuotaExceeded,  # a cloud node's plan is used up: another may still serve
 )
 SERVICE_SMOOTHING = 0.3
 PRESELECT_PEERS = 8  # peers given a full look per request (the rest are failover-irrelevant)
@@ -121,8 +124,12 @@ class Answer:
         self._source = source
         self._tried = tried
         self._arrival = arrival
+        self._started_ms = int(time.time() * 1000)
         self.served_by = source.served_by
         self.failovers: list[str] = []
+        # The ledger records of this answer (its parts, when it failed over): what its
+        # user's quota is settled with.
+        self.records: list[lpb.SignedRecord] = []
 
     async def events(self) -> AsyncGenerator[InferenceEvent, None]:
         """Every event of the answer; closing early cancels the work wherever it runs.
@@ -132,7 +139,7 @@ class Answer:
         delivered_tokens = 0  # tokens whose text the client has (exact, per delta)
         tokens_before = 0  # of those, made by sources that failed mid-stream
         started = time.monotonic()
-        started_ms = int(time.time() * 1000)
+        started_ms = self._started_ms
         source = self._source
         asked = self._request  # what the current source was asked (a failover asks anew)
         pending: InferenceEvent | None = source.first
@@ -155,6 +162,8 @@ class Answer:
                         event = await self._dispatcher.account(
                             source.served_by, asked, event, self._arrival, started_ms
                         )
+                        if event.usage_record:
+                            self.records.append(lpb.SignedRecord.FromString(event.usage_record))
                         yield dataclasses.replace(
                             event, completion_tokens=event.completion_tokens + tokens_before
                         )
@@ -166,13 +175,7 @@ class Answer:
                 # Mid-stream failure: continue on the next candidate after what was delivered.
                 await source.aclose()
                 self._dispatcher.note_failure(source.served_by, failure)
-                await self._dispatcher.account_partial(
-                    source.served_by,
-                    asked,
-                    delivered_tokens - tokens_before,
-                    self._arrival,
-                    started_ms,
-                )
+                await self._partial(source.served_by, asked, delivered_tokens - tokens_before)
                 tokens_before = delivered_tokens
                 text = "".join(delivered)
                 wanted = self._request.sampling.max_tokens
@@ -216,14 +219,15 @@ class Answer:
                 # from this source is still usage. Shielded: a cancelled request's record
                 # is committed all the same.
                 await asyncio.shield(
-                    self._dispatcher.account_partial(
-                        source.served_by,
-                        asked,
-                        delivered_tokens - tokens_before,
-                        self._arrival,
-                        started_ms,
-                    )
+                    self._partial(source.served_by, asked, delivered_tokens - tokens_before)
                 )
+
+    async def _partial(self, served_by: ServedBy, asked: InferenceRequest, tokens: int) -> None:
+        signed = await self._dispatcher.account_partial(
+            served_by, asked, tokens, self._arrival, self._started_ms
+        )
+        if signed is not None:
+            self.records.append(signed)
 
 
 class Dispatcher:
@@ -347,7 +351,12 @@ class Dispatcher:
             )
         return out
 
-    def plan(self, request: InferenceRequest, privacy: Privacy) -> Plan:
+    def plan(
+        self,
+        request: InferenceRequest,
+        privacy: Privacy,
+        closed: Mapping[Route, str] | None = None,
+    ) -> Plan:
         prompt_chars = len(request.prompt or "") + sum(
             len(m.content) for m in request.messages or ()
         )
@@ -363,6 +372,7 @@ class Dispatcher:
             prompt_tokens=prompt_chars // 4,  # a rough estimate; the server checks exactly
             max_tokens=request.sampling.max_tokens,
             max_wait_ms=self._max_wait_ms,
+            closed=closed,
         )
 
     def explain(self, model: str, privacy: Privacy, max_tokens: int | None) -> dict[str, Any]:
@@ -408,11 +418,13 @@ class Dispatcher:
         *,
         privacy: Privacy | None = None,
         arrival: Arrival | None = None,
+        closed: Mapping[Route, str] | None = None,
     ) -> Answer:
         """`arrival`: who let the request in and how it reached this node (a peer's request
-        served here); None for a request made to this node's own API."""
+        served here); None for a request made to this node's own API. `closed`: tiers the
+        request may not use (its user's quota), with the reason."""
         chosen_privacy = privacy or self.default_privacy
-        decided = self.plan(request, chosen_privacy)
+        decided = self.plan(request, chosen_privacy, closed)
         tried: set[str] = set()
         source = await self.start_first(request, decided, tried)
         here = arrival or Arrival(entry_node_id=self._node_id, route=Route.LOCAL)
@@ -461,6 +473,7 @@ class Dispatcher:
             logger.warning(
                 "not countersigning the usage record of %s: %s", served_by.node_id[:7], problem
             )
+            return dataclasses.replace(finished, usage_record=b"")  # not handed on either
         return finished
 
     async def account_partial(
@@ -470,14 +483,14 @@ class Dispatcher:
         delivered_tokens: int,
         arrival: Arrival,
         started_ms: int,
-    ) -> None:
+    ) -> lpb.SignedRecord | None:
         """The entry node records the part of an answer a source delivered before it
         stopped without finishing: a server that died cannot sign for it, and what the
         client was sent is what the user used. A node serving a peer's request leaves
         this to that entry node."""
         ledger = self._ledger
         if ledger is None or delivered_tokens <= 0 or arrival.entry_node_id != self._node_id:
-            return
+            return None
         try:
             signed = await ledger.append(
                 Usage(
@@ -497,12 +510,15 @@ class Dispatcher:
             await ledger.countersign(signed)
         except MeshError as exc:
             logger.error("could not record a partial answer: %s", exc.message)
+            return None
+        return signed
 
     async def start_first(
         self, request: InferenceRequest, decided: Plan, tried: set[str]
     ) -> _Source:
         """The first candidate (in plan order, not yet tried) that produces an event."""
         failures: list[str] = []
+        exhausted: list[QuotaExceeded] = []  # refused by a cloud plan
         busy = 0  # candidates that were full, or said so when asked
         for scored in decided.order:
             candidate = scored.candidate
@@ -519,6 +535,8 @@ class Dispatcher:
                     exc,
                 )
                 busy += isinstance(exc, Overloaded)
+                if isinstance(exc, QuotaExceeded):
+                    exhausted.append(exc)
                 failures.append(f"{candidate.node_id[:7]} ({candidate.route}): {exc.message}")
         if not decided.order and not decided.excluded:
             # The pre-selection drops full and silent peers: a model they serve is no typo.
@@ -540,6 +558,12 @@ class Dispatcher:
         busy += sum(why.startswith("full") for _, why in decided.excluded)
         reasons = failures + [f"{c.node_id[:7]} ({c.route}): {why}" for c, why in decided.excluded]
         detail = "; ".join(reasons) or "no node"
+        if exhausted and len(exhausted) == len(failures):
+            raise QuotaExceeded(
+                f"nobody can serve {request.model!r} within quota: {detail}",
+                param="quota",
+                resets_at=exhausted[0].resets_at,
+            )
         too_small = [why for _, why in decided.excluded if why.startswith("context")]
         if too_small and len(too_small) == len(reasons):
             raise ContextLengthExceeded(

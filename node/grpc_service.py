@@ -31,7 +31,9 @@ from mesh.wire.v1 import node_pb2_grpc as pb_grpc
 from mesh.wire.v1 import trust_pb2 as tpb
 from node.coalesce import coalesce
 from node.dispatch import Arrival, Dispatcher
+from node.quota_service import QuotaService
 from node.trust_store import TrustStore
+from node.users_admin import UsersAdmin
 
 logger = logging.getLogger(__name__)
 REJECTIONS_REMEMBERED = 1024
@@ -76,6 +78,8 @@ class NodeCalls:
         on_member_joined: Callable[[list[str]], None] = lambda addresses: None,
         card_issued_at: Callable[[], int] = lambda: 0,
         ledger: LedgerStore | None = None,
+        quota: QuotaService | None = None,
+        users: UsersAdmin | None = None,
     ) -> None:
         self._trust = trust
         self._dispatcher = dispatcher
@@ -86,6 +90,8 @@ class NodeCalls:
         self._on_member_joined = on_member_joined
         self._card_issued_at = card_issued_at
         self._ledger = ledger
+        self._quota = quota
+        self._users = users
         self._rejected: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._streams_per_peer: dict[str, int] = {}
 
@@ -202,28 +208,68 @@ class NodeCalls:
             async for frame in self._ledger_answer(opened):
                 yield frame
             return
+        if opened.purpose in ("quota", "users"):
+            yield await self._control_answer(opened)
+            return
         try:
             if opened.purpose != "infer":
                 raise InvalidRequest(f"unknown request purpose {opened.purpose!r}")
             if opened.sender.role is Role.OVERFLOW:
                 raise PermissionDenied("overflow nodes serve requests; they do not send them")
             inference = codec.parse_infer_request(opened.body)
-            # A request from a peer is served here: the mesh never forwards twice.
-            answer = await self._dispatcher.open(
-                inference,
-                privacy=Privacy.LOCAL_ONLY,
-                arrival=self._arrival(opened.sender.node_id, via_relay),
-            )
+            planned = None
+            if self._quota is not None and self._trust.role is Role.OVERFLOW:
+                planned = self._quota.plan_reserve(inference)  # the mesh's cloud plan
+                inference = planned or inference
         except MeshError as error:
             yield _sealed(writer, codec.error_to_pb(error), final=True)
             return
-        async with contextlib.aclosing(answer.events()) as events:
+        try:
             try:
-                async for event in coalesce(events, window_s=STREAM_WINDOW_S):
-                    final = isinstance(event, Finished)
-                    yield _sealed(writer, codec.event_to_pb(event, answer.served_by), final=final)
+                # A request from a peer is served here: the mesh never forwards twice.
+                answer = await self._dispatcher.open(
+                    inference,
+                    privacy=Privacy.LOCAL_ONLY,
+                    arrival=self._arrival(opened.sender.node_id, via_relay),
+                )
             except MeshError as error:
                 yield _sealed(writer, codec.error_to_pb(error), final=True)
+                return
+            async with contextlib.aclosing(answer.events()) as events:
+                try:
+                    async for event in coalesce(events, window_s=STREAM_WINDOW_S):
+                        final = isinstance(event, Finished)
+                        yield _sealed(
+                            writer, codec.event_to_pb(event, answer.served_by), final=final
+                        )
+                except MeshError as error:
+                    yield _sealed(writer, codec.error_to_pb(error), final=True)
+        finally:
+            if planned is not None and self._quota is not None:
+                self._quota.plan_release(inference.request_id)  # its record counts now
+
+    async def _control_answer(self, opened: OpenedRequest) -> pb.InferEvent:
+        """A member's quota call (this node keeps that user's quota) or users exchange."""
+        try:
+            if opened.sender.role is Role.OVERFLOW:
+                raise PermissionDenied("overflow nodes neither hold quotas nor see users")
+            if opened.purpose == "quota":
+                if self._quota is None:
+                    raise Unavailable("this node keeps no quotas")
+                call = codec.parse_message(lpb.QuotaCall, opened.body)
+                event = pb.InferEvent(quota=await self._quota.serve_call(call))
+            else:
+                if self._users is None:
+                    raise Unavailable("this node keeps no users")
+                asked = codec.parse_message(lpb.UserList, opened.body)
+                digest = self._users.digest()
+                reply = lpb.UserList(digest=digest)
+                if asked.digest != digest:
+                    reply.users.extend(self._users.entries())
+                event = pb.InferEvent(users=reply)
+        except MeshError as error:
+            event = codec.error_to_pb(error)
+        return _sealed(opened.writer, event, final=True)
 
     async def _ledger_answer(self, opened: OpenedRequest) -> AsyncGenerator[pb.InferEvent, None]:
         """What this node's ledger holds that the asking member lacks (ledger sync)."""

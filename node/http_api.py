@@ -13,24 +13,35 @@ the box's owner on loopback and a 401 anywhere else. The `/allerac/mesh` and
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
+import datetime
 import ipaddress
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 
 from mesh import openai_api
-from mesh.errors import InvalidRequest, MeshError, PermissionDenied, RequestTooLarge
+from mesh.errors import (
+    InvalidRequest,
+    MeshError,
+    PermissionDenied,
+    QuotaExceeded,
+    RequestTooLarge,
+)
 from mesh.inference import Finished, InferenceRequest, TextDelta
+from mesh.quota import UNLIMITED, parse_quota
 from mesh.scheduler import Privacy
 from mesh.users import Caller
 from node.coalesce import coalesce
 from node.dispatch import Answer, Dispatcher
 from node.mesh_admin import MeshAdmin
+from node.quota_service import QuotaService
 from node.users_admin import UsersAdmin
 
 logger = logging.getLogger(__name__)
@@ -40,6 +51,7 @@ DISPATCHER = web.AppKey("dispatcher", Dispatcher)
 MAX_BYTES = web.AppKey("max_request_bytes", int)
 MESH_ADMIN = web.AppKey("mesh_admin", MeshAdmin)
 USERS = web.AppKey("users", UsersAdmin)
+QUOTA = web.AppKey("quota", QuotaService)
 STATUS: web.AppKey[Callable[[], dict[str, Any]]] = web.AppKey("status")
 
 
@@ -75,14 +87,22 @@ async def _error_middleware(request: web.Request, handler: Handler) -> web.Strea
         if error.http_status >= 500:
             logger.warning("%s %s failed: %s", request.method, request.path, error.message)
         # RFC 7235 section 3.1: a 401 names the scheme that would work.
-        challenge = {"WWW-Authenticate": "Bearer"} if error.http_status == 401 else None
+        headers = {"WWW-Authenticate": "Bearer"} if error.http_status == 401 else {}
+        if isinstance(error, QuotaExceeded) and error.resets_at:
+            headers["Retry-After"] = str(_seconds_until(error.resets_at))
         return _json_response(
-            openai_api.error_body(error), status=error.http_status, headers=challenge
+            openai_api.error_body(error), status=error.http_status, headers=headers or None
         )
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         return _json_response(_http_error_body(exc), status=exc.status)
+
+
+def _seconds_until(iso: str) -> int:
+    """RFC 9110 Retry-After in seconds, until an ISO 8601 UTC time."""
+    when = datetime.datetime.strptime(iso, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.UTC)
+    return max(0, int(when.timestamp() - time.time()) + 1)
 
 
 async def _read_body(request: web.Request) -> bytes:
@@ -135,7 +155,22 @@ async def _answer(
     privacy = caller.privacy_for(_privacy(request))
     # The user is who the key says (the owner: ""), never the body's own `user` field.
     inference = dataclasses.replace(inference, user=caller.user)
-    answer = await request.app[DISPATCHER].open(inference, privacy=privacy)
+    dispatcher, quota = request.app[DISPATCHER], request.app[QUOTA]
+    # Reserved at the user's home node before it is scheduled; released when it ends,
+    # however it ends (a client that hangs up included).
+    admission = await quota.admit(inference, privacy or dispatcher.default_privacy)
+    answer: Answer | None = None
+    try:
+        answer = await dispatcher.open(admission.request, privacy=privacy, closed=admission.closed)
+        return await _respond(request, admission.request, answer, stream)
+    finally:
+        records = answer.records if answer is not None else []
+        await asyncio.shield(quota.settle(admission, records))
+
+
+async def _respond(
+    request: web.Request, inference: InferenceRequest, answer: Answer, stream: bool
+) -> web.StreamResponse:
     ids = openai_api.ResponseIds(inference, answer.served_by.model)
     if not stream:
         parts: list[str] = []
@@ -284,19 +319,46 @@ async def mesh_revoke(request: web.Request) -> web.Response:
 
 
 async def users_list(request: web.Request) -> web.Response:
-    return _json_response(_users_owner_only(request).describe())
+    """The users, each with their quota's state as this node counts it (exact at the
+    user's home node, which holds the reservations)."""
+    users = _users_owner_only(request)
+    book = request.app[QUOTA].book
+    now_ms = int(time.time() * 1000)
+    listed = users.describe()
+    for entry in listed["users"]:
+        record = users.get(entry["name"])
+        if record is not None:
+            entry["quota_state"] = book.describe(record.name, record.quota, now_ms)
+    return _json_response(listed)
 
 
 async def users_add(request: web.Request) -> web.Response:
     users = _users_owner_only(request)
     body = await _json_fields(request)
     privacy = body.get("privacy")
+    quota = body.get("quota")
     return _json_response(
         users.add(
             name=_string(body, "name"),
             privacy=Privacy.parse(_string(body, "privacy")) if privacy is not None else None,
+            quota=parse_quota(_string(body, "quota")) if quota is not None else UNLIMITED,
         ),
         status=201,
+    )
+
+
+async def users_update(request: web.Request) -> web.Response:
+    users = _users_owner_only(request)
+    body = await _json_fields(request)
+    privacy, quota = body.get("privacy"), body.get("quota")
+    if privacy is None and quota is None:
+        raise InvalidRequest("send privacy, quota or both")
+    return _json_response(
+        users.update(
+            request.match_info["name"],
+            privacy=Privacy.parse(_string(body, "privacy")) if privacy is not None else None,
+            quota=parse_quota(_string(body, "quota")) if quota is not None else None,
+        )
     )
 
 
@@ -311,6 +373,7 @@ def build_app(
     status: Callable[[], dict[str, Any]],
     mesh_admin: MeshAdmin,
     users: UsersAdmin,
+    quota: QuotaService,
 ) -> web.Application:
     # client_max_size bounds what aiohttp itself buffers; _read_body gives the clear error.
     app = web.Application(client_max_size=max_request_bytes, middlewares=[_error_middleware])
@@ -319,6 +382,7 @@ def build_app(
     app[STATUS] = status
     app[MESH_ADMIN] = mesh_admin
     app[USERS] = users
+    app[QUOTA] = quota
     app.router.add_get("/v1/models", list_models)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
@@ -332,4 +396,5 @@ def build_app(
     app.router.add_get("/allerac/users", users_list)
     app.router.add_post("/allerac/users", users_add)
     app.router.add_delete("/allerac/users/{name}", users_remove)
+    app.router.add_patch("/allerac/users/{name}", users_update)
     return app

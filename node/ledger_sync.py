@@ -1,5 +1,5 @@
-"""Keeping this node's ledger in step with the mesh's (anti-entropy, DESIGN.md "Usage
-ledger and quotas").
+"""Keeping this node's ledger, and its list of the mesh's users, in step with the mesh's
+(anti-entropy, DESIGN.md "Usage ledger and quotas").
 
 Every SYNC_INTERVAL_S this node pulls from a few peers that are up (all of them in a
 small mesh), over the same sealed calls as inference, directly or through the relay:
@@ -20,11 +20,13 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from mesh.errors import MeshError
+from mesh.inference import Route
 from mesh.ledger_store import LedgerStore, pull
 from mesh.ledger_sync import Checker
 from mesh.peers import PeerState, PeerTable
 from mesh.wire.v1 import ledger_pb2 as lpb
 from node.peering import Peering
+from node.users_admin import UsersAdmin
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +52,7 @@ class LedgerSync:
         store: LedgerStore,
         table: PeerTable,
         links: Peering,
+        users: UsersAdmin | None = None,
         interval_s: float = SYNC_INTERVAL_S,
         workers: int = 2,
         active: Callable[[], bool] = lambda: True,
@@ -58,6 +61,7 @@ class LedgerSync:
         self._store = store
         self._table = table
         self._links = links
+        self._users = users
         self._interval_s = interval_s
         self._checker = Checker(workers)
         self._wake = asyncio.Event()
@@ -107,6 +111,15 @@ class LedgerSync:
             self.peers[node_id] = outcome
             return outcome
         client, card = link
+        peer = self._table.get(node_id)
+        if self._users is not None and peer is not None and peer.route is not Route.CLOUD:
+            # Users travel between members only: a cloud node never adds one.
+            try:
+                listed = await client.users(card, self._users.digest())
+                if listed.users:
+                    self._users.merge(list(listed.users))
+            except MeshError as exc:
+                logger.debug("users sync with %s failed: %s", node_id[:7], exc.message)
 
         def ask(request: lpb.SyncRequest) -> AsyncIterator[lpb.SyncBatch]:
             answer: AsyncIterator[lpb.SyncBatch] = client.sync(card, request)

@@ -267,6 +267,35 @@ class PeerClient:
                 raise RemoteProtocolError("peer answered a ledger request with something else")
             yield message.ledger
 
+    async def _one_answer(
+        self, peer: PeerCard, body: bytes, purpose: str, which: str, timeout_s: float
+    ) -> pb.InferEvent:
+        """A sealed request answered by one event of kind `which` (or the peer's error)."""
+        frames = [f async for f in self._sealed_call(peer, body, purpose, timeout_s)]
+        message = pb.InferEvent()
+        try:
+            message.ParseFromString(frames[-1] if frames else b"")
+        except DecodeError as exc:
+            raise RemoteProtocolError(f"peer sent an unreadable {purpose} answer") from exc
+        if message.WhichOneof("event") != which:
+            codec.event_from_pb(message)  # raises the peer's error
+            raise RemoteProtocolError(f"peer answered a {purpose} request with something else")
+        return message
+
+    async def quota(
+        self, peer: PeerCard, call: lpb.QuotaCall, *, timeout_s: float = CONTROL_TIMEOUT_S
+    ) -> lpb.QuotaGrant:
+        """Reserve or release at the node keeping a user's quota."""
+        body = call.SerializeToString()
+        return (await self._one_answer(peer, body, "quota", "quota", timeout_s)).quota
+
+    async def users(
+        self, peer: PeerCard, digest: bytes, *, timeout_s: float = CONTROL_TIMEOUT_S
+    ) -> lpb.UserList:
+        """The peer's list of the mesh's users (empty when it has the same `digest`)."""
+        body = lpb.UserList(digest=digest).SerializeToString()
+        return (await self._one_answer(peer, body, "users", "users", timeout_s)).users
+
     async def ping(
         self, *, timeout_s: float = CONTROL_TIMEOUT_S, leaving_node_id: str = ""
     ) -> pb.PingResponse:

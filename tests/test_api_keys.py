@@ -96,7 +96,14 @@ def test_a_key_is_shown_once_and_only_its_hash_is_stored(pair: dict[str, NodePro
     assert key not in listed.stdout
     as_json = json.loads(run_cli(a.home, "user", "list", "--json").stdout)
     alice = next(u for u in as_json["users"] if u["name"] == "alice")
-    assert sorted(alice) == ["created_at_ms", "name", "privacy"]
+    assert sorted(alice) == [
+        "created_at_ms",
+        "home_node_id",
+        "name",
+        "privacy",
+        "quota",
+        "quota_state",
+    ]
     status, _, body = call(a.url, "GET", "/allerac/users")
     assert status == 200
     assert key not in json.dumps(body)
@@ -139,7 +146,10 @@ def test_a_removed_key_is_refused_on_the_very_next_request(pair: dict[str, NodeP
         assert "dave" in removed.stdout
         with pytest.raises(openai.AuthenticationError, match="removed"):
             client.completions.create(model=MODEL, prompt="1, 2,", max_tokens=2)
-    assert "dave" not in (a.home / "users.json").read_text()
+    # A tombstone stays, so that the removal reaches every member; the list hides it.
+    saved = json.loads((a.home / "users.json").read_text())["users"]
+    assert [u["removed"] for u in saved if u["name"] == "dave"] == [True]
+    assert "dave" not in run_cli(a.home, "user", "list").stdout
     twice = run_cli(a.home, "user", "remove", "dave")
     assert twice.returncode != 0
     assert "404: no user named 'dave'" in twice.stderr

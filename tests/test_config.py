@@ -168,7 +168,7 @@ def test_model_flag_can_name_the_embedded_model(flag: str) -> None:
         ("[grpc]\nhost = 'the-lan'\n", "grpc.host = 'the-lan': must be an IP address"),
         ("[grpc]\nhots = '0.0.0.0'\n", "grpc.hots = '0.0.0.0': unknown key (did you mean 'host'?)"),
         ('display_nam = "x"\n', "display_nam = 'x': unknown key (did you mean 'display_name'?)"),
-        ("zzz = 1\n", "zzz = 1: unknown key; known keys: display_name, grpc, http"),
+        ("zzz = 1\n", "zzz = 1: unknown key; known keys: cloud_plan, display_name, grpc, http"),
         ("http = 5\n", "http = 5: must be a table"),
         ("models = 5\n", "models = 5: must be an array of tables"),
         ("models = [1]\n", "models[0] = 1: must be a table"),
@@ -177,6 +177,8 @@ def test_model_flag_can_name_the_embedded_model(flag: str) -> None:
         ("shutdown_grace_s = 4000\n", "shutdown_grace_s = 4000: must be a number from 0 to 3600"),
         ("shutdown_grace_s = nan\n", "shutdown_grace_s = nan: must be a number"),
         ('shutdown_grace_s = "10"\n', "shutdown_grace_s = '10': must be a number"),
+        ('cloud_plan = "lots"\n', "cloud_plan = 'lots': not a quota"),
+        ("cloud_plan = 5\n", "cloud_plan = 5: must be a string"),
     ],
 )
 def test_bad_node_setting_names_key_and_value(tmp_path: Path, text: str, expected: str) -> None:
@@ -522,3 +524,18 @@ def test_bad_relays_are_named(tmp_path: Path, text: str, words: str) -> None:
 def test_a_bad_relay_flag_is_named(tmp_path: Path) -> None:
     message = config_error(write_config(tmp_path, ""), Flags(relays=("no-port",)))
     assert "--relay = 'no-port'" in message
+
+
+@pytest.mark.parametrize(
+    ("text", "spec"),
+    [
+        ("10M/month", "cloud=10M/month"),
+        ("cloud=50k/day", "cloud=50k/day"),
+        ("unlimited", "unlimited"),
+    ],
+)
+def test_a_cloud_plan_is_a_quota_on_the_cloud_class(tmp_path: Path, text: str, spec: str) -> None:
+    config = build_config(
+        config_file=write_config(tmp_path, f'cloud_plan = "{text}"\n'), flags=Flags()
+    )
+    assert config.cloud_plan == spec

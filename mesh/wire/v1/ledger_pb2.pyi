@@ -103,3 +103,71 @@ class SyncBatch(_message.Message):
     more: bool
     fork_proofs: _containers.RepeatedCompositeFieldContainer[SignedRecord]
     def __init__(self, records: _Optional[_Iterable[_Union[SignedRecord, _Mapping]]] = ..., receipts: _Optional[_Iterable[_Union[Receipt, _Mapping]]] = ..., receipts_cursor: _Optional[int] = ..., more: _Optional[bool] = ..., fork_proofs: _Optional[_Iterable[_Union[SignedRecord, _Mapping]]] = ...) -> None: ...
+
+class QuotaCall(_message.Message):
+    __slots__ = ("reserve", "release")
+    RESERVE_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_FIELD_NUMBER: _ClassVar[int]
+    reserve: Reserve
+    release: Release
+    def __init__(self, reserve: _Optional[_Union[Reserve, _Mapping]] = ..., release: _Optional[_Union[Release, _Mapping]] = ...) -> None: ...
+
+class Reserve(_message.Message):
+    __slots__ = ("request_id", "user", "classes", "prompt_tokens", "max_tokens")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    USER_FIELD_NUMBER: _ClassVar[int]
+    CLASSES_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    user: str
+    classes: _containers.RepeatedScalarFieldContainer[str]
+    prompt_tokens: int
+    max_tokens: int
+    def __init__(self, request_id: _Optional[str] = ..., user: _Optional[str] = ..., classes: _Optional[_Iterable[str]] = ..., prompt_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ...) -> None: ...
+
+class Release(_message.Message):
+    __slots__ = ("request_id", "records")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    records: _containers.RepeatedCompositeFieldContainer[SignedRecord]
+    def __init__(self, request_id: _Optional[str] = ..., records: _Optional[_Iterable[_Union[SignedRecord, _Mapping]]] = ...) -> None: ...
+
+class QuotaGrant(_message.Message):
+    __slots__ = ("classes", "max_tokens", "refusals")
+    CLASSES_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    REFUSALS_FIELD_NUMBER: _ClassVar[int]
+    classes: _containers.RepeatedScalarFieldContainer[str]
+    max_tokens: int
+    refusals: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, classes: _Optional[_Iterable[str]] = ..., max_tokens: _Optional[int] = ..., refusals: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class UserList(_message.Message):
+    __slots__ = ("digest", "users")
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    USERS_FIELD_NUMBER: _ClassVar[int]
+    digest: bytes
+    users: _containers.RepeatedCompositeFieldContainer[UserEntry]
+    def __init__(self, digest: _Optional[bytes] = ..., users: _Optional[_Iterable[_Union[UserEntry, _Mapping]]] = ...) -> None: ...
+
+class UserEntry(_message.Message):
+    __slots__ = ("name", "key_hash", "privacy", "quota", "home_node_id", "created_at_unix_ms", "updated_at_unix_ms", "removed")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    KEY_HASH_FIELD_NUMBER: _ClassVar[int]
+    PRIVACY_FIELD_NUMBER: _ClassVar[int]
+    QUOTA_FIELD_NUMBER: _ClassVar[int]
+    HOME_NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    key_hash: str
+    privacy: str
+    quota: str
+    home_node_id: str
+    created_at_unix_ms: int
+    updated_at_unix_ms: int
+    removed: bool
+    def __init__(self, name: _Optional[str] = ..., key_hash: _Optional[str] = ..., privacy: _Optional[str] = ..., quota: _Optional[str] = ..., home_node_id: _Optional[str] = ..., created_at_unix_ms: _Optional[int] = ..., updated_at_unix_ms: _Optional[int] = ..., removed: _Optional[bool] = ...) -> None: ...

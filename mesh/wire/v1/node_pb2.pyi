@@ -200,20 +200,24 @@ class Sampling(_message.Message):
     def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class InferEvent(_message.Message):
-    __slots__ = ("delta", "finish", "sealed", "error", "card", "ledger")
+    __slots__ = ("delta", "finish", "sealed", "error", "card", "ledger", "quota", "users")
     DELTA_FIELD_NUMBER: _ClassVar[int]
     FINISH_FIELD_NUMBER: _ClassVar[int]
     SEALED_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     CARD_FIELD_NUMBER: _ClassVar[int]
     LEDGER_FIELD_NUMBER: _ClassVar[int]
+    QUOTA_FIELD_NUMBER: _ClassVar[int]
+    USERS_FIELD_NUMBER: _ClassVar[int]
     delta: Delta
     finish: Finish
     sealed: _trust_pb2.SealedFrame
     error: ErrorEvent
     card: SignedCard
     ledger: _ledger_pb2.SyncBatch
-    def __init__(self, delta: _Optional[_Union[Delta, _Mapping]] = ..., finish: _Optional[_Union[Finish, _Mapping]] = ..., sealed: _Optional[_Union[_trust_pb2.SealedFrame, _Mapping]] = ..., error: _Optional[_Union[ErrorEvent, _Mapping]] = ..., card: _Optional[_Union[SignedCard, _Mapping]] = ..., ledger: _Optional[_Union[_ledger_pb2.SyncBatch, _Mapping]] = ...) -> None: ...
+    quota: _ledger_pb2.QuotaGrant
+    users: _ledger_pb2.UserList
+    def __init__(self, delta: _Optional[_Union[Delta, _Mapping]] = ..., finish: _Optional[_Union[Finish, _Mapping]] = ..., sealed: _Optional[_Union[_trust_pb2.SealedFrame, _Mapping]] = ..., error: _Optional[_Union[ErrorEvent, _Mapping]] = ..., card: _Optional[_Union[SignedCard, _Mapping]] = ..., ledger: _Optional[_Union[_ledger_pb2.SyncBatch, _Mapping]] = ..., quota: _Optional[_Union[_ledger_pb2.QuotaGrant, _Mapping]] = ..., users: _Optional[_Union[_ledger_pb2.UserList, _Mapping]] = ...) -> None: ...
 
 class ErrorEvent(_message.Message):
     __slots__ = ("grpc_status", "message", "code")

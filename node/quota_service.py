@@ -1,0 +1,267 @@
+"""Quotas at run time (the rules are `mesh.quota`'s; this is who holds what, and where).
+
+Every user's quota is kept by one node, the user's home (where they were added), so
+concurrent requests entering at any box, office or relay are all counted in one place:
+
+- `admit` (the entry node, before scheduling): for a user with a limited quota, reserve
+  the most the request can use at the home node: in process when that is this node,
+  otherwise by a sealed "quota" call (direct or through the relay). The admission caps
+  max_tokens where the grant says and closes the tier classes the quota rules out. When
+  the home cannot be reached the request is refused (503): a quota nobody can check
+  is not spent.
+- `settle` (the entry node, when the answer ends in any way): release the reservation,
+  handing the home the answer's signed records, which it verifies and keeps, so they
+  count at once (ledger sync brings them anyway; a record is counted once, by node and
+  sequence). Idempotent by request ID.
+- `serve_call` (the home node): the other side of both.
+
+Cloud overflow nodes hold the mesh to its cloud plan (`cloud_plan` in their config)
+from their own ledger: `plan_reserve` before serving, `plan_release` after, RESOURCE_
+EXHAUSTED (429 at the entry node) when the plan is used up.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
+
+from mesh.errors import InvalidRequest, MeshError, PermissionDenied, Unavailable
+from mesh.inference import InferenceRequest, Route
+from mesh.ledger_store import LedgerStore
+from mesh.ledger_sync import check_batch
+from mesh.quota import (
+    MESH_PLAN,
+    UNLIMITED,
+    Grant,
+    Quota,
+    QuotaBook,
+    TierClass,
+    prompt_bound,
+)
+from mesh.scheduler import Privacy
+from mesh.wire.v1 import ledger_pb2 as lpb
+from node.users_admin import UsersAdmin
+
+if TYPE_CHECKING:
+    from node.peering import Peering
+
+logger = logging.getLogger(__name__)
+
+MAX_RELEASE_RECORDS = 64
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def classes_for(privacy: Privacy) -> list[TierClass]:
+    """The tier classes a request may use, nearest first."""
+    if privacy is Privacy.ANY:
+        return [TierClass.MESH, TierClass.CLOUD]
+    return [TierClass.MESH]
+
+
+def closed_routes(grant: Grant, wanted: list[TierClass]) -> dict[Route, str]:
+    """The routes a grant rules out, each with the quota's reason."""
+    closed: dict[Route, str] = {}
+    shut = [tier_class for tier_class in wanted if tier_class not in grant.classes]
+    reasons = list(grant.refusals) + [""] * len(shut)
+    for tier_class, why in zip(shut, reasons, strict=False):
+        routes = (
+            (Route.CLOUD,)
+            if tier_class is TierClass.CLOUD
+            else (Route.LOCAL, Route.LAN, Route.RELAY)
+        )
+        for route in routes:
+            closed[route] = why or f"over quota on {tier_class} hardware"
+    return closed
+
+
+@dataclass(kw_only=True)
+class Admission:
+    """A request let in under its user's quota."""
+
+    request: InferenceRequest  # max_tokens capped where the grant said
+    closed: dict[Route, str] = field(default_factory=dict)
+    home: str = ""  # where the reservation is held; "" when nothing is
+    settled: bool = False
+
+
+class QuotaService:
+    def __init__(
+        self,
+        *,
+        node_id: str,
+        users: UsersAdmin,
+        store: LedgerStore | None,
+        links: Peering | None = None,
+        cloud_plan: Quota = UNLIMITED,
+        clock: Callable[[], int] = _now_ms,
+    ) -> None:
+        self._node_id = node_id
+        self._users = users
+        self._store = store
+        self._links = links
+        self._clock = clock
+        self.book = QuotaBook()
+        self.cloud_plan = cloud_plan
+        self.plan_book = QuotaBook()
+
+    async def start(self) -> None:
+        """Count every record already held, then each new one as it is kept."""
+        if self._store is None:
+            return
+        self.count(await self._store.usage_records())
+        self._store.on_records = self.count
+
+    def count(self, records: list[lpb.UsageRecord]) -> None:
+        self.book.count(records)
+        if not self.cloud_plan.unlimited:
+            self.plan_book.count(
+                [replace_user(r, MESH_PLAN) for r in records if r.node_id == self._node_id]
+            )
+
+    # --- the entry node -------------------------------------------------------------------
+
+    async def admit(self, request: InferenceRequest, privacy: Privacy) -> Admission:
+        record = self._users.get(request.user) if request.user else None
+        if record is None or record.quota.unlimited:
+            return Admission(request=request)  # the owner, or nothing to count
+        wanted = classes_for(privacy)
+        home = self._users.home_of(record)
+        reserve = lpb.Reserve(
+            request_id=request.request_id,
+            user=request.user,
+            classes=[c.value for c in wanted],
+            prompt_tokens=min(prompt_bound(request), 2**32 - 1),
+        )
+        if request.sampling.max_tokens is not None:
+            reserve.max_tokens = request.sampling.max_tokens
+        if home == self._node_id:
+            grant = self.reserve(reserve)
+        else:
+            reply = await self._call(home, lpb.QuotaCall(reserve=reserve), request.user)
+            grant = Grant(
+                request.request_id,
+                frozenset(TierClass(c) for c in reply.classes if c in set(TierClass)),
+                reply.max_tokens if reply.HasField("max_tokens") else None,
+                tuple(reply.refusals),
+            )
+        capped = request
+        if grant.max_tokens is not None and grant.max_tokens != request.sampling.max_tokens:
+            capped = replace(
+                request, sampling=replace(request.sampling, max_tokens=grant.max_tokens)
+            )
+        return Admission(request=capped, closed=closed_routes(grant, wanted), home=home)
+
+    async def settle(self, admission: Admission, records: list[lpb.SignedRecord]) -> None:
+        """Release the reservation (the answer's records count from now on). Never
+        raises: a home that cannot be told now lets the reservation expire, and the
+        records reach it by ledger sync."""
+        if not admission.home or admission.settled:
+            return
+        admission.settled = True
+        request_id = admission.request.request_id
+        if admission.home == self._node_id:
+            self.book.release(request_id)
+            return
+        release = lpb.Release(request_id=request_id, records=records[:MAX_RELEASE_RECORDS])
+        try:
+            await self._call(admission.home, lpb.QuotaCall(release=release), "")
+        except MeshError as exc:
+            logger.warning(
+                "could not release request %s at %s: %s (it expires there)",
+                request_id[:12],
+                admission.home[:7],
+                exc.message,
+            )
+
+    async def _call(self, home: str, call: lpb.QuotaCall, user: str) -> lpb.QuotaGrant:
+        link = self._links.client(home) if self._links is not None else None
+        if link is None:
+            raise Unavailable(
+                f"the quota of user {user!r} is kept by node {home[:7]}, which this node "
+                "cannot reach right now; try again when it is back"
+                if user
+                else f"node {home[:7]} cannot be reached"
+            )
+        client, card = link
+        return await client.quota(card, call)
+
+    # --- the home node --------------------------------------------------------------------
+
+    def reserve(self, reserve: lpb.Reserve) -> Grant:
+        record = self._users.get(reserve.user)
+        if record is None:
+            raise PermissionDenied(f"no user named {reserve.user[:80]!r} in this mesh")
+        try:
+            classes = [TierClass(c) for c in reserve.classes]
+        except ValueError as exc:
+            raise InvalidRequest(f"unknown tier class in {list(reserve.classes)[:4]}") from exc
+        if not classes or len(classes) > len(TierClass) or len(reserve.request_id) > 64:
+            raise InvalidRequest("a reservation names one or two classes and a request ID")
+        return self.book.reserve(
+            request_id=reserve.request_id,
+            user=reserve.user,
+            quota=record.quota,
+            classes=classes,
+            prompt_tokens=reserve.prompt_tokens,
+            max_tokens=reserve.max_tokens if reserve.HasField("max_tokens") else None,
+            now_ms=self._clock(),
+        )
+
+    async def serve_call(self, call: lpb.QuotaCall) -> lpb.QuotaGrant:
+        """A member's reservation or release for a user whose quota this node keeps."""
+        which = call.WhichOneof("call")
+        if which == "reserve":
+            grant = self.reserve(call.reserve)
+            reply = lpb.QuotaGrant(
+                classes=[c.value for c in grant.classes], refusals=list(grant.refusals)
+            )
+            if grant.max_tokens is not None:
+                reply.max_tokens = grant.max_tokens
+            return reply
+        if which == "release":
+            release = call.release
+            if len(release.records) > MAX_RELEASE_RECORDS:
+                raise InvalidRequest(f"a release carries at most {MAX_RELEASE_RECORDS} records")
+            if release.records and self._store is not None:
+                received = check_batch([(r.record, r.signature) for r in release.records], [])
+                await self._store.ingest(received)
+            self.book.release(release.request_id)
+            return lpb.QuotaGrant()
+        raise InvalidRequest("a quota call is a reserve or a release")
+
+    # --- a cloud node's plan --------------------------------------------------------------
+
+    def plan_reserve(self, request: InferenceRequest) -> InferenceRequest | None:
+        """Hold the mesh's cloud plan for a request this overflow node serves: the request
+        to serve (max_tokens capped where the plan says), or None when there is no plan.
+        Release it with `plan_release`."""
+        if self.cloud_plan.unlimited:
+            return None
+        grant = self.plan_book.reserve(
+            request_id=request.request_id,
+            user=MESH_PLAN,
+            quota=self.cloud_plan,
+            classes=[TierClass.CLOUD],
+            prompt_tokens=prompt_bound(request),
+            max_tokens=request.sampling.max_tokens,
+            now_ms=self._clock(),
+        )
+        if grant.max_tokens is None or grant.max_tokens == request.sampling.max_tokens:
+            return request
+        return replace(request, sampling=replace(request.sampling, max_tokens=grant.max_tokens))
+
+    def plan_release(self, request_id: str) -> None:
+        self.plan_book.release(request_id)
+
+
+def replace_user(record: lpb.UsageRecord, user: str) -> lpb.UsageRecord:
+    copy = lpb.UsageRecord()
+    copy.CopyFrom(record)
+    copy.user = user
+    return copy
