@@ -101,8 +101,11 @@ async def _error_middleware(request: web.Request, handler: Handler) -> web.Strea
 
 def _seconds_until(iso: str) -> int:
     """RFC 9110 Retry-After in seconds, until an ISO 8601 UTC time."""
-    when = datetime.datetime.strptime(iso, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.UTC)
-    return max(0, int(when.timestamp() - time.time()) + 1)
+    try:
+        when = datetime.datetime.strptime(iso, "%Y-%m-%dT%H:%M:%SZ")
+    except ValueError:
+        return 60  # not a time we can read: a minute is a sane pause
+    return max(0, int(when.replace(tzinfo=datetime.UTC).timestamp() - time.time()) + 1)
 
 
 async def _read_body(request: web.Request) -> bytes:

@@ -28,7 +28,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
-from mesh.errors import InvalidRequest, MeshError, PermissionDenied, Unavailable
+from mesh.errors import (
+    InvalidRequest,
+    MeshError,
+    PermissionDenied,
+    RemoteProtocolError,
+    Unauthenticated,
+    Unavailable,
+)
 from mesh.inference import InferenceRequest, Route
 from mesh.ledger_store import LedgerStore
 from mesh.ledger_sync import check_batch
@@ -181,15 +188,17 @@ class QuotaService:
 
     async def _call(self, home: str, call: lpb.QuotaCall, user: str) -> lpb.QuotaGrant:
         link = self._links.client(home) if self._links is not None else None
-        if link is None:
+        try:
+            if link is None:
+                raise Unavailable("no connection")
+            client, card = link
+            return await client.quota(card, call)
+        except (Unavailable, RemoteProtocolError, Unauthenticated) as exc:
+            whose = f"the quota of user {user!r}" if user else "this quota"
             raise Unavailable(
-                f"the quota of user {user!r} is kept by node {home[:7]}, which this node "
-                "cannot reach right now; try again when it is back"
-                if user
-                else f"node {home[:7]} cannot be reached"
-            )
-        client, card = link
-        return await client.quota(card, call)
+                f"{whose} is kept by node {home[:7]}, which cannot be reached right now "
+                f"({exc.message}); try again when it is back"
+            ) from exc
 
     # --- the home node --------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ validated by the domain constructors, so a bad message becomes an
 
 from __future__ import annotations
 
+import re
 from typing import TypeVar
 
 from google.protobuf.message import DecodeError, Message
@@ -19,6 +20,7 @@ from mesh.errors import (
     ModelNotFound,
     Overloaded,
     PermissionDenied,
+    QuotaExceeded,
     RemoteProtocolError,
     Unauthenticated,
     Unavailable,
@@ -134,9 +136,17 @@ def check_protocol_version(version: int) -> None:
         )
 
 
+_ISO_UTC = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z")
+
+
 def error_to_pb(error: MeshError) -> pb.InferEvent:
     return pb.InferEvent(
-        error=pb.ErrorEvent(grpc_status=error.grpc_status, message=error.message, code=error.code)
+        error=pb.ErrorEvent(
+            grpc_status=error.grpc_status,
+            message=error.message,
+            code=error.code,
+            resets_at=error.resets_at if isinstance(error, QuotaExceeded) else "",
+        )
     )
 
 
@@ -177,9 +187,12 @@ def event_from_pb(message: pb.InferEvent) -> InferenceEvent:
             ),
         )
     if which == "error":
-        raise error_from_status(
+        error = error_from_status(
             message.error.grpc_status, message.error.message, message.error.code
         )
+        if isinstance(error, QuotaExceeded) and _ISO_UTC.fullmatch(message.error.resets_at):
+            error.resets_at = message.error.resets_at
+        raise error
     raise RemoteProtocolError("InferEvent carries neither a delta nor a finish")
 
 

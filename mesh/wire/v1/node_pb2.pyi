@@ -220,14 +220,16 @@ class InferEvent(_message.Message):
     def __init__(self, delta: _Optional[_Union[Delta, _Mapping]] = ..., finish: _Optional[_Union[Finish, _Mapping]] = ..., sealed: _Optional[_Union[_trust_pb2.SealedFrame, _Mapping]] = ..., error: _Optional[_Union[ErrorEvent, _Mapping]] = ..., card: _Optional[_Union[SignedCard, _Mapping]] = ..., ledger: _Optional[_Union[_ledger_pb2.SyncBatch, _Mapping]] = ..., quota: _Optional[_Union[_ledger_pb2.QuotaGrant, _Mapping]] = ..., users: _Optional[_Union[_ledger_pb2.UserList, _Mapping]] = ...) -> None: ...
 
 class ErrorEvent(_message.Message):
-    __slots__ = ("grpc_status", "message", "code")
+    __slots__ = ("grpc_status", "message", "code", "resets_at")
     GRPC_STATUS_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     CODE_FIELD_NUMBER: _ClassVar[int]
+    RESETS_AT_FIELD_NUMBER: _ClassVar[int]
     grpc_status: str
     message: str
     code: str
-    def __init__(self, grpc_status: _Optional[str] = ..., message: _Optional[str] = ..., code: _Optional[str] = ...) -> None: ...
+    resets_at: str
+    def __init__(self, grpc_status: _Optional[str] = ..., message: _Optional[str] = ..., code: _Optional[str] = ..., resets_at: _Optional[str] = ...) -> None: ...
 
 class PushRevocationsResponse(_message.Message):
     __slots__ = ("version",)
