@@ -136,7 +136,7 @@ def main(appends: int, concurrency: int, to_verify: int) -> None:
     )
     ok = rate >= 5000 and verify_s * 100_000 / to_verify <= 10  # scaled to 100,000
     print(f"targets (>= 5,000 appends/s, verify 100,000 in <= 10 s): {'met' if ok else 'NOT met'}")
-    print("sync of 100,000 records: bench/bench_sync.py; quota check per request: not built yet")
+    print("sync: bench/bench_sync.py; quota check per request: bench/bench_quota.py")
 
 
 if __name__ == "__main__":

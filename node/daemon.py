@@ -493,6 +493,8 @@ class Node:
             await asyncio.gather(self._end_in_flight(grace), *stopping, return_exceptions=True)
         self._grpc_server = None
         self._http_runner = None
+        if self.quota is not None:  # after the drain: every answer's release is under way
+            await self.quota.aclose()
         for link in self.relays:  # after the drain: answers through the relay finish too
             await link.aclose()
         self.relays = []

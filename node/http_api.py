@@ -13,7 +13,6 @@ the box's owner on loopback and a 401 anywhere else. The `/allerac/mesh` and
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import datetime
@@ -167,8 +166,7 @@ async def _answer(
         answer = await dispatcher.open(admission.request, privacy=privacy, closed=admission.closed)
         return await _respond(request, admission.request, answer, stream)
     finally:
-        records = answer.records if answer is not None else []
-        await asyncio.shield(quota.settle(admission, records))
+        quota.settle_soon(admission, answer.records if answer is not None else [])
 
 
 async def _respond(

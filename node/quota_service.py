@@ -22,6 +22,7 @@ EXHAUSTED (429 at the entry node) when the plan is used up.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -116,6 +117,7 @@ class QuotaService:
         self.book = QuotaBook()
         self.cloud_plan = cloud_plan
         self.plan_book = QuotaBook()
+        self._settling: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         """Count every record already held, then each new one as it is kept."""
@@ -163,6 +165,24 @@ class QuotaService:
                 request, sampling=replace(request.sampling, max_tokens=grant.max_tokens)
             )
         return Admission(request=capped, closed=closed_routes(grant, wanted), home=home)
+
+    def settle_soon(self, admission: Admission, records: list[lpb.SignedRecord]) -> None:
+        """`settle`, without holding up the answer it follows (a remote home is told
+        while the response goes out)."""
+        if not admission.home or admission.settled:
+            return
+        if admission.home == self._node_id:
+            self.book.release(admission.request.request_id)
+            admission.settled = True
+            return
+        task = asyncio.create_task(self.settle(admission, records), name="quota-release")
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+
+    async def aclose(self, timeout_s: float = 5.0) -> None:
+        """Give releases under way a moment to reach their home nodes."""
+        if self._settling:
+            await asyncio.wait(set(self._settling), timeout=timeout_s)
 
     async def settle(self, admission: Admission, records: list[lpb.SignedRecord]) -> None:
         """Release the reservation (the answer's records count from now on). Never
