@@ -612,11 +612,18 @@ PIPELINE = 3  # answer frames being checked while the next ones arrive
 
 
 async def pull(
-    store: LedgerStore, peer_id: str, ask: Ask, checker: Checker, *, max_records: int = 0
+    store: LedgerStore,
+    peer_id: str,
+    ask: Ask,
+    checker: Checker,
+    *,
+    max_records: int = 0,
+    own_only: bool = False,
 ) -> Ingested:
     """Everything `peer_id` holds that this store lacks, by asking until nothing is left
     (`ask` carries one SyncRequest to the peer and yields its answer frames). Frames are
-    checked in parallel and kept in order, so a chain is always extended from its end."""
+    checked in parallel and kept in order, so a chain is always extended from its end.
+    `own_only`: keep only the peer's own records (a cloud node speaks for itself only)."""
     total = Ingested()
     in_flight: deque[tuple[lpb.SyncBatch, asyncio.Task[Received]]] = deque()
     try:
@@ -631,9 +638,9 @@ async def pull(
                 in_flight.append((batch, asyncio.create_task(checker.check(batch))))
                 more = more or batch.more
                 if len(in_flight) >= PIPELINE:
-                    await _keep_oldest(store, peer_id, in_flight, total)
+                    await _keep_oldest(store, peer_id, in_flight, total, own_only)
             while in_flight:
-                await _keep_oldest(store, peer_id, in_flight, total)
+                await _keep_oldest(store, peer_id, in_flight, total, own_only)
             stuck = total.records == kept and await store.receipts_cursor(peer_id) == cursor
             if not more or stuck:  # stuck: what is left does not fit (fork proof was kept)
                 return total
@@ -647,9 +654,17 @@ async def _keep_oldest(
     peer_id: str,
     in_flight: deque[tuple[lpb.SyncBatch, asyncio.Task[Received]]],
     total: Ingested,
+    own_only: bool,
 ) -> None:
     batch, task = in_flight.popleft()
-    done = await store.ingest(await task, peer_id=peer_id, receipts_cursor=batch.receipts_cursor)
+    received = await task
+    if own_only:
+        others = [r for r in received.records if r.node_id != peer_id]
+        if others:
+            total.problems.append(f"{len(others)} records of other nodes ignored")
+        received.records = [r for r in received.records if r.node_id == peer_id]
+        received.fork_proofs = [r for r in received.fork_proofs if r.node_id == peer_id]
+    done = await store.ingest(received, peer_id=peer_id, receipts_cursor=batch.receipts_cursor)
     total.records += done.records
     total.receipts += done.receipts
     total.forks += done.forks

@@ -126,7 +126,8 @@ class LedgerSync:
             return answer
 
         try:
-            done = await pull(self._store, node_id, ask, self._checker)
+            cloud = peer is not None and peer.route is Route.CLOUD
+            done = await pull(self._store, node_id, ask, self._checker, own_only=cloud)
         except MeshError as exc:
             outcome.error = exc.message
             logger.debug("ledger sync with %s failed: %s", node_id[:7], exc.message)

@@ -254,3 +254,22 @@ def test_any_bytes_in_a_batch_are_rejected_never_crash(
     assert received.records == []
     assert received.receipts == []
     assert len(received.rejected) == 2 * len(records) + len(receipts)
+
+
+async def test_from_a_cloud_node_only_its_own_records_are_kept(
+    tmp_path: Path, checker: Checker
+) -> None:
+    ids = [Identity.generate() for _ in range(3)]
+    async with (
+        await LedgerStore.open(tmp_path / "a.db", ids[0]) as a,
+        await LedgerStore.open(tmp_path / "cloud.db", ids[1]) as cloud,
+        await LedgerStore.open(tmp_path / "b.db", ids[2]) as b,
+    ):
+        await _serve(a, ids[0], 3)
+        await _serve(cloud, ids[1], 2, start=50)
+        await pull(cloud, ids[0].node_id, asker(a), checker)  # it holds a's records too
+        got = await pull(b, ids[1].node_id, asker(cloud), checker, own_only=True)
+        assert got.records == 2
+        assert "3 records of other nodes ignored" in got.problems
+        held = {open_record(r).node_id for r in read_ledger(tmp_path / "b.db")[0]}
+        assert held == {ids[1].node_id}
