@@ -19,7 +19,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from mesh.errors import MeshError
+from mesh.errors import MeshError, Unavailable
 from mesh.inference import Route
 from mesh.ledger_store import LedgerStore, pull
 from mesh.ledger_sync import Checker
@@ -32,6 +32,9 @@ logger = logging.getLogger(__name__)
 
 SYNC_INTERVAL_S = 2.0
 PEERS_PER_ROUND = 4
+# A peer that goes quiet mid-answer (its relay session replaced under a call, say) is
+# given up on after this long without a frame, and asked again next round.
+FRAME_TIMEOUT_S = 5.0
 NEW_PEER_CHECK_S = 0.25
 
 
@@ -99,8 +102,16 @@ class LedgerSync:
             else:  # a peer just up (a new member, or back after a partition): now
                 chosen = [node_id for node_id in up if node_id not in was_up]
             was_up = set(up)
-            for node_id in chosen:
-                await self.pull_from(node_id)
+            # Each peer on its own: one slow or silent peer holds up nobody else.
+            await asyncio.gather(*(self._pull_safely(node_id) for node_id in chosen))
+
+    async def _pull_safely(self, node_id: str) -> None:
+        """A pull whatever happens: a bug met with one peer must not end the syncing."""
+        try:
+            await self.pull_from(node_id)
+        except Exception as exc:
+            logger.exception("ledger sync with %s failed", node_id[:7])
+            self.peers[node_id] = PeerSync(at_ms=int(time.time() * 1000), error=repr(exc))
 
     async def pull_from(self, node_id: str) -> PeerSync:
         """One pull from one peer, until it has nothing more for us."""
@@ -115,15 +126,25 @@ class LedgerSync:
         if self._users is not None and peer is not None and peer.route is not Route.CLOUD:
             # Users travel between members only: a cloud node never adds one.
             try:
-                listed = await client.users(card, self._users.digest())
+                listed = await client.users(card, self._users.digest(), timeout_s=FRAME_TIMEOUT_S)
                 if listed.users:
                     self._users.merge(list(listed.users))
             except MeshError as exc:
                 logger.debug("users sync with %s failed: %s", node_id[:7], exc.message)
 
-        def ask(request: lpb.SyncRequest) -> AsyncIterator[lpb.SyncBatch]:
-            answer: AsyncIterator[lpb.SyncBatch] = client.sync(card, request)
-            return answer
+        async def ask(request: lpb.SyncRequest) -> AsyncIterator[lpb.SyncBatch]:
+            frames = client.sync(card, request)
+            async with contextlib.aclosing(frames):
+                while True:
+                    try:
+                        batch = await asyncio.wait_for(anext(frames), FRAME_TIMEOUT_S)
+                    except StopAsyncIteration:
+                        return
+                    except TimeoutError as exc:
+                        raise Unavailable(
+                            f"no ledger answer from {node_id[:7]} in {FRAME_TIMEOUT_S:g} s"
+                        ) from exc
+                    yield batch
 
         try:
             cloud = peer is not None and peer.route is Route.CLOUD

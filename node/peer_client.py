@@ -100,6 +100,8 @@ class GrpcTransport:
             reply: M = await getattr(self._stub, method)(request, timeout=timeout_s)
         except grpc.aio.AioRpcError as exc:
             raise _rpc_error(exc) from exc
+        except grpc.aio.UsageError as exc:  # the channel was closed under us (client replaced)
+            raise Unavailable("the connection to the peer was closed") from exc
         except asyncio.CancelledError as exc:
             _raise_if_we_are_cancelled(exc)
         return reply
@@ -107,7 +109,10 @@ class GrpcTransport:
     async def stream(
         self, method: str, request: Message, reply_type: type[M], timeout_s: float
     ) -> AsyncGenerator[M, None]:
-        call = getattr(self._stub, method)(request, timeout=timeout_s)
+        try:
+            call = getattr(self._stub, method)(request, timeout=timeout_s)
+        except grpc.aio.UsageError as exc:  # the channel was closed under us (client replaced)
+            raise Unavailable("the connection to the peer was closed") from exc
         try:
             async for message in call:
                 yield message

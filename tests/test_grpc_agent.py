@@ -197,3 +197,18 @@ async def test_a_cancelled_sealed_stream_frees_the_model(
 
 async def _collect(client: PeerClient, peer: PeerCard, request: InferenceRequest) -> list:  # type: ignore[type-arg]
     return [e async for e in client.infer(peer, request)]
+
+
+async def test_a_call_on_a_closed_channel_fails_cleanly_as_unavailable() -> None:
+    """A peer's client replaced while a caller still holds it (a direct path given up for
+    the relay, say): its calls fail as Unavailable, never with gRPC's UsageError."""
+    from mesh.errors import Unavailable
+    from node.peer_client import GrpcTransport
+
+    transport = GrpcTransport("127.0.0.1:9")
+    await transport.aclose()
+    with pytest.raises(Unavailable, match="closed"):
+        await transport.unary("Ping", pb.PingRequest(), pb.PingResponse, 1.0)
+    with pytest.raises(Unavailable, match="closed"):
+        async for _ in transport.stream("Infer", pb.InferRequest(), pb.InferEvent, 1.0):
+            pass
