@@ -13,7 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from mesh.errors import BadSignature, InvalidRequest, InviteError, NotAMember, PermissionDenied
+from mesh.errors import (
+    BadSignature,
+    InvalidRequest,
+    InviteError,
+    NotAMember,
+    PermissionDenied,
+    QuotaExceeded,
+)
 from mesh.home import Home
 from mesh.identity import load_or_create_identity
 from mesh.inference import ChatMessage, Finished, InferenceRequest, Sampling, TextDelta
@@ -232,6 +239,69 @@ async def test_ledger_sync_answers_members_only_and_refuses_bad_requests(
         with pytest.raises(PermissionDenied, match="ledger"):
             async for _ in client.sync(peer, lpb.SyncRequest()):
                 pass
+        with pytest.raises(PermissionDenied, match="users"):
+            await client.users(peer, b"")
+        with pytest.raises(PermissionDenied, match="quotas"):
+            await client.quota(peer, lpb.QuotaCall(release=lpb.Release(request_id="r")))
+    assert run_cli(admin.home, "chat", "--max-tokens", "2", "hi").returncode == 0
+
+
+async def test_quota_and_users_calls_refuse_bad_input_clearly(
+    admin: NodeProcess, tmp_path: Path
+) -> None:
+    member = await join_as_member(admin, tmp_path / "member")
+    added = run_cli(admin.home, "user", "add", "alice", "--quota", "mesh=1k/day")
+    assert added.returncode == 0, added.stderr
+    async with PeerClient(grpc_address(admin), trust=member) as client:
+        peer = await client.public_card()
+        listed = await client.users(peer, b"")
+        assert [u.name for u in listed.users] == ["alice"]
+        assert not (await client.users(peer, listed.digest)).users  # same list: nothing sent
+        for purpose in ("quota", "users"):
+            [raw] = [f async for f in client._sealed_call(peer, b"\xff\x01", purpose, 10)]
+            with pytest.raises(InvalidRequest):
+                codec.event_from_pb(pb.InferEvent.FromString(raw))
+        bad_calls = [
+            (lpb.QuotaCall(), InvalidRequest, "reserve or a release"),
+            (
+                lpb.QuotaCall(reserve=lpb.Reserve(request_id="r", user="nobody", classes=["mesh"])),
+                PermissionDenied,
+                "no user named 'nobody'",
+            ),
+            (
+                lpb.QuotaCall(reserve=lpb.Reserve(request_id="r", user="alice", classes=["gpu"])),
+                InvalidRequest,
+                "unknown tier class",
+            ),
+            (
+                lpb.QuotaCall(reserve=lpb.Reserve(request_id="r", user="alice")),
+                InvalidRequest,
+                "one or two classes",
+            ),
+            (
+                lpb.QuotaCall(
+                    release=lpb.Release(request_id="r", records=[lpb.SignedRecord()] * 65)
+                ),
+                InvalidRequest,
+                "at most 64 records",
+            ),
+        ]
+        for call, error, text in bad_calls:
+            with pytest.raises(error, match=text):
+                await client.quota(peer, call)
+        over = lpb.QuotaCall(
+            reserve=lpb.Reserve(
+                request_id="big", user="alice", classes=["mesh"], prompt_tokens=10, max_tokens=5000
+            )
+        )
+        with pytest.raises(QuotaExceeded, match="mesh=1k/day") as info:
+            await client.quota(peer, over)
+        assert info.value.resets_at.endswith("T00:00:00Z")  # travels with the error
+        # A forged record in a release is not counted; the release itself still works.
+        forged = lpb.SignedRecord(record=b"\x0a\x01x", signature=bytes(64))
+        await client.quota(
+            peer, lpb.QuotaCall(release=lpb.Release(request_id="r", records=[forged]))
+        )
     assert run_cli(admin.home, "chat", "--max-tokens", "2", "hi").returncode == 0
 
 

@@ -29,6 +29,7 @@ from mesh.users import (
     UserRecord,
     dump_users,
     effective_privacy,
+    entry_to_pb,
     hash_api_key,
     load_users,
     parse_users,
@@ -385,3 +386,28 @@ def test_the_parser_reads_a_book_or_raises_config_error(data: bytes) -> None:
         return
     assert list(parse_users(dump_users(book))) == list(book)
     assert all(isinstance(r.privacy, Privacy) for r in book)
+
+
+def test_another_members_bad_entries_are_skipped_and_the_good_ones_kept(
+    tmp_path: Path,
+) -> None:
+    from mesh.home import Home
+    from mesh.wire.v1 import ledger_pb2 as lpb
+    from node.users_admin import UsersAdmin
+
+    admin = UsersAdmin.open(Home(tmp_path), default_privacy=Privacy.MESH, node_id="ABC")
+    theirs = UserBook()
+    theirs.add("alice", Privacy.ANY, now_ms=NOW_MS, quota=parse_quota("cloud=1k"))
+    good = [entry_to_pb(r) for r in theirs.entries()]
+    bad = [
+        lpb.UserEntry(name="-bad", key_hash="ab" * 32, privacy="mesh", quota="unlimited"),
+        lpb.UserEntry(name="bob", key_hash="zz", privacy="mesh", quota="unlimited"),
+        lpb.UserEntry(name="carol", key_hash="cd" * 32, privacy="public", quota="unlimited"),
+        lpb.UserEntry(name="dave", key_hash="ef" * 32, privacy="mesh", quota="cloud=lots"),
+        lpb.UserEntry(
+            name="erin", key_hash="01" * 32, privacy="mesh", quota="", updated_at_unix_ms=-5
+        ),
+    ]
+    assert admin.merge(bad + good) == 1
+    assert [r.name for r in load_users(tmp_path / "users.json")] == ["alice"]
+    assert admin.digest() == theirs.digest()
