@@ -17,6 +17,8 @@ from mesh.ledger import ChainWriter, Usage, open_record
 from mesh.quota import (
     DEFAULT_MAX_TOKENS,
     HOLD_TTL_MS,
+    Grant,
+    Quota,
     QuotaBook,
     TierClass,
     parse_quota,
@@ -32,6 +34,27 @@ def ms(text: str) -> int:
 
 
 NOW = ms("2026-11-25T12:00:00")
+
+
+def reserve(
+    book: QuotaBook,
+    request_id: str,
+    user: str,
+    quota: Quota,
+    classes: list[TierClass],
+    prompt_tokens: int,
+    max_tokens: int | None,
+    now_ms: int,
+) -> Grant:
+    return book.reserve(
+        request_id=request_id,
+        user=user,
+        quota=quota,
+        classes=classes,
+        prompt_tokens=prompt_tokens,
+        max_tokens=max_tokens,
+        now_ms=now_ms,
+    )
 
 
 def record(user: str, tokens: int, *, route: str = "lan", at: int = NOW) -> object:
@@ -112,28 +135,12 @@ def test_reservations_never_let_used_plus_reserved_pass_the_limit() -> None:
     book = QuotaBook()
     quota = parse_quota("mesh=1000/day")
     book.count([record("alice", 700)])
-    grant = book.reserve(
-        request_id="r1",
-        user="alice",
-        quota=quota,
-        classes=[MESH],
-        prompt_tokens=50,
-        max_tokens=200,
-        now_ms=NOW,
-    )
+    grant = reserve(book, "r1", "alice", quota, [MESH], 50, 200, NOW)
     assert grant.classes == {MESH}
     assert grant.max_tokens == 200
     assert book.held("alice", MESH) == 250
     with pytest.raises(QuotaExceeded) as info:  # 700 used + 250 held: 50 left
-        book.reserve(
-            request_id="r2",
-            user="alice",
-            quota=quota,
-            classes=[MESH],
-            prompt_tokens=10,
-            max_tokens=50,
-            now_ms=NOW,
-        )
+        reserve(book, "r2", "alice", quota, [MESH], 10, 50, NOW)
     message = info.value.message
     assert "'alice'" in message
     assert "mesh=1k/day" in message
@@ -141,15 +148,7 @@ def test_reservations_never_let_used_plus_reserved_pass_the_limit() -> None:
     assert "resets at 2026-11-26T00:00:00Z" in message
     assert info.value.resets_at == "2026-11-26T00:00:00Z"
     # Other users and the owner are not touched by alice's quota.
-    book.reserve(
-        request_id="r3",
-        user="bob",
-        quota=quota,
-        classes=[MESH],
-        prompt_tokens=10,
-        max_tokens=500,
-        now_ms=NOW,
-    )
+    reserve(book, "r3", "bob", quota, [MESH], 10, 500, NOW)
     # Released (the answer's records now count): the room comes back, once.
     assert book.release("r1") is True
     assert book.release("r1") is False
@@ -161,24 +160,8 @@ def test_reservations_never_let_used_plus_reserved_pass_the_limit() -> None:
 def test_reserving_the_same_request_twice_holds_it_once() -> None:
     book = QuotaBook()
     quota = parse_quota("cloud=1000")
-    first = book.reserve(
-        request_id="r",
-        user="a",
-        quota=quota,
-        classes=[CLOUD],
-        prompt_tokens=10,
-        max_tokens=100,
-        now_ms=NOW,
-    )
-    again = book.reserve(
-        request_id="r",
-        user="a",
-        quota=quota,
-        classes=[CLOUD],
-        prompt_tokens=10,
-        max_tokens=100,
-        now_ms=NOW,
-    )
+    first = reserve(book, "r", "a", quota, [CLOUD], 10, 100, NOW)
+    again = reserve(book, "r", "a", quota, [CLOUD], 10, 100, NOW)
     assert first == again
     assert book.held("a", CLOUD) == 110
 
@@ -187,15 +170,7 @@ def test_a_class_without_room_is_closed_and_the_others_stay_open() -> None:
     book = QuotaBook()
     quota = parse_quota("mesh=unlimited,cloud=100/day")
     book.count([record("alice", 90, route="cloud")])
-    grant = book.reserve(
-        request_id="r",
-        user="alice",
-        quota=quota,
-        classes=[MESH, CLOUD],
-        prompt_tokens=20,
-        max_tokens=30,
-        now_ms=NOW,
-    )
+    grant = reserve(book, "r", "alice", quota, [MESH, CLOUD], 20, 30, NOW)
     assert grant.classes == {MESH}
     assert "cloud=100/day" in grant.refusals[0]
     # Mesh usage never counts against the cloud limit.
@@ -205,35 +180,11 @@ def test_a_class_without_room_is_closed_and_the_others_stay_open() -> None:
 
 def test_without_max_tokens_the_grant_caps_generation_at_what_is_left() -> None:
     book = QuotaBook()
-    grant = book.reserve(
-        request_id="r",
-        user="u",
-        quota=parse_quota("mesh=500/day"),
-        classes=[MESH],
-        prompt_tokens=100,
-        max_tokens=None,
-        now_ms=NOW,
-    )
+    grant = reserve(book, "r", "u", parse_quota("mesh=500/day"), [MESH], 100, None, NOW)
     assert grant.max_tokens == 400
-    unlimited = book.reserve(
-        request_id="s",
-        user="u",
-        quota=parse_quota("unlimited"),
-        classes=[MESH],
-        prompt_tokens=100,
-        max_tokens=None,
-        now_ms=NOW,
-    )
+    unlimited = reserve(book, "s", "u", parse_quota("unlimited"), [MESH], 100, None, NOW)
     assert unlimited.max_tokens is None  # nothing to protect: no cap
-    big = book.reserve(
-        request_id="t",
-        user="v",
-        quota=parse_quota("mesh=1G"),
-        classes=[MESH],
-        prompt_tokens=1,
-        max_tokens=None,
-        now_ms=NOW,
-    )
+    big = reserve(book, "t", "v", parse_quota("mesh=1G"), [MESH], 1, None, NOW)
     assert big.max_tokens == DEFAULT_MAX_TOKENS
 
 
@@ -244,15 +195,7 @@ def test_periods_reset_on_the_utc_calendar() -> None:
     book.count([record("alice", 1000, at=late)])
 
     def ask(now: int, tokens: int = 600) -> None:
-        book.reserve(
-            request_id=str(now),
-            user="alice",
-            quota=quota,
-            classes=[MESH],
-            prompt_tokens=0,
-            max_tokens=tokens,
-            now_ms=now,
-        )
+        reserve(book, str(now), "alice", quota, [MESH], 0, tokens, now)
         book.release(str(now))
 
     with pytest.raises(QuotaExceeded, match="mesh=1k/day"):
@@ -262,49 +205,17 @@ def test_periods_reset_on_the_utc_calendar() -> None:
     book.count([record("alice", 1000, at=ms("2026-12-02T10:00:00"))])
     ask(ms("2026-12-03T10:00:00"), 500)  # a new day; the month has 500 left
     with pytest.raises(QuotaExceeded, match="mesh=1500/month") as info:
-        book.reserve(
-            request_id="x",
-            user="alice",
-            quota=quota,
-            classes=[MESH],
-            prompt_tokens=0,
-            max_tokens=501,
-            now_ms=ms("2026-12-03T10:00:00"),
-        )
+        reserve(book, "x", "alice", quota, [MESH], 0, 501, ms("2026-12-03T10:00:00"))
     assert info.value.resets_at == "2027-01-01T00:00:00Z"
 
 
 def test_a_reservation_whose_entry_node_vanished_expires() -> None:
     book = QuotaBook()
     quota = parse_quota("mesh=100/day")
-    book.reserve(
-        request_id="lost",
-        user="u",
-        quota=quota,
-        classes=[MESH],
-        prompt_tokens=0,
-        max_tokens=100,
-        now_ms=NOW,
-    )
+    reserve(book, "lost", "u", quota, [MESH], 0, 100, NOW)
     with pytest.raises(QuotaExceeded):
-        book.reserve(
-            request_id="next",
-            user="u",
-            quota=quota,
-            classes=[MESH],
-            prompt_tokens=0,
-            max_tokens=1,
-            now_ms=NOW + 1000,
-        )
-    book.reserve(
-        request_id="later",
-        user="u",
-        quota=quota,
-        classes=[MESH],
-        prompt_tokens=0,
-        max_tokens=1,
-        now_ms=NOW + HOLD_TTL_MS,
-    )
+        reserve(book, "next", "u", quota, [MESH], 0, 1, NOW + 1000)
+    reserve(book, "later", "u", quota, [MESH], 0, 1, NOW + HOLD_TTL_MS)
 
 
 def test_the_prompt_bound_covers_text_template_and_continuation() -> None:
