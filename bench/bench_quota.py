@@ -5,9 +5,10 @@
    home node makes for every request it keeps the quota of). Baseline, same run: the
    same calls for an unlimited user (what every request pays anyway).
 2. Through the mesh, two real nodes (benchmark-only instant backend, loopback): a
-   request entering at node B for a user whose home is node A (B reserves at A before
-   scheduling and releases after) against the same request for an unlimited user,
-   interleaved. The difference is the quota's cost for a user whose home is elsewhere.
+   request entering at node B for a user whose home is node A (B admits from its lease,
+   a standing reservation at A, and asks A again only when the lease runs out) against
+   the same request for an unlimited user, interleaved. The difference is the quota's
+   cost for a user whose home is elsewhere.
 
 Target (issue "ledger"): a quota check per request in at most 0.5 ms.
 
@@ -178,16 +179,17 @@ def main(records: int, requests: int) -> None:
         f"{(limited_us - free_us) / 1000:.3f} ms |"
     )
     print(
-        f"| Request at B, quota kept at A (reserve over sealed gRPC) | {home_ms:.2f} ms | "
-        f"{free_ms:.2f} ms (unlimited user) | {home_ms - free_ms:.2f} ms |"
+        f"| Request at B, quota kept at A (B's lease; a sealed call to A when it runs out) "
+        f"| {home_ms:.2f} ms | {free_ms:.2f} ms (unlimited user) | {home_ms - free_ms:+.2f} ms |"
     )
     print()
     at_home = (limited_us - free_us) / 1000
-    print(f"target: quota check <= {TARGET_MS} ms at the home node: ", end="")
-    print("met" if at_home <= TARGET_MS else "NOT met", f"({at_home:.3f} ms)")
+    elsewhere = home_ms - free_ms
+    print(f"target: quota check <= {TARGET_MS} ms per request: ", end="")
+    met = at_home <= TARGET_MS and elsewhere <= TARGET_MS
     print(
-        f"a user whose home is another box adds {home_ms - free_ms:.2f} ms per request "
-        "(one sealed round trip to reserve; the release leaves with the answer)"
+        "met" if met else "NOT met",
+        f"(at the home node {at_home:.3f} ms; at another box {elsewhere:+.2f} ms)",
     )
 
 

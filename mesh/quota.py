@@ -46,6 +46,7 @@ DEFAULT_MAX_TOKENS = 4096
 TEMPLATE_TOKENS_PER_MESSAGE = 32
 HOLD_TTL_MS = 30 * 60 * 1000  # a reservation whose entry node vanished expires
 MESH_PLAN = "*"  # the "user" of a cloud node's plan: every user of the mesh together
+LEASE_SHARE = 4  # a lease takes at most 1/4 of what a quota has left
 
 _LIMIT = re.compile(r"(?P<n>\d{1,12})(?P<unit>[kKmMgG]?)")
 _UNITS = {"": 1, "k": 1000, "m": 1_000_000, "g": 1_000_000_000}
@@ -276,6 +277,56 @@ class QuotaBook:
             for tier_class in hold.classes:
                 self._held[(user, tier_class)] += tokens
         return Grant(request_id, hold.classes, granted_max, tuple(refusals))
+
+    def lease(
+        self,
+        *,
+        lease_id: str,
+        user: str,
+        quota: Quota,
+        classes: frozenset[TierClass],
+        wanted: int,
+        now_ms: int,
+    ) -> int:
+        """Grow a standing reservation (an entry node's lease) by up to `wanted` tokens,
+        and by at most a quarter of what its tightest class has left, so that leases
+        never take a whole quota from the other entry nodes. Returns the tokens added."""
+        limited = frozenset(c for c in classes if quota.limits_on(c))
+        if not limited or wanted <= 0:
+            return 0
+        self._expire(now_ms)
+        rooms = [self._room(user, quota, c, now_ms) for c in limited]
+        left = min(room[1] for room in rooms if room is not None)
+        added = min(wanted, max(left, 0) // LEASE_SHARE)
+        hold = self._holds.get(lease_id)
+        if hold is not None and hold.classes != limited:
+            return 0  # a lease is for one set of classes; the entry node asks per request
+        if hold is None:
+            if added <= 0:
+                return 0
+            hold = _Hold(user, limited, 0, 0)
+            self._holds[lease_id] = hold
+        hold.tokens += added
+        hold.expires_at_ms = now_ms + HOLD_TTL_MS
+        for tier_class in limited:
+            self._held[(user, tier_class)] += added
+        return added
+
+    def shrink(self, lease_id: str, tokens: int, now_ms: int) -> None:
+        """Take tokens off a lease: consumed ones (their records count now) or returned."""
+        hold = self._holds.get(lease_id)
+        if hold is None:
+            return
+        cut = min(max(tokens, 0), hold.tokens)
+        hold.tokens -= cut
+        hold.expires_at_ms = now_ms + HOLD_TTL_MS
+        for tier_class in hold.classes:
+            key = (hold.user, tier_class)
+            self._held[key] -= cut
+            if self._held[key] <= 0:
+                del self._held[key]
+        if hold.tokens == 0:
+            del self._holds[lease_id]
 
     def release(self, request_id: str) -> bool:
         """Drop a reservation (the answer's records count from now on). Idempotent."""

@@ -257,7 +257,9 @@ class NodeCalls:
                 if self._quota is None:
                     raise Unavailable("this node keeps no quotas")
                 call = codec.parse_message(lpb.QuotaCall, opened.body)
-                event = pb.InferEvent(quota=await self._quota.serve_call(call))
+                event = pb.InferEvent(
+                    quota=await self._quota.serve_call(call, opened.sender.node_id)
+                )
             else:
                 if self._users is None:
                     raise Unavailable("this node keeps no users")

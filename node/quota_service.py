@@ -23,6 +23,7 @@ EXHAUSTED (429 at the entry node) when the plan is used up.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -41,6 +42,7 @@ from mesh.inference import InferenceRequest, Route
 from mesh.ledger_store import LedgerStore
 from mesh.ledger_sync import check_batch
 from mesh.quota import (
+    DEFAULT_MAX_TOKENS,
     MESH_PLAN,
     UNLIMITED,
     Grant,
@@ -59,6 +61,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 MAX_RELEASE_RECORDS = 64
+LEASE_TOKENS = 4096  # the most a lease grows by at once (and at most 1/4 of what is left)
+LEASE_VALID_MS = 20 * 60 * 1000  # shorter than the home's hold TTL: never used past it
+LEASE_IDLE_S = 5.0  # a lease unused this long goes back to the home
 
 
 def _now_ms() -> int:
@@ -96,6 +101,23 @@ class Admission:
     closed: dict[Route, str] = field(default_factory=dict)
     home: str = ""  # where the reservation is held; "" when nothing is
     settled: bool = False
+    leased: int = 0  # admitted here from this node's lease: the tokens taken from it
+
+
+@dataclass(kw_only=True)
+class _Lease:
+    """This entry node's standing reservation at a user's home."""
+
+    home: str
+    classes: frozenset[TierClass]
+    version: tuple[int, str, bool]  # the user entry it was granted under
+    free: int = 0
+    valid_until_ms: int = 0
+    in_flight: int = 0
+    idle_since: float = field(default_factory=time.monotonic)
+    records: list[lpb.SignedRecord] = field(default_factory=list)  # not yet reported
+    consumed: int = 0  # their tokens
+    reporting: bool = False
 
 
 class QuotaService:
@@ -118,9 +140,12 @@ class QuotaService:
         self.cloud_plan = cloud_plan
         self.plan_book = QuotaBook()
         self._settling: set[asyncio.Task[None]] = set()
+        self._leases: dict[str, _Lease] = {}  # by user, at other homes
+        self._upkeep: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Count every record already held, then each new one as it is kept."""
+        self._upkeep = asyncio.create_task(self._tend_leases(), name="quota-leases")
         if self._store is None:
             return
         self.count(await self._store.usage_records())
@@ -140,6 +165,8 @@ class QuotaService:
         if record is None or record.quota.unlimited:
             return Admission(request=request)  # the owner, or nothing to count
         wanted = classes_for(privacy)
+        if not any(record.quota.limits_on(c) for c in wanted):
+            return Admission(request=request)  # limited only where this request cannot go
         home = self._users.home_of(record)
         reserve = lpb.Reserve(
             request_id=request.request_id,
@@ -152,6 +179,15 @@ class QuotaService:
         if home == self._node_id:
             grant = self.reserve(reserve)
         else:
+            leased = self._from_lease(request, record.version, home, wanted, reserve)
+            if leased is not None:
+                return leased
+            reserve.lease_tokens = LEASE_TOKENS
+            lease = self._leases.get(request.user)
+            if lease is not None and lease.home == home and lease.free:
+                # Too little left for this request: give it back with the asking, so
+                # that this node's own lease does not stand in the request's way.
+                reserve.lease_returned, lease.free = min(lease.free, 2**32 - 1), 0
             reply = await self._call(home, lpb.QuotaCall(reserve=reserve), request.user)
             grant = Grant(
                 request.request_id,
@@ -159,6 +195,8 @@ class QuotaService:
                 reply.max_tokens if reply.HasField("max_tokens") else None,
                 tuple(reply.refusals),
             )
+            if reply.lease_tokens:
+                self._grow_lease(request.user, home, grant.classes, record.version, reply)
         capped = request
         if grant.max_tokens is not None and grant.max_tokens != request.sampling.max_tokens:
             capped = replace(
@@ -166,10 +204,135 @@ class QuotaService:
             )
         return Admission(request=capped, closed=closed_routes(grant, wanted), home=home)
 
+    # --- leases: admitting at this node from a standing reservation at the home ------------
+
+    def _from_lease(
+        self,
+        request: InferenceRequest,
+        version: tuple[int, str, bool],
+        home: str,
+        wanted: list[TierClass],
+        reserve: lpb.Reserve,
+    ) -> Admission | None:
+        """Admit from this node's lease for the user, without asking the home, when the
+        lease is for the same classes, still valid, and has room; None otherwise."""
+        lease = self._leases.get(request.user)
+        if lease is None:
+            return None
+        if lease.version != version or lease.home != home:
+            self._drop_lease(request.user)  # the user changed: their quota may have too
+            return None
+        if lease.classes != frozenset(wanted) or self._clock() >= lease.valid_until_ms:
+            return None
+        prompt = reserve.prompt_tokens
+        if reserve.HasField("max_tokens"):
+            generate = reserve.max_tokens
+        else:
+            generate = min(DEFAULT_MAX_TOKENS, lease.free - prompt)
+        need = prompt + generate
+        if generate < 1 or lease.free < need:
+            return None
+        lease.free -= need
+        lease.in_flight += 1
+        capped = request
+        if generate != request.sampling.max_tokens:
+            capped = replace(request, sampling=replace(request.sampling, max_tokens=generate))
+        return Admission(request=capped, home=home, leased=need)
+
+    def _grow_lease(
+        self,
+        user: str,
+        home: str,
+        classes: frozenset[TierClass],
+        version: tuple[int, str, bool],
+        reply: lpb.QuotaGrant,
+    ) -> None:
+        lease = self._leases.get(user)
+        if lease is None or lease.classes != classes or lease.home != home:
+            if lease is not None:
+                self._drop_lease(user)
+            lease = _Lease(home=home, classes=classes, version=version)
+            self._leases[user] = lease
+        lease.free += reply.lease_tokens
+        lease.valid_until_ms = self._clock() + LEASE_VALID_MS
+
+    def _settle_leased(self, admission: Admission, records: list[lpb.SignedRecord]) -> None:
+        user = admission.request.user
+        lease = self._leases.get(user)
+        used = sum(_tokens(r) for r in records)
+        if lease is None:
+            return  # dropped meanwhile: its hold at the home expires; the records sync
+        lease.in_flight -= 1
+        lease.free += max(admission.leased - used, 0)
+        lease.records += records
+        lease.consumed += used
+        lease.idle_since = time.monotonic()
+        self._report_soon(user)
+
+    def _report_soon(self, user: str) -> None:
+        lease = self._leases.get(user)
+        if lease is None or lease.reporting or not (lease.records or lease.consumed):
+            return
+        lease.reporting = True
+        task = asyncio.create_task(self._report(user, lease), name="quota-lease-report")
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+
+    async def _report(self, user: str, lease: _Lease, returned: int = 0) -> None:
+        """Tell the home what was used under the lease (with the records) and what is
+        given back; the lease shrinks there by as much."""
+        try:
+            while lease.records or lease.consumed or returned:
+                records = lease.records[:MAX_RELEASE_RECORDS]
+                consumed = lease.consumed if len(records) == len(lease.records) else 0
+                release = lpb.Release(
+                    records=records,
+                    lease_user=user,
+                    lease_consumed=consumed,
+                    lease_returned=returned,
+                )
+                try:
+                    await self._call(lease.home, lpb.QuotaCall(release=release), user)
+                except MeshError as exc:
+                    logger.warning("could not report lease use to %s: %s", lease.home[:7], exc)
+                    return  # tried again by the upkeep
+                del lease.records[: len(records)]
+                lease.consumed -= consumed
+                returned = 0
+                lease.valid_until_ms = self._clock() + LEASE_VALID_MS
+        finally:
+            lease.reporting = False
+
+    def _drop_lease(self, user: str) -> None:
+        """Stop admitting from a lease; what is left of it goes back to the home."""
+        lease = self._leases.pop(user, None)
+        if lease is None:
+            return
+        lease.valid_until_ms = 0
+        task = asyncio.create_task(self._report(user, lease, lease.free), name="quota-lease-end")
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+
+    async def _tend_leases(self) -> None:
+        """Every second: report what is pending; give back leases idle for a while (so
+        they do not keep a quota from the other boxes)."""
+        while True:
+            await asyncio.sleep(1.0)
+            for user, lease in list(self._leases.items()):
+                idle = time.monotonic() - lease.idle_since
+                if lease.in_flight == 0 and idle > LEASE_IDLE_S and not lease.reporting:
+                    self._drop_lease(user)
+                else:
+                    self._report_soon(user)
+
     def settle_soon(self, admission: Admission, records: list[lpb.SignedRecord]) -> None:
         """`settle`, without holding up the answer it follows (a remote home is told
         while the response goes out)."""
         if not admission.home or admission.settled:
+            return
+        if admission.leased:
+            admission.settled = True
+            self._settle_leased(admission, records)
             return
         if admission.home == self._node_id:
             self.book.release(admission.request.request_id)
@@ -180,7 +343,14 @@ class QuotaService:
         task.add_done_callback(self._settling.discard)
 
     async def aclose(self, timeout_s: float = 5.0) -> None:
-        """Give releases under way a moment to reach their home nodes."""
+        """Give leases back and let releases under way reach their home nodes."""
+        if self._upkeep is not None:
+            self._upkeep.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._upkeep
+            self._upkeep = None
+        for user in list(self._leases):
+            self._drop_lease(user)
         if self._settling:
             await asyncio.wait(set(self._settling), timeout=timeout_s)
 
@@ -194,6 +364,9 @@ class QuotaService:
         request_id = admission.request.request_id
         if admission.home == self._node_id:
             self.book.release(request_id)
+            return
+        if admission.leased:
+            self._settle_leased(admission, records)
             return
         release = lpb.Release(request_id=request_id, records=records[:MAX_RELEASE_RECORDS])
         try:
@@ -242,16 +415,29 @@ class QuotaService:
             now_ms=self._clock(),
         )
 
-    async def serve_call(self, call: lpb.QuotaCall) -> lpb.QuotaGrant:
+    async def serve_call(self, call: lpb.QuotaCall, sender: str = "") -> lpb.QuotaGrant:
         """A member's reservation or release for a user whose quota this node keeps."""
         which = call.WhichOneof("call")
         if which == "reserve":
+            if call.reserve.lease_returned and sender:
+                lease_id = _lease_id(sender, call.reserve.user)
+                self.book.shrink(lease_id, call.reserve.lease_returned, self._clock())
             grant = self.reserve(call.reserve)
             reply = lpb.QuotaGrant(
                 classes=[c.value for c in grant.classes], refusals=list(grant.refusals)
             )
             if grant.max_tokens is not None:
                 reply.max_tokens = grant.max_tokens
+            record = self._users.get(call.reserve.user)
+            if call.reserve.lease_tokens and sender and record is not None:
+                reply.lease_tokens = self.book.lease(
+                    lease_id=_lease_id(sender, call.reserve.user),
+                    user=call.reserve.user,
+                    quota=record.quota,
+                    classes=grant.classes,
+                    wanted=min(call.reserve.lease_tokens, LEASE_TOKENS),
+                    now_ms=self._clock(),
+                )
             return reply
         if which == "release":
             release = call.release
@@ -260,7 +446,16 @@ class QuotaService:
             if release.records and self._store is not None:
                 received = check_batch([(r.record, r.signature) for r in release.records], [])
                 await self._store.ingest(received)
-            self.book.release(release.request_id)
+            if release.request_id:
+                self.book.release(release.request_id)
+            if release.lease_user and sender:
+                # The consumed tokens' records count now (they came with this call, or by
+                # sync before it): the lease holds them no longer.
+                self.book.shrink(
+                    _lease_id(sender, release.lease_user),
+                    release.lease_consumed + release.lease_returned,
+                    self._clock(),
+                )
             return lpb.QuotaGrant()
         raise InvalidRequest("a quota call is a reserve or a release")
 
@@ -287,6 +482,15 @@ class QuotaService:
 
     def plan_release(self, request_id: str) -> None:
         self.plan_book.release(request_id)
+
+
+def _lease_id(entry_node_id: str, user: str) -> str:
+    return f"lease/{entry_node_id}/{user}"
+
+
+def _tokens(signed: lpb.SignedRecord) -> int:
+    record = lpb.UsageRecord.FromString(signed.record)
+    return int(record.prompt_tokens + record.completion_tokens)
 
 
 def replace_user(record: lpb.UsageRecord, user: str) -> lpb.UsageRecord:

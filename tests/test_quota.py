@@ -231,3 +231,37 @@ def test_the_prompt_bound_covers_text_template_and_continuation() -> None:
     assert prompt_bound(chat) == len("Be brief.") + len("Hé, ça va ?".encode()) + 3 + 3 * 32
     plain = InferenceRequest(model="m", prompt="1, 2, 3", sampling=Sampling())
     assert prompt_bound(plain) == 7 + 32
+
+
+def test_a_lease_takes_at_most_a_quarter_of_what_is_left_and_counts_as_held() -> None:
+    book = QuotaBook()
+    quota = parse_quota("mesh=unlimited,cloud=1000/day")
+    both = frozenset({MESH, CLOUD})
+    got = book.lease(lease_id="L", user="u", quota=quota, classes=both, wanted=5000, now_ms=NOW)
+    assert got == 250
+    assert book.held("u", CLOUD) == 250
+    assert (
+        book.lease(lease_id="L", user="u", quota=quota, classes=both, wanted=5000, now_ms=NOW)
+        == 187
+    )
+    # Consumed tokens leave the lease as their records come in: the total stays the same.
+    book.count([record("u", 100, route="cloud")])
+    book.shrink("L", 100, NOW)
+    assert book.used("u", CLOUD, quota.limits[0].period, NOW) + book.held("u", CLOUD) == 437
+    book.shrink("L", 10_000, NOW)  # more than it holds: it is simply gone
+    assert book.held("u", CLOUD) == 0
+    assert (
+        book.lease(
+            lease_id="M",
+            user="u",
+            quota=parse_quota("unlimited"),
+            classes=both,
+            wanted=9,
+            now_ms=NOW,
+        )
+        == 0
+    )
+    # Leases and requests together never pass the limit.
+    book.lease(lease_id="N", user="u", quota=quota, classes=both, wanted=10**6, now_ms=NOW)
+    with pytest.raises(QuotaExceeded):
+        reserve(book, "r", "u", quota, [CLOUD], 0, 700, NOW)

@@ -113,36 +113,48 @@ class QuotaCall(_message.Message):
     def __init__(self, reserve: _Optional[_Union[Reserve, _Mapping]] = ..., release: _Optional[_Union[Release, _Mapping]] = ...) -> None: ...
 
 class Reserve(_message.Message):
-    __slots__ = ("request_id", "user", "classes", "prompt_tokens", "max_tokens")
+    __slots__ = ("request_id", "user", "classes", "prompt_tokens", "max_tokens", "lease_tokens", "lease_returned")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     USER_FIELD_NUMBER: _ClassVar[int]
     CLASSES_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    LEASE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    LEASE_RETURNED_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     user: str
     classes: _containers.RepeatedScalarFieldContainer[str]
     prompt_tokens: int
     max_tokens: int
-    def __init__(self, request_id: _Optional[str] = ..., user: _Optional[str] = ..., classes: _Optional[_Iterable[str]] = ..., prompt_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ...) -> None: ...
+    lease_tokens: int
+    lease_returned: int
+    def __init__(self, request_id: _Optional[str] = ..., user: _Optional[str] = ..., classes: _Optional[_Iterable[str]] = ..., prompt_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ..., lease_tokens: _Optional[int] = ..., lease_returned: _Optional[int] = ...) -> None: ...
 
 class Release(_message.Message):
-    __slots__ = ("request_id", "records")
+    __slots__ = ("request_id", "records", "lease_user", "lease_consumed", "lease_returned")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     RECORDS_FIELD_NUMBER: _ClassVar[int]
+    LEASE_USER_FIELD_NUMBER: _ClassVar[int]
+    LEASE_CONSUMED_FIELD_NUMBER: _ClassVar[int]
+    LEASE_RETURNED_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     records: _containers.RepeatedCompositeFieldContainer[SignedRecord]
-    def __init__(self, request_id: _Optional[str] = ..., records: _Optional[_Iterable[_Union[SignedRecord, _Mapping]]] = ...) -> None: ...
+    lease_user: str
+    lease_consumed: int
+    lease_returned: int
+    def __init__(self, request_id: _Optional[str] = ..., records: _Optional[_Iterable[_Union[SignedRecord, _Mapping]]] = ..., lease_user: _Optional[str] = ..., lease_consumed: _Optional[int] = ..., lease_returned: _Optional[int] = ...) -> None: ...
 
 class QuotaGrant(_message.Message):
-    __slots__ = ("classes", "max_tokens", "refusals")
+    __slots__ = ("classes", "max_tokens", "refusals", "lease_tokens")
     CLASSES_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     REFUSALS_FIELD_NUMBER: _ClassVar[int]
+    LEASE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     classes: _containers.RepeatedScalarFieldContainer[str]
     max_tokens: int
     refusals: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, classes: _Optional[_Iterable[str]] = ..., max_tokens: _Optional[int] = ..., refusals: _Optional[_Iterable[str]] = ...) -> None: ...
+    lease_tokens: int
+    def __init__(self, classes: _Optional[_Iterable[str]] = ..., max_tokens: _Optional[int] = ..., refusals: _Optional[_Iterable[str]] = ..., lease_tokens: _Optional[int] = ...) -> None: ...
 
 class UserList(_message.Message):
     __slots__ = ("digest", "users")
