@@ -13,7 +13,13 @@ concurrent requests entering at any box, office or relay are all counted in one 
   handing the home the answer's signed records, which it verifies and keeps, so they
   count at once (ledger sync brings them anyway; a record is counted once, by node and
   sequence). Idempotent by request ID.
-- `serve_call` (the home node): the other side of both.
+- Leases: with a reservation, the home may grant the entry node a standing one for that
+  user (at most LEASE_TOKENS and a quarter of what is left). The entry node then admits
+  the user's requests from it without a round trip, puts back what each did not use,
+  reports their records as they come (the lease shrinks by what they count), and hands
+  the lease back when idle for LEASE_IDLE_S or when the user's entry changes. A lease is
+  held at the home like any reservation, so the bound is the same.
+- `serve_call` (the home node): the other side of all of it.
 
 Cloud overflow nodes hold the mesh to its cloud plan (`cloud_plan` in their config)
 from their own ledger: `plan_reserve` before serving, `plan_release` after, RESOURCE_
