@@ -72,6 +72,11 @@ CREATE TABLE IF NOT EXISTS forks (
     signature BLOB    NOT NULL,
     hash      BLOB    NOT NULL UNIQUE
 );
+-- The membership certificate of every node whose records are held (sent with them).
+CREATE TABLE IF NOT EXISTS members (
+    node_id TEXT PRIMARY KEY,
+    cert    BLOB NOT NULL
+);
 -- Per peer: how far this node has read that peer's receipts (the peer's own order).
 CREATE TABLE IF NOT EXISTS sync_cursors (
     peer_id        TEXT    PRIMARY KEY,
@@ -365,6 +370,7 @@ class LedgerStore:
         budget = min(request.max_records or limit, limit)
         more = False
         records: list[lpb.SignedRecord] = []
+        owners: list[str] = []  # each record's node
         async with self._reader.execute(
             "SELECT node_id, MAX(seq) FROM records GROUP BY node_id ORDER BY node_id"
         ) as cursor:
@@ -386,6 +392,7 @@ class LedgerStore:
                 rows, more = rows[:budget], True
             budget -= len(rows)
             records += [lpb.SignedRecord(record=bytes(r[0]), signature=bytes(r[1])) for r in rows]
+            owners += [str(node_id)] * len(rows)
         async with self._reader.execute(
             "SELECT rowid, receipt, from_peer FROM receipts WHERE rowid > ? ORDER BY rowid LIMIT ?",
             (request.receipts_after, limit + 1),
@@ -413,6 +420,11 @@ class LedgerStore:
                     receipts=receipts[start : start + FRAME_RECORDS],
                 )
             )
+        certs = await self._certs(sorted(set(owners)))
+        for index, frame in enumerate(frames):
+            start = index * FRAME_RECORDS
+            frame_nodes = sorted(set(owners[start : start + FRAME_RECORDS]))
+            frame.member_certs.extend(certs[n] for n in frame_nodes if n in certs)
         last = frames[-1]
         last.receipts_cursor = cursor_after
         last.more = more
@@ -433,6 +445,31 @@ class LedgerStore:
             if row is not None and bytes(row[2]) != head.hash:
                 proofs.append(lpb.SignedRecord(record=bytes(row[0]), signature=bytes(row[1])))
         return proofs
+
+    async def _certs(self, nodes: list[str]) -> dict[str, bytes]:
+        found: dict[str, bytes] = {}
+        for start in range(0, len(nodes), 500):
+            chunk = nodes[start : start + 500]
+            marks = ",".join("?" * len(chunk))  # placeholders only: the values are bound
+            query = f"SELECT node_id, cert FROM members WHERE node_id IN ({marks})"  # noqa: S608
+            async with self._reader.execute(query, chunk) as cursor:
+                found.update({str(r[0]): bytes(r[1]) for r in await cursor.fetchall()})
+        return found
+
+    async def remember_members(self, certs: dict[str, bytes]) -> None:
+        """Keep the membership certificates of nodes (proven members) to pass them on."""
+        if not certs:
+            return
+        async with self._transaction:
+            await self._db.executemany(
+                "INSERT OR REPLACE INTO members (node_id, cert) VALUES (?, ?)",
+                list(certs.items()),
+            )
+            await self._db.commit()
+
+    async def member_ids(self) -> set[str]:
+        async with self._db.execute("SELECT node_id FROM members") as cursor:
+            return {str(r[0]) for r in await cursor.fetchall()}
 
     async def receipts_cursor(self, peer_id: str) -> int:
         async with self._reader.execute(
@@ -608,6 +645,8 @@ def read_ledger(path: Path) -> tuple[list[lpb.SignedRecord], list[lpb.Receipt]]:
 
 
 Ask = Callable[[lpb.SyncRequest], AsyncIterator[lpb.SyncBatch]]
+Vouch = Callable[[bytes], str | None]
+MAX_CERTS = 1024
 PIPELINE = 3  # answer frames being checked while the next ones arrive
 
 
@@ -619,11 +658,14 @@ async def pull(
     *,
     max_records: int = 0,
     own_only: bool = False,
+    vouch: Vouch | None = None,
 ) -> Ingested:
     """Everything `peer_id` holds that this store lacks, by asking until nothing is left
     (`ask` carries one SyncRequest to the peer and yields its answer frames). Frames are
     checked in parallel and kept in order, so a chain is always extended from its end.
-    `own_only`: keep only the peer's own records (a cloud node speaks for itself only)."""
+    `own_only`: keep only the peer's own records (a cloud node speaks for itself only).
+    `vouch`: the node ID a membership certificate proves a member of this mesh (None if
+    it does not); with it, only records of proven members are kept."""
     total = Ingested()
     in_flight: deque[tuple[lpb.SyncBatch, asyncio.Task[Received]]] = deque()
     try:
@@ -638,9 +680,9 @@ async def pull(
                 in_flight.append((batch, asyncio.create_task(checker.check(batch))))
                 more = more or batch.more
                 if len(in_flight) >= PIPELINE:
-                    await _keep_oldest(store, peer_id, in_flight, total, own_only)
+                    await _keep_oldest(store, peer_id, in_flight, total, own_only, vouch)
             while in_flight:
-                await _keep_oldest(store, peer_id, in_flight, total, own_only)
+                await _keep_oldest(store, peer_id, in_flight, total, own_only, vouch)
             stuck = total.records == kept and await store.receipts_cursor(peer_id) == cursor
             if not more or stuck:  # stuck: what is left does not fit (fork proof was kept)
                 return total
@@ -655,9 +697,25 @@ async def _keep_oldest(
     in_flight: deque[tuple[lpb.SyncBatch, asyncio.Task[Received]]],
     total: Ingested,
     own_only: bool,
+    vouch: Vouch | None,
 ) -> None:
     batch, task = in_flight.popleft()
     received = await task
+    if vouch is not None:
+        proven = {}
+        for raw in batch.member_certs[:MAX_CERTS]:
+            node_id = vouch(raw)
+            if node_id is not None:
+                proven[node_id] = raw
+        await store.remember_members(proven)
+        members = await store.member_ids()
+        strangers = {r.node_id for r in received.records if r.node_id not in members}
+        if strangers:
+            total.problems.append(
+                f"records of {len(strangers)} node(s) not proven members of this mesh ignored"
+            )
+        received.records = [r for r in received.records if r.node_id in members]
+        received.fork_proofs = [r for r in received.fork_proofs if r.node_id in members]
     if own_only:
         others = [r for r in received.records if r.node_id != peer_id]
         if others:

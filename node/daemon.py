@@ -186,6 +186,7 @@ class Node:
             table=self.peer_table,
             links=self.peering,
             users=self.users,
+            trust=self.trust,
             active=lambda: trust.role is not Role.OVERFLOW,  # overflow nodes never ask
         )
         await self.ledger_sync.start()

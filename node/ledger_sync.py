@@ -19,13 +19,18 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
+from google.protobuf.message import DecodeError
+
 from mesh.errors import MeshError, Unavailable
 from mesh.inference import Route
 from mesh.ledger_store import LedgerStore, pull
 from mesh.ledger_sync import Checker
+from mesh.membership import read_cert, verify_cert
 from mesh.peers import PeerState, PeerTable
 from mesh.wire.v1 import ledger_pb2 as lpb
+from mesh.wire.v1 import trust_pb2 as tpb
 from node.peering import Peering
+from node.trust_store import TrustStore
 from node.users_admin import UsersAdmin
 
 logger = logging.getLogger(__name__)
@@ -56,6 +61,7 @@ class LedgerSync:
         table: PeerTable,
         links: Peering,
         users: UsersAdmin | None = None,
+        trust: TrustStore | None = None,
         interval_s: float = SYNC_INTERVAL_S,
         workers: int = 2,
         active: Callable[[], bool] = lambda: True,
@@ -65,6 +71,8 @@ class LedgerSync:
         self._table = table
         self._links = links
         self._users = users
+        self._trust = trust
+        self._certs: dict[str, bytes] = {}  # the membership certificates already kept
         self._interval_s = interval_s
         self._checker = Checker(workers)
         self._wake = asyncio.Event()
@@ -113,6 +121,31 @@ class LedgerSync:
             logger.exception("ledger sync with %s failed", node_id[:7])
             self.peers[node_id] = PeerSync(at_ms=int(time.time() * 1000), error=repr(exc))
 
+    async def _remember(self, certs: dict[str, bytes]) -> None:
+        """Keep members' certificates, to send with their records (written when new)."""
+        if self._trust is not None:
+            certs[self._trust.identity.node_id] = self._trust.cert.SerializeToString()
+        new = {k: v for k, v in certs.items() if v and self._certs.get(k) != v}
+        if new:
+            await self._store.remember_members(new)
+            self._certs.update(new)
+
+    def _vouch(self, raw: bytes) -> str | None:
+        """The node a certificate proves a member of this mesh, or None. Expiry and
+        revocation do not matter here: what a member signed while it was one stays true."""
+        assert self._trust is not None
+        try:
+            signed = tpb.SignedCert.FromString(raw)
+            cert, _ = read_cert(signed)
+            member = verify_cert(
+                signed,
+                mesh_public_key=self._trust.mesh_public_key,
+                now_ms=cert.issued_at_unix_ms,
+            )
+        except (MeshError, DecodeError, ValueError):
+            return None
+        return member.node_id
+
     async def pull_from(self, node_id: str) -> PeerSync:
         """One pull from one peer, until it has nothing more for us."""
         outcome = PeerSync(at_ms=int(time.time() * 1000))
@@ -122,6 +155,7 @@ class LedgerSync:
             self.peers[node_id] = outcome
             return outcome
         client, card = link
+        await self._remember({node_id: card.card.membership.SerializeToString()})
         peer = self._table.get(node_id)
         if self._users is not None and peer is not None and peer.route is not Route.CLOUD:
             # Users travel between members only: a cloud node never adds one.
@@ -148,7 +182,14 @@ class LedgerSync:
 
         try:
             cloud = peer is not None and peer.route is Route.CLOUD
-            done = await pull(self._store, node_id, ask, self._checker, own_only=cloud)
+            done = await pull(
+                self._store,
+                node_id,
+                ask,
+                self._checker,
+                own_only=cloud,
+                vouch=self._vouch if self._trust is not None else None,
+            )
         except MeshError as exc:
             outcome.error = exc.message
             logger.debug("ledger sync with %s failed: %s", node_id[:7], exc.message)

@@ -12,12 +12,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mesh.errors import InvalidRequest
+from mesh.errors import InvalidRequest, MeshError
 from mesh.identity import Identity
 from mesh.ledger import ChainWriter, Usage, countersign, open_record, record_hash, summarize, verify
 from mesh.ledger_store import Ask, LedgerStore, pull, read_ledger
 from mesh.ledger_sync import Checker, Held, check_batch, check_record, plan_chain
+from mesh.membership import MeshAuthority, Role, read_cert, verify_cert
 from mesh.wire.v1 import ledger_pb2 as lpb
+from mesh.wire.v1 import trust_pb2 as tpb
 
 
 def _usage(i: int, entry: Identity, user: str = "alice") -> Usage:
@@ -273,3 +275,47 @@ async def test_from_a_cloud_node_only_its_own_records_are_kept(
         assert "3 records of other nodes ignored" in got.problems
         held = {open_record(r).node_id for r in read_ledger(tmp_path / "b.db")[0]}
         assert held == {ids[1].node_id}
+
+
+async def test_only_records_of_proven_members_are_kept(tmp_path: Path, checker: Checker) -> None:
+    """With a `vouch`, records travel with their nodes' membership certificates and a
+    node nobody can prove a member (a made-up one, or another mesh's) is ignored."""
+    ours, theirs = MeshAuthority.generate(), MeshAuthority.generate()
+    a_id, b_id, c_id, made_up = (Identity.generate() for _ in range(4))
+
+    def cert(authority: MeshAuthority, who: Identity) -> bytes:
+        signed = authority.issue(
+            who.public_key_raw, role=Role.MEMBER, now_ms=1_800_000_000_000, ttl_ms=1000
+        )
+        return bytes(signed.SerializeToString())
+
+    def vouch(raw: bytes) -> str | None:
+        try:
+            signed = tpb.SignedCert.FromString(raw)
+            issued = read_cert(signed)[0].issued_at_unix_ms
+            member = verify_cert(signed, mesh_public_key=ours.public_key, now_ms=issued)
+        except (MeshError, ValueError):
+            return None
+        return member.node_id
+
+    async with (
+        await LedgerStore.open(tmp_path / "a.db", a_id) as a,
+        await LedgerStore.open(tmp_path / "b.db", b_id) as b,
+        await LedgerStore.open(tmp_path / "c.db", c_id) as c,
+        await LedgerStore.open(tmp_path / "x.db", made_up) as x,
+    ):
+        await _serve(a, a_id, 3)
+        await _serve(x, made_up, 2, start=50)
+        await a.remember_members({a_id.node_id: cert(ours, a_id)})
+        await pull(a, made_up.node_id, asker(x), checker)  # a took in x's records unchecked
+        await a.remember_members({made_up.node_id: cert(theirs, made_up)})  # another mesh's
+        got = await pull(b, a_id.node_id, asker(a), checker, vouch=vouch)
+        assert got.records == 3
+        assert "records of 1 node(s) not proven members of this mesh ignored" in got.problems
+        # The certificates travel with the records: c, two hops away, proves a's too.
+        got = await pull(c, b_id.node_id, asker(b), checker, vouch=vouch)
+        assert got.records == 3
+        held = {open_record(r).node_id for r in read_ledger(tmp_path / "c.db")[0]}
+        assert held == {a_id.node_id}
+        # Years later the certificate has expired: what a signed as a member still counts.
+        assert vouch(cert(ours, a_id)) == a_id.node_id

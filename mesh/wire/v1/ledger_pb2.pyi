@@ -91,18 +91,20 @@ class ChainHead(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., seq: _Optional[int] = ..., hash: _Optional[bytes] = ...) -> None: ...
 
 class SyncBatch(_message.Message):
-    __slots__ = ("records", "receipts", "receipts_cursor", "more", "fork_proofs")
+    __slots__ = ("records", "receipts", "receipts_cursor", "more", "fork_proofs", "member_certs")
     RECORDS_FIELD_NUMBER: _ClassVar[int]
     RECEIPTS_FIELD_NUMBER: _ClassVar[int]
     RECEIPTS_CURSOR_FIELD_NUMBER: _ClassVar[int]
     MORE_FIELD_NUMBER: _ClassVar[int]
     FORK_PROOFS_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_CERTS_FIELD_NUMBER: _ClassVar[int]
     records: _containers.RepeatedCompositeFieldContainer[SignedRecord]
     receipts: _containers.RepeatedCompositeFieldContainer[Receipt]
     receipts_cursor: int
     more: bool
     fork_proofs: _containers.RepeatedCompositeFieldContainer[SignedRecord]
-    def __init__(self, records: _Optional[_Iterable[_Union[SignedRecord, _Mapping]]] = ..., receipts: _Optional[_Iterable[_Union[Receipt, _Mapping]]] = ..., receipts_cursor: _Optional[int] = ..., more: _Optional[bool] = ..., fork_proofs: _Optional[_Iterable[_Union[SignedRecord, _Mapping]]] = ...) -> None: ...
+    member_certs: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, records: _Optional[_Iterable[_Union[SignedRecord, _Mapping]]] = ..., receipts: _Optional[_Iterable[_Union[Receipt, _Mapping]]] = ..., receipts_cursor: _Optional[int] = ..., more: _Optional[bool] = ..., fork_proofs: _Optional[_Iterable[_Union[SignedRecord, _Mapping]]] = ..., member_certs: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class QuotaCall(_message.Message):
     __slots__ = ("reserve", "release")
