@@ -36,6 +36,7 @@ from mesh.ledger_sync import (
     MAX_HEADS,
     MAX_RECORDS_PER_CALL,
     Checked,
+    CheckedReceipt,
     Checker,
     Held,
     Received,
@@ -229,6 +230,19 @@ class LedgerStore:
             if not future.done():
                 future.set_result(signed)
 
+    @contextlib.asynccontextmanager
+    async def _write(self) -> AsyncIterator[None]:
+        """One transaction at a time on the connection: committed at the end, rolled back
+        (its own writes only) if anything in it fails."""
+        async with self._transaction:
+            try:
+                yield
+                await self._db.commit()
+            except Exception:
+                with contextlib.suppress(sqlite3.Error):
+                    await self._db.rollback()
+                raise
+
     def _tell(self, new: list[bytes]) -> None:
         if new:
             self.on_records([lpb.UsageRecord.FromString(data) for data in new])
@@ -308,29 +322,36 @@ class LedgerStore:
             record=signed.record,
             signature=signed.signature,
         )
-        async with self._transaction:  # never inside another transaction's commit or rollback
-            try:
-                result = Ingested()
-                await self._keep_chain(record.node_id, [item], result)
-                await self._insert_receipt(receipt)
-                await self._db.commit()
-            except Exception:
-                with contextlib.suppress(sqlite3.Error):
-                    await self._db.rollback()
-                raise
+        result = Ingested()
+        async with self._write():
+            await self._keep_chain(record.node_id, [item], result)
+            await self._insert_receipts([receipt])
         self._tell(result.new)
         return "; ".join(result.problems)
 
     async def add_receipt(self, receipt: lpb.Receipt) -> None:
-        async with self._transaction:
-            await self._insert_receipt(receipt)
-            await self._db.commit()
+        async with self._write():
+            await self._insert_receipts([receipt])
 
-    async def _insert_receipt(self, receipt: lpb.Receipt) -> None:
-        await self._db.execute(
-            "INSERT OR IGNORE INTO receipts (hash, entry_node_id, receipt) VALUES (?, ?, ?)",
-            (receipt.record_hash, receipt.entry_node_id, receipt.SerializeToString()),
+    async def _insert_receipts(
+        self, receipts: list[lpb.Receipt] | list[CheckedReceipt], from_peer: str = ""
+    ) -> int:
+        """Inside a transaction: keep receipts (each once); returns how many were new."""
+        before = self._db.total_changes
+        await self._db.executemany(
+            "INSERT OR IGNORE INTO receipts (hash, entry_node_id, receipt, from_peer) "
+            "VALUES (?, ?, ?, ?)",
+            [
+                (
+                    r.record_hash,
+                    r.entry_node_id,
+                    r.receipt if isinstance(r, CheckedReceipt) else r.SerializeToString(),
+                    from_peer,
+                )
+                for r in receipts
+            ],
         )
+        return self._db.total_changes - before
 
     async def receipts(self) -> list[lpb.Receipt]:
         async with self._db.execute("SELECT receipt FROM receipts") as cursor:
@@ -460,12 +481,11 @@ class LedgerStore:
         """Keep the membership certificates of nodes (proven members) to pass them on."""
         if not certs:
             return
-        async with self._transaction:
+        async with self._write():
             await self._db.executemany(
                 "INSERT OR REPLACE INTO members (node_id, cert) VALUES (?, ?)",
                 list(certs.items()),
             )
-            await self._db.commit()
 
     async def member_ids(self) -> set[str]:
         async with self._db.execute("SELECT node_id FROM members") as cursor:
@@ -487,42 +507,27 @@ class LedgerStore:
         by_node: dict[str, list[Checked]] = {}
         for item in received.records:
             by_node.setdefault(item.node_id, []).append(item)
-        async with self._transaction:
-            try:
-                for node_id, items in by_node.items():
-                    await self._keep_chain(node_id, items, result)
-                for proof in received.fork_proofs:
-                    held = await self._held(proof.node_id, proof.seq + 1, proof.seq - 1)
-                    have = held.get(proof.seq)
-                    if have is not None and have.digest != proof.digest:
-                        if await self._insert_forks([proof]):
-                            result.forks += 1
-                            result.problems.append(
-                                f"fork: node {proof.node_id[:7]} signed two different records "
-                                f"#{proof.seq}"
-                            )
-                before = self._db.total_changes
-                await self._db.executemany(
-                    "INSERT OR IGNORE INTO receipts (hash, entry_node_id, receipt, from_peer) "
-                    "VALUES (?, ?, ?, ?)",
-                    [
-                        (r.record_hash, r.entry_node_id, r.receipt, peer_id)
-                        for r in received.receipts
-                    ],
+        async with self._write():
+            for node_id, items in by_node.items():
+                await self._keep_chain(node_id, items, result)
+            for proof in received.fork_proofs:
+                have = (await self._held(proof.node_id, proof.seq, proof.seq)).get(proof.seq)
+                if have is not None and have.digest != proof.digest:
+                    if await self._insert_forks([proof]):
+                        result.forks += 1
+                        result.problems.append(
+                            f"fork: node {proof.node_id[:7]} signed two different records "
+                            f"#{proof.seq}"
+                        )
+            result.receipts = await self._insert_receipts(received.receipts, peer_id)
+            if peer_id:
+                await self._db.execute(
+                    "INSERT INTO sync_cursors (peer_id, receipts_after) VALUES (?, ?) "
+                    "ON CONFLICT (peer_id) DO UPDATE SET "
+                    "receipts_after = MAX(receipts_after, excluded.receipts_after)",
+                    (peer_id, receipts_cursor),
                 )
-                result.receipts = self._db.total_changes - before
-                if peer_id:
-                    await self._db.execute(
-                        "INSERT INTO sync_cursors (peer_id, receipts_after) VALUES (?, ?) "
-                        "ON CONFLICT (peer_id) DO UPDATE SET "
-                        "receipts_after = MAX(receipts_after, excluded.receipts_after)",
-                        (peer_id, receipts_cursor),
-                    )
-                await self._db.commit()
-            except Exception:
-                with contextlib.suppress(sqlite3.Error):
-                    await self._db.rollback()
-                raise
+        if self._identity.node_id in by_node:
             await self._follow_own_chain()
         self._tell(result.new)
         return result
@@ -592,13 +597,14 @@ class LedgerStore:
     async def _follow_own_chain(self) -> None:
         """Records of this node's own that a peer gave back (a node restored without its
         ledger) move the writer on, so the chain continues instead of forking."""
-        async with self._db.execute(
-            "SELECT seq, hash FROM records WHERE node_id = ? ORDER BY seq DESC LIMIT 1",
-            (self._identity.node_id,),
-        ) as cursor:
-            last = await cursor.fetchone()
-        if last is not None and int(last[0]) > self._writer.last_seq:
-            self._writer.last_seq, self._writer.last_hash = int(last[0]), bytes(last[1])
+        async with self._transaction:  # the writer's state belongs to the commit loop too
+            async with self._db.execute(
+                "SELECT seq, hash FROM records WHERE node_id = ? ORDER BY seq DESC LIMIT 1",
+                (self._identity.node_id,),
+            ) as cursor:
+                last = await cursor.fetchone()
+            if last is not None and int(last[0]) > self._writer.last_seq:
+                self._writer.last_seq, self._writer.last_hash = int(last[0]), bytes(last[1])
 
     async def forks(self) -> list[lpb.SignedRecord]:
         async with self._reader.execute(
