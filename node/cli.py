@@ -207,23 +207,8 @@ def _request(
         conn.close()
 
 
-def _get_json(base_url: str, path: str) -> Any:
-    with _request(base_url, "GET", path) as response:
-        return json.loads(response.read())
-
-
-def _post_json(base_url: str, path: str, body: dict[str, Any]) -> Any:
-    with _request(base_url, "POST", path, body) as response:
-        return json.loads(response.read())
-
-
-def _delete_json(base_url: str, path: str) -> Any:
-    with _request(base_url, "DELETE", path) as response:
-        return json.loads(response.read())
-
-
-def _patch_json(base_url: str, path: str, body: dict[str, Any]) -> Any:
-    with _request(base_url, "PATCH", path, body) as response:
+def _json(base_url: str, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    with _request(base_url, method, path, body) as response:
         return json.loads(response.read())
 
 
@@ -252,7 +237,8 @@ def invite(home_dir: Path | None, role: str, ttl: str) -> None:
         ttl_s = parse_duration(ttl)
     except MeshError as exc:
         raise click.ClickException(exc.message) from exc
-    reply = _post_json(_node_url(home_dir), "/allerac/mesh/invites", {"role": role, "ttl_s": ttl_s})
+    body = {"role": role, "ttl_s": ttl_s}
+    reply = _json(_node_url(home_dir), "POST", "/allerac/mesh/invites", body)
     click.echo(reply["code"])
     click.echo(
         f"One-time {reply['role']} invite to mesh {reply['mesh_id']}, valid {ttl}. "
@@ -266,7 +252,7 @@ def invite(home_dir: Path | None, role: str, ttl: str) -> None:
 @click.argument("code")
 def join(home_dir: Path | None, code: str) -> None:
     """Join the mesh that CODE invites this box to (the node must be running)."""
-    reply = _post_json(_node_url(home_dir), "/allerac/mesh/join", {"code": code})
+    reply = _json(_node_url(home_dir), "POST", "/allerac/mesh/join", {"code": code})
     click.echo(f"Joined mesh {reply['mesh_id']} as {reply['role']}.")
 
 
@@ -275,7 +261,7 @@ def join(home_dir: Path | None, code: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def members(home_dir: Path | None, as_json: bool) -> None:
     """List the members this node knows (an admin knows everyone it invited)."""
-    data = _get_json(_node_url(home_dir), "/allerac/mesh/members")
+    data = _json(_node_url(home_dir), "GET", "/allerac/mesh/members")
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
@@ -291,7 +277,7 @@ def members(home_dir: Path | None, as_json: bool) -> None:
 @click.argument("node_id")
 def revoke(home_dir: Path | None, node_id: str) -> None:
     """Revoke NODE_ID: every peer refuses it from now on."""
-    reply = _post_json(_node_url(home_dir), "/allerac/mesh/revoke", {"node_id": node_id})
+    reply = _json(_node_url(home_dir), "POST", "/allerac/mesh/revoke", {"node_id": node_id})
     click.echo(
         f"Revocation list v{reply['version']}: {len(reply['revoked'])} revoked; told "
         f"{len(reply['told'])} member(s) at once."
@@ -343,7 +329,7 @@ def user_add(home_dir: Path | None, name: str, privacy: str | None, quota: str |
         **({"privacy": privacy} if privacy else {}),
         **({"quota": quota} if quota is not None else {}),
     }
-    reply = _post_json(_node_url(home_dir), "/allerac/users", body)
+    reply = _json(_node_url(home_dir), "POST", "/allerac/users", body)
     click.echo(reply["api_key"])
     click.echo(
         f"API key of {reply['name']} (privacy {reply['privacy']}, quota {reply['quota']}). "
@@ -368,7 +354,7 @@ def user_set(home_dir: Path | None, name: str, privacy: str | None, quota: str |
         **({"quota": quota} if quota is not None else {}),
     }
     path = "/allerac/users/" + urllib.parse.quote(name, safe="")
-    reply = _patch_json(_node_url(home_dir), path, body)
+    reply = _json(_node_url(home_dir), "PATCH", path, body)
     click.echo(f"User {reply['name']}: privacy {reply['privacy']}, quota {reply['quota']}.")
 
 
@@ -377,7 +363,7 @@ def user_set(home_dir: Path | None, name: str, privacy: str | None, quota: str |
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def user_list(home_dir: Path | None, as_json: bool) -> None:
     """List the users (never their keys)."""
-    data = _get_json(_node_url(home_dir), "/allerac/users")
+    data = _json(_node_url(home_dir), "GET", "/allerac/users")
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
@@ -409,7 +395,7 @@ def user_remove(home_dir: Path | None, name: str) -> None:
     except MeshError as exc:
         raise click.ClickException(exc.message) from exc
     path = "/allerac/users/" + urllib.parse.quote(name, safe="")
-    reply = _delete_json(_node_url(home_dir), path)
+    reply = _json(_node_url(home_dir), "DELETE", path)
     click.echo(f"Removed user {reply['name']}: their API key no longer works.")
 
 
@@ -418,7 +404,7 @@ def user_remove(home_dir: Path | None, name: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def status(home_dir: Path | None, as_json: bool) -> None:
     """Show this node: identity, addresses, load and models."""
-    info = _get_json(_node_url(home_dir), "/allerac/status")
+    info = _json(_node_url(home_dir), "GET", "/allerac/status")
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
@@ -457,7 +443,7 @@ def status(home_dir: Path | None, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def models(home_dir: Path | None, as_json: bool) -> None:
     """List the models this node can serve."""
-    data = _get_json(_node_url(home_dir), "/v1/models")
+    data = _json(_node_url(home_dir), "GET", "/v1/models")
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
@@ -575,7 +561,7 @@ def route(
     query = urllib.parse.urlencode(
         {"model": model, "privacy": privacy, **({"max_tokens": max_tokens} if max_tokens else {})}
     )
-    data = _get_json(_node_url(home_dir), f"/allerac/route?{query}")
+    data = _json(_node_url(home_dir), "GET", f"/allerac/route?{query}")
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return

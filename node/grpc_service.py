@@ -19,7 +19,7 @@ from typing import Any, NoReturn
 import grpc
 
 from mesh.errors import InvalidRequest, MeshError, Overloaded, PermissionDenied, Unavailable
-from mesh.inference import Finished, Route
+from mesh.inference import Finished, InferenceRequest, Route
 from mesh.ledger_store import LedgerStore
 from mesh.membership import Role
 from mesh.scheduler import Privacy
@@ -217,36 +217,40 @@ class NodeCalls:
             if opened.sender.role is Role.OVERFLOW:
                 raise PermissionDenied("overflow nodes serve requests; they do not send them")
             inference = codec.parse_infer_request(opened.body)
-            planned = None
             if self._quota is not None and self._trust.role is Role.OVERFLOW:
-                planned = self._quota.plan_reserve(inference)  # the mesh's cloud plan
-                inference = planned or inference
+                # The mesh's cloud plan: held while it runs, released (idempotently) after.
+                inference = self._quota.plan_reserve(inference) or inference
         except MeshError as error:
             yield _sealed(writer, codec.error_to_pb(error), final=True)
             return
         try:
+            arrival = self._arrival(opened.sender.node_id, via_relay)
+            # Closed with us, so a caller that goes away stops the work at once.
+            async with contextlib.aclosing(self._stream(writer, inference, arrival)) as frames:
+                async for frame in frames:
+                    yield frame
+        finally:
+            if self._quota is not None:
+                self._quota.plan_release(inference.request_id)  # its record counts now
+
+    async def _stream(
+        self, writer: FrameWriter, inference: InferenceRequest, arrival: Arrival
+    ) -> AsyncGenerator[pb.InferEvent, None]:
+        """A peer's request served here (the mesh never forwards twice), sealed."""
+        try:
+            answer = await self._dispatcher.open(
+                inference, privacy=Privacy.LOCAL_ONLY, arrival=arrival
+            )
+        except MeshError as error:
+            yield _sealed(writer, codec.error_to_pb(error), final=True)
+            return
+        async with contextlib.aclosing(answer.events()) as events:
             try:
-                # A request from a peer is served here: the mesh never forwards twice.
-                answer = await self._dispatcher.open(
-                    inference,
-                    privacy=Privacy.LOCAL_ONLY,
-                    arrival=self._arrival(opened.sender.node_id, via_relay),
-                )
+                async for event in coalesce(events, window_s=STREAM_WINDOW_S):
+                    final = isinstance(event, Finished)
+                    yield _sealed(writer, codec.event_to_pb(event, answer.served_by), final=final)
             except MeshError as error:
                 yield _sealed(writer, codec.error_to_pb(error), final=True)
-                return
-            async with contextlib.aclosing(answer.events()) as events:
-                try:
-                    async for event in coalesce(events, window_s=STREAM_WINDOW_S):
-                        final = isinstance(event, Finished)
-                        yield _sealed(
-                            writer, codec.event_to_pb(event, answer.served_by), final=final
-                        )
-                except MeshError as error:
-                    yield _sealed(writer, codec.error_to_pb(error), final=True)
-        finally:
-            if planned is not None and self._quota is not None:
-                self._quota.plan_release(inference.request_id)  # its record counts now
 
     async def _control_answer(self, opened: OpenedRequest) -> pb.InferEvent:
         """A member's quota call (this node keeps that user's quota) or users exchange."""

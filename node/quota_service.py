@@ -32,9 +32,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from mesh.errors import (
     InvalidRequest,
@@ -280,9 +280,7 @@ class QuotaService:
         if lease is None or lease.reporting or not (lease.records or lease.consumed):
             return
         lease.reporting = True
-        task = asyncio.create_task(self._report(user, lease), name="quota-lease-report")
-        self._settling.add(task)
-        task.add_done_callback(self._settling.discard)
+        self._background(self._report(user, lease), "quota-lease-report")
 
     async def _report(self, user: str, lease: _Lease, returned: int = 0) -> None:
         """Tell the home what was used under the lease (with the records) and what is
@@ -315,9 +313,7 @@ class QuotaService:
         if lease is None:
             return
         lease.valid_until_ms = 0
-        task = asyncio.create_task(self._report(user, lease, lease.free), name="quota-lease-end")
-        self._settling.add(task)
-        task.add_done_callback(self._settling.discard)
+        self._background(self._report(user, lease, lease.free), "quota-lease-end")
 
     async def _tend_leases(self) -> None:
         """Every second: report what is pending; give back leases idle for a while (so
@@ -334,17 +330,26 @@ class QuotaService:
     def settle_soon(self, admission: Admission, records: list[lpb.SignedRecord]) -> None:
         """`settle`, without holding up the answer it follows (a remote home is told
         while the response goes out)."""
+        if not self._settle_here(admission, records):
+            self._background(self.settle(admission, records), "quota-release")
+
+    def _settle_here(self, admission: Admission, records: list[lpb.SignedRecord]) -> bool:
+        """Settle what needs no call to another node; False when the home must be told."""
         if not admission.home or admission.settled:
-            return
+            return True
         if admission.leased:
             admission.settled = True
             self._settle_leased(admission, records)
-            return
+            return True
         if admission.home == self._node_id:
-            self.book.release(admission.request.request_id)
             admission.settled = True
-            return
-        task = asyncio.create_task(self.settle(admission, records), name="quota-release")
+            self.book.release(admission.request.request_id)
+            return True
+        return False
+
+    def _background(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        """Quota business that must not hold anything up; `aclose` waits for it."""
+        task = asyncio.create_task(work, name=name)
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)
 
@@ -364,16 +369,10 @@ class QuotaService:
         """Release the reservation (the answer's records count from now on). Never
         raises: a home that cannot be told now lets the reservation expire, and the
         records reach it by ledger sync."""
-        if not admission.home or admission.settled:
+        if self._settle_here(admission, records):
             return
         admission.settled = True
         request_id = admission.request.request_id
-        if admission.home == self._node_id:
-            self.book.release(request_id)
-            return
-        if admission.leased:
-            self._settle_leased(admission, records)
-            return
         release = lpb.Release(request_id=request_id, records=records[:MAX_RELEASE_RECORDS])
         try:
             await self._call(admission.home, lpb.QuotaCall(release=release), "")
