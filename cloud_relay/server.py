@@ -1,10 +1,14 @@
 """The relay's gRPC server: thin. It opens sessions and moves frames; the rules live in
 `mesh.relay` (handshake, packet checks) and `cloud_relay.switchboard` (queues, rates).
 
-One `Session` RPC per node: the relay writes a challenge, reads a signed Hello,
-files the node under its mesh, then runs two loops until either side ends or
-the switchboard closes the session: one reads the node's packets and hands
-them to the switchboard; one writes what the switchboard queued for the node.
+One `Session` RPC per node: the stream is admitted against its source
+address's share first (before a byte is read), the relay writes a challenge,
+reads a signed Hello, screens what it claims (mesh served here, mesh share),
+checks its signatures once, files the node under its mesh, then runs two loops
+until either side ends or the switchboard closes the session: one reads the
+node's packets and hands them to the switchboard; one writes what the
+switchboard queued for the node. `Stats` answers only the operator's token
+(`cloud_relay.operator_token`).
 """
 
 from __future__ import annotations
@@ -21,8 +25,14 @@ from typing import Any
 
 import grpc
 
+from cloud_relay.operator_token import (
+    check_operator,
+    new_token,
+    token_path,
+    write_operator_token,
+)
+from cloud_relay.switchboard import Admission, SessionClosed, Switchboard
 from cloud_relay.switchboard import Session as RelaySession
-from cloud_relay.switchboard import SessionClosed, Switchboard
 from mesh.errors import MeshError
 from mesh.home import write_private
 from mesh.relay import (
@@ -30,6 +40,8 @@ from mesh.relay import (
     MAX_PACKET_BYTES,
     RelayLimits,
     new_challenge,
+    read_claim,
+    source_address,
     verify_hello,
 )
 from mesh.wire import grpc_options
@@ -46,13 +58,35 @@ def _now_ms() -> int:
 
 
 class RelayServicer(rpb_grpc.RelayServiceServicer):
-    def __init__(self, board: Switchboard) -> None:
+    def __init__(self, board: Switchboard, *, operator_token: str) -> None:
         self._board = board
+        self._operator_token = operator_token
 
     async def Stats(self, request: rpb.RelayStatsRequest, context: Context) -> rpb.RelayStats:
+        try:
+            check_operator(context.invocation_metadata() or (), self._operator_token)
+        except MeshError as error:
+            await context.abort(grpc.StatusCode[error.grpc_status], error.message)
         return self._board.stats()
 
     async def Session(self, request_iterator: Any, context: Context) -> None:
+        try:
+            admission = self._board.admit(source_address(context.peer()))
+        except MeshError as error:
+            await self._refuse(context, error)
+            return
+        try:
+            await self._serve(admission, context)
+        finally:
+            admission.release()
+
+    async def _refuse(self, context: Context, error: MeshError) -> None:
+        self._board.hellos_refused += 1
+        # Debug: a flood of refusals must not become a flood of log lines.
+        logger.debug("refused a session from %s: %s", context.peer(), error.message)
+        await context.abort(grpc.StatusCode[error.grpc_status], error.message)
+
+    async def _serve(self, admission: Admission, context: Context) -> None:
         limits = self._board.limits
         challenge = new_challenge(_now_ms())
         await context.write(rpb.RelayFrame(challenge=challenge))
@@ -67,17 +101,17 @@ class RelayServicer(rpb_grpc.RelayServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a session starts with a hello")
             return
         try:
+            self._board.screen(read_claim(first.hello))  # cheap: before any signature
             identity = verify_hello(first.hello, nonce=challenge.nonce, now_ms=_now_ms())
             session = self._board.open(identity)
         except MeshError as error:
-            self._board.hellos_refused += 1
-            logger.info("refused a session from %s: %s", context.peer(), error.message)
-            await context.abort(grpc.StatusCode[error.grpc_status], error.message)
+            await self._refuse(context, error)
             return
         logger.info(
-            "node %s of mesh %s connected (%s)",
+            "node %s of mesh %s connected from %s (%s)",
             identity.node_id[:7],
             identity.mesh_id[:7],
+            admission.address,
             identity.role.value,
         )
         await context.write(
@@ -132,7 +166,11 @@ def relay_server_options() -> list[tuple[str, int]]:
 
 
 class Relay:
-    """A running relay: `async with Relay(host=..., port=...) as relay:`."""
+    """A running relay: `async with Relay(host=..., port=...) as relay:`.
+
+    `run_file` (HOME/run/relay.json) is written once it listens; the operator token goes
+    next to it (HOME/run/relay.token, 0600) unless `token_file` says elsewhere. With
+    `allowed_meshes` the relay serves only those mesh IDs (a company's own relay)."""
 
     def __init__(
         self,
@@ -141,18 +179,25 @@ class Relay:
         port: int = 7443,
         limits: RelayLimits | None = None,
         run_file: Path | None = None,
+        token_file: Path | None = None,
+        allowed_meshes: frozenset[str] | None = None,
     ) -> None:
-        self.board = Switchboard(limits)
+        self.board = Switchboard(limits, allowed_meshes=allowed_meshes)
+        self._allowed_meshes = allowed_meshes
         self._host = host
         self._port = port
         self._run_file = run_file
+        if token_file is None and run_file is not None:
+            token_file = token_path(run_file.parent)
+        self._token_file = token_file
+        self.operator_token = new_token()
         self._server: grpc.aio.Server | None = None
         self.address = ""
 
     async def __aenter__(self) -> Relay:
         server = grpc.aio.server(options=relay_server_options())
         rpb_grpc.add_RelayServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            RelayServicer(self.board), server
+            RelayServicer(self.board, operator_token=self.operator_token), server
         )
         bind = f"[{self._host}]:{self._port}" if ":" in self._host else f"{self._host}:{self._port}"
         try:
@@ -162,11 +207,15 @@ class Relay:
         await server.start()
         self._server = server
         self.address = bind.rsplit(":", 1)[0] + f":{port}"
+        if self._token_file is not None:  # before the run file: its presence means "ready"
+            write_operator_token(self._token_file, self.operator_token)
         if self._run_file is not None:
             self._run_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             info = {"address": self.address, "port": port, "pid": os.getpid()}
             write_private(self._run_file, (json.dumps(info, indent=2) + "\n").encode())
         logger.info("relay listening on %s", self.address)
+        if self._allowed_meshes is not None:
+            logger.info("serving only meshes %s", ", ".join(sorted(self._allowed_meshes)))
         return self
 
     async def __aexit__(
@@ -180,3 +229,5 @@ class Relay:
             self._server = None
         if self._run_file is not None:
             self._run_file.unlink(missing_ok=True)
+        if self._token_file is not None:
+            self._token_file.unlink(missing_ok=True)

@@ -5,6 +5,14 @@ hands them to `Switchboard.forward`, and writes what `Session.next_frame`
 returns. Every queue is bounded twice (packets and bytes per recipient) and the
 relay as a whole has a byte budget, so a node that floods, or one that stops
 reading, costs the others nothing but the refusals it gets back.
+
+Strangers (anyone can make a mesh): a stream holds an `Admission` on its
+source address from its first byte to its end, so one address never holds
+more than its share, handshakes included; a mesh holds at most its share of
+sessions; a relay with an allowlist serves only the meshes on it. Packets are
+charged to their sender's and the global rate only once the recipient is
+known: packets to nobody cost their sender a refusal, and those come back at a
+bounded rate.
 """
 
 from __future__ import annotations
@@ -15,9 +23,10 @@ import logging
 import time
 from collections.abc import Callable
 
-from mesh.errors import Overloaded
+from mesh.errors import Overloaded, PermissionDenied
 from mesh.membership import Revocations, Role, role_to_pb, verify_revocations
 from mesh.relay import (
+    Claim,
     Refused,
     RelayLimits,
     SessionIdentity,
@@ -47,6 +56,9 @@ class Session:
         )
         self.bytes = TokenBucket(
             rate=limits.node_bytes_per_s, burst=limits.node_bytes_per_s, now_s=now_s
+        )
+        self.refusals = TokenBucket(
+            rate=limits.node_refusals_per_s, burst=limits.node_refusals_per_s, now_s=now_s
         )
         self._queue: collections.deque[tuple[rpb.RelayFrame, int]] = collections.deque()
         self.queued_bytes = 0
@@ -106,15 +118,35 @@ class Session:
             await self._wake.wait()
 
 
+class Admission:
+    """One stream's place in its source address's share, from its first byte to its end."""
+
+    __slots__ = ("_board", "_released", "address")
+
+    def __init__(self, board: Switchboard, address: str) -> None:
+        self._board = board
+        self.address = address
+        self._released = False
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._board._release(self.address)
+
+
 class Switchboard:
     def __init__(
         self,
         limits: RelayLimits | None = None,
         *,
         clock: Callable[[], float] = time.monotonic,
+        allowed_meshes: frozenset[str] | None = None,
     ) -> None:
         self.limits = limits or RelayLimits()
         self._clock = clock
+        self._allowed_meshes = allowed_meshes
+        self._streams_by_address: dict[str, int] = {}  # only addresses with a stream now
+        self.streams = 0
         self._meshes: dict[str, dict[str, Session]] = {}
         self._revocations: dict[str, Revocations] = {}  # mesh ID -> newest seen
         self._global = TokenBucket(
@@ -133,19 +165,53 @@ class Switchboard:
 
     # --- sessions -------------------------------------------------------------------------
 
+    def admit(self, address: str) -> Admission:
+        """A new stream from `address` (see `mesh.relay.source_address`), before anything is
+        read from it: refused at once if that address, or the relay, has no place left."""
+        held = self._streams_by_address.get(address, 0)
+        if held >= self.limits.max_sessions_per_address:
+            raise Overloaded(
+                f"{address} has {held} sessions on this relay already (the most one address "
+                "may hold)"
+            )
+        if self.streams >= self.limits.max_sessions:
+            raise Overloaded(f"the relay is full ({self.limits.max_sessions} sessions)")
+        self._streams_by_address[address] = held + 1
+        self.streams += 1
+        return Admission(self, address)
+
+    def _release(self, address: str) -> None:
+        self.streams -= 1
+        held = self._streams_by_address.pop(address) - 1
+        if held:
+            self._streams_by_address[address] = held
+
+    def screen(self, claim: Claim) -> None:
+        """Refuse a Hello on what it claims, before its signatures are checked: a mesh this
+        relay does not serve, or a new node of a mesh that holds its share already."""
+        if self._allowed_meshes is not None and claim.mesh_id not in self._allowed_meshes:
+            raise PermissionDenied(
+                f"mesh {claim.mesh_id[:7]} is not on this relay's list of meshes it serves"
+            )
+        mesh = self._meshes.get(claim.mesh_id, {})
+        if claim.node_id not in mesh and len(mesh) >= self.limits.max_sessions_per_mesh:
+            raise Overloaded(
+                f"mesh {claim.mesh_id[:7]} has {len(mesh)} sessions on this relay already "
+                "(the most one mesh may hold)"
+            )
+
     def open(self, identity: SessionIdentity) -> Session:
         """A verified Hello: file the node under its mesh (replacing an older session of
         the same node) and tell the mesh's members."""
+        self.screen(Claim(node_id=identity.node_id, mesh_id=identity.mesh_id))
         if identity.revocations is not None:
             self._adopt_revocations(identity.mesh_id, identity.revocations)
         revoked = self._revocations.get(identity.mesh_id)
         if revoked is not None and identity.node_id in revoked.revoked:
-            self.hellos_refused += 1
             raise Refused(rpb.REFUSAL_REASON_NOT_ALLOWED, "this node is revoked from its mesh")
         mesh = self._meshes.setdefault(identity.mesh_id, {})
         old = mesh.get(identity.node_id)
         if old is None and self.sessions >= self.limits.max_sessions:
-            self.hellos_refused += 1
             raise Overloaded(f"the relay is full ({self.limits.max_sessions} sessions)")
         if old is not None:
             self._close(old, "replaced by a newer session of the same node")
@@ -215,6 +281,11 @@ class Switchboard:
         except Refused as refused:
             name = rpb.RefusalReason.Name(refused.reason)
             self.refused[name.removeprefix("REFUSAL_REASON_")] += 1
+            # A node that keeps sending what cannot be delivered hears of it at a bounded
+            # rate (the rest are counted only); one that does not read its refusals loses
+            # them, not the relay's memory.
+            if not sender.refusals.take(1, self._clock()):
+                return
             refusal = rpb.RelayRefusal(
                 peer=recipient_id,
                 stream_id=packet.stream_id,
@@ -222,7 +293,6 @@ class Switchboard:
                 reason=name,
                 message=refused.message,
             )
-            # A node that does not read its own refusals loses them, not the relay's memory.
             sender.enqueue(rpb.RelayFrame(refusal=refusal), REFUSAL_BYTES)
             return
         self.packets_forwarded += 1
@@ -230,16 +300,18 @@ class Switchboard:
 
     def _deliver(self, sender: Session, packet: rpb.RelayPacket, size: int) -> None:
         check_packet(packet, sender_role=sender.role)
-        now = self._clock()
-        if not sender.packets.take(1, now) or not sender.bytes.take(size, now):
-            raise Refused(rpb.REFUSAL_REASON_RATE_LIMITED, "this node is over its relay rate")
-        if not self._global.take(1, now):
-            raise Refused(rpb.REFUSAL_REASON_RELAY_FULL, "the relay is over its global rate")
         recipient = self._meshes.get(sender.identity.mesh_id, {}).get(packet.peer)
         if recipient is None:
             raise Refused(rpb.REFUSAL_REASON_UNKNOWN_PEER, "the recipient is not connected")
         if not may_reach(sender.role, recipient.role):
             raise Refused(rpb.REFUSAL_REASON_NOT_ALLOWED, "overflow nodes do not reach each other")
+        # Only a packet that can be delivered spends the rates: the sender's first, so a node
+        # over its own rate never spends the relay's.
+        now = self._clock()
+        if not sender.packets.take(1, now) or not sender.bytes.take(size, now):
+            raise Refused(rpb.REFUSAL_REASON_RATE_LIMITED, "this node is over its relay rate")
+        if not self._global.take(1, now):
+            raise Refused(rpb.REFUSAL_REASON_RELAY_FULL, "the relay is over its global rate")
         if self.queued_bytes + size > self.limits.global_queue_bytes:
             raise Refused(rpb.REFUSAL_REASON_RELAY_FULL, "the relay's queues are full")
         packet.peer = sender.node_id  # the relay, not the sender, says who sent it

@@ -13,18 +13,32 @@ Overflow nodes (cloud) answer calls but never start them and never see the
 directory. Every packet is checked for size and shape before it is forwarded,
 rates are token buckets (per node and global), and the relay sets the sender
 of every packet it delivers, so nobody can speak for another node.
+
+Strangers: since anyone can make a mesh, the relay shares itself out by what
+a stranger cannot make for free. Sessions are capped per source address (an
+IPv4 address, or an IPv6 /64: one subscriber's usual allocation) counting
+those still in their handshake, and per mesh; the cap is checked on what a
+Hello claims before its signatures are checked, and again once they are. A
+packet is charged to the rates only once its recipient is known, so packets
+to nobody cost their sender alone (its refusals come back at a bounded rate).
+An operator can also list the meshes its relay serves.
 """
 
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import os
+import urllib.parse
 from dataclasses import dataclass
+
+from google.protobuf.message import DecodeError
 
 from mesh import PROTOCOL_VERSION
 from mesh.errors import BadSignature, InvalidRequest, MeshError, NotAMember
 from mesh.identity import Identity, node_id_from_public_key, verify_signature
 from mesh.membership import (
+    MAX_CERT_BYTES,
     Revocations,
     Role,
     mesh_id_from_public_key,
@@ -97,14 +111,42 @@ class SessionIdentity:
     revocations: Revocations | None
 
 
-def verify_hello(hello: rpb.RelayHello, *, nonce: bytes, now_ms: int) -> SessionIdentity:
-    """Relay side: the Hello answers our nonce, by the key its certificate names, and the
-    certificate is signed by the mesh key it names, current, for that very key."""
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Claim:
+    """Who a Hello says it is, before any signature is checked: enough to refuse it early
+    (a mesh not served here, or one at its share), never enough to let it in."""
+
+    node_id: str
+    mesh_id: str
+
+
+def _check_version(hello: rpb.RelayHello) -> None:
     if hello.protocol_version != PROTOCOL_VERSION:
         raise InvalidRequest(
             f"protocol version {hello.protocol_version} is not spoken here "
             f"(this relay speaks {PROTOCOL_VERSION})"
         )
+
+
+def read_claim(hello: rpb.RelayHello) -> Claim:
+    """Parse the Hello's certificate without checking it (a protobuf parse, no crypto)."""
+    _check_version(hello)
+    if len(hello.membership.cert) > MAX_CERT_BYTES or len(hello.membership.signature) != 64:
+        raise BadSignature("membership certificate is malformed")
+    cert = tpb.MembershipCert()
+    try:
+        cert.ParseFromString(hello.membership.cert)
+    except (DecodeError, ValueError) as exc:
+        raise BadSignature("membership certificate does not parse") from exc
+    if len(cert.mesh_public_key) != 32:
+        raise BadSignature("membership certificate has malformed keys")
+    return Claim(node_id=cert.node_id, mesh_id=mesh_id_from_public_key(cert.mesh_public_key))
+
+
+def verify_hello(hello: rpb.RelayHello, *, nonce: bytes, now_ms: int) -> SessionIdentity:
+    """Relay side: the Hello answers our nonce, by the key its certificate names, and the
+    certificate is signed by the mesh key it names, current, for that very key."""
+    _check_version(hello)
     cert, valid = read_cert(hello.membership)
     if not valid:
         raise BadSignature("membership certificate signature does not verify (forged?)")
@@ -191,10 +233,49 @@ class TokenBucket:
         return True
 
 
+MAX_ADDRESS_CHARS = 64
+IPV6_SHARE_PREFIX = 64  # one subscriber's usual allocation (RFC 6177): one address's share
+
+
+def source_address(peer: str) -> str:
+    """Whose share a connection counts against, from gRPC's `context.peer()`:
+    "ipv4:203.0.113.7:51234" -> "203.0.113.7"; "ipv6:[2001:db8:1:2::9]:443" (also
+    percent-encoded) -> "2001:db8:1:2::/64"; an IPv4-mapped IPv6 address -> the IPv4 one.
+    Anything else is one share ("unix", "unknown")."""
+    scheme, _, rest = urllib.parse.unquote(peer[:200]).partition(":")
+    if scheme == "unix":
+        return "unix"
+    host = rest.rpartition(":")[0].removeprefix("[").removesuffix("]")
+    try:
+        address = ipaddress.ip_address(host.partition("%")[0])  # drop an IPv6 zone
+    except ValueError:
+        return "unknown"
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        network = ipaddress.IPv6Network((address, IPV6_SHARE_PREFIX), strict=False)
+        return str(network)[:MAX_ADDRESS_CHARS]
+    return str(address)
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class RelayLimits:
+    """What one relay gives out. Anyone can make a mesh and open sessions in it, so the
+    shares that matter against strangers are per source address and per mesh:
+
+    - `max_sessions_per_address` 64: an office behind one NAT address rarely has more boxes
+      than that on one relay, and it takes 157 addresses to fill `max_sessions`.
+    - `max_sessions_per_mesh` 256: a mesh is one company's boxes and overflow nodes; the
+      cap also bounds the directory every member is sent on each change (O(n^2) per mesh).
+    - `node_refusals_per_s`: refusals sent back to one node; beyond it they are counted
+      and dropped, so a node sending to nobody costs the relay no more than parsing.
+    """
+
     max_sessions: int = 10_000
+    max_sessions_per_address: int = 64
+    max_sessions_per_mesh: int = 256
     node_packets_per_s: float = 2_000.0
+    node_refusals_per_s: float = 200.0
     node_bytes_per_s: float = 32 * 1024 * 1024
     global_packets_per_s: float = 50_000.0
     queue_packets: int = 1024  # per recipient

@@ -1,11 +1,13 @@
 """A real relay process against bad input: raw garbage, sessions that do not start with a
 valid Hello, oversized frames and malformed packets are refused, each with a clear status,
-and the relay goes on serving a proper node (cloud_relay/server.py)."""
+and the relay goes on serving a proper node; its totals answer only its operator
+(cloud_relay/server.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
+import stat
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -13,6 +15,10 @@ from typing import Any
 import grpc
 import pytest
 
+from cloud_relay.client import fetch_stats
+from cloud_relay.operator_token import bearer_metadata, read_operator_token
+from mesh import PROTOCOL_VERSION
+from mesh.errors import PermissionDenied
 from mesh.identity import Identity
 from mesh.membership import MeshAuthority, Role
 from mesh.relay import MAX_FRAME_BYTES, sign_hello
@@ -26,14 +32,19 @@ YEAR_MS = 365 * 86_400_000
 
 
 @pytest.fixture(scope="module")
-def relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def relay_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RelayProcess]:
     process = RelayProcess(tmp_path_factory.mktemp("relay")).start()
     try:
-        yield process.address
+        yield process
         assert process.proc is not None
         assert process.proc.poll() is None, "the relay died: " + process.output()
     finally:
         process.kill()
+
+
+@pytest.fixture(scope="module")
+def relay(relay_process: RelayProcess) -> str:
+    return relay_process.address
 
 
 @pytest.fixture
@@ -89,7 +100,9 @@ async def test_a_session_must_start_with_a_valid_hello(stub: rpb_grpc.RelayServi
 
     call = stub.Session(timeout=DEADLINE_S)
     await call.read()
-    junk = rpb.RelayHello(protocol_version=1, membership=tpb.SignedCert(cert=b"junk"))
+    junk = rpb.RelayHello(
+        protocol_version=PROTOCOL_VERSION, membership=tpb.SignedCert(cert=b"junk")
+    )
     await call.write(rpb.RelayFrame(hello=junk))
     error = await _refused(call)
     assert error.code() == grpc.StatusCode.UNAUTHENTICATED
@@ -99,7 +112,7 @@ async def test_a_session_must_start_with_a_valid_hello(stub: rpb_grpc.RelayServi
     node, cert = _member(MeshAuthority.generate())
     call = stub.Session(timeout=DEADLINE_S)
     await call.read()
-    other = rpb.RelayChallenge(protocol_version=1, nonce=b"n" * 32)
+    other = rpb.RelayChallenge(protocol_version=PROTOCOL_VERSION, nonce=b"n" * 32)
     await call.write(rpb.RelayFrame(hello=sign_hello(other, identity=node, cert=cert)))
     assert (await _refused(call)).code() == grpc.StatusCode.UNAUTHENTICATED
 
@@ -160,5 +173,31 @@ async def test_malformed_packets_are_refused_back_to_their_sender(
         (4, rpb.REFUSAL_REASON_UNKNOWN_PEER),
     ]
     call.cancel()
-    stats = await stub.Stats(rpb.RelayStatsRequest(), timeout=DEADLINE_S)
-    assert stats.packets_refused["MALFORMED"] >= 3
+
+
+async def test_stats_answer_only_the_relays_operator(
+    relay_process: RelayProcess, stub: rpb_grpc.RelayServiceStub
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as anonymous:
+        await stub.Stats(rpb.RelayStatsRequest(), timeout=DEADLINE_S)
+    assert anonymous.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "relay.token" in (anonymous.value.details() or "")
+    with pytest.raises(grpc.aio.AioRpcError) as guessed:
+        await stub.Stats(
+            rpb.RelayStatsRequest(), timeout=DEADLINE_S, metadata=bearer_metadata("guess")
+        )
+    assert guessed.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    with pytest.raises(PermissionDenied, match="token"):
+        await fetch_stats(relay_process.address, token="guess")
+
+    node, cert = _member(MeshAuthority.generate())
+    call = await _open(stub, node, cert)
+    await call.write(rpb.RelayFrame(packet=rpb.RelayPacket(peer="nobody", stream_id=1, kind=77)))
+    while (await asyncio.wait_for(call.read(), DEADLINE_S)).WhichOneof("frame") != "refusal":
+        pass
+    call.cancel()
+    # `relay up` wrote the token where only its operator can read it.
+    run_dir = relay_process.home / "run"
+    assert stat.S_IMODE((run_dir / "relay.token").stat().st_mode) == 0o600
+    stats = await fetch_stats(relay_process.address, token=read_operator_token(run_dir))
+    assert int(stats["packets_refused"]["MALFORMED"]) >= 1

@@ -4,6 +4,7 @@ switchboard's isolation, bounds and fairness (mesh/relay.py, cloud_relay/switchb
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import grpc
 import pytest
@@ -11,16 +12,26 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cloud_relay.switchboard import Session, SessionClosed, Switchboard
-from mesh.errors import BadSignature, MeshError, NotAMember, Overloaded, Unavailable
+from mesh.errors import (
+    BadSignature,
+    MeshError,
+    NotAMember,
+    Overloaded,
+    PermissionDenied,
+    Unavailable,
+)
 from mesh.identity import Identity
 from mesh.membership import MeshAuthority, Role
 from mesh.relay import (
+    Claim,
     Refused,
     RelayLimits,
     SessionIdentity,
     check_packet,
     new_challenge,
+    read_claim,
     sign_hello,
+    source_address,
     verify_hello,
 )
 from mesh.wire.v1 import node_pb2 as pb
@@ -99,6 +110,8 @@ def test_any_bytes_as_a_hello_are_refused_cleanly(data: bytes) -> None:
         hello.ParseFromString(data)
     except Exception:
         return  # the gRPC layer refuses bytes that do not parse
+    with contextlib.suppress(MeshError):
+        read_claim(hello)  # the early screen parses it or refuses it, nothing else
     with pytest.raises(MeshError):
         verify_hello(hello, nonce=b"n" * 32, now_ms=NOW)
 
@@ -155,6 +168,12 @@ def _who(mesh: MeshAuthority, role: Role = Role.MEMBER) -> SessionIdentity:
     return verify_hello(hello, nonce=challenge.nonce, now_ms=NOW)
 
 
+def _hello(mesh: MeshAuthority) -> rpb.RelayHello:
+    """A signed Hello of a new node of `mesh`."""
+    node = Identity.generate()
+    return sign_hello(new_challenge(NOW), identity=node, cert=_cert(mesh, node))
+
+
 async def _drain(session: Session) -> list[rpb.RelayFrame]:
     """Every frame the session has for its node now."""
     frames = []
@@ -174,6 +193,12 @@ def _to(
         kind=rpb.PACKET_KIND_CALL,
         method="Infer",
         payload=payload,
+    )
+
+
+def _to_nobody(stream_id: int) -> rpb.RelayPacket:
+    return rpb.RelayPacket(
+        peer=f"nobody-{stream_id}", stream_id=stream_id, kind=rpb.PACKET_KIND_CALL, method="Ping"
     )
 
 
@@ -272,6 +297,118 @@ async def test_the_session_limit_answers_full() -> None:
     board.open(_who(mesh))
     with pytest.raises(Overloaded, match="full"):
         board.open(_who(mesh))
+
+
+# --- strangers: every mesh is self-made, so shares are per address and per mesh -------------
+
+
+def test_one_source_address_gets_a_bounded_share_of_the_sessions() -> None:
+    board = Switchboard(RelayLimits(max_sessions=100, max_sessions_per_address=3), clock=Clock())
+    held = [board.admit("203.0.113.7") for _ in range(3)]  # counted from the first byte
+    with pytest.raises(Overloaded, match=r"203\.0\.113\.7"):
+        board.admit("203.0.113.7")
+    board.admit("198.51.100.1")  # another address is not affected
+    held[0].release()
+    held[0].release()  # releasing twice frees one place, not two
+    board.admit("203.0.113.7")
+    with pytest.raises(Overloaded):
+        board.admit("203.0.113.7")
+
+
+def test_the_whole_relay_is_bounded_counting_sessions_still_in_their_handshake() -> None:
+    board = Switchboard(RelayLimits(max_sessions=4, max_sessions_per_address=100), clock=Clock())
+    for i in range(4):
+        board.admit(f"192.0.2.{i}")
+    with pytest.raises(Overloaded, match="full"):
+        board.admit("192.0.2.200")
+
+
+def test_one_mesh_gets_a_bounded_share_and_its_nodes_may_reconnect() -> None:
+    board = Switchboard(RelayLimits(max_sessions_per_mesh=2), clock=Clock())
+    stranger = MeshAuthority.generate()
+    a, b = _who(stranger), _who(stranger)
+    board.open(a)
+    board.open(b)
+    # Refused on what the Hello claims, before any signature is checked...
+    with pytest.raises(Overloaded, match="mesh"):
+        board.screen(read_claim(_hello(stranger)))
+    # ... and again, authoritatively, when a verified node would be filed.
+    with pytest.raises(Overloaded, match="mesh"):
+        board.open(_who(stranger))
+    board.screen(Claim(node_id=a.node_id, mesh_id=a.mesh_id))  # a's reconnection is fine
+    board.open(a)
+    assert board.sessions == 2
+    board.open(_who(MeshAuthority.generate()))  # another mesh is not affected
+    assert board.sessions == 3
+
+
+def test_a_relay_with_an_allowlist_serves_only_the_meshes_on_it() -> None:
+    ours, stranger = MeshAuthority.generate(), MeshAuthority.generate()
+    board = Switchboard(clock=Clock(), allowed_meshes=frozenset({ours.mesh_id}))
+    board.open(_who(ours))
+    with pytest.raises(PermissionDenied, match="not on"):
+        board.screen(read_claim(_hello(stranger)))
+    with pytest.raises(PermissionDenied, match="not on"):
+        board.open(_who(stranger))
+    assert board.sessions == 1
+
+
+async def test_packets_to_nobody_cost_only_their_sender() -> None:
+    limits = RelayLimits(global_packets_per_s=100, node_refusals_per_s=10)
+    board = Switchboard(limits, clock=Clock())
+    ours, stranger = MeshAuthority.generate(), MeshAuthority.generate()
+    a, b, x = _who(ours), _who(ours), _who(stranger)
+    sa, sb, sx = board.open(a), board.open(b), board.open(x)
+    for session in (sa, sb, sx):
+        await _drain(session)
+    for i in range(5000):  # 50 times the relay's global rate, to node IDs nobody has
+        board.forward(sx, _to_nobody(stream_id=i))
+    for i in range(20):
+        board.forward(sa, _to(b, stream_id=i))
+    delivered = [f.packet.stream_id for f in await _drain(sb) if f.HasField("packet")]
+    assert delivered == list(range(20))
+    assert board.refused["UNKNOWN_PEER"] == 5000
+    assert "RELAY_FULL" not in board.refused
+    # The sender hears of its refusals at its refusal rate, not at the rate it sends.
+    assert len(await _drain(sx)) == 10
+    assert await _drain(sa) == []
+
+
+async def test_refusals_come_back_at_a_bounded_rate() -> None:
+    clock = Clock()
+    board = Switchboard(RelayLimits(node_refusals_per_s=5), clock=clock)
+    mesh = MeshAuthority.generate()
+    sx = board.open(_who(mesh))
+    for second in range(3):
+        clock.now += 1
+        for i in range(100):
+            board.forward(sx, _to_nobody(stream_id=second * 1000 + i))
+    refusals = [f for f in await _drain(sx) if f.HasField("refusal")]
+    assert len(refusals) == 5 + 5 + 5  # the burst, then the refill of each second
+    assert board.refused["UNKNOWN_PEER"] == 300
+
+
+@pytest.mark.parametrize(
+    ("peer", "address"),
+    [
+        ("ipv4:203.0.113.7:51234", "203.0.113.7"),
+        ("ipv6:[2001:db8:1:2:3:4:5:6]:443", "2001:db8:1:2::/64"),
+        ("ipv6:%5B2001:db8:1:2::9%5D:443", "2001:db8:1:2::/64"),
+        ("ipv6:[::ffff:198.51.100.4]:80", "198.51.100.4"),
+        ("ipv6:[::1]:80", "::/64"),
+        ("unix:/run/relay.sock", "unix"),
+        ("", "unknown"),
+        ("ipv4:not-an-address:1", "unknown"),
+    ],
+)
+def test_sessions_are_counted_by_source_address_and_ipv6_by_its_64(peer: str, address: str) -> None:
+    assert source_address(peer) == address
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=200))
+def test_any_peer_string_maps_to_a_short_address(peer: str) -> None:
+    assert 0 < len(source_address(peer)) <= 64
 
 
 # --- a peer's connection replaced under an in-flight call -------------------------------------
