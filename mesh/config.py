@@ -141,6 +141,10 @@ class NodeConfig:
     grpc_host: str = "0.0.0.0"  # noqa: S104
     grpc_port: int = DEFAULT_GRPC_PORT
     max_request_bytes: int = 1024 * 1024
+    # Host names (besides loopback and the bound address) the HTTP API answers to, and
+    # the browser origins allowed to call the OpenAI API (CORS); both empty by default.
+    http_allowed_hosts: tuple[str, ...] = ()
+    http_cors_origins: tuple[str, ...] = ()
     shutdown_grace_s: float = 10.0
     models: tuple[ModelConfig, ...] = field(default_factory=tuple)
     peers: tuple[str, ...] = ()  # static peers "host:port", for networks without multicast
@@ -510,7 +514,15 @@ def _node_settings(reader: _Reader, *, base_dir: Path) -> dict[str, Any]:
             out["http_port"] = http.integer("port", 0, 65535)
         if http.has("max_request_bytes"):
             out["max_request_bytes"] = http.integer("max_request_bytes", 1024, 64 << 20)
-        http.finish(("host", "port", "max_request_bytes"))
+        if http.has("allowed_hosts"):
+            out["http_allowed_hosts"] = _string_list(
+                http, "allowed_hosts", _HOST_NAME, "host names such as kitchen-box.local"
+            )
+        if http.has("cors_origins"):
+            out["http_cors_origins"] = _string_list(
+                http, "cors_origins", _ORIGIN, 'origins such as "http://localhost:3000", or "*"'
+            )
+        http.finish(("host", "port", "max_request_bytes", "allowed_hosts", "cors_origins"))
     if reader.has("grpc"):
         grpc = _Reader(reader.table_of("grpc"), source=reader.source, prefix="grpc.")
         if grpc.has("host"):
@@ -594,6 +606,23 @@ def cloud_plan_quota(text: str) -> Quota:
 
 
 MAX_RELAYS = 4
+MAX_HTTP_NAMES = 64
+_HOST_NAME = re.compile(
+    r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*\.?$"
+)
+_ORIGIN = re.compile(
+    r"^(\*|https?://[A-Za-z0-9.-]{1,253}(:[0-9]{1,5})?|https?://\[[0-9A-Fa-f:.]{2,45}\](:[0-9]{1,5})?)$"
+)
+
+
+def _string_list(reader: _Reader, key: str, pattern: re.Pattern[str], what: str) -> tuple[str, ...]:
+    values = reader.raw(key)
+    if not isinstance(values, list) or len(values) > MAX_HTTP_NAMES:
+        raise reader.fail(key, values, f"must be a list of at most {MAX_HTTP_NAMES} {what}")
+    for value in values:
+        if not isinstance(value, str) or not pattern.match(value):
+            raise reader.fail(key, value, f"must be {what}")
+    return tuple(values)
 
 
 def _peer_address(reader: _Reader, key: str, value: str) -> str:

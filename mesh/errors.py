@@ -59,6 +59,13 @@ class RequestTooLarge(InvalidRequest):
     code = "request_too_large"
 
 
+class UnsupportedMediaType(InvalidRequest):
+    """A JSON endpoint was sent something that does not say it is JSON."""
+
+    http_status = 415
+    code = "unsupported_media_type"
+
+
 class ContextLengthExceeded(InvalidRequest):
     code = "context_length_exceeded"
 
@@ -80,6 +87,27 @@ class PermissionDenied(MeshError):
     http_status = 403
     error_type = "permission_error"
     code = "permission_denied"
+
+
+class OwnerRequired(Unauthenticated):
+    """Administration asked without the owner's token."""
+
+    code = "owner_token_required"
+
+
+class ForeignRequest(PermissionDenied):
+    """A request that names another host (DNS rebinding) or comes from a web page whose
+    origin is not allowed."""
+
+    code = "forbidden_origin"
+
+
+class MeshNotEmpty(InvalidRequest):
+    """Joining another mesh would leave one that has other members."""
+
+    grpc_status = "FAILED_PRECONDITION"
+    http_status = 409
+    code = "mesh_not_empty"
 
 
 class PrivacyNotAllowed(PermissionDenied):

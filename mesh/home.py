@@ -6,6 +6,7 @@ Several nodes on one machine are several homes. Layout:
     config.toml        optional configuration, read when no --config is given
     users.json         users and the SHA-256 of their API keys (0600; see mesh/users.py)
     run/node.json      written by a running node: IDs, bound addresses, pid
+    run/owner.token    written at every start: the owner's credential (0600)
     ledger.db          the usage ledger (aiosqlite, WAL)
 """
 
@@ -71,6 +72,10 @@ class Home:
             self.run_dir.mkdir(exist_ok=True, mode=0o700)
         except OSError as exc:
             raise ConfigError(f"cannot create data dir {self.root}: {exc.strerror}") from exc
+
+    @property
+    def owner_token_file(self) -> Path:
+        return self.run_dir / "owner.token"
 
     @property
     def ledger_file(self) -> Path:

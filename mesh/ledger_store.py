@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sqlite3
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -118,6 +119,7 @@ class LedgerStore:
 
     @classmethod
     async def open(cls, path: Path, identity: Identity) -> LedgerStore:
+        _private_files(path)
         try:
             db = await aiosqlite.connect(path)
             await db.execute("PRAGMA journal_mode=WAL")
@@ -621,6 +623,22 @@ class Ingested:
     forks: int = 0
     problems: list[str] = field(default_factory=list)
     new: list[bytes] = field(default_factory=list)  # the records just kept (exact bytes)
+
+
+LEDGER_SUFFIXES = ("", "-wal", "-shm", "-journal")
+
+
+def _private_files(path: Path) -> None:
+    """The ledger and its WAL files readable by the node's user only. SQLite gives the
+    WAL and shared-memory files the database file's mode, so creating it 0600 is enough;
+    files from before that are tightened."""
+    try:
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+        for suffix in LEDGER_SUFFIXES:
+            with contextlib.suppress(FileNotFoundError):
+                os.chmod(f"{path}{suffix}", 0o600)
+    except OSError as exc:
+        raise ConfigError(f"cannot open the ledger {path}: {exc.strerror}") from exc
 
 
 def read_ledger(path: Path) -> tuple[list[lpb.SignedRecord], list[lpb.Receipt]]:

@@ -11,7 +11,8 @@ Request (sender -> recipient), one `SealedEnvelope`:
   signature   sender's Ed25519 identity key over SIG_CONTEXT || len(header) ||
               header || ciphertext: the recipient knows who sent it (HPKE's base
               mode alone leaves the sender anonymous).
-The plaintext holds a fresh 32-byte response key and the request body.
+The plaintext holds a fresh 32-byte response key, the request body and its purpose
+(which kind of call it is: inference, card, ledger, quota, users).
 
 Answer (recipient -> sender), a stream of `SealedFrame`s: ChaCha20-Poly1305
 under the response key, nonce = 4 zero bytes || frame number (u64 BE), AAD =
@@ -20,13 +21,20 @@ FRAME_CONTEXT || request ID || final flag. The reader insists on frame numbers
 (from another request: other key and AAD) and truncated streams are detected.
 
 Replay: the recipient rejects an envelope issued more than ±60 s from its clock
-(saying so) and any request ID it has already seen inside that window.
+(saying so) and any request ID it has already seen inside that window. The window
+lives in memory, so a node also refuses every envelope issued before it started
+(`not_before_ms`): a request captured before a restart cannot be replayed after it.
+The cost: a sender whose clock is behind this node's by d cannot reach it for the
+first d after its start (it fails over to another node meanwhile).
 
 Downgrade: a recipient that offers the hybrid KEM rejects an X25519 envelope
 from a sender that says (in the signed, info-bound header) it offers hybrid too.
 Stripping the hybrid key from a recipient's keys breaks their signature.
 
-What an observer learns: sender and recipient node IDs, sizes and timing.
+What an observer (or the relay) learns from an envelope: sender and recipient node IDs,
+the sender's membership certificate (its identity key, mesh ID, role and expiry), the
+recipient's key ID, the KEM, the issue time, a random request ID, sizes and timing.
+Never the kind of call, the model, the prompt, the answer or the user.
 """
 
 from __future__ import annotations
@@ -180,11 +188,13 @@ def seal_request(
         kem=tpb.KEM_MLKEM768_X25519 if use_hybrid else tpb.KEM_X25519,
         sender_cert=sender_cert,
         sender_offers_hybrid=offer_hybrid,
-        purpose=purpose,
     )
     header_bytes = header.SerializeToString(deterministic=True)
     response_key = os.urandom(RESPONSE_KEY_BYTES)
-    plaintext = tpb.SealedRequestBody(response_key=response_key, body=body).SerializeToString()
+    # The kind of call is sealed too: an observer must not tell a prompt from a ledger sync.
+    plaintext = tpb.SealedRequestBody(
+        response_key=response_key, body=body, purpose=purpose
+    ).SerializeToString()
     info = INFO_CONTEXT + header_bytes
     if use_hybrid:
         assert recipient.mlkem768 is not None
@@ -204,9 +214,16 @@ class ReplayGuard:
     longer pass the clock-skew check, so memory is bounded by the request rate."""
 
     def __init__(
-        self, *, window_ms: int = REPLAY_WINDOW_MS, capacity: int = MAX_REMEMBERED_REQUESTS
+        self,
+        *,
+        window_ms: int = REPLAY_WINDOW_MS,
+        capacity: int = MAX_REMEMBERED_REQUESTS,
+        not_before_ms: int = 0,
     ) -> None:
         self._window_ms = window_ms
+        # What was seen before this guard existed (a previous run of the node) is unknown,
+        # so nothing issued before then is accepted.
+        self._not_before_ms = not_before_ms
         self._capacity = capacity
         self._seen: dict[bytes, int] = {}  # request ID -> forget after (ms)
         self._expiry: list[tuple[int, bytes]] = []  # heap of (forget after, request ID)
@@ -221,6 +238,12 @@ class ReplayGuard:
             raise ClockSkew(
                 f"request was issued {skew / 1000:+.1f} s from this node's clock; more than "
                 f"±{self._window_ms // 1000} s apart: check both clocks (NTP)"
+            )
+        if issued_at_ms < self._not_before_ms:
+            raise ReplayDetected(
+                "request was issued before this node started, so it may be a replay; "
+                f"it is refused (issued {(self._not_before_ms - issued_at_ms) / 1000:.1f} s "
+                "before the start)"
             )
         while self._expiry and self._expiry[0][0] < now_ms:
             _, old = heapq.heappop(self._expiry)
@@ -335,7 +358,7 @@ class EnvelopeOpener:
         return OpenedRequest(
             sender=sender,
             request_id=header.request_id,
-            purpose=header.purpose,
+            purpose=body.purpose,
             body=body.body,
             writer=FrameWriter(body.response_key, header.request_id),
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime
 import http.client
 import json
@@ -172,43 +173,68 @@ def up(
 # --- clients of a running node ----------------------------------------------------------------
 
 
-def _node_url(home_dir: Path | None) -> str:
+@dataclasses.dataclass(frozen=True)
+class NodeAddress:
+    """A running node as its owner reaches it: its API and the owner token it wrote."""
+
+    url: str
+    owner_token: str | None
+
+
+class NodeRefused(click.ClickException):
+    """The node answered with an error: its status, code and message."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(f"{status}: {message}")
+        self.status = status
+        self.code = code
+        self.reason = message
+
+
+def _node(home_dir: Path | None) -> NodeAddress:
+    from node.owner import read_token
+
+    home = Home.resolve(home_dir)
     try:
-        return str(Home.resolve(home_dir).read_run_info()["http_url"])
+        url = str(home.read_run_info()["http_url"])
     except MeshError as exc:
         raise click.ClickException(exc.message) from exc
+    return NodeAddress(url=url, owner_token=read_token(home.owner_token_file))
 
 
 @contextlib.contextmanager
 def _request(
-    base_url: str, method: str, path: str, body: dict[str, Any] | None = None
+    node: NodeAddress, method: str, path: str, body: dict[str, Any] | None = None
 ) -> Iterator[http.client.HTTPResponse]:
-    url = urllib.parse.urlsplit(base_url)
+    url = urllib.parse.urlsplit(node.url)
     conn = http.client.HTTPConnection(url.hostname or "127.0.0.1", url.port, timeout=HTTP_TIMEOUT_S)
     try:
         payload = json.dumps(body).encode() if body is not None else None
         headers = {"Content-Type": "application/json"} if payload is not None else {}
+        if node.owner_token is not None:  # the box's owner: whoever can read the node's files
+            headers["Authorization"] = f"Bearer {node.owner_token}"
         try:
             conn.request(method, path, body=payload, headers=headers)
             response = conn.getresponse()
         except OSError as exc:
             raise click.ClickException(
-                f"cannot reach the node at {base_url} ({exc}); is `allerac up` running?"
+                f"cannot reach the node at {node.url} ({exc}); is `allerac up` running?"
             ) from exc
         if response.status >= 400:
             raw = response.read()
             try:
-                message = json.loads(raw)["error"]["message"]
+                error = json.loads(raw)["error"]
+                message, code = str(error["message"]), str(error.get("code") or "")
             except (ValueError, KeyError, TypeError):
-                message = raw.decode("utf-8", "replace")[:500]
-            raise click.ClickException(f"{response.status}: {message}")
+                message, code = raw.decode("utf-8", "replace")[:500], ""
+            raise NodeRefused(response.status, code, message)
         yield response
     finally:
         conn.close()
 
 
-def _json(base_url: str, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-    with _request(base_url, method, path, body) as response:
+def _json(node: NodeAddress, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    with _request(node, method, path, body) as response:
         return json.loads(response.read())
 
 
@@ -238,7 +264,7 @@ def invite(home_dir: Path | None, role: str, ttl: str) -> None:
     except MeshError as exc:
         raise click.ClickException(exc.message) from exc
     body = {"role": role, "ttl_s": ttl_s}
-    reply = _json(_node_url(home_dir), "POST", "/allerac/mesh/invites", body)
+    reply = _json(_node(home_dir), "POST", "/allerac/mesh/invites", body)
     click.echo(reply["code"])
     click.echo(
         f"One-time {reply['role']} invite to mesh {reply['mesh_id']}, valid {ttl}. "
@@ -250,9 +276,23 @@ def invite(home_dir: Path | None, role: str, ttl: str) -> None:
 @mesh.command()
 @home_option
 @click.argument("code")
-def join(home_dir: Path | None, code: str) -> None:
+@click.option(
+    "--leave-current",
+    is_flag=True,
+    help="Leave the mesh this box is in now, with its other members (asked when not given).",
+)
+def join(home_dir: Path | None, code: str, leave_current: bool) -> None:
     """Join the mesh that CODE invites this box to (the node must be running)."""
-    reply = _json(_node_url(home_dir), "POST", "/allerac/mesh/join", {"code": code})
+    node = _node(home_dir)
+    body: dict[str, Any] = {"code": code, "leave_current": leave_current}
+    try:
+        reply = _json(node, "POST", "/allerac/mesh/join", body)
+    except NodeRefused as refused:
+        if refused.code != "mesh_not_empty" or not sys.stdin.isatty():
+            raise
+        click.echo(refused.reason, err=True)
+        click.confirm("Leave the current mesh and join the new one?", abort=True)
+        reply = _json(node, "POST", "/allerac/mesh/join", {**body, "leave_current": True})
     click.echo(f"Joined mesh {reply['mesh_id']} as {reply['role']}.")
 
 
@@ -261,7 +301,7 @@ def join(home_dir: Path | None, code: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def members(home_dir: Path | None, as_json: bool) -> None:
     """List the members this node knows (an admin knows everyone it invited)."""
-    data = _json(_node_url(home_dir), "GET", "/allerac/mesh/members")
+    data = _json(_node(home_dir), "GET", "/allerac/mesh/members")
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
@@ -277,7 +317,7 @@ def members(home_dir: Path | None, as_json: bool) -> None:
 @click.argument("node_id")
 def revoke(home_dir: Path | None, node_id: str) -> None:
     """Revoke NODE_ID: every peer refuses it from now on."""
-    reply = _json(_node_url(home_dir), "POST", "/allerac/mesh/revoke", {"node_id": node_id})
+    reply = _json(_node(home_dir), "POST", "/allerac/mesh/revoke", {"node_id": node_id})
     click.echo(
         f"Revocation list v{reply['version']}: {len(reply['revoked'])} revoked; told "
         f"{len(reply['told'])} member(s) at once."
@@ -329,7 +369,7 @@ def user_add(home_dir: Path | None, name: str, privacy: str | None, quota: str |
         **({"privacy": privacy} if privacy else {}),
         **({"quota": quota} if quota is not None else {}),
     }
-    reply = _json(_node_url(home_dir), "POST", "/allerac/users", body)
+    reply = _json(_node(home_dir), "POST", "/allerac/users", body)
     click.echo(reply["api_key"])
     click.echo(
         f"API key of {reply['name']} (privacy {reply['privacy']}, quota {reply['quota']}). "
@@ -354,7 +394,7 @@ def user_set(home_dir: Path | None, name: str, privacy: str | None, quota: str |
         **({"quota": quota} if quota is not None else {}),
     }
     path = "/allerac/users/" + urllib.parse.quote(name, safe="")
-    reply = _json(_node_url(home_dir), "PATCH", path, body)
+    reply = _json(_node(home_dir), "PATCH", path, body)
     click.echo(f"User {reply['name']}: privacy {reply['privacy']}, quota {reply['quota']}.")
 
 
@@ -363,7 +403,7 @@ def user_set(home_dir: Path | None, name: str, privacy: str | None, quota: str |
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def user_list(home_dir: Path | None, as_json: bool) -> None:
     """List the users (never their keys)."""
-    data = _json(_node_url(home_dir), "GET", "/allerac/users")
+    data = _json(_node(home_dir), "GET", "/allerac/users")
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
@@ -395,7 +435,7 @@ def user_remove(home_dir: Path | None, name: str) -> None:
     except MeshError as exc:
         raise click.ClickException(exc.message) from exc
     path = "/allerac/users/" + urllib.parse.quote(name, safe="")
-    reply = _json(_node_url(home_dir), "DELETE", path)
+    reply = _json(_node(home_dir), "DELETE", path)
     click.echo(f"Removed user {reply['name']}: their API key no longer works.")
 
 
@@ -404,7 +444,7 @@ def user_remove(home_dir: Path | None, name: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def status(home_dir: Path | None, as_json: bool) -> None:
     """Show this node: identity, addresses, load and models."""
-    info = _json(_node_url(home_dir), "GET", "/allerac/status")
+    info = _json(_node(home_dir), "GET", "/allerac/status")
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
@@ -443,7 +483,7 @@ def status(home_dir: Path | None, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def models(home_dir: Path | None, as_json: bool) -> None:
     """List the models this node can serve."""
-    data = _json(_node_url(home_dir), "GET", "/v1/models")
+    data = _json(_node(home_dir), "GET", "/v1/models")
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
@@ -456,10 +496,10 @@ def models(home_dir: Path | None, as_json: bool) -> None:
         )
 
 
-def _stream_chat(base_url: str, body: dict[str, Any]) -> str:
+def _stream_chat(node: NodeAddress, body: dict[str, Any]) -> str:
     """Send one chat request, print the answer as it streams, return its text."""
     parts: list[str] = []
-    with _request(base_url, "POST", "/v1/chat/completions", body) as response:
+    with _request(node, "POST", "/v1/chat/completions", body) as response:
         for raw in response:
             line = raw.decode("utf-8").rstrip("\r\n")
             if not line.startswith("data: "):
@@ -496,7 +536,7 @@ def chat(
     prompt: str | None,
 ) -> None:
     """Chat with the node: one answer for PROMPT, or an interactive session without it."""
-    base_url = _node_url(home_dir)
+    node = _node(home_dir)
     history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
 
     def ask(text: str) -> str:
@@ -509,13 +549,13 @@ def chat(
             body["max_tokens"] = max_tokens
         if temperature is not None:
             body["temperature"] = temperature
-        return _stream_chat(base_url, body)
+        return _stream_chat(node, body)
 
     if prompt is not None:
         ask(prompt)
         return
     click.echo(
-        f"Chatting with {model} at {base_url} (Ctrl-D or /exit to leave, Ctrl-C stops an answer)."
+        f"Chatting with {model} at {node.url} (Ctrl-D or /exit to leave, Ctrl-C stops an answer)."
     )
     while True:
         try:
@@ -561,7 +601,7 @@ def route(
     query = urllib.parse.urlencode(
         {"model": model, "privacy": privacy, **({"max_tokens": max_tokens} if max_tokens else {})}
     )
-    data = _json(_node_url(home_dir), "GET", f"/allerac/route?{query}")
+    data = _json(_node(home_dir), "GET", f"/allerac/route?{query}")
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
@@ -594,6 +634,20 @@ def ledger() -> None:
     """The signed usage ledger this node holds."""
 
 
+def _existing_ledger(home: Home) -> Path:
+    """The ledger file of a home a node has run in; a clear error for any other path, so
+    that a mistyped --home never 'verifies' or reports an empty ledger."""
+    from mesh.errors import ConfigError
+
+    if not home.root.is_dir():
+        raise ConfigError(f"no data dir {home.root}: no node has run there (check --home)")
+    if not home.ledger_file.is_file():
+        raise ConfigError(
+            f"no ledger in {home.root}: no node has run with this data dir (check --home)"
+        )
+    return home.ledger_file
+
+
 @ledger.command("verify")
 @home_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
@@ -610,7 +664,7 @@ def ledger_verify(home_dir: Path | None, as_json: bool) -> None:
 
     home = Home.resolve(home_dir)
     try:
-        records, receipts = read_ledger(home.ledger_file)
+        records, receipts = read_ledger(_existing_ledger(home))
     except MeshError as exc:
         _fail(exc.message)
         return
@@ -684,7 +738,7 @@ def usage(home_dir: Path | None, as_json: bool, user: str | None, period: str, b
     home = Home.resolve(home_dir)
     try:
         since, until = period_bounds(period, now_ms=int(time.time() * 1000))
-        records, _ = read_ledger(home.ledger_file)
+        records, _ = read_ledger(_existing_ledger(home))
     except MeshError as exc:
         _fail(exc.message)
         return
@@ -728,8 +782,17 @@ def relay() -> None:
 @home_option
 @click.option("--host", default="0.0.0.0", show_default=True, help="Address to listen on.")  # noqa: S104
 @click.option("--port", type=int, default=7443, show_default=True, help="0 picks a free one.")
+@click.option(
+    "--mesh",
+    "meshes",
+    multiple=True,
+    metavar="MESH_ID",
+    help="Serve only these meshes (repeatable); default: any mesh.",
+)
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning"]))
-def relay_up(home_dir: Path | None, host: str, port: int, log_level: str) -> None:
+def relay_up(
+    home_dir: Path | None, host: str, port: int, meshes: tuple[str, ...], log_level: str
+) -> None:
     """Forward sealed traffic between nodes of the same mesh (it cannot read it)."""
     from cloud_relay.server import Relay  # heavy imports only for the command that needs them
 
@@ -744,8 +807,16 @@ def relay_up(home_dir: Path | None, host: str, port: int, log_level: str) -> Non
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        async with Relay(host=host, port=port, run_file=home.run_dir / "relay.json") as server:
+        async with Relay(
+            host=host,
+            port=port,
+            run_file=home.run_dir / "relay.json",
+            allowed_meshes=frozenset(meshes) or None,
+        ) as server:
             click.echo(f"Allerac relay listening on {server.address}")
+            if meshes:
+                click.echo(f"  serving only mesh(es) {', '.join(meshes)}")
+            click.echo(f"  operator token (for relay stats) in {home.run_dir / 'relay.token'}")
             click.echo(
                 f"  nodes join it with: allerac up --relay HOST:{server.address.rsplit(':', 1)[1]}"
             )
@@ -760,14 +831,18 @@ def relay_up(home_dir: Path | None, host: str, port: int, log_level: str) -> Non
 
 
 @relay.command("stats")
+@home_option
 @click.argument("address", metavar="HOST:PORT")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def relay_stats(address: str, as_json: bool) -> None:
-    """What a relay forwarded and refused (totals only)."""
+def relay_stats(home_dir: Path | None, address: str, as_json: bool) -> None:
+    """What a relay forwarded and refused (totals only); for its operator, with the token
+    `relay up` wrote in its data dir."""
     from cloud_relay.client import fetch_stats
+    from cloud_relay.operator_token import read_operator_token
 
     try:
-        stats = asyncio.run(fetch_stats(address))
+        token = read_operator_token(Home.resolve(home_dir).run_dir)
+        stats = asyncio.run(fetch_stats(address, token=token))
     except MeshError as exc:
         _fail(exc.message)
         return

@@ -44,6 +44,7 @@ from node.grpc_service import NodeCalls, NodeServicer
 from node.http_api import build_app
 from node.ledger_sync import LedgerSync
 from node.mesh_admin import MeshAdmin
+from node.owner import HostGuard, OwnerToken
 from node.peering import Peering
 from node.quota_service import QuotaService
 from node.relay_client import RelayLink
@@ -113,6 +114,7 @@ class Node:
         self._card_issued_at_ms = 0
         self._maintenance: asyncio.Task[None] | None = None
         self._started_at = time.time()
+        self.owner_token: OwnerToken | None = None
 
     @property
     def node_id(self) -> str:
@@ -139,6 +141,8 @@ class Node:
         cfg = self.config
         self.home.ensure()
         self.identity, self.created_identity = load_or_create_identity(self.home.identity_key)
+        # A new owner credential at every start: what the CLI sends for administration.
+        self.owner_token = OwnerToken.issue(self.home)
         # Beyond loopback the HTTP API serves API keys only, so a bad users file stops here.
         self.users = UsersAdmin.open(
             self.home, default_privacy=Privacy(cfg.privacy), node_id=self.node_id
@@ -155,6 +159,7 @@ class Node:
             table=self.peer_table,
             static_peers=cfg.peers,
             on_change=self.refresh_cards,
+            card_issued_at=lambda: self._card_issued_at_ms,
         )
         self.quota = QuotaService(
             node_id=self.node_id,
@@ -205,8 +210,8 @@ class Node:
             dispatcher=self.dispatcher,
             public_card=lambda: self._public_card,
             full_card=lambda: self._full_card,
-            on_leaving=lambda node_id: (
-                self.peering.leaving(node_id) if self.peering is not None else None
+            on_leaving=lambda goodbye: (
+                self.peering.leaving(goodbye) if self.peering is not None else None
             ),
             card_issued_at=lambda: self._card_issued_at_ms,
             on_member_joined=self._member_joined,
@@ -233,6 +238,7 @@ class Node:
         assert self.quota is not None
         assert self.trust is not None
         assert self.users is not None
+        assert self.owner_token is not None
         app = build_app(
             dispatcher=self.dispatcher,
             max_request_bytes=self.config.max_request_bytes,
@@ -246,6 +252,12 @@ class Node:
             ),
             users=self.users,
             quota=self.quota,
+            owner=self.owner_token,
+            guard=HostGuard.build(
+                bound_host=self.config.http_host,
+                allowed_hosts=self.config.http_allowed_hosts,
+                cors_origins=self.config.http_cors_origins,
+            ),
         )
         runner = web.AppRunner(
             app,
@@ -507,3 +519,5 @@ class Node:
             self.ledger = None
         if self.identity is not None:
             self.home.clear_run_info(os.getpid())
+        if self.owner_token is not None:
+            OwnerToken.clear(self.home, self.owner_token)

@@ -19,9 +19,11 @@ from typing import Any, NoReturn
 import grpc
 
 from mesh.errors import InvalidRequest, MeshError, Overloaded, PermissionDenied, Unavailable
+from mesh.goodbye import MAX_NODE_ID_CHARS, Goodbye
 from mesh.inference import Finished, InferenceRequest, Route
 from mesh.ledger_store import LedgerStore
 from mesh.membership import Role
+from mesh.ratelimit import Rate, SourceLimiter, source_address
 from mesh.scheduler import Privacy
 from mesh.sealing import FrameWriter, OpenedRequest
 from mesh.wire import codec, grpc_options
@@ -40,6 +42,12 @@ REJECTIONS_REMEMBERED = 1024
 # At most one sealed answer frame per window after the first token: a relaying box spends
 # most of its CPU per gRPC message (283 µs per relayed token unbatched, 146 µs at 30 ms).
 STREAM_WINDOW_S = 0.03
+# What strangers may ask before proving anything, per source address. A peer pings each
+# address it knows once a second (heartbeats), so 20 a second leaves room for many
+# boxes behind one NAT; an invite is redeemed once, so 10 at once and one a second
+# leaves room for typos while making guessing pointless (codes hold 128 random bits).
+PING_RATE = Rate(per_s=20.0, burst=40.0)
+JOIN_RATE = Rate(per_s=1.0, burst=10.0)
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -74,7 +82,7 @@ class NodeCalls:
         public_card: Callable[[], pb.SignedCard],
         full_card: Callable[[], pb.SignedCard],
         on_revocations: Callable[[], None] = lambda: None,
-        on_leaving: Callable[[str], None] = lambda node_id: None,
+        on_leaving: Callable[[Goodbye], None] = lambda goodbye: None,
         on_member_joined: Callable[[list[str]], None] = lambda addresses: None,
         card_issued_at: Callable[[], int] = lambda: 0,
         ledger: LedgerStore | None = None,
@@ -94,6 +102,8 @@ class NodeCalls:
         self._users = users
         self._rejected: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._streams_per_peer: dict[str, int] = {}
+        self._pings = SourceLimiter(PING_RATE)
+        self._joins = SourceLimiter(JOIN_RATE)
 
     def log_rejection(self, peer: str, error: MeshError) -> None:
         """Log a refused peer once per reason, so a misbehaving peer cannot flood the log."""
@@ -108,13 +118,28 @@ class NodeCalls:
     def describe(self) -> pb.SignedCard:
         return self._public_card()
 
-    def ping(self, request: pb.PingRequest) -> pb.PingResponse:
-        if len(request.nonce) > 64 or len(request.leaving_node_id) > 128:
+    def ping(self, request: pb.PingRequest, peer: str) -> pb.PingResponse:
+        """`peer`: the gRPC peer (its address is rate-limited) or the relay's sender."""
+        if not self._pings.allow(source_address(peer), time.monotonic()):
+            raise Overloaded("too many pings from this address; slow down")
+        if (
+            len(request.nonce) > 64
+            or len(request.leaving_node_id) > MAX_NODE_ID_CHARS
+            or len(request.recipient_node_id) > MAX_NODE_ID_CHARS
+            or len(request.goodbye_signature) > 64
+        ):
             raise InvalidRequest("ping fields are too long")
         if request.leaving_node_id:
-            # Unauthenticated, so it only moves the peer out of rotation until its next
-            # heartbeat answer: the worst a forger achieves is a one-second detour.
-            self._on_leaving(request.leaving_node_id)
+            # Counts only if the leaving node signed it (Peering checks, mesh/goodbye.py).
+            self._on_leaving(
+                Goodbye(
+                    leaving_node_id=request.leaving_node_id,
+                    recipient_node_id=request.recipient_node_id,
+                    sent_at_ms=request.sent_at_unix_ms,
+                    card_issued_at_ms=request.card_issued_at_unix_ms,
+                    signature=request.goodbye_signature,
+                )
+            )
         return pb.PingResponse(
             nonce=request.nonce,
             node_id=self._trust.identity.node_id,
@@ -124,6 +149,8 @@ class NodeCalls:
         )
 
     def join(self, request: tpb.JoinRequest, peer: str) -> tpb.JoinResponse:
+        if not self._joins.allow(source_address(peer), time.monotonic()):
+            raise Overloaded("too many invite redemptions from this address; wait a few seconds")
         try:
             response = self._trust.redeem(request, now=_now_ms())
         except MeshError as error:
@@ -306,7 +333,7 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
 
     async def Ping(self, request: pb.PingRequest, context: Context) -> pb.PingResponse:
         try:
-            return self._calls.ping(request)
+            return self._calls.ping(request, context.peer())
         except MeshError as error:
             await _abort(context, error)
 

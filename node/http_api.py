@@ -5,10 +5,20 @@
 `x-allerac-route`. A streamed answer commits its 200 only after the first
 event, so errors before the first token still get their proper status.
 
-Who is calling is decided before a body is read (`mesh.users`): a Bearer API key
-names a user, whose key sets the privacy policy's default and ceiling; no key is
-the box's owner on loopback and a 401 anywhere else. The `/allerac/mesh` and
-`/allerac/users` administration endpoints answer loopback clients only.
+Before any handler runs, `_guard_middleware` checks that the request is for this
+box and not a web page's (`node.owner.HostGuard`): a `Host` that does not name this
+box is a 403 (DNS rebinding), a request with an `Origin` that is neither the node's
+own nor in `[http] cors_origins` is a 403, and a POST or PATCH that is not
+`application/json` is a 415 (a page's "simple" request cannot send that type without
+a CORS preflight). Allowed origins get CORS headers on the OpenAI API only.
+
+Who is calling is decided before a body is read: the owner token
+(`run/owner.token`) as a Bearer key is the box's owner; an API key names a user,
+whose key sets the privacy policy's default and ceiling; no key at all is the owner
+only for a request that cannot be a web page's (a loopback peer, a loopback `Host`,
+no `Origin`, no cross-site fetch metadata), and a 401 anywhere else. The
+`/allerac/mesh` and `/allerac/users` administration endpoints need the owner token,
+wherever the request comes from.
 """
 
 from __future__ import annotations
@@ -27,19 +37,24 @@ from aiohttp import web
 
 from mesh import openai_api
 from mesh.errors import (
+    ForeignRequest,
     InvalidRequest,
     MeshError,
+    OwnerRequired,
     PermissionDenied,
     QuotaExceeded,
     RequestTooLarge,
+    UnsupportedMediaType,
 )
 from mesh.inference import Finished, InferenceRequest, TextDelta
 from mesh.quota import UNLIMITED, parse_quota
 from mesh.scheduler import Privacy
-from mesh.users import Caller
+from mesh.users import KEY_PREFIX as API_KEY_PREFIX
+from mesh.users import OWNER, Caller, bearer_key
 from node.coalesce import coalesce
 from node.dispatch import Answer, Dispatcher
-from node.mesh_admin import MeshAdmin
+from node.mesh_admin import MAX_INVITE_TTL_S, MeshAdmin
+from node.owner import HostGuard, OwnerToken
 from node.quota_service import QuotaService
 from node.users_admin import UsersAdmin
 
@@ -52,6 +67,15 @@ MESH_ADMIN = web.AppKey("mesh_admin", MeshAdmin)
 USERS = web.AppKey("users", UsersAdmin)
 QUOTA = web.AppKey("quota", QuotaService)
 STATUS: web.AppKey[Callable[[], dict[str, Any]]] = web.AppKey("status")
+OWNER_TOKEN = web.AppKey("owner_token", OwnerToken)
+GUARD = web.AppKey("guard", HostGuard)
+CORS_ORIGIN = "allerac.cors_origin"  # request key: the allowed origin to answer with CORS
+
+# What a browser app may send and read across origins (the OpenAI API only).
+CORS_ALLOW_HEADERS = "Authorization, Content-Type, x-allerac-privacy, OpenAI-Organization"
+CORS_EXPOSE_HEADERS = "x-allerac-node, x-allerac-route, Retry-After"
+CORS_MAX_AGE_S = "600"
+JSON_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 
 def _json_response(
@@ -96,6 +120,54 @@ async def _error_middleware(request: web.Request, handler: Handler) -> web.Strea
         if exc.status < 400:
             raise
         return _json_response(_http_error_body(exc), status=exc.status)
+
+
+@web.middleware
+async def _guard_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Refuse what is not for this box, or comes from a page the owner did not allow."""
+    guard = request.app[GUARD]
+    host = request.headers.get("Host")
+    if host is None:
+        # RFC 9112 section 3.2: a request without Host is answered 400.
+        raise InvalidRequest("the request has no Host header")
+    if not guard.host_allowed(host):
+        raise ForeignRequest(
+            f"this node does not answer to the host name {host[:100]!r}: use 127.0.0.1, "
+            "localhost or its address, or add the name to [http] allowed_hosts"
+        )
+    origin = request.headers.get("Origin")
+    openai_route = request.path.startswith("/v1/")
+    if origin is not None and not guard.own_origin(origin, host):
+        if not (openai_route and guard.cors_allowed(origin)):
+            raise ForeignRequest(
+                f"requests from the web page origin {origin[:100]!r} are refused; the box's "
+                "owner may allow it for the OpenAI API with [http] cors_origins"
+            )
+        request[CORS_ORIGIN] = origin
+        if request.method == "OPTIONS":  # a CORS preflight (Fetch standard, section 3.2.2)
+            return web.Response(
+                status=204,
+                headers={
+                    "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+                    "Access-Control-Allow-Headers": CORS_ALLOW_HEADERS,
+                    "Access-Control-Max-Age": CORS_MAX_AGE_S,
+                },
+            )
+    if request.method in JSON_METHODS and request.content_type != "application/json":
+        raise UnsupportedMediaType(
+            f"send the body as JSON with Content-Type: application/json "
+            f"(got {request.headers.get('Content-Type', 'none')[:100]!r})"
+        )
+    return await handler(request)
+
+
+async def _cors_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """On every answer to an allowed origin, streamed ones too (before headers leave)."""
+    origin = request.get(CORS_ORIGIN)
+    if origin is not None:
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Access-Control-Expose-Headers"] = CORS_EXPOSE_HEADERS
+        response.headers.add("Vary", "Origin")
 
 
 def _seconds_until(iso: str) -> int:
@@ -144,10 +216,32 @@ def _from_loopback(request: web.Request) -> bool:
     return address.is_loopback
 
 
+def _cannot_be_a_page(request: web.Request) -> bool:
+    """A request no web page could have sent: from this box, to a loopback name, with no
+    `Origin` and no cross-site fetch metadata (an `<img>` or `<script>` GET carries no
+    Origin, but browsers mark it `Sec-Fetch-Site: cross-site`)."""
+    return (
+        _from_loopback(request)
+        and request.app[GUARD].is_loopback_host(request.headers.get("Host", ""))
+        and "Origin" not in request.headers
+        and request.headers.get("Sec-Fetch-Site", "none") in ("none", "same-origin")
+    )
+
+
+def _is_owner_token(request: web.Request) -> bool:
+    try:
+        key = bearer_key(request.headers.get("Authorization"))
+    except MeshError:
+        return False
+    return request.app[OWNER_TOKEN].matches(key)
+
+
 def _caller(request: web.Request) -> Caller:
     """Who sent this request (401 when they must and did not prove it)."""
+    if _is_owner_token(request):
+        return OWNER
     return request.app[USERS].caller(
-        request.headers.get("Authorization"), loopback=_from_loopback(request)
+        request.headers.get("Authorization"), loopback=_cannot_be_a_page(request)
     )
 
 
@@ -263,19 +357,29 @@ async def get_status(request: web.Request) -> web.Response:
 # --- administration (the box's owner only) ---------------------------------------------------
 
 
-def _require_loopback(request: web.Request, what: str) -> None:
-    # An API key never opens administration: only being on this box does.
-    if not _from_loopback(request):
-        raise PermissionDenied(f"{what} administration is only available on this box (loopback)")
+def _require_owner(request: web.Request, what: str) -> None:
+    """Only the owner token opens administration: neither an API key nor being on loopback
+    (a web page the owner opens sends from loopback too)."""
+    if _is_owner_token(request):
+        return
+    if API_KEY_PREFIX in request.headers.get("Authorization", ""):
+        raise PermissionDenied(
+            f"{what} administration needs the box owner's token; an API key never opens it"
+        )
+    raise OwnerRequired(
+        f"{what} administration needs the box owner's token: send Authorization: Bearer "
+        "TOKEN with the token from run/owner.token in the node's data dir (the allerac "
+        "commands do; it changes at every start)"
+    )
 
 
 def _owner_only(request: web.Request) -> MeshAdmin:
-    _require_loopback(request, "mesh")
+    _require_owner(request, "mesh")
     return request.app[MESH_ADMIN]
 
 
 def _users_owner_only(request: web.Request) -> UsersAdmin:
-    _require_loopback(request, "user")
+    _require_owner(request, "user")
     return request.app[USERS]
 
 
@@ -300,13 +404,20 @@ async def mesh_invite(request: web.Request) -> web.Response:
     ttl = body.get("ttl_s", 3600)
     if isinstance(ttl, bool) or not isinstance(ttl, int | float):
         raise InvalidRequest("ttl_s must be a number of seconds", param="ttl_s")
+    if not 1 <= ttl <= MAX_INVITE_TTL_S:  # compared before float(): 10**400 has no float
+        raise InvalidRequest(
+            f"ttl_s must be from 1 to {MAX_INVITE_TTL_S} seconds (30 days)", param="ttl_s"
+        )
     return _json_response(admin.invite(role=_string(body, "role", "member"), ttl_s=float(ttl)))
 
 
 async def mesh_join(request: web.Request) -> web.Response:
     admin = _owner_only(request)
     body = await _json_fields(request)
-    return _json_response(await admin.join(_string(body, "code")))
+    leave = body.get("leave_current", False)
+    if not isinstance(leave, bool):
+        raise InvalidRequest("leave_current must be true or false", param="leave_current")
+    return _json_response(await admin.join(_string(body, "code"), leave_current=leave))
 
 
 async def mesh_members(request: web.Request) -> web.Response:
@@ -375,9 +486,17 @@ def build_app(
     mesh_admin: MeshAdmin,
     users: UsersAdmin,
     quota: QuotaService,
+    owner: OwnerToken,
+    guard: HostGuard,
 ) -> web.Application:
     # client_max_size bounds what aiohttp itself buffers; _read_body gives the clear error.
-    app = web.Application(client_max_size=max_request_bytes, middlewares=[_error_middleware])
+    # The guard runs inside the error middleware, so its refusals are OpenAI-style JSON.
+    app = web.Application(
+        client_max_size=max_request_bytes, middlewares=[_error_middleware, _guard_middleware]
+    )
+    app.on_response_prepare.append(_cors_headers)
+    app[OWNER_TOKEN] = owner
+    app[GUARD] = guard
     app[DISPATCHER] = dispatcher
     app[MAX_BYTES] = max_request_bytes
     app[STATUS] = status

@@ -15,7 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from mesh.errors import InvalidRequest, MeshError
+from mesh.errors import InvalidRequest, MeshError, MeshNotEmpty
 from mesh.membership import Role, read_cert
 from node.peer_client import PeerClient, join_mesh
 from node.trust_store import TrustStore
@@ -88,7 +88,23 @@ class MeshAdmin:
             "mesh_id": self._trust.mesh_id,
         }
 
-    async def join(self, code: str) -> dict[str, Any]:
+    def _others(self) -> list[str]:
+        """Members this node would leave behind: those it invited (unrevoked), or, when it
+        joined somebody else's mesh, that mesh's admin at least."""
+        trust = self._trust
+        invited = [n for n in trust.members if n not in trust.revoked]
+        if trust.authority is None:
+            return [*invited, "the mesh's admin"]
+        return invited
+
+    async def join(self, code: str, *, leave_current: bool = False) -> dict[str, Any]:
+        others = self._others()
+        if others and not leave_current:
+            raise MeshNotEmpty(
+                f"this box is in mesh {self._trust.mesh_id} with {len(others)} other "
+                "member(s); joining another mesh leaves it (its mesh key is set aside, "
+                "not deleted): confirm with --leave-current"
+            )
         inviter = await join_mesh(
             code,
             self._trust,

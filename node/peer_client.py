@@ -22,6 +22,7 @@ from google.protobuf.message import DecodeError, Message
 from mesh import PROTOCOL_VERSION
 from mesh.cards import PeerCard, open_card, verify_peer_card
 from mesh.errors import InvalidRequest, InviteError, MeshError, RemoteProtocolError, Unavailable
+from mesh.goodbye import Goodbye
 from mesh.inference import Finished, InferenceEvent, InferenceRequest
 from mesh.invites import decode_invite, make_join_request
 from mesh.sealing import Sealed, seal_request
@@ -302,11 +303,15 @@ class PeerClient:
         return (await self._one_answer(peer, body, "users", "users", timeout_s)).users
 
     async def ping(
-        self, *, timeout_s: float = CONTROL_TIMEOUT_S, leaving_node_id: str = ""
+        self, *, timeout_s: float = CONTROL_TIMEOUT_S, goodbye: Goodbye | None = None
     ) -> pb.PingResponse:
-        request = pb.PingRequest(
-            nonce=os.urandom(8), sent_at_unix_ms=_now_ms(), leaving_node_id=leaving_node_id
-        )
+        request = pb.PingRequest(nonce=os.urandom(8), sent_at_unix_ms=_now_ms())
+        if goodbye is not None:
+            request.sent_at_unix_ms = goodbye.sent_at_ms
+            request.leaving_node_id = goodbye.leaving_node_id
+            request.recipient_node_id = goodbye.recipient_node_id
+            request.card_issued_at_unix_ms = goodbye.card_issued_at_ms
+            request.goodbye_signature = goodbye.signature
         return await self.transport.unary("Ping", request, pb.PingResponse, timeout_s)
 
     async def join(self, request: tpb.JoinRequest) -> tpb.JoinResponse:

@@ -28,6 +28,7 @@ import grpc
 
 from mesh.cards import PeerCard
 from mesh.errors import MeshError
+from mesh.goodbye import Goodbye, goodbye_holds, sign_goodbye
 from mesh.inference import Route
 from mesh.membership import Role
 from mesh.peers import (
@@ -64,8 +65,10 @@ class Peering:
         table: PeerTable,
         static_peers: tuple[str, ...] = (),
         on_change: Callable[[], None] = lambda: None,
+        card_issued_at: Callable[[], int] = lambda: 0,
     ) -> None:
         self._trust = trust
+        self._card_issued_at = card_issued_at  # our own card's, bound into our goodbyes
         self.table = table
         self._addresses: dict[str, str | None] = dict.fromkeys(static_peers)  # -> node ID
         self._clients: dict[str, PeerClient] = {}  # node ID -> client
@@ -74,6 +77,9 @@ class Peering:
         self._task: asyncio.Task[None] | None = None
         self._connecting: set[str] = set()
         self._card_versions: dict[str, int] = {}  # node ID -> issued-at of the card we hold
+        # node ID -> the card version it announced in its last heartbeat answer: what its
+        # goodbye must name (a restart announces a new one, so older goodbyes stop holding)
+        self._announced: dict[str, int] = {}
         self._wake = asyncio.Event()
         self._connects: set[asyncio.Task[None]] = set()
         self._relay: RelayLink | None = None
@@ -147,8 +153,20 @@ class Peering:
                 self.apply(self.table.failed(node_id, "left the relay"))
         self._wake.set()
 
-    def leaving(self, node_id: str) -> None:
-        """A peer told us it is shutting down."""
+    def leaving(self, goodbye: Goodbye) -> None:
+        """A peer says it is shutting down: out of rotation at once, if it signed that
+        itself (for us, lately, about the card we hold); anything else is ignored."""
+        node_id = goodbye.leaving_node_id
+        card = self._cards.get(node_id)
+        if card is None or not goodbye_holds(
+            goodbye,
+            identity_public_key=card.card.identity_public_key,
+            me=self._trust.identity.node_id,
+            card_issued_at_ms=self._announced.get(node_id),
+            now_ms=_now_ms(),
+        ):
+            logger.debug("ignored a goodbye for %s that does not hold", node_id[:7])
+            return
         self.apply(self.table.goodbye(node_id))
 
     # --- the loop ----------------------------------------------------------------------------
@@ -324,6 +342,7 @@ class Peering:
             logger.debug("no heartbeat from %s: %s", node_id[:7], exc.message)
             return  # silence: tick() decides when it becomes suspect or down
         rtt_ms = (time.perf_counter() - started) * 1000
+        self._announced[node_id] = reply.card_issued_at_unix_ms
         if reply.card_issued_at_unix_ms != self._card_versions.get(node_id):
             await self._refresh_card(node_id, client)
         self.apply(
@@ -344,10 +363,14 @@ class Peering:
         await asyncio.gather(*(self._ping(n, c) for n, c in peers))
 
     async def _say_goodbye(self) -> None:
-        me = self._trust.identity.node_id
-
-        async def bye(client: PeerClient) -> None:
+        async def bye(node_id: str, client: PeerClient) -> None:
+            goodbye = sign_goodbye(
+                self._trust.identity,
+                recipient_node_id=node_id,
+                now_ms=_now_ms(),
+                card_issued_at_ms=self._card_issued_at(),
+            )
             with contextlib.suppress(MeshError, grpc.aio.AioRpcError):
-                await client.ping(timeout_s=0.5, leaving_node_id=me)
+                await client.ping(timeout_s=0.5, goodbye=goodbye)
 
-        await asyncio.gather(*(bye(c) for c in self._clients.values()))
+        await asyncio.gather(*(bye(n, c) for n, c in self._clients.items()))

@@ -370,7 +370,9 @@ class RelayLink:
                 await self._reply(peer, stream_id, self._calls.describe().SerializeToString())
             elif packet.method == "Ping":
                 ping = codec.parse_message(pb.PingRequest, packet.payload)
-                await self._reply(peer, stream_id, self._calls.ping(ping).SerializeToString())
+                await self._reply(
+                    peer, stream_id, self._calls.ping(ping, label).SerializeToString()
+                )
             elif packet.method == "PushRevocations":
                 signed = codec.parse_message(tpb.SignedRevocations, packet.payload)
                 reply = self._calls.push_revocations(signed, label)

@@ -65,7 +65,8 @@ class TrustStore:
             keyring=self.keyring,
             mesh_public_key=lambda: self.mesh_public_key,
             revoked=lambda: self.revoked,
-            replay=ReplayGuard(),
+            # Nothing issued before this start: the seen-IDs window did not survive it.
+            replay=ReplayGuard(not_before_ms=now_ms()),
         )
 
     # --- views -------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ def invite_code(node: NodeProcess, role: str = "member", ttl_s: float = 600) -> 
     request = urllib.request.Request(
         node.url + "/allerac/mesh/invites",
         data=json.dumps({"role": role, "ttl_s": ttl_s}).encode(),
-        headers={"Content-Type": "application/json"},
+        headers={"Content-Type": "application/json", **node.owner},
         method="POST",
     )
     with urllib.request.urlopen(request, timeout=30) as response:

@@ -63,6 +63,11 @@ class NodeProcess:
     def node_id(self) -> str:
         return str(self.info["node_id"])
 
+    @property
+    def owner(self) -> dict[str, str]:
+        """The header that makes a request the box owner's (what the CLI sends)."""
+        return owner_headers(self.home)
+
     def start(self) -> NodeProcess:
         self.home.mkdir(parents=True, exist_ok=True)
         args = [*self.command, "up", "--home", str(self.home)]
@@ -108,6 +113,11 @@ class NodeProcess:
             self.proc.wait(10)
         if hasattr(self, "log"):
             self.log.close()
+
+
+def owner_headers(home: Path) -> dict[str, str]:
+    token = (home / "run" / "owner.token").read_text(encoding="ascii").strip()
+    return {"Authorization": f"Bearer {token}"}
 
 
 def run_cli(home: Path, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:

@@ -104,7 +104,7 @@ def test_a_key_is_shown_once_and_only_its_hash_is_stored(pair: dict[str, NodePro
         "quota",
         "quota_state",
     ]
-    status, _, body = call(a.url, "GET", "/allerac/users")
+    status, _, body = call(a.url, "GET", "/allerac/users", headers=a.owner)
     assert status == 200
     assert key not in json.dumps(body)
     assert hash_api_key(key) not in json.dumps(body)
@@ -224,7 +224,7 @@ def test_bad_user_requests_get_clear_errors(pair: dict[str, NodeProcess]) -> Non
         ({"name": 7}, 400, "name must be a non-empty string"),
     ]
     for body, status, message in cases:
-        got, _, reply = call(a.url, "POST", "/allerac/users", body)
+        got, _, reply = call(a.url, "POST", "/allerac/users", body, headers=a.owner)
         assert got == status, reply
         assert message in reply["error"]["message"]
     bad_name = run_cli(a.home, "user", "remove", "no/such")
@@ -371,7 +371,7 @@ def test_beyond_loopback_only_keys_open_the_api(lab1: NetnsLab) -> None:
     assert statuses == [401, 401, 401, 200, 403, 403, 403, 403], out["raw"]
     assert "an API key is required" in out["raw"][0][1]["error"]["message"]
     assert out["raw"][3][1]["data"][0]["id"] == MODEL
-    assert "only available on this box" in out["raw"][4][1]["error"]["message"]
+    assert "an API key never opens it" in out["raw"][4][1]["error"]["message"]
     assert out["raw"][7][1]["error"]["code"] == "privacy_not_allowed"
     assert "Paris" in out["answer"]
     assert "an API key is required" in out["no_key"]

@@ -310,7 +310,10 @@ def _post(node: NodeProcess, path: str, body: bytes) -> tuple[int, dict[str, obj
     import urllib.request
 
     request = urllib.request.Request(
-        node.url + path, data=body, headers={"Content-Type": "application/json"}, method="POST"
+        node.url + path,
+        data=body,
+        headers={"Content-Type": "application/json", **node.owner},
+        method="POST",
     )
     try:
         with urllib.request.urlopen(request, timeout=30) as response:

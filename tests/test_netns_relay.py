@@ -45,7 +45,16 @@ def _rss_bytes(relay: RelayProcess) -> int:
 
 def _stats(world: World) -> dict[str, object]:
     result = world.cloud.run(
-        0, sys.executable, "-m", "node", "relay", "stats", world.relay.address, "--json"
+        0,
+        sys.executable,
+        "-m",
+        "node",
+        "relay",
+        "stats",
+        world.relay.address,
+        "--json",
+        "--home",
+        str(world.relay.home),
     )
     assert result.returncode == 0, result.stderr
     return dict(json.loads(result.stdout))

@@ -110,14 +110,20 @@ class ModelCard(_message.Message):
     def __init__(self, name: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ..., family: _Optional[str] = ..., parameter_count: _Optional[int] = ..., quantization: _Optional[str] = ..., context_length: _Optional[int] = ..., backend: _Optional[str] = ..., tokens_per_second: _Optional[float] = ..., chat: _Optional[bool] = ...) -> None: ...
 
 class PingRequest(_message.Message):
-    __slots__ = ("nonce", "sent_at_unix_ms", "leaving_node_id")
+    __slots__ = ("nonce", "sent_at_unix_ms", "leaving_node_id", "recipient_node_id", "card_issued_at_unix_ms", "goodbye_signature")
     NONCE_FIELD_NUMBER: _ClassVar[int]
     SENT_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     LEAVING_NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    RECIPIENT_NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    CARD_ISSUED_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    GOODBYE_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     nonce: bytes
     sent_at_unix_ms: int
     leaving_node_id: str
-    def __init__(self, nonce: _Optional[bytes] = ..., sent_at_unix_ms: _Optional[int] = ..., leaving_node_id: _Optional[str] = ...) -> None: ...
+    recipient_node_id: str
+    card_issued_at_unix_ms: int
+    goodbye_signature: bytes
+    def __init__(self, nonce: _Optional[bytes] = ..., sent_at_unix_ms: _Optional[int] = ..., leaving_node_id: _Optional[str] = ..., recipient_node_id: _Optional[str] = ..., card_issued_at_unix_ms: _Optional[int] = ..., goodbye_signature: _Optional[bytes] = ...) -> None: ...
 
 class PingResponse(_message.Message):
     __slots__ = ("nonce", "node_id", "received_at_unix_ms", "load", "card_issued_at_unix_ms")

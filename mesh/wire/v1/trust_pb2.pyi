@@ -96,7 +96,7 @@ class SignedEncryptionKeys(_message.Message):
     def __init__(self, keys: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class EnvelopeHeader(_message.Message):
-    __slots__ = ("protocol_version", "sender_id", "recipient_id", "request_id", "issued_at_unix_ms", "recipient_key_id", "kem", "sender_cert", "sender_offers_hybrid", "purpose")
+    __slots__ = ("protocol_version", "sender_id", "recipient_id", "request_id", "issued_at_unix_ms", "recipient_key_id", "kem", "sender_cert", "sender_offers_hybrid")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     SENDER_ID_FIELD_NUMBER: _ClassVar[int]
     RECIPIENT_ID_FIELD_NUMBER: _ClassVar[int]
@@ -106,7 +106,6 @@ class EnvelopeHeader(_message.Message):
     KEM_FIELD_NUMBER: _ClassVar[int]
     SENDER_CERT_FIELD_NUMBER: _ClassVar[int]
     SENDER_OFFERS_HYBRID_FIELD_NUMBER: _ClassVar[int]
-    PURPOSE_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     sender_id: str
     recipient_id: str
@@ -116,8 +115,7 @@ class EnvelopeHeader(_message.Message):
     kem: Kem
     sender_cert: SignedCert
     sender_offers_hybrid: bool
-    purpose: str
-    def __init__(self, protocol_version: _Optional[int] = ..., sender_id: _Optional[str] = ..., recipient_id: _Optional[str] = ..., request_id: _Optional[bytes] = ..., issued_at_unix_ms: _Optional[int] = ..., recipient_key_id: _Optional[str] = ..., kem: _Optional[_Union[Kem, str]] = ..., sender_cert: _Optional[_Union[SignedCert, _Mapping]] = ..., sender_offers_hybrid: _Optional[bool] = ..., purpose: _Optional[str] = ...) -> None: ...
+    def __init__(self, protocol_version: _Optional[int] = ..., sender_id: _Optional[str] = ..., recipient_id: _Optional[str] = ..., request_id: _Optional[bytes] = ..., issued_at_unix_ms: _Optional[int] = ..., recipient_key_id: _Optional[str] = ..., kem: _Optional[_Union[Kem, str]] = ..., sender_cert: _Optional[_Union[SignedCert, _Mapping]] = ..., sender_offers_hybrid: _Optional[bool] = ...) -> None: ...
 
 class SealedEnvelope(_message.Message):
     __slots__ = ("header", "ciphertext", "signature")
@@ -130,12 +128,14 @@ class SealedEnvelope(_message.Message):
     def __init__(self, header: _Optional[bytes] = ..., ciphertext: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class SealedRequestBody(_message.Message):
-    __slots__ = ("response_key", "body")
+    __slots__ = ("response_key", "body", "purpose")
     RESPONSE_KEY_FIELD_NUMBER: _ClassVar[int]
     BODY_FIELD_NUMBER: _ClassVar[int]
+    PURPOSE_FIELD_NUMBER: _ClassVar[int]
     response_key: bytes
     body: bytes
-    def __init__(self, response_key: _Optional[bytes] = ..., body: _Optional[bytes] = ...) -> None: ...
+    purpose: str
+    def __init__(self, response_key: _Optional[bytes] = ..., body: _Optional[bytes] = ..., purpose: _Optional[str] = ...) -> None: ...
 
 class SealedFrame(_message.Message):
     __slots__ = ("seq", "final", "ciphertext")
