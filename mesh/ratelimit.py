@@ -14,21 +14,18 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from mesh.relay import TokenBucket
+from mesh.relay import source_address as ip_source
 
 MAX_SOURCES = 4096
 
 
 def source_address(peer: str) -> str:
-    """The address part of a gRPC peer string: 'ipv4:1.2.3.4:5678' -> '1.2.3.4',
-    'ipv6:[::1]:5678' -> '::1'; anything else is its own source."""
-    kind, sep, rest = peer.partition(":")
-    if not sep or kind not in ("ipv4", "ipv6"):
-        return peer[:256]
-    if rest.startswith("["):
-        end = rest.find("]")
-        return rest[1:end] if end > 0 else rest[:256]
-    host, _, _ = rest.rpartition(":")
-    return host or rest[:256]
+    """Whose rate a call counts against: for a gRPC peer its address (IPv6 by /64, as the
+    relay counts it: `mesh.relay.source_address`); for anything else (a node ID behind
+    the relay, "relay:NODE") the string itself."""
+    if peer.startswith(("ipv4:", "ipv6:")):
+        return ip_source(peer)
+    return peer[:256]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

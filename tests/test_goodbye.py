@@ -117,8 +117,9 @@ def test_the_source_table_is_bounded() -> None:
     ("peer", "address"),
     [
         ("ipv4:127.0.0.2:5000", "127.0.0.2"),
-        ("ipv6:[::1]:5000", "::1"),
-        ("ipv6:[fe80::1%eth0]:80", "fe80::1%eth0"),
+        ("ipv6:[::1]:5000", "::/64"),
+        ("ipv6:%5B2001:db8:1:2::9%5D:443", "2001:db8:1:2::/64"),
+        ("ipv6:[::ffff:10.1.2.3]:80", "10.1.2.3"),
         ("relay:ABCDEFG", "relay:ABCDEFG"),
         ("unix:/tmp/x", "unix:/tmp/x"),
         ("", ""),
