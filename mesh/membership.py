@@ -15,8 +15,8 @@ envelope signature (cross-protocol replay).
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 
 from google.protobuf.message import DecodeError
 
@@ -116,16 +116,25 @@ class MeshAuthority:
         return tpb.SignedCert(cert=data, signature=self._key.sign(CERT_CONTEXT + data))
 
     def revocations(
-        self, *, version: int, revoked: Iterable[str], now_ms: int
+        self,
+        *,
+        version: int,
+        revoked: Iterable[str],
+        now_ms: int,
+        revoked_at: Mapping[str, int] | None = None,
     ) -> tpb.SignedRevocations:
+        """A signed list of every revoked node; `revoked_at` keeps the times of the nodes
+        revoked earlier, and a node new to the list is revoked at `now_ms`."""
         ids = sorted({parse_node_id(node_id) for node_id in revoked})
         if len(ids) > MAX_REVOKED:
             raise InvalidRequest(f"at most {MAX_REVOKED} revoked nodes per list")
+        earlier = revoked_at or {}
         body = tpb.RevocationList(
             mesh_public_key=self.public_key,
             version=version,
             revoked_node_ids=ids,
             issued_at_unix_ms=now_ms,
+            revoked_at_unix_ms={node_id: earlier.get(node_id, now_ms) for node_id in ids},
         )
         data = body.SerializeToString(deterministic=True)
         return tpb.SignedRevocations(
@@ -188,6 +197,8 @@ class Revocations:
     version: int
     revoked: frozenset[str]
     signed: tpb.SignedRevocations
+    # When each node was revoked (a list from before these times says: when it was issued).
+    revoked_at: Mapping[str, int] = field(default_factory=dict)
 
 
 def verify_revocations(signed: tpb.SignedRevocations, *, mesh_public_key: bytes) -> Revocations:
@@ -206,6 +217,13 @@ def verify_revocations(signed: tpb.SignedRevocations, *, mesh_public_key: bytes)
         raise BadSignature("revocation list signature does not verify")
     if len(body.revoked_node_ids) > MAX_REVOKED:
         raise BadSignature("revocation list is too long")
+    revoked = frozenset(body.revoked_node_ids)
     return Revocations(
-        version=body.version, revoked=frozenset(body.revoked_node_ids), signed=signed
+        version=body.version,
+        revoked=revoked,
+        signed=signed,
+        revoked_at={
+            node_id: body.revoked_at_unix_ms.get(node_id, body.issued_at_unix_ms)
+            for node_id in revoked
+        },
     )

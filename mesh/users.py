@@ -22,27 +22,38 @@ Users are the mesh's, not one box's: members exchange their user lists (`merge`)
 key works on every box. Each entry carries when it last changed; the later change wins,
 and a removed user stays as a tombstone so that the removal travels too.
 
+Who may change a user: each entry is signed by the node that made the change
+(`signed_bytes`), and a merge keeps it only when that node is the user's home (for a new
+user: the home it names is itself) or an admin of the mesh, its membership certificate
+verifies, the change is not dated after the node's revocation, and not dated past now
+plus the clock skew allowed between members (60 s). So a member can add its own users
+but never replace another home's key or quota, nor win every later merge with a date in
+the far future.
+
 On disk: `$ALLERAC_HOME/users.json`, mode 0600, written only by the running node:
 
-    {"version": 2, "users": [{"name": "alice", "key_hash": "<64 hex>", "privacy": "mesh",
+    {"version": 3, "users": [{"name": "alice", "key_hash": "<64 hex>", "privacy": "mesh",
                               "quota": "cloud=1M/month", "home_node_id": "<node ID>",
                               "created_at_ms": 1767225600000, "updated_at_ms": 1767225600000,
-                              "removed": false}]}
+                              "removed": false, "signer_node_id": "<node ID>",
+                              "signature": "<128 hex>"}],
+     "signers": {"<node ID>": "<base64 SignedCert>"}}
 
-Version 1 files (no quota, home, update time or tombstones) are read as they are.
-
-Loading checks everything and refuses (without touching the file) anything it does not
-understand: a newer version, an unknown field, a bad name or hash, duplicates, a file other
-users could read or write.
+Version 1 and 2 files (unsigned) are read as they are; the node signs the users it is home
+to. Loading refuses (without touching the file) what it cannot read as a whole: a newer
+version, an unknown top-level field, a file other users could read or write. One bad entry
+does not stop the node: it is set aside (`parse_users` returns it, with why) so that the
+node can report it by name and keep a copy before it ever writes the file again.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import re
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -57,6 +68,8 @@ from mesh.errors import (
     UserNotFound,
 )
 from mesh.home import read_owner_only, write_private
+from mesh.identity import Identity, verify_signature
+from mesh.membership import Membership, Role
 from mesh.quota import UNLIMITED, Quota, parse_quota
 from mesh.scheduler import Privacy
 from mesh.wire.v1 import ledger_pb2 as lpb
@@ -68,13 +81,19 @@ _KEY_FORMAT = re.compile(r"amk_[A-Za-z0-9_-]{43}")
 _NAME_FORMAT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _HASH_FORMAT = re.compile(r"[0-9a-f]{64}")
 MAX_AUTHORIZATION_CHARS = 1024
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 MAX_USERS = 10_000
 MAX_USERS_FILE_BYTES = 4 * 1024 * 1024
 _MAX_TIME_MS = (1 << 63) - 1
 _FILE_FIELDS = frozenset({"version", "users"})
+_V3_FILE_FIELDS = _FILE_FIELDS | {"signers"}
 _V1_FIELDS = frozenset({"name", "key_hash", "privacy", "created_at_ms"})
 _RECORD_FIELDS = _V1_FIELDS | {"quota", "home_node_id", "updated_at_ms", "removed"}
+_V3_RECORD_FIELDS = _RECORD_FIELDS | {"signer_node_id", "signature"}
+_SIGNATURE_FORMAT = re.compile(r"([0-9a-f]{128})?")
+SIGNATURE_CONTEXT = b"allerac-mesh/v1/user-entry\x00"
+# How far ahead of this node's clock a change may be dated (as for sealed requests).
+CLOCK_SKEW_MS = 60_000
 _NODE_ID_FORMAT = re.compile(r"[A-Z2-7-]{1,80}")
 
 # How far each policy lets a request travel; a larger number is looser.
@@ -140,6 +159,8 @@ class UserRecord:
     home_node_id: str = ""  # the node keeping the user's quota ("": this node)
     updated_at_ms: int = 0
     removed: bool = False
+    signer_node_id: str = ""  # who made this change ("": not signed, from an old file)
+    signature: bytes = b""
 
     @property
     def version(self) -> tuple[int, str, bool]:
@@ -174,6 +195,63 @@ class Caller:
 OWNER = Caller(user="", ceiling=None)
 
 
+# --- who may change a user --------------------------------------------------------------------
+
+
+def signed_bytes(record: UserRecord) -> bytes:
+    """What the signer of a change signs: the entry's fields, canonical JSON (the same on
+    every node, whatever carried the entry)."""
+    body = {
+        "name": record.name,
+        "key_hash": record.key_hash,
+        "privacy": record.privacy.value,
+        "quota": record.quota.spec,
+        "home_node_id": record.home_node_id,
+        "created_at_ms": record.created_at_ms,
+        "updated_at_ms": record.updated_at_ms,
+        "removed": record.removed,
+    }
+    return SIGNATURE_CONTEXT + json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+
+def sign_record(record: UserRecord, identity: Identity) -> UserRecord:
+    return replace(
+        record, signer_node_id=identity.node_id, signature=identity.sign(signed_bytes(record))
+    )
+
+
+def may_change(
+    ours: UserRecord | None,
+    record: UserRecord,
+    *,
+    signers: Mapping[str, Membership],
+    now_ms: int,
+    revoked_at: Callable[[str], int | None] = lambda node_id: None,
+) -> str | None:
+    """Why another member's `record` must not replace `ours` (None: it may)."""
+    if max(record.updated_at_ms, record.created_at_ms) > now_ms + CLOCK_SKEW_MS:
+        return "it is dated in the future"
+    signer = signers.get(record.signer_node_id)
+    if signer is None:
+        return "it is not signed by a member of this mesh"
+    if not verify_signature(signer.identity_public_key, record.signature, signed_bytes(record)):
+        return f"its signature by {signer.node_id[:7]} does not verify"
+    revoked = revoked_at(signer.node_id)
+    if revoked is not None and record.updated_at_ms >= revoked:
+        return f"its signer {signer.node_id[:7]} was revoked before it was made"
+    if signer.role is Role.ADMIN:
+        return None
+    if ours is None or ours.removed:
+        if record.home_node_id != signer.node_id:
+            return f"{signer.node_id[:7]} may add users only with itself as their home"
+        return None
+    if ours.home_node_id != signer.node_id:
+        return f"only its home node {ours.home_node_id[:7]} or an admin may change it"
+    if record.home_node_id != ours.home_node_id:
+        return "only an admin may move a user to another home"
+    return None
+
+
 class UserBook:
     """Every user of the mesh this node knows, by name and by key hash; removed users
     stay as tombstones (not listed, no key) so that removals travel."""
@@ -181,6 +259,10 @@ class UserBook:
     def __init__(self, records: tuple[UserRecord, ...] | list[UserRecord] = ()) -> None:
         self._by_name: dict[str, UserRecord] = {}  # tombstones included
         self._by_hash: dict[str, UserRecord] = {}  # live users only
+        # node ID -> serialized SignedCert of the nodes that signed entries held here
+        self.signer_certs: dict[str, bytes] = {}
+        # Entries of the file that could not be taken: (where, why); never written back.
+        self.set_aside: list[tuple[str, str]] = []
         for record in records:
             self._insert(record)
 
@@ -210,8 +292,21 @@ class UserBook:
         record = self._by_name.get(name)
         return None if record is None or record.removed else record
 
+    def get_entry(self, name: str) -> UserRecord:
+        """The entry for `name`, tombstone or not (KeyError when there is none)."""
+        return self._by_name[name]
+
     def copy(self) -> UserBook:
-        return UserBook(list(self._by_name.values()))
+        book = UserBook(list(self._by_name.values()))
+        book.signer_certs = dict(self.signer_certs)
+        return book
+
+    def replace_record(self, record: UserRecord) -> None:
+        """Put a (re-signed) version of a record in place, same name and key."""
+        old = self._by_name[record.name]
+        self._by_name[record.name] = record
+        if not old.removed:
+            self._by_hash[old.key_hash] = record
 
     def add(
         self,
@@ -264,13 +359,26 @@ class UserBook:
         self._by_name[name] = replace(record, removed=True, updated_at_ms=later)
         return record
 
-    def merge(self, incoming: list[UserRecord]) -> list[UserRecord]:
-        """Take the entries from another member that are newer than ours; returns what
-        changed. An entry whose key another live user holds is skipped."""
+    def merge(
+        self,
+        incoming: list[UserRecord],
+        *,
+        signers: Mapping[str, Membership],
+        now_ms: int,
+        revoked_at: Callable[[str], int | None] = lambda node_id: None,
+    ) -> tuple[list[UserRecord], list[tuple[str, str]]]:
+        """Take the entries from another member that are newer than ours and that their
+        signer was allowed to make (`may_change`); returns what changed, and each refused
+        entry's name with why. An entry whose key another live user holds is skipped."""
         changed = []
+        refused: list[tuple[str, str]] = []
         for record in incoming:
             ours = self._by_name.get(record.name)
             if ours is not None and ours.version >= record.version:
+                continue
+            why = may_change(ours, record, signers=signers, now_ms=now_ms, revoked_at=revoked_at)
+            if why is not None:
+                refused.append((record.name, why))
                 continue
             holder = self._by_hash.get(record.key_hash)
             if not record.removed and holder is not None and holder.name != record.name:
@@ -283,7 +391,7 @@ class UserBook:
             if not record.removed:
                 self._by_hash[record.key_hash] = record
             changed.append(record)
-        return changed
+        return changed, refused
 
     def digest(self) -> bytes:
         """Equal on two nodes exactly when their lists are (tombstones included)."""
@@ -336,6 +444,8 @@ def entry_to_json(r: UserRecord) -> dict[str, Any]:
         "created_at_ms": r.created_at_ms,
         "updated_at_ms": r.updated_at_ms,
         "removed": r.removed,
+        "signer_node_id": r.signer_node_id,
+        "signature": r.signature.hex(),
     }
 
 
@@ -349,6 +459,8 @@ def entry_to_pb(r: UserRecord) -> lpb.UserEntry:
         created_at_unix_ms=r.created_at_ms,
         updated_at_unix_ms=r.updated_at_ms,
         removed=r.removed,
+        signer_node_id=r.signer_node_id,
+        signature=r.signature,
     )
 
 
@@ -364,12 +476,24 @@ def entry_from_pb(entry: lpb.UserEntry) -> UserRecord:
             "created_at_ms": entry.created_at_unix_ms,
             "updated_at_ms": entry.updated_at_unix_ms,
             "removed": entry.removed,
+            "signer_node_id": entry.signer_node_id,
+            "signature": entry.signature.hex(),
         }
     )
 
 
 def dump_users(book: UserBook) -> bytes:
-    body = {"version": FORMAT_VERSION, "users": [entry_to_json(r) for r in book.entries()]}
+    entries = book.entries()
+    signers = {r.signer_node_id for r in entries if r.signer_node_id}
+    body = {
+        "version": FORMAT_VERSION,
+        "users": [entry_to_json(r) for r in entries],
+        "signers": {
+            node_id: base64.b64encode(cert).decode("ascii")
+            for node_id, cert in sorted(book.signer_certs.items())
+            if node_id in signers
+        },
+    }
     return (json.dumps(body, indent=2) + "\n").encode("utf-8")
 
 
@@ -395,7 +519,7 @@ def entry_from_json(
     problem otherwise."""
     if not isinstance(raw, dict):
         raise ValueError(f"{where} is not an object")
-    fields = _V1_FIELDS if version == 1 else _RECORD_FIELDS
+    fields = {1: _V1_FIELDS, 2: _RECORD_FIELDS}.get(version, _V3_RECORD_FIELDS)
     if set(raw) != fields:
         missing = sorted(fields - set(raw))
         unknown = sorted(set(raw) - fields)
@@ -432,17 +556,28 @@ def entry_from_json(
     removed = raw["removed"]
     if not isinstance(removed, bool):
         raise ValueError(f"{where}.removed is not true or false")
-    return replace(
+    record = replace(
         record,
         quota=parsed,
         home_node_id=home,
         updated_at_ms=_time(raw["updated_at_ms"], f"{where}.updated_at_ms"),
         removed=removed,
     )
+    if version < 3:
+        return record
+    signer = raw["signer_node_id"]
+    if not isinstance(signer, str) or (signer and _NODE_ID_FORMAT.fullmatch(signer) is None):
+        raise ValueError(f"{where}.signer_node_id is not a node ID")
+    signature = raw["signature"]
+    if not isinstance(signature, str) or _SIGNATURE_FORMAT.fullmatch(signature) is None:
+        raise ValueError(f"{where}.signature is not 128 hex digits")
+    return replace(record, signer_node_id=signer, signature=bytes.fromhex(signature))
 
 
-def parse_users(data: bytes, *, source: str = "users file") -> UserBook:
-    """The users in `data` (a users.json); ConfigError naming the problem otherwise."""
+def parse_users(data: bytes, *, source: str = "users file", now_ms: int | None = None) -> UserBook:
+    """The users in `data` (a users.json); ConfigError naming the problem when the file
+    cannot be read as a whole. A bad entry (or one dated past `now_ms` plus the allowed
+    skew) is set aside in `book.set_aside`, with where it is and why; the others load."""
 
     def bad(problem: str) -> ConfigError:
         return ConfigError(f"{source} is not a valid users file ({problem}); it was left untouched")
@@ -460,36 +595,53 @@ def parse_users(data: bytes, *, source: str = "users file") -> UserBook:
     version = body.get("version")
     if isinstance(version, bool) or not isinstance(version, int):
         raise bad("no version number")
-    if version not in (1, FORMAT_VERSION):
-        raise bad(f"format version {version}; this node reads versions 1 and {FORMAT_VERSION}")
-    if set(body) != _FILE_FIELDS:
-        raise bad(f"unknown fields {sorted(set(body) - _FILE_FIELDS)} or no users list")
+    if version not in (1, 2, FORMAT_VERSION):
+        raise bad(f"format version {version}; this node reads versions 1 to {FORMAT_VERSION}")
+    fields = _V3_FILE_FIELDS if version >= 3 else _FILE_FIELDS
+    if set(body) != fields:
+        raise bad(
+            f"unknown fields {sorted(set(body) - fields)} or missing {sorted(fields - set(body))}"
+        )
     users = body["users"]
     if not isinstance(users, list):
         raise bad("users is not a list")
     if len(users) > MAX_USERS:
         raise bad(f"more than {MAX_USERS} users")
-    try:
-        return UserBook(
-            [
-                entry_from_json(raw, where=f"users[{i}]", version=version)
-                for i, raw in enumerate(users)
-            ]
-        )
-    except ValueError as exc:
-        raise bad(str(exc)) from exc
-    except MeshError as exc:  # duplicates
-        raise bad(exc.message) from exc
+    book = UserBook()
+    for i, raw in enumerate(users):
+        name = raw.get("name") if isinstance(raw, dict) else None
+        where = f"users[{i}]" + (f" ({str(name)[:64]!r})" if isinstance(name, str) else "")
+        try:
+            record = entry_from_json(raw, where=f"users[{i}]", version=version)
+            if now_ms is not None and max(record.updated_at_ms, record.created_at_ms) > (
+                now_ms + CLOCK_SKEW_MS
+            ):
+                raise ValueError(f"users[{i}] is dated in the future")
+            book._insert(record)
+        except (ValueError, MeshError) as exc:
+            book.set_aside.append((where, exc.message if isinstance(exc, MeshError) else str(exc)))
+    if version >= 3:
+        signers = body["signers"]
+        if not isinstance(signers, dict):
+            raise bad("signers is not an object")
+        for node_id, cert in signers.items():
+            if not isinstance(cert, str) or len(cert) > 8192:
+                raise bad(f"signers[{str(node_id)[:80]!r}] is not a certificate")
+            try:
+                book.signer_certs[node_id] = base64.b64decode(cert, validate=True)
+            except ValueError as exc:
+                raise bad(f"signers[{str(node_id)[:80]!r}] is not base64") from exc
+    return book
 
 
-def load_users(path: Path) -> UserBook:
+def load_users(path: Path, *, now_ms: int | None = None) -> UserBook:
     """The users saved at `path`; an empty book when there is no file yet."""
     data = read_owner_only(
         path, what="users file", max_bytes=MAX_USERS_FILE_BYTES, error=ConfigError
     )
     if data is None:
         return UserBook()
-    return parse_users(data, source=f"users file {path}")
+    return parse_users(data, source=f"users file {path}", now_ms=now_ms)
 
 
 def save_users(path: Path, book: UserBook) -> None:

@@ -295,11 +295,7 @@ class NodeCalls:
                 if self._users is None:
                     raise Unavailable("this node keeps no users")
                 asked = codec.parse_message(lpb.UserList, opened.body)
-                digest = self._users.digest()
-                reply = lpb.UserList(digest=digest)
-                if asked.digest != digest:
-                    reply.users.extend(self._users.entries())
-                event = pb.InferEvent(users=reply)
+                event = pb.InferEvent(users=self._users.user_list(asked.digest))
         except MeshError as error:
             event = codec.error_to_pb(error)
         return _sealed(opened.writer, event, final=True)

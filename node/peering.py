@@ -85,6 +85,7 @@ class Peering:
         self._relay: RelayLink | None = None
         self._relay_members: dict[str, Role] = {}
         self._tried: dict[str, float] = {}  # address -> when we last tried it
+        self._closing: set[asyncio.Future[None]] = set()  # clients of dropped peers
 
     # --- what the dispatcher needs -------------------------------------------------------
 
@@ -122,6 +123,7 @@ class Peering:
         for client in self._clients.values():
             await client.aclose()
         self._clients.clear()
+        await asyncio.gather(*self._closing, return_exceptions=True)
 
     def consider(self, address: str) -> None:
         """An address where a peer may listen (mDNS, static, a join): try it now, unless
@@ -152,6 +154,24 @@ class Peering:
             if client is not None and client.via_relay:
                 self.apply(self.table.failed(node_id, "left the relay"))
         self._wake.set()
+
+    def drop_revoked(self) -> None:
+        """Stop using every peer the mesh revoked, at once: its client, card and place in
+        the table go, so nothing routes to it and no answer comes from it (it is not
+        tried again: `_connect` refuses a revoked card)."""
+        revoked = self._trust.revoked
+        for node_id in [n for n in self._clients if n in revoked]:
+            client = self._clients.pop(node_id)
+            self._cards.pop(node_id, None)
+            self._card_versions.pop(node_id, None)
+            self._announced.pop(node_id, None)
+            self._closing.add(asyncio.ensure_future(client.aclose()))
+        for gone in [p.node_id for p in self.table if p.node_id in revoked]:
+            logger.info("peer %s is revoked from the mesh: dropped", gone[:7])
+            self.apply(self.table.forget(gone, "revoked"))
+        for address, known in list(self._addresses.items()):
+            if known in revoked:
+                self._addresses.pop(address)
 
     def leaving(self, goodbye: Goodbye) -> None:
         """A peer says it is shutting down: out of rotation at once, if it signed that
@@ -190,8 +210,12 @@ class Peering:
         last_beat = 0.0
         while True:
             self._wake.clear()
+            self._closing = {f for f in self._closing if not f.done()}
+            self.drop_revoked()  # however the list arrived (a push, a join, the relay)
             # An admin knows where the members it invited listen.
             for member in list(self._trust.members.values()):
+                if member.get("node_id") in self._trust.revoked:
+                    continue
                 for address in member.get("addresses", [])[:2]:
                     self.consider(address)
             # Connection attempts run on their own: an unreachable address (a stale hint,

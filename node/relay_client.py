@@ -133,6 +133,14 @@ class RelayLink:
                 await self._task
             self._task = None
 
+    def push_revocations(self, signed: tpb.SignedRevocations) -> None:
+        """Hand the relay a newer revocation list now: it closes the revoked nodes'
+        sessions at once (a new session's hello carries it too, should this be lost)."""
+        if not self.connected.is_set():
+            return
+        with contextlib.suppress(asyncio.QueueFull):
+            self._outbox.put_nowait(rpb.RelayFrame(revocations=signed))
+
     async def restart(self) -> None:
         """Open a new session now (the node's membership changed: a join)."""
         await self.aclose()

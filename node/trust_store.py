@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from mesh.enckeys import KeyPair, KeyRing, hybrid_available
-from mesh.errors import IdentityError, InviteError, MeshError, PermissionDenied
+from mesh.errors import IdentityError, InviteError, MeshError, NotAMember, PermissionDenied
 from mesh.home import Home, write_private
-from mesh.identity import Identity, parse_node_id
+from mesh.identity import Identity, node_id_from_public_key, parse_node_id
 from mesh.invites import InviteBook
 from mesh.membership import (
     ADMIN_CERT_TTL_MS,
@@ -89,6 +89,12 @@ class TrustStore:
     @property
     def revoked(self) -> frozenset[str]:
         return self.revocations.revoked if self.revocations is not None else frozenset()
+
+    def revoked_at(self, node_id: str) -> int | None:
+        """When `node_id` was revoked (ms), or None while it is not."""
+        if self.revocations is None:
+            return None
+        return self.revocations.revoked_at.get(node_id)
 
     @property
     def revocations_version(self) -> int:
@@ -243,6 +249,12 @@ class TrustStore:
 
     def redeem(self, request: tpb.JoinRequest, *, now: int) -> tpb.JoinResponse:
         authority = self._require_admin()
+        # Checked before the invite is used up: a revoked node gets nothing and costs
+        # the invite nothing.
+        if len(request.identity_public_key) == 32:
+            joining = node_id_from_public_key(request.identity_public_key)
+            if joining in self.revoked:
+                raise NotAMember(f"node {joining[:7]} is revoked from this mesh; it cannot rejoin")
         role = self.invites.redeem(request, mesh_public_key=authority.public_key, now_ms=now)
         self.invites.prune(now)
         self._write("invites.json", self.invites.to_json().encode())
@@ -269,7 +281,10 @@ class TrustStore:
         if node_id == self.identity.node_id:
             raise InviteError("an admin cannot revoke itself")
         signed = authority.revocations(
-            version=self.revocations_version + 1, revoked=self.revoked | {node_id}, now_ms=now
+            version=self.revocations_version + 1,
+            revoked=self.revoked | {node_id},
+            now_ms=now,
+            revoked_at=self.revocations.revoked_at if self.revocations is not None else None,
         )
         self.apply_revocations(signed)
         return signed

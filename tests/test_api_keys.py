@@ -256,7 +256,6 @@ def test_users_survive_a_restart(fresh_home: Path) -> None:
 BAD_USERS_FILES = [
     ("truncated", b'{"version": 1, "users": [{"name": "alice", "key_ha', "not a valid users file"),
     ("newer format", b'{"version": 9, "users": []}\n', "format version 9"),
-    ("a plain key", b'{"version": 1, "users": [{"name": "x", "key": "amk_1"}]}', "users[0]"),
 ]
 
 
@@ -277,6 +276,26 @@ def test_a_bad_users_file_stops_the_node_and_is_left_untouched(
     assert "left untouched" in result.stderr
     assert users_file.read_bytes() == data
     assert not (fresh_home / "run" / "node.json").exists()
+
+
+def test_a_bad_user_entry_is_set_aside_and_the_node_starts(fresh_home: Path) -> None:
+    fresh_home.mkdir(parents=True)
+    users_file = fresh_home / "users.json"
+    good = {"name": "alice", "key_hash": "ab" * 32, "privacy": "mesh", "created_at_ms": 1}
+    data = json.dumps({"version": 1, "users": [{"name": "x", "key": "amk_1"}, good]}).encode()
+    users_file.write_bytes(data)
+    users_file.chmod(0o600)
+    node = NodeProcess(fresh_home).start()
+    try:
+        log = node.output()
+        assert f"users file {users_file}: users[0] ('x') was set aside" in log
+        kept = list(fresh_home.glob("users.json.bad-*"))
+        assert [k.read_bytes() for k in kept] == [data]  # the file as it was, kept
+        assert kept[0].stat().st_mode & 0o777 == 0o600
+        listed = json.loads(run_cli(fresh_home, "user", "list", "--json").stdout)["users"]
+        assert [u["name"] for u in listed] == ["alice"]
+    finally:
+        node.kill()
 
 
 def test_a_users_file_others_can_read_stops_the_node(fresh_home: Path) -> None:

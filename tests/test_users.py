@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -20,6 +21,8 @@ from mesh.errors import (
     UserExists,
     UserNotFound,
 )
+from mesh.identity import Identity
+from mesh.membership import MeshAuthority, Role, verify_cert
 from mesh.quota import parse_quota
 from mesh.scheduler import Privacy
 from mesh.users import (
@@ -34,6 +37,7 @@ from mesh.users import (
     load_users,
     parse_users,
     save_users,
+    sign_record,
 )
 
 NOW_MS = 1_767_225_600_000
@@ -180,7 +184,7 @@ def test_save_and_load_round_trip_with_mode_0600(tmp_path: Path) -> None:
     again = load_users(path)
     assert list(again) == list(book)
     assert again.authenticate(key).name == "alice"
-    assert json.loads(path.read_text())["version"] == 2
+    assert json.loads(path.read_text())["version"] == 3
 
 
 def test_a_version_1_file_is_read_as_it_is(tmp_path: Path) -> None:
@@ -239,10 +243,21 @@ BAD_FILES = [
     ("not UTF-8", b'{"version": 1, "users": ["\xff"]}', "UnicodeDecodeError"),
     ("a list", b"[]", "not a JSON object"),
     ("no version", json.dumps({"users": []}).encode(), "no version number"),
-    ("a newer version", json.dumps({"version": 3, "users": []}).encode(), "format version 3"),
+    ("a newer version", json.dumps({"version": 4, "users": []}).encode(), "format version 4"),
     ("version as bool", json.dumps({"version": True, "users": []}).encode(), "no version"),
     ("unknown top field", _file([], extra=1), "unknown fields ['extra']"),
     ("users not a list", json.dumps({"version": 1, "users": {}}).encode(), "not a list"),
+    ("duplicate JSON field", b'{"version": 1, "version": 1, "users": []}', "duplicate field"),
+    ("deep nesting", b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+    (
+        "v3 signers not an object",
+        json.dumps({"version": 3, "users": [], "signers": []}).encode(),
+        "signers",
+    ),
+]
+
+# One bad entry does not make the file unreadable: it is set aside, named, and the rest load.
+BAD_ENTRIES = [
     ("record not an object", _file(["alice"]), "users[0] is not an object"),
     ("missing field", _file([{k: v for k, v in GOOD.items() if k != "privacy"}]), "'privacy'"),
     ("unknown field", _file([{**GOOD, "key": "amk_x"}]), "unknown fields ['key']"),
@@ -255,8 +270,6 @@ BAD_FILES = [
     ("time as float", _file([{**GOOD, "created_at_ms": 1.5}]), "created_at_ms"),
     ("duplicate name", _file([GOOD, {**GOOD, "key_hash": "cd" * 32}]), "already exists"),
     ("duplicate hash", _file([GOOD, {**GOOD, "name": "bob"}]), "same key"),
-    ("duplicate JSON field", b'{"version": 1, "version": 1, "users": []}', "duplicate field"),
-    ("deep nesting", b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
     ("v2 without its fields", _file([GOOD], version=2), "missing fields"),
     ("bad quota", _file2([{**GOOD2, "quota": "cloud=lots"}]), "users[0].quota"),
     ("quota not a string", _file2([{**GOOD2, "quota": 5}]), "users[0].quota"),
@@ -277,9 +290,28 @@ def test_a_bad_file_is_refused_naming_the_problem(data: bytes, problem: str) -> 
     assert "left untouched" in info.value.message
 
 
+@pytest.mark.parametrize(
+    ("data", "problem"), [b[1:] for b in BAD_ENTRIES], ids=[b[0] for b in BAD_ENTRIES]
+)
+def test_a_bad_entry_is_set_aside_naming_the_problem(data: bytes, problem: str) -> None:
+    book = parse_users(data, source="users file /h/users.json")
+    assert len(book.set_aside) == 1, book.set_aside
+    where, why = book.set_aside[0]
+    assert where.startswith("users[")
+    assert problem in why
+    assert len(book) <= 1  # whatever else was good loaded
+
+
+def test_an_entry_dated_in_the_future_is_set_aside() -> None:
+    late = {**GOOD2, "name": "mallory", "key_hash": "cd" * 32, "updated_at_ms": (1 << 63) - 1}
+    book = parse_users(_file2([GOOD2, late]), now_ms=NOW_MS)
+    assert [r.name for r in book] == ["alice"]
+    assert book.set_aside == [("users[1] ('mallory')", "users[1] is dated in the future")]
+
+
 def test_a_bad_file_on_disk_is_left_as_it_was(tmp_path: Path) -> None:
     path = tmp_path / "users.json"
-    path.write_bytes(b'{"version": 1, "users": [{"name": "alice"}]}')
+    path.write_bytes(b'{"version": 1, "users": {"name": "alice"}}')
     path.chmod(0o600)
     before = path.read_bytes()
     with pytest.raises(ConfigError, match=str(path)):
@@ -312,41 +344,158 @@ def test_any_book_survives_the_file(users: list[UserRecord]) -> None:
     assert list(again) == sorted((u for u in users if not u.removed), key=lambda r: r.name)
 
 
-def test_merging_takes_the_later_change_and_removals_travel() -> None:
-    here, there = UserBook(), UserBook()
-    _, key = here.add("alice", Privacy.MESH, now_ms=NOW_MS, quota=parse_quota("cloud=1k"))
-    assert [r.name for r in there.merge(here.entries())] == ["alice"]
-    assert there.authenticate(key).quota.spec == "cloud=1k/month"
-    assert there.merge(here.entries()) == []  # nothing newer: nothing changes
-    assert there.digest() == here.digest()
-    there.update("alice", now_ms=NOW_MS + 5, quota=parse_quota("cloud=2k"))
-    here.merge(there.entries())
-    assert here.authenticate(key).quota.spec == "cloud=2k/month"
-    here.remove("alice", now_ms=NOW_MS + 9)
-    there.merge(here.entries())
-    with pytest.raises(Unauthenticated):
-        there.authenticate(key)
-    assert list(there) == []
-    # An older copy of alice arriving late does not bring her back.
-    stale = UserBook()
-    stale.merge([r for r in here.entries() if False])
-    assert (
-        there.merge([dataclasses.replace(here.entries()[0], removed=False, updated_at_ms=1)]) == []
+class Box:
+    """A member of one test mesh: its identity, role and verified membership."""
+
+    def __init__(self, authority: MeshAuthority, role: Role) -> None:
+        self.identity = Identity.generate()
+        cert = authority.issue(
+            self.identity.public_key_raw, role=role, now_ms=NOW_MS - 1000, ttl_ms=10**12
+        )
+        self.cert = cert
+        self.membership = verify_cert(cert, mesh_public_key=authority.public_key, now_ms=NOW_MS)
+        self.node_id = self.identity.node_id
+        self.book = UserBook()
+
+    def add(self, name: str, **kwargs: Any) -> tuple[UserRecord, str]:
+        record, key = self.book.add(
+            name,
+            kwargs.pop("privacy", Privacy.MESH),
+            now_ms=kwargs.pop("now_ms", NOW_MS),
+            home_node_id=self.node_id,
+            **kwargs,
+        )
+        signed = sign_record(record, self.identity)
+        self.book.replace_record(signed)
+        return signed, key
+
+    def change(self, name: str, now_ms: int, **changes: Any) -> None:
+        self.book.replace_record(
+            sign_record(self.book.update(name, now_ms=now_ms, **changes), self.identity)
+        )
+
+    def remove(self, name: str, now_ms: int) -> None:
+        self.book.remove(name, now_ms=now_ms)
+        self.book.replace_record(sign_record(self.book.get_entry(name), self.identity))
+
+
+@pytest.fixture
+def mesh() -> dict[str, Box]:
+    authority = MeshAuthority.generate()
+    return {
+        "home": Box(authority, Role.MEMBER),
+        "other": Box(authority, Role.MEMBER),
+        "admin": Box(authority, Role.ADMIN),
+    }
+
+
+def merge(
+    into: Box, entries: list[UserRecord], mesh: dict[str, Box], **kw: Any
+) -> tuple[list[str], list[tuple[str, str]]]:
+    signers = {box.node_id: box.membership for box in mesh.values()}
+    changed, refused = into.book.merge(
+        entries, signers=signers, now_ms=kw.pop("now_ms", NOW_MS + 60_000), **kw
     )
-    # Added again, with a new key: later than the tombstone, so it wins everywhere.
-    _, new_key = there.add("alice", Privacy.ANY, now_ms=NOW_MS + 1)
-    here.merge(there.entries())
-    assert here.authenticate(new_key).privacy is Privacy.ANY
+    return [r.name for r in changed], refused
+
+
+def test_merging_takes_the_later_change_and_removals_travel(mesh: dict[str, Box]) -> None:
+    here, there = mesh["home"], mesh["other"]
+    _, key = here.add("alice", quota=parse_quota("cloud=1k"))
+    assert merge(there, here.book.entries(), mesh) == (["alice"], [])
+    assert there.book.authenticate(key).quota.spec == "cloud=1k/month"
+    assert merge(there, here.book.entries(), mesh) == ([], [])  # nothing newer
+    assert there.book.digest() == here.book.digest()
+    here.change("alice", NOW_MS + 5, quota=parse_quota("cloud=2k"))
+    merge(there, here.book.entries(), mesh)
+    assert there.book.authenticate(key).quota.spec == "cloud=2k/month"
+    here.remove("alice", NOW_MS + 9)
+    merge(there, here.book.entries(), mesh)
     with pytest.raises(Unauthenticated):
-        here.authenticate(key)
+        there.book.authenticate(key)
+    assert list(there.book) == []
+    # An older copy of alice arriving late does not bring her back.
+    old = dataclasses.replace(here.book.get_entry("alice"), removed=False, updated_at_ms=1)
+    assert merge(there, [sign_record(old, here.identity)], mesh) == ([], [])
+    # Added again, with a new key: later than the tombstone, so it wins everywhere.
+    _, new_key = here.add("alice", privacy=Privacy.ANY, now_ms=NOW_MS + 10)
+    merge(there, here.book.entries(), mesh)
+    assert there.book.authenticate(new_key).privacy is Privacy.ANY
+    with pytest.raises(Unauthenticated):
+        there.book.authenticate(key)
 
 
-def test_a_merged_entry_may_not_take_another_users_key() -> None:
-    here = UserBook()
-    alice, _ = here.add("alice", Privacy.MESH, now_ms=NOW_MS)
-    thief = dataclasses.replace(alice, name="mallory", updated_at_ms=NOW_MS + 1)
-    assert here.merge([thief]) == []
-    assert [r.name for r in here] == ["alice"]
+def test_a_merged_entry_may_not_take_another_users_key(mesh: dict[str, Box]) -> None:
+    here = mesh["home"]
+    alice, _ = here.add("alice")
+    thief = sign_record(
+        dataclasses.replace(alice, name="mallory", updated_at_ms=NOW_MS + 1), here.identity
+    )
+    assert merge(here, [thief], mesh)[0] == []
+    assert [r.name for r in here.book] == ["alice"]
+
+
+def test_only_the_home_or_an_admin_may_change_a_user(mesh: dict[str, Box]) -> None:
+    """The takeover of issue 12: a member re-signs another home's user with its own key,
+    dated far in the future. Every box refuses it; the home's and an admin's changes go."""
+    home, other, admin = mesh["home"], mesh["other"], mesh["admin"]
+    alice, key = home.add("alice")
+    merge(other, home.book.entries(), mesh)
+    merge(admin, home.book.entries(), mesh)
+    stolen_key = "amk_" + "x" * 43
+    for forged, why in [
+        (
+            dataclasses.replace(alice, key_hash=hash_api_key(stolen_key), updated_at_ms=NOW_MS + 5),
+            "only its home node",
+        ),
+        (
+            dataclasses.replace(alice, home_node_id=other.node_id, updated_at_ms=NOW_MS + 5),
+            "only its home node",
+        ),
+        (
+            dataclasses.replace(
+                alice, quota=parse_quota("cloud=unlimited"), updated_at_ms=(1 << 63) - 1
+            ),
+            "dated in the future",
+        ),
+    ]:
+        changed, refused = merge(admin, [sign_record(forged, other.identity)], mesh)
+        assert changed == []
+        assert why in refused[0][1]
+    assert admin.book.authenticate(key).name == "alice"
+    # Signed by nobody we know, or a signature that does not match: refused.
+    unsigned = dataclasses.replace(
+        alice, updated_at_ms=NOW_MS + 6, signer_node_id="", signature=b""
+    )
+    assert "not signed by a member" in merge(admin, [unsigned], mesh)[1][0][1]
+    tampered = dataclasses.replace(
+        sign_record(dataclasses.replace(alice, updated_at_ms=NOW_MS + 6), home.identity),
+        privacy=Privacy.ANY,
+    )
+    assert "does not verify" in merge(admin, [tampered], mesh)[1][0][1]
+    # A member adds its own users; the admin may change anyone's.
+    other.add("bob")
+    assert merge(home, other.book.entries(), mesh)[0] == ["bob"]
+    admin.book.replace_record(
+        sign_record(
+            admin.book.update("alice", now_ms=NOW_MS + 7, quota=parse_quota("cloud=5k")),
+            admin.identity,
+        )
+    )
+    assert merge(home, admin.book.entries(), mesh) == (["alice"], [])
+    assert home.book.authenticate(key).quota.spec == "cloud=5k/month"
+
+
+def test_changes_signed_after_a_revocation_are_refused(mesh: dict[str, Box]) -> None:
+    home, admin = mesh["home"], mesh["admin"]
+    home.add("alice", now_ms=NOW_MS)
+    revoked_at = {home.node_id: NOW_MS + 3}
+    # Made before the revocation: kept.
+    assert merge(admin, home.book.entries(), mesh, revoked_at=revoked_at.get) == (["alice"], [])
+    home.change("alice", NOW_MS + 4, quota=parse_quota("cloud=9G"))
+    changed, refused = merge(admin, home.book.entries(), mesh, revoked_at=revoked_at.get)
+    assert changed == []
+    assert "revoked before it was made" in refused[0][1]
 
 
 json_values = st.recursive(
@@ -376,7 +525,7 @@ json_values = st.recursive(
 )
 def test_the_parser_reads_a_book_or_raises_config_error(data: bytes) -> None:
     try:
-        book = parse_users(data)
+        book = parse_users(data, now_ms=NOW_MS)
     except ConfigError as exc:
         message = exc.message
     else:
@@ -391,13 +540,24 @@ def test_the_parser_reads_a_book_or_raises_config_error(data: bytes) -> None:
 def test_another_members_bad_entries_are_skipped_and_the_good_ones_kept(
     tmp_path: Path,
 ) -> None:
+    import time
+
     from mesh.home import Home
     from mesh.wire.v1 import ledger_pb2 as lpb
     from node.users_admin import UsersAdmin
+    from tests.members import new_trust
 
-    admin = UsersAdmin.open(Home(tmp_path), default_privacy=Privacy.MESH, node_id="ABC")
+    trust = new_trust(tmp_path)  # a mesh of one: its admin
+    admin = UsersAdmin.open(Home(tmp_path), default_privacy=Privacy.MESH, trust=trust)
+    assert trust.authority is not None
+    member = Identity.generate()
+    now = int(time.time() * 1000)
+    cert = trust.authority.issue(member.public_key_raw, role=Role.MEMBER, now_ms=now, ttl_ms=10**9)
     theirs = UserBook()
-    theirs.add("alice", Privacy.ANY, now_ms=NOW_MS, quota=parse_quota("cloud=1k"))
+    alice, _ = theirs.add(
+        "alice", Privacy.ANY, now_ms=now, quota=parse_quota("cloud=1k"), home_node_id=member.node_id
+    )
+    theirs.replace_record(sign_record(alice, member))
     good = [entry_to_pb(r) for r in theirs.entries()]
     bad = [
         lpb.UserEntry(name="-bad", key_hash="ab" * 32, privacy="mesh", quota="unlimited"),
@@ -407,7 +567,14 @@ def test_another_members_bad_entries_are_skipped_and_the_good_ones_kept(
         lpb.UserEntry(
             name="erin", key_hash="01" * 32, privacy="mesh", quota="", updated_at_unix_ms=-5
         ),
+        # well formed, but signed by nobody
+        lpb.UserEntry(name="frank", key_hash="23" * 32, privacy="mesh", quota="unlimited"),
     ]
-    assert admin.merge(bad + good) == 1
+    listed = lpb.UserList(users=bad + good, signer_certs=[cert.SerializeToString()])
+    assert admin.merge(listed) == 1
     assert [r.name for r in load_users(tmp_path / "users.json")] == ["alice"]
-    assert admin.digest() == theirs.digest()
+    kept = admin.get("alice")
+    assert kept is not None
+    assert kept.signer_node_id == member.node_id
+    # The certificate travels with the entry it signed, so a third node can check it too.
+    assert admin.user_list(b"").signer_certs == [cert.SerializeToString()]

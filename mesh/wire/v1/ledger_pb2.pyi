@@ -71,40 +71,100 @@ class Receipt(_message.Message):
     def __init__(self, record_hash: _Optional[bytes] = ..., entry_node_id: _Optional[str] = ..., entry_public_key: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class SyncRequest(_message.Message):
-    __slots__ = ("heads", "receipts_after", "max_records")
+    __slots__ = ("heads", "receipts_after", "max_records", "want_receipts")
     HEADS_FIELD_NUMBER: _ClassVar[int]
     RECEIPTS_AFTER_FIELD_NUMBER: _ClassVar[int]
     MAX_RECORDS_FIELD_NUMBER: _ClassVar[int]
+    WANT_RECEIPTS_FIELD_NUMBER: _ClassVar[int]
     heads: _containers.RepeatedCompositeFieldContainer[ChainHead]
     receipts_after: int
     max_records: int
-    def __init__(self, heads: _Optional[_Iterable[_Union[ChainHead, _Mapping]]] = ..., receipts_after: _Optional[int] = ..., max_records: _Optional[int] = ...) -> None: ...
+    want_receipts: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, heads: _Optional[_Iterable[_Union[ChainHead, _Mapping]]] = ..., receipts_after: _Optional[int] = ..., max_records: _Optional[int] = ..., want_receipts: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class ChainHead(_message.Message):
-    __slots__ = ("node_id", "seq", "hash")
+    __slots__ = ("node_id", "seq", "hash", "signed_seq", "signed_receipts")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     HASH_FIELD_NUMBER: _ClassVar[int]
+    SIGNED_SEQ_FIELD_NUMBER: _ClassVar[int]
+    SIGNED_RECEIPTS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     seq: int
     hash: bytes
-    def __init__(self, node_id: _Optional[str] = ..., seq: _Optional[int] = ..., hash: _Optional[bytes] = ...) -> None: ...
+    signed_seq: int
+    signed_receipts: int
+    def __init__(self, node_id: _Optional[str] = ..., seq: _Optional[int] = ..., hash: _Optional[bytes] = ..., signed_seq: _Optional[int] = ..., signed_receipts: _Optional[int] = ...) -> None: ...
 
 class SyncBatch(_message.Message):
-    __slots__ = ("records", "receipts", "receipts_cursor", "more", "fork_proofs", "member_certs")
+    __slots__ = ("records", "receipts", "receipts_cursor", "more", "fork_proofs", "member_certs", "signed_heads", "refusals")
     RECORDS_FIELD_NUMBER: _ClassVar[int]
     RECEIPTS_FIELD_NUMBER: _ClassVar[int]
     RECEIPTS_CURSOR_FIELD_NUMBER: _ClassVar[int]
     MORE_FIELD_NUMBER: _ClassVar[int]
     FORK_PROOFS_FIELD_NUMBER: _ClassVar[int]
     MEMBER_CERTS_FIELD_NUMBER: _ClassVar[int]
+    SIGNED_HEADS_FIELD_NUMBER: _ClassVar[int]
+    REFUSALS_FIELD_NUMBER: _ClassVar[int]
     records: _containers.RepeatedCompositeFieldContainer[SignedRecord]
     receipts: _containers.RepeatedCompositeFieldContainer[Receipt]
     receipts_cursor: int
     more: bool
     fork_proofs: _containers.RepeatedCompositeFieldContainer[SignedRecord]
     member_certs: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, records: _Optional[_Iterable[_Union[SignedRecord, _Mapping]]] = ..., receipts: _Optional[_Iterable[_Union[Receipt, _Mapping]]] = ..., receipts_cursor: _Optional[int] = ..., more: _Optional[bool] = ..., fork_proofs: _Optional[_Iterable[_Union[SignedRecord, _Mapping]]] = ..., member_certs: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    signed_heads: _containers.RepeatedCompositeFieldContainer[SignedHead]
+    refusals: _containers.RepeatedCompositeFieldContainer[Refusal]
+    def __init__(self, records: _Optional[_Iterable[_Union[SignedRecord, _Mapping]]] = ..., receipts: _Optional[_Iterable[_Union[Receipt, _Mapping]]] = ..., receipts_cursor: _Optional[int] = ..., more: _Optional[bool] = ..., fork_proofs: _Optional[_Iterable[_Union[SignedRecord, _Mapping]]] = ..., member_certs: _Optional[_Iterable[bytes]] = ..., signed_heads: _Optional[_Iterable[_Union[SignedHead, _Mapping]]] = ..., refusals: _Optional[_Iterable[_Union[Refusal, _Mapping]]] = ...) -> None: ...
+
+class HeadStatement(_message.Message):
+    __slots__ = ("node_id", "identity_public_key", "seq", "hash", "signed_at_unix_ms")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    IDENTITY_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    HASH_FIELD_NUMBER: _ClassVar[int]
+    SIGNED_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    identity_public_key: bytes
+    seq: int
+    hash: bytes
+    signed_at_unix_ms: int
+    def __init__(self, node_id: _Optional[str] = ..., identity_public_key: _Optional[bytes] = ..., seq: _Optional[int] = ..., hash: _Optional[bytes] = ..., signed_at_unix_ms: _Optional[int] = ...) -> None: ...
+
+class SignedHead(_message.Message):
+    __slots__ = ("head", "signature", "receipts")
+    HEAD_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    RECEIPTS_FIELD_NUMBER: _ClassVar[int]
+    head: bytes
+    signature: bytes
+    receipts: _containers.RepeatedCompositeFieldContainer[HeadReceipt]
+    def __init__(self, head: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., receipts: _Optional[_Iterable[_Union[HeadReceipt, _Mapping]]] = ...) -> None: ...
+
+class HeadReceipt(_message.Message):
+    __slots__ = ("head_hash", "node_id", "public_key", "signature")
+    HEAD_HASH_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    head_hash: bytes
+    node_id: str
+    public_key: bytes
+    signature: bytes
+    def __init__(self, head_hash: _Optional[bytes] = ..., node_id: _Optional[str] = ..., public_key: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
+class Refusal(_message.Message):
+    __slots__ = ("record_hash", "entry_node_id", "entry_public_key", "reason", "signature")
+    RECORD_HASH_FIELD_NUMBER: _ClassVar[int]
+    ENTRY_NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    ENTRY_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    record_hash: bytes
+    entry_node_id: str
+    entry_public_key: bytes
+    reason: str
+    signature: bytes
+    def __init__(self, record_hash: _Optional[bytes] = ..., entry_node_id: _Optional[str] = ..., entry_public_key: _Optional[bytes] = ..., reason: _Optional[str] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class QuotaCall(_message.Message):
     __slots__ = ("reserve", "release")
@@ -159,15 +219,17 @@ class QuotaGrant(_message.Message):
     def __init__(self, classes: _Optional[_Iterable[str]] = ..., max_tokens: _Optional[int] = ..., refusals: _Optional[_Iterable[str]] = ..., lease_tokens: _Optional[int] = ...) -> None: ...
 
 class UserList(_message.Message):
-    __slots__ = ("digest", "users")
+    __slots__ = ("digest", "users", "signer_certs")
     DIGEST_FIELD_NUMBER: _ClassVar[int]
     USERS_FIELD_NUMBER: _ClassVar[int]
+    SIGNER_CERTS_FIELD_NUMBER: _ClassVar[int]
     digest: bytes
     users: _containers.RepeatedCompositeFieldContainer[UserEntry]
-    def __init__(self, digest: _Optional[bytes] = ..., users: _Optional[_Iterable[_Union[UserEntry, _Mapping]]] = ...) -> None: ...
+    signer_certs: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, digest: _Optional[bytes] = ..., users: _Optional[_Iterable[_Union[UserEntry, _Mapping]]] = ..., signer_certs: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class UserEntry(_message.Message):
-    __slots__ = ("name", "key_hash", "privacy", "quota", "home_node_id", "created_at_unix_ms", "updated_at_unix_ms", "removed")
+    __slots__ = ("name", "key_hash", "privacy", "quota", "home_node_id", "created_at_unix_ms", "updated_at_unix_ms", "removed", "signer_node_id", "signature")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KEY_HASH_FIELD_NUMBER: _ClassVar[int]
     PRIVACY_FIELD_NUMBER: _ClassVar[int]
@@ -176,6 +238,8 @@ class UserEntry(_message.Message):
     CREATED_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     UPDATED_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     REMOVED_FIELD_NUMBER: _ClassVar[int]
+    SIGNER_NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     name: str
     key_hash: str
     privacy: str
@@ -184,4 +248,6 @@ class UserEntry(_message.Message):
     created_at_unix_ms: int
     updated_at_unix_ms: int
     removed: bool
-    def __init__(self, name: _Optional[str] = ..., key_hash: _Optional[str] = ..., privacy: _Optional[str] = ..., quota: _Optional[str] = ..., home_node_id: _Optional[str] = ..., created_at_unix_ms: _Optional[int] = ..., updated_at_unix_ms: _Optional[int] = ..., removed: _Optional[bool] = ...) -> None: ...
+    signer_node_id: str
+    signature: bytes
+    def __init__(self, name: _Optional[str] = ..., key_hash: _Optional[str] = ..., privacy: _Optional[str] = ..., quota: _Optional[str] = ..., home_node_id: _Optional[str] = ..., created_at_unix_ms: _Optional[int] = ..., updated_at_unix_ms: _Optional[int] = ..., removed: _Optional[bool] = ..., signer_node_id: _Optional[str] = ..., signature: _Optional[bytes] = ...) -> None: ...

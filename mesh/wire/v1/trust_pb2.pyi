@@ -52,16 +52,25 @@ class SignedCert(_message.Message):
     def __init__(self, cert: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class RevocationList(_message.Message):
-    __slots__ = ("mesh_public_key", "version", "revoked_node_ids", "issued_at_unix_ms")
+    __slots__ = ("mesh_public_key", "version", "revoked_node_ids", "issued_at_unix_ms", "revoked_at_unix_ms")
+    class RevokedAtUnixMsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     MESH_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     REVOKED_NODE_IDS_FIELD_NUMBER: _ClassVar[int]
     ISSUED_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     mesh_public_key: bytes
     version: int
     revoked_node_ids: _containers.RepeatedScalarFieldContainer[str]
     issued_at_unix_ms: int
-    def __init__(self, mesh_public_key: _Optional[bytes] = ..., version: _Optional[int] = ..., revoked_node_ids: _Optional[_Iterable[str]] = ..., issued_at_unix_ms: _Optional[int] = ...) -> None: ...
+    revoked_at_unix_ms: _containers.ScalarMap[str, int]
+    def __init__(self, mesh_public_key: _Optional[bytes] = ..., version: _Optional[int] = ..., revoked_node_ids: _Optional[_Iterable[str]] = ..., issued_at_unix_ms: _Optional[int] = ..., revoked_at_unix_ms: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class SignedRevocations(_message.Message):
     __slots__ = ("revocations", "signature")
