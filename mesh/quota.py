@@ -340,6 +340,48 @@ class QuotaBook:
                 del self._held[key]
         return True
 
+    # --- the reservations, kept across a restart ----------------------------------------
+
+    def holds(self) -> list[dict[str, object]]:
+        """Every reservation and lease held now, as plain values (to keep on disk)."""
+        return [
+            {
+                "id": hold_id,
+                "user": hold.user,
+                "classes": sorted(c.value for c in hold.classes),
+                "tokens": hold.tokens,
+                "expires_at_ms": hold.expires_at_ms,
+            }
+            for hold_id, hold in sorted(self._holds.items())
+        ]
+
+    def restore(self, rows: object, now_ms: int) -> int:
+        """Take back reservations kept before a restart (`holds`); the expired ones are
+        dropped. ValueError naming the problem when `rows` is not what `holds` made."""
+        if not isinstance(rows, list) or len(rows) > MAX_HOLDS:
+            raise ValueError(f"not a list of at most {MAX_HOLDS} reservations")
+        restored = 0
+        for i, row in enumerate(rows):
+            if not isinstance(row, dict) or set(row) != _HOLD_FIELDS:
+                raise ValueError(f"reservation {i} does not have the fields {sorted(_HOLD_FIELDS)}")
+            hold_id, user, classes = row["id"], row["user"], row["classes"]
+            tokens, expires = row["tokens"], row["expires_at_ms"]
+            if not isinstance(hold_id, str) or not isinstance(user, str) or len(hold_id) > 256:
+                raise ValueError(f"reservation {i} has a bad id or user")
+            if not isinstance(classes, list) or not all(c in _CLASS_VALUES for c in classes):
+                raise ValueError(f"reservation {i} has unknown tier classes")
+            for value in (tokens, expires):
+                if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                    raise ValueError(f"reservation {i} has a bad number")
+            if expires <= now_ms or tokens == 0 or hold_id in self._holds:
+                continue
+            hold = _Hold(user, frozenset(TierClass(c) for c in classes), tokens, expires)
+            self._holds[hold_id] = hold
+            for tier_class in hold.classes:
+                self._held[(user, tier_class)] += tokens
+            restored += 1
+        return restored
+
     def _expire(self, now_ms: int) -> None:
         for request_id in [r for r, h in self._holds.items() if h.expires_at_ms <= now_ms]:
             self.release(request_id)
@@ -372,6 +414,11 @@ class QuotaBook:
                 }
             )
         return out
+
+
+MAX_HOLDS = 100_000
+_HOLD_FIELDS = frozenset({"id", "user", "classes", "tokens", "expires_at_ms"})
+_CLASS_VALUES = frozenset(c.value for c in TierClass)
 
 
 def _iso(ms: int) -> str:

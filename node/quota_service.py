@@ -21,6 +21,13 @@ concurrent requests entering at any box, office or relay are all counted in one 
   held at the home like any reservation, so the bound is the same.
 - `serve_call` (the home node): the other side of all of it.
 
+Restarts: the home keeps its reservations and leases in `quota-holds.json` (written,
+without fsync, after every change: a crash of the node loses nothing, a power cut at
+most the last changes) and takes them back at start, so a restarted home admits nothing
+that the reservations it held before would not have let through. An entry node gives a
+lease back (and releases a reservation) until the home says it has: a home that cannot
+be reached is asked again every RETRY_S for as long as the reservation would be held.
+
 Cloud overflow nodes hold the mesh to its cloud plan (`cloud_plan` in their config)
 from their own ledger: `plan_reserve` before serving, `plan_release` after, RESOURCE_
 EXHAUSTED (429 at the entry node) when the plan is used up.
@@ -30,13 +37,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import os
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mesh.errors import (
+    ConfigError,
     InvalidRequest,
     MeshError,
     PermissionDenied,
@@ -44,11 +55,13 @@ from mesh.errors import (
     Unauthenticated,
     Unavailable,
 )
+from mesh.home import read_owner_only
 from mesh.inference import InferenceRequest, Route
 from mesh.ledger_store import LedgerStore
 from mesh.ledger_sync import check_batch
 from mesh.quota import (
     DEFAULT_MAX_TOKENS,
+    HOLD_TTL_MS,
     MESH_PLAN,
     UNLIMITED,
     Grant,
@@ -70,6 +83,7 @@ MAX_RELEASE_RECORDS = 64
 LEASE_TOKENS = 4096  # the most a lease grows by at once (and at most 1/4 of what is left)
 LEASE_VALID_MS = 20 * 60 * 1000  # shorter than the home's hold TTL: never used past it
 LEASE_IDLE_S = 5.0  # a lease unused this long goes back to the home
+RETRY_S = 1.0  # how often a home that could not be told is told again
 
 
 def _now_ms() -> int:
@@ -119,6 +133,7 @@ class _Lease:
     version: tuple[int, str, bool]  # the user entry it was granted under
     free: int = 0
     valid_until_ms: int = 0
+    held_until_ms: int = 0  # how long the home holds it for us (once it ended)
     in_flight: int = 0
     idle_since: float = field(default_factory=time.monotonic)
     records: list[lpb.SignedRecord] = field(default_factory=list)  # not yet reported
@@ -136,6 +151,7 @@ class QuotaService:
         links: Peering | None = None,
         cloud_plan: Quota = UNLIMITED,
         clock: Callable[[], int] = _now_ms,
+        holds_file: Path | None = None,
     ) -> None:
         self._node_id = node_id
         self._users = users
@@ -148,9 +164,64 @@ class QuotaService:
         self._settling: set[asyncio.Task[None]] = set()
         self._leases: dict[str, _Lease] = {}  # by user, at other homes
         self._upkeep: asyncio.Task[None] | None = None
+        self._holds_file = holds_file
+        self._kept: list[dict[str, object]] = []  # what the holds file says now
+
+    def _load_holds(self) -> None:
+        """The reservations this node held before it stopped (or crashed)."""
+        if self._holds_file is None:
+            return
+        try:
+            data = read_owner_only(
+                self._holds_file, what="quota reservations", max_bytes=64 << 20, error=ConfigError
+            )
+            if data is None:
+                return
+            body = json.loads(data.decode("utf-8"))
+            if not isinstance(body, dict) or set(body) != {"user", "plan"}:
+                raise ValueError("not an object with user and plan reservations")
+            restored = self.book.restore(body["user"], self._clock())
+            restored += self.plan_book.restore(body["plan"], self._clock())
+        except (ValueError, RecursionError) as exc:
+            # Kept for whoever looks; starting without them can only let a user spend what
+            # was reserved before the crash a second time, so say so loudly.
+            aside = self._holds_file.with_name(f"{self._holds_file.name}.bad-{self._clock()}")
+            self._holds_file.replace(aside)
+            logger.error(
+                "the quota reservations in %s are unreadable (%s); kept as %s, starting "
+                "without them: requests in flight at other boxes may pass their quota once",
+                self._holds_file,
+                exc,
+                aside,
+            )
+            return
+        if restored:
+            logger.info("took back %d quota reservation(s) held before the restart", restored)
+        self._persist()
+
+    def _persist(self) -> None:
+        """Keep the reservations on disk when they changed (see the module docstring)."""
+        if self._holds_file is None:
+            return
+        holds = self.book.holds() + self.plan_book.holds()
+        if holds == self._kept:
+            return
+        body = {"user": self.book.holds(), "plan": self.plan_book.holds()}
+        tmp = self._holds_file.with_name(f".{self._holds_file.name}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(json.dumps(body, separators=(",", ":")).encode())
+            os.replace(tmp, self._holds_file)
+        except OSError as exc:
+            logger.error("cannot keep the quota reservations in %s: %s", self._holds_file, exc)
+            return
+        self._kept = holds
 
     async def start(self) -> None:
-        """Count every record already held, then each new one as it is kept."""
+        """Take back the reservations held before a restart; count every record already
+        held, then each new one as it is kept."""
+        self._load_holds()
         self._upkeep = asyncio.create_task(self._tend_leases(), name="quota-leases")
         if self._store is None:
             return
@@ -282,9 +353,13 @@ class QuotaService:
         lease.reporting = True
         self._background(self._report(user, lease), "quota-lease-report")
 
-    async def _report(self, user: str, lease: _Lease, returned: int = 0) -> None:
+    async def _report(
+        self, user: str, lease: _Lease, returned: int = 0, *, until_told: bool = False
+    ) -> None:
         """Tell the home what was used under the lease (with the records) and what is
-        given back; the lease shrinks there by as much."""
+        given back; the lease shrinks there by as much. `until_told`: a lease that ended
+        (nothing else will report it) is retried until the home says it has it, for as
+        long as the home would hold it."""
         try:
             while lease.records or lease.consumed or returned:
                 records = lease.records[:MAX_RELEASE_RECORDS]
@@ -298,8 +373,17 @@ class QuotaService:
                 try:
                     await self._call(lease.home, lpb.QuotaCall(release=release), user)
                 except MeshError as exc:
-                    logger.warning("could not report lease use to %s: %s", lease.home[:7], exc)
-                    return  # tried again by the upkeep
+                    if not until_told or self._clock() >= lease.held_until_ms:
+                        logger.warning("could not report lease use to %s: %s", lease.home[:7], exc)
+                        return  # a live lease: tried again by the upkeep
+                    logger.info(
+                        "the home %s of user %s cannot be told the lease ended (%s); trying again",
+                        lease.home[:7],
+                        user,
+                        exc.message,
+                    )
+                    await asyncio.sleep(RETRY_S)
+                    continue
                 del lease.records[: len(records)]
                 lease.consumed -= consumed
                 returned = 0
@@ -312,8 +396,9 @@ class QuotaService:
         lease = self._leases.pop(user, None)
         if lease is None:
             return
+        lease.held_until_ms = lease.valid_until_ms + (HOLD_TTL_MS - LEASE_VALID_MS)
         lease.valid_until_ms = 0
-        self._background(self._report(user, lease, lease.free), "quota-lease-end")
+        self._background(self._report(user, lease, lease.free, until_told=True), "quota-lease-end")
 
     async def _tend_leases(self) -> None:
         """Every second: report what is pending; give back leases idle for a while (so
@@ -344,6 +429,7 @@ class QuotaService:
         if admission.home == self._node_id:
             admission.settled = True
             self.book.release(admission.request.request_id)
+            self._persist()
             return True
         return False
 
@@ -364,25 +450,42 @@ class QuotaService:
             self._drop_lease(user)
         if self._settling:
             await asyncio.wait(set(self._settling), timeout=timeout_s)
+        for task in set(self._settling):  # a home still unreachable: its holds expire there
+            task.cancel()
+        await asyncio.gather(*self._settling, return_exceptions=True)
 
     async def settle(self, admission: Admission, records: list[lpb.SignedRecord]) -> None:
         """Release the reservation (the answer's records count from now on). Never
-        raises: a home that cannot be told now lets the reservation expire, and the
-        records reach it by ledger sync."""
+        raises: a home that cannot be told is told again until it is (or until the
+        reservation would have expired there); the records reach it by ledger sync too."""
         if self._settle_here(admission, records):
             return
         admission.settled = True
         request_id = admission.request.request_id
         release = lpb.Release(request_id=request_id, records=records[:MAX_RELEASE_RECORDS])
-        try:
-            await self._call(admission.home, lpb.QuotaCall(release=release), "")
-        except MeshError as exc:
-            logger.warning(
-                "could not release request %s at %s: %s (it expires there)",
-                request_id[:12],
-                admission.home[:7],
-                exc.message,
-            )
+        # Until the home has it: as long as the home holds the reservation (so that a
+        # home paused or restarting meanwhile does not keep it for nothing).
+        give_up_at = self._clock() + HOLD_TTL_MS
+        while True:
+            try:
+                await self._call(admission.home, lpb.QuotaCall(release=release), "")
+                return
+            except MeshError as exc:
+                if self._clock() >= give_up_at:
+                    logger.warning(
+                        "could not release request %s at %s: %s (it expires there)",
+                        request_id[:12],
+                        admission.home[:7],
+                        exc.message,
+                    )
+                    return
+                logger.debug(
+                    "release of %s at %s: %s; again",
+                    request_id[:12],
+                    admission.home[:7],
+                    exc.message,
+                )
+            await asyncio.sleep(RETRY_S)
 
     async def _call(self, home: str, call: lpb.QuotaCall, user: str) -> lpb.QuotaGrant:
         link = self._links.client(home) if self._links is not None else None
@@ -410,7 +513,7 @@ class QuotaService:
             raise InvalidRequest(f"unknown tier class in {list(reserve.classes)[:4]}") from exc
         if not classes or len(classes) > len(TierClass) or len(reserve.request_id) > 64:
             raise InvalidRequest("a reservation names one or two classes and a request ID")
-        return self.book.reserve(
+        grant = self.book.reserve(
             request_id=reserve.request_id,
             user=reserve.user,
             quota=record.quota,
@@ -419,9 +522,17 @@ class QuotaService:
             max_tokens=reserve.max_tokens if reserve.HasField("max_tokens") else None,
             now_ms=self._clock(),
         )
+        self._persist()
+        return grant
 
     async def serve_call(self, call: lpb.QuotaCall, sender: str = "") -> lpb.QuotaGrant:
         """A member's reservation or release for a user whose quota this node keeps."""
+        try:
+            return await self._serve_call(call, sender)
+        finally:
+            self._persist()
+
+    async def _serve_call(self, call: lpb.QuotaCall, sender: str) -> lpb.QuotaGrant:
         which = call.WhichOneof("call")
         if which == "reserve":
             if call.reserve.lease_returned and sender:
@@ -481,12 +592,14 @@ class QuotaService:
             max_tokens=request.sampling.max_tokens,
             now_ms=self._clock(),
         )
+        self._persist()
         if grant.max_tokens is None or grant.max_tokens == request.sampling.max_tokens:
             return request
         return replace(request, sampling=replace(request.sampling, max_tokens=grant.max_tokens))
 
     def plan_release(self, request_id: str) -> None:
         self.plan_book.release(request_id)
+        self._persist()
 
 
 def _lease_id(entry_node_id: str, user: str) -> str:

@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from google.protobuf.message import DecodeError
+
 from mesh.enckeys import KeyPair, KeyRing, hybrid_available
 from mesh.errors import IdentityError, InviteError, MeshError, NotAMember, PermissionDenied
 from mesh.home import Home, write_private
@@ -128,15 +130,26 @@ class TrustStore:
         if cert_bytes is None:
             self._create_mesh_of_one(now)
         else:
+            where = self._path("membership.cert")
             signed = tpb.SignedCert()
             try:
                 signed.ParseFromString(cert_bytes)
                 cert, _ = read_cert(signed)
-            except (MeshError, ValueError) as exc:
+            except (MeshError, ValueError, DecodeError) as exc:
                 raise IdentityError(
-                    f"{self._path('membership.cert')} is corrupt; left untouched"
+                    f"the membership certificate {where} is corrupt (it does not parse); it "
+                    "was left untouched: restore it from a backup, or move the mesh/ folder "
+                    "aside to start as a mesh of one and join again"
                 ) from exc
-            self.membership = verify_cert(signed, mesh_public_key=cert.mesh_public_key, now_ms=now)
+            try:
+                self.membership = verify_cert(
+                    signed, mesh_public_key=cert.mesh_public_key, now_ms=now
+                )
+            except MeshError as exc:
+                raise IdentityError(
+                    f"the membership certificate {where} is not usable: {exc.message}; it "
+                    "was left untouched"
+                ) from exc
             if self.membership.node_id != self.identity.node_id:
                 raise IdentityError(
                     f"{self._path('membership.cert')} belongs to another node identity"
@@ -160,10 +173,27 @@ class TrustStore:
                 logger.warning("ignoring an unreadable revocation list in %s", self.dir)
         invites = self._read("invites.json")
         if invites is not None:
-            self.invites = InviteBook.from_json(invites.decode("utf-8"))
+            try:
+                self.invites = InviteBook.from_json(invites.decode("utf-8"))
+            except (MeshError, ValueError, KeyError, TypeError) as exc:
+                raise IdentityError(
+                    f"the open invites {self._path('invites.json')} are corrupt; left untouched"
+                ) from exc
         members = self._read("members.json")
         if members is not None:
-            self.members = json.loads(members)
+            try:
+                loaded = json.loads(members)
+            except ValueError as exc:
+                raise IdentityError(
+                    f"the member list {self._path('members.json')} is corrupt; left untouched"
+                ) from exc
+            if not isinstance(loaded, dict) or not all(
+                isinstance(v, dict) for v in loaded.values()
+            ):
+                raise IdentityError(
+                    f"the member list {self._path('members.json')} is corrupt; left untouched"
+                )
+            self.members = loaded
         self._load_keys(now)
 
     def _create_mesh_of_one(self, now: int) -> None:

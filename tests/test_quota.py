@@ -265,3 +265,57 @@ def test_a_lease_takes_at_most_a_quarter_of_what_is_left_and_counts_as_held() ->
     book.lease(lease_id="N", user="u", quota=quota, classes=both, wanted=10**6, now_ms=NOW)
     with pytest.raises(QuotaExceeded):
         reserve(book, "r", "u", quota, [CLOUD], 0, 700, NOW)
+
+
+def test_reservations_and_leases_are_taken_back_after_a_restart() -> None:
+    quota = parse_quota("mesh=10k/day,cloud=1k/day")
+    book = QuotaBook()
+    book.reserve(
+        request_id="r1",
+        user="u",
+        quota=quota,
+        classes=[TierClass.MESH, TierClass.CLOUD],
+        prompt_tokens=10,
+        max_tokens=90,
+        now_ms=NOW,
+    )
+    book.lease(
+        lease_id="lease/B/u",
+        user="u",
+        quota=quota,
+        classes=frozenset({TierClass.MESH}),
+        wanted=4096,
+        now_ms=NOW,
+    )
+    again = QuotaBook()
+    assert again.restore(book.holds(), NOW + 1) == 2
+    assert again.holds() == book.holds()
+    for tier_class in TierClass:
+        assert again.held("u", tier_class) == book.held("u", tier_class)
+    # Expired ones stay behind; a second restore of the same rows adds nothing.
+    assert again.restore(book.holds(), NOW + 1) == 0
+    assert QuotaBook().restore(book.holds(), NOW + 31 * 60 * 1000) == 0
+
+
+@given(
+    st.one_of(
+        st.lists(
+            st.dictionaries(
+                st.sampled_from(["id", "user", "classes", "tokens", "expires_at_ms", "x"]),
+                st.one_of(
+                    st.integers(-5, 2**64), st.text(max_size=5), st.lists(st.text(max_size=5))
+                ),
+            ),
+            max_size=4,
+        ),
+        st.integers(),
+        st.text(max_size=5),
+    )
+)
+def test_restoring_junk_raises_value_error_or_restores(rows: object) -> None:
+    book = QuotaBook()
+    try:
+        book.restore(rows, NOW)
+    except ValueError:
+        return
+    assert all(h["tokens"] > 0 for h in book.holds())  # type: ignore[operator]
