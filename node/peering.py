@@ -49,6 +49,7 @@ from node.trust_store import TrustStore
 
 logger = logging.getLogger(__name__)
 MAX_ADDRESSES = 4096  # addresses to try; hints beyond it are dropped
+MAX_HINT_FAILURES = 3  # tries before an address that never was a peer is forgotten
 DIRECT_RETRY_S = 5.0  # how often a peer reached through the relay is tried directly
 RETRY_S = HEARTBEAT_INTERVAL_MS / 1000  # how often an address that failed is tried again
 
@@ -85,6 +86,10 @@ class Peering:
         self._relay: RelayLink | None = None
         self._relay_members: dict[str, Role] = {}
         self._tried: dict[str, float] = {}  # address -> when we last tried it
+        # Hints (mDNS, gossip) that never proved to be a peer are forgotten after a few
+        # tries, so junk cannot fill the address book; static peers are kept for good.
+        self._static = frozenset(static_peers)
+        self._failures: dict[str, int] = {}
         self._closing: set[asyncio.Future[None]] = set()  # clients of dropped peers
 
     # --- what the dispatcher needs -------------------------------------------------------
@@ -124,6 +129,19 @@ class Peering:
             await client.aclose()
         self._clients.clear()
         await asyncio.gather(*self._closing, return_exceptions=True)
+
+    def _failed_hint(self, address: str) -> None:
+        """An address that did not answer with a card of our mesh: forget it after
+        MAX_HINT_FAILURES tries unless it is a static peer or was a peer once."""
+        if address in self._static or self._addresses.get(address) is not None:
+            return
+        failures = self._failures.get(address, 0) + 1
+        if failures < MAX_HINT_FAILURES:
+            self._failures[address] = failures
+            return
+        self._failures.pop(address, None)
+        self._addresses.pop(address, None)
+        self._tried.pop(address, None)
 
     def consider(self, address: str) -> None:
         """An address where a peer may listen (mDNS, static, a join): try it now, unless
@@ -301,6 +319,7 @@ class Peering:
         except MeshError as exc:
             logger.debug("peer at %s not usable: %s", key, exc.message)
             await client.aclose()
+            self._failed_hint(key)
             return
         finally:
             self._connecting.discard(key)
