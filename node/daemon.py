@@ -40,9 +40,12 @@ from node.backends import create_backend
 from node.backends.base import Backend
 from node.discovery import Discovery
 from node.dispatch import Dispatcher
+from node.grpc_front import GrpcFront
 from node.grpc_service import NodeCalls, NodeServicer
 from node.http_api import build_app
+from node.http_guard import GuardedSite, HttpConnectionGuard
 from node.ledger_sync import LedgerSync
+from node.listeners import AcceptErrorLog, ListenerSettings, raise_nofile_limit
 from node.mesh_admin import MeshAdmin
 from node.owner import HostGuard, OwnerToken
 from node.peering import Peering
@@ -98,6 +101,10 @@ class Node:
         self.grpc_address = ""
         self._grpc_server: grpc.aio.Server | None = None
         self._http_runner: web.AppRunner | None = None
+        self.listeners: ListenerSettings | None = None
+        self._grpc_front: GrpcFront | None = None
+        self._http_guard: HttpConnectionGuard | None = None
+        self._accept_errors: AcceptErrorLog | None = None
         self.trust: TrustStore | None = None
         self.users: UsersAdmin | None = None
         self.ledger: LedgerStore | None = None
@@ -139,15 +146,16 @@ class Node:
 
     async def _start(self) -> None:
         cfg = self.config
+        self._limit_connections()
         self.home.ensure()
         self.identity, self.created_identity = load_or_create_identity(self.home.identity_key)
         # A new owner credential at every start: what the CLI sends for administration.
         self.owner_token = OwnerToken.issue(self.home)
+        self.trust = TrustStore.open(self.home, self.identity)
         # Beyond loopback the HTTP API serves API keys only, so a bad users file stops here.
         self.users = UsersAdmin.open(
-            self.home, default_privacy=Privacy(cfg.privacy), node_id=self.node_id
+            self.home, default_privacy=Privacy(cfg.privacy), trust=self.trust
         )
-        self.trust = TrustStore.open(self.home, self.identity)
         self.ledger = await LedgerStore.open(self.home.ledger_file, self.identity)
         for model in cfg.models:
             backend = create_backend(model)
@@ -167,6 +175,7 @@ class Node:
             store=self.ledger,
             links=self.peering,
             cloud_plan=cloud_plan_quota(cfg.cloud_plan),
+            holds_file=self.home.root / "quota-holds.json",
         )
         await self.quota.start()
         self.dispatcher = Dispatcher(
@@ -201,15 +210,44 @@ class Node:
             "node %s serving on %s (gRPC %s)", self.node_id, self.http_url, self.grpc_address
         )
 
+    def _limit_connections(self) -> None:
+        """Descriptors first: the soft limit up to the hard one, the listeners' caps sized
+        from it, and failed accepts logged once a minute instead of in a tight loop."""
+        nofile = raise_nofile_limit()
+        self.listeners = settings = ListenerSettings.from_environment(nofile)
+        self._accept_errors = AcceptErrorLog()
+        self._accept_errors.install(asyncio.get_running_loop())
+        logger.info(
+            "descriptor limit %d (%d kept for the node itself); HTTP: %d connections, %d per "
+            "address; gRPC: %d connections, %d per address",
+            nofile,
+            settings.budget.kept_fds,
+            settings.http.total,
+            settings.http.per_source,
+            settings.grpc.total,
+            settings.grpc.per_source,
+        )
+
     async def _start_grpc(self) -> None:
         assert self.dispatcher is not None
         assert self.trust is not None
-        server = grpc.aio.server(options=grpc_options.server_options())
+        assert self.listeners is not None
+        # The public port is the front's (caps per source, a deadline to prove membership);
+        # the gRPC server itself listens on loopback only, behind it.
+        front = GrpcFront(
+            caps=self.listeners.grpc, member_deadline_s=self.listeners.grpc_member_deadline_s
+        )
+        self._grpc_front = front
+        server = grpc.aio.server(
+            interceptors=[front.interceptor],
+            options=grpc_options.node_server_options(max_connections=self.listeners.grpc.total),
+        )
         self.calls = NodeCalls(
             trust=self.trust,
             dispatcher=self.dispatcher,
             public_card=lambda: self._public_card,
             full_card=lambda: self._full_card,
+            on_revocations=self.after_membership_change,
             on_leaving=lambda goodbye: (
                 self.peering.leaving(goodbye) if self.peering is not None else None
             ),
@@ -222,14 +260,16 @@ class Node:
         pb_grpc.add_NodeServiceServicer_to_server(  # type: ignore[no-untyped-call]
             NodeServicer(self.calls), server
         )
+        backend_port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        self._grpc_server = server
         host = self.config.grpc_host
         bind = f"{_url_host(host)}:{self.config.grpc_port}"
         try:
-            port = server.add_insecure_port(bind)
-        except RuntimeError as exc:
-            raise ConfigError(f"cannot bind the gRPC agent to {bind}: {exc}") from exc
-        await server.start()
-        self._grpc_server = server
+            port = await front.start(host, self.config.grpc_port, backend_port=backend_port)
+        except OSError as exc:
+            reason = exc.strerror or exc
+            raise ConfigError(f"cannot bind the gRPC agent to {bind}: {reason}") from exc
         self.grpc_addresses = advertised_addresses(host, port)
         self.grpc_address = self.grpc_addresses[0]
 
@@ -239,6 +279,7 @@ class Node:
         assert self.trust is not None
         assert self.users is not None
         assert self.owner_token is not None
+        assert self.listeners is not None
         app = build_app(
             dispatcher=self.dispatcher,
             max_request_bytes=self.config.max_request_bytes,
@@ -259,15 +300,25 @@ class Node:
                 cors_origins=self.config.http_cors_origins,
             ),
         )
+        # Caps per source and deadlines for headers and bodies (node/http_guard.py); its
+        # middleware goes first, so it sees every request the moment its headers are in.
+        guard = HttpConnectionGuard(
+            caps=self.listeners.http,
+            header_timeout_s=self.listeners.http_header_timeout_s,
+            body_idle_s=self.listeners.http_body_idle_s,
+        )
+        self._http_guard = guard
+        app.middlewares.insert(0, guard.middleware)
         runner = web.AppRunner(
             app,
             handler_cancellation=True,  # a client that goes away cancels its generation
             shutdown_timeout=self.config.shutdown_grace_s + SERVER_STOP_MARGIN_S,
             access_log=None,
+            keepalive_timeout=self.listeners.http_keepalive_idle_s,
         )
         await runner.setup()
         self._http_runner = runner
-        site = web.TCPSite(runner, self.config.http_host, self.config.http_port)
+        site = GuardedSite(runner, guard, self.config.http_host, self.config.http_port)
         try:
             await site.start()
         except OSError as exc:
@@ -275,9 +326,7 @@ class Node:
                 f"cannot bind the HTTP API to {self.config.http_host}:{self.config.http_port}: "
                 f"{exc.strerror}"
             ) from exc
-        server = site._server
-        assert isinstance(server, asyncio.base_events.Server)
-        port = server.sockets[0].getsockname()[1]
+        port = site.port
         self.http_url = f"http://{_url_host(self.config.http_host)}:{port}"
 
     async def _end_in_flight(self, grace_s: float) -> None:
@@ -391,8 +440,15 @@ class Node:
         return False
 
     def after_membership_change(self) -> None:
+        """A join, or a newer revocation list: re-sign the cards; a revoked node is
+        dropped by peering and the relays at once."""
         self.refresh_cards()
         self.home.write_run_info(self.run_info())
+        if self.peering is not None:
+            self.peering.drop_revoked()
+        if self.trust is not None and self.trust.revocations is not None:
+            for link in self.relays:
+                link.push_revocations(self.trust.revocations.signed)
 
     def run_info(self) -> dict[str, Any]:
         assert self.trust is not None
@@ -421,6 +477,7 @@ class Node:
             "protocol_version": PROTOCOL_VERSION,
             "display_name": self.config.display_name or socket.gethostname(),
             "uptime_s": round(time.time() - self._started_at, 1),
+            "connections": self._connection_stats(),
             "load": {
                 "active_streams": load.active_streams,
                 "queued": load.queued,
@@ -462,6 +519,14 @@ class Node:
             ],
         }
 
+    def _connection_stats(self) -> dict[str, Any]:
+        budget = self.listeners.budget if self.listeners is not None else None
+        return {
+            "descriptor_limit": budget.nofile if budget is not None else None,
+            "http": self._http_guard.stats() if self._http_guard is not None else None,
+            "grpc": self._grpc_front.stats() if self._grpc_front is not None else None,
+        }
+
     def _sync_status(self, node_id: str) -> dict[str, Any] | None:
         done = self.ledger_sync.peers.get(node_id) if self.ledger_sync else None
         if done is None:
@@ -497,6 +562,8 @@ class Node:
             self._maintenance = None
         for backend in self.backends:
             backend.drain()
+        if self._grpc_front is not None:
+            self._grpc_front.stop_accepting()  # open connections still carry the drain
         stopping = []
         if self._grpc_server is not None:
             stopping.append(self._grpc_server.stop(grace + SERVER_STOP_MARGIN_S))
@@ -506,6 +573,9 @@ class Node:
             await asyncio.gather(self._end_in_flight(grace), *stopping, return_exceptions=True)
         self._grpc_server = None
         self._http_runner = None
+        if self._grpc_front is not None:  # after the gRPC server: what it sent is delivered
+            await self._grpc_front.aclose()
+            self._grpc_front = None
         if self.quota is not None:  # after the drain: every answer's release is under way
             await self.quota.aclose()
         for link in self.relays:  # after the drain: answers through the relay finish too
@@ -521,3 +591,6 @@ class Node:
             self.home.clear_run_info(os.getpid())
         if self.owner_token is not None:
             OwnerToken.clear(self.home, self.owner_token)
+        if self._accept_errors is not None:
+            self._accept_errors.uninstall(asyncio.get_running_loop())
+            self._accept_errors = None
