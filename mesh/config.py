@@ -145,6 +145,16 @@ class NodeConfig:
     # the browser origins allowed to call the OpenAI API (CORS); both empty by default.
     http_allowed_hosts: tuple[str, ...] = ()
     http_cors_origins: tuple[str, ...] = ()
+    # Connection caps and deadlines (node/listeners.py); None: the default, sized from the
+    # descriptor limit where it is a total.
+    http_max_connections: int | None = None
+    http_max_connections_per_address: int | None = None
+    http_header_timeout_s: float | None = None
+    http_body_idle_timeout_s: float | None = None
+    http_keepalive_idle_s: float | None = None
+    grpc_max_connections: int | None = None
+    grpc_max_connections_per_address: int | None = None
+    grpc_member_deadline_s: float | None = None
     shutdown_grace_s: float = 10.0
     models: tuple[ModelConfig, ...] = field(default_factory=tuple)
     peers: tuple[str, ...] = ()  # static peers "host:port", for networks without multicast
@@ -522,14 +532,40 @@ def _node_settings(reader: _Reader, *, base_dir: Path) -> dict[str, Any]:
             out["http_cors_origins"] = _string_list(
                 http, "cors_origins", _ORIGIN, 'origins such as "http://localhost:3000", or "*"'
             )
-        http.finish(("host", "port", "max_request_bytes", "allowed_hosts", "cors_origins"))
+        for key in ("max_connections", "max_connections_per_address"):
+            if http.has(key):
+                out[f"http_{key}"] = http.integer(key, 1, 1 << 20)
+        for key in ("header_timeout_s", "body_idle_timeout_s", "keepalive_idle_s"):
+            if http.has(key):
+                out[f"http_{key}"] = http.number(key, 0.1, 3600)
+        http.finish(
+            (
+                "host",
+                "port",
+                "max_request_bytes",
+                "allowed_hosts",
+                "cors_origins",
+                "max_connections",
+                "max_connections_per_address",
+                "header_timeout_s",
+                "body_idle_timeout_s",
+                "keepalive_idle_s",
+            )
+        )
     if reader.has("grpc"):
         grpc = _Reader(reader.table_of("grpc"), source=reader.source, prefix="grpc.")
         if grpc.has("host"):
             out["grpc_host"] = _host(grpc, "host")
         if grpc.has("port"):
             out["grpc_port"] = grpc.integer("port", 0, 65535)
-        grpc.finish(("host", "port"))
+        for key in ("max_connections", "max_connections_per_address"):
+            if grpc.has(key):
+                out[f"grpc_{key}"] = grpc.integer(key, 1, 1 << 20)
+        if grpc.has("member_deadline_s"):
+            out["grpc_member_deadline_s"] = grpc.number("member_deadline_s", 0.1, 3600)
+        grpc.finish(
+            ("host", "port", "max_connections", "max_connections_per_address", "member_deadline_s")
+        )
     if reader.has("models"):
         models = reader.raw("models")
         if not isinstance(models, list):

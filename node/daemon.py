@@ -214,7 +214,7 @@ class Node:
         """Descriptors first: the soft limit up to the hard one, the listeners' caps sized
         from it, and failed accepts logged once a minute instead of in a tight loop."""
         nofile = raise_nofile_limit()
-        self.listeners = settings = ListenerSettings.from_environment(nofile)
+        self.listeners = settings = ListenerSettings.from_environment(nofile, config=self.config)
         self._accept_errors = AcceptErrorLog()
         self._accept_errors.install(asyncio.get_running_loop())
         logger.info(

@@ -11,9 +11,9 @@
   (systemd and most shells give 1024 soft, far below what a node can use).
 - `ListenerSettings.from_environment()`: the caps of both ports, sized from that limit
   (`mesh.connlimits.budget`: a quarter, at least 256, stays with the node's own files,
-  model, database and outgoing peer connections), and the deadlines. Until they are
-  config keys, each can be overridden by an `ALLERAC_*` environment variable (the tests
-  set them low to run fast).
+  model, database and outgoing peer connections), and the deadlines: the config's
+  `[http]` and `[grpc]` keys, each overridden by an `ALLERAC_*` environment variable (the
+  tests set them low to run fast).
 - `AcceptErrorLog`: asyncio reports every failed `accept()` (EMFILE/ENFILE) through the
   loop's exception handler, and on Linux retries up to 100 accepts per wake-up, each
   reported: a node out of descriptors logged megabytes a second. This handler logs
@@ -38,12 +38,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from mesh.config import NodeConfig
 from mesh.connlimits import Budget, Caps, ConnLimits, budget, caps_for
 from mesh.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-# Defaults (config keys to come; environment variables meanwhile, see `ENV_*`).
+# Defaults (config keys `[http]`/`[grpc]`, or environment variables `ENV_*`, change them).
 HTTP_CONNS_PER_SOURCE = 128  # one machine's apps and browser tabs, streaming at once
 GRPC_CONNS_PER_SOURCE = 64  # a box opens one channel per peer; an office NAT has a few
 HTTP_HEADER_TIMEOUT_S = 10.0  # from connecting (or the first byte after an idle keep-alive)
@@ -109,31 +110,57 @@ class ListenerSettings:
 
     @classmethod
     def from_environment(
-        cls, nofile: int, env: Mapping[str, str] | None = None
+        cls,
+        nofile: int,
+        env: Mapping[str, str] | None = None,
+        *,
+        config: NodeConfig | None = None,
     ) -> ListenerSettings:
+        """Defaults, then the config's `[http]`/`[grpc]` keys, then `ALLERAC_*` variables
+        (for tests and a quick change without editing the config)."""
         env = os.environ if env is None else env
+        cfg = config or NodeConfig()
         sized = budget(nofile)
 
-        def count(name: str, default: int) -> int:
-            return int(_number(env, name, default, integer=True))
+        def count(name: str, configured: int | None, default: int) -> int:
+            chosen = configured if configured is not None else default
+            return int(_number(env, name, chosen, integer=True))
 
-        def seconds(name: str, default: float) -> float:
-            return _number(env, name, default, integer=False)
+        def seconds(name: str, configured: float | None, default: float) -> float:
+            return _number(
+                env, name, configured if configured is not None else default, integer=False
+            )
 
         return cls(
             budget=sized,
             http=caps_for(
-                total=count(ENV_HTTP_MAX_CONNS, sized.http_total),
-                per_source=count(ENV_HTTP_CONNS_PER_SOURCE, HTTP_CONNS_PER_SOURCE),
+                total=count(ENV_HTTP_MAX_CONNS, cfg.http_max_connections, sized.http_total),
+                per_source=count(
+                    ENV_HTTP_CONNS_PER_SOURCE,
+                    cfg.http_max_connections_per_address,
+                    HTTP_CONNS_PER_SOURCE,
+                ),
             ),
             grpc=caps_for(
-                total=count(ENV_GRPC_MAX_CONNS, sized.grpc_total),
-                per_source=count(ENV_GRPC_CONNS_PER_SOURCE, GRPC_CONNS_PER_SOURCE),
+                total=count(ENV_GRPC_MAX_CONNS, cfg.grpc_max_connections, sized.grpc_total),
+                per_source=count(
+                    ENV_GRPC_CONNS_PER_SOURCE,
+                    cfg.grpc_max_connections_per_address,
+                    GRPC_CONNS_PER_SOURCE,
+                ),
             ),
-            http_header_timeout_s=seconds(ENV_HTTP_HEADER_TIMEOUT_S, HTTP_HEADER_TIMEOUT_S),
-            http_body_idle_s=seconds(ENV_HTTP_BODY_IDLE_S, HTTP_BODY_IDLE_S),
-            http_keepalive_idle_s=seconds(ENV_HTTP_KEEPALIVE_IDLE_S, HTTP_KEEPALIVE_IDLE_S),
-            grpc_member_deadline_s=seconds(ENV_GRPC_MEMBER_DEADLINE_S, GRPC_MEMBER_DEADLINE_S),
+            http_header_timeout_s=seconds(
+                ENV_HTTP_HEADER_TIMEOUT_S, cfg.http_header_timeout_s, HTTP_HEADER_TIMEOUT_S
+            ),
+            http_body_idle_s=seconds(
+                ENV_HTTP_BODY_IDLE_S, cfg.http_body_idle_timeout_s, HTTP_BODY_IDLE_S
+            ),
+            http_keepalive_idle_s=seconds(
+                ENV_HTTP_KEEPALIVE_IDLE_S, cfg.http_keepalive_idle_s, HTTP_KEEPALIVE_IDLE_S
+            ),
+            grpc_member_deadline_s=seconds(
+                ENV_GRPC_MEMBER_DEADLINE_S, cfg.grpc_member_deadline_s, GRPC_MEMBER_DEADLINE_S
+            ),
         )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -539,3 +540,42 @@ def test_a_cloud_plan_is_a_quota_on_the_cloud_class(tmp_path: Path, text: str, s
         config_file=write_config(tmp_path, f'cloud_plan = "{text}"\n'), flags=Flags()
     )
     assert config.cloud_plan == spec
+
+
+def test_connection_caps_and_web_names_from_the_config(tmp_path: Path) -> None:
+    from node.listeners import ListenerSettings
+
+    path = write_config(
+        tmp_path,
+        "[http]\nmax_connections_per_address = 32\nheader_timeout_s = 4\n"
+        'allowed_hosts = ["kitchen-box.local"]\ncors_origins = ["http://localhost:3000"]\n'
+        "[grpc]\nmax_connections = 900\nmember_deadline_s = 7.5\n",
+    )
+    config = build_config(config_file=path, flags=Flags())
+    assert config.http_allowed_hosts == ("kitchen-box.local",)
+    assert config.http_cors_origins == ("http://localhost:3000",)
+    settings = ListenerSettings.from_environment(20_000, {}, config=config)
+    assert settings.http.per_source == 32
+    assert settings.http_header_timeout_s == 4
+    assert settings.grpc.total == 900
+    assert settings.grpc_member_deadline_s == 7.5
+    # An environment variable wins (tests and quick changes).
+    overridden = ListenerSettings.from_environment(
+        20_000, {"ALLERAC_GRPC_MAX_CONNS": "50"}, config=config
+    )
+    assert overridden.grpc.total == 50
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("[http]\nmax_connections = 0\n", "http.max_connections = 0: must be an integer"),
+        ("[grpc]\nmember_deadline_s = -1\n", "grpc.member_deadline_s = -1: must be a number"),
+        ('[http]\nallowed_hosts = ["bad host"]\n', "http.allowed_hosts = 'bad host'"),
+        ('[http]\ncors_origins = ["evil.example"]\n', "http.cors_origins = 'evil.example'"),
+        ("[http]\ncors_origins = 5\n", "http.cors_origins = 5: must be a list"),
+    ],
+)
+def test_bad_connection_and_web_keys_are_named(tmp_path: Path, text: str, problem: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(problem)):
+        build_config(config_file=write_config(tmp_path, text), flags=Flags())
