@@ -41,12 +41,13 @@ from node.backends.base import Backend
 from node.discovery import Discovery
 from node.dispatch import Dispatcher
 from node.grpc_front import GrpcFront
-from node.grpc_service import NodeCalls, NodeServicer
+from node.grpc_service import NodeServicer
 from node.http_api import build_app
 from node.http_guard import GuardedSite, HttpConnectionGuard
 from node.ledger_sync import LedgerSync
 from node.listeners import AcceptErrorLog, ListenerSettings, raise_nofile_limit
 from node.mesh_admin import MeshAdmin
+from node.node_service import NodeCalls
 from node.owner import HostGuard, OwnerToken
 from node.peering import Peering
 from node.quota_service import QuotaService

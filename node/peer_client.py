@@ -14,14 +14,14 @@ import os
 import time
 from collections.abc import AsyncGenerator
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TypeVar
+from typing import Any, NoReturn, Protocol, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError, Message
 
 from mesh import PROTOCOL_VERSION
 from mesh.cards import PeerCard, open_card, verify_peer_card
-from mesh.errors import InvalidRequest, InviteError, MeshError, RemoteProtocolError, Unavailable
+from mesh.errors import InviteError, MeshError, RemoteProtocolError, Unavailable
 from mesh.goodbye import Goodbye
 from mesh.inference import Finished, InferenceEvent, InferenceRequest
 from mesh.invites import decode_invite, make_join_request
@@ -32,9 +32,6 @@ from mesh.wire.v1 import node_pb2 as pb
 from mesh.wire.v1 import node_pb2_grpc as pb_grpc
 from mesh.wire.v1 import trust_pb2 as tpb
 from node.trust_store import TrustStore
-
-if TYPE_CHECKING:
-    from node.relay_client import RelayLink
 
 logger = logging.getLogger(__name__)
 
@@ -128,41 +125,6 @@ class GrpcTransport:
         await self._channel.close(None)
 
 
-class RelayTransport:
-    """Calls to one node through this node's relay session."""
-
-    def __init__(self, link: RelayLink, node_id: str) -> None:
-        self.label = f"relay:{node_id}"
-        self._link = link
-        self._node_id = node_id
-
-    async def stream(
-        self, method: str, request: Message, reply_type: type[M], timeout_s: float
-    ) -> AsyncGenerator[M, None]:
-        replies = self._link.call(
-            self._node_id, method, request.SerializeToString(), timeout_s=timeout_s
-        )
-        async with contextlib.aclosing(replies):
-            async for payload in replies:
-                try:
-                    yield codec.parse_message(reply_type, payload)
-                except InvalidRequest as exc:
-                    raise RemoteProtocolError(f"peer sent {exc.message}") from exc
-
-    async def unary(
-        self, method: str, request: Message, reply_type: type[M], timeout_s: float
-    ) -> M:
-        async with contextlib.aclosing(
-            self.stream(method, request, reply_type, timeout_s)
-        ) as replies:
-            async for reply in replies:
-                return reply
-        raise RemoteProtocolError(f"peer sent no answer to {method}")
-
-    async def aclose(self) -> None:
-        return None  # the relay session belongs to the node, not to one peer
-
-
 class PeerClient:
     def __init__(
         self, address: str, *, trust: TrustStore, transport: Transport | None = None
@@ -173,7 +135,7 @@ class PeerClient:
 
     @property
     def via_relay(self) -> bool:
-        return isinstance(self.transport, RelayTransport)
+        return bool(getattr(self.transport, "via_relay", False))
 
     async def __aenter__(self) -> PeerClient:
         return self

@@ -43,8 +43,9 @@ from mesh.peers import (
 )
 from mesh.wire import codec
 from mesh.wire.v1 import node_pb2 as pb
-from node.peer_client import PeerClient, RelayTransport
-from node.relay_client import RelayLink, RelayMember
+from node.directory import PeerHandle
+from node.peer_client import PeerClient
+from node.relay_client import RelayLink, RelayMember, RelayTransport
 from node.trust_store import TrustStore
 
 logger = logging.getLogger(__name__)
@@ -104,11 +105,11 @@ class Peering:
             and not client.via_relay
         ]
 
-    def client(self, node_id: str) -> tuple[PeerClient, PeerCard] | None:
+    def client(self, node_id: str) -> PeerHandle | None:
         client, card = self._clients.get(node_id), self._cards.get(node_id)
         if client is None or card is None:
             return None
-        return client, card
+        return PeerHandle(client, card)
 
     # --- lifecycle -------------------------------------------------------------------------
 

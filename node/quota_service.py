@@ -44,7 +44,7 @@ import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from mesh.errors import (
     ConfigError,
@@ -72,10 +72,8 @@ from mesh.quota import (
 )
 from mesh.scheduler import Privacy
 from mesh.wire.v1 import ledger_pb2 as lpb
+from node.directory import PeerDirectory
 from node.users_admin import UsersAdmin
-
-if TYPE_CHECKING:
-    from node.peering import Peering
 
 logger = logging.getLogger(__name__)
 
@@ -148,7 +146,7 @@ class QuotaService:
         node_id: str,
         users: UsersAdmin,
         store: LedgerStore | None,
-        links: Peering | None = None,
+        links: PeerDirectory | None = None,
         cloud_plan: Quota = UNLIMITED,
         clock: Callable[[], int] = _now_ms,
         holds_file: Path | None = None,

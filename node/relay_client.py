@@ -28,8 +28,10 @@ from types import TracebackType
 from typing import Any
 
 import grpc
+from google.protobuf.message import Message
 
 from mesh.errors import (
+    InvalidRequest,
     MeshError,
     Overloaded,
     PermissionDenied,
@@ -43,7 +45,8 @@ from mesh.wire.v1 import node_pb2 as pb
 from mesh.wire.v1 import relay_pb2 as rpb
 from mesh.wire.v1 import relay_pb2_grpc as rpb_grpc
 from mesh.wire.v1 import trust_pb2 as tpb
-from node.grpc_service import NodeCalls
+from node.node_service import NodeCalls
+from node.peer_client import M
 from node.trust_store import TrustStore
 
 logger = logging.getLogger(__name__)
@@ -400,3 +403,41 @@ class RelayLink:
             self._end(peer, stream_id, error)
             return
         self._end(peer, stream_id, None)
+
+
+class RelayTransport:
+    """Calls to one node through this node's relay session (a `node.peer_client`
+    transport, like its `GrpcTransport`)."""
+
+    via_relay = True
+
+    def __init__(self, link: RelayLink, node_id: str) -> None:
+        self.label = f"relay:{node_id}"
+        self._link = link
+        self._node_id = node_id
+
+    async def stream(
+        self, method: str, request: Message, reply_type: type[M], timeout_s: float
+    ) -> AsyncGenerator[M, None]:
+        replies = self._link.call(
+            self._node_id, method, request.SerializeToString(), timeout_s=timeout_s
+        )
+        async with contextlib.aclosing(replies):
+            async for payload in replies:
+                try:
+                    yield codec.parse_message(reply_type, payload)
+                except InvalidRequest as exc:
+                    raise RemoteProtocolError(f"peer sent {exc.message}") from exc
+
+    async def unary(
+        self, method: str, request: Message, reply_type: type[M], timeout_s: float
+    ) -> M:
+        async with contextlib.aclosing(
+            self.stream(method, request, reply_type, timeout_s)
+        ) as replies:
+            async for reply in replies:
+                return reply
+        raise RemoteProtocolError(f"peer sent no answer to {method}")
+
+    async def aclose(self) -> None:
+        return None  # the relay session belongs to the node, not to one peer

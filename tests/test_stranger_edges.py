@@ -21,7 +21,7 @@ from mesh.wire import codec
 from mesh.wire.v1 import node_pb2 as pb
 from mesh.wire.v1 import node_pb2_grpc as pb_grpc
 from mesh.wire.v1 import trust_pb2 as tpb
-from node.grpc_service import JOIN_RATE, PING_RATE, NodeCalls
+from node.node_service import JOIN_RATE, PING_RATE, NodeCalls
 from node.peer_client import PeerClient
 from tests.members import invite_code, join_as_member, new_trust
 from tests.nodeproc import NodeProcess
