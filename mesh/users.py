@@ -11,8 +11,10 @@ Who is calling (`UserBook.caller`):
 
 - a valid `Authorization: Bearer KEY` -> that user, whatever the client's address;
 - a key that is malformed, unknown or removed -> 401, also from loopback;
-- no key from loopback -> the box's owner (user ""), any privacy policy;
-- no key from anywhere else -> 401: beyond loopback, only keys open the API.
+- no key, on a request no web page could have sent (the HTTP API decides:
+  `node.http_api._cannot_be_a_page`; the owner token counts too) -> the box's owner
+  (user ""), any privacy policy;
+- no key anywhere else -> 401: only keys open the API.
 
 A key's privacy policy is its default and its ceiling (`effective_privacy`): a request may
 ask for a stricter policy (local-only is stricter than mesh, mesh than any), never a looser
