@@ -8,6 +8,15 @@ any set of records (and receipts) and reports, by node and sequence number, ever
 signature, broken link, gap, missing receipt and fork (two different records signed for
 the same node and sequence: proof that the node rewrote its history).
 
+A chain's newest records could be deleted without breaking any link, so its head is
+also evident outside it (`Mark`): the receipts of its records (the store notes where
+each countersigned record sits), the heads a box has held, and heads the node signed
+itself (`sign_head`) that members countersign as they sync (`countersign_head`). Any
+of these beyond the records held is a truncation, named by node and sequence.
+
+An entry node that finds a record implausible (ledger_bounds.py) signs a `Refusal`
+instead of a receipt: the record is kept with it, named by `verify`, not counted.
+
 Nothing here re-encodes what was signed: records are checked and hashed as the bytes
 they arrived as, and parsed only after their signature verifies.
 """
@@ -15,10 +24,8 @@ they arrived as, and parsed only after their signature verifies.
 from __future__ import annotations
 
 import hashlib
-import multiprocessing
 from collections import defaultdict
-from collections.abc import Iterable
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -27,11 +34,17 @@ from google.protobuf.message import DecodeError
 from mesh.errors import BadSignature, InvalidRequest
 from mesh.identity import Identity, node_id_from_public_key, verify_signature
 from mesh.wire.v1 import ledger_pb2 as lpb
+from mesh.workers import process_pool
 
 RECORD_CONTEXT = b"allerac-mesh/v1/usage-record\x00"
 RECEIPT_CONTEXT = b"allerac-mesh/v1/usage-receipt\x00"
+HEAD_CONTEXT = b"allerac-mesh/v1/chain-head\x00"
+HEAD_RECEIPT_CONTEXT = b"allerac-mesh/v1/head-receipt\x00"
+REFUSAL_CONTEXT = b"allerac-mesh/v1/usage-refusal\x00"
 GENESIS = bytes(32)
 MAX_RECORD_BYTES = 4096
+MAX_HEAD_BYTES = 512
+MAX_REASON_CHARS = 512
 
 
 def record_hash(signed: lpb.SignedRecord) -> bytes:
@@ -140,12 +153,134 @@ def check_receipt(receipt: lpb.Receipt, record: lpb.UsageRecord, digest: bytes) 
     )
 
 
+# --- refusals ---------------------------------------------------------------------------------
+
+
+def refuse(identity: Identity, signed: lpb.SignedRecord, reason: str) -> lpb.Refusal:
+    """The entry node's signed refusal to countersign this record, and why."""
+    digest = record_hash(signed)
+    reason = reason[:MAX_REASON_CHARS]
+    return lpb.Refusal(
+        record_hash=digest,
+        entry_node_id=identity.node_id,
+        entry_public_key=identity.public_key_raw,
+        reason=reason,
+        signature=identity.sign(REFUSAL_CONTEXT + digest + reason.encode("utf-8")),
+    )
+
+
+def refusal_is_signed(refusal: lpb.Refusal) -> bool:
+    """Signed by the node it names, over the hash and reason it names."""
+    key = refusal.entry_public_key
+    return (
+        len(key) == 32
+        and len(refusal.record_hash) == 32
+        and len(refusal.reason) <= MAX_REASON_CHARS
+        and node_id_from_public_key(key) == refusal.entry_node_id
+        and verify_signature(
+            key,
+            refusal.signature,
+            REFUSAL_CONTEXT + refusal.record_hash + refusal.reason.encode("utf-8"),
+        )
+    )
+
+
+def check_refusal(refusal: lpb.Refusal, record: lpb.UsageRecord, digest: bytes) -> bool:
+    """Signed by the entry node the record names, over this very record."""
+    return (
+        refusal.record_hash == digest
+        and refusal.entry_node_id == record.entry_node_id
+        and refusal_is_signed(refusal)
+    )
+
+
+# --- signed heads -----------------------------------------------------------------------------
+
+
+def sign_head(identity: Identity, *, seq: int, digest: bytes, now_ms: int) -> lpb.SignedHead:
+    """This node's statement that its own chain reaches record `seq` (of hash `digest`)."""
+    head = lpb.HeadStatement(
+        node_id=identity.node_id,
+        identity_public_key=identity.public_key_raw,
+        seq=seq,
+        hash=digest,
+        signed_at_unix_ms=now_ms,
+    ).SerializeToString(deterministic=True)
+    return lpb.SignedHead(head=head, signature=identity.sign(HEAD_CONTEXT + head))
+
+
+def head_hash(signed: lpb.SignedHead) -> bytes:
+    return hashlib.sha256(signed.head).digest()
+
+
+def open_head(signed: lpb.SignedHead) -> lpb.HeadStatement:
+    """A head whose signature verifies against the key it names; BadSignature otherwise."""
+    if len(signed.head) > MAX_HEAD_BYTES or len(signed.signature) != 64:
+        raise BadSignature("signed head is malformed")
+    head = lpb.HeadStatement()
+    try:
+        head.ParseFromString(signed.head)
+    except (DecodeError, ValueError) as exc:
+        raise BadSignature("signed head does not parse") from exc
+    key = head.identity_public_key
+    if len(key) != 32 or node_id_from_public_key(key) != head.node_id:
+        raise BadSignature("signed head names a key that is not its node's")
+    if not verify_signature(key, signed.signature, HEAD_CONTEXT + signed.head):
+        raise BadSignature(f"head {head.node_id[:7]}#{head.seq} is not signed by it")
+    if head.seq < 1 or len(head.hash) != 32:
+        raise BadSignature(f"head {head.node_id[:7]}#{head.seq} is malformed")
+    return head
+
+
+def countersign_head(identity: Identity, signed: lpb.SignedHead) -> lpb.HeadReceipt:
+    """A member's word that it held this node's chain up to this head."""
+    digest = head_hash(signed)
+    return lpb.HeadReceipt(
+        head_hash=digest,
+        node_id=identity.node_id,
+        public_key=identity.public_key_raw,
+        signature=identity.sign(HEAD_RECEIPT_CONTEXT + digest),
+    )
+
+
+def head_receipt_is_signed(receipt: lpb.HeadReceipt, digest: bytes) -> bool:
+    key = receipt.public_key
+    return (
+        receipt.head_hash == digest
+        and len(key) == 32
+        and node_id_from_public_key(key) == receipt.node_id
+        and verify_signature(key, receipt.signature, HEAD_RECEIPT_CONTEXT + digest)
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Problem:
-    kind: str  # bad_signature | broken_chain | gap | fork | no_receipt | bad_receipt
+    # bad_signature | broken_chain | gap | fork | no_receipt | bad_receipt | refused |
+    # truncated | replaced
+    kind: str
     node_id: str
     seq: int
     detail: str
+    last_seq: int = 0  # gap and truncated: the last record missing (seq is the first)
+
+
+@dataclass(frozen=True, slots=True)
+class Mark:
+    """Evidence, kept outside a chain, that it reached record `seq` (of hash `digest`),
+    and what says so."""
+
+    node_id: str
+    seq: int
+    digest: bytes
+    source: str
+
+
+@dataclass(frozen=True, slots=True)
+class HeadView:
+    """A node's latest signed head that verifies, and the members that countersigned it."""
+
+    seq: int
+    countersigned_by: tuple[str, ...]
 
 
 @dataclass(kw_only=True)
@@ -153,6 +288,8 @@ class Report:
     records: int = 0
     nodes: int = 0
     problems: list[Problem] = field(default_factory=list)
+    tops: dict[str, int] = field(default_factory=dict)  # per node, the highest seq held
+    heads: dict[str, HeadView] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -169,9 +306,12 @@ class _Checked:
     digest: bytes
     receipt: str  # "ok" | "none" | "bad"
     error: str = ""
+    refused: str = ""  # its entry node's reason, when that node refused to countersign it
 
 
-def _check(record_bytes: bytes, signature: bytes, receipts: list[bytes]) -> _Checked:
+def _check(
+    record_bytes: bytes, signature: bytes, receipts: list[bytes], refusals: list[bytes]
+) -> _Checked:
     signed = lpb.SignedRecord(record=record_bytes, signature=signature)
     try:
         record = open_record(signed)
@@ -189,10 +329,19 @@ def _check(record_bytes: bytes, signature: bytes, receipts: list[bytes]) -> _Che
         if check_receipt(receipt, record, digest):
             status = "ok"
             break
-    return _Checked(record.node_id, record.seq, record.prev_hash, digest, status)
+    refused = ""
+    for raw in refusals:
+        try:
+            refusal = lpb.Refusal.FromString(raw)
+        except (DecodeError, ValueError):
+            continue
+        if check_refusal(refusal, record, digest):
+            refused = refusal.reason or "no reason given"
+            break
+    return _Checked(record.node_id, record.seq, record.prev_hash, digest, status, "", refused)
 
 
-def _check_chunk(items: list[tuple[bytes, bytes, list[bytes]]]) -> list[_Checked]:
+def _check_chunk(items: list[tuple[bytes, bytes, list[bytes], list[bytes]]]) -> list[_Checked]:
     return [_check(*item) for item in items]
 
 
@@ -200,28 +349,144 @@ def verify(
     records: Iterable[lpb.SignedRecord],
     receipts: Iterable[lpb.Receipt] = (),
     *,
+    refusals: Iterable[lpb.Refusal] = (),
+    heads: Iterable[lpb.SignedHead] = (),
+    marks: Iterable[Mark] = (),
+    positions: Mapping[bytes, tuple[str, int]] | None = None,
     require_receipts: bool = True,
     workers: int = 1,
 ) -> Report:
-    """Check signatures, chains, receipts; report gaps and forks by node and sequence.
+    """Check signatures, chains, receipts; report gaps and forks by node and sequence,
+    records their entry node refused, and truncation: a node's chain shorter than what
+    `heads` (signed by it), `marks` (kept by the store), or receipts whose records are
+    missing (`positions`: where the store says each countersigned record sat) show.
     With `workers` > 1 the signature checks (nearly all the time) run in that many
     processes."""
     receipts_by_hash: dict[bytes, list[bytes]] = defaultdict(list)
-    for receipt in receipts:
+    receipt_list = list(receipts)
+    for receipt in receipt_list:
         receipts_by_hash[receipt.record_hash].append(receipt.SerializeToString())
-    items = [
-        (r.record, r.signature, receipts_by_hash.get(hashlib.sha256(r.record).digest(), []))
-        for r in records
-    ]
+    refusals_by_hash: dict[bytes, list[bytes]] = defaultdict(list)
+    for refusal in refusals:
+        refusals_by_hash[refusal.record_hash].append(refusal.SerializeToString())
+    items = []
+    for r in records:
+        digest = hashlib.sha256(r.record).digest()
+        items.append(
+            (
+                r.record,
+                r.signature,
+                receipts_by_hash.get(digest, []),
+                refusals_by_hash.get(digest, []),
+            )
+        )
     if workers > 1 and len(items) > 1000:
         size = -(-len(items) // (workers * 4))
         chunks = [items[i : i + size] for i in range(0, len(items), size)]
-        # spawn, not fork: the node has gRPC and sqlite threads, and forking those deadlocks.
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        with process_pool(workers) as pool:
             checked = [c for part in pool.map(_check_chunk, chunks) for c in part]
     else:
         checked = _check_chunk(items)
-    return _report(checked, require_receipts=require_receipts)
+    report = _report(checked, require_receipts=require_receipts)
+    held: dict[str, dict[int, set[bytes]]] = defaultdict(lambda: defaultdict(set))
+    for item in checked:
+        if not item.error:
+            held[item.node_id][item.seq].add(item.digest)
+    report.tops = {node_id: max(chain) for node_id, chain in held.items()}
+    evidence = list(marks)
+    evidence += _orphan_receipts(receipt_list, positions or {}, held)
+    evidence += _head_marks(heads, report)
+    report.problems += evidence_problems(held, evidence)
+    return report
+
+
+def _orphan_receipts(
+    receipts: list[lpb.Receipt],
+    positions: Mapping[bytes, tuple[str, int]],
+    held: Mapping[str, Mapping[int, set[bytes]]],
+) -> list[Mark]:
+    """Receipts whose records are not held, where the store noted those records sat."""
+    digests = {d for chain in held.values() for versions in chain.values() for d in versions}
+    marks = []
+    for receipt in receipts:
+        where = positions.get(receipt.record_hash)
+        if where is None or receipt.record_hash in digests or not receipt_is_signed(receipt):
+            continue
+        node_id, seq = where
+        marks.append(
+            Mark(node_id, seq, receipt.record_hash, f"countersigned by {receipt.entry_node_id[:7]}")
+        )
+    return marks
+
+
+def _head_marks(heads: Iterable[lpb.SignedHead], report: Report) -> list[Mark]:
+    """Marks of the signed heads that verify (noting the latest in `report.heads`); a
+    signed head that does not verify is a problem of its own."""
+    marks = []
+    for signed in heads:
+        try:
+            head = open_head(signed)
+        except BadSignature as exc:
+            report.problems.append(Problem("bad_signature", "?", 0, f"a signed head: {exc}"))
+            continue
+        digest = head_hash(signed)
+        countersigners = tuple(
+            sorted(
+                {
+                    r.node_id
+                    for r in signed.receipts
+                    if r.node_id != head.node_id and head_receipt_is_signed(r, digest)
+                }
+            )
+        )
+        source = f"signed by {head.node_id[:7]}"
+        if countersigners:
+            source += " and countersigned by " + ", ".join(n[:7] for n in countersigners)
+        marks.append(Mark(head.node_id, head.seq, head.hash, source))
+        known = report.heads.get(head.node_id)
+        if known is None or head.seq > known.seq:
+            report.heads[head.node_id] = HeadView(head.seq, countersigners)
+    return marks
+
+
+def evidence_problems(
+    held: Mapping[str, Mapping[int, Collection[bytes]]], marks: Iterable[Mark]
+) -> list[Problem]:
+    """Truncation (evidence of records beyond a chain's last one held, or of a chain none
+    of whose records is held) and replaced records (evidence naming another record than
+    the one held at its position), by node and sequence."""
+    beyond: dict[str, list[Mark]] = defaultdict(list)
+    problems = []
+    for mark in marks:
+        chain = held.get(mark.node_id, {})
+        top = max(chain, default=0)
+        if mark.seq > top:
+            beyond[mark.node_id].append(mark)
+        elif mark.seq in chain and mark.digest not in chain[mark.seq]:
+            problems.append(
+                Problem(
+                    "replaced",
+                    mark.node_id,
+                    mark.seq,
+                    f"the record held is not the one {mark.source} ({mark.digest.hex()[:12]})",
+                )
+            )
+    for node_id, found in sorted(beyond.items()):
+        first = max(held.get(node_id, {}), default=0) + 1
+        last = max(mark.seq for mark in found)
+        sources = sorted({mark.source for mark in found})
+        more = f"; and {len(sources) - 3} more" if len(sources) > 3 else ""
+        shown = "; ".join(sources[:3]) + more
+        problems.append(
+            Problem(
+                "truncated",
+                node_id,
+                first,
+                f"records {first} to {last} missing: the chain reached #{last} ({shown})",
+                last,
+            )
+        )
+    return sorted(set(problems), key=lambda p: (p.node_id, p.seq, p.kind, p.detail))
 
 
 def _report(checked: list[_Checked], *, require_receipts: bool) -> Report:
@@ -241,7 +506,13 @@ def _report(checked: list[_Checked], *, require_receipts: bool) -> Report:
             versions = chain[seq]
             if seq > expected:
                 report.problems.append(
-                    Problem("gap", node_id, expected, f"records {expected} to {seq - 1} missing")
+                    Problem(
+                        "gap",
+                        node_id,
+                        expected,
+                        f"records {expected} to {seq - 1} missing",
+                        seq - 1,
+                    )
                 )
             expected = seq + 1
             if len(versions) > 1:
@@ -260,7 +531,16 @@ def _report(checked: list[_Checked], *, require_receipts: bool) -> Report:
                     report.problems.append(
                         Problem("broken_chain", node_id, seq, "does not follow the record before")
                     )
-                if require_receipts and item.receipt == "none":
+                if item.refused:
+                    report.problems.append(
+                        Problem(
+                            "refused",
+                            node_id,
+                            seq,
+                            f"its entry node refused to countersign it: {item.refused}",
+                        )
+                    )
+                elif require_receipts and item.receipt == "none":
                     report.problems.append(Problem("no_receipt", node_id, seq, "not countersigned"))
                 elif require_receipts and item.receipt == "bad":
                     report.problems.append(
@@ -297,14 +577,18 @@ def summarize(
     user: str | None = None,
     since_ms: int = 0,
     until_ms: int = 2**63 - 1,
+    excluded: Collection[bytes] = (),
 ) -> list[UsageRow]:
     """Usage by node, model, tier or user, from the records that verify, each counted once
-    (by node and sequence), ended inside [since_ms, until_ms)."""
+    (by node and sequence), ended inside [since_ms, until_ms). `excluded`: hashes of
+    records not to count (those their entry node refused: `refused_records`)."""
     if by not in USAGE_KEYS:
         raise InvalidRequest(f"--by must be one of {', '.join(USAGE_KEYS)}", param="by")
     seen: set[tuple[str, int]] = set()
     rows: dict[str, UsageRow] = {}
     for signed in records:
+        if excluded and record_hash(signed) in excluded:
+            continue
         try:
             record = open_record(signed)
         except BadSignature:
@@ -327,6 +611,27 @@ def summarize(
         row.prompt_tokens += record.prompt_tokens
         row.completion_tokens += record.completion_tokens
     return sorted(rows.values(), key=lambda r: (-r.completion_tokens - r.prompt_tokens, r.key))
+
+
+def refused_records(
+    records: Iterable[lpb.SignedRecord], refusals: Iterable[lpb.Refusal]
+) -> dict[bytes, lpb.UsageRecord]:
+    """The records (by hash) whose own entry node signed a refusal to countersign them."""
+    by_hash: dict[bytes, list[lpb.Refusal]] = defaultdict(list)
+    for refusal in refusals:
+        by_hash[refusal.record_hash].append(refusal)
+    found: dict[bytes, lpb.UsageRecord] = {}
+    for signed in records:
+        digest = record_hash(signed)
+        if digest not in by_hash or digest in found:
+            continue
+        try:
+            record = open_record(signed)
+        except BadSignature:
+            continue
+        if any(check_refusal(r, record, digest) for r in by_hash[digest]):
+            found[digest] = record
+    return found
 
 
 def period_bounds(text: str, *, now_ms: int) -> tuple[int, int]:

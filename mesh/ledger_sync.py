@@ -2,20 +2,23 @@
 ledger.proto: SyncRequest, SyncBatch).
 
 A member asks a peer for what follows its own view of each node's chain (per-node
-sequence heads) and for the receipts the peer added since the last time (a cursor in
-the peer's own receipt order). Nothing a peer sends is kept before it is verified:
-`check_batch` verifies every record's and every receipt's signature (in worker
-processes when there are many: `Checker`), and `plan_chain` decides, against what this
-node already holds for that node, which records extend or fill its chain, and which
-are proof of a fork: a second, different record signed for a position, or a record
-naming a predecessor other than the one held.
+sequence heads), with the receipts of those records, and for the receipts of records it
+holds without one, named by the records' hashes (never by the peer's row numbers, which
+start again when a box rebuilds its ledger). Each answer ends with the signed heads the
+peer holds (each node's statement of how far its chain reaches, with the members'
+countersignatures), which the asker checks against the records it holds and
+countersigns in turn. Nothing a peer sends is kept before it is verified: `check_batch`
+verifies every record's, receipt's, refusal's and head's signature (in worker processes
+when there are many: `Checker`), and `plan_chain` decides, against what this node
+already holds for that node, which records extend or fill its chain, and which are
+proof of a fork: a second, different record signed for a position, or a record naming
+a predecessor other than the one held.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import multiprocessing
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -23,13 +26,25 @@ from dataclasses import dataclass, field
 from google.protobuf.message import DecodeError
 
 from mesh.errors import BadSignature
-from mesh.ledger import GENESIS, open_record, receipt_is_signed
+from mesh.ledger import (
+    GENESIS,
+    head_hash,
+    head_receipt_is_signed,
+    open_head,
+    open_record,
+    receipt_is_signed,
+    refusal_is_signed,
+)
 from mesh.wire.v1 import ledger_pb2 as lpb
+from mesh.workers import process_pool
 
 FRAME_RECORDS = 1000  # records (and receipts) per answer frame: about 0.5 MB
 MAX_RECORDS_PER_CALL = 20_000  # per sync call; `more` says to ask again
 MAX_HEADS = 100_000  # nodes named in one SyncRequest
 MAX_FORK_PROOFS = 64  # fork proof records sent per answer
+MAX_WANTED = 1024  # record hashes one request asks receipts for (the newest first)
+MAX_SIGNED_HEADS = 128  # signed heads per answer (the rest next time: the asker says what it has)
+MAX_HEAD_RECEIPTS = 16  # countersignatures kept (and sent) per signed head, besides one's own
 INLINE_ITEMS = 256  # fewer signatures than this are checked on the event loop
 CHUNK_ITEMS = 500
 
@@ -46,13 +61,30 @@ class Checked:
     kind: int
     record: bytes
     signature: bytes
+    entry_node_id: str = ""
+    ended_at_ms: int = 0  # when its signer says the answer ended
 
 
 @dataclass(frozen=True, slots=True)
 class CheckedReceipt:
+    """A receipt or a refusal (`receipt` holds its exact bytes) whose signature verified."""
+
     record_hash: bytes
     entry_node_id: str
     receipt: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class CheckedHead:
+    """A signed head whose signature verified, with the countersignatures that did."""
+
+    node_id: str
+    seq: int
+    hash: bytes  # of the record it names
+    head_hash: bytes  # of the statement itself
+    head: bytes
+    signature: bytes
+    receipts: tuple[tuple[str, bytes], ...]  # (countersigner, exact HeadReceipt bytes)
 
 
 @dataclass(kw_only=True)
@@ -61,12 +93,16 @@ class Received:
 
     records: list[Checked] = field(default_factory=list)
     receipts: list[CheckedReceipt] = field(default_factory=list)
+    refusals: list[CheckedReceipt] = field(default_factory=list)
+    heads: list[CheckedHead] = field(default_factory=list)
     fork_proofs: list[Checked] = field(default_factory=list)
     rejected: list[str] = field(default_factory=list)
 
     def extend(self, other: Received) -> None:
         self.records += other.records
         self.receipts += other.receipts
+        self.refusals += other.refusals
+        self.heads += other.heads
         self.fork_proofs += other.fork_proofs
         self.rejected += other.rejected
 
@@ -84,6 +120,29 @@ def check_record(record: bytes, signature: bytes) -> Checked:
         kind=parsed.kind,
         record=record,
         signature=signature,
+        entry_node_id=parsed.entry_node_id,
+        ended_at_ms=parsed.ended_at_unix_ms,
+    )
+
+
+def check_head(signed: lpb.SignedHead) -> CheckedHead:
+    """BadSignature unless the head is signed by the node it names; countersignatures
+    that do not verify are dropped (at most MAX_HEAD_RECEIPTS looked at)."""
+    head = open_head(signed)
+    digest = head_hash(signed)
+    receipts = tuple(
+        (r.node_id, r.SerializeToString())
+        for r in signed.receipts[: MAX_HEAD_RECEIPTS * 2]
+        if r.node_id != head.node_id and head_receipt_is_signed(r, digest)
+    )
+    return CheckedHead(
+        node_id=head.node_id,
+        seq=head.seq,
+        hash=head.hash,
+        head_hash=digest,
+        head=signed.head,
+        signature=signed.signature,
+        receipts=receipts[:MAX_HEAD_RECEIPTS],
     )
 
 
@@ -91,6 +150,8 @@ def check_batch(
     records: Pairs,
     receipts: list[bytes],
     fork_proofs: Pairs | None = None,
+    refusals: list[bytes] | None = None,
+    heads: list[bytes] | None = None,
 ) -> Received:
     """Verify every signature in a batch (picklable in and out: runs in workers)."""
     out = Received()
@@ -116,39 +177,58 @@ def check_batch(
         out.receipts.append(
             CheckedReceipt(receipt.record_hash, receipt.entry_node_id, receipt.SerializeToString())
         )
+    for raw in refusals or ():
+        try:
+            refusal = lpb.Refusal.FromString(raw)
+        except (DecodeError, ValueError):
+            out.rejected.append("a refusal does not parse")
+            continue
+        if not refusal_is_signed(refusal):
+            out.rejected.append("a refusal is not signed by the entry node it names")
+            continue
+        out.refusals.append(
+            CheckedReceipt(refusal.record_hash, refusal.entry_node_id, refusal.SerializeToString())
+        )
+    for raw in heads or ():
+        try:
+            out.heads.append(check_head(lpb.SignedHead.FromString(raw)))
+        except (DecodeError, ValueError):
+            out.rejected.append("a signed head does not parse")
+        except BadSignature as exc:
+            out.rejected.append(exc.message)
     return out
 
 
 Pairs = list[tuple[bytes, bytes]]  # (record, signature)
 
 
-def _parts(batch: lpb.SyncBatch) -> tuple[Pairs, list[bytes], Pairs]:
+def _parts(batch: lpb.SyncBatch) -> tuple[Pairs, list[bytes], Pairs, list[bytes], list[bytes]]:
     return (
         [(r.record, r.signature) for r in batch.records],
         [r.SerializeToString() for r in batch.receipts],
         [(r.record, r.signature) for r in batch.fork_proofs],
+        [r.SerializeToString() for r in batch.refusals],
+        [h.SerializeToString() for h in batch.signed_heads],
     )
 
 
 class Checker:
     """`check_batch` for a node: small batches on the event loop, large ones split over
-    worker processes (made once, on first need; spawn, not fork: the node has gRPC and
-    sqlite threads, and forking those deadlocks)."""
+    worker processes (made once, on first need: `mesh.workers.process_pool`)."""
 
     def __init__(self, workers: int = 2) -> None:
         self._workers = workers
         self._pool: ProcessPoolExecutor | None = None
 
     async def check(self, batch: lpb.SyncBatch) -> Received:
-        records, receipts, forks = _parts(batch)
+        records, receipts, forks, refusals, heads = _parts(batch)
         if len(records) + len(receipts) < INLINE_ITEMS or self._workers < 2:
-            return check_batch(records, receipts, forks)
+            return check_batch(records, receipts, forks, refusals, heads)
         if self._pool is None:
-            self._pool = ProcessPoolExecutor(
-                self._workers, mp_context=multiprocessing.get_context("spawn")
-            )
+            # Its workers end with this process, even one killed with SIGKILL.
+            self._pool = process_pool(self._workers)
         loop = asyncio.get_running_loop()
-        jobs = [loop.run_in_executor(self._pool, check_batch, [], [], forks)]
+        jobs = [loop.run_in_executor(self._pool, check_batch, [], [], forks, refusals, heads)]
         for start in range(0, max(len(records), len(receipts)), CHUNK_ITEMS):
             jobs.append(
                 loop.run_in_executor(

@@ -653,31 +653,19 @@ def _existing_ledger(home: Home) -> Path:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def ledger_verify(home_dir: Path | None, as_json: bool) -> None:
     """Check every record's signature, each node's chain and the countersignatures; report
-    forks and gaps by node and sequence. Exits 1 when anything is wrong."""
-    import os
-
-    from google.protobuf.message import DecodeError
-
-    from mesh.ledger import verify
-    from mesh.ledger_store import read_ledger
-    from mesh.wire.v1.ledger_pb2 import UsageRecord
-
+    forks, gaps, truncated chains and refused records by node and sequence. Exits 1 when
+    anything is wrong."""
     home = Home.resolve(home_dir)
     try:
-        records, receipts = read_ledger(_existing_ledger(home))
+        held, report = _verified_ledger(home, require_receipts=True)
     except MeshError as exc:
         _fail(exc.message)
         return
-    report = verify(records, receipts, workers=min(os.cpu_count() or 1, 4))
     # A record this node served for another entry node is countersigned there: until the
     # ledgers sync, its receipt is awaited here, not missing.
     awaiting = {(p.node_id, p.seq) for p in report.problems if p.kind == "no_receipt"}
     others = set()
-    for signed in records:
-        try:
-            record = UsageRecord.FromString(signed.record)
-        except DecodeError:
-            continue  # reported as bad_signature; no_receipt is only said of good records
+    for record in _parsed(held.records):
         position = (record.node_id, record.seq)
         if position in awaiting and record.entry_node_id != record.node_id:
             others.add(position)
@@ -685,6 +673,17 @@ def ledger_verify(home_dir: Path | None, as_json: bool) -> None:
         p for p in report.problems if p.kind == "no_receipt" and (p.node_id, p.seq) in others
     ]
     problems = [p for p in report.problems if p not in awaited]
+    chains = [
+        {
+            "node_id": node_id,
+            "seq": report.tops.get(node_id, 0),
+            "signed_seq": report.heads[node_id].seq if node_id in report.heads else 0,
+            "countersigned_by": (
+                list(report.heads[node_id].countersigned_by) if node_id in report.heads else []
+            ),
+        }
+        for node_id in sorted(set(report.tops) | set(report.heads))
+    ]
     if as_json:
         click.echo(
             json.dumps(
@@ -697,12 +696,21 @@ def ledger_verify(home_dir: Path | None, as_json: bool) -> None:
                         {"kind": p.kind, "node_id": p.node_id, "seq": p.seq, "detail": p.detail}
                         for p in problems
                     ],
+                    "chains": chains,
                 },
                 indent=2,
             )
         )
     else:
         click.echo(f"{report.records} records from {report.nodes} nodes")
+        for chain in chains:
+            signers = ", ".join(str(n)[:7] for n in chain["countersigned_by"]) or "nobody yet"
+            signed = (
+                f"signed head #{chain['signed_seq']}, countersigned by {signers}"
+                if chain["signed_seq"]
+                else "no signed head held"
+            )
+            click.echo(f"  {str(chain['node_id'])[:7]} up to #{chain['seq']}; {signed}")
         for p in problems:
             click.echo(f"  {p.kind:14} {p.node_id[:7]} #{p.seq}: {p.detail}")
         if awaited:
@@ -713,6 +721,42 @@ def ledger_verify(home_dir: Path | None, as_json: bool) -> None:
         click.echo("ledger verifies" if not problems else f"{len(problems)} problems")
     if problems:
         sys.exit(1)
+
+
+def _verified_ledger(home: Home, *, require_receipts: bool) -> tuple[Any, Any]:
+    """Everything in this home's ledger, and its verification (in a few processes)."""
+    import os
+
+    from mesh.ledger import verify
+    from mesh.ledger_store import read_ledger_file
+
+    held = read_ledger_file(_existing_ledger(home))
+    report = verify(
+        held.records,
+        held.receipts,
+        refusals=held.refusals,
+        heads=held.heads,
+        marks=held.marks,
+        positions=held.positions,
+        require_receipts=require_receipts,
+        workers=min(os.cpu_count() or 1, 4),
+    )
+    return held, report
+
+
+def _parsed(records: Any) -> list[Any]:
+    """The records that parse (the others are reported by verify as bad signatures)."""
+    from google.protobuf.message import DecodeError
+
+    from mesh.wire.v1.ledger_pb2 import UsageRecord
+
+    parsed = []
+    for signed in records:
+        try:
+            parsed.append(UsageRecord.FromString(signed.record))
+        except DecodeError:
+            continue
+    return parsed
 
 
 @cli.command()
@@ -729,20 +773,39 @@ def ledger_verify(home_dir: Path | None, as_json: bool) -> None:
     show_default=True,
 )
 def usage(home_dir: Path | None, as_json: bool, user: str | None, period: str, by: str) -> None:
-    """Who used what, where, from the signed records this node holds (UTC periods)."""
+    """Who used what, where, from the signed records this node holds (UTC periods).
+    Records their entry node refused to countersign are not counted (they are listed);
+    when records are known to be missing from this ledger it says which, and exits 1."""
     import time
 
-    from mesh.ledger import period_bounds, summarize
-    from mesh.ledger_store import read_ledger
+    from mesh.ledger import period_bounds, refused_records, summarize
 
     home = Home.resolve(home_dir)
     try:
         since, until = period_bounds(period, now_ms=int(time.time() * 1000))
-        records, _ = read_ledger(_existing_ledger(home))
+        held, report = _verified_ledger(home, require_receipts=False)
     except MeshError as exc:
         _fail(exc.message)
         return
-    rows = summarize(records, by=by, user=user, since_ms=since, until_ms=until)
+    refused = refused_records(held.records, held.refusals)
+    rows = summarize(
+        held.records, by=by, user=user, since_ms=since, until_ms=until, excluded=refused
+    )
+    missing = [
+        {"node_id": p.node_id, "from_seq": p.seq, "to_seq": p.last_seq}
+        for p in report.problems
+        if p.kind in ("gap", "truncated")
+    ]
+    refused_rows = [
+        {
+            "node_id": r.node_id,
+            "seq": r.seq,
+            "prompt_tokens": r.prompt_tokens,
+            "completion_tokens": r.completion_tokens,
+        }
+        for r in sorted(refused.values(), key=lambda r: (r.node_id, r.seq))
+        if (user is None or r.user == user) and since <= r.ended_at_unix_ms < until
+    ]
     if as_json:
         click.echo(
             json.dumps(
@@ -758,16 +821,36 @@ def usage(home_dir: Path | None, as_json: bool, user: str | None, period: str, b
                         }
                         for r in rows
                     ],
+                    "refused": refused_rows,
+                    "missing": missing,
                 },
                 indent=2,
             )
         )
-        return
-    click.echo(f"{by:58} {'requests':>9} {'prompt':>10} {'completion':>11}")
-    for r in rows:
-        click.echo(f"{r.key:58} {r.requests:9} {r.prompt_tokens:10} {r.completion_tokens:11}")
-    if not rows:
-        click.echo("no usage recorded in this period")
+    else:
+        click.echo(f"{by:58} {'requests':>9} {'prompt':>10} {'completion':>11}")
+        for r in rows:
+            click.echo(f"{r.key:58} {r.requests:9} {r.prompt_tokens:10} {r.completion_tokens:11}")
+        if not rows:
+            click.echo("no usage recorded in this period")
+        for item in refused_rows:
+            click.echo(
+                f"not counted: {str(item['node_id'])[:7]} #{item['seq']} claims "
+                f"{item['prompt_tokens']} prompt and {item['completion_tokens']} completion "
+                "tokens its entry node refused to countersign (see allerac ledger verify)"
+            )
+    if missing:
+        ranges = ", ".join(
+            f"{str(m['node_id'])[:7]} #{m['from_seq']}"
+            + (f" to #{m['to_seq']}" if m["to_seq"] != m["from_seq"] else "")
+            for m in missing
+        )
+        click.echo(
+            f"records missing from this ledger: {ranges}; these figures lack them "
+            "(see allerac ledger verify)",
+            err=True,
+        )
+        sys.exit(1)
 
 
 # --- relay ------------------------------------------------------------------------------------

@@ -48,6 +48,7 @@ from mesh.inference import (
     new_request_id,
 )
 from mesh.ledger import Usage
+from mesh.ledger_bounds import Delivered, completion_tokens_bound, implausible, prompt_tokens_bound
 from mesh.ledger_store import LedgerStore
 from mesh.peers import PeerEvent, PeerState, PeerTable
 from mesh.scheduler import DEFAULT_MAX_WAIT_MS, Candidate, Plan, Privacy, Scored, plan
@@ -136,8 +137,9 @@ class Answer:
         A source that stops after delivering tokens without finishing (it failed, or the
         client went away) leaves a PARTIAL record of what it delivered."""
         delivered: list[str] = []
-        delivered_tokens = 0  # tokens whose text the client has (exact, per delta)
+        delivered_tokens = 0  # tokens whose text the client has (as its sources counted)
         tokens_before = 0  # of those, made by sources that failed mid-stream
+        seen = Delivered()  # what the current source delivered: what bounds its record
         started = time.monotonic()
         started_ms = self._started_ms
         source = self._source
@@ -153,6 +155,7 @@ class Answer:
                         if isinstance(event, TextDelta):
                             delivered.append(event.text)
                             delivered_tokens += event.tokens
+                            seen = seen.plus(event.text)
                             yield event
                             continue
                         self._dispatcher.record_service(
@@ -160,7 +163,7 @@ class Answer:
                         )
                         finished = True
                         event = await self._dispatcher.account(
-                            source.served_by, asked, event, self._arrival, started_ms
+                            source.served_by, asked, event, self._arrival, started_ms, seen
                         )
                         if event.usage_record:
                             self.records.append(lpb.SignedRecord.FromString(event.usage_record))
@@ -175,8 +178,9 @@ class Answer:
                 # Mid-stream failure: continue on the next candidate after what was delivered.
                 await source.aclose()
                 self._dispatcher.note_failure(source.served_by, failure)
-                await self._partial(source.served_by, asked, delivered_tokens - tokens_before)
+                await self._partial(source.served_by, asked, delivered_tokens - tokens_before, seen)
                 tokens_before = delivered_tokens
+                seen = Delivered()
                 text = "".join(delivered)
                 wanted = self._request.sampling.max_tokens
                 if wanted is not None and tokens_before >= wanted:
@@ -219,12 +223,14 @@ class Answer:
                 # from this source is still usage. Shielded: a cancelled request's record
                 # is committed all the same.
                 await asyncio.shield(
-                    self._partial(source.served_by, asked, delivered_tokens - tokens_before)
+                    self._partial(source.served_by, asked, delivered_tokens - tokens_before, seen)
                 )
 
-    async def _partial(self, served_by: ServedBy, asked: InferenceRequest, tokens: int) -> None:
+    async def _partial(
+        self, served_by: ServedBy, asked: InferenceRequest, tokens: int, seen: Delivered
+    ) -> None:
         signed = await self._dispatcher.account_partial(
-            served_by, asked, tokens, self._arrival, self._started_ms
+            served_by, asked, tokens, self._arrival, self._started_ms, seen
         )
         if signed is not None:
             self.records.append(signed)
@@ -439,10 +445,14 @@ class Dispatcher:
         finished: Finished,
         arrival: Arrival,
         started_ms: int,
+        delivered: Delivered,
     ) -> Finished:
         """Leave the answer's record in the ledger. Served here: this node signs a record
         (and countersigns it too when the request came in here). Served by a peer: its
-        record is checked against what was delivered, countersigned and kept."""
+        record is checked against what this node saw itself (the request it sent, the
+        text it `delivered`, mesh.ledger_bounds) and countersigned, or kept with a signed
+        refusal when it claims more than that can be; the answer then reports what this
+        node can vouch for."""
         ledger = self._ledger
         if ledger is None:
             return finished
@@ -463,17 +473,33 @@ class Dispatcher:
             if arrival.entry_node_id == self._node_id:
                 await ledger.countersign(signed)
             return dataclasses.replace(finished, usage_record=signed.SerializeToString())
+
+        def judge(record: lpb.UsageRecord) -> str:
+            if record.completion_tokens != finished.completion_tokens:
+                return (
+                    f"it counts {record.completion_tokens} completion tokens; its answer said "
+                    f"{finished.completion_tokens}"
+                )
+            return implausible(record, asked, delivered)
+
         problem = await ledger.accept(
             finished.usage_record,
             served_by=served_by.node_id,
             request_id=asked.request_id,
-            completion_tokens=finished.completion_tokens,
+            judge=judge,
         )
         if problem:
             logger.warning(
                 "not countersigning the usage record of %s: %s", served_by.node_id[:7], problem
             )
-            return dataclasses.replace(finished, usage_record=b"")  # not handed on either
+            return dataclasses.replace(
+                finished,
+                usage_record=b"",  # not handed on either
+                prompt_tokens=min(finished.prompt_tokens, prompt_tokens_bound(asked)),
+                completion_tokens=min(
+                    finished.completion_tokens, completion_tokens_bound(asked, delivered)
+                ),
+            )
         return finished
 
     async def account_partial(
@@ -483,14 +509,18 @@ class Dispatcher:
         delivered_tokens: int,
         arrival: Arrival,
         started_ms: int,
+        delivered: Delivered,
     ) -> lpb.SignedRecord | None:
         """The entry node records the part of an answer a source delivered before it
         stopped without finishing: a server that died cannot sign for it, and what the
-        client was sent is what the user used. A node serving a peer's request leaves
-        this to that entry node."""
+        client was sent is what the user used (the tokens the source counted, never more
+        than the text `delivered` can be). A node serving a peer's request leaves this
+        to that entry node."""
         ledger = self._ledger
         if ledger is None or delivered_tokens <= 0 or arrival.entry_node_id != self._node_id:
             return None
+        if served_by.route is not Route.LOCAL:
+            delivered_tokens = min(delivered_tokens, completion_tokens_bound(asked, delivered))
         try:
             signed = await ledger.append(
                 Usage(

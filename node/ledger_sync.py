@@ -189,6 +189,7 @@ class LedgerSync:
                 self._checker,
                 own_only=cloud,
                 vouch=self._vouch if self._trust is not None else None,
+                revoked_at=self._trust.revoked_at if self._trust is not None else None,
             )
         except MeshError as exc:
             outcome.error = exc.message

@@ -8,16 +8,25 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mesh.errors import InvalidRequest
+from mesh.errors import BadSignature, InvalidRequest
 from mesh.identity import Identity
 from mesh.ledger import (
     GENESIS,
     ChainWriter,
+    Mark,
     Usage,
     countersign,
+    countersign_head,
+    head_hash,
+    head_receipt_is_signed,
+    open_head,
     open_record,
     period_bounds,
     record_hash,
+    refusal_is_signed,
+    refuse,
+    refused_records,
+    sign_head,
     summarize,
     verify,
 )
@@ -177,3 +186,96 @@ def test_periods_are_utc_days_and_months() -> None:
     for bad in ("yesterday", "2026-13", "2026-11-31", ""):
         with pytest.raises(InvalidRequest, match="not a period"):
             period_bounds(bad, now_ms=now)
+
+
+# --- a chain's head, evident outside the chain (issue 12, finding 4) ------------------------
+
+
+def _held_positions(records: list[lpb.SignedRecord]) -> dict[bytes, tuple[str, int]]:
+    """Where each record sits: what the store notes beside each receipt."""
+    return {record_hash(r): (open_record(r).node_id, open_record(r).seq) for r in records}
+
+
+def test_deleted_newest_records_are_a_truncation_named_by_each_kind_of_evidence() -> None:
+    records, receipts = _log(6)
+    positions = _held_positions(records)
+    head = sign_head(SERVER, seq=6, digest=record_hash(records[5]), now_ms=1)
+    head.receipts.append(countersign_head(ENTRY, head))
+    mark = Mark(SERVER.node_id, 6, record_hash(records[5]), "held here before")
+    kept = records[:4]  # #5 and #6 deleted
+    assert verify(kept, receipts[:4], positions=positions).ok  # nothing says they existed
+    for report in (
+        verify(kept, receipts, positions=positions),  # their receipts were left behind
+        verify(kept, receipts[:4], marks=[mark]),  # the store's mark of the chain's head
+        verify(kept, receipts[:4], heads=[head]),  # the head the node signed
+    ):
+        assert [(p.kind, p.node_id, p.seq, p.last_seq) for p in report.problems] == [
+            ("truncated", SERVER.node_id, 5, 6)
+        ]
+    detail = verify(kept, receipts[:4], heads=[head]).problems[0].detail
+    assert "countersigned by " + ENTRY.node_id[:7] in detail
+    # The whole chain gone: still named, from its first record.
+    problems = verify([], receipts, positions=positions, marks=[mark]).problems
+    assert [(p.kind, p.seq, p.last_seq) for p in problems] == [("truncated", 1, 6)]
+
+
+def test_a_rewritten_record_is_named_by_the_evidence_of_the_one_before() -> None:
+    records, receipts = _log(4)
+    mark = Mark(SERVER.node_id, 4, record_hash(records[3]), "held here before")
+    # The owner, who has the key, re-signs a cheaper #4 after deleting the real one.
+    writer = ChainWriter(SERVER, last_seq=3, last_hash=record_hash(records[2]))
+    cheaper = writer.append(_usage(3, completion_tokens=1))
+    problems = verify([*records[:3], cheaper], receipts, marks=[mark]).problems
+    assert ("replaced", 4) in {(p.kind, p.seq) for p in problems}
+
+
+def test_a_signed_head_and_its_countersignatures_verify_and_tampering_is_caught() -> None:
+    records, _ = _log(3)
+    head = sign_head(SERVER, seq=3, digest=record_hash(records[2]), now_ms=5)
+    statement = open_head(head)
+    assert (statement.node_id, statement.seq) == (SERVER.node_id, 3)
+    receipt = countersign_head(ENTRY, head)
+    assert head_receipt_is_signed(receipt, head_hash(head))
+    forged = lpb.SignedHead(head=head.head.replace(b"\x03", b"\x09", 1), signature=head.signature)
+    with pytest.raises(BadSignature):
+        open_head(forged)
+    # In a ledger: a head that does not verify is a problem, not evidence.
+    report = verify(records, heads=[forged], require_receipts=False)
+    assert [p.kind for p in report.problems] == ["bad_signature"]
+    report = verify(records, heads=[head], require_receipts=False)
+    assert report.ok
+    assert report.heads[SERVER.node_id].seq == 3
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=600), st.binary(max_size=80))
+def test_any_bytes_as_a_signed_head_are_refused_never_crash(head: bytes, signature: bytes) -> None:
+    with pytest.raises(BadSignature):
+        open_head(lpb.SignedHead(head=head, signature=signature))
+
+
+# --- refusals (issue 12, finding 6) ----------------------------------------------------------
+
+
+def test_a_refused_record_is_named_and_not_counted() -> None:
+    records, receipts = _log(3)
+    refusal = refuse(ENTRY, records[1], "it claims 50000 prompt tokens")
+    assert refusal_is_signed(refusal)
+    problems = verify(records, [receipts[0], receipts[2]], refusals=[refusal]).problems
+    assert [(p.kind, p.seq) for p in problems] == [("refused", 2)]
+    assert "50000 prompt tokens" in problems[0].detail
+    refused = refused_records(records, [refusal])
+    assert list(refused) == [record_hash(records[1])]
+    counted = summarize(records, excluded=refused)
+    assert sum(r.requests for r in counted) == 2
+    # Only the record's own entry node can refuse it; a tampered reason does not verify.
+    stranger = refuse(Identity.generate(), records[1], "no")
+    assert refused_records(records, [stranger]) == {}
+    edited = lpb.Refusal()
+    edited.CopyFrom(refusal)
+    edited.reason = "something else"
+    assert not refusal_is_signed(edited)
+    assert [p.kind for p in verify(records, receipts[:1], refusals=[edited]).problems] == [
+        "no_receipt",
+        "no_receipt",
+    ]

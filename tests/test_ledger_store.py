@@ -9,20 +9,25 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+import pytest
+
+from mesh.errors import ConfigError
 from mesh.identity import Identity, load_or_create_identity
-from mesh.ledger import Usage, countersign, open_record, verify
-from mesh.ledger_store import LedgerStore
+from mesh.ledger import Usage, countersign, open_record, record_hash, verify
+from mesh.ledger_store import LedgerStore, read_ledger
+from mesh.ledger_sync import check_batch
 
 ENTRY = Identity.generate()
 
 
-def _usage(i: int, *, partial: bool = False) -> Usage:
+def _usage(i: int, *, partial: bool = False, entry: Identity = ENTRY) -> Usage:
     return Usage(
         request_id=f"{i:032x}",
-        entry_node_id=ENTRY.node_id,
+        entry_node_id=entry.node_id,
         user="bob",
         model="m",
         prompt_tokens=5,
@@ -132,3 +137,51 @@ def test_kill_9_during_heavy_writing_loses_no_acknowledged_record(tmp_path: Path
             assert open_record(nxt).seq == max(seqs) + 1  # the chain goes on
 
     asyncio.run(check())
+
+
+async def test_a_damaged_file_is_a_clear_error_that_leaves_nothing_running(
+    tmp_path: Path,
+) -> None:
+    """Each connection is a thread: one left open on the error path would keep a node's
+    process alive, serving nothing, after it told the error (issue 12, finding 5)."""
+    path = tmp_path / "ledger.db"
+    path.write_bytes(b"this is not a database" * 1000)
+    threads = threading.active_count()
+    with pytest.raises(ConfigError, match="file is not a database"):
+        await LedgerStore.open(path, Identity.generate())
+    deadline = time.monotonic() + 5  # a closed connection's thread ends as it sees the stop
+    while threading.active_count() > threads:
+        assert time.monotonic() < deadline, [t.name for t in threading.enumerate()]
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize(
+    "left",
+    ["their receipts", "the store's mark"],
+)
+async def test_a_chain_whose_newest_records_were_deleted_goes_on_after_them(
+    tmp_path: Path, left: str
+) -> None:
+    """The writer continues after the highest evidence of its own chain (a receipt's
+    note of where its record sat, the store's mark), never under it: the deleted records
+    leave a gap a peer fills, not a second history (issue 12, finding 4)."""
+    path = tmp_path / "ledger.db"
+    me = Identity.generate()
+    async with await LedgerStore.open(path, me) as store:
+        made = [await store.append(_usage(i, entry=me)) for i in range(5)]
+        for record in made:
+            await store.countersign(record)  # served and let in here
+    with sqlite3.connect(path) as db:
+        db.execute("DELETE FROM records WHERE seq > 3")
+        db.execute("DELETE FROM receipts" if left == "the store's mark" else "DELETE FROM marks")
+    db.close()
+    async with await LedgerStore.open(path, me) as store:
+        after = await store.append(_usage(99, entry=me))
+        assert open_record(after).seq == 6
+        assert open_record(after).prev_hash == record_hash(made[4])
+        problems = verify(*read_ledger(path), require_receipts=False).problems
+        assert [(p.kind, p.seq) for p in problems] == [("gap", 4)]
+        # A peer gives the deleted records back: they fit, and the chain is whole.
+        await store.ingest(check_batch([(r.record, r.signature) for r in made[3:]], []))
+        records, receipts = read_ledger(path)
+        assert verify(records, receipts, require_receipts=False).ok

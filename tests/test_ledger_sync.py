@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from mesh.errors import InvalidRequest, MeshError
 from mesh.identity import Identity
 from mesh.ledger import ChainWriter, Usage, countersign, open_record, record_hash, summarize, verify
-from mesh.ledger_store import Ask, LedgerStore, pull, read_ledger
+from mesh.ledger_store import Ask, LedgerStore, pull, read_ledger, read_ledger_file
 from mesh.ledger_sync import Checker, Held, check_batch, check_record, plan_chain
 from mesh.membership import MeshAuthority, Role, read_cert, verify_cert
 from mesh.wire.v1 import ledger_pb2 as lpb
@@ -133,16 +133,16 @@ async def test_a_forged_or_tampered_batch_keeps_nothing_of_what_fails(
 
         got = await pull(b, a_id.node_id, tampered, checker)
         assert got.records == 2  # 1 and 3: record 3 waits at a gap, reported by verify
-        assert got.receipts == 2
+        assert got.receipts == 1  # 1's: 2's is kept only with its record, 3's was forged
         assert len(got.problems) == 2
         records, receipts = read_ledger(tmp_path / "b.db")
         assert sorted(open_record(r).seq for r in records) == [1, 3]
         kinds = {p.kind for p in verify(records, receipts).problems}
         assert kinds == {"gap", "no_receipt"}  # the forged receipt was not kept
-        # The honest copy fills the gap later: the chain is whole.
+        # The honest copy fills the gap later: the chain is whole, every receipt with it.
         await pull(b, a_id.node_id, asker(a), checker)
         records, receipts = read_ledger(tmp_path / "b.db")
-        report = verify(records, receipts, require_receipts=False)
+        report = verify(records, receipts)
         assert report.ok, report.problems
 
 
@@ -319,3 +319,140 @@ async def test_only_records_of_proven_members_are_kept(tmp_path: Path, checker: 
         assert held == {a_id.node_id}
         # Years later the certificate has expired: what a signed as a member still counts.
         assert vouch(cert(ours, a_id)) == a_id.node_id
+
+
+async def test_a_box_rebuilt_from_its_peer_gets_every_receipt_back_and_hands_on_new_ones(
+    tmp_path: Path, checker: Checker
+) -> None:
+    """Receipts are asked for by the records they countersign, never by a peer's row
+    numbers: a box whose ledger was lost and rebuilt numbers its rows afresh."""
+    me, peer = Identity.generate(), Identity.generate()
+    async with (
+        await LedgerStore.open(tmp_path / "me.db", me) as mine,
+        await LedgerStore.open(tmp_path / "peer.db", peer) as theirs,
+    ):
+        await _serve(mine, me, 5)
+        await _serve(theirs, peer, 3, start=100)
+        await pull(mine, peer.node_id, asker(theirs, me=me.node_id), checker)
+        await pull(theirs, me.node_id, asker(mine, me=peer.node_id), checker)
+    (tmp_path / "me.db").unlink()  # the disk is replaced; the identity key was backed up
+    async with (
+        await LedgerStore.open(tmp_path / "me.db", me) as mine,
+        await LedgerStore.open(tmp_path / "peer.db", peer) as theirs,
+    ):
+        await pull(mine, peer.node_id, asker(theirs, me=me.node_id), checker)
+        report = verify(*read_ledger(tmp_path / "me.db"))
+        assert report.ok, report.problems  # its own countersignatures came back too
+        assert report.records == 8
+        await _serve(mine, me, 2, start=5)  # new records, countersigned here
+        await pull(theirs, me.node_id, asker(mine, me=peer.node_id), checker)
+        report = verify(*read_ledger(tmp_path / "peer.db"))
+        assert report.ok, report.problems
+        assert report.records == 10
+
+
+async def test_signed_heads_are_countersigned_as_members_sync_and_come_back(
+    tmp_path: Path, checker: Checker
+) -> None:
+    """Each node signs how far its chain reaches; a member holding the chain that far
+    countersigns it, and the countersigned head travels on, back to its node too."""
+    a_id, b_id, c_id = Identity.generate(), Identity.generate(), Identity.generate()
+    async with (
+        await LedgerStore.open(tmp_path / "a.db", a_id) as a,
+        await LedgerStore.open(tmp_path / "b.db", b_id) as b,
+        await LedgerStore.open(tmp_path / "c.db", c_id) as c,
+    ):
+        await _serve(a, a_id, 4)
+        got = await pull(b, a_id.node_id, asker(a, me=b_id.node_id), checker)
+        assert got.heads > 0
+        await pull(a, b_id.node_id, asker(b, me=a_id.node_id), checker)
+        await pull(c, b_id.node_id, asker(b, me=c_id.node_id), checker)
+        for path in ("a.db", "b.db", "c.db"):
+            held = read_ledger_file(tmp_path / path)
+            report = verify(held.records, held.receipts, heads=held.heads)
+            assert report.ok, report.problems
+            head = report.heads[a_id.node_id]
+            assert head.seq == 4
+            assert b_id.node_id in head.countersigned_by, path
+        # Nothing new: nothing more travels.
+        again = await pull(b, a_id.node_id, asker(a, me=b_id.node_id), checker)
+        assert again.progress == (0, 0, 0, 0, 0)
+        # a moves on: it signs a new head when next asked.
+        await _serve(a, a_id, 1, start=10)
+        await pull(b, a_id.node_id, asker(a, me=b_id.node_id), checker)
+        held = read_ledger_file(tmp_path / "b.db")
+        assert verify(held.records, held.receipts, heads=held.heads).heads[a_id.node_id].seq == 5
+
+
+async def test_a_refusal_travels_with_its_record_and_the_record_does_not_count(
+    tmp_path: Path, checker: Checker
+) -> None:
+    """An entry node that refuses to countersign a record keeps it with its signed
+    refusal; the serving node asks for the missing receipt by the record and gets the
+    refusal; every box names the record and leaves it out of usage and quotas."""
+    entry_id, server_id = Identity.generate(), Identity.generate()
+    async with (
+        await LedgerStore.open(tmp_path / "entry.db", entry_id) as entry,
+        await LedgerStore.open(tmp_path / "server.db", server_id) as server,
+    ):
+        counted: list[int] = []
+        entry.on_records = lambda records: counted.extend(r.seq for r in records)
+        honest = await server.append(_usage(1, entry_id))
+        greedy = await server.append(dataclasses.replace(_usage(2, entry_id), prompt_tokens=10**6))
+
+        def judge(record: lpb.UsageRecord) -> str:
+            return "it claims 1000000 prompt tokens" if record.prompt_tokens > 100 else ""
+
+        for signed, request in ((honest, _usage(1, entry_id)), (greedy, _usage(2, entry_id))):
+            await entry.accept(
+                signed.SerializeToString(),
+                served_by=server_id.node_id,
+                request_id=request.request_id,
+                judge=judge,
+            )
+        assert counted == [1]  # the refused record is kept, but not counted
+        assert len(await entry.refusals()) == 1
+        assert await server.wanted() == [record_hash(greedy), record_hash(honest)]
+        got = await pull(server, entry_id.node_id, asker(entry), checker)
+        assert (got.receipts, got.refusals) == (1, 1)
+        assert await server.wanted() == []
+        held = read_ledger_file(tmp_path / "server.db")
+        problems = verify(held.records, held.receipts, refusals=held.refusals).problems
+        assert [(p.kind, p.seq) for p in problems] == [("refused", 2)]
+        assert [r.seq for r in await server.usage_records()] == [1]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.binary(max_size=300), max_size=5), st.lists(st.binary(max_size=300), max_size=5))
+def test_any_bytes_as_refusals_or_heads_are_rejected_never_crash(
+    refusals: list[bytes], heads: list[bytes]
+) -> None:
+    received = check_batch([], [], [], refusals, heads)
+    assert received.refusals == []
+    assert received.heads == []
+    assert len(received.rejected) == len(refusals) + len(heads)
+
+
+async def test_records_a_node_signed_after_its_revocation_are_not_kept(
+    tmp_path: Path, checker: Checker
+) -> None:
+    """Issue 12, finding 2: what a revoked node signs from then on counts nowhere, even when
+    it reaches a member through a third node; what it signed before stays."""
+    revoked, b_id = Identity.generate(), Identity.generate()
+    revoked_at = 1_800_000_000_100 + 5  # records 0..4 ended before it, 5.. after
+    async with (
+        await LedgerStore.open(tmp_path / "c.db", revoked) as c,
+        await LedgerStore.open(tmp_path / "b.db", b_id) as b,
+    ):
+        await _serve(c, revoked, 10)
+        got = await pull(
+            b,
+            revoked.node_id,
+            asker(c),
+            checker,
+            revoked_at=lambda node_id: revoked_at if node_id == revoked.node_id else None,
+        )
+        assert got.records == 5
+        assert any("after their revocation" in p for p in got.problems)
+        kept = {open_record(r).seq for r in read_ledger(tmp_path / "b.db")[0]}
+        assert kept == {1, 2, 3, 4, 5}

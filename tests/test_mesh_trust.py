@@ -225,8 +225,8 @@ async def test_ledger_sync_answers_members_only_and_refuses_bad_requests(
     async with PeerClient(grpc_address(admin), trust=member) as client:
         peer = await client.public_card()
         frames = [f async for f in client.sync(peer, lpb.SyncRequest())]
-        assert len(frames[-1].records) >= 1  # the chat's record, sealed to us
-        assert frames[-1].receipts_cursor >= 1
+        assert sum(len(f.records) for f in frames) >= 1  # the chat's record, sealed to us
+        assert sum(len(f.receipts) for f in frames) >= 1  # with its countersignature
         [raw] = [f async for f in client._sealed_call(peer, b"\xff\xff\xff", "ledger", 10)]
         with pytest.raises(InvalidRequest, match="SyncRequest"):
             codec.event_from_pb(pb.InferEvent.FromString(raw))

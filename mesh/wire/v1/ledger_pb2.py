@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19mesh/wire/v1/ledger.proto\x12\x0f\x61llerac.mesh.v1\"\xd8\x02\n\x0bUsageRecord\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x1b\n\x13identity_public_key\x18\x02 \x01(\x0c\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12\x11\n\tprev_hash\x18\x04 \x01(\x0c\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x15\n\rentry_node_id\x18\x06 \x01(\t\x12\x0c\n\x04user\x18\x07 \x01(\t\x12\r\n\x05model\x18\x08 \x01(\t\x12\x15\n\rprompt_tokens\x18\t \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\n \x01(\r\x12\r\n\x05route\x18\x0b \x01(\t\x12\x1a\n\x12started_at_unix_ms\x18\x0c \x01(\x03\x12\x18\n\x10\x65nded_at_unix_ms\x18\r \x01(\x03\x12)\n\x04kind\x18\x0e \x01(\x0e\x32\x1b.allerac.mesh.v1.RecordKind\x12\x11\n\tserved_by\x18\x0f \x01(\t\"1\n\x0cSignedRecord\x12\x0e\n\x06record\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"b\n\x07Receipt\x12\x13\n\x0brecord_hash\x18\x01 \x01(\x0c\x12\x15\n\rentry_node_id\x18\x02 \x01(\t\x12\x18\n\x10\x65ntry_public_key\x18\x03 \x01(\x0c\x12\x11\n\tsignature\x18\x04 \x01(\x0c\"|\n\x0bSyncRequest\x12)\n\x05heads\x18\x01 \x03(\x0b\x32\x1a.allerac.mesh.v1.ChainHead\x12\x16\n\x0ereceipts_after\x18\x02 \x01(\x04\x12\x13\n\x0bmax_records\x18\x03 \x01(\r\x12\x15\n\rwant_receipts\x18\x04 \x03(\x0c\"d\n\tChainHead\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x0c\n\x04hash\x18\x03 \x01(\x0c\x12\x12\n\nsigned_seq\x18\x04 \x01(\x04\x12\x17\n\x0fsigned_receipts\x18\x05 \x01(\r\"\xb7\x02\n\tSyncBatch\x12.\n\x07records\x18\x01 \x03(\x0b\x32\x1d.allerac.mesh.v1.SignedRecord\x12*\n\x08receipts\x18\x02 \x03(\x0b\x32\x18.allerac.mesh.v1.Receipt\x12\x17\n\x0freceipts_cursor\x18\x03 \x01(\x04\x12\x0c\n\x04more\x18\x04 \x01(\x08\x12\x32\n\x0b\x66ork_proofs\x18\x05 \x03(\x0b\x32\x1d.allerac.mesh.v1.SignedRecord\x12\x14\n\x0cmember_certs\x18\x06 \x03(\x0c\x12\x31\n\x0csigned_heads\x18\x07 \x03(\x0b\x32\x1b.allerac.mesh.v1.SignedHead\x12*\n\x08refusals\x18\x08 \x03(\x0b\x32\x18.allerac.mesh.v1.Refusal\"s\n\rHeadStatement\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x1b\n\x13identity_public_key\x18\x02 \x01(\x0c\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12\x0c\n\x04hash\x18\x04 \x01(\x0c\x12\x19\n\x11signed_at_unix_ms\x18\x05 \x01(\x03\"]\n\nSignedHead\x12\x0c\n\x04head\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12.\n\x08receipts\x18\x03 \x03(\x0b\x32\x1c.allerac.mesh.v1.HeadReceipt\"X\n\x0bHeadReceipt\x12\x11\n\thead_hash\x18\x01 \x01(\x0c\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x12\n\npublic_key\x18\x03 \x01(\x0c\x12\x11\n\tsignature\x18\x04 \x01(\x0c\"r\n\x07Refusal\x12\x13\n\x0brecord_hash\x18\x01 \x01(\x0c\x12\x15\n\rentry_node_id\x18\x02 \x01(\t\x12\x18\n\x10\x65ntry_public_key\x18\x03 \x01(\x0c\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x11\n\tsignature\x18\x05 \x01(\x0c\"m\n\tQuotaCall\x12+\n\x07reserve\x18\x01 \x01(\x0b\x32\x18.allerac.mesh.v1.ReserveH\x00\x12+\n\x07release\x18\x02 \x01(\x0b\x32\x18.allerac.mesh.v1.ReleaseH\x00\x42\x06\n\x04\x63\x61ll\"\xa9\x01\n\x07Reserve\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04user\x18\x02 \x01(\t\x12\x0f\n\x07\x63lasses\x18\x03 \x03(\t\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12\x17\n\nmax_tokens\x18\x05 \x01(\rH\x00\x88\x01\x01\x12\x14\n\x0clease_tokens\x18\x06 \x01(\r\x12\x16\n\x0elease_returned\x18\x07 \x01(\rB\r\n\x0b_max_tokens\"\x91\x01\n\x07Release\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12.\n\x07records\x18\x02 \x03(\x0b\x32\x1d.allerac.mesh.v1.SignedRecord\x12\x12\n\nlease_user\x18\x03 \x01(\t\x12\x16\n\x0elease_consumed\x18\x04 \x01(\x04\x12\x16\n\x0elease_returned\x18\x05 \x01(\x04\"m\n\nQuotaGrant\x12\x0f\n\x07\x63lasses\x18\x01 \x03(\t\x12\x17\n\nmax_tokens\x18\x02 \x01(\rH\x00\x88\x01\x01\x12\x10\n\x08refusals\x18\x03 \x03(\t\x12\x14\n\x0clease_tokens\x18\x04 \x01(\rB\r\n\x0b_max_tokens\"[\n\x08UserList\x12\x0e\n\x06\x64igest\x18\x01 \x01(\x0c\x12)\n\x05users\x18\x02 \x03(\x0b\x32\x1a.allerac.mesh.v1.UserEntry\x12\x14\n\x0csigner_certs\x18\x03 \x03(\x0c\"\xd5\x01\n\tUserEntry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08key_hash\x18\x02 \x01(\t\x12\x0f\n\x07privacy\x18\x03 \x01(\t\x12\r\n\x05quota\x18\x04 \x01(\t\x12\x14\n\x0chome_node_id\x18\x05 \x01(\t\x12\x1a\n\x12\x63reated_at_unix_ms\x18\x06 \x01(\x03\x12\x1a\n\x12updated_at_unix_ms\x18\x07 \x01(\x03\x12\x0f\n\x07removed\x18\x08 \x01(\x08\x12\x16\n\x0esigner_node_id\x18\t \x01(\t\x12\x11\n\tsignature\x18\n \x01(\x0c*\\\n\nRecordKind\x12\x1b\n\x17RECORD_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14RECORD_KIND_COMPLETE\x10\x01\x12\x17\n\x13RECORD_KIND_PARTIAL\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19mesh/wire/v1/ledger.proto\x12\x0f\x61llerac.mesh.v1\"\xd8\x02\n\x0bUsageRecord\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x1b\n\x13identity_public_key\x18\x02 \x01(\x0c\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12\x11\n\tprev_hash\x18\x04 \x01(\x0c\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x15\n\rentry_node_id\x18\x06 \x01(\t\x12\x0c\n\x04user\x18\x07 \x01(\t\x12\r\n\x05model\x18\x08 \x01(\t\x12\x15\n\rprompt_tokens\x18\t \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\n \x01(\r\x12\r\n\x05route\x18\x0b \x01(\t\x12\x1a\n\x12started_at_unix_ms\x18\x0c \x01(\x03\x12\x18\n\x10\x65nded_at_unix_ms\x18\r \x01(\x03\x12)\n\x04kind\x18\x0e \x01(\x0e\x32\x1b.allerac.mesh.v1.RecordKind\x12\x11\n\tserved_by\x18\x0f \x01(\t\"1\n\x0cSignedRecord\x12\x0e\n\x06record\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"b\n\x07Receipt\x12\x13\n\x0brecord_hash\x18\x01 \x01(\x0c\x12\x15\n\rentry_node_id\x18\x02 \x01(\t\x12\x18\n\x10\x65ntry_public_key\x18\x03 \x01(\x0c\x12\x11\n\tsignature\x18\x04 \x01(\x0c\"|\n\x0bSyncRequest\x12)\n\x05heads\x18\x01 \x03(\x0b\x32\x1a.allerac.mesh.v1.ChainHead\x12\x16\n\x0ereceipts_after\x18\x02 \x01(\x04\x12\x13\n\x0bmax_records\x18\x03 \x01(\r\x12\x15\n\rwant_receipts\x18\x04 \x03(\x0c\"\x80\x01\n\tChainHead\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x0c\n\x04hash\x18\x03 \x01(\x0c\x12\x12\n\nsigned_seq\x18\x04 \x01(\x04\x12\x17\n\x0fsigned_receipts\x18\x05 \x01(\r\x12\x1a\n\x12signed_by_answerer\x18\x06 \x01(\x08\"\xb7\x02\n\tSyncBatch\x12.\n\x07records\x18\x01 \x03(\x0b\x32\x1d.allerac.mesh.v1.SignedRecord\x12*\n\x08receipts\x18\x02 \x03(\x0b\x32\x18.allerac.mesh.v1.Receipt\x12\x17\n\x0freceipts_cursor\x18\x03 \x01(\x04\x12\x0c\n\x04more\x18\x04 \x01(\x08\x12\x32\n\x0b\x66ork_proofs\x18\x05 \x03(\x0b\x32\x1d.allerac.mesh.v1.SignedRecord\x12\x14\n\x0cmember_certs\x18\x06 \x03(\x0c\x12\x31\n\x0csigned_heads\x18\x07 \x03(\x0b\x32\x1b.allerac.mesh.v1.SignedHead\x12*\n\x08refusals\x18\x08 \x03(\x0b\x32\x18.allerac.mesh.v1.Refusal\"s\n\rHeadStatement\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x1b\n\x13identity_public_key\x18\x02 \x01(\x0c\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12\x0c\n\x04hash\x18\x04 \x01(\x0c\x12\x19\n\x11signed_at_unix_ms\x18\x05 \x01(\x03\"]\n\nSignedHead\x12\x0c\n\x04head\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12.\n\x08receipts\x18\x03 \x03(\x0b\x32\x1c.allerac.mesh.v1.HeadReceipt\"X\n\x0bHeadReceipt\x12\x11\n\thead_hash\x18\x01 \x01(\x0c\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x12\n\npublic_key\x18\x03 \x01(\x0c\x12\x11\n\tsignature\x18\x04 \x01(\x0c\"r\n\x07Refusal\x12\x13\n\x0brecord_hash\x18\x01 \x01(\x0c\x12\x15\n\rentry_node_id\x18\x02 \x01(\t\x12\x18\n\x10\x65ntry_public_key\x18\x03 \x01(\x0c\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x11\n\tsignature\x18\x05 \x01(\x0c\"m\n\tQuotaCall\x12+\n\x07reserve\x18\x01 \x01(\x0b\x32\x18.allerac.mesh.v1.ReserveH\x00\x12+\n\x07release\x18\x02 \x01(\x0b\x32\x18.allerac.mesh.v1.ReleaseH\x00\x42\x06\n\x04\x63\x61ll\"\xa9\x01\n\x07Reserve\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04user\x18\x02 \x01(\t\x12\x0f\n\x07\x63lasses\x18\x03 \x03(\t\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12\x17\n\nmax_tokens\x18\x05 \x01(\rH\x00\x88\x01\x01\x12\x14\n\x0clease_tokens\x18\x06 \x01(\r\x12\x16\n\x0elease_returned\x18\x07 \x01(\rB\r\n\x0b_max_tokens\"\x91\x01\n\x07Release\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12.\n\x07records\x18\x02 \x03(\x0b\x32\x1d.allerac.mesh.v1.SignedRecord\x12\x12\n\nlease_user\x18\x03 \x01(\t\x12\x16\n\x0elease_consumed\x18\x04 \x01(\x04\x12\x16\n\x0elease_returned\x18\x05 \x01(\x04\"m\n\nQuotaGrant\x12\x0f\n\x07\x63lasses\x18\x01 \x03(\t\x12\x17\n\nmax_tokens\x18\x02 \x01(\rH\x00\x88\x01\x01\x12\x10\n\x08refusals\x18\x03 \x03(\t\x12\x14\n\x0clease_tokens\x18\x04 \x01(\rB\r\n\x0b_max_tokens\"[\n\x08UserList\x12\x0e\n\x06\x64igest\x18\x01 \x01(\x0c\x12)\n\x05users\x18\x02 \x03(\x0b\x32\x1a.allerac.mesh.v1.UserEntry\x12\x14\n\x0csigner_certs\x18\x03 \x03(\x0c\"\xd5\x01\n\tUserEntry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08key_hash\x18\x02 \x01(\t\x12\x0f\n\x07privacy\x18\x03 \x01(\t\x12\r\n\x05quota\x18\x04 \x01(\t\x12\x14\n\x0chome_node_id\x18\x05 \x01(\t\x12\x1a\n\x12\x63reated_at_unix_ms\x18\x06 \x01(\x03\x12\x1a\n\x12updated_at_unix_ms\x18\x07 \x01(\x03\x12\x0f\n\x07removed\x18\x08 \x01(\x08\x12\x16\n\x0esigner_node_id\x18\t \x01(\t\x12\x11\n\tsignature\x18\n \x01(\x0c*\\\n\nRecordKind\x12\x1b\n\x17RECORD_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14RECORD_KIND_COMPLETE\x10\x01\x12\x17\n\x13RECORD_KIND_PARTIAL\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'mesh.wire.v1.ledger_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_RECORDKIND']._serialized_start=2355
-  _globals['_RECORDKIND']._serialized_end=2447
+  _globals['_RECORDKIND']._serialized_start=2384
+  _globals['_RECORDKIND']._serialized_end=2476
   _globals['_USAGERECORD']._serialized_start=47
   _globals['_USAGERECORD']._serialized_end=391
   _globals['_SIGNEDRECORD']._serialized_start=393
@@ -41,28 +41,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RECEIPT']._serialized_end=542
   _globals['_SYNCREQUEST']._serialized_start=544
   _globals['_SYNCREQUEST']._serialized_end=668
-  _globals['_CHAINHEAD']._serialized_start=670
-  _globals['_CHAINHEAD']._serialized_end=770
-  _globals['_SYNCBATCH']._serialized_start=773
-  _globals['_SYNCBATCH']._serialized_end=1084
-  _globals['_HEADSTATEMENT']._serialized_start=1086
-  _globals['_HEADSTATEMENT']._serialized_end=1201
-  _globals['_SIGNEDHEAD']._serialized_start=1203
-  _globals['_SIGNEDHEAD']._serialized_end=1296
-  _globals['_HEADRECEIPT']._serialized_start=1298
-  _globals['_HEADRECEIPT']._serialized_end=1386
-  _globals['_REFUSAL']._serialized_start=1388
-  _globals['_REFUSAL']._serialized_end=1502
-  _globals['_QUOTACALL']._serialized_start=1504
-  _globals['_QUOTACALL']._serialized_end=1613
-  _globals['_RESERVE']._serialized_start=1616
-  _globals['_RESERVE']._serialized_end=1785
-  _globals['_RELEASE']._serialized_start=1788
-  _globals['_RELEASE']._serialized_end=1933
-  _globals['_QUOTAGRANT']._serialized_start=1935
-  _globals['_QUOTAGRANT']._serialized_end=2044
-  _globals['_USERLIST']._serialized_start=2046
-  _globals['_USERLIST']._serialized_end=2137
-  _globals['_USERENTRY']._serialized_start=2140
-  _globals['_USERENTRY']._serialized_end=2353
+  _globals['_CHAINHEAD']._serialized_start=671
+  _globals['_CHAINHEAD']._serialized_end=799
+  _globals['_SYNCBATCH']._serialized_start=802
+  _globals['_SYNCBATCH']._serialized_end=1113
+  _globals['_HEADSTATEMENT']._serialized_start=1115
+  _globals['_HEADSTATEMENT']._serialized_end=1230
+  _globals['_SIGNEDHEAD']._serialized_start=1232
+  _globals['_SIGNEDHEAD']._serialized_end=1325
+  _globals['_HEADRECEIPT']._serialized_start=1327
+  _globals['_HEADRECEIPT']._serialized_end=1415
+  _globals['_REFUSAL']._serialized_start=1417
+  _globals['_REFUSAL']._serialized_end=1531
+  _globals['_QUOTACALL']._serialized_start=1533
+  _globals['_QUOTACALL']._serialized_end=1642
+  _globals['_RESERVE']._serialized_start=1645
+  _globals['_RESERVE']._serialized_end=1814
+  _globals['_RELEASE']._serialized_start=1817
+  _globals['_RELEASE']._serialized_end=1962
+  _globals['_QUOTAGRANT']._serialized_start=1964
+  _globals['_QUOTAGRANT']._serialized_end=2073
+  _globals['_USERLIST']._serialized_start=2075
+  _globals['_USERLIST']._serialized_end=2166
+  _globals['_USERENTRY']._serialized_start=2169
+  _globals['_USERENTRY']._serialized_end=2382
 # @@protoc_insertion_point(module_scope)

@@ -83,18 +83,20 @@ class SyncRequest(_message.Message):
     def __init__(self, heads: _Optional[_Iterable[_Union[ChainHead, _Mapping]]] = ..., receipts_after: _Optional[int] = ..., max_records: _Optional[int] = ..., want_receipts: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class ChainHead(_message.Message):
-    __slots__ = ("node_id", "seq", "hash", "signed_seq", "signed_receipts")
+    __slots__ = ("node_id", "seq", "hash", "signed_seq", "signed_receipts", "signed_by_answerer")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     HASH_FIELD_NUMBER: _ClassVar[int]
     SIGNED_SEQ_FIELD_NUMBER: _ClassVar[int]
     SIGNED_RECEIPTS_FIELD_NUMBER: _ClassVar[int]
+    SIGNED_BY_ANSWERER_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     seq: int
     hash: bytes
     signed_seq: int
     signed_receipts: int
-    def __init__(self, node_id: _Optional[str] = ..., seq: _Optional[int] = ..., hash: _Optional[bytes] = ..., signed_seq: _Optional[int] = ..., signed_receipts: _Optional[int] = ...) -> None: ...
+    signed_by_answerer: bool
+    def __init__(self, node_id: _Optional[str] = ..., seq: _Optional[int] = ..., hash: _Optional[bytes] = ..., signed_seq: _Optional[int] = ..., signed_receipts: _Optional[int] = ..., signed_by_answerer: _Optional[bool] = ...) -> None: ...
 
 class SyncBatch(_message.Message):
     __slots__ = ("records", "receipts", "receipts_cursor", "more", "fork_proofs", "member_certs", "signed_heads", "refusals")
