@@ -192,6 +192,10 @@ class LedgerStore:
         self._reader = reader
         self._identity = identity
         self._writer = writer
+        self._empty_at_open = writer.last_seq == 0
+        self._own_ready = asyncio.Event()
+        self._own_ready.set()
+        self._closed = False
         self._clock = clock
         self._pending: list[tuple[Usage, asyncio.Future[lpb.SignedRecord]]] = []
         self._wake = asyncio.Event()
@@ -242,7 +246,23 @@ class LedgerStore:
     ) -> None:
         await self.close()
 
+    @property
+    def empty_at_open(self) -> bool:
+        """True when this file held nothing of this node's own chain when it was opened."""
+        return self._empty_at_open
+
+    def hold_own_records(self) -> None:
+        """Make `append` wait (for `release_own_records`): a node whose ledger was lost
+        must first learn from a member how far its own chain went, or it would start a
+        second history (a fork) at #1."""
+        self._own_ready.clear()
+
+    def release_own_records(self) -> None:
+        self._own_ready.set()
+
     async def close(self) -> None:
+        self._closed = True
+        self._own_ready.set()  # an append waiting for its chain gets the closed error
         self._committer.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._committer
@@ -257,6 +277,10 @@ class LedgerStore:
     async def append(self, usage: Usage) -> lpb.SignedRecord:
         """Record what a served request used; returns once it is durably committed. The
         same request (and kind) appended again returns the record already made."""
+        if not self._own_ready.is_set():
+            await self._own_ready.wait()
+        if self._closed:
+            raise ConfigError("the ledger was closed")
         future: asyncio.Future[lpb.SignedRecord] = asyncio.get_running_loop().create_future()
         self._pending.append((usage, future))
         self._wake.set()

@@ -59,6 +59,7 @@ logger = logging.getLogger(__name__)
 
 DRAIN_POLL_S = 0.05
 MAINTENANCE_INTERVAL_S = 5.0
+OWN_CHAIN_WAIT_S = 15.0  # a node that lost its ledger waits this long for its chain
 TPS_DRIFT = 0.2  # re-sign the card when a model's measured speed moved this much
 # Servers cut what is left this long after the grace period; by then the backends have
 # ended every stream themselves, so this margin is only for writing the last bytes.
@@ -204,7 +205,7 @@ class Node:
             trust=self.trust,
             active=lambda: trust.role is not Role.OVERFLOW,  # overflow nodes never ask
         )
-        await self.ledger_sync.start()
+        await self.ledger_sync.start(own_chain_wait_s=self._own_chain_wait_s())
         await self._start_discovery()
         self.home.write_run_info(self.run_info())
         logger.info(
@@ -439,6 +440,24 @@ class Node:
             if now and (not before or abs(now - before) / before > TPS_DRIFT):
                 return True
         return False
+
+    def _own_chain_wait_s(self) -> float | None:
+        """A node that is not new but whose ledger holds nothing of its own chain (its
+        disk was replaced, its ledger.db lost) holds its own records until a member says
+        how far its chain went, so that it goes on from there (issue 12: a rebuilt box
+        signing a second #1 is a fork)."""
+        assert self.ledger is not None
+        assert self.trust is not None
+        others = self.trust.authority is None or bool(self.trust.members)
+        if self.created_identity or not self.ledger.empty_at_open or not others:
+            return None
+        self.ledger.hold_own_records()
+        logger.warning(
+            "this node's ledger holds none of its own records although the node is not new: "
+            "its next records wait (up to %d s) until a member has told it how far its chain went",
+            OWN_CHAIN_WAIT_S,
+        )
+        return OWN_CHAIN_WAIT_S
 
     def after_membership_change(self) -> None:
         """A join, or a newer revocation list: re-sign the cards; a revoked node is

@@ -79,9 +79,32 @@ class LedgerSync:
         self._task: asyncio.Task[None] | None = None
         self.peers: dict[str, PeerSync] = {}
         self._logged: set[str] = set()
+        self._own_chain_due: float | None = None
 
-    async def start(self) -> None:
+    async def start(self, *, own_chain_wait_s: float | None = None) -> None:
+        """`own_chain_wait_s`: the store holds this node's own records until a member has
+        answered a pull (or that long at most): see `LedgerStore.hold_own_records`."""
+        if own_chain_wait_s is not None:
+            self._own_chain_due = time.monotonic() + own_chain_wait_s
         self._task = asyncio.create_task(self._run(), name="ledger-sync")
+
+    def _own_chain_known(self, outcome: PeerSync | None) -> None:
+        """Release this node's own records once a member answered, or when waiting longer
+        would only hold answers up."""
+        if self._own_chain_due is None:
+            return
+        if outcome is not None and not outcome.error:
+            logger.info("this node's own chain is known again; its records go on from it")
+        elif time.monotonic() >= self._own_chain_due:
+            logger.warning(
+                "no member answered for this node's own chain in time; its records go on "
+                "from what this box holds (a second history is possible: ledger verify "
+                "will show it as a fork)"
+            )
+        else:
+            return
+        self._own_chain_due = None
+        self._store.release_own_records()
 
     async def aclose(self) -> None:
         if self._task is not None:
@@ -112,6 +135,7 @@ class LedgerSync:
             was_up = set(up)
             # Each peer on its own: one slow or silent peer holds up nobody else.
             await asyncio.gather(*(self._pull_safely(node_id) for node_id in chosen))
+            self._own_chain_known(None)
 
     async def _pull_safely(self, node_id: str) -> None:
         """A pull whatever happens: a bug met with one peer must not end the syncing."""
@@ -201,4 +225,5 @@ class LedgerSync:
                     self._logged.add(problem)
                     logger.warning("ledger sync with %s: %s", node_id[:7], problem)
         self.peers[node_id] = outcome
+        self._own_chain_known(outcome)
         return outcome

@@ -196,3 +196,27 @@ def test_a_box_that_lost_its_ledger_recovers_it_from_its_peer(
         code, report = _verify(node.home)
         assert code == 0, report
         assert report["awaiting_receipts"] == 0
+
+
+def test_a_box_that_lost_its_ledger_and_serves_at_once_does_not_fork(
+    pair: dict[str, NodeProcess],
+) -> None:
+    """Without a trace of its own chain, a rebuilt box that answers before its first sync
+    would sign a second #1 (a fork). Its records wait until a member told it its chain."""
+    a, b = pair["a"], pair["b"]
+    _serve_locally(b, 2)
+    top = _own_seqs(b)[-1]
+    wait_until(lambda: _receipted(a.home, b.node_id) >= set(range(1, top + 1)), 20, "a holds b's")
+    assert b.stop() == 0
+    for suffix in ("", "-wal", "-shm"):
+        (b.home / f"ledger.db{suffix}").unlink(missing_ok=True)
+    grpc_port = str(b.info["grpc_address"]).rsplit(":", 1)[1]
+    b.args = ["--peer", a.info["grpc_address"], "--grpc-port", grpc_port]
+    b.start()
+    _serve_locally(b, 1)  # at once, before any sync: its record waits for its chain
+    assert _own_seqs(b)[-1] == top + 1
+    assert "its next records wait" in b.output()
+    wait_until(lambda: top + 1 in _receipted(a.home, b.node_id), 20, "a holds b's new record")
+    for node in (a, b):
+        code, report = _verify(node.home)
+        assert code == 0, report
