@@ -10,7 +10,8 @@ exactly one place; foreign exceptions (`cryptography`, `grpc`, `sqlite3`,
 
 from __future__ import annotations
 
-from typing import ClassVar
+import copy
+from typing import ClassVar, Self
 
 
 class MeshError(Exception):
@@ -26,6 +27,14 @@ class MeshError(Exception):
         self.message = message
         self.param = param
 
+    def reworded(self, message: str) -> Self:
+        """The same error (class, code, param and any detail such as a quota's reset) with
+        another message: what a caller adds context with, losing nothing."""
+        clone = copy.copy(self)
+        clone.message = message
+        clone.args = (message,)
+        return clone
+
 
 # --- local problems: the operator's setup -------------------------------------------------
 
@@ -34,6 +43,13 @@ class ConfigError(MeshError):
     """A configuration file, flag or model entry is invalid."""
 
     code = "config_error"
+
+
+class LedgerError(MeshError):
+    """The usage ledger failed while running (a commit, a closed store): not the
+    operator's configuration, and not the caller's request."""
+
+    code = "ledger_error"
 
 
 class IdentityError(MeshError):

@@ -41,7 +41,7 @@ from types import TracebackType
 import aiosqlite
 from google.protobuf.message import DecodeError
 
-from mesh.errors import BadSignature, ConfigError, InvalidRequest
+from mesh.errors import BadSignature, ConfigError, InvalidRequest, LedgerError
 from mesh.identity import Identity
 from mesh.ledger import (
     GENESIS,
@@ -268,7 +268,7 @@ class LedgerStore:
             await self._committer
         for _, future in self._pending:
             if not future.done():
-                future.set_exception(ConfigError("the ledger was closed"))
+                future.set_exception(LedgerError("the ledger was closed"))
         await self._reader.close()
         await self._db.close()
 
@@ -280,7 +280,7 @@ class LedgerStore:
         if not self._own_ready.is_set():
             await self._own_ready.wait()
         if self._closed:
-            raise ConfigError("the ledger was closed")
+            raise LedgerError("the ledger was closed")
         future: asyncio.Future[lpb.SignedRecord] = asyncio.get_running_loop().create_future()
         self._pending.append((usage, future))
         self._wake.set()
@@ -329,7 +329,7 @@ class LedgerStore:
             self._writer.last_seq, self._writer.last_hash = writer_state
             for _, future in batch:
                 if not future.done():
-                    future.set_exception(ConfigError(f"the ledger could not commit: {exc}"))
+                    future.set_exception(LedgerError(f"the ledger could not commit: {exc}"))
             return
         self.commits += 1
         self._tell([row[4] for row in rows])

@@ -23,16 +23,13 @@ from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from typing import Any, Protocol
 
 from mesh.errors import (
-    BackendError,
     ContextLengthExceeded,
     MeshError,
     ModelNotFound,
-    NotAMember,
     Overloaded,
     QuotaExceeded,
     RemoteProtocolError,
     SealingError,
-    Unauthenticated,
     Unavailable,
 )
 from mesh.inference import (
@@ -51,24 +48,13 @@ from mesh.ledger import Usage
 from mesh.ledger_bounds import Delivered, completion_tokens_bound, implausible, prompt_tokens_bound
 from mesh.ledger_store import LedgerStore
 from mesh.peers import PeerEvent, PeerState, PeerTable
+from mesh.refusals import Next, after_candidate_failure
 from mesh.scheduler import DEFAULT_MAX_WAIT_MS, Candidate, Plan, Privacy, Scored, plan
 from mesh.wire.v1 import ledger_pb2 as lpb
 from node.backends.base import Backend
 
 logger = logging.getLogger(__name__)
 
-# Failures that say "this candidate, not this request": try the next one.
-RETRYABLE = (
-    Unavailable,
-    Overloaded,
-    RemoteProtocolError,
-    SealingError,
-    Unauthenticated,
-    NotAMember,
-    BackendError,
-    ModelNotFound,
-    QuotaExceeded,  # a cloud node's plan is used up: another may still serve
-)
 SERVICE_SMOOTHING = 0.3
 PRESELECT_PEERS = 8  # peers given a full look per request (the rest are failover-irrelevant)
 
@@ -173,7 +159,10 @@ class Answer:
                         return
                 except StopAsyncIteration:
                     failure: MeshError = RemoteProtocolError("the answer ended without finishing")
-                except RETRYABLE as exc:
+                except MeshError as exc:
+                    remote = source.served_by.route is not Route.LOCAL
+                    if after_candidate_failure(exc, remote=remote) is Next.ANSWER:
+                        raise
                     failure = exc
                 # Mid-stream failure: continue on the next candidate after what was delivered.
                 await source.aclose()
@@ -209,8 +198,9 @@ class Answer:
                     asked = follow_up
                 except MeshError as exc:
                     finished = True  # the failed part is recorded; nothing else was delivered
-                    # Say what broke the stream, not only that nobody could take it over.
-                    raise type(exc)(
+                    # Say what broke the stream, not only that nobody could take it over;
+                    # the error keeps its kind and details (a quota's reset, its param).
+                    raise exc.reworded(
                         f"{failed.node_id[:7]} ({failed.route}) failed mid-answer "
                         f"({failure.message}) and nobody could continue it: {exc.message}"
                     ) from exc
@@ -549,6 +539,7 @@ class Dispatcher:
         """The first candidate (in plan order, not yet tried) that produces an event."""
         failures: list[str] = []
         exhausted: list[QuotaExceeded] = []  # refused by a cloud plan
+        too_small_here: list[str] = []  # candidates that counted the prompt and refused it
         busy = 0  # candidates that were full, or said so when asked
         for scored in decided.order:
             candidate = scored.candidate
@@ -557,7 +548,12 @@ class Dispatcher:
             tried.add(candidate.node_id)
             try:
                 return await self._start_on(candidate, request)
-            except RETRYABLE as exc:
+            except MeshError as exc:
+                remote = candidate.route is not Route.LOCAL
+                if after_candidate_failure(exc, remote=remote) is Next.ANSWER:
+                    raise
+                if isinstance(exc, ContextLengthExceeded):
+                    too_small_here.append(f"{candidate.node_id[:7]}: {exc.message}")
                 self.note_failure(
                     ServedBy(
                         node_id=candidate.node_id, route=candidate.route, model=candidate.model
@@ -595,6 +591,7 @@ class Dispatcher:
                 resets_at=exhausted[0].resets_at,
             )
         too_small = [why for _, why in decided.excluded if why.startswith("context")]
+        too_small += too_small_here
         if too_small and len(too_small) == len(reasons):
             raise ContextLengthExceeded(
                 f"no node serving {request.model!r} has room for this request "

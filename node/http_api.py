@@ -450,7 +450,7 @@ async def users_add(request: web.Request) -> web.Response:
     privacy = body.get("privacy")
     quota = body.get("quota")
     return _json_response(
-        users.add(
+        await users.add(
             name=_string(body, "name"),
             privacy=Privacy.parse(_string(body, "privacy")) if privacy is not None else None,
             quota=parse_quota(_string(body, "quota")) if quota is not None else UNLIMITED,
@@ -466,7 +466,7 @@ async def users_update(request: web.Request) -> web.Response:
     if privacy is None and quota is None:
         raise InvalidRequest("send privacy, quota or both")
     return _json_response(
-        users.update(
+        await users.update(
             request.match_info["name"],
             privacy=Privacy.parse(_string(body, "privacy")) if privacy is not None else None,
             quota=parse_quota(_string(body, "quota")) if quota is not None else None,
@@ -475,7 +475,7 @@ async def users_update(request: web.Request) -> web.Response:
 
 
 async def users_remove(request: web.Request) -> web.Response:
-    return _json_response(_users_owner_only(request).remove(request.match_info["name"]))
+    return _json_response(await _users_owner_only(request).remove(request.match_info["name"]))
 
 
 def build_app(

@@ -186,7 +186,7 @@ class LedgerSync:
             try:
                 listed = await client.users(card, self._users.digest(), timeout_s=FRAME_TIMEOUT_S)
                 if listed.users:
-                    self._users.merge(listed)
+                    await self._users.merge(listed)
             except MeshError as exc:
                 logger.debug("users sync with %s failed: %s", node_id[:7], exc.message)
 

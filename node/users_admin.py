@@ -18,6 +18,7 @@ the rest of the users load.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import shutil
@@ -65,6 +66,7 @@ class UsersAdmin:
         self._default_privacy = default_privacy
         self._trust = trust
         self._node_id = trust.identity.node_id
+        self._changing = asyncio.Lock()  # one change at a time, each on the last one's book
 
     @classmethod
     def open(cls, home: Home, *, default_privacy: Privacy, trust: TrustStore) -> UsersAdmin:
@@ -122,8 +124,17 @@ class UsersAdmin:
         return sign_record(record, self._trust.identity)
 
     def _save(self, staged: UserBook) -> None:
+        """At start only: the writes while running go through `_save_soon`."""
         staged.signer_certs[self._node_id] = self._trust.cert.SerializeToString()
         save_users(self._path, staged)
+        self._book = staged
+
+    async def _save_soon(self, staged: UserBook) -> None:
+        """Write the staged book (fsync'd) off the event loop, then make it the book; the
+        caller holds `_changing`, so changes are made one after the other, each on the
+        book the previous one left."""
+        staged.signer_certs[self._node_id] = self._trust.cert.SerializeToString()
+        await asyncio.to_thread(save_users, self._path, staged)
         self._book = staged
 
     def get(self, name: str) -> UserRecord | None:
@@ -173,7 +184,11 @@ class UsersAdmin:
             out[self._node_id] = (me, self._trust.cert.SerializeToString())
         return out
 
-    def merge(self, listed: lpb.UserList | list[lpb.UserEntry]) -> int:
+    async def merge(self, listed: lpb.UserList | list[lpb.UserEntry]) -> int:
+        async with self._changing:
+            return await self._merge(listed)
+
+    async def _merge(self, listed: lpb.UserList | list[lpb.UserEntry]) -> int:
         """Another member's list: take what is newer and allowed, save, and say how many
         changed. Entries that do not check out are skipped (and logged)."""
         entries = list(listed.users) if isinstance(listed, lpb.UserList) else listed
@@ -199,7 +214,7 @@ class UsersAdmin:
             for record in changed:
                 if record.signer_node_id in signers:
                     staged.signer_certs[record.signer_node_id] = signers[record.signer_node_id][1]
-            self._save(staged)
+            await self._save_soon(staged)
             for record in changed:
                 logger.info(
                     "user %s %s (from another member)",
@@ -217,11 +232,15 @@ class UsersAdmin:
     def describe(self) -> dict[str, Any]:
         return {"users": [record.describe() for record in self._book]}
 
-    def add(
+    async def add(
         self, *, name: str, privacy: Privacy | None, quota: Quota = UNLIMITED
     ) -> dict[str, Any]:
         """Add a user (privacy: the node's default when not given), with this node as
         their home; the answer holds the API key, the only time it is ever shown."""
+        async with self._changing:
+            return await self._add(name=name, privacy=privacy, quota=quota)
+
+    async def _add(self, *, name: str, privacy: Privacy | None, quota: Quota) -> dict[str, Any]:
         staged = self._book.copy()
         record, key = staged.add(
             name,
@@ -232,7 +251,7 @@ class UsersAdmin:
         )
         record = self._signed(record)
         staged.replace_record(record)
-        self._save(staged)
+        await self._save_soon(staged)
         logger.info(
             "added user %s (privacy %s, quota %s)",
             record.name,
@@ -241,8 +260,14 @@ class UsersAdmin:
         )
         return {**record.describe(), "api_key": key}
 
-    def update(
+    async def update(
         self, name: str, *, privacy: Privacy | None = None, quota: Quota | None = None
+    ) -> dict[str, Any]:
+        async with self._changing:
+            return await self._update(name, privacy=privacy, quota=quota)
+
+    async def _update(
+        self, name: str, *, privacy: Privacy | None, quota: Quota | None
     ) -> dict[str, Any]:
         changes: dict[str, Any] = {}
         if privacy is not None:
@@ -253,7 +278,7 @@ class UsersAdmin:
         staged = self._book.copy()
         record = self._signed(staged.update(validate_name(name), now_ms=_now_ms(), **changes))
         staged.replace_record(record)
-        self._save(staged)
+        await self._save_soon(staged)
         logger.info(
             "user %s now: privacy %s, quota %s",
             record.name,
@@ -262,13 +287,17 @@ class UsersAdmin:
         )
         return record.describe()
 
-    def remove(self, name: str) -> dict[str, Any]:
+    async def remove(self, name: str) -> dict[str, Any]:
+        async with self._changing:
+            return await self._remove(name)
+
+    async def _remove(self, name: str) -> dict[str, Any]:
         self._may_change_here(name)
         staged = self._book.copy()
         record = staged.remove(validate_name(name), now_ms=_now_ms())
         tombstone = staged.get_entry(record.name)
         staged.replace_record(self._signed(tombstone))
-        self._save(staged)
+        await self._save_soon(staged)
         logger.info("removed user %s: their API key no longer works", record.name)
         return record.describe()
 

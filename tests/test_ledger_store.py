@@ -185,3 +185,15 @@ async def test_a_chain_whose_newest_records_were_deleted_goes_on_after_them(
         await store.ingest(check_batch([(r.record, r.signature) for r in made[3:]], []))
         records, receipts = read_ledger(path)
         assert verify(records, receipts, require_receipts=False).ok
+
+
+async def test_a_failure_at_run_time_is_a_ledger_error_not_a_config_error(tmp_path: Path) -> None:
+    """Issue 13 item 6: runtime ledger failures were reported as `config_error`."""
+    from mesh.errors import LedgerError
+
+    me = Identity.generate()
+    store = await LedgerStore.open(tmp_path / "ledger.db", me)
+    await store.close()
+    with pytest.raises(LedgerError) as info:
+        await store.append(_usage(1))
+    assert info.value.code == "ledger_error"

@@ -537,7 +537,7 @@ def test_the_parser_reads_a_book_or_raises_config_error(data: bytes) -> None:
     assert all(isinstance(r.privacy, Privacy) for r in book)
 
 
-def test_another_members_bad_entries_are_skipped_and_the_good_ones_kept(
+async def test_another_members_bad_entries_are_skipped_and_the_good_ones_kept(
     tmp_path: Path,
 ) -> None:
     import time
@@ -571,10 +571,50 @@ def test_another_members_bad_entries_are_skipped_and_the_good_ones_kept(
         lpb.UserEntry(name="frank", key_hash="23" * 32, privacy="mesh", quota="unlimited"),
     ]
     listed = lpb.UserList(users=bad + good, signer_certs=[cert.SerializeToString()])
-    assert admin.merge(listed) == 1
+    assert await admin.merge(listed) == 1
     assert [r.name for r in load_users(tmp_path / "users.json")] == ["alice"]
     kept = admin.get("alice")
     assert kept is not None
     assert kept.signer_node_id == member.node_id
     # The certificate travels with the entry it signed, so a third node can check it too.
     assert admin.user_list(b"").signer_certs == [cert.SerializeToString()]
+
+
+async def test_users_are_written_off_the_event_loop_one_change_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 13 item 6: an fsync'd users file was written on the event loop, stalling
+    every answer in flight for as long as the disk took."""
+    import asyncio
+    import time
+
+    import node.users_admin as users_admin
+    from mesh.home import Home
+    from tests.members import new_trust
+
+    admin = users_admin.UsersAdmin.open(
+        Home(tmp_path), default_privacy=Privacy.MESH, trust=new_trust(tmp_path)
+    )
+    real_save = users_admin.save_users
+
+    def slow_save(path: Path, book: UserBook) -> None:
+        time.sleep(0.3)  # a slow disk
+        real_save(path, book)
+
+    monkeypatch.setattr(users_admin, "save_users", slow_save)
+    gaps: list[float] = []
+
+    async def ticker() -> None:
+        last = time.monotonic()
+        for _ in range(40):
+            await asyncio.sleep(0.01)
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+
+    keys = await asyncio.gather(
+        admin.add(name="ada", privacy=None), admin.add(name="bob", privacy=None), ticker()
+    )
+    assert max(gaps) < 0.2, max(gaps)  # the loop went on while the disk was slow
+    assert sorted(u.name for u in load_users(tmp_path / "users.json")) == ["ada", "bob"]
+    assert keys[0]["api_key"] != keys[1]["api_key"]
