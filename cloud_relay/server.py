@@ -18,7 +18,6 @@ import contextlib
 import json
 import logging
 import os
-import time
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -33,6 +32,7 @@ from cloud_relay.operator_token import (
 )
 from cloud_relay.switchboard import Admission, SessionClosed, Switchboard
 from cloud_relay.switchboard import Session as RelaySession
+from mesh.clock import now_ms
 from mesh.errors import MeshError
 from mesh.home import write_private
 from mesh.relay import (
@@ -51,10 +51,6 @@ from mesh.wire.v1 import relay_pb2_grpc as rpb_grpc
 logger = logging.getLogger(__name__)
 Context = grpc.aio.ServicerContext[Any, Any]
 GRACE_S = 1.0
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 class RelayServicer(rpb_grpc.RelayServiceServicer):
@@ -88,7 +84,7 @@ class RelayServicer(rpb_grpc.RelayServiceServicer):
 
     async def _serve(self, admission: Admission, context: Context) -> None:
         limits = self._board.limits
-        challenge = new_challenge(_now_ms())
+        challenge = new_challenge(now_ms())
         await context.write(rpb.RelayFrame(challenge=challenge))
         try:
             first = await asyncio.wait_for(context.read(), limits.hello_timeout_s)
@@ -102,7 +98,7 @@ class RelayServicer(rpb_grpc.RelayServiceServicer):
             return
         try:
             self._board.screen(read_claim(first.hello))  # cheap: before any signature
-            identity = verify_hello(first.hello, nonce=challenge.nonce, now_ms=_now_ms())
+            identity = verify_hello(first.hello, nonce=challenge.nonce, now_ms=now_ms())
             session = self._board.open(identity)
         except MeshError as error:
             await self._refuse(context, error)

@@ -28,6 +28,7 @@ from collections import defaultdict
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import TypeVar
 
 from google.protobuf.message import DecodeError
 
@@ -51,20 +52,39 @@ def record_hash(signed: lpb.SignedRecord) -> bytes:
     return hashlib.sha256(signed.record).digest()
 
 
+_Signed = TypeVar("_Signed", lpb.UsageRecord, lpb.HeadStatement)
+
+
+def _open_signed(
+    data: bytes, signature: bytes, kind: type[_Signed], *, context: bytes, max_bytes: int, what: str
+) -> _Signed:
+    """`data` parsed as `kind`, signed (after `context`) by the key it names, which must be
+    its node's; BadSignature naming `what` otherwise. Size is checked before parsing."""
+    if len(data) > max_bytes or len(signature) != 64:
+        raise BadSignature(f"{what} is malformed")
+    message = kind()
+    try:
+        message.ParseFromString(data)
+    except (DecodeError, ValueError) as exc:
+        raise BadSignature(f"{what} does not parse") from exc
+    key = message.identity_public_key
+    if len(key) != 32 or node_id_from_public_key(key) != message.node_id:
+        raise BadSignature(f"{what} names a key that is not its node's")
+    if not verify_signature(key, signature, context + data):
+        raise BadSignature(f"{what} {message.node_id[:7]}#{message.seq} is not signed by it")
+    return message
+
+
 def open_record(signed: lpb.SignedRecord) -> lpb.UsageRecord:
     """A record whose signature verifies against the key it names; BadSignature otherwise."""
-    if len(signed.record) > MAX_RECORD_BYTES or len(signed.signature) != 64:
-        raise BadSignature("usage record is malformed")
-    record = lpb.UsageRecord()
-    try:
-        record.ParseFromString(signed.record)
-    except (DecodeError, ValueError) as exc:
-        raise BadSignature("usage record does not parse") from exc
-    key = record.identity_public_key
-    if len(key) != 32 or node_id_from_public_key(key) != record.node_id:
-        raise BadSignature("usage record names a key that is not its node's")
-    if not verify_signature(key, signed.signature, RECORD_CONTEXT + signed.record):
-        raise BadSignature(f"usage record {record.node_id[:7]}#{record.seq} is not signed by it")
+    record = _open_signed(
+        signed.record,
+        signed.signature,
+        lpb.UsageRecord,
+        context=RECORD_CONTEXT,
+        max_bytes=MAX_RECORD_BYTES,
+        what="usage record",
+    )
     if record.seq < 1 or len(record.prev_hash) != 32:
         raise BadSignature(f"usage record {record.node_id[:7]}#{record.seq} is malformed")
     return record
@@ -215,18 +235,14 @@ def head_hash(signed: lpb.SignedHead) -> bytes:
 
 def open_head(signed: lpb.SignedHead) -> lpb.HeadStatement:
     """A head whose signature verifies against the key it names; BadSignature otherwise."""
-    if len(signed.head) > MAX_HEAD_BYTES or len(signed.signature) != 64:
-        raise BadSignature("signed head is malformed")
-    head = lpb.HeadStatement()
-    try:
-        head.ParseFromString(signed.head)
-    except (DecodeError, ValueError) as exc:
-        raise BadSignature("signed head does not parse") from exc
-    key = head.identity_public_key
-    if len(key) != 32 or node_id_from_public_key(key) != head.node_id:
-        raise BadSignature("signed head names a key that is not its node's")
-    if not verify_signature(key, signed.signature, HEAD_CONTEXT + signed.head):
-        raise BadSignature(f"head {head.node_id[:7]}#{head.seq} is not signed by it")
+    head = _open_signed(
+        signed.head,
+        signed.signature,
+        lpb.HeadStatement,
+        context=HEAD_CONTEXT,
+        max_bytes=MAX_HEAD_BYTES,
+        what="signed head",
+    )
     if head.seq < 1 or len(head.hash) != 32:
         raise BadSignature(f"head {head.node_id[:7]}#{head.seq} is malformed")
     return head

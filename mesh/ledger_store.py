@@ -31,7 +31,6 @@ import contextlib
 import logging
 import os
 import sqlite3
-import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ from types import TracebackType
 import aiosqlite
 from google.protobuf.message import DecodeError
 
+from mesh.clock import now_ms
 from mesh.errors import BadSignature, ConfigError, InvalidRequest, LedgerError
 from mesh.identity import Identity
 from mesh.ledger import (
@@ -171,10 +171,6 @@ MAX_BATCH = 4096
 SQL_PARAMETERS = 500  # values bound per IN (...) query, under SQLite's bound
 
 
-def _now_ms() -> int:
-    return int(time.time() * 1000)
-
-
 class LedgerStore:
     def __init__(
         self,
@@ -183,7 +179,7 @@ class LedgerStore:
         identity: Identity,
         writer: ChainWriter,
         *,
-        clock: Callable[[], int] = _now_ms,
+        clock: Callable[[], int] = now_ms,
     ):
         self._db = db
         # Answers to peers read here: WAL lets it read while the writer writes, and it
@@ -210,7 +206,7 @@ class LedgerStore:
 
     @classmethod
     async def open(
-        cls, path: Path, identity: Identity, *, clock: Callable[[], int] = _now_ms
+        cls, path: Path, identity: Identity, *, clock: Callable[[], int] = now_ms
     ) -> LedgerStore:
         _private_files(path)
         db: aiosqlite.Connection | None = None

@@ -11,10 +11,10 @@ import asyncio
 import logging
 import re
 import socket
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from mesh.clock import now_ms
 from mesh.errors import InvalidRequest, MeshError, MeshNotEmpty
 from mesh.membership import Role, read_cert
 from node.peer_client import PeerClient, join_mesh
@@ -34,10 +34,6 @@ def parse_duration(text: str) -> float:
     if match is None:
         raise InvalidRequest(f"not a duration: {text!r} (use e.g. 90s, 15m, 2h, 7d)", param="ttl")
     return float(match.group(1)) * _UNITS[match.group(2)]
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 class MeshAdmin:
@@ -79,7 +75,7 @@ class MeshAdmin:
                 f"ttl must be from 1 s to {MAX_INVITE_TTL_S // 86400} days", param="ttl"
             )
         code = self._trust.create_invite(
-            role=chosen, ttl_ms=int(ttl_s * 1000), addresses=self._addresses(), now=_now_ms()
+            role=chosen, ttl_ms=int(ttl_s * 1000), addresses=self._addresses(), now=now_ms()
         )
         return {
             "code": code,
@@ -139,7 +135,7 @@ class MeshAdmin:
         }
 
     async def revoke(self, node_id: str) -> dict[str, Any]:
-        signed = self._trust.revoke(node_id, now=_now_ms())
+        signed = self._trust.revoke(node_id, now=now_ms())
         self._on_change()
         # Tell every member we know of at once; the list is self-authenticating (signed by
         # the mesh key), so it can be passed on by anyone.

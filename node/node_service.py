@@ -16,6 +16,7 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, Callable
 
+from mesh.clock import now_ms
 from mesh.errors import InvalidRequest, MeshError, Overloaded, PermissionDenied, Unavailable
 from mesh.goodbye import MAX_NODE_ID_CHARS, Goodbye
 from mesh.inference import Finished, InferenceRequest, Route
@@ -45,10 +46,6 @@ STREAM_WINDOW_S = 0.03
 # leaves room for typos while making guessing pointless (codes hold 128 random bits).
 PING_RATE = Rate(per_s=20.0, burst=40.0)
 JOIN_RATE = Rate(per_s=1.0, burst=10.0)
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def _sealed(writer: FrameWriter, event: pb.InferEvent, *, final: bool) -> pb.InferEvent:
@@ -129,7 +126,7 @@ class NodeCalls:
         return pb.PingResponse(
             nonce=request.nonce,
             node_id=self._trust.identity.node_id,
-            received_at_unix_ms=_now_ms(),
+            received_at_unix_ms=now_ms(),
             load=codec.load_to_pb(self._dispatcher.load()),
             card_issued_at_unix_ms=self._card_issued_at(),
         )
@@ -138,7 +135,7 @@ class NodeCalls:
         if not self._joins.allow(source_address(peer), time.monotonic()):
             raise Overloaded("too many invite redemptions from this address; wait a few seconds")
         try:
-            response = self._trust.redeem(request, now=_now_ms())
+            response = self._trust.redeem(request, now=now_ms())
         except MeshError as error:
             self.log_rejection(peer, error)
             raise
@@ -172,7 +169,7 @@ class NodeCalls:
             codec.check_protocol_version(request.protocol_version)
             if request.WhichOneof("payload") != "sealed":
                 raise InvalidRequest("only sealed requests are served")
-            opened = self._trust.opener.open(request.sealed, now_ms=_now_ms())
+            opened = self._trust.opener.open(request.sealed, now_ms=now_ms())
             if via_relay and opened.sender.node_id != via_relay:
                 raise PermissionDenied("the envelope's sender is not the node that sent it")
         except MeshError as error:

@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import time
 from collections.abc import AsyncGenerator
 from types import TracebackType
 from typing import Any, NoReturn, Protocol, TypeVar
@@ -21,6 +20,7 @@ from google.protobuf.message import DecodeError, Message
 
 from mesh import PROTOCOL_VERSION
 from mesh.cards import PeerCard, open_card, verify_peer_card
+from mesh.clock import now_ms
 from mesh.errors import InviteError, MeshError, RemoteProtocolError, Unavailable
 from mesh.goodbye import Goodbye
 from mesh.inference import Finished, InferenceEvent, InferenceRequest
@@ -38,10 +38,6 @@ logger = logging.getLogger(__name__)
 CONTROL_TIMEOUT_S = 10.0
 INFER_TIMEOUT_S = 600.0
 SYNC_TIMEOUT_S = 120.0
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def _rpc_error(exc: grpc.aio.AioRpcError) -> MeshError:
@@ -158,7 +154,7 @@ class PeerClient:
         return verify_peer_card(
             signed,
             mesh_public_key=self._trust.mesh_public_key,
-            now_ms=_now_ms(),
+            now_ms=now_ms(),
             revoked=self._trust.revoked,
         )
 
@@ -168,7 +164,7 @@ class PeerClient:
             identity=self._trust.identity,
             sender_cert=self._trust.cert,
             recipient=peer.keys,
-            now_ms=_now_ms(),
+            now_ms=now_ms(),
             offer_hybrid=self._trust.keyring.hybrid,
             purpose=purpose,
         )
@@ -267,7 +263,7 @@ class PeerClient:
     async def ping(
         self, *, timeout_s: float = CONTROL_TIMEOUT_S, goodbye: Goodbye | None = None
     ) -> pb.PingResponse:
-        request = pb.PingRequest(nonce=os.urandom(8), sent_at_unix_ms=_now_ms())
+        request = pb.PingRequest(nonce=os.urandom(8), sent_at_unix_ms=now_ms())
         if goodbye is not None:
             request.sent_at_unix_ms = goodbye.sent_at_ms
             request.leaving_node_id = goodbye.leaving_node_id
@@ -291,13 +287,13 @@ async def join_mesh(
 ) -> list[str]:
     """Redeem an invite at the inviter and adopt the certificate it returns.
     Returns the inviter's addresses: the first peer to talk to in the new mesh."""
-    invite = decode_invite(code, now_ms=_now_ms())
+    invite = decode_invite(code, now_ms=now_ms())
     if invite.mesh_public_key == trust.mesh_public_key:
         raise InviteError("this node is already a member of that mesh")
     request = make_join_request(
         invite,
         trust.identity,
-        now_ms=_now_ms(),
+        now_ms=now_ms(),
         display_name=display_name,
         addresses=addresses,
     )
@@ -309,6 +305,6 @@ async def join_mesh(
         except Unavailable as exc:
             errors.append(f"{address}: {exc.message}")
             continue
-        trust.adopt(response, mesh_public_key=invite.mesh_public_key, now=_now_ms())
+        trust.adopt(response, mesh_public_key=invite.mesh_public_key, now=now_ms())
         return list(invite.inviter_addresses)
     raise Unavailable("could not reach the inviter: " + "; ".join(errors))

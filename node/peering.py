@@ -27,6 +27,7 @@ from collections.abc import Callable
 import grpc
 
 from mesh.cards import PeerCard
+from mesh.clock import now_ms
 from mesh.errors import MeshError
 from mesh.goodbye import Goodbye, goodbye_holds, sign_goodbye
 from mesh.inference import Route
@@ -53,10 +54,6 @@ MAX_ADDRESSES = 4096  # addresses to try; hints beyond it are dropped
 MAX_HINT_FAILURES = 3  # tries before an address that never was a peer is forgotten
 DIRECT_RETRY_S = 5.0  # how often a peer reached through the relay is tried directly
 RETRY_S = HEARTBEAT_INTERVAL_MS / 1000  # how often an address that failed is tried again
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 class Peering:
@@ -202,7 +199,7 @@ class Peering:
             identity_public_key=card.card.identity_public_key,
             me=self._trust.identity.node_id,
             card_issued_at_ms=self._announced.get(node_id),
-            now_ms=_now_ms(),
+            now_ms=now_ms(),
         ):
             logger.debug("ignored a goodbye for %s that does not hold", node_id[:7])
             return
@@ -243,7 +240,7 @@ class Peering:
             if time.monotonic() - last_beat >= interval:
                 last_beat = time.monotonic()
                 await self._heartbeat()
-                self.apply(self.table.tick(_now_ms()))
+                self.apply(self.table.tick(now_ms()))
             pause = max(0.0, interval - (time.monotonic() - last_beat))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), pause)
@@ -360,7 +357,7 @@ class Peering:
                 route=route,
                 models=tuple(codec.model_from_pb(m) for m in full.models),
                 display_name=full.display_name,
-                now_ms=_now_ms(),
+                now_ms=now_ms(),
             )
         )
         for other in full.peer_addresses[:64]:
@@ -392,7 +389,7 @@ class Peering:
         self.apply(
             self.table.heartbeat_ok(
                 node_id,
-                now_ms=_now_ms(),
+                now_ms=now_ms(),
                 rtt_ms=rtt_ms,
                 load=codec.load_from_pb(reply.load),
             )
@@ -411,7 +408,7 @@ class Peering:
             goodbye = sign_goodbye(
                 self._trust.identity,
                 recipient_node_id=node_id,
-                now_ms=_now_ms(),
+                now_ms=now_ms(),
                 card_issued_at_ms=self._card_issued_at(),
             )
             with contextlib.suppress(MeshError, grpc.aio.AioRpcError):

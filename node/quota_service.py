@@ -46,6 +46,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from mesh.clock import now_ms
 from mesh.errors import (
     ConfigError,
     InvalidRequest,
@@ -82,10 +83,6 @@ LEASE_TOKENS = 4096  # the most a lease grows by at once (and at most 1/4 of wha
 LEASE_VALID_MS = 20 * 60 * 1000  # shorter than the home's hold TTL: never used past it
 LEASE_IDLE_S = 5.0  # a lease unused this long goes back to the home
 RETRY_S = 1.0  # how often a home that could not be told is told again
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def classes_for(privacy: Privacy) -> list[TierClass]:
@@ -148,7 +145,7 @@ class QuotaService:
         store: LedgerStore | None,
         links: PeerDirectory | None = None,
         cloud_plan: Quota = UNLIMITED,
-        clock: Callable[[], int] = _now_ms,
+        clock: Callable[[], int] = now_ms,
         holds_file: Path | None = None,
     ) -> None:
         self._node_id = node_id

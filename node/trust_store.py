@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
 from google.protobuf.message import DecodeError
 
+from mesh.clock import now_ms
 from mesh.enckeys import KeyPair, KeyRing, hybrid_available
 from mesh.errors import IdentityError, InviteError, MeshError, NotAMember, PermissionDenied
 from mesh.home import Home, write_private
@@ -44,10 +44,6 @@ from mesh.sealing import EnvelopeOpener, ReplayGuard
 from mesh.wire.v1 import trust_pb2 as tpb
 
 logger = logging.getLogger(__name__)
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 class TrustStore:

@@ -22,12 +22,12 @@ import asyncio
 import dataclasses
 import logging
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
 from google.protobuf.message import DecodeError
 
+from mesh.clock import now_ms
 from mesh.config import is_loopback_host
 from mesh.errors import MeshError, PermissionDenied
 from mesh.home import Home
@@ -53,10 +53,6 @@ from node.trust_store import TrustStore
 logger = logging.getLogger(__name__)
 
 
-def _now_ms() -> int:
-    return int(time.time() * 1000)
-
-
 class UsersAdmin:
     def __init__(
         self, path: Path, book: UserBook, *, default_privacy: Privacy, trust: TrustStore
@@ -72,9 +68,9 @@ class UsersAdmin:
     def open(cls, home: Home, *, default_privacy: Privacy, trust: TrustStore) -> UsersAdmin:
         """Load HOME/users.json (a missing file is no users; one that cannot be read as a
         whole is a ConfigError; a bad entry is set aside, named, and the file kept)."""
-        book = load_users(home.users_file, now_ms=_now_ms())
+        book = load_users(home.users_file, now_ms=now_ms())
         if book.set_aside:
-            kept = home.users_file.with_name(f"{home.users_file.name}.bad-{_now_ms()}")
+            kept = home.users_file.with_name(f"{home.users_file.name}.bad-{now_ms()}")
             shutil.copy2(home.users_file, kept)
             kept.chmod(0o600)
             for where, why in book.set_aside:
@@ -193,19 +189,19 @@ class UsersAdmin:
         changed. Entries that do not check out are skipped (and logged)."""
         entries = list(listed.users) if isinstance(listed, lpb.UserList) else listed
         certs = list(listed.signer_certs) if isinstance(listed, lpb.UserList) else []
-        now_ms = _now_ms()
+        now = now_ms()
         incoming = []
         for entry in entries[:MAX_USERS]:
             try:
                 incoming.append(entry_from_pb(entry))
             except ValueError as exc:
                 logger.warning("skipped a user entry from another member: %s", exc)
-        signers = self._verified_signers(certs, now_ms)
+        signers = self._verified_signers(certs, now)
         staged = self._book.copy()
         changed, refused = staged.merge(
             incoming,
             signers={n: m for n, (m, _) in signers.items()},
-            now_ms=now_ms,
+            now_ms=now,
             revoked_at=self._trust.revoked_at,
         )
         for name, why in refused[:10]:
@@ -245,7 +241,7 @@ class UsersAdmin:
         record, key = staged.add(
             name,
             privacy or self._default_privacy,
-            now_ms=_now_ms(),
+            now_ms=now_ms(),
             quota=quota,
             home_node_id=self._node_id,
         )
@@ -276,7 +272,7 @@ class UsersAdmin:
             changes["quota"] = quota
         self._may_change_here(name)
         staged = self._book.copy()
-        record = self._signed(staged.update(validate_name(name), now_ms=_now_ms(), **changes))
+        record = self._signed(staged.update(validate_name(name), now_ms=now_ms(), **changes))
         staged.replace_record(record)
         await self._save_soon(staged)
         logger.info(
@@ -294,7 +290,7 @@ class UsersAdmin:
     async def _remove(self, name: str) -> dict[str, Any]:
         self._may_change_here(name)
         staged = self._book.copy()
-        record = staged.remove(validate_name(name), now_ms=_now_ms())
+        record = staged.remove(validate_name(name), now_ms=now_ms())
         tombstone = staged.get_entry(record.name)
         staged.replace_record(self._signed(tombstone))
         await self._save_soon(staged)
