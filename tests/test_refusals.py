@@ -115,3 +115,21 @@ def test_a_context_too_small_for_the_exact_count_hands_over(
     status, _, body = _complete(small.url, too_long)
     assert status == 400, body
     assert body["error"]["code"] == "context_length_exceeded"
+
+
+def test_a_context_smaller_than_llamas_padding_is_the_one_enforced(tmp_path: Path) -> None:
+    """llama.cpp pads a context of 96 up to 256 and reports 256, but llama-cpp-python's
+    buffers hold 96 tokens: a 150-token prompt failed inside it as a 503. The configured
+    context is the one reported and enforced (a clear 400)."""
+    from tests.nodeproc import NodeProcess
+
+    node = NodeProcess(tmp_path / "tiny", config=_config(tmp_path, 96)).start()
+    try:
+        status, _, body = _complete(node.url, " ".join(str(i % 10) for i in range(75)))
+        assert status == 400, body
+        assert body["error"]["code"] == "context_length_exceeded"
+        assert "context of 96 tokens" in body["error"]["message"]
+        status, _, body = _complete(node.url, "1 2 3")
+        assert status == 200, body
+    finally:
+        node.kill()

@@ -167,6 +167,13 @@ class LlamaCppBackend:
     def config(self) -> ModelConfig:
         return self._config
 
+    def _usable_context(self, llama: Any) -> int:
+        """The context a request may fill: what was configured, never more. llama.cpp pads
+        its context up (to a multiple of 256) and reports that, but llama-cpp-python sizes
+        its token buffers by the context asked for, so a prompt between the two fails
+        inside it ("could not broadcast input array")."""
+        return min(int(llama.n_ctx()), self._config.context_length)
+
     async def start(self) -> None:
         await asyncio.to_thread(self._load_model)
         self._thread = threading.Thread(
@@ -217,7 +224,7 @@ class LlamaCppBackend:
             family=metadata.get("general.architecture", ""),
             parameter_count=int(llama._model.n_params()),
             quantization=file_type,
-            context_length=int(llama.n_ctx()),
+            context_length=self._usable_context(llama),
             chat=self._formatter is not None,
         )
         self._llama = llama
@@ -367,7 +374,7 @@ class LlamaCppBackend:
                 if bos == -1:
                     raise InvalidRequest("prompt must not be empty", param="prompt")
                 tokens = [bos]
-        n_ctx = int(llama.n_ctx())
+        n_ctx = self._usable_context(llama)
         room = n_ctx - len(tokens)
         wanted = request.sampling.max_tokens
         if room <= 0 or (wanted is not None and wanted > room):
