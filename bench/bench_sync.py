@@ -38,6 +38,7 @@ from mesh.home import Home  # noqa: E402
 from mesh.identity import load_or_create_identity  # noqa: E402
 from mesh.ledger import ChainWriter, countersign, verify  # noqa: E402
 from mesh.ledger_store import INSERT_RECORD, SCHEMA, read_ledger  # noqa: E402
+from node.workers import chunk_map  # noqa: E402
 from tests.nodeproc import NodeProcess, run_cli  # noqa: E402
 
 TARGET_S = 15.0
@@ -101,7 +102,7 @@ def main(n: int) -> None:
         copy_s = time.perf_counter() - started
         started = time.perf_counter()
         records, receipts = read_ledger(home_a.ledger_file)
-        report = verify(records, receipts, workers=2)
+        report = verify(records, receipts, map_chunks=chunk_map(2))
         verify_s = time.perf_counter() - started
         assert report.ok, report.problems[:3]
 
@@ -127,7 +128,7 @@ def main(n: int) -> None:
             a.stop()
             b.stop()
         records, receipts = read_ledger(root / "b" / "ledger.db")
-        synced = verify(records, receipts, workers=2)
+        synced = verify(records, receipts, map_chunks=chunk_map(2))
         assert synced.ok, synced.problems[:3]
 
     print()

@@ -25,17 +25,16 @@ from __future__ import annotations
 
 import hashlib
 from collections import defaultdict
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from google.protobuf.message import DecodeError
 
 from mesh.errors import BadSignature, InvalidRequest
 from mesh.identity import Identity, node_id_from_public_key, verify_signature
 from mesh.wire.v1 import ledger_pb2 as lpb
-from mesh.workers import process_pool
 
 RECORD_CONTEXT = b"allerac-mesh/v1/usage-record\x00"
 RECEIPT_CONTEXT = b"allerac-mesh/v1/usage-receipt\x00"
@@ -357,8 +356,13 @@ def _check(
     return _Checked(record.node_id, record.seq, record.prev_hash, digest, status, "", refused)
 
 
-def _check_chunk(items: list[tuple[bytes, bytes, list[bytes], list[bytes]]]) -> list[_Checked]:
+def check_chunk(items: list[tuple[bytes, bytes, list[bytes], list[bytes]]]) -> list[_Checked]:
     return [_check(*item) for item in items]
+
+
+PARALLEL_ITEMS = 1000  # fewer records than this are checked in the calling process
+# Runs a function over chunks of a list (in worker processes) and yields each result.
+ChunkMap = Callable[[Callable[[list[Any]], list[Any]], list[Any]], Iterable[list[Any]]]
 
 
 def verify(
@@ -370,14 +374,14 @@ def verify(
     marks: Iterable[Mark] = (),
     positions: Mapping[bytes, tuple[str, int]] | None = None,
     require_receipts: bool = True,
-    workers: int = 1,
+    map_chunks: ChunkMap | None = None,
 ) -> Report:
     """Check signatures, chains, receipts; report gaps and forks by node and sequence,
     records their entry node refused, and truncation: a node's chain shorter than what
     `heads` (signed by it), `marks` (kept by the store), or receipts whose records are
     missing (`positions`: where the store says each countersigned record sat) show.
-    With `workers` > 1 the signature checks (nearly all the time) run in that many
-    processes."""
+    `map_chunks` (the node's worker processes: `node.workers.chunk_map`) runs
+    the signature checks, nearly all the time, over chunks of records in parallel."""
     receipts_by_hash: dict[bytes, list[bytes]] = defaultdict(list)
     receipt_list = list(receipts)
     for receipt in receipt_list:
@@ -396,13 +400,10 @@ def verify(
                 refusals_by_hash.get(digest, []),
             )
         )
-    if workers > 1 and len(items) > 1000:
-        size = -(-len(items) // (workers * 4))
-        chunks = [items[i : i + size] for i in range(0, len(items), size)]
-        with process_pool(workers) as pool:
-            checked = [c for part in pool.map(_check_chunk, chunks) for c in part]
+    if map_chunks is not None and len(items) > PARALLEL_ITEMS:
+        checked = [c for part in map_chunks(check_chunk, items) for c in part]
     else:
-        checked = _check_chunk(items)
+        checked = check_chunk(items)
     report = _report(checked, require_receipts=require_receipts)
     held: dict[str, dict[int, set[bytes]]] = defaultdict(lambda: defaultdict(set))
     for item in checked:

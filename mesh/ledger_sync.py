@@ -17,11 +17,10 @@ a predecessor other than the one held.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 from collections.abc import Iterable
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from google.protobuf.message import DecodeError
 
@@ -36,7 +35,6 @@ from mesh.ledger import (
     refusal_is_signed,
 )
 from mesh.wire.v1 import ledger_pb2 as lpb
-from mesh.workers import process_pool
 
 FRAME_RECORDS = 1000  # records (and receipts) per answer frame: about 0.5 MB
 MAX_RECORDS_PER_CALL = 20_000  # per sync call; `more` says to ask again
@@ -202,7 +200,7 @@ def check_batch(
 Pairs = list[tuple[bytes, bytes]]  # (record, signature)
 
 
-def _parts(batch: lpb.SyncBatch) -> tuple[Pairs, list[bytes], Pairs, list[bytes], list[bytes]]:
+def batch_parts(batch: lpb.SyncBatch) -> tuple[Pairs, list[bytes], Pairs, list[bytes], list[bytes]]:
     return (
         [(r.record, r.signature) for r in batch.records],
         [r.SerializeToString() for r in batch.receipts],
@@ -212,41 +210,11 @@ def _parts(batch: lpb.SyncBatch) -> tuple[Pairs, list[bytes], Pairs, list[bytes]
     )
 
 
-class Checker:
-    """`check_batch` for a node: small batches on the event loop, large ones split over
-    worker processes (made once, on first need: `mesh.workers.process_pool`)."""
+class BatchChecker(Protocol):
+    """What checks an answer frame's signatures (`check_batch`), wherever it runs: the node
+    spreads large frames over worker processes (`node.ledger_checker.Checker`)."""
 
-    def __init__(self, workers: int = 2) -> None:
-        self._workers = workers
-        self._pool: ProcessPoolExecutor | None = None
-
-    async def check(self, batch: lpb.SyncBatch) -> Received:
-        records, receipts, forks, refusals, heads = _parts(batch)
-        if len(records) + len(receipts) < INLINE_ITEMS or self._workers < 2:
-            return check_batch(records, receipts, forks, refusals, heads)
-        if self._pool is None:
-            # Its workers end with this process, even one killed with SIGKILL.
-            self._pool = process_pool(self._workers)
-        loop = asyncio.get_running_loop()
-        jobs = [loop.run_in_executor(self._pool, check_batch, [], [], forks, refusals, heads)]
-        for start in range(0, max(len(records), len(receipts)), CHUNK_ITEMS):
-            jobs.append(
-                loop.run_in_executor(
-                    self._pool,
-                    check_batch,
-                    records[start : start + CHUNK_ITEMS],
-                    receipts[start : start + CHUNK_ITEMS],
-                )
-            )
-        out = Received()
-        for part in await asyncio.gather(*jobs):
-            out.extend(part)
-        return out
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
+    async def check(self, batch: lpb.SyncBatch) -> Received: ...
 
 
 @dataclass(frozen=True, slots=True)

@@ -729,6 +729,7 @@ def _verified_ledger(home: Home, *, require_receipts: bool) -> tuple[Any, Any]:
 
     from mesh.ledger import verify
     from mesh.ledger_store import read_ledger_file
+    from node.workers import chunk_map
 
     held = read_ledger_file(_existing_ledger(home))
     report = verify(
@@ -739,7 +740,7 @@ def _verified_ledger(home: Home, *, require_receipts: bool) -> tuple[Any, Any]:
         marks=held.marks,
         positions=held.positions,
         require_receipts=require_receipts,
-        workers=min(os.cpu_count() or 1, 4),
+        map_chunks=chunk_map(min(os.cpu_count() or 1, 4)),
     )
     return held, report
 

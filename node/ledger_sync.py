@@ -24,11 +24,11 @@ from google.protobuf.message import DecodeError
 from mesh.errors import MeshError, Unavailable
 from mesh.inference import Route
 from mesh.ledger_store import LedgerStore, pull
-from mesh.ledger_sync import Checker
 from mesh.membership import read_cert, verify_cert
 from mesh.peers import PeerState, PeerTable
 from mesh.wire.v1 import ledger_pb2 as lpb
 from mesh.wire.v1 import trust_pb2 as tpb
+from node.ledger_checker import Checker
 from node.peering import Peering
 from node.trust_store import TrustStore
 from node.users_admin import UsersAdmin

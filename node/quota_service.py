@@ -198,10 +198,11 @@ class QuotaService:
         """Keep the reservations on disk when they changed (see the module docstring)."""
         if self._holds_file is None:
             return
-        holds = self.book.holds() + self.plan_book.holds()
+        user, plan = self.book.holds(), self.plan_book.holds()
+        holds = user + plan
         if holds == self._kept:
             return
-        body = {"user": self.book.holds(), "plan": self.plan_book.holds()}
+        body = {"user": user, "plan": plan}
         tmp = self._holds_file.with_name(f".{self._holds_file.name}.tmp")
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

@@ -31,6 +31,7 @@ from mesh.ledger import (
     verify,
 )
 from mesh.wire.v1 import ledger_pb2 as lpb
+from node.workers import chunk_map
 
 SERVER, ENTRY = Identity.generate(), Identity.generate()
 
@@ -152,7 +153,7 @@ def test_checking_in_several_processes_reports_the_same() -> None:
     del records[700]
     records[100] = lpb.SignedRecord(record=records[100].record, signature=bytes(64))
     one = verify(records, receipts[:-1])
-    two = verify(records, receipts[:-1], workers=2)
+    two = verify(records, receipts[:-1], map_chunks=chunk_map(2))
     assert one.problems == two.problems
     assert {p.kind for p in one.problems} == {"bad_signature", "gap", "no_receipt"}
 

@@ -16,10 +16,11 @@ from mesh.errors import InvalidRequest, MeshError
 from mesh.identity import Identity
 from mesh.ledger import ChainWriter, Usage, countersign, open_record, record_hash, summarize, verify
 from mesh.ledger_store import Ask, LedgerStore, pull, read_ledger, read_ledger_file
-from mesh.ledger_sync import Checker, Held, check_batch, check_record, plan_chain
+from mesh.ledger_sync import Held, check_batch, check_record, plan_chain
 from mesh.membership import MeshAuthority, Role, read_cert, verify_cert
 from mesh.wire.v1 import ledger_pb2 as lpb
 from mesh.wire.v1 import trust_pb2 as tpb
+from node.ledger_checker import Checker
 
 
 def _usage(i: int, entry: Identity, user: str = "alice") -> Usage:

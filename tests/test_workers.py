@@ -1,4 +1,4 @@
-"""Worker processes that never outlive their parent (mesh/workers.py): a process killed
+"""Worker processes that never outlive their parent (node/workers.py): a process killed
 with SIGKILL takes its pool's workers, and their resource tracker, with it; through a
 pidfd, and by polling where there is none."""
 
@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PARENT = """
 import multiprocessing, os, sys, time
 from concurrent.futures import ProcessPoolExecutor
-from mesh.workers import process_pool, watch_parent
+from node.workers import process_pool, watch_parent
 
 def without_pidfd(parent_pid):
     del os.pidfd_open  # as on a system without pidfds
