@@ -50,8 +50,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from mesh.inference import InferenceRequest, Sampling  # noqa: E402
-from node.peer_client import PeerClient  # noqa: E402
-from node.trust_store import TrustStore  # noqa: E402
+from node.store.trust_store import TrustStore  # noqa: E402
+from node.transport.peer_client import PeerClient  # noqa: E402
 from tests.members import join_as_member  # noqa: E402
 from tests.nodeproc import NodeProcess  # noqa: E402
 

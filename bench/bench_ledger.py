@@ -4,7 +4,7 @@ history.
 Appends: N appends from C concurrent requests through `LedgerStore` (group commit: one
 COMMIT, fsync'd, per batch), against the same signed records committed one by one (the
 baseline, measured in the same run, same file system, WAL + synchronous=FULL). Verify:
-`mesh.ledger.verify` over R records of one chain with their receipts.
+`mesh.ledger.records.verify` over R records of one chain with their receipts.
 
 Targets (issue "ledger"): at least 5,000 appends a second; verifying 100,000 records in at
 most 10 s.
@@ -27,8 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mesh.identity import Identity  # noqa: E402
-from mesh.ledger import (  # noqa: E402
+from mesh.ledger.records import (  # noqa: E402
     ChainWriter,
     Usage,
     countersign,
@@ -36,9 +35,10 @@ from mesh.ledger import (  # noqa: E402
     record_hash,
     verify,
 )
-from mesh.ledger_store import INSERT_RECORD, SCHEMA, LedgerStore  # noqa: E402
+from mesh.trust.identity import Identity  # noqa: E402
 from mesh.wire.v1.ledger_pb2 import SignedRecord  # noqa: E402
-from node.workers import chunk_map  # noqa: E402
+from node.store.ledger_store import INSERT_RECORD, SCHEMA, LedgerStore  # noqa: E402
+from node.store.workers import chunk_map  # noqa: E402
 
 ENTRY = Identity.generate()  # the entry node that countersigns
 

@@ -40,9 +40,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 from bench_routing import LAUNCHER, instant_config  # noqa: E402
 
-from mesh.identity import Identity  # noqa: E402
-from mesh.membership import MeshAuthority, Role  # noqa: E402
-from mesh.relay import sign_hello  # noqa: E402
+from mesh.routing.relay import sign_hello  # noqa: E402
+from mesh.trust.identity import Identity  # noqa: E402
+from mesh.trust.membership import MeshAuthority, Role  # noqa: E402
 from mesh.wire.v1 import relay_pb2 as rpb  # noqa: E402
 from mesh.wire.v1 import relay_pb2_grpc as rpb_grpc  # noqa: E402
 from tests.nodeproc import NodeProcess, RelayProcess, run_cli  # noqa: E402

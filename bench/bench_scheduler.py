@@ -20,9 +20,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mesh.inference import InferenceRequest, Load, ModelInfo, Route, Sampling
-from mesh.peers import PeerTable
-from mesh.scheduler import Privacy, plan
-from node.dispatch import Dispatcher
+from mesh.routing.peers import PeerTable
+from mesh.routing.scheduler import Privacy, plan
+from node.serving.dispatch import Dispatcher
 
 ROUNDS = 50
 

@@ -32,10 +32,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mesh.enckeys import KeyRing, verify_encryption_keys  # noqa: E402
-from mesh.identity import Identity  # noqa: E402
-from mesh.membership import DAY_MS, MeshAuthority, Role  # noqa: E402
-from mesh.sealing import (  # noqa: E402
+from mesh.trust.enckeys import KeyRing, verify_encryption_keys  # noqa: E402
+from mesh.trust.identity import Identity  # noqa: E402
+from mesh.trust.membership import DAY_MS, MeshAuthority, Role  # noqa: E402
+from mesh.trust.sealing import (  # noqa: E402
     EnvelopeOpener,
     FrameReader,
     FrameWriter,

@@ -8,7 +8,7 @@ kept (the sealed gRPC calls of the running nodes, anti-entropy alone, nothing sp
 for the benchmark). Both nodes run the benchmark-only instant backend so no model loads.
 
 Baselines from the same run, same data: copying A's ledger file with SQLite's backup API
-(moving the bytes with no checks), and `mesh.ledger.verify` of the same records and
+(moving the bytes with no checks), and `mesh.ledger.records.verify` of the same records and
 receipts on 2 processes (checking them with no transfer).
 
 Target (issue "ledger"): syncing 100,000 records between two nodes in at most 15 s.
@@ -35,10 +35,10 @@ from bench_ledger import ENTRY, record_row, usage  # noqa: E402
 from bench_routing import LAUNCHER, instant_config  # noqa: E402
 
 from mesh.home import Home  # noqa: E402
-from mesh.identity import load_or_create_identity  # noqa: E402
-from mesh.ledger import ChainWriter, countersign, verify  # noqa: E402
-from mesh.ledger_store import INSERT_RECORD, SCHEMA, read_ledger  # noqa: E402
-from node.workers import chunk_map  # noqa: E402
+from mesh.ledger.records import ChainWriter, countersign, verify  # noqa: E402
+from mesh.trust.identity import load_or_create_identity  # noqa: E402
+from node.store.ledger_store import INSERT_RECORD, SCHEMA, read_ledger  # noqa: E402
+from node.store.workers import chunk_map  # noqa: E402
 from tests.nodeproc import NodeProcess, run_cli  # noqa: E402
 
 TARGET_S = 15.0

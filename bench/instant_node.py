@@ -15,8 +15,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from instant_backend import InstantBackend
 
-from node.backends import FACTORIES
 from node.cli import main
+from node.serving.backends import FACTORIES
 
 FACTORIES["bench_instant"] = InstantBackend  # type: ignore[assignment]
 

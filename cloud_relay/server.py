@@ -1,5 +1,5 @@
 """The relay's gRPC server: thin. It opens sessions and moves frames; the rules live in
-`mesh.relay` (handshake, packet checks) and `cloud_relay.switchboard` (queues, rates).
+`mesh.routing.relay` (handshake, packet checks) and `cloud_relay.switchboard` (queues, rates).
 
 One `Session` RPC per node: the stream is admitted against its source
 address's share first (before a byte is read), the relay writes a challenge,
@@ -35,7 +35,7 @@ from cloud_relay.switchboard import Session as RelaySession
 from mesh.clock import now_ms
 from mesh.errors import MeshError
 from mesh.home import write_private
-from mesh.relay import (
+from mesh.routing.relay import (
     MAX_FRAME_BYTES,
     MAX_PACKET_BYTES,
     RelayLimits,

@@ -24,8 +24,7 @@ import time
 from collections.abc import Callable
 
 from mesh.errors import Overloaded, PermissionDenied
-from mesh.membership import Revocations, Role, role_to_pb, verify_revocations
-from mesh.relay import (
+from mesh.routing.relay import (
     Claim,
     Refused,
     RelayLimits,
@@ -35,6 +34,7 @@ from mesh.relay import (
     may_reach,
     sees_directory,
 )
+from mesh.trust.membership import Revocations, Role, role_to_pb, verify_revocations
 from mesh.wire.v1 import relay_pb2 as rpb
 from mesh.wire.v1 import trust_pb2 as tpb
 
@@ -166,7 +166,7 @@ class Switchboard:
     # --- sessions -------------------------------------------------------------------------
 
     def admit(self, address: str) -> Admission:
-        """A new stream from `address` (see `mesh.relay.source_address`), before anything is
+        """A new stream from `address` (see `mesh.routing.relay.source_address`), before anything is
         read from it: refused at once if that address, or the relay, has no place left."""
         held = self._streams_by_address.get(address, 0)
         if held >= self.limits.max_sessions_per_address:

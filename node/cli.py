@@ -192,7 +192,7 @@ class NodeRefused(click.ClickException):
 
 
 def _node(home_dir: Path | None) -> NodeAddress:
-    from node.owner import read_token
+    from node.api.owner import read_token
 
     home = Home.resolve(home_dir)
     try:
@@ -257,7 +257,7 @@ def mesh() -> None:
 )
 def invite(home_dir: Path | None, role: str, ttl: str) -> None:
     """Print a one-time invite code for another box."""
-    from node.mesh_admin import parse_duration
+    from node.api.mesh_admin import parse_duration
 
     try:
         ttl_s = parse_duration(ttl)
@@ -340,7 +340,7 @@ QUOTA_HELP = (
 
 
 def _check_quota(spec: str | None) -> None:
-    from mesh.quota import parse_quota
+    from mesh.quota.rules import parse_quota
 
     if spec is not None:
         try:
@@ -428,7 +428,7 @@ def user_list(home_dir: Path | None, as_json: bool) -> None:
 @click.argument("name")
 def user_remove(home_dir: Path | None, name: str) -> None:
     """Remove user NAME: their API key stops working at once."""
-    from mesh.users import validate_name
+    from mesh.quota.users import validate_name
 
     try:
         validate_name(name)
@@ -727,9 +727,9 @@ def _verified_ledger(home: Home, *, require_receipts: bool) -> tuple[Any, Any]:
     """Everything in this home's ledger, and its verification (in a few processes)."""
     import os
 
-    from mesh.ledger import verify
-    from mesh.ledger_store import read_ledger_file
-    from node.workers import chunk_map
+    from mesh.ledger.records import verify
+    from node.store.ledger_store import read_ledger_file
+    from node.store.workers import chunk_map
 
     held = read_ledger_file(_existing_ledger(home))
     report = verify(
@@ -779,7 +779,7 @@ def usage(home_dir: Path | None, as_json: bool, user: str | None, period: str, b
     when records are known to be missing from this ledger it says which, and exits 1."""
     import time
 
-    from mesh.ledger import period_bounds, refused_records, summarize
+    from mesh.ledger.records import period_bounds, refused_records, summarize
 
     home = Home.resolve(home_dir)
     try:

@@ -24,36 +24,36 @@ import grpc
 from aiohttp import web
 
 from mesh import PROTOCOL_VERSION, __version__
-from mesh.cards import sign_card
 from mesh.config import NodeConfig, cloud_plan_quota
 from mesh.errors import ConfigError
 from mesh.home import Home
-from mesh.identity import Identity, load_or_create_identity
-from mesh.ledger_store import LedgerStore
-from mesh.membership import Role
-from mesh.peers import PeerTable
-from mesh.scheduler import Privacy
+from mesh.routing.peers import PeerTable
+from mesh.routing.scheduler import Privacy
+from mesh.trust.cards import sign_card
+from mesh.trust.identity import Identity, load_or_create_identity
+from mesh.trust.membership import Role
 from mesh.wire import grpc_options
 from mesh.wire.v1 import node_pb2 as pb
 from mesh.wire.v1 import node_pb2_grpc as pb_grpc
-from node.backends import create_backend
-from node.backends.base import Backend
-from node.discovery import Discovery
-from node.dispatch import Dispatcher
-from node.grpc_front import GrpcFront
-from node.grpc_service import NodeServicer
-from node.http_api import build_app
-from node.http_guard import GuardedSite, HttpConnectionGuard
-from node.ledger_sync import LedgerSync
-from node.listeners import AcceptErrorLog, ListenerSettings, raise_nofile_limit
-from node.mesh_admin import MeshAdmin
-from node.node_service import NodeCalls
-from node.owner import HostGuard, OwnerToken
-from node.peering import Peering
-from node.quota_service import QuotaService
-from node.relay_client import RelayLink
-from node.trust_store import TrustStore
-from node.users_admin import UsersAdmin, log_api_access
+from node.api.http_api import build_app
+from node.api.mesh_admin import MeshAdmin
+from node.api.owner import HostGuard, OwnerToken
+from node.serving.backends import create_backend
+from node.serving.backends.base import Backend
+from node.serving.dispatch import Dispatcher
+from node.serving.ledger_sync import LedgerSync
+from node.serving.node_service import NodeService
+from node.serving.quota_service import QuotaService
+from node.store.ledger_store import LedgerStore
+from node.store.trust_store import TrustStore
+from node.store.users_admin import UsersAdmin, log_api_access
+from node.transport.discovery import Discovery
+from node.transport.grpc_front import GrpcFront
+from node.transport.grpc_service import NodeServicer
+from node.transport.http_guard import GuardedSite, HttpConnectionGuard
+from node.transport.listeners import AcceptErrorLog, ListenerSettings, raise_nofile_limit
+from node.transport.peering import Peering
+from node.transport.relay_client import RelayLink
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ class Node:
         self.peering: Peering | None = None
         self.discovery: Discovery | None = None
         self.relays: list[RelayLink] = []
-        self.calls: NodeCalls | None = None
+        self.calls: NodeService | None = None
         self.grpc_addresses: list[str] = []
         self._public_card = pb.SignedCard()
         self._full_card = pb.SignedCard()
@@ -244,7 +244,7 @@ class Node:
             interceptors=[front.interceptor],
             options=grpc_options.node_server_options(max_connections=self.listeners.grpc.total),
         )
-        self.calls = NodeCalls(
+        self.calls = NodeService(
             trust=self.trust,
             dispatcher=self.dispatcher,
             public_card=lambda: self._public_card,

@@ -28,8 +28,8 @@ from mesh.inference import (
     ModelInfo,
     TextDelta,
 )
-from node.backends import FACTORIES
 from node.cli import main
+from node.serving.backends import FACTORIES
 
 WORDS = ("Hello", " from", " a", " greedy", " box.")
 CLAIMED_TOKENS_PER_DELTA = 400  # each word "took" 400 tokens

@@ -7,11 +7,11 @@ import urllib.request
 from pathlib import Path
 
 from mesh.home import Home
-from mesh.identity import load_or_create_identity
-from mesh.ledger_store import read_ledger as read_ledger_file
+from mesh.trust.identity import load_or_create_identity
 from mesh.wire.v1 import ledger_pb2 as lpb
-from node.peer_client import join_mesh
-from node.trust_store import TrustStore
+from node.store.ledger_store import read_ledger as read_ledger_file
+from node.store.trust_store import TrustStore
+from node.transport.peer_client import join_mesh
 from tests.nodeproc import NodeProcess
 
 

@@ -164,7 +164,7 @@ async def test_grpc_callers_get_resource_exhausted_when_full(
 ) -> None:
     from mesh.errors import Overloaded
     from mesh.inference import InferenceRequest, Sampling
-    from node.peer_client import PeerClient
+    from node.transport.peer_client import PeerClient
     from tests.members import join_as_member
 
     node = small_queue_node
@@ -209,7 +209,7 @@ async def test_one_peer_cannot_take_every_stream(
     from mesh.errors import Overloaded
     from mesh.inference import InferenceRequest, Sampling
     from mesh.wire.grpc_options import MAX_STREAMS_PER_PEER
-    from node.peer_client import PeerClient
+    from node.transport.peer_client import PeerClient
     from tests.members import join_as_member
 
     node = deep_queue_node

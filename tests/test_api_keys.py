@@ -16,7 +16,7 @@ from typing import Any
 import openai
 import pytest
 
-from mesh.users import hash_api_key
+from mesh.quota.users import hash_api_key
 from tests.clients import openai_client
 from tests.members import models_config
 from tests.netns import NetnsLab, netns_unavailable

@@ -7,15 +7,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mesh import PROTOCOL_VERSION
-from mesh.cards import CARD_SIGNATURE_CONTEXT, MAX_CARD_BYTES, open_card, sign_card
-from mesh.enckeys import KeyPair
 from mesh.errors import (
     InvalidRequest,
     MeshError,
     RemoteProtocolError,
     UnsupportedProtocol,
 )
-from mesh.identity import Identity
 from mesh.inference import (
     ChatMessage,
     Finished,
@@ -27,7 +24,10 @@ from mesh.inference import (
     ServedBy,
     TextDelta,
 )
-from mesh.membership import MeshAuthority, Role
+from mesh.trust.cards import CARD_SIGNATURE_CONTEXT, MAX_CARD_BYTES, open_card, sign_card
+from mesh.trust.enckeys import KeyPair
+from mesh.trust.identity import Identity
+from mesh.trust.membership import MeshAuthority, Role
 from mesh.wire.codec import (
     check_protocol_version,
     event_from_pb,

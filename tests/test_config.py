@@ -543,7 +543,7 @@ def test_a_cloud_plan_is_a_quota_on_the_cloud_class(tmp_path: Path, text: str, s
 
 
 def test_connection_caps_and_web_names_from_the_config(tmp_path: Path) -> None:
-    from node.listeners import ListenerSettings
+    from node.transport.listeners import ListenerSettings
 
     path = write_config(
         tmp_path,

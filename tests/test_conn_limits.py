@@ -1,6 +1,6 @@
 """One client must not exhaust the node (issue 11, finding 2).
 
-Pure tests for the caps (`mesh.connlimits`), then a real node whose per-source caps
+Pure tests for the caps (`mesh.routing.connlimits`), then a real node whose per-source caps
 and deadlines are set low through environment knobs, flooded from 127.0.0.2 (another
 loopback address: another source, as another machine on the LAN would be) while the
 owner uses it from 127.0.0.1. Floods are a few hundred connections, closed on exit.
@@ -23,7 +23,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mesh.connlimits import (
+from mesh.inference import Finished, InferenceRequest, Sampling
+from mesh.routing.connlimits import (
     FDS_PER_GRPC_CONNECTION,
     KEEP_MIN_FDS,
     Caps,
@@ -32,8 +33,7 @@ from mesh.connlimits import (
     caps_for,
     source_of,
 )
-from mesh.inference import Finished, InferenceRequest, Sampling
-from node.peer_client import PeerClient
+from node.transport.peer_client import PeerClient
 from tests.members import join_as_member
 from tests.nodeproc import NodeProcess
 
@@ -369,7 +369,7 @@ async def test_http_deadlines_drop_slow_headers_stalled_bodies_and_idle_keepaliv
 
 
 def test_accept_errors_are_logged_once_per_interval(caplog: pytest.LogCaptureFixture) -> None:
-    from node.listeners import AcceptErrorLog  # the node's loop exception handler
+    from node.transport.listeners import AcceptErrorLog  # the node's loop exception handler
 
     clock = [100.0]
     log = AcceptErrorLog(interval_s=60.0, clock=lambda: clock[0])
@@ -379,7 +379,7 @@ def test_accept_errors_are_logged_once_per_interval(caplog: pytest.LogCaptureFix
         loop.set_exception_handler(lambda _loop, context: seen.append(context))
         log.install(loop)
         emfile = OSError(24, "Too many open files")
-        with caplog.at_level(logging.WARNING, logger="node.listeners"):
+        with caplog.at_level(logging.WARNING, logger="node.transport.listeners"):
             for _ in range(1000):
                 loop.call_exception_handler(
                     {"message": "socket.accept() out of system resource", "exception": emfile}
@@ -392,7 +392,7 @@ def test_accept_errors_are_logged_once_per_interval(caplog: pytest.LogCaptureFix
         log.uninstall(loop)
     finally:
         loop.close()
-    records = [r for r in caplog.records if r.name == "node.listeners"]
+    records = [r for r in caplog.records if r.name == "node.transport.listeners"]
     assert len(records) == 2
     assert "999" in records[1].getMessage()  # what was left out in between is counted
     assert seen == [{"message": "something else"}]  # the rest goes to the previous handler

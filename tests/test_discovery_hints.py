@@ -8,7 +8,7 @@ from dataclasses import replace
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mesh.discovery import (
+from mesh.routing.discovery import (
     MAX_TXT_VALUE_BYTES,
     DiscoveryLimits,
     ForwardGate,
@@ -20,7 +20,7 @@ from mesh.discovery import (
     hint_properties,
     parse_hint,
 )
-from mesh.identity import Identity
+from mesh.trust.identity import Identity
 
 NODE = Identity.generate().node_id
 MESH = Identity.generate().node_id

@@ -7,7 +7,8 @@ from cryptography.hazmat.primitives import serialization
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mesh.enckeys import (
+from mesh.errors import BadSignature, MeshError
+from mesh.trust.enckeys import (
     GRACE_MS,
     HOUR_MS,
     KEYS_CONTEXT,
@@ -20,9 +21,8 @@ from mesh.enckeys import (
     hybrid_available,
     verify_encryption_keys,
 )
-from mesh.errors import BadSignature, MeshError
-from mesh.identity import Identity
-from mesh.membership import CERT_CONTEXT
+from mesh.trust.identity import Identity
+from mesh.trust.membership import CERT_CONTEXT
 from mesh.wire.v1 import trust_pb2 as tpb
 
 NOW = 1_700_000_000_000

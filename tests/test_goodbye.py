@@ -9,10 +9,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mesh.errors import ReplayDetected
-from mesh.goodbye import GOODBYE_WINDOW_MS, Goodbye, goodbye_holds, sign_goodbye
-from mesh.identity import Identity
-from mesh.ratelimit import Rate, SourceLimiter, source_address
-from mesh.sealing import ReplayGuard
+from mesh.routing.ratelimit import Rate, SourceLimiter, source_address
+from mesh.trust.goodbye import GOODBYE_WINDOW_MS, Goodbye, goodbye_holds, sign_goodbye
+from mesh.trust.identity import Identity
+from mesh.trust.sealing import ReplayGuard
 
 NOW = 1_800_000_000_000
 CARD_AT = NOW - 5_000

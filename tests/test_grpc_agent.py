@@ -10,14 +10,14 @@ import grpc
 import pytest
 
 from mesh import PROTOCOL_VERSION
-from mesh.cards import PeerCard, open_card
 from mesh.errors import InvalidRequest, ModelNotFound, NotAMember
 from mesh.inference import ChatMessage, Finished, InferenceRequest, Sampling, TextDelta
+from mesh.trust.cards import PeerCard, open_card
 from mesh.wire import grpc_options
 from mesh.wire.v1 import node_pb2 as pb
 from mesh.wire.v1 import node_pb2_grpc as pb_grpc
-from node.peer_client import PeerClient
-from node.trust_store import TrustStore
+from node.store.trust_store import TrustStore
+from node.transport.peer_client import PeerClient
 from tests.members import join_as_member, new_trust
 from tests.nodeproc import NodeProcess
 
@@ -151,7 +151,7 @@ async def test_a_node_of_another_mesh_is_refused(node: NodeProcess, tmp_path: Pa
 
 
 def _admin_membership_as_seen_by(trust: TrustStore, signed: pb.SignedCard):  # type: ignore[no-untyped-def]
-    from mesh.membership import read_cert, verify_cert
+    from mesh.trust.membership import read_cert, verify_cert
 
     card = open_card(signed)
     cert, _ = read_cert(card.membership)
@@ -159,7 +159,7 @@ def _admin_membership_as_seen_by(trust: TrustStore, signed: pb.SignedCard):  # t
 
 
 def _keys(signed: pb.SignedCard):  # type: ignore[no-untyped-def]
-    from mesh.enckeys import verify_encryption_keys
+    from mesh.trust.enckeys import verify_encryption_keys
 
     card = open_card(signed)
     return verify_encryption_keys(
@@ -203,7 +203,7 @@ async def test_a_call_on_a_closed_channel_fails_cleanly_as_unavailable() -> None
     """A peer's client replaced while a caller still holds it (a direct path given up for
     the relay, say): its calls fail as Unavailable, never with gRPC's UsageError."""
     from mesh.errors import Unavailable
-    from node.peer_client import GrpcTransport
+    from node.transport.peer_client import GrpcTransport
 
     transport = GrpcTransport("127.0.0.1:9")
     await transport.aclose()

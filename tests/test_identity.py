@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mesh.errors import IdentityError, InvalidRequest, MeshError
-from mesh.identity import (
+from mesh.trust.identity import (
     Identity,
     load_or_create_identity,
     node_id_from_public_key,

@@ -28,7 +28,6 @@ IO_LIBRARIES = frozenset(
     }
 )
 NOT_YET_PURE = {
-    "mesh.ledger_store": "the aiosqlite store",
     "mesh.wire.v1.ledger_pb2_grpc": "generated gRPC stubs",
     "mesh.wire.v1.node_pb2_grpc": "generated gRPC stubs",
     "mesh.wire.v1.relay_pb2_grpc": "generated gRPC stubs",
@@ -124,3 +123,26 @@ def test_node_has_no_import_cycle() -> None:
 def test_the_cycle_finder_finds_cycles() -> None:
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == [["a", "b", "c", "a"]]
     assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+# node's subpackages in layers: each may import those before it, never one after it.
+NODE_LAYERS = ("store", "transport", "serving", "api")
+
+
+def test_node_subpackages_are_layered() -> None:
+    upward = {}
+    for path in _package("node"):
+        parts = _module(path).split(".")
+        if len(parts) < 3 or parts[1] not in NODE_LAYERS:
+            continue
+        rank = NODE_LAYERS.index(parts[1])
+        wrong = sorted(
+            i
+            for i in _imports(path, top_level_only=False)
+            if i.startswith("node.")
+            and i.split(".")[1] in NODE_LAYERS
+            and NODE_LAYERS.index(i.split(".")[1]) > rank
+        )
+        if wrong:
+            upward[_module(path)] = wrong
+    assert upward == {}, f"layers, lowest first: {' <- '.join(NODE_LAYERS)}"

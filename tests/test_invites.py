@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mesh.errors import InviteError, MeshError
-from mesh.identity import Identity
-from mesh.invites import (
+from mesh.trust.identity import Identity
+from mesh.trust.invites import (
     CODE_PREFIX,
     JOIN_SKEW_MS,
     MAX_CODE_CHARS,
@@ -24,7 +24,7 @@ from mesh.invites import (
     make_join_request,
     transcript,
 )
-from mesh.membership import MeshAuthority, Role
+from mesh.trust.membership import MeshAuthority, Role
 from mesh.wire.v1 import trust_pb2 as tpb
 
 NOW = 1_700_000_000_000

@@ -9,8 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mesh.errors import BadSignature, InvalidRequest
-from mesh.identity import Identity
-from mesh.ledger import (
+from mesh.ledger.records import (
     GENESIS,
     ChainWriter,
     Mark,
@@ -30,8 +29,9 @@ from mesh.ledger import (
     summarize,
     verify,
 )
+from mesh.trust.identity import Identity
 from mesh.wire.v1 import ledger_pb2 as lpb
-from node.workers import chunk_map
+from node.store.workers import chunk_map
 
 SERVER, ENTRY = Identity.generate(), Identity.generate()
 

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mesh.inference import ChatMessage, InferenceRequest, Sampling
-from mesh.ledger_bounds import (
+from mesh.ledger.bounds import (
     Delivered,
     completion_tokens_bound,
     implausible,

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from mesh.home import Home
-from mesh.identity import Identity, load_or_create_identity
-from mesh.ledger import Usage
-from mesh.ledger_store import LedgerStore
+from mesh.ledger.records import Usage
+from mesh.trust.identity import Identity, load_or_create_identity
+from node.store.ledger_store import LedgerStore
 from tests.members import models_config, read_ledger
 from tests.nodeproc import NodeProcess, run_cli
 from tests.test_lan_mesh import peer_states, wait_until

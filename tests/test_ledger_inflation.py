@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from mesh.ledger import open_record, record_hash
+from mesh.ledger.records import open_record, record_hash
 from tests.inflating_node import CLAIMED_PROMPT_TOKENS, WORDS
 from tests.members import models_config, read_ledger
 from tests.nodeproc import NodeProcess, run_cli

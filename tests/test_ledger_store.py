@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 
 from mesh.errors import ConfigError
-from mesh.identity import Identity, load_or_create_identity
-from mesh.ledger import Usage, countersign, open_record, record_hash, verify
-from mesh.ledger_store import LedgerStore, read_ledger
-from mesh.ledger_sync import check_batch
+from mesh.ledger.records import Usage, countersign, open_record, record_hash, verify
+from mesh.ledger.sync import check_batch
+from mesh.trust.identity import Identity, load_or_create_identity
+from node.store.ledger_store import LedgerStore, read_ledger
 
 ENTRY = Identity.generate()
 
@@ -87,9 +87,9 @@ async def test_an_edited_or_deleted_row_is_found_and_named(tmp_path: Path) -> No
 WRITER = r"""
 import asyncio, sys
 from pathlib import Path
-from mesh.identity import load_or_create_identity
-from mesh.ledger import Usage, open_record
-from mesh.ledger_store import LedgerStore
+from mesh.trust.identity import load_or_create_identity
+from mesh.ledger.records import Usage, open_record
+from node.store.ledger_store import LedgerStore
 
 async def main(home):
     identity, _ = load_or_create_identity(Path(home) / "identity.key")

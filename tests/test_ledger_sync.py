@@ -13,14 +13,22 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mesh.errors import InvalidRequest, MeshError
-from mesh.identity import Identity
-from mesh.ledger import ChainWriter, Usage, countersign, open_record, record_hash, summarize, verify
-from mesh.ledger_store import Ask, LedgerStore, pull, read_ledger, read_ledger_file
-from mesh.ledger_sync import Held, check_batch, check_record, plan_chain
-from mesh.membership import MeshAuthority, Role, read_cert, verify_cert
+from mesh.ledger.records import (
+    ChainWriter,
+    Usage,
+    countersign,
+    open_record,
+    record_hash,
+    summarize,
+    verify,
+)
+from mesh.ledger.sync import Held, check_batch, check_record, plan_chain
+from mesh.trust.identity import Identity
+from mesh.trust.membership import MeshAuthority, Role, read_cert, verify_cert
 from mesh.wire.v1 import ledger_pb2 as lpb
 from mesh.wire.v1 import trust_pb2 as tpb
-from node.ledger_checker import Checker
+from node.store.ledger_checker import Checker
+from node.store.ledger_store import Ask, LedgerStore, pull, read_ledger, read_ledger_file
 
 
 def _usage(i: int, entry: Identity, user: str = "alice") -> Usage:

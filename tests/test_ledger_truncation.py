@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from mesh.ledger import open_record, record_hash
+from mesh.ledger.records import open_record, record_hash
 from tests.members import models_config, read_ledger
 from tests.nodeproc import NodeProcess, run_cli
 from tests.test_lan_mesh import peer_states, post, start_mesh, wait_until

@@ -16,10 +16,10 @@ import pytest
 
 from mesh.errors import NotAMember
 from mesh.home import Home
-from mesh.identity import load_or_create_identity
-from mesh.invites import decode_invite, make_join_request
-from mesh.users import dump_users, hash_api_key, new_api_key, parse_users, sign_record
-from node.peer_client import PeerClient
+from mesh.quota.users import dump_users, hash_api_key, new_api_key, parse_users, sign_record
+from mesh.trust.identity import load_or_create_identity
+from mesh.trust.invites import decode_invite, make_join_request
+from node.transport.peer_client import PeerClient
 from tests.members import new_trust
 from tests.nodeproc import NodeProcess, run_cli
 from tests.test_lan_mesh import start_mesh, wait_until

@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mesh.errors import BadSignature, InvalidRequest, MeshError, NotAMember
-from mesh.identity import Identity
-from mesh.membership import (
+from mesh.trust.identity import Identity
+from mesh.trust.membership import (
     CERT_CONTEXT,
     DAY_MS,
     REVOCATIONS_CONTEXT,

@@ -22,14 +22,14 @@ from mesh.errors import (
     QuotaExceeded,
 )
 from mesh.home import Home
-from mesh.identity import load_or_create_identity
 from mesh.inference import ChatMessage, Finished, InferenceRequest, Sampling, TextDelta
+from mesh.trust.identity import load_or_create_identity
 from mesh.wire import codec
 from mesh.wire.v1 import ledger_pb2 as lpb
 from mesh.wire.v1 import node_pb2 as pb
 from mesh.wire.v1 import trust_pb2 as tpb
-from node.peer_client import PeerClient, join_mesh
-from node.trust_store import TrustStore
+from node.store.trust_store import TrustStore
+from node.transport.peer_client import PeerClient, join_mesh
 from tests.members import invite_code, join_as_member, new_trust
 from tests.nodeproc import NodeProcess, run_cli
 
@@ -345,8 +345,8 @@ async def test_forged_joins_and_revocations_are_refused_over_grpc(
     admin: NodeProcess, tmp_path: Path
 ) -> None:
     from mesh.errors import PermissionDenied
-    from mesh.invites import decode_invite, make_join_request
-    from mesh.membership import MeshAuthority
+    from mesh.trust.invites import decode_invite, make_join_request
+    from mesh.trust.membership import MeshAuthority
 
     stranger = new_trust(tmp_path / "stranger")
     code = invite_code(admin)

@@ -279,7 +279,7 @@ def test_killing_the_serving_box_mid_stream_costs_the_client_nothing(
 
 
 def _mdns_built() -> bool:
-    return importlib.util.find_spec("node.discovery") is not None
+    return importlib.util.find_spec("node.transport.discovery") is not None
 
 
 def test_a_box_of_another_mesh_is_never_used(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from mesh.ledger import record_hash, verify
+from mesh.ledger.records import record_hash, verify
 from tests.members import read_ledger
 from tests.netns import LabNode, NetnsLab, netns_unavailable, wait_until
 from tests.test_netns_mesh import static_mesh

@@ -39,7 +39,7 @@ from zeroconf import DNSAddress, DNSOutgoing, DNSPointer, DNSService, DNSText
 from zeroconf.const import (_CLASS_IN, _CLASS_UNIQUE, _FLAGS_AA, _FLAGS_QR_RESPONSE, _TYPE_A,
                             _TYPE_PTR, _TYPE_SRV, _TYPE_TXT)
 from mesh import PROTOCOL_VERSION
-from mesh.identity import node_id_from_public_key
+from mesh.trust.identity import node_id_from_public_key
 ip, mesh_id, burst = sys.argv[1], sys.argv[2], sys.argv[3]
 names, per_packet, rate = int(sys.argv[4]), int(sys.argv[5]), float(sys.argv[6])
 TYPE, TTL = "_allerac._tcp.local.", 86400
@@ -177,7 +177,7 @@ def test_an_mdns_flood_leaves_memory_flat_and_discovery_working(tmp_path: Path) 
         log = a.output()
         assert "Traceback" not in log
         assert len(log.encode()) < MAX_LOG_BYTES, f"A's log is {len(log)} bytes"
-        warnings = [line for line in log.splitlines() if "WARNING node.discovery" in line]
+        warnings = [line for line in log.splitlines() if "WARNING node.transport.discovery" in line]
         assert 1 <= len(warnings) <= BURSTS, warnings
         assert f"from {lab.ips[attacker]}" in warnings[0]
 
@@ -200,9 +200,9 @@ from zeroconf._dns import DNSAddress, DNSPointer, DNSService, DNSText
 from zeroconf.const import (_CLASS_IN, _CLASS_UNIQUE, _FLAGS_AA, _FLAGS_QR_RESPONSE, _TYPE_A,
                             _TYPE_PTR, _TYPE_SRV, _TYPE_TXT)
 from mesh import PROTOCOL_VERSION
-from mesh.discovery import SERVICE_TYPE, DiscoveryLimits
-from mesh.identity import node_id_from_public_key
-from node.discovery import Discovery
+from mesh.routing.discovery import SERVICE_TYPE, DiscoveryLimits
+from mesh.trust.identity import node_id_from_public_key
+from node.transport.discovery import Discovery
 ip, flooder, names = sys.argv[1], sys.argv[2], int(sys.argv[3])
 MESH, ME = node_id_from_public_key(b"m" * 32), node_id_from_public_key(b"n" * 32)
 def announcement(i, ptr=True):

@@ -37,7 +37,7 @@ def _need_netns() -> None:
 
 
 def _mdns_missing() -> str | None:
-    if importlib.util.find_spec("node.discovery") is None:
+    if importlib.util.find_spec("node.transport.discovery") is None:
         return "mDNS discovery is not built yet (no node/discovery.py)"
     return None
 
@@ -200,7 +200,7 @@ JUNK_SCRIPT = """
 import os, socket, sys, time
 from zeroconf import IPVersion, ServiceInfo, Zeroconf
 from mesh import PROTOCOL_VERSION
-from mesh.identity import Identity
+from mesh.trust.identity import Identity
 TYPE = "_allerac._tcp.local."
 ip, mesh_id, blackhole = sys.argv[1], sys.argv[2], sys.argv[3]
 good = {"id": Identity.generate().node_id, "mesh": mesh_id, "v": str(PROTOCOL_VERSION),

@@ -21,7 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from mesh.ledger import open_record, record_hash, verify
+from mesh.ledger.records import open_record, record_hash, verify
 from tests.members import models_config, read_ledger
 from tests.netns import LabNode, NetnsLab, netns_unavailable, wait_until
 from tests.nodeproc import RelayProcess
@@ -226,11 +226,11 @@ def test_another_mesh_on_the_same_relay_neither_sees_nor_reaches_ours(world: Wor
 FLOOD_SCRIPT = r"""
 import asyncio, sys, grpc
 from mesh.home import Home
-from mesh.identity import load_or_create_identity
-from mesh.relay import sign_hello
+from mesh.trust.identity import load_or_create_identity
+from mesh.routing.relay import sign_hello
 from mesh.wire.v1 import relay_pb2 as rpb, relay_pb2_grpc as rpb_grpc
-from node.peer_client import join_mesh
-from node.trust_store import TrustStore
+from node.transport.peer_client import join_mesh
+from node.store.trust_store import TrustStore
 
 async def main(home, code, relay, victim, count):
     h = Home.resolve(home)

@@ -9,6 +9,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mesh.api.openai_api import (
+    SSE_DONE,
+    ResponseIds,
+    decode_json_body,
+    error_body,
+    parse_chat_request,
+    parse_completion_request,
+    sse,
+)
 from mesh.errors import (
     BackendError,
     InvalidRequest,
@@ -23,15 +32,6 @@ from mesh.inference import (
     Finished,
     FinishReason,
     InferenceRequest,
-)
-from mesh.openai_api import (
-    SSE_DONE,
-    ResponseIds,
-    decode_json_body,
-    error_body,
-    parse_chat_request,
-    parse_completion_request,
-    sse,
 )
 
 MAX = 1 << 20

@@ -36,8 +36,8 @@ from mesh.inference import (
     Sampling,
     TextDelta,
 )
-from node.backends import create_backend
-from node.backends.openai_upstream import OpenAIUpstreamBackend
+from node.serving.backends import create_backend
+from node.serving.backends.openai_upstream import OpenAIUpstreamBackend
 from tests.clients import openai_client
 from tests.nodeproc import NodeProcess
 
@@ -631,7 +631,7 @@ async def test_without_usage_tokens_are_counted_per_chunk_and_said_once(
 ) -> None:
     backend = await backend_for(model="no-usage")
     request = InferenceRequest(model="front", prompt="Hi")
-    with caplog.at_level(logging.WARNING, logger="node.backends.openai_upstream"):
+    with caplog.at_level(logging.WARNING, logger="node.serving.backends.openai_upstream"):
         for _ in range(2):
             events = await collect(backend, request)
             assert text_of(events) == "Hello world"

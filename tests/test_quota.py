@@ -11,10 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mesh.errors import InvalidRequest, QuotaExceeded
-from mesh.identity import Identity
 from mesh.inference import ChatMessage, InferenceRequest, Sampling
-from mesh.ledger import ChainWriter, Usage, open_record
-from mesh.quota import (
+from mesh.ledger.records import ChainWriter, Usage, open_record
+from mesh.quota.rules import (
     DEFAULT_MAX_TOKENS,
     HOLD_TTL_MS,
     Grant,
@@ -24,6 +23,7 @@ from mesh.quota import (
     parse_quota,
     prompt_bound,
 )
+from mesh.trust.identity import Identity
 
 MESH, CLOUD = TierClass.MESH, TierClass.CLOUD
 WRITER = ChainWriter(Identity.generate())

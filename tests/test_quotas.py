@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 
 from mesh.inference import InferenceRequest, Sampling
-from mesh.ledger import open_record
-from mesh.quota import prompt_bound
-from node.quota_service import LEASE_IDLE_S
+from mesh.ledger.records import open_record
+from mesh.quota.rules import prompt_bound
+from node.serving.quota_service import LEASE_IDLE_S
 from tests.members import models_config, read_ledger
 from tests.nodeproc import NodeProcess, run_cli
 from tests.test_lan_mesh import start_mesh, wait_until

@@ -27,7 +27,7 @@ from mesh.errors import (
     ReplayDetected,
     Unavailable,
 )
-from mesh.refusals import Next, after_candidate_failure
+from mesh.routing.refusals import Next, after_candidate_failure
 from tests.test_lan_mesh import start_mesh
 
 TRY, ANSWER = Next.TRY_NEXT, Next.ANSWER

@@ -30,9 +30,9 @@ import pytest
 
 from cloud_relay.client import fetch_stats
 from cloud_relay.operator_token import read_operator_token
-from mesh.identity import Identity
-from mesh.membership import MeshAuthority, Role
-from mesh.relay import sign_hello
+from mesh.routing.relay import sign_hello
+from mesh.trust.identity import Identity
+from mesh.trust.membership import MeshAuthority, Role
 from mesh.wire.v1 import relay_pb2 as rpb
 from mesh.wire.v1 import relay_pb2_grpc as rpb_grpc
 from tests.nodeproc import wait_for_run_info
@@ -56,7 +56,7 @@ LAUNCH = textwrap.dedent(
     import asyncio, json, sys
     from pathlib import Path
     from cloud_relay.server import Relay
-    from mesh.relay import RelayLimits
+    from mesh.routing.relay import RelayLimits
 
     async def serve(home, limits, allowed):
         run_file = Path(home) / "run" / "relay.json"

@@ -20,9 +20,7 @@ from mesh.errors import (
     PermissionDenied,
     Unavailable,
 )
-from mesh.identity import Identity
-from mesh.membership import MeshAuthority, Role
-from mesh.relay import (
+from mesh.routing.relay import (
     Claim,
     Refused,
     RelayLimits,
@@ -34,11 +32,13 @@ from mesh.relay import (
     source_address,
     verify_hello,
 )
+from mesh.trust.identity import Identity
+from mesh.trust.membership import MeshAuthority, Role
 from mesh.wire.v1 import node_pb2 as pb
 from mesh.wire.v1 import node_pb2_grpc as pb_grpc
 from mesh.wire.v1 import relay_pb2 as rpb
 from mesh.wire.v1 import trust_pb2 as tpb
-from node.peer_client import GrpcTransport
+from node.transport.peer_client import GrpcTransport
 
 NOW = 1_800_000_000_000
 YEAR_MS = 365 * 86_400_000

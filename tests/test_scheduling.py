@@ -10,8 +10,14 @@ from hypothesis import strategies as st
 
 from mesh.errors import InvalidRequest
 from mesh.inference import Load, ModelInfo, Route
-from mesh.peers import DOWN_AFTER_MS, SUSPECT_AFTER_MS, PeerState, PeerStateChanged, PeerTable
-from mesh.scheduler import Candidate, Privacy, estimate, plan
+from mesh.routing.peers import (
+    DOWN_AFTER_MS,
+    SUSPECT_AFTER_MS,
+    PeerState,
+    PeerStateChanged,
+    PeerTable,
+)
+from mesh.routing.scheduler import Candidate, Privacy, estimate, plan
 
 
 def cand(node: str, route: Route, **kw: object) -> Candidate:

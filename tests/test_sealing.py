@@ -11,8 +11,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mesh import PROTOCOL_VERSION
-from mesh.enckeys import GRACE_MS, OVERLAP_MS, ROTATE_EVERY_MS, KeyRing, PeerKeys
-from mesh.enckeys import verify_encryption_keys as verify_keys
 from mesh.errors import (
     BadSignature,
     ClockSkew,
@@ -23,9 +21,11 @@ from mesh.errors import (
     SealingError,
     UnsupportedProtocol,
 )
-from mesh.identity import Identity
-from mesh.membership import DAY_MS, MeshAuthority, Role
-from mesh.sealing import (
+from mesh.trust.enckeys import GRACE_MS, OVERLAP_MS, ROTATE_EVERY_MS, KeyRing, PeerKeys
+from mesh.trust.enckeys import verify_encryption_keys as verify_keys
+from mesh.trust.identity import Identity
+from mesh.trust.membership import DAY_MS, MeshAuthority, Role
+from mesh.trust.sealing import (
     REPLAY_WINDOW_MS,
     SIG_CONTEXT,
     EnvelopeOpener,

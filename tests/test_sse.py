@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mesh.api.sse import SseDecoder, SseEvent
 from mesh.errors import RemoteProtocolError
-from mesh.sse import SseDecoder, SseEvent
 
 
 def decode(pieces: Sequence[bytes], *, max_chars: int = 1 << 20) -> list[SseEvent]:

@@ -8,7 +8,7 @@ from itertools import pairwise
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mesh.stops import StopScanner
+from mesh.api.stops import StopScanner
 
 
 def run(stops: tuple[str, ...], pieces: Sequence[str]) -> tuple[list[str], bool, str]:

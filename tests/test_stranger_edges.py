@@ -16,13 +16,13 @@ import pytest
 
 from mesh.errors import InviteError, MeshError, Overloaded, PermissionDenied
 from mesh.inference import ChatMessage, InferenceRequest, Load, Sampling
-from mesh.invites import decode_invite, make_join_request
+from mesh.trust.invites import decode_invite, make_join_request
 from mesh.wire import codec
 from mesh.wire.v1 import node_pb2 as pb
 from mesh.wire.v1 import node_pb2_grpc as pb_grpc
 from mesh.wire.v1 import trust_pb2 as tpb
-from node.node_service import JOIN_RATE, PING_RATE, NodeCalls
-from node.peer_client import PeerClient
+from node.serving.node_service import JOIN_RATE, PING_RATE, NodeService
+from node.transport.peer_client import PeerClient
 from tests.members import invite_code, join_as_member, new_trust
 from tests.nodeproc import NodeProcess
 from tests.test_lan_mesh import peer_states, start_mesh, wait_until
@@ -68,8 +68,8 @@ class _Idle:
         return Load(active_streams=0, queued=0, slots=1)
 
 
-def _calls(tmp_path: Path) -> NodeCalls:
-    return NodeCalls(
+def _calls(tmp_path: Path) -> NodeService:
+    return NodeService(
         trust=new_trust(tmp_path / "node"),
         dispatcher=_Idle(),  # type: ignore[arg-type]
         public_card=pb.SignedCard,

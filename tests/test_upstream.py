@@ -1,4 +1,4 @@
-"""mesh.upstream: what goes to an OpenAI-compatible upstream and how its answers read."""
+"""mesh.api.upstream: what goes to an OpenAI-compatible upstream and how its answers read."""
 
 from __future__ import annotations
 
@@ -9,6 +9,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mesh.api.upstream import (
+    AnswerReader,
+    ModelDefaults,
+    error_from_status,
+    error_message,
+    read_models_list,
+    request_body,
+)
 from mesh.errors import (
     BackendError,
     ContextLengthExceeded,
@@ -27,14 +35,6 @@ from mesh.inference import (
     InferenceRequest,
     Sampling,
     TextDelta,
-)
-from mesh.upstream import (
-    AnswerReader,
-    ModelDefaults,
-    error_from_status,
-    error_message,
-    read_models_list,
-    request_body,
 )
 
 HELLO = (ChatMessage(role="user", content="Hello"),)

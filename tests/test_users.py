@@ -21,11 +21,8 @@ from mesh.errors import (
     UserExists,
     UserNotFound,
 )
-from mesh.identity import Identity
-from mesh.membership import MeshAuthority, Role, verify_cert
-from mesh.quota import parse_quota
-from mesh.scheduler import Privacy
-from mesh.users import (
+from mesh.quota.rules import parse_quota
+from mesh.quota.users import (
     KEY_PREFIX,
     OWNER,
     UserBook,
@@ -39,6 +36,9 @@ from mesh.users import (
     save_users,
     sign_record,
 )
+from mesh.routing.scheduler import Privacy
+from mesh.trust.identity import Identity
+from mesh.trust.membership import MeshAuthority, Role, verify_cert
 
 NOW_MS = 1_767_225_600_000
 LOOSENESS = [Privacy.LOCAL_ONLY, Privacy.MESH, Privacy.ANY]
@@ -544,7 +544,7 @@ async def test_another_members_bad_entries_are_skipped_and_the_good_ones_kept(
 
     from mesh.home import Home
     from mesh.wire.v1 import ledger_pb2 as lpb
-    from node.users_admin import UsersAdmin
+    from node.store.users_admin import UsersAdmin
     from tests.members import new_trust
 
     trust = new_trust(tmp_path)  # a mesh of one: its admin
@@ -588,7 +588,7 @@ async def test_users_are_written_off_the_event_loop_one_change_at_a_time(
     import asyncio
     import time
 
-    import node.users_admin as users_admin
+    import node.store.users_admin as users_admin
     from mesh.home import Home
     from tests.members import new_trust
 

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PARENT = """
 import multiprocessing, os, sys, time
 from concurrent.futures import ProcessPoolExecutor
-from node.workers import process_pool, watch_parent
+from node.store.workers import process_pool, watch_parent
 
 def without_pidfd(parent_pid):
     del os.pidfd_open  # as on a system without pidfds

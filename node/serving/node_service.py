@@ -1,0 +1,301 @@
+"""The node's service to other nodes, whatever carries the call: direct gRPC
+(`node.transport.grpc_service.NodeServicer`) or a relay session (`node.transport.relay_client`).
+
+Only Describe (the public card), Ping and Join answer in clear. Infer accepts
+sealed envelopes from verified, unrevoked members only, and answers in sealed
+frames; errors after the envelope opened travel sealed too, because their text
+can name the model or echo the request. Refusals raise `MeshError`; the transports
+turn them into their own status (gRPC: `node.transport.grpc_service._abort`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import AsyncGenerator, Callable
+
+from mesh.clock import now_ms
+from mesh.errors import InvalidRequest, MeshError, Overloaded, PermissionDenied, Unavailable
+from mesh.inference import Finished, InferenceRequest, Route
+from mesh.routing.ratelimit import Rate, SourceLimiter, source_address
+from mesh.routing.scheduler import Privacy
+from mesh.trust.goodbye import MAX_NODE_ID_CHARS, Goodbye
+from mesh.trust.membership import Role
+from mesh.trust.sealing import FrameWriter, OpenedRequest
+from mesh.wire import codec, grpc_options
+from mesh.wire.v1 import ledger_pb2 as lpb
+from mesh.wire.v1 import node_pb2 as pb
+from mesh.wire.v1 import trust_pb2 as tpb
+from node.serving.dispatch import Arrival, Dispatcher
+from node.serving.quota_service import QuotaService
+from node.store.ledger_store import LedgerStore
+from node.store.trust_store import TrustStore
+from node.store.users_admin import UsersAdmin
+from node.transport.coalesce import coalesce
+
+logger = logging.getLogger(__name__)
+REJECTIONS_REMEMBERED = 1024
+# At most one sealed answer frame per window after the first token: a relaying box spends
+# most of its CPU per gRPC message (283 µs per relayed token unbatched, 146 µs at 30 ms).
+STREAM_WINDOW_S = 0.03
+# What strangers may ask before proving anything, per source address. A peer pings each
+# address it knows once a second (heartbeats), so 20 a second leaves room for many
+# boxes behind one NAT; an invite is redeemed once, so 10 at once and one a second
+# leaves room for typos while making guessing pointless (codes hold 128 random bits).
+PING_RATE = Rate(per_s=20.0, burst=40.0)
+JOIN_RATE = Rate(per_s=1.0, burst=10.0)
+
+
+def _sealed(writer: FrameWriter, event: pb.InferEvent, *, final: bool) -> pb.InferEvent:
+    return pb.InferEvent(sealed=writer.seal(event.SerializeToString(), final=final))
+
+
+class NodeService:
+    """What every NodeService method does, over wire messages, whatever carried them:
+    direct gRPC (`NodeServicer`) or a relay session (`node.transport.relay_client`). Refusals
+    raise `MeshError`; an Infer refusal is raised before its first event."""
+
+    def __init__(
+        self,
+        *,
+        trust: TrustStore,
+        dispatcher: Dispatcher,
+        public_card: Callable[[], pb.SignedCard],
+        full_card: Callable[[], pb.SignedCard],
+        on_revocations: Callable[[], None] = lambda: None,
+        on_leaving: Callable[[Goodbye], None] = lambda goodbye: None,
+        on_member_joined: Callable[[list[str]], None] = lambda addresses: None,
+        card_issued_at: Callable[[], int] = lambda: 0,
+        ledger: LedgerStore | None = None,
+        quota: QuotaService | None = None,
+        users: UsersAdmin | None = None,
+    ) -> None:
+        self._trust = trust
+        self._dispatcher = dispatcher
+        self._public_card = public_card
+        self._full_card = full_card
+        self._on_revocations = on_revocations
+        self._on_leaving = on_leaving
+        self._on_member_joined = on_member_joined
+        self._card_issued_at = card_issued_at
+        self._ledger = ledger
+        self._quota = quota
+        self._users = users
+        self._rejected: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._streams_per_peer: dict[str, int] = {}
+        self._pings = SourceLimiter(PING_RATE)
+        self._joins = SourceLimiter(JOIN_RATE)
+
+    def log_rejection(self, peer: str, error: MeshError) -> None:
+        """Log a refused peer once per reason, so a misbehaving peer cannot flood the log."""
+        key = (peer.rsplit(":", 1)[0], error.code)
+        if key in self._rejected:
+            return
+        self._rejected[key] = None
+        if len(self._rejected) > REJECTIONS_REMEMBERED:
+            self._rejected.popitem(last=False)
+        logger.warning("refused a request from %s: %s", peer, error.message)
+
+    def describe(self) -> pb.SignedCard:
+        return self._public_card()
+
+    def ping(self, request: pb.PingRequest, peer: str) -> pb.PingResponse:
+        """`peer`: the gRPC peer (its address is rate-limited) or the relay's sender."""
+        if not self._pings.allow(source_address(peer), time.monotonic()):
+            raise Overloaded("too many pings from this address; slow down")
+        if (
+            len(request.nonce) > 64
+            or len(request.leaving_node_id) > MAX_NODE_ID_CHARS
+            or len(request.recipient_node_id) > MAX_NODE_ID_CHARS
+            or len(request.goodbye_signature) > 64
+        ):
+            raise InvalidRequest("ping fields are too long")
+        if request.leaving_node_id:
+            # Counts only if the leaving node signed it (Peering checks, mesh/goodbye.py).
+            self._on_leaving(
+                Goodbye(
+                    leaving_node_id=request.leaving_node_id,
+                    recipient_node_id=request.recipient_node_id,
+                    sent_at_ms=request.sent_at_unix_ms,
+                    card_issued_at_ms=request.card_issued_at_unix_ms,
+                    signature=request.goodbye_signature,
+                )
+            )
+        return pb.PingResponse(
+            nonce=request.nonce,
+            node_id=self._trust.identity.node_id,
+            received_at_unix_ms=now_ms(),
+            load=codec.load_to_pb(self._dispatcher.load()),
+            card_issued_at_unix_ms=self._card_issued_at(),
+        )
+
+    def join(self, request: tpb.JoinRequest, peer: str) -> tpb.JoinResponse:
+        if not self._joins.allow(source_address(peer), time.monotonic()):
+            raise Overloaded("too many invite redemptions from this address; wait a few seconds")
+        try:
+            response = self._trust.redeem(request, now=now_ms())
+        except MeshError as error:
+            self.log_rejection(peer, error)
+            raise
+        logger.info("a node joined the mesh through an invite")
+        self._on_member_joined(list(request.addresses)[:8])
+        return response
+
+    def push_revocations(
+        self, request: tpb.SignedRevocations, peer: str
+    ) -> pb.PushRevocationsResponse:
+        try:
+            if self._trust.apply_revocations(request):
+                logger.info("revocation list v%d applied", self._trust.revocations_version)
+                self._on_revocations()
+        except MeshError as error:
+            self.log_rejection(peer, error)
+            raise
+        return pb.PushRevocationsResponse(version=self._trust.revocations_version)
+
+    async def infer(
+        self,
+        request: pb.InferRequest,
+        *,
+        peer: str,
+        time_remaining_s: float | None,
+        via_relay: str = "",
+    ) -> AsyncGenerator[pb.InferEvent, None]:
+        """Open the sealed request and stream the sealed answer. `via_relay` is the node ID
+        the relay says sent it; the envelope's signed sender must be that node."""
+        try:
+            codec.check_protocol_version(request.protocol_version)
+            if request.WhichOneof("payload") != "sealed":
+                raise InvalidRequest("only sealed requests are served")
+            opened = self._trust.opener.open(request.sealed, now_ms=now_ms())
+            if via_relay and opened.sender.node_id != via_relay:
+                raise PermissionDenied("the envelope's sender is not the node that sent it")
+        except MeshError as error:
+            self.log_rejection(peer, error)
+            raise
+        sender = opened.sender.node_id
+        if self._streams_per_peer.get(sender, 0) >= grpc_options.MAX_STREAMS_PER_PEER:
+            raise Overloaded(
+                f"at most {grpc_options.MAX_STREAMS_PER_PEER} concurrent requests per node"
+            )
+        self._streams_per_peer[sender] = self._streams_per_peer.get(sender, 0) + 1
+        # Callers set deadlines; one that did not still cannot hold a stream forever.
+        ends_at = time.monotonic() + (time_remaining_s or grpc_options.MAX_CALL_S)
+        try:
+            async with contextlib.aclosing(self._serve(opened, bool(via_relay))) as events:
+                async for event in events:
+                    yield event
+                    if time.monotonic() > ends_at:
+                        raise Overloaded("the call ran past its deadline")
+        finally:
+            left = self._streams_per_peer.pop(sender) - 1
+            if left:
+                self._streams_per_peer[sender] = left
+
+    def _arrival(self, sender: str, via_relay: bool) -> Arrival:
+        """The tier the entry node reached us by, as it sees it (and records it)."""
+        if self._trust.role is Role.OVERFLOW:
+            route = Route.CLOUD
+        else:
+            route = Route.RELAY if via_relay else Route.LAN
+        return Arrival(entry_node_id=sender, route=route)
+
+    async def _serve(
+        self, opened: OpenedRequest, via_relay: bool
+    ) -> AsyncGenerator[pb.InferEvent, None]:
+        writer = opened.writer
+        if opened.purpose == "card":
+            if opened.sender.role is Role.OVERFLOW:
+                # Cloud nodes serve the mesh; they never learn its members' models or hardware.
+                refusal = PermissionDenied("overflow nodes do not receive members' cards")
+                yield _sealed(writer, codec.error_to_pb(refusal), final=True)
+            else:
+                yield _sealed(writer, pb.InferEvent(card=self._full_card()), final=True)
+            return
+        if opened.purpose == "ledger":
+            async for frame in self._ledger_answer(opened):
+                yield frame
+            return
+        if opened.purpose in ("quota", "users"):
+            yield await self._control_answer(opened)
+            return
+        try:
+            if opened.purpose != "infer":
+                raise InvalidRequest(f"unknown request purpose {opened.purpose!r}")
+            if opened.sender.role is Role.OVERFLOW:
+                raise PermissionDenied("overflow nodes serve requests; they do not send them")
+            inference = codec.parse_infer_request(opened.body)
+            if self._quota is not None and self._trust.role is Role.OVERFLOW:
+                # The mesh's cloud plan: held while it runs, released (idempotently) after.
+                inference = self._quota.plan_reserve(inference) or inference
+        except MeshError as error:
+            yield _sealed(writer, codec.error_to_pb(error), final=True)
+            return
+        try:
+            arrival = self._arrival(opened.sender.node_id, via_relay)
+            # Closed with us, so a caller that goes away stops the work at once.
+            async with contextlib.aclosing(self._stream(writer, inference, arrival)) as frames:
+                async for frame in frames:
+                    yield frame
+        finally:
+            if self._quota is not None:
+                self._quota.plan_release(inference.request_id)  # its record counts now
+
+    async def _stream(
+        self, writer: FrameWriter, inference: InferenceRequest, arrival: Arrival
+    ) -> AsyncGenerator[pb.InferEvent, None]:
+        """A peer's request served here (the mesh never forwards twice), sealed."""
+        try:
+            answer = await self._dispatcher.open(
+                inference, privacy=Privacy.LOCAL_ONLY, arrival=arrival
+            )
+        except MeshError as error:
+            yield _sealed(writer, codec.error_to_pb(error), final=True)
+            return
+        async with contextlib.aclosing(answer.events()) as events:
+            try:
+                async for event in coalesce(events, window_s=STREAM_WINDOW_S):
+                    final = isinstance(event, Finished)
+                    yield _sealed(writer, codec.event_to_pb(event, answer.served_by), final=final)
+            except MeshError as error:
+                yield _sealed(writer, codec.error_to_pb(error), final=True)
+
+    async def _control_answer(self, opened: OpenedRequest) -> pb.InferEvent:
+        """A member's quota call (this node keeps that user's quota) or users exchange."""
+        try:
+            if opened.sender.role is Role.OVERFLOW:
+                raise PermissionDenied("overflow nodes neither hold quotas nor see users")
+            if opened.purpose == "quota":
+                if self._quota is None:
+                    raise Unavailable("this node keeps no quotas")
+                call = codec.parse_message(lpb.QuotaCall, opened.body)
+                event = pb.InferEvent(
+                    quota=await self._quota.serve_call(call, opened.sender.node_id)
+                )
+            else:
+                if self._users is None:
+                    raise Unavailable("this node keeps no users")
+                asked = codec.parse_message(lpb.UserList, opened.body)
+                event = pb.InferEvent(users=self._users.user_list(asked.digest))
+        except MeshError as error:
+            event = codec.error_to_pb(error)
+        return _sealed(opened.writer, event, final=True)
+
+    async def _ledger_answer(self, opened: OpenedRequest) -> AsyncGenerator[pb.InferEvent, None]:
+        """What this node's ledger holds that the asking member lacks (ledger sync)."""
+        writer = opened.writer
+        try:
+            if opened.sender.role is Role.OVERFLOW:
+                raise PermissionDenied("overflow nodes do not read the mesh's ledger")
+            if self._ledger is None:
+                raise Unavailable("this node keeps no ledger")
+            request = codec.parse_message(lpb.SyncRequest, opened.body)
+            frames = await self._ledger.answer(request, asker=opened.sender.node_id)
+        except MeshError as error:
+            yield _sealed(writer, codec.error_to_pb(error), final=True)
+            return
+        for i, frame in enumerate(frames):
+            final = i == len(frames) - 1
+            yield _sealed(writer, pb.InferEvent(ledger=frame), final=final)

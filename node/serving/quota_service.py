@@ -1,0 +1,614 @@
+"""Quotas at run time (the rules are `mesh.quota.rules`'s; this is who holds what, and where).
+
+Every user's quota is kept by one node, the user's home (where they were added), so
+concurrent requests entering at any box, office or relay are all counted in one place:
+
+- `admit` (the entry node, before scheduling): for a user with a limited quota, reserve
+  the most the request can use at the home node: in process when that is this node,
+  otherwise by a sealed "quota" call (direct or through the relay). The admission caps
+  max_tokens where the grant says and closes the tier classes the quota rules out. When
+  the home cannot be reached the request is refused (503): a quota nobody can check
+  is not spent.
+- `settle` (the entry node, when the answer ends in any way): release the reservation,
+  handing the home the answer's signed records, which it verifies and keeps, so they
+  count at once (ledger sync brings them anyway; a record is counted once, by node and
+  sequence). Idempotent by request ID.
+- Leases: with a reservation, the home may grant the entry node a standing one for that
+  user (at most LEASE_TOKENS and a quarter of what is left). The entry node then admits
+  the user's requests from it without a round trip, puts back what each did not use,
+  reports their records as they come (the lease shrinks by what they count), and hands
+  the lease back when idle for LEASE_IDLE_S or when the user's entry changes. A lease is
+  held at the home like any reservation, so the bound is the same.
+- `serve_call` (the home node): the other side of all of it.
+
+Restarts: the home keeps its reservations and leases in `quota-holds.json` (written,
+without fsync, after every change: a crash of the node loses nothing, a power cut at
+most the last changes) and takes them back at start, so a restarted home admits nothing
+that the reservations it held before would not have let through. An entry node gives a
+lease back (and releases a reservation) until the home says it has: a home that cannot
+be reached is asked again every RETRY_S for as long as the reservation would be held.
+
+Cloud overflow nodes hold the mesh to its cloud plan (`cloud_plan` in their config)
+from their own ledger: `plan_reserve` before serving, `plan_release` after, RESOURCE_
+EXHAUSTED (429 at the entry node) when the plan is used up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from mesh.clock import now_ms
+from mesh.errors import (
+    ConfigError,
+    InvalidRequest,
+    MeshError,
+    PermissionDenied,
+    RemoteProtocolError,
+    Unauthenticated,
+    Unavailable,
+)
+from mesh.home import read_owner_only
+from mesh.inference import InferenceRequest, Route
+from mesh.ledger.sync import check_batch
+from mesh.quota.rules import (
+    DEFAULT_MAX_TOKENS,
+    HOLD_TTL_MS,
+    MESH_PLAN,
+    UNLIMITED,
+    Grant,
+    Quota,
+    QuotaBook,
+    TierClass,
+    prompt_bound,
+)
+from mesh.routing.scheduler import Privacy
+from mesh.wire.v1 import ledger_pb2 as lpb
+from node.store.ledger_store import LedgerStore
+from node.store.users_admin import UsersAdmin
+from node.transport.directory import PeerDirectory
+
+logger = logging.getLogger(__name__)
+
+MAX_RELEASE_RECORDS = 64
+LEASE_TOKENS = 4096  # the most a lease grows by at once (and at most 1/4 of what is left)
+LEASE_VALID_MS = 20 * 60 * 1000  # shorter than the home's hold TTL: never used past it
+LEASE_IDLE_S = 5.0  # a lease unused this long goes back to the home
+RETRY_S = 1.0  # how often a home that could not be told is told again
+
+
+def classes_for(privacy: Privacy) -> list[TierClass]:
+    """The tier classes a request may use, nearest first."""
+    if privacy is Privacy.ANY:
+        return [TierClass.MESH, TierClass.CLOUD]
+    return [TierClass.MESH]
+
+
+def closed_routes(grant: Grant, wanted: list[TierClass]) -> dict[Route, str]:
+    """The routes a grant rules out, each with the quota's reason."""
+    closed: dict[Route, str] = {}
+    shut = [tier_class for tier_class in wanted if tier_class not in grant.classes]
+    reasons = list(grant.refusals) + [""] * len(shut)
+    for tier_class, why in zip(shut, reasons, strict=False):
+        routes = (
+            (Route.CLOUD,)
+            if tier_class is TierClass.CLOUD
+            else (Route.LOCAL, Route.LAN, Route.RELAY)
+        )
+        for route in routes:
+            closed[route] = why or f"over quota on {tier_class} hardware"
+    return closed
+
+
+@dataclass(kw_only=True)
+class Admission:
+    """A request let in under its user's quota."""
+
+    request: InferenceRequest  # max_tokens capped where the grant said
+    closed: dict[Route, str] = field(default_factory=dict)
+    home: str = ""  # where the reservation is held; "" when nothing is
+    settled: bool = False
+    leased: int = 0  # admitted here from this node's lease: the tokens taken from it
+
+
+@dataclass(kw_only=True)
+class _Lease:
+    """This entry node's standing reservation at a user's home."""
+
+    home: str
+    classes: frozenset[TierClass]
+    version: tuple[int, str, bool]  # the user entry it was granted under
+    free: int = 0
+    valid_until_ms: int = 0
+    held_until_ms: int = 0  # how long the home holds it for us (once it ended)
+    in_flight: int = 0
+    idle_since: float = field(default_factory=time.monotonic)
+    records: list[lpb.SignedRecord] = field(default_factory=list)  # not yet reported
+    consumed: int = 0  # their tokens
+    reporting: bool = False
+
+
+class QuotaService:
+    def __init__(
+        self,
+        *,
+        node_id: str,
+        users: UsersAdmin,
+        store: LedgerStore | None,
+        links: PeerDirectory | None = None,
+        cloud_plan: Quota = UNLIMITED,
+        clock: Callable[[], int] = now_ms,
+        holds_file: Path | None = None,
+    ) -> None:
+        self._node_id = node_id
+        self._users = users
+        self._store = store
+        self._links = links
+        self._clock = clock
+        self.book = QuotaBook()
+        self.cloud_plan = cloud_plan
+        self.plan_book = QuotaBook()
+        self._settling: set[asyncio.Task[None]] = set()
+        self._leases: dict[str, _Lease] = {}  # by user, at other homes
+        self._upkeep: asyncio.Task[None] | None = None
+        self._holds_file = holds_file
+        self._kept: list[dict[str, object]] = []  # what the holds file says now
+
+    def _load_holds(self) -> None:
+        """The reservations this node held before it stopped (or crashed)."""
+        if self._holds_file is None:
+            return
+        try:
+            data = read_owner_only(
+                self._holds_file, what="quota reservations", max_bytes=64 << 20, error=ConfigError
+            )
+            if data is None:
+                return
+            body = json.loads(data.decode("utf-8"))
+            if not isinstance(body, dict) or set(body) != {"user", "plan"}:
+                raise ValueError("not an object with user and plan reservations")
+            restored = self.book.restore(body["user"], self._clock())
+            restored += self.plan_book.restore(body["plan"], self._clock())
+        except (ValueError, RecursionError) as exc:
+            # Kept for whoever looks; starting without them can only let a user spend what
+            # was reserved before the crash a second time, so say so loudly.
+            aside = self._holds_file.with_name(f"{self._holds_file.name}.bad-{self._clock()}")
+            self._holds_file.replace(aside)
+            logger.error(
+                "the quota reservations in %s are unreadable (%s); kept as %s, starting "
+                "without them: requests in flight at other boxes may pass their quota once",
+                self._holds_file,
+                exc,
+                aside,
+            )
+            return
+        if restored:
+            logger.info("took back %d quota reservation(s) held before the restart", restored)
+        self._persist()
+
+    def _persist(self) -> None:
+        """Keep the reservations on disk when they changed (see the module docstring)."""
+        if self._holds_file is None:
+            return
+        user, plan = self.book.holds(), self.plan_book.holds()
+        holds = user + plan
+        if holds == self._kept:
+            return
+        body = {"user": user, "plan": plan}
+        tmp = self._holds_file.with_name(f".{self._holds_file.name}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(json.dumps(body, separators=(",", ":")).encode())
+            os.replace(tmp, self._holds_file)
+        except OSError as exc:
+            logger.error("cannot keep the quota reservations in %s: %s", self._holds_file, exc)
+            return
+        self._kept = holds
+
+    async def start(self) -> None:
+        """Take back the reservations held before a restart; count every record already
+        held, then each new one as it is kept."""
+        self._load_holds()
+        self._upkeep = asyncio.create_task(self._tend_leases(), name="quota-leases")
+        if self._store is None:
+            return
+        self.count(await self._store.usage_records())
+        self._store.on_records = self.count
+
+    def count(self, records: list[lpb.UsageRecord]) -> None:
+        self.book.count(records)
+        if not self.cloud_plan.unlimited:
+            self.plan_book.count(
+                [replace_user(r, MESH_PLAN) for r in records if r.node_id == self._node_id]
+            )
+
+    # --- the entry node -------------------------------------------------------------------
+
+    async def admit(self, request: InferenceRequest, privacy: Privacy) -> Admission:
+        record = self._users.get(request.user) if request.user else None
+        if record is None or record.quota.unlimited:
+            return Admission(request=request)  # the owner, or nothing to count
+        wanted = classes_for(privacy)
+        if not any(record.quota.limits_on(c) for c in wanted):
+            return Admission(request=request)  # limited only where this request cannot go
+        home = self._users.home_of(record)
+        reserve = lpb.Reserve(
+            request_id=request.request_id,
+            user=request.user,
+            classes=[c.value for c in wanted],
+            prompt_tokens=min(prompt_bound(request), 2**32 - 1),
+        )
+        if request.sampling.max_tokens is not None:
+            reserve.max_tokens = request.sampling.max_tokens
+        if home == self._node_id:
+            grant = self.reserve(reserve)
+        else:
+            leased = self._from_lease(request, record.version, home, wanted, reserve)
+            if leased is not None:
+                return leased
+            reserve.lease_tokens = LEASE_TOKENS
+            lease = self._leases.get(request.user)
+            if lease is not None and lease.home == home and lease.free:
+                # Too little left for this request: give it back with the asking, so
+                # that this node's own lease does not stand in the request's way.
+                reserve.lease_returned, lease.free = min(lease.free, 2**32 - 1), 0
+            reply = await self._call(home, lpb.QuotaCall(reserve=reserve), request.user)
+            grant = Grant(
+                request.request_id,
+                frozenset(TierClass(c) for c in reply.classes if c in set(TierClass)),
+                reply.max_tokens if reply.HasField("max_tokens") else None,
+                tuple(reply.refusals),
+            )
+            if reply.lease_tokens:
+                self._grow_lease(request.user, home, grant.classes, record.version, reply)
+        capped = request
+        if grant.max_tokens is not None and grant.max_tokens != request.sampling.max_tokens:
+            capped = replace(
+                request, sampling=replace(request.sampling, max_tokens=grant.max_tokens)
+            )
+        return Admission(request=capped, closed=closed_routes(grant, wanted), home=home)
+
+    # --- leases: admitting at this node from a standing reservation at the home ------------
+
+    def _from_lease(
+        self,
+        request: InferenceRequest,
+        version: tuple[int, str, bool],
+        home: str,
+        wanted: list[TierClass],
+        reserve: lpb.Reserve,
+    ) -> Admission | None:
+        """Admit from this node's lease for the user, without asking the home, when the
+        lease is for the same classes, still valid, and has room; None otherwise."""
+        lease = self._leases.get(request.user)
+        if lease is None:
+            return None
+        if lease.version != version or lease.home != home:
+            self._drop_lease(request.user)  # the user changed: their quota may have too
+            return None
+        if lease.classes != frozenset(wanted) or self._clock() >= lease.valid_until_ms:
+            return None
+        prompt = reserve.prompt_tokens
+        if reserve.HasField("max_tokens"):
+            generate = reserve.max_tokens
+        else:
+            generate = min(DEFAULT_MAX_TOKENS, lease.free - prompt)
+        need = prompt + generate
+        if generate < 1 or lease.free < need:
+            return None
+        lease.free -= need
+        lease.in_flight += 1
+        capped = request
+        if generate != request.sampling.max_tokens:
+            capped = replace(request, sampling=replace(request.sampling, max_tokens=generate))
+        return Admission(request=capped, home=home, leased=need)
+
+    def _grow_lease(
+        self,
+        user: str,
+        home: str,
+        classes: frozenset[TierClass],
+        version: tuple[int, str, bool],
+        reply: lpb.QuotaGrant,
+    ) -> None:
+        lease = self._leases.get(user)
+        if lease is None or lease.classes != classes or lease.home != home:
+            if lease is not None:
+                self._drop_lease(user)
+            lease = _Lease(home=home, classes=classes, version=version)
+            self._leases[user] = lease
+        lease.free += reply.lease_tokens
+        lease.valid_until_ms = self._clock() + LEASE_VALID_MS
+
+    def _settle_leased(self, admission: Admission, records: list[lpb.SignedRecord]) -> None:
+        user = admission.request.user
+        lease = self._leases.get(user)
+        used = sum(_tokens(r) for r in records)
+        if lease is None:
+            return  # dropped meanwhile: its hold at the home expires; the records sync
+        lease.in_flight -= 1
+        lease.free += max(admission.leased - used, 0)
+        lease.records += records
+        lease.consumed += used
+        lease.idle_since = time.monotonic()
+        self._report_soon(user)
+
+    def _report_soon(self, user: str) -> None:
+        lease = self._leases.get(user)
+        if lease is None or lease.reporting or not (lease.records or lease.consumed):
+            return
+        lease.reporting = True
+        self._background(self._report(user, lease), "quota-lease-report")
+
+    async def _report(
+        self, user: str, lease: _Lease, returned: int = 0, *, until_told: bool = False
+    ) -> None:
+        """Tell the home what was used under the lease (with the records) and what is
+        given back; the lease shrinks there by as much. `until_told`: a lease that ended
+        (nothing else will report it) is retried until the home says it has it, for as
+        long as the home would hold it."""
+        try:
+            while lease.records or lease.consumed or returned:
+                records = lease.records[:MAX_RELEASE_RECORDS]
+                consumed = lease.consumed if len(records) == len(lease.records) else 0
+                release = lpb.Release(
+                    records=records,
+                    lease_user=user,
+                    lease_consumed=consumed,
+                    lease_returned=returned,
+                )
+                try:
+                    await self._call(lease.home, lpb.QuotaCall(release=release), user)
+                except MeshError as exc:
+                    if not until_told or self._clock() >= lease.held_until_ms:
+                        logger.warning("could not report lease use to %s: %s", lease.home[:7], exc)
+                        return  # a live lease: tried again by the upkeep
+                    logger.info(
+                        "the home %s of user %s cannot be told the lease ended (%s); trying again",
+                        lease.home[:7],
+                        user,
+                        exc.message,
+                    )
+                    await asyncio.sleep(RETRY_S)
+                    continue
+                del lease.records[: len(records)]
+                lease.consumed -= consumed
+                returned = 0
+                lease.valid_until_ms = self._clock() + LEASE_VALID_MS
+        finally:
+            lease.reporting = False
+
+    def _drop_lease(self, user: str) -> None:
+        """Stop admitting from a lease; what is left of it goes back to the home."""
+        lease = self._leases.pop(user, None)
+        if lease is None:
+            return
+        lease.held_until_ms = lease.valid_until_ms + (HOLD_TTL_MS - LEASE_VALID_MS)
+        lease.valid_until_ms = 0
+        self._background(self._report(user, lease, lease.free, until_told=True), "quota-lease-end")
+
+    async def _tend_leases(self) -> None:
+        """Every second: report what is pending; give back leases idle for a while (so
+        they do not keep a quota from the other boxes)."""
+        while True:
+            await asyncio.sleep(1.0)
+            for user, lease in list(self._leases.items()):
+                idle = time.monotonic() - lease.idle_since
+                if lease.in_flight == 0 and idle > LEASE_IDLE_S and not lease.reporting:
+                    self._drop_lease(user)
+                else:
+                    self._report_soon(user)
+
+    def settle_soon(self, admission: Admission, records: list[lpb.SignedRecord]) -> None:
+        """`settle`, without holding up the answer it follows (a remote home is told
+        while the response goes out)."""
+        if not self._settle_here(admission, records):
+            self._background(self.settle(admission, records), "quota-release")
+
+    def _settle_here(self, admission: Admission, records: list[lpb.SignedRecord]) -> bool:
+        """Settle what needs no call to another node; False when the home must be told."""
+        if not admission.home or admission.settled:
+            return True
+        if admission.leased:
+            admission.settled = True
+            self._settle_leased(admission, records)
+            return True
+        if admission.home == self._node_id:
+            admission.settled = True
+            self.book.release(admission.request.request_id)
+            self._persist()
+            return True
+        return False
+
+    def _background(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        """Quota business that must not hold anything up; `aclose` waits for it."""
+        task = asyncio.create_task(work, name=name)
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+
+    async def aclose(self, timeout_s: float = 5.0) -> None:
+        """Give leases back and let releases under way reach their home nodes."""
+        if self._upkeep is not None:
+            self._upkeep.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._upkeep
+            self._upkeep = None
+        for user in list(self._leases):
+            self._drop_lease(user)
+        if self._settling:
+            await asyncio.wait(set(self._settling), timeout=timeout_s)
+        for task in set(self._settling):  # a home still unreachable: its holds expire there
+            task.cancel()
+        await asyncio.gather(*self._settling, return_exceptions=True)
+
+    async def settle(self, admission: Admission, records: list[lpb.SignedRecord]) -> None:
+        """Release the reservation (the answer's records count from now on). Never
+        raises: a home that cannot be told is told again until it is (or until the
+        reservation would have expired there); the records reach it by ledger sync too."""
+        if self._settle_here(admission, records):
+            return
+        admission.settled = True
+        request_id = admission.request.request_id
+        release = lpb.Release(request_id=request_id, records=records[:MAX_RELEASE_RECORDS])
+        # Until the home has it: as long as the home holds the reservation (so that a
+        # home paused or restarting meanwhile does not keep it for nothing).
+        give_up_at = self._clock() + HOLD_TTL_MS
+        while True:
+            try:
+                await self._call(admission.home, lpb.QuotaCall(release=release), "")
+                return
+            except MeshError as exc:
+                if self._clock() >= give_up_at:
+                    logger.warning(
+                        "could not release request %s at %s: %s (it expires there)",
+                        request_id[:12],
+                        admission.home[:7],
+                        exc.message,
+                    )
+                    return
+                logger.debug(
+                    "release of %s at %s: %s; again",
+                    request_id[:12],
+                    admission.home[:7],
+                    exc.message,
+                )
+            await asyncio.sleep(RETRY_S)
+
+    async def _call(self, home: str, call: lpb.QuotaCall, user: str) -> lpb.QuotaGrant:
+        link = self._links.client(home) if self._links is not None else None
+        try:
+            if link is None:
+                raise Unavailable("no connection")
+            client, card = link
+            return await client.quota(card, call)
+        except (Unavailable, RemoteProtocolError, Unauthenticated) as exc:
+            whose = f"the quota of user {user!r}" if user else "this quota"
+            raise Unavailable(
+                f"{whose} is kept by node {home[:7]}, which cannot be reached right now "
+                f"({exc.message}); try again when it is back"
+            ) from exc
+
+    # --- the home node --------------------------------------------------------------------
+
+    def reserve(self, reserve: lpb.Reserve) -> Grant:
+        record = self._users.get(reserve.user)
+        if record is None:
+            raise PermissionDenied(f"no user named {reserve.user[:80]!r} in this mesh")
+        try:
+            classes = [TierClass(c) for c in reserve.classes]
+        except ValueError as exc:
+            raise InvalidRequest(f"unknown tier class in {list(reserve.classes)[:4]}") from exc
+        if not classes or len(classes) > len(TierClass) or len(reserve.request_id) > 64:
+            raise InvalidRequest("a reservation names one or two classes and a request ID")
+        grant = self.book.reserve(
+            request_id=reserve.request_id,
+            user=reserve.user,
+            quota=record.quota,
+            classes=classes,
+            prompt_tokens=reserve.prompt_tokens,
+            max_tokens=reserve.max_tokens if reserve.HasField("max_tokens") else None,
+            now_ms=self._clock(),
+        )
+        self._persist()
+        return grant
+
+    async def serve_call(self, call: lpb.QuotaCall, sender: str = "") -> lpb.QuotaGrant:
+        """A member's reservation or release for a user whose quota this node keeps."""
+        try:
+            return await self._serve_call(call, sender)
+        finally:
+            self._persist()
+
+    async def _serve_call(self, call: lpb.QuotaCall, sender: str) -> lpb.QuotaGrant:
+        which = call.WhichOneof("call")
+        if which == "reserve":
+            if call.reserve.lease_returned and sender:
+                lease_id = _lease_id(sender, call.reserve.user)
+                self.book.shrink(lease_id, call.reserve.lease_returned, self._clock())
+            grant = self.reserve(call.reserve)
+            reply = lpb.QuotaGrant(
+                classes=[c.value for c in grant.classes], refusals=list(grant.refusals)
+            )
+            if grant.max_tokens is not None:
+                reply.max_tokens = grant.max_tokens
+            record = self._users.get(call.reserve.user)
+            if call.reserve.lease_tokens and sender and record is not None:
+                reply.lease_tokens = self.book.lease(
+                    lease_id=_lease_id(sender, call.reserve.user),
+                    user=call.reserve.user,
+                    quota=record.quota,
+                    classes=grant.classes,
+                    wanted=min(call.reserve.lease_tokens, LEASE_TOKENS),
+                    now_ms=self._clock(),
+                )
+            return reply
+        if which == "release":
+            release = call.release
+            if len(release.records) > MAX_RELEASE_RECORDS:
+                raise InvalidRequest(f"a release carries at most {MAX_RELEASE_RECORDS} records")
+            if release.records and self._store is not None:
+                received = check_batch([(r.record, r.signature) for r in release.records], [])
+                await self._store.ingest(received)
+            if release.request_id:
+                self.book.release(release.request_id)
+            if release.lease_user and sender:
+                # The consumed tokens' records count now (they came with this call, or by
+                # sync before it): the lease holds them no longer.
+                self.book.shrink(
+                    _lease_id(sender, release.lease_user),
+                    release.lease_consumed + release.lease_returned,
+                    self._clock(),
+                )
+            return lpb.QuotaGrant()
+        raise InvalidRequest("a quota call is a reserve or a release")
+
+    # --- a cloud node's plan --------------------------------------------------------------
+
+    def plan_reserve(self, request: InferenceRequest) -> InferenceRequest | None:
+        """Hold the mesh's cloud plan for a request this overflow node serves: the request
+        to serve (max_tokens capped where the plan says), or None when there is no plan.
+        Release it with `plan_release`."""
+        if self.cloud_plan.unlimited:
+            return None
+        grant = self.plan_book.reserve(
+            request_id=request.request_id,
+            user=MESH_PLAN,
+            quota=self.cloud_plan,
+            classes=[TierClass.CLOUD],
+            prompt_tokens=prompt_bound(request),
+            max_tokens=request.sampling.max_tokens,
+            now_ms=self._clock(),
+        )
+        self._persist()
+        if grant.max_tokens is None or grant.max_tokens == request.sampling.max_tokens:
+            return request
+        return replace(request, sampling=replace(request.sampling, max_tokens=grant.max_tokens))
+
+    def plan_release(self, request_id: str) -> None:
+        self.plan_book.release(request_id)
+        self._persist()
+
+
+def _lease_id(entry_node_id: str, user: str) -> str:
+    return f"lease/{entry_node_id}/{user}"
+
+
+def _tokens(signed: lpb.SignedRecord) -> int:
+    record = lpb.UsageRecord.FromString(signed.record)
+    return int(record.prompt_tokens + record.completion_tokens)
+
+
+def replace_user(record: lpb.UsageRecord, user: str) -> lpb.UsageRecord:
+    copy = lpb.UsageRecord()
+    copy.CopyFrom(record)
+    copy.user = user
+    return copy
