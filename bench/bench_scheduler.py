@@ -1,8 +1,9 @@
 """Scheduler decision time with 1,000 and 10,000 known peers that all serve the model.
 
 Baseline (same run): the plan over every candidate in plain Python; measured: the
-dispatcher's path, which pre-selects the most promising peers from the per-model
-columns (mesh/peer_index.py) and plans over those. Target: <= 1 ms at 10,000.
+entry side's path (node/serving/entry.py), which pre-selects the most promising peers
+from the per-model columns (mesh/routing/peer_index.py) and plans over those.
+Target: <= 1 ms at 10,000.
 
     python bench/bench_scheduler.py
 """
@@ -20,9 +21,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mesh.inference import InferenceRequest, Load, ModelInfo, Route, Sampling
+from mesh.routing.candidates import candidates
 from mesh.routing.peers import PeerTable
 from mesh.routing.scheduler import Privacy, plan
-from node.serving.dispatch import Dispatcher
+from node.serving.accounting import Accountant
+from node.serving.entry import EntrySide
+from node.serving.models import LocalModels
 
 ROUNDS = 50
 
@@ -69,16 +73,24 @@ def main() -> None:
     print(f"{header} {'same choice':>12}")
     ok = True
     for n in (1_000, 10_000):
-        dispatcher = Dispatcher(node_id="me", backends=[], peers=table_of(n, rng))
-        every = dispatcher.candidates("m")
+        peers = table_of(n, rng)
+        entry = EntrySide(
+            models=LocalModels("me", []),
+            peers=peers,
+            accountant=Accountant(node_id="me", ledger=None),
+        )
+        every = candidates("m", local=None, peers=peers)
         naive = median_ms(
-            lambda d=dispatcher: plan(
-                d.candidates("m"), privacy=Privacy.MESH, prompt_tokens=2, max_tokens=100
+            lambda t=peers: plan(
+                candidates("m", local=None, peers=t),
+                privacy=Privacy.MESH,
+                prompt_tokens=2,
+                max_tokens=100,
             )
         )
-        fast = median_ms(lambda d=dispatcher: d.plan(request, Privacy.MESH))
+        fast = median_ms(lambda e=entry: e.plan(request, Privacy.MESH))
         full_choice = plan(every, privacy=Privacy.MESH, prompt_tokens=2, max_tokens=100).chosen
-        fast_choice = dispatcher.plan(request, Privacy.MESH).chosen
+        fast_choice = entry.plan(request, Privacy.MESH).chosen
         same = (
             full_choice is not None
             and fast_choice is not None

@@ -138,13 +138,13 @@ def up(
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         async with Node(config, home) as node:
-            first = node.dispatcher.models()[0].name if node.dispatcher else "MODEL"
+            first = node.models.models()[0].name if node.models else "MODEL"
             new = " (new identity)" if node.created_identity else ""
             click.echo(f"Allerac node {node.node_id}{new}")
             click.echo(f"  data dir   {home.root}")
             click.echo(
-                f"  models     {', '.join(m.name for m in node.dispatcher.models())}"
-                if node.dispatcher
+                f"  models     {', '.join(m.name for m in node.models.models())}"
+                if node.models
                 else ""
             )
             click.echo(f"  API        {node.http_url}/v1   (OpenAI-compatible)")

@@ -38,12 +38,15 @@ from mesh.wire.v1 import node_pb2_grpc as pb_grpc
 from node.api.http_api import build_app
 from node.api.mesh_admin import MeshAdmin
 from node.api.owner import HostGuard, OwnerToken
+from node.serving.accounting import Accountant
 from node.serving.backends import create_backend
 from node.serving.backends.base import Backend
-from node.serving.dispatch import Dispatcher
+from node.serving.entry import EntrySide
 from node.serving.ledger_sync import LedgerSync
+from node.serving.models import LocalModels
 from node.serving.node_service import NodeService
 from node.serving.quota_service import QuotaService
+from node.serving.serving_side import ServingSide
 from node.store.ledger_store import LedgerStore
 from node.store.trust_store import TrustStore
 from node.store.users_admin import UsersAdmin, log_api_access
@@ -98,7 +101,9 @@ class Node:
         self.identity: Identity | None = None
         self.created_identity = False
         self.backends: list[Backend] = []
-        self.dispatcher: Dispatcher | None = None
+        self.models: LocalModels | None = None
+        self.entry: EntrySide | None = None
+        self.serving: ServingSide | None = None
         self.http_url = ""
         self.grpc_address = ""
         self._grpc_server: grpc.aio.Server | None = None
@@ -180,14 +185,23 @@ class Node:
             holds_file=self.home.root / "quota-holds.json",
         )
         await self.quota.start()
-        self.dispatcher = Dispatcher(
-            node_id=self.node_id,
-            backends=self.backends,
+        self.models = LocalModels(self.node_id, self.backends)
+        accountant = Accountant(node_id=self.node_id, ledger=self.ledger)
+        self.entry = EntrySide(
+            models=self.models,
             peers=self.peer_table,
-            links=self.peering,
+            accountant=accountant,
+            peering=self.peering,
+            admitter=self.quota,
             max_wait_ms=cfg.max_wait_ms,
             default_privacy=Privacy(cfg.privacy),
-            ledger=self.ledger,
+        )
+        trust, quota = self.trust, self.quota
+        self.serving = ServingSide(
+            models=self.models,
+            accountant=accountant,
+            # The mesh's cloud plan is held by the overflow node serving it.
+            cloud_plan=lambda: quota if trust.role is Role.OVERFLOW else None,
         )
         await self._start_grpc()
         await self._start_http()
@@ -231,7 +245,8 @@ class Node:
         )
 
     async def _start_grpc(self) -> None:
-        assert self.dispatcher is not None
+        assert self.serving is not None
+        assert self.models is not None
         assert self.trust is not None
         assert self.listeners is not None
         # The public port is the front's (caps per source, a deadline to prove membership);
@@ -246,7 +261,8 @@ class Node:
         )
         self.calls = NodeService(
             trust=self.trust,
-            dispatcher=self.dispatcher,
+            serving=self.serving,
+            models=self.models,
             public_card=lambda: self._public_card,
             full_card=lambda: self._full_card,
             on_revocations=self.after_membership_change,
@@ -276,14 +292,14 @@ class Node:
         self.grpc_address = self.grpc_addresses[0]
 
     async def _start_http(self) -> None:
-        assert self.dispatcher is not None
+        assert self.entry is not None
         assert self.quota is not None
         assert self.trust is not None
         assert self.users is not None
         assert self.owner_token is not None
         assert self.listeners is not None
         app = build_app(
-            dispatcher=self.dispatcher,
+            entry=self.entry,
             max_request_bytes=self.config.max_request_bytes,
             status=self.status,
             mesh_admin=MeshAdmin(
@@ -398,7 +414,7 @@ class Node:
         """Re-sign both cards (after a key rotation, a join, a model change)."""
         assert self.trust is not None
         assert self.identity is not None
-        assert self.dispatcher is not None
+        assert self.models is not None
         common = {
             "membership": self.trust.cert,
             "encryption_keys": self.trust.keyring.current.signed,
@@ -408,7 +424,7 @@ class Node:
         self._public_card = sign_card(self.identity, public=True, **common)  # type: ignore[arg-type]
         self._full_card = sign_card(
             self.identity,
-            models=self.dispatcher.models(),
+            models=self.models.models(),
             grpc_addresses=self.grpc_addresses,
             display_name=self.config.display_name or socket.gethostname(),
             peer_addresses=self.peering.direct_addresses() if self.peering else [],
@@ -431,10 +447,10 @@ class Node:
                 self.refresh_cards()
 
     def _speeds_moved(self) -> bool:
-        assert self.dispatcher is not None
+        assert self.models is not None
         card = pb.NodeCard.FromString(self._full_card.card)
         advertised = {m.name: m.tokens_per_second for m in card.models}
-        for info in self.dispatcher.models():
+        for info in self.models.models():
             before = advertised.get(info.name, 0.0)
             now = info.tokens_per_second
             if now and (not before or abs(now - before) / before > TPS_DRIFT):
@@ -489,9 +505,9 @@ class Node:
         }
 
     def status(self) -> dict[str, Any]:
-        assert self.dispatcher is not None
-        load = self.dispatcher.load()
-        counters = self.dispatcher.counters()
+        assert self.models is not None
+        load = self.models.load()
+        counters = self.models.counters()
         return {
             **self.run_info(),
             "protocol_version": PROTOCOL_VERSION,
@@ -517,7 +533,7 @@ class Node:
                     "chat": m.chat,
                     "requests": counters.get(m.name, {}),
                 }
-                for m in self.dispatcher.models()
+                for m in self.models.models()
             ],
             "peers": [
                 {

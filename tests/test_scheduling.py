@@ -17,7 +17,7 @@ from mesh.routing.peers import (
     PeerStateChanged,
     PeerTable,
 )
-from mesh.routing.scheduler import Candidate, Privacy, estimate, plan
+from mesh.routing.scheduler import Candidate, Exclusion, Privacy, estimate, plan
 
 
 def cand(node: str, route: Route, **kw: object) -> Candidate:
@@ -58,7 +58,7 @@ def test_further_tiers_only_when_nearer_ones_cannot_serve() -> None:
     assert chosen([full_lan, cloud]) == "cloud"
     decided = plan([full_lan, cloud], privacy=Privacy.MESH, prompt_tokens=1, max_tokens=1)
     assert decided.chosen is None
-    reasons = dict((c.node_id, why) for c, why in decided.excluded)
+    reasons = {x.candidate.node_id: x.detail for x in decided.excluded}
     assert reasons["lan"].startswith("full")
     assert "privacy mesh" in reasons["cloud"]
 
@@ -75,7 +75,8 @@ def test_context_and_state_exclude_with_reasons() -> None:
     down = cand("down", Route.LAN, available=False, unavailable_reason="peer is down")
     decided = plan([small, down], privacy=Privacy.ANY, prompt_tokens=400, max_tokens=200)
     assert decided.chosen is None
-    assert {why for _, why in decided.excluded} == {"context 512 too small", "peer is down"}
+    assert {x.detail for x in decided.excluded} == {"context 512 too small", "peer is down"}
+    assert {x.reason for x in decided.excluded} == {Exclusion.CONTEXT, Exclusion.UNAVAILABLE}
 
 
 def test_when_every_tier_waits_the_smallest_estimate_wins_and_the_rest_is_failover() -> None:

@@ -15,13 +15,16 @@ import grpc
 import pytest
 
 from mesh.errors import InviteError, MeshError, Overloaded, PermissionDenied
-from mesh.inference import ChatMessage, InferenceRequest, Load, Sampling
+from mesh.inference import ChatMessage, InferenceRequest, Sampling
 from mesh.trust.invites import decode_invite, make_join_request
 from mesh.wire import codec
 from mesh.wire.v1 import node_pb2 as pb
 from mesh.wire.v1 import node_pb2_grpc as pb_grpc
 from mesh.wire.v1 import trust_pb2 as tpb
+from node.serving.accounting import Accountant
+from node.serving.models import LocalModels
 from node.serving.node_service import JOIN_RATE, PING_RATE, NodeService
+from node.serving.serving_side import ServingSide
 from node.transport.peer_client import PeerClient
 from tests.members import invite_code, join_as_member, new_trust
 from tests.nodeproc import NodeProcess
@@ -61,17 +64,13 @@ async def test_forged_goodbyes_do_not_take_a_peer_out(pair: dict[str, NodeProces
     assert took < 2.0
 
 
-class _Idle:
-    """A dispatcher with nothing running (all `NodeCalls.ping` asks of it)."""
-
-    def load(self) -> Load:
-        return Load(active_streams=0, queued=0, slots=1)
-
-
 def _calls(tmp_path: Path) -> NodeService:
+    trust = new_trust(tmp_path / "node")
+    models = LocalModels(trust.identity.node_id, [])  # serves nothing: pings ask only its load
     return NodeService(
-        trust=new_trust(tmp_path / "node"),
-        dispatcher=_Idle(),  # type: ignore[arg-type]
+        trust=trust,
+        serving=ServingSide(models=models, accountant=Accountant(node_id="", ledger=None)),
+        models=models,
         public_card=pb.SignedCard,
         full_card=pb.SignedCard,
     )

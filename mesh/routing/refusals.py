@@ -1,5 +1,5 @@
 """What the entry node does when a candidate fails: try the next one, or answer the
-client (issue 13: one table, not exception lists spread over the dispatcher).
+client (issue 13: one table, not exception lists spread over the entry side).
 
 A failure says either "this candidate, not this request" (it is down, full, out of its
 cloud plan, cannot open our envelope, has too small a context, or refuses us) and the
@@ -13,6 +13,8 @@ take (the client then gets 503 naming each refusal, never the peer's 403).
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 from mesh.errors import (
     BackendError,
@@ -28,6 +30,7 @@ from mesh.errors import (
     Unauthenticated,
     Unavailable,
 )
+from mesh.routing.scheduler import Candidate, Excluded, Exclusion
 
 
 class Next(enum.Enum):
@@ -58,3 +61,78 @@ def after_candidate_failure(error: MeshError, *, remote: bool) -> Next:
     if remote and isinstance(error, PermissionDenied):
         return Next.TRY_NEXT  # the peer refuses this node (ReplayDetected, NotAMember, ...)
     return Next.ANSWER
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Failure:
+    """A candidate that was tried and failed before its first event."""
+
+    candidate: Candidate
+    error: MeshError
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Unplanned:
+    """A node that serves the model but was not even a candidate (the pre-selection
+    leaves out full and silent peers)."""
+
+    node_id: str
+    route: str
+    up: bool
+    state: str
+
+
+def no_candidate(
+    model: str, *, unplanned: Sequence[Unplanned], known_models: Sequence[str]
+) -> MeshError:
+    """The error for a plan with no candidate at all: busy or down nodes that serve `model`
+    (`unplanned`: the pre-selection leaves them out), or the models the mesh does serve."""
+    states = "; ".join(
+        f"{n.node_id[:7]} ({n.route}): " + ("full" if n.up else f"peer is {n.state}")
+        for n in unplanned[:8]
+    )
+    if any(n.up for n in unplanned):
+        return Overloaded(f"every node serving {model!r} is busy: {states}")
+    if unplanned:
+        return Unavailable(f"nobody can serve {model!r} right now: {states}")
+    known = ", ".join(sorted(set(known_models))) or "none"
+    return ModelNotFound(
+        f"model {model!r} is not served in this mesh; available: {known}", param="model"
+    )
+
+
+def refusal(model: str, *, excluded: Sequence[Excluded], failures: Sequence[Failure]) -> MeshError:
+    """The one error the client hears when no candidate of a plan could serve `model`:
+    each was left out of the plan (`excluded`) or tried and failed (`failures`)."""
+
+    def who(candidate: Candidate) -> str:
+        return f"{candidate.node_id[:7]} ({candidate.route})"
+
+    reasons = [f"{who(f.candidate)}: {f.error.message}" for f in failures]
+    reasons += [f"{who(x.candidate)}: {x.detail}" for x in excluded]
+    detail = "; ".join(reasons) or "no node"
+    over_quota = [f.error for f in failures if isinstance(f.error, QuotaExceeded)]
+    if over_quota and len(over_quota) == len(failures):
+        return QuotaExceeded(
+            f"nobody can serve {model!r} within quota: {detail}",
+            param="quota",
+            resets_at=over_quota[0].resets_at,
+        )
+    too_small = [
+        f"{x.candidate.node_id[:7]}: {x.detail}" for x in excluded if x.reason is Exclusion.CONTEXT
+    ] + [
+        f"{f.candidate.node_id[:7]}: {f.error.message}"
+        for f in failures
+        if isinstance(f.error, ContextLengthExceeded)
+    ]
+    if too_small and len(too_small) == len(reasons):
+        return ContextLengthExceeded(
+            f"no node serving {model!r} has room for this request "
+            f"({'; '.join(too_small)}): shorten the prompt or lower max_tokens",
+            param="max_tokens",
+        )
+    busy = sum(x.reason is Exclusion.FULL for x in excluded)
+    busy += sum(isinstance(f.error, Overloaded) for f in failures)
+    if busy and busy == len(reasons):
+        return Overloaded(f"every node serving {model!r} is busy: {detail}")
+    return Unavailable(f"nobody can serve {model!r} right now: {detail}")

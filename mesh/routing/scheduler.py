@@ -66,6 +66,24 @@ class Candidate:
     unavailable_reason: str = ""
 
 
+class Exclusion(enum.StrEnum):
+    """Why a candidate is left out of a plan (typed: the refusal diagnosis reads these,
+    never the words)."""
+
+    PRIVACY = "privacy"  # the request's privacy keeps it off the candidate's tier
+    CLOSED = "closed"  # the tier is closed to this request (its user's quota)
+    UNAVAILABLE = "unavailable"  # not up, or draining
+    FULL = "full"  # every slot busy
+    CONTEXT = "context"  # the prompt and max_tokens do not fit its context
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Excluded:
+    candidate: Candidate
+    reason: Exclusion
+    detail: str  # the same, in words, for people
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Scored:
     candidate: Candidate
@@ -76,7 +94,7 @@ class Scored:
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Plan:
     order: tuple[Scored, ...]  # first = chosen; the rest = failover order
-    excluded: tuple[tuple[Candidate, str], ...]
+    excluded: tuple[Excluded, ...]
     reason: str
 
     @property
@@ -92,6 +110,32 @@ def estimate(candidate: Candidate, *, new_tokens: int) -> Scored:
     return Scored(candidate=candidate, eta_ms=candidate.rtt_ms + wait + generation, wait_ms=wait)
 
 
+def exclusion(
+    candidate: Candidate,
+    *,
+    privacy: Privacy,
+    prompt_tokens: int,
+    max_tokens: int | None,
+    closed: Mapping[Route, str] | None = None,
+) -> Excluded | None:
+    """Why `candidate` cannot take this request, or None when it can."""
+
+    def out(reason: Exclusion, detail: str) -> Excluded:
+        return Excluded(candidate=candidate, reason=reason, detail=detail)
+
+    if not privacy.allows(candidate.route):
+        return out(Exclusion.PRIVACY, f"privacy {privacy.value} keeps it off {candidate.route}")
+    if closed and candidate.route in closed:
+        return out(Exclusion.CLOSED, closed[candidate.route])
+    if not candidate.available:
+        return out(Exclusion.UNAVAILABLE, candidate.unavailable_reason or "unavailable")
+    if candidate.busy >= candidate.slots:
+        return out(Exclusion.FULL, f"full ({candidate.busy} of {candidate.slots} slots)")
+    if candidate.context_length and prompt_tokens + (max_tokens or 0) > candidate.context_length:
+        return out(Exclusion.CONTEXT, f"context {candidate.context_length} too small")
+    return None
+
+
 def plan(
     candidates: Iterable[Candidate],
     *,
@@ -104,21 +148,17 @@ def plan(
     """`closed`: tiers this request may not use, and why (a user's quota, say)."""
     new_tokens = max_tokens if max_tokens is not None else 256
     by_tier: dict[Route, list[Scored]] = {tier: [] for tier in TIER_ORDER}
-    excluded: list[tuple[Candidate, str]] = []
+    excluded: list[Excluded] = []
     for candidate in candidates:
-        if not privacy.allows(candidate.route):
-            excluded.append((candidate, f"privacy {privacy.value} keeps it off {candidate.route}"))
-        elif closed and candidate.route in closed:
-            excluded.append((candidate, closed[candidate.route]))
-        elif not candidate.available:
-            excluded.append((candidate, candidate.unavailable_reason or "unavailable"))
-        elif candidate.busy >= candidate.slots:
-            excluded.append((candidate, f"full ({candidate.busy} of {candidate.slots} slots)"))
-        elif (
-            candidate.context_length
-            and prompt_tokens + (max_tokens or 0) > candidate.context_length
-        ):
-            excluded.append((candidate, f"context {candidate.context_length} too small"))
+        left_out = exclusion(
+            candidate,
+            privacy=privacy,
+            prompt_tokens=prompt_tokens,
+            max_tokens=max_tokens,
+            closed=closed,
+        )
+        if left_out is not None:
+            excluded.append(left_out)
         else:
             by_tier[candidate.route].append(estimate(candidate, new_tokens=new_tokens))
     for scored in by_tier.values():

@@ -53,7 +53,7 @@ from mesh.quota.users import OWNER, Caller, bearer_key
 from mesh.routing.scheduler import Privacy
 from node.api.mesh_admin import MAX_INVITE_TTL_S, MeshAdmin
 from node.api.owner import HostGuard, OwnerToken
-from node.serving.dispatch import Answer, Dispatcher
+from node.serving.entry import EntryAnswer, EntrySide
 from node.serving.quota_service import QuotaService
 from node.store.users_admin import UsersAdmin
 from node.transport.coalesce import coalesce
@@ -61,7 +61,7 @@ from node.transport.coalesce import coalesce
 logger = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-DISPATCHER = web.AppKey("dispatcher", Dispatcher)
+ENTRY = web.AppKey("entry", EntrySide)
 MAX_BYTES = web.AppKey("max_request_bytes", int)
 MESH_ADMIN = web.AppKey("mesh_admin", MeshAdmin)
 USERS = web.AppKey("users", UsersAdmin)
@@ -191,7 +191,7 @@ async def _read_body(request: web.Request) -> bytes:
         raise RequestTooLarge(f"request body is larger than the limit of {limit} bytes") from exc
 
 
-def _route_headers(answer: Answer) -> dict[str, str]:
+def _route_headers(answer: EntryAnswer) -> dict[str, str]:
     return {
         "x-allerac-node": answer.served_by.node_id,
         "x-allerac-route": answer.served_by.route.value,
@@ -251,21 +251,14 @@ async def _answer(
     privacy = caller.privacy_for(_privacy(request))
     # The user is who the key says (the owner: ""), never the body's own `user` field.
     inference = dataclasses.replace(inference, user=caller.user)
-    dispatcher, quota = request.app[DISPATCHER], request.app[QUOTA]
-    # Reserved at the user's home node before it is scheduled; released when it ends,
-    # however it ends (a client that hangs up included).
-    admission = await quota.admit(inference, privacy or dispatcher.default_privacy)
-    answer: Answer | None = None
-    try:
-        answer = await dispatcher.open(admission.request, privacy=privacy, closed=admission.closed)
-        return await _respond(request, admission.request, answer, stream)
-    finally:
-        quota.settle_soon(admission, answer.records if answer is not None else [])
+    # Admitted (its user's quota reserved at the home node) before it is planned; settled
+    # when it ends, however it ends (a client that hangs up included).
+    async with request.app[ENTRY].answer(inference, privacy) as answer:
+        return await _respond(request, answer, stream)
 
 
-async def _respond(
-    request: web.Request, inference: InferenceRequest, answer: Answer, stream: bool
-) -> web.StreamResponse:
+async def _respond(request: web.Request, answer: EntryAnswer, stream: bool) -> web.StreamResponse:
+    inference = answer.request
     ids = openai_api.ResponseIds(inference, answer.served_by.model)
     if not stream:
         parts: list[str] = []
@@ -322,7 +315,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
 async def list_models(request: web.Request) -> web.Response:
     """Every model the mesh can serve, and where (the nodes up that serve it)."""
     _caller(request)  # beyond loopback: only with a key
-    served = request.app[DISPATCHER].mesh_models()
+    served = request.app[ENTRY].mesh_models()
     body = openai_api.models_list([info for info, _ in served])
     for entry, (_, nodes) in zip(body["data"], served, strict=True):
         entry["served_by"] = nodes
@@ -335,15 +328,15 @@ async def route_explain(request: web.Request) -> web.Response:
     if not model:
         raise InvalidRequest("model is required", param="model")
     requested = request.query.get("privacy")
-    dispatcher = request.app[DISPATCHER]
+    entry = request.app[ENTRY]
     privacy = caller.privacy_for(Privacy.parse(requested) if requested is not None else None)
     raw_max = request.query.get("max_tokens")
     if raw_max is not None and not raw_max.isdigit():
         raise InvalidRequest("max_tokens must be a positive integer", param="max_tokens")
     return _json_response(
-        dispatcher.explain(
+        entry.explain(
             model,
-            privacy or dispatcher.default_privacy,
+            privacy or entry.default_privacy,
             int(raw_max) if raw_max is not None else None,
         )
     )
@@ -480,7 +473,7 @@ async def users_remove(request: web.Request) -> web.Response:
 
 def build_app(
     *,
-    dispatcher: Dispatcher,
+    entry: EntrySide,
     max_request_bytes: int,
     status: Callable[[], dict[str, Any]],
     mesh_admin: MeshAdmin,
@@ -497,7 +490,7 @@ def build_app(
     app.on_response_prepare.append(_cors_headers)
     app[OWNER_TOKEN] = owner
     app[GUARD] = guard
-    app[DISPATCHER] = dispatcher
+    app[ENTRY] = entry
     app[MAX_BYTES] = max_request_bytes
     app[STATUS] = status
     app[MESH_ADMIN] = mesh_admin

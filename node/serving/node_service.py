@@ -20,7 +20,6 @@ from mesh.clock import now_ms
 from mesh.errors import InvalidRequest, MeshError, Overloaded, PermissionDenied, Unavailable
 from mesh.inference import Finished, InferenceRequest, Route
 from mesh.routing.ratelimit import Rate, SourceLimiter, source_address
-from mesh.routing.scheduler import Privacy
 from mesh.trust.goodbye import MAX_NODE_ID_CHARS, Goodbye
 from mesh.trust.membership import Role
 from mesh.trust.sealing import FrameWriter, OpenedRequest
@@ -28,8 +27,10 @@ from mesh.wire import codec, grpc_options
 from mesh.wire.v1 import ledger_pb2 as lpb
 from mesh.wire.v1 import node_pb2 as pb
 from mesh.wire.v1 import trust_pb2 as tpb
-from node.serving.dispatch import Arrival, Dispatcher
+from node.serving.accounting import Arrival
+from node.serving.models import LocalModels
 from node.serving.quota_service import QuotaService
+from node.serving.serving_side import ServingSide
 from node.store.ledger_store import LedgerStore
 from node.store.trust_store import TrustStore
 from node.store.users_admin import UsersAdmin
@@ -61,7 +62,8 @@ class NodeService:
         self,
         *,
         trust: TrustStore,
-        dispatcher: Dispatcher,
+        serving: ServingSide,
+        models: LocalModels,
         public_card: Callable[[], pb.SignedCard],
         full_card: Callable[[], pb.SignedCard],
         on_revocations: Callable[[], None] = lambda: None,
@@ -73,7 +75,8 @@ class NodeService:
         users: UsersAdmin | None = None,
     ) -> None:
         self._trust = trust
-        self._dispatcher = dispatcher
+        self._serving = serving
+        self._models = models
         self._public_card = public_card
         self._full_card = full_card
         self._on_revocations = on_revocations
@@ -127,7 +130,7 @@ class NodeService:
             nonce=request.nonce,
             node_id=self._trust.identity.node_id,
             received_at_unix_ms=now_ms(),
-            load=codec.load_to_pb(self._dispatcher.load()),
+            load=codec.load_to_pb(self._models.load()),
             card_issued_at_unix_ms=self._card_issued_at(),
         )
 
@@ -227,40 +230,29 @@ class NodeService:
             if opened.sender.role is Role.OVERFLOW:
                 raise PermissionDenied("overflow nodes serve requests; they do not send them")
             inference = codec.parse_infer_request(opened.body)
-            if self._quota is not None and self._trust.role is Role.OVERFLOW:
-                # The mesh's cloud plan: held while it runs, released (idempotently) after.
-                inference = self._quota.plan_reserve(inference) or inference
         except MeshError as error:
             yield _sealed(writer, codec.error_to_pb(error), final=True)
             return
-        try:
-            arrival = self._arrival(opened.sender.node_id, via_relay)
-            # Closed with us, so a caller that goes away stops the work at once.
-            async with contextlib.aclosing(self._stream(writer, inference, arrival)) as frames:
-                async for frame in frames:
-                    yield frame
-        finally:
-            if self._quota is not None:
-                self._quota.plan_release(inference.request_id)  # its record counts now
+        arrival = self._arrival(opened.sender.node_id, via_relay)
+        # Closed with us, so a caller that goes away stops the work at once.
+        async with contextlib.aclosing(self._stream(writer, inference, arrival)) as frames:
+            async for frame in frames:
+                yield frame
 
     async def _stream(
         self, writer: FrameWriter, inference: InferenceRequest, arrival: Arrival
     ) -> AsyncGenerator[pb.InferEvent, None]:
         """A peer's request served here (the mesh never forwards twice), sealed."""
         try:
-            answer = await self._dispatcher.open(
-                inference, privacy=Privacy.LOCAL_ONLY, arrival=arrival
-            )
+            async with self._serving.answer(inference, arrival) as answer:
+                async with contextlib.aclosing(answer.events()) as events:
+                    async for event in coalesce(events, window_s=STREAM_WINDOW_S):
+                        final = isinstance(event, Finished)
+                        yield _sealed(
+                            writer, codec.event_to_pb(event, answer.served_by), final=final
+                        )
         except MeshError as error:
             yield _sealed(writer, codec.error_to_pb(error), final=True)
-            return
-        async with contextlib.aclosing(answer.events()) as events:
-            try:
-                async for event in coalesce(events, window_s=STREAM_WINDOW_S):
-                    final = isinstance(event, Finished)
-                    yield _sealed(writer, codec.event_to_pb(event, answer.served_by), final=final)
-            except MeshError as error:
-                yield _sealed(writer, codec.error_to_pb(error), final=True)
 
     async def _control_answer(self, opened: OpenedRequest) -> pb.InferEvent:
         """A member's quota call (this node keeps that user's quota) or users exchange."""

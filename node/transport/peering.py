@@ -90,7 +90,7 @@ class Peering:
         self._failures: dict[str, int] = {}
         self._closing: set[asyncio.Future[None]] = set()  # clients of dropped peers
 
-    # --- what the dispatcher needs -------------------------------------------------------
+    # --- what the entry side needs -------------------------------------------------------
 
     def direct_addresses(self) -> list[str]:
         """Where the peers up on a direct path listen (gossiped in our full card)."""

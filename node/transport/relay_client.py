@@ -9,7 +9,7 @@ The payloads are already sealed end to end: the relay forwards what it cannot
 read.
 
 When the session drops, every call in flight through it fails with
-`Unavailable` (the dispatcher fails over) and the link reconnects with
+`Unavailable` (the entry side fails over) and the link reconnects with
 jittered exponential backoff capped at one second, so a restarted relay has
 its nodes back within about a second.
 """

@@ -1,0 +1,167 @@
+"""Who could serve a request: this box's offer and the peers that serve the model, as the
+scheduler's candidates; and the plan as people read it (`allerac route --explain`).
+
+Pure: the peer table, this box's offer and a request in; candidates, estimates and rows out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from mesh.inference import InferenceRequest, Load, ModelInfo, Route
+from mesh.routing.peers import PeerState, PeerTable
+from mesh.routing.refusals import Unplanned
+from mesh.routing.scheduler import Candidate, Plan, Privacy, Scored
+
+PRESELECT_PEERS = 8  # peers given a full look per request (the rest are failover-irrelevant)
+DEFAULT_NEW_TOKENS = 256  # what a request without max_tokens is assumed to make
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LocalOffer:
+    """This box's side of a model: what it serves, how loaded it is, how long a request
+    took here lately."""
+
+    node_id: str
+    info: ModelInfo
+    load: Load
+    service_ms: float
+
+    def candidate(self) -> Candidate:
+        return Candidate(
+            node_id=self.node_id,
+            route=Route.LOCAL,
+            model=self.info.name,
+            busy=self.load.active_streams + self.load.queued,
+            slots=self.load.slots,
+            service_ms=self.service_ms,
+            tokens_per_second=self.info.tokens_per_second,
+            context_length=self.info.context_length,
+            available=not self.load.draining,
+            unavailable_reason="draining",
+        )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Estimate:
+    """What the scheduler assumes of a request before any backend counts it exactly."""
+
+    prompt_tokens: int  # characters / 4: a rough estimate; the server checks exactly
+    new_tokens: int
+    max_tokens: int | None
+
+    @classmethod
+    def of(cls, request: InferenceRequest) -> Estimate:
+        chars = len(request.prompt or "") + sum(len(m.content) for m in request.messages or ())
+        wanted = request.sampling.max_tokens
+        return cls(
+            prompt_tokens=chars // 4,
+            new_tokens=wanted or DEFAULT_NEW_TOKENS,
+            max_tokens=wanted,
+        )
+
+    @property
+    def needed_context(self) -> int:
+        return self.prompt_tokens + (self.max_tokens or 0)
+
+
+def candidates(
+    model: str,
+    *,
+    local: LocalOffer | None,
+    peers: PeerTable,
+    estimate: Estimate | None = None,
+) -> list[Candidate]:
+    """This box (when it serves `model`) and the peers serving it. With an `estimate`, only
+    the most promising peers for it (a vectorized pre-selection, so thousands of peers cost
+    about nothing); without, every peer that serves it (for `explain`)."""
+    out = [local.candidate()] if local is not None else []
+    chosen = (
+        peers.best(
+            model,
+            k=PRESELECT_PEERS,
+            new_tokens=estimate.new_tokens,
+            needed_context=estimate.needed_context,
+        )
+        if estimate is not None
+        else list(peers)
+    )
+    # A peer that has not measured this model yet is assumed as fast as this box is at it
+    # (rather than a pessimistic default that would keep it idle).
+    local_speed = local.info.tokens_per_second if local is not None else 0.0
+    for peer in chosen:
+        info = peer.serves(model)
+        if info is None:
+            continue
+        out.append(
+            Candidate(
+                node_id=peer.node_id,
+                route=peer.route,
+                model=info.name,
+                rtt_ms=peer.rtt_ms,
+                busy=peer.busy,
+                slots=max(peer.load.slots, 1),
+                service_ms=peer.service_ms,
+                tokens_per_second=info.tokens_per_second or local_speed,
+                context_length=info.context_length,
+                available=peer.state is PeerState.UP and not peer.load.draining,
+                unavailable_reason=f"peer is {peer.state}",
+            )
+        )
+    return out
+
+
+def unplanned(model: str, peers: PeerTable) -> list[Unplanned]:
+    """The peers serving `model`, whatever their state (for a plan with no candidate)."""
+    return [
+        Unplanned(
+            node_id=peer.node_id,
+            route=str(peer.route),
+            up=peer.state is PeerState.UP,
+            state=str(peer.state),
+        )
+        for peer in peers
+        if peer.serves(model) is not None
+    ]
+
+
+def mesh_models(
+    local: list[ModelInfo], node_id: str, peers: PeerTable
+) -> list[tuple[ModelInfo, list[str]]]:
+    """Every model the mesh can serve, with the nodes (up) that serve it."""
+    found: dict[str, tuple[ModelInfo, list[str]]] = {}
+    for info in local:
+        found[info.name] = (info, [node_id])
+    for peer in peers:
+        if peer.state is not PeerState.UP:
+            continue
+        for info in peer.models:
+            found.setdefault(info.name, (info, []))[1].append(peer.node_id)
+    return list(found.values())
+
+
+def explain(model: str, privacy: Privacy, decided: Plan) -> dict[str, Any]:
+    """The plan as `allerac route --explain` shows it: the chosen candidate, the failover
+    order, and every candidate left out with the reason."""
+
+    def row(scored: Scored | None, candidate: Candidate, status: str) -> dict[str, Any]:
+        return {
+            "node_id": candidate.node_id,
+            "route": candidate.route.value,
+            "model": candidate.model,
+            "eta_ms": round(scored.eta_ms, 1) if scored else None,
+            "wait_ms": round(scored.wait_ms, 1) if scored else None,
+            "rtt_ms": round(candidate.rtt_ms, 2),
+            "busy": candidate.busy,
+            "slots": candidate.slots,
+            "tokens_per_second": candidate.tokens_per_second,
+            "status": status,
+        }
+
+    rows = [
+        row(s, s.candidate, "chosen" if i == 0 else f"failover #{i}")
+        for i, s in enumerate(decided.order)
+    ]
+    rows += [row(None, x.candidate, x.detail) for x in decided.excluded]
+    return {"model": model, "privacy": privacy.value, "reason": decided.reason, "candidates": rows}
