@@ -11,7 +11,6 @@ workers are joined and node.json is removed.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import logging
 import os
@@ -50,6 +49,7 @@ from node.serving.serving_side import ServingSide
 from node.store.ledger_store import LedgerStore
 from node.store.trust_store import TrustStore
 from node.store.users_admin import UsersAdmin, log_api_access
+from node.tasks import Tasks
 from node.transport.discovery import Discovery
 from node.transport.grpc_front import GrpcFront
 from node.transport.grpc_service import NodeServicer
@@ -126,7 +126,7 @@ class Node:
         self._public_card = pb.SignedCard()
         self._full_card = pb.SignedCard()
         self._card_issued_at_ms = 0
-        self._maintenance: asyncio.Task[None] | None = None
+        self._tasks = Tasks("node")
         self._started_at = time.time()
         self.owner_token: OwnerToken | None = None
 
@@ -207,7 +207,7 @@ class Node:
         await self._start_http()
         log_api_access(cfg.http_host, self.users)
         self.refresh_cards()
-        self._maintenance = asyncio.create_task(self._maintain(), name="trust-maintenance")
+        self._tasks.start(self._maintain(), "trust maintenance")
         await self._start_relays()
         await self.peering.start()
         trust = self.trust
@@ -591,11 +591,7 @@ class Node:
             self.ledger_sync = None
         if self.peering is not None:
             await self.peering.aclose()  # peers hear we are leaving and stop sending now
-        if self._maintenance is not None:
-            self._maintenance.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._maintenance
-            self._maintenance = None
+        await self._tasks.aclose()
         for backend in self.backends:
             backend.drain()
         if self._grpc_front is not None:

@@ -31,6 +31,7 @@ from node.store.ledger_checker import Checker
 from node.store.ledger_store import LedgerStore, pull
 from node.store.trust_store import TrustStore
 from node.store.users_admin import UsersAdmin
+from node.tasks import Tasks
 from node.transport.peering import Peering
 
 logger = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ class LedgerSync:
         self._interval_s = interval_s
         self._checker = Checker(workers)
         self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._tasks = Tasks("ledger sync")
         self.peers: dict[str, PeerSync] = {}
         self._logged: set[str] = set()
         self._own_chain_due: float | None = None
@@ -86,7 +87,7 @@ class LedgerSync:
         answered a pull (or that long at most): see `LedgerStore.hold_own_records`."""
         if own_chain_wait_s is not None:
             self._own_chain_due = time.monotonic() + own_chain_wait_s
-        self._task = asyncio.create_task(self._run(), name="ledger-sync")
+        self._tasks.start(self._run(), "rounds")
 
     def _own_chain_known(self, outcome: PeerSync | None) -> None:
         """Release this node's own records once a member answered, or when waiting longer
@@ -107,11 +108,7 @@ class LedgerSync:
         self._store.release_own_records()
 
     async def aclose(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._tasks.aclose()
         self._checker.close()
 
     def kick(self) -> None:

@@ -74,6 +74,7 @@ from mesh.ledger.sync import (
 )
 from mesh.trust.identity import Identity
 from mesh.wire.v1 import ledger_pb2 as lpb
+from node.tasks import Tasks
 
 logger = logging.getLogger(__name__)
 
@@ -197,7 +198,8 @@ class LedgerStore:
         self._wake = asyncio.Event()
         # One connection: one transaction at a time, so a rollback only undoes its own.
         self._transaction = asyncio.Lock()
-        self._committer = asyncio.create_task(self._commit_loop(), name="ledger-commits")
+        self._tasks = Tasks("ledger")
+        self._tasks.start(self._commit_loop(), "commits")
         self.commits = 0
         # Told of every record newly kept here (made, accepted or synced), once each,
         # after its commit: what quotas count. Records refused by their entry node are
@@ -259,9 +261,7 @@ class LedgerStore:
     async def close(self) -> None:
         self._closed = True
         self._own_ready.set()  # an append waiting for its chain gets the closed error
-        self._committer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._committer
+        await self._tasks.aclose()
         for _, future in self._pending:
             if not future.done():
                 future.set_exception(LedgerError("the ledger was closed"))

@@ -45,6 +45,7 @@ from mesh.routing.discovery import (
     parse_hint,
 )
 from mesh.trust.identity import short_node_id
+from node.tasks import Tasks
 
 logger = logging.getLogger(__name__)
 RESOLVE_TIMEOUT_MS = 3000
@@ -237,7 +238,7 @@ class Discovery:
         self._browser: BoundedBrowser | None = None
         self._info: AsyncServiceInfo | None = None
         self._resolving: dict[str, asyncio.Task[None]] = {}  # lowercased name -> its resolve
-        self._sweeper: asyncio.Task[None] | None = None
+        self._tasks = Tasks("mdns")
         # Every name held, of any mesh: after joining another mesh its boxes are known.
         self._book = NameBook(limits)
         self._gate = ForwardGate(limits)
@@ -262,7 +263,7 @@ class Discovery:
         self._info = self._service_info()
         await self._zc.async_register_service(self._info, allow_name_change=True)
         self._browser = BoundedBrowser(self._zc.zeroconf, self._book, self._on_change)
-        self._sweeper = asyncio.create_task(self._sweep_forever(), name="mdns-sweep")
+        self._tasks.start(self._sweep_forever(), "sweep")
         logger.info("announcing on mDNS as %s (%s)", self._info.name, ", ".join(self._ips))
 
     async def update(self) -> None:
@@ -276,13 +277,7 @@ class Discovery:
                 self._forward(hint.node_id, addresses, source)
 
     async def aclose(self) -> None:
-        tasks = [*self._resolving.values()]
-        if self._sweeper is not None:
-            tasks.append(self._sweeper)
-            self._sweeper = None
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._tasks.aclose()
         self._resolving.clear()
         if self._browser is not None:
             await self._browser.async_cancel()
@@ -320,7 +315,7 @@ class Discovery:
         if len(self._resolving) >= MAX_PENDING_RESOLVES:
             self._resolves_dropped += 1  # it stays pending: the sweep tries the cache again
             return
-        task = asyncio.create_task(self._resolve(service_type, name))
+        task = self._tasks.start(self._resolve(service_type, name), f"resolve {key}")
         self._resolving[key] = task
         task.add_done_callback(lambda _: self._resolving.pop(key, None))  # only ever this one
 

@@ -45,6 +45,7 @@ from mesh.trust.membership import Role
 from mesh.wire import codec
 from mesh.wire.v1 import node_pb2 as pb
 from node.store.trust_store import TrustStore
+from node.tasks import Tasks
 from node.transport.directory import PeerHandle
 from node.transport.peer_client import PeerClient
 from node.transport.relay_client import RelayLink, RelayMember, RelayTransport
@@ -73,14 +74,14 @@ class Peering:
         self._clients: dict[str, PeerClient] = {}  # node ID -> client
         self._cards: dict[str, PeerCard] = {}
         self._on_change = on_change
-        self._task: asyncio.Task[None] | None = None
+        self._tasks = Tasks("peering")
         self._connecting: set[str] = set()
         self._card_versions: dict[str, int] = {}  # node ID -> issued-at of the card we hold
         # node ID -> the card version it announced in its last heartbeat answer: what its
         # goodbye must name (a restart announces a new one, so older goodbyes stop holding)
         self._announced: dict[str, int] = {}
         self._wake = asyncio.Event()
-        self._connects: set[asyncio.Task[None]] = set()
+        self._connects = Tasks("peering connects")
         self._relay: RelayLink | None = None
         self._relay_members: dict[str, Role] = {}
         self._tried: dict[str, float] = {}  # address -> when we last tried it
@@ -111,17 +112,11 @@ class Peering:
     # --- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="peering")
+        self._tasks.start(self._run(), "rounds")
 
     async def aclose(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        for task in self._connects:
-            task.cancel()
-        await asyncio.gather(*self._connects, return_exceptions=True)
+        await self._tasks.aclose()
+        await self._connects.aclose()
         await self._say_goodbye()
         for client in self._clients.values():
             await client.aclose()
@@ -301,9 +296,7 @@ class Peering:
 
     def _spawn(self, key: str, client: PeerClient) -> None:
         self._connecting.add(key)
-        task = asyncio.create_task(self._connect(key, client))
-        self._connects.add(task)
-        task.add_done_callback(self._connects.discard)
+        self._connects.start(self._connect(key, client), key)
 
     async def _connect(self, key: str, client: PeerClient) -> None:
         timeout_s = HEARTBEAT_TIMEOUT_MS / 1000 * 2

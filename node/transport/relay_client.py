@@ -46,6 +46,7 @@ from mesh.wire.v1 import relay_pb2 as rpb
 from mesh.wire.v1 import relay_pb2_grpc as rpb_grpc
 from mesh.wire.v1 import trust_pb2 as tpb
 from node.store.trust_store import TrustStore
+from node.tasks import Tasks
 from node.transport.calls import NodeCalls
 from node.transport.peer_client import M
 
@@ -108,7 +109,7 @@ class RelayLink:
         self._pending: dict[int, _Call] = {}  # calls we made, by stream ID
         self._served: dict[tuple[str, int], asyncio.Task[None]] = {}  # calls made to us
         self._outbox: asyncio.Queue[rpb.RelayFrame] = asyncio.Queue(OUTBOX_FRAMES)
-        self._task: asyncio.Task[None] | None = None
+        self._tasks = Tasks(f"relay {address}")
         self.connected = asyncio.Event()
         self.last_error = ""
 
@@ -127,14 +128,10 @@ class RelayLink:
         await self.aclose()
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name=f"relay {self.address}")
+        self._tasks.start(self._run(), "session")
 
     async def aclose(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._tasks.aclose()
 
     def push_revocations(self, signed: tpb.SignedRevocations) -> None:
         """Hand the relay a newer revocation list now: it closes the revoked nodes'
