@@ -6,6 +6,14 @@ request), binds both servers and publishes `run/node.json`. Leaving it drains:
 both servers stop taking new work and give in-flight answers up to
 `shutdown_grace_s` to finish, then whatever is left is cancelled, the model
 workers are joined and node.json is removed.
+
+Every part is built in one `AsyncExitStack`, in two phases: `_open_parts` opens what
+holds state (identity, trust, users, ledger, models, quotas; no port is bound, nothing
+runs), and `RunningNode.serve` starts what talks to others (servers, peering, relays,
+sync, mDNS). Each part registers its own stop as it starts, so a start that fails half
+way stops exactly what was started, and a normal stop runs in the reverse order: mDNS,
+ledger sync, peering, background work, the drain (servers, answers in flight), relays,
+quotas, backends, the ledger (last: every answer has left its record), the run files.
 """
 
 from __future__ import annotations
@@ -16,6 +24,9 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
@@ -94,54 +105,223 @@ def advertised_addresses(host: str, port: int) -> list[str]:
     return lan + loopback or [f"127.0.0.1:{port}"]
 
 
+@dataclass(kw_only=True)
+class Parts:
+    """What a node holds state in, opened before anything runs."""
+
+    listeners: ListenerSettings
+    identity: Identity
+    created_identity: bool
+    owner_token: OwnerToken
+    trust: TrustStore
+    users: UsersAdmin
+    ledger: LedgerStore
+    backends: list[Backend]
+    models: LocalModels
+    peer_table: PeerTable
+    peering: Peering
+    quota: QuotaService
+    entry: EntrySide
+    serving: ServingSide
+    cards: Cards
+    relays: list[RelayLink] = field(default_factory=list)  # started with the servers
+
+
+class Cards:
+    """This node's two signed cards (public: what strangers may see; full: for members),
+    re-signed when what they say changes."""
+
+    def __init__(
+        self,
+        *,
+        identity: Identity,
+        trust: TrustStore,
+        models: LocalModels,
+        display_name: str,
+        peer_addresses: Callable[[], list[str]],
+    ) -> None:
+        self._identity = identity
+        self._trust = trust
+        self._models = models
+        self._display_name = display_name
+        self._peer_addresses = peer_addresses
+        self.grpc_addresses: list[str] = []  # set when the gRPC agent is bound
+        self.public = pb.SignedCard()
+        self.full = pb.SignedCard()
+        self.issued_at_ms = 0
+
+    def refresh(self) -> None:
+        """Re-sign both cards (after a key rotation, a join, a model change)."""
+        trust = self._trust
+        common = {
+            "membership": trust.cert,
+            "encryption_keys": trust.keyring.current.signed,
+            "mesh_id": trust.mesh_id,
+            "now_ms": int(time.time() * 1000),
+        }
+        self.public = sign_card(self._identity, public=True, **common)  # type: ignore[arg-type]
+        self.full = sign_card(
+            self._identity,
+            models=self._models.models(),
+            grpc_addresses=self.grpc_addresses,
+            display_name=self._display_name,
+            peer_addresses=self._peer_addresses(),
+            tier=pb.TIER_CLOUD if trust.role is Role.OVERFLOW else pb.TIER_HOME,
+            **common,  # type: ignore[arg-type]
+        )
+        # Strictly increasing, so peers notice every change even within one millisecond.
+        self.issued_at_ms = max(
+            int(common["now_ms"]),  # type: ignore[call-overload]
+            self.issued_at_ms + 1,
+        )
+
+    def speeds_moved(self) -> bool:
+        """A model's measured speed moved by more than TPS_DRIFT since the card said it."""
+        card = pb.NodeCard.FromString(self.full.card)
+        advertised = {m.name: m.tokens_per_second for m in card.models}
+        for info in self._models.models():
+            before = advertised.get(info.name, 0.0)
+            now = info.tokens_per_second
+            if now and (not before or abs(now - before) / before > TPS_DRIFT):
+                return True
+        return False
+
+
+async def _open_parts(config: NodeConfig, home: Home, stack: AsyncExitStack) -> Parts:
+    """Open what holds state, in order; each part's closing goes on `stack`."""
+    listeners = _limit_connections(config, stack)
+    home.ensure()
+    identity, created = load_or_create_identity(home.identity_key)
+    # A new owner credential at every start: what the CLI sends for administration.
+    owner_token = OwnerToken.issue(home)
+    stack.callback(OwnerToken.clear, home, owner_token)
+    stack.callback(home.clear_run_info, os.getpid())  # written once the node serves
+    trust = TrustStore.open(home, identity)
+    # Beyond loopback the HTTP API serves API keys only, so a bad users file stops here.
+    users = UsersAdmin.open(home, default_privacy=Privacy(config.privacy), trust=trust)
+    ledger = await LedgerStore.open(home.ledger_file, identity)
+    stack.push_async_callback(ledger.close)  # runs last: every answer has left its record
+    backends: list[Backend] = []
+    for model in config.models:
+        backend = create_backend(model)
+        await backend.start()
+        stack.push_async_callback(backend.aclose)
+        backends.append(backend)
+    relays: list[RelayLink] = []
+
+    async def close_relays() -> None:  # after the drain: answers through a relay finish too
+        for link in relays:
+            await link.aclose()
+
+    stack.push_async_callback(close_relays)
+    models = LocalModels(identity.node_id, backends)
+    peer_table = PeerTable()
+    cards: Cards | None = None
+
+    def cards_changed() -> None:
+        if cards is not None:
+            cards.refresh()
+
+    peering = Peering(
+        trust=trust,
+        table=peer_table,
+        static_peers=config.peers,
+        on_change=cards_changed,
+        card_issued_at=lambda: cards.issued_at_ms if cards is not None else 0,
+    )
+    cards = Cards(
+        identity=identity,
+        trust=trust,
+        models=models,
+        display_name=config.display_name or socket.gethostname(),
+        peer_addresses=peering.direct_addresses,
+    )
+    quota = QuotaService(
+        node_id=identity.node_id,
+        users=users,
+        store=ledger,
+        links=peering,
+        cloud_plan=cloud_plan_quota(config.cloud_plan),
+        holds_file=home.root / "quota-holds.json",
+    )
+    await quota.start()
+    stack.push_async_callback(quota.aclose)  # after the drain: every release is under way
+    accountant = Accountant(node_id=identity.node_id, ledger=ledger)
+    return Parts(
+        listeners=listeners,
+        identity=identity,
+        created_identity=created,
+        owner_token=owner_token,
+        trust=trust,
+        users=users,
+        ledger=ledger,
+        backends=backends,
+        models=models,
+        peer_table=peer_table,
+        peering=peering,
+        quota=quota,
+        entry=EntrySide(
+            models=models,
+            peers=peer_table,
+            accountant=accountant,
+            peering=peering,
+            admitter=quota,
+            max_wait_ms=config.max_wait_ms,
+            default_privacy=Privacy(config.privacy),
+        ),
+        serving=ServingSide(
+            models=models,
+            accountant=accountant,
+            # The mesh's cloud plan is held by the overflow node serving it.
+            cloud_plan=lambda: quota if trust.role is Role.OVERFLOW else None,
+        ),
+        cards=cards,
+        relays=relays,
+    )
+
+
+def _limit_connections(config: NodeConfig, stack: AsyncExitStack) -> ListenerSettings:
+    """Descriptors first: the soft limit up to the hard one, the listeners' caps sized
+    from it, and failed accepts logged once a minute instead of in a tight loop."""
+    nofile = raise_nofile_limit()
+    settings = ListenerSettings.from_environment(nofile, config=config)
+    accept_errors = AcceptErrorLog()
+    loop = asyncio.get_running_loop()
+    accept_errors.install(loop)
+    stack.callback(accept_errors.uninstall, loop)
+    logger.info(
+        "descriptor limit %d (%d kept for the node itself); HTTP: %d connections, %d per "
+        "address; gRPC: %d connections, %d per address",
+        nofile,
+        settings.budget.kept_fds,
+        settings.http.total,
+        settings.http.per_source,
+        settings.grpc.total,
+        settings.grpc.per_source,
+    )
+    return settings
+
+
 class Node:
+    """`async with Node(config, home) as node:` runs a node (a `RunningNode`) for the
+    block, and drains and stops it after."""
+
     def __init__(self, config: NodeConfig, home: Home) -> None:
         self.config = config
         self.home = home
-        self.identity: Identity | None = None
-        self.created_identity = False
-        self.backends: list[Backend] = []
-        self.models: LocalModels | None = None
-        self.entry: EntrySide | None = None
-        self.serving: ServingSide | None = None
-        self.http_url = ""
-        self.grpc_address = ""
-        self._grpc_server: grpc.aio.Server | None = None
-        self._http_runner: web.AppRunner | None = None
-        self.listeners: ListenerSettings | None = None
-        self._grpc_front: GrpcFront | None = None
-        self._http_guard: HttpConnectionGuard | None = None
-        self._accept_errors: AcceptErrorLog | None = None
-        self.trust: TrustStore | None = None
-        self.users: UsersAdmin | None = None
-        self.ledger: LedgerStore | None = None
-        self.ledger_sync: LedgerSync | None = None
-        self.quota: QuotaService | None = None
-        self.peer_table = PeerTable()
-        self.peering: Peering | None = None
-        self.discovery: Discovery | None = None
-        self.relays: list[RelayLink] = []
-        self.calls: NodeService | None = None
-        self.grpc_addresses: list[str] = []
-        self._public_card = pb.SignedCard()
-        self._full_card = pb.SignedCard()
-        self._card_issued_at_ms = 0
-        self._tasks = Tasks("node")
-        self._started_at = time.time()
-        self.owner_token: OwnerToken | None = None
+        self._stack: AsyncExitStack | None = None
 
-    @property
-    def node_id(self) -> str:
-        assert self.identity is not None
-        return self.identity.node_id
-
-    async def __aenter__(self) -> Node:
+    async def __aenter__(self) -> RunningNode:
+        stack = AsyncExitStack()
         try:
-            await self._start()
+            parts = await _open_parts(self.config, self.home, stack)
+            node = RunningNode(self.config, self.home, parts)
+            await node.serve(stack)
         except BaseException:
-            await self.aclose()
+            await stack.aclose()
             raise
-        return self
+        self._stack = stack
+        return node
 
     async def __aexit__(
         self,
@@ -149,138 +329,116 @@ class Node:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self.aclose()
+        if self._stack is not None:
+            stack, self._stack = self._stack, None
+            await stack.aclose()
 
-    async def _start(self) -> None:
-        cfg = self.config
-        self._limit_connections()
-        self.home.ensure()
-        self.identity, self.created_identity = load_or_create_identity(self.home.identity_key)
-        # A new owner credential at every start: what the CLI sends for administration.
-        self.owner_token = OwnerToken.issue(self.home)
-        self.trust = TrustStore.open(self.home, self.identity)
-        # Beyond loopback the HTTP API serves API keys only, so a bad users file stops here.
-        self.users = UsersAdmin.open(
-            self.home, default_privacy=Privacy(cfg.privacy), trust=self.trust
+
+class RunningNode:
+    """A node's parts, its servers and its background work, while it runs."""
+
+    def __init__(self, config: NodeConfig, home: Home, parts: Parts) -> None:
+        self.config = config
+        self.home = home
+        self.parts = parts
+        self.identity = parts.identity
+        self.node_id = parts.identity.node_id
+        self.created_identity = parts.created_identity
+        self.owner_token = parts.owner_token
+        self.trust = parts.trust
+        self.models = parts.models
+        self.peer_table = parts.peer_table
+        self.peering = parts.peering
+        self.cards = parts.cards
+        self.relays = parts.relays
+        self.listeners = parts.listeners
+        self.http_url = ""
+        self.grpc_address = ""
+        self.grpc_addresses: list[str] = []
+        self.discovery: Discovery | None = None  # none when mDNS is off or unavailable
+        self._tasks = Tasks("node")
+        self._started_at = time.time()
+        self.calls = NodeService(
+            trust=parts.trust,
+            serving=parts.serving,
+            models=parts.models,
+            public_card=lambda: self.cards.public,
+            full_card=lambda: self.cards.full,
+            on_revocations=self.after_membership_change,
+            on_leaving=parts.peering.leaving,
+            card_issued_at=lambda: self.cards.issued_at_ms,
+            on_member_joined=self._member_joined,
+            ledger=parts.ledger,
+            quota=parts.quota,
+            users=parts.users,
         )
-        self.ledger = await LedgerStore.open(self.home.ledger_file, self.identity)
-        for model in cfg.models:
-            backend = create_backend(model)
-            await backend.start()
-            self.backends.append(backend)
-        self.peer_table = PeerTable()
-        self.peering = Peering(
-            trust=self.trust,
-            table=self.peer_table,
-            static_peers=cfg.peers,
-            on_change=self.refresh_cards,
-            card_issued_at=lambda: self._card_issued_at_ms,
+        # The public port is the front's (caps per source, a deadline to prove membership);
+        # the gRPC server itself listens on loopback only, behind it.
+        self._grpc_front = GrpcFront(
+            caps=self.listeners.grpc, member_deadline_s=self.listeners.grpc_member_deadline_s
         )
-        self.quota = QuotaService(
-            node_id=self.node_id,
-            users=self.users,
-            store=self.ledger,
-            links=self.peering,
-            cloud_plan=cloud_plan_quota(cfg.cloud_plan),
-            holds_file=self.home.root / "quota-holds.json",
+        # Caps per source and deadlines for headers and bodies (node/transport/http_guard.py).
+        self._http_guard = HttpConnectionGuard(
+            caps=self.listeners.http,
+            header_timeout_s=self.listeners.http_header_timeout_s,
+            body_idle_s=self.listeners.http_body_idle_s,
         )
-        await self.quota.start()
-        self.models = LocalModels(self.node_id, self.backends)
-        accountant = Accountant(node_id=self.node_id, ledger=self.ledger)
-        self.entry = EntrySide(
-            models=self.models,
-            peers=self.peer_table,
-            accountant=accountant,
-            peering=self.peering,
-            admitter=self.quota,
-            max_wait_ms=cfg.max_wait_ms,
-            default_privacy=Privacy(cfg.privacy),
-        )
-        trust, quota = self.trust, self.quota
-        self.serving = ServingSide(
-            models=self.models,
-            accountant=accountant,
-            # The mesh's cloud plan is held by the overflow node serving it.
-            cloud_plan=lambda: quota if trust.role is Role.OVERFLOW else None,
-        )
-        await self._start_grpc()
-        await self._start_http()
-        log_api_access(cfg.http_host, self.users)
-        self.refresh_cards()
-        self._tasks.start(self._maintain(), "trust maintenance")
-        await self._start_relays()
-        await self.peering.start()
-        trust = self.trust
+        trust = parts.trust
         self.ledger_sync = LedgerSync(
-            store=self.ledger,
-            table=self.peer_table,
-            links=self.peering,
-            users=self.users,
-            trust=self.trust,
+            store=parts.ledger,
+            table=parts.peer_table,
+            links=parts.peering,
+            users=parts.users,
+            trust=parts.trust,
             active=lambda: trust.role is not Role.OVERFLOW,  # overflow nodes never ask
         )
+
+    async def serve(self, stack: AsyncExitStack) -> None:
+        """Start everything that talks to others; each stop goes on `stack`."""
+        stack.push_async_callback(self._grpc_front.aclose)  # after the drain: all delivered
+        servers: list[Callable[[float], Any]] = []  # how to stop each server started
+
+        async def drain() -> None:
+            grace = self.config.shutdown_grace_s
+            for backend in self.parts.backends:
+                backend.drain()
+            self._grpc_front.stop_accepting()  # open connections still carry the drain
+            await asyncio.gather(
+                self._end_in_flight(grace),
+                *(stop(grace + SERVER_STOP_MARGIN_S) for stop in servers),
+                return_exceptions=True,
+            )
+
+        stack.push_async_callback(drain)
+        await self._start_grpc(servers)
+        await self._start_http(servers)
+        log_api_access(self.config.http_host, self.parts.users)
+        self.cards.refresh()
+        self._tasks.start(self._maintain(), "trust maintenance")
+        stack.push_async_callback(self._tasks.aclose)
+        await self._start_relays()
+        await self.peering.start()
+        stack.push_async_callback(self.peering.aclose)  # peers hear we leave, stop sending
         await self.ledger_sync.start(own_chain_wait_s=self._own_chain_wait_s())
-        await self._start_discovery()
+        stack.push_async_callback(self.ledger_sync.aclose)
+        await self._start_discovery(stack)
         self.home.write_run_info(self.run_info())
         logger.info(
             "node %s serving on %s (gRPC %s)", self.node_id, self.http_url, self.grpc_address
         )
 
-    def _limit_connections(self) -> None:
-        """Descriptors first: the soft limit up to the hard one, the listeners' caps sized
-        from it, and failed accepts logged once a minute instead of in a tight loop."""
-        nofile = raise_nofile_limit()
-        self.listeners = settings = ListenerSettings.from_environment(nofile, config=self.config)
-        self._accept_errors = AcceptErrorLog()
-        self._accept_errors.install(asyncio.get_running_loop())
-        logger.info(
-            "descriptor limit %d (%d kept for the node itself); HTTP: %d connections, %d per "
-            "address; gRPC: %d connections, %d per address",
-            nofile,
-            settings.budget.kept_fds,
-            settings.http.total,
-            settings.http.per_source,
-            settings.grpc.total,
-            settings.grpc.per_source,
-        )
-
-    async def _start_grpc(self) -> None:
-        assert self.serving is not None
-        assert self.models is not None
-        assert self.trust is not None
-        assert self.listeners is not None
-        # The public port is the front's (caps per source, a deadline to prove membership);
-        # the gRPC server itself listens on loopback only, behind it.
-        front = GrpcFront(
-            caps=self.listeners.grpc, member_deadline_s=self.listeners.grpc_member_deadline_s
-        )
-        self._grpc_front = front
+    async def _start_grpc(self, servers: list[Callable[[float], Any]]) -> None:
+        front = self._grpc_front
         server = grpc.aio.server(
             interceptors=[front.interceptor],
             options=grpc_options.node_server_options(max_connections=self.listeners.grpc.total),
-        )
-        self.calls = NodeService(
-            trust=self.trust,
-            serving=self.serving,
-            models=self.models,
-            public_card=lambda: self._public_card,
-            full_card=lambda: self._full_card,
-            on_revocations=self.after_membership_change,
-            on_leaving=lambda goodbye: (
-                self.peering.leaving(goodbye) if self.peering is not None else None
-            ),
-            card_issued_at=lambda: self._card_issued_at_ms,
-            on_member_joined=self._member_joined,
-            ledger=self.ledger,
-            quota=self.quota,
-            users=self.users,
         )
         pb_grpc.add_NodeServiceServicer_to_server(  # type: ignore[no-untyped-call]
             NodeServicer(self.calls), server
         )
         backend_port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
-        self._grpc_server = server
+        servers.append(server.stop)
         host = self.config.grpc_host
         bind = f"{_url_host(host)}:{self.config.grpc_port}"
         try:
@@ -290,42 +448,33 @@ class Node:
             raise ConfigError(f"cannot bind the gRPC agent to {bind}: {reason}") from exc
         self.grpc_addresses = advertised_addresses(host, port)
         self.grpc_address = self.grpc_addresses[0]
+        self.cards.grpc_addresses = self.grpc_addresses
 
-    async def _start_http(self) -> None:
-        assert self.entry is not None
-        assert self.quota is not None
-        assert self.trust is not None
-        assert self.users is not None
-        assert self.owner_token is not None
-        assert self.listeners is not None
+    async def _start_http(self, servers: list[Callable[[float], Any]]) -> None:
+        parts = self.parts
         app = build_app(
-            entry=self.entry,
+            entry=parts.entry,
             max_request_bytes=self.config.max_request_bytes,
             status=self.status,
             mesh_admin=MeshAdmin(
-                trust=self.trust,
+                trust=parts.trust,
                 addresses=lambda: self.grpc_addresses,
                 display_name=self.config.display_name,
                 on_change=self.after_membership_change,
                 on_joined=self.after_join,
             ),
-            users=self.users,
-            quota=self.quota,
-            owner=self.owner_token,
+            users=parts.users,
+            quota=parts.quota,
+            owner=parts.owner_token,
             guard=HostGuard.build(
                 bound_host=self.config.http_host,
                 allowed_hosts=self.config.http_allowed_hosts,
                 cors_origins=self.config.http_cors_origins,
             ),
         )
-        # Caps per source and deadlines for headers and bodies (node/http_guard.py); its
-        # middleware goes first, so it sees every request the moment its headers are in.
-        guard = HttpConnectionGuard(
-            caps=self.listeners.http,
-            header_timeout_s=self.listeners.http_header_timeout_s,
-            body_idle_s=self.listeners.http_body_idle_s,
-        )
-        self._http_guard = guard
+        # The guard's middleware goes first, so it sees every request the moment its
+        # headers are in.
+        guard = self._http_guard
         app.middlewares.insert(0, guard.middleware)
         runner = web.AppRunner(
             app,
@@ -335,7 +484,7 @@ class Node:
             keepalive_timeout=self.listeners.http_keepalive_idle_s,
         )
         await runner.setup()
-        self._http_runner = runner
+        servers.append(lambda _grace: runner.cleanup())
         site = GuardedSite(runner, guard, self.config.http_host, self.config.http_port)
         try:
             await site.start()
@@ -344,22 +493,19 @@ class Node:
                 f"cannot bind the HTTP API to {self.config.http_host}:{self.config.http_port}: "
                 f"{exc.strerror}"
             ) from exc
-        port = site.port
-        self.http_url = f"http://{_url_host(self.config.http_host)}:{port}"
+        self.http_url = f"http://{_url_host(self.config.http_host)}:{site.port}"
 
     async def _end_in_flight(self, grace_s: float) -> None:
+        backends = self.parts.backends
         deadline = time.monotonic() + grace_s
-        while any(b.busy() for b in self.backends) and time.monotonic() < deadline:  # noqa: ASYNC110 (polls worker threads)
+        while any(b.busy() for b in backends) and time.monotonic() < deadline:  # noqa: ASYNC110 (polls worker threads)
             await asyncio.sleep(DRAIN_POLL_S)
-        for backend in self.backends:
+        for backend in backends:
             backend.cancel_all()
 
     async def _start_relays(self) -> None:
         """One session per configured relay: other offices and cloud nodes are reached
         through it, and they reach this node through it."""
-        assert self.trust is not None
-        assert self.calls is not None
-        assert self.peering is not None
         for address in self.config.relays:
             link = RelayLink(
                 address,
@@ -368,10 +514,10 @@ class Node:
                 on_directory=self.peering.relay_directory,
             )
             self.peering.attach_relay(link)
+            self.relays.append(link)  # its stop is the parts' (after the drain)
             await link.start()
-            self.relays.append(link)
 
-    async def _start_discovery(self) -> None:
+    async def _start_discovery(self, stack: AsyncExitStack) -> None:
         if not self.config.mdns:
             return
         ips = [a.rsplit(":", 1)[0] for a in self.grpc_addresses]
@@ -379,10 +525,8 @@ class Node:
         if not lan:
             logger.info("mDNS off: the gRPC agent listens on loopback only")
             return
-        assert self.trust is not None
         trust, peering = self.trust, self.peering
-        assert peering is not None
-        self.discovery = Discovery(
+        discovery = Discovery(
             node_id=self.node_id,
             mesh_id=lambda: trust.mesh_id,
             ips=lan,
@@ -390,84 +534,45 @@ class Node:
             on_sighting=lambda address, node_id: peering.consider(address),
         )
         try:
-            await self.discovery.start()
+            await discovery.start()
         except OSError as exc:
             logger.warning("mDNS unavailable (%s); use --peer to name other boxes", exc)
-            self.discovery = None
+            await discovery.aclose()
+            return
+        self.discovery = discovery
+        stack.push_async_callback(discovery.aclose)  # first of all: the mDNS goodbye
 
     def _member_joined(self, addresses: list[str]) -> None:
-        if self.peering is not None:
-            for address in addresses:
-                self.peering.consider(address)
+        for address in addresses:
+            self.peering.consider(address)
 
     async def after_join(self, inviter_addresses: list[str]) -> None:
         self.after_membership_change()
         for link in self.relays:  # the relay files a node under the mesh of its certificate
             await link.restart()
-        if self.peering is not None:
-            for address in inviter_addresses:
-                self.peering.consider(address)
+        for address in inviter_addresses:
+            self.peering.consider(address)
         if self.discovery is not None:
             await self.discovery.update()
-
-    def refresh_cards(self) -> None:
-        """Re-sign both cards (after a key rotation, a join, a model change)."""
-        assert self.trust is not None
-        assert self.identity is not None
-        assert self.models is not None
-        common = {
-            "membership": self.trust.cert,
-            "encryption_keys": self.trust.keyring.current.signed,
-            "mesh_id": self.trust.mesh_id,
-            "now_ms": int(time.time() * 1000),
-        }
-        self._public_card = sign_card(self.identity, public=True, **common)  # type: ignore[arg-type]
-        self._full_card = sign_card(
-            self.identity,
-            models=self.models.models(),
-            grpc_addresses=self.grpc_addresses,
-            display_name=self.config.display_name or socket.gethostname(),
-            peer_addresses=self.peering.direct_addresses() if self.peering else [],
-            tier=pb.TIER_CLOUD if self.trust.role is Role.OVERFLOW else pb.TIER_HOME,
-            **common,  # type: ignore[arg-type]
-        )
-        # Strictly increasing, so peers notice every change even within one millisecond.
-        self._card_issued_at_ms = max(
-            int(common["now_ms"]),  # type: ignore[call-overload]
-            self._card_issued_at_ms + 1,
-        )
 
     async def _maintain(self) -> None:
         """Rotate encryption keys when due (and destroy expired ones); re-sign the card
         when measured speeds moved, so peers schedule with current numbers."""
-        assert self.trust is not None
         while True:
             await asyncio.sleep(MAINTENANCE_INTERVAL_S)
-            if self.trust.rotate_keys(int(time.time() * 1000)) or self._speeds_moved():
-                self.refresh_cards()
-
-    def _speeds_moved(self) -> bool:
-        assert self.models is not None
-        card = pb.NodeCard.FromString(self._full_card.card)
-        advertised = {m.name: m.tokens_per_second for m in card.models}
-        for info in self.models.models():
-            before = advertised.get(info.name, 0.0)
-            now = info.tokens_per_second
-            if now and (not before or abs(now - before) / before > TPS_DRIFT):
-                return True
-        return False
+            if self.trust.rotate_keys(int(time.time() * 1000)) or self.cards.speeds_moved():
+                self.cards.refresh()
 
     def _own_chain_wait_s(self) -> float | None:
         """A node that is not new but whose ledger holds nothing of its own chain (its
         disk was replaced, its ledger.db lost) holds its own records until a member says
         how far its chain went, so that it goes on from there (issue 12: a rebuilt box
         signing a second #1 is a fork)."""
-        assert self.ledger is not None
-        assert self.trust is not None
+        ledger = self.parts.ledger
         others = self.trust.authority is None or bool(self.trust.members)
-        if self.created_identity or not self.ledger.empty_at_open or not others:
+        if self.created_identity or not ledger.empty_at_open or not others:
             return None
-        self.ledger.hold_own_records()
+        ledger.hold_own_records()
         logger.warning(
             "this node's ledger holds none of its own records although the node is not new: "
             "its next records wait (up to %d s) until a member has told it how far its chain went",
@@ -478,16 +583,14 @@ class Node:
     def after_membership_change(self) -> None:
         """A join, or a newer revocation list: re-sign the cards; a revoked node is
         dropped by peering and the relays at once."""
-        self.refresh_cards()
+        self.cards.refresh()
         self.home.write_run_info(self.run_info())
-        if self.peering is not None:
-            self.peering.drop_revoked()
-        if self.trust is not None and self.trust.revocations is not None:
+        self.peering.drop_revoked()
+        if self.trust.revocations is not None:
             for link in self.relays:
                 link.push_revocations(self.trust.revocations.signed)
 
     def run_info(self) -> dict[str, Any]:
-        assert self.trust is not None
         return {
             "node_id": self.node_id,
             "mesh_id": self.trust.mesh_id,
@@ -505,7 +608,6 @@ class Node:
         }
 
     def status(self) -> dict[str, Any]:
-        assert self.models is not None
         load = self.models.load()
         counters = self.models.counters()
         return {
@@ -556,15 +658,14 @@ class Node:
         }
 
     def _connection_stats(self) -> dict[str, Any]:
-        budget = self.listeners.budget if self.listeners is not None else None
         return {
-            "descriptor_limit": budget.nofile if budget is not None else None,
-            "http": self._http_guard.stats() if self._http_guard is not None else None,
-            "grpc": self._grpc_front.stats() if self._grpc_front is not None else None,
+            "descriptor_limit": self.listeners.budget.nofile,
+            "http": self._http_guard.stats(),
+            "grpc": self._grpc_front.stats(),
         }
 
     def _sync_status(self, node_id: str) -> dict[str, Any] | None:
-        done = self.ledger_sync.peers.get(node_id) if self.ledger_sync else None
+        done = self.ledger_sync.peers.get(node_id)
         if done is None:
             return None
         return {
@@ -573,56 +674,3 @@ class Node:
             "receipts": done.receipts,
             "error": done.error,
         }
-
-    async def aclose(self) -> None:
-        """Drain and stop; safe to call on a partly started node.
-
-        New requests are refused at once; answers in progress get `shutdown_grace_s`
-        to finish. Whatever still runs then is cancelled *by the backend*, so its
-        stream ends properly (a final chunk, usage, [DONE]) before the servers'
-        own deadline (grace + SERVER_STOP_MARGIN_S) would cut connections.
-        """
-        grace = self.config.shutdown_grace_s
-        if self.discovery is not None:
-            await self.discovery.aclose()  # mDNS goodbye
-            self.discovery = None
-        if self.ledger_sync is not None:
-            await self.ledger_sync.aclose()
-            self.ledger_sync = None
-        if self.peering is not None:
-            await self.peering.aclose()  # peers hear we are leaving and stop sending now
-        await self._tasks.aclose()
-        for backend in self.backends:
-            backend.drain()
-        if self._grpc_front is not None:
-            self._grpc_front.stop_accepting()  # open connections still carry the drain
-        stopping = []
-        if self._grpc_server is not None:
-            stopping.append(self._grpc_server.stop(grace + SERVER_STOP_MARGIN_S))
-        if self._http_runner is not None:
-            stopping.append(self._http_runner.cleanup())
-        if stopping:
-            await asyncio.gather(self._end_in_flight(grace), *stopping, return_exceptions=True)
-        self._grpc_server = None
-        self._http_runner = None
-        if self._grpc_front is not None:  # after the gRPC server: what it sent is delivered
-            await self._grpc_front.aclose()
-            self._grpc_front = None
-        if self.quota is not None:  # after the drain: every answer's release is under way
-            await self.quota.aclose()
-        for link in self.relays:  # after the drain: answers through the relay finish too
-            await link.aclose()
-        self.relays = []
-        for backend in self.backends:
-            await backend.aclose()
-        self.backends = []
-        if self.ledger is not None:  # last: every answer above has left its record
-            await self.ledger.close()
-            self.ledger = None
-        if self.identity is not None:
-            self.home.clear_run_info(os.getpid())
-        if self.owner_token is not None:
-            OwnerToken.clear(self.home, self.owner_token)
-        if self._accept_errors is not None:
-            self._accept_errors.uninstall(asyncio.get_running_loop())
-            self._accept_errors = None
