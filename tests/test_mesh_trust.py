@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from mesh import PROTOCOL_VERSION
+from mesh.clock import now_ms
 from mesh.errors import (
     BadSignature,
     InvalidRequest,
@@ -23,7 +25,9 @@ from mesh.errors import (
 )
 from mesh.home import Home
 from mesh.inference import ChatMessage, Finished, InferenceRequest, Sampling, TextDelta
+from mesh.trust.cards import PeerCard
 from mesh.trust.identity import load_or_create_identity
+from mesh.trust.sealing import seal_request
 from mesh.wire import codec
 from mesh.wire.v1 import ledger_pb2 as lpb
 from mesh.wire.v1 import node_pb2 as pb
@@ -216,6 +220,25 @@ async def test_an_overflow_node_serves_but_never_sees_members_cards_or_sends_req
                 pass
 
 
+async def _raw_call(
+    client: PeerClient, member: TrustStore, peer: PeerCard, body: bytes
+) -> pb.InferEvent:
+    """Seal `body` as it is (not a SealedCall the client would build) and return the one
+    answer event."""
+    sealed = seal_request(
+        body,
+        identity=member.identity,
+        sender_cert=member.cert,
+        recipient=peer.keys,
+        now_ms=now_ms(),
+        offer_hybrid=member.keyring.hybrid,
+    )
+    request = pb.InferRequest(protocol_version=PROTOCOL_VERSION, sealed=sealed.envelope)
+    events = client.transport.stream("Infer", request, pb.InferEvent, 10)
+    [frame] = [sealed.reader.open(message.sealed) async for message in events]
+    return pb.InferEvent.FromString(frame)
+
+
 async def test_ledger_sync_answers_members_only_and_refuses_bad_requests(
     admin: NodeProcess, tmp_path: Path
 ) -> None:
@@ -227,9 +250,9 @@ async def test_ledger_sync_answers_members_only_and_refuses_bad_requests(
         frames = [f async for f in client.sync(peer, lpb.SyncRequest())]
         assert sum(len(f.records) for f in frames) >= 1  # the chat's record, sealed to us
         assert sum(len(f.receipts) for f in frames) >= 1  # with its countersignature
-        [raw] = [f async for f in client._sealed_call(peer, b"\xff\xff\xff", "ledger", 10)]
-        with pytest.raises(InvalidRequest, match="SyncRequest"):
-            codec.event_from_pb(pb.InferEvent.FromString(raw))
+        # A ledger call (SealedCall field 3) whose SyncRequest bytes do not parse.
+        with pytest.raises(InvalidRequest, match="SealedCall"):
+            codec.event_from_pb(await _raw_call(client, member, peer, b"\x1a\x03\xff\xff\xff"))
         too_many = lpb.SyncRequest(heads=[lpb.ChainHead(node_id="x")] * 100_001)
         with pytest.raises(InvalidRequest, match="at most"):
             async for _ in client.sync(peer, too_many):
@@ -257,10 +280,10 @@ async def test_quota_and_users_calls_refuse_bad_input_clearly(
         listed = await client.users(peer, b"")
         assert [u.name for u in listed.users] == ["alice"]
         assert not (await client.users(peer, listed.digest)).users  # same list: nothing sent
-        for purpose in ("quota", "users"):
-            [raw] = [f async for f in client._sealed_call(peer, b"\xff\x01", purpose, 10)]
+        # A sealed call whose body is not a SealedCall, or one that asks for nothing.
+        for garbage in (b"\xff\x01", b""):
             with pytest.raises(InvalidRequest):
-                codec.event_from_pb(pb.InferEvent.FromString(raw))
+                codec.event_from_pb(await _raw_call(client, member, peer, garbage))
         bad_calls = [
             (lpb.QuotaCall(), InvalidRequest, "reserve or a release"),
             (

@@ -36,6 +36,8 @@ from mesh.trust.sealing import (
     Sealed,
     seal_request,
 )
+from mesh.wire.v1 import ledger_pb2 as lpb
+from mesh.wire.v1 import node_pb2 as pb
 from mesh.wire.v1 import trust_pb2 as tpb
 
 NOW = 1_700_000_000_000
@@ -151,7 +153,7 @@ def test_seal_and_open_round_trip(
     alice: Member, offer_hybrid: bool, recipient_hybrid: bool, kem: int
 ) -> None:
     bob = make_member(AUTHORITY, hybrid=recipient_hybrid)
-    sealed = seal(alice, bob, offer_hybrid=offer_hybrid, purpose="infer")
+    sealed = seal(alice, bob, offer_hybrid=offer_hybrid)
     header = header_of(sealed.envelope)
     assert header.kem == kem
     assert header.sender_offers_hybrid is offer_hybrid
@@ -168,7 +170,6 @@ def test_seal_and_open_round_trip(
     opened = bob.opener.open(wire, now_ms=NOW + 1)
     assert isinstance(opened, OpenedRequest)
     assert opened.body == BODY
-    assert opened.purpose == "infer"
     assert opened.request_id == sealed.request_id
     assert opened.sender.node_id == alice.identity.node_id
     assert opened.sender.role is Role.MEMBER
@@ -208,12 +209,11 @@ def test_frames_round_trip(alice: Member, bob: Member) -> None:
         opened.writer.seal(b"more")
 
 
-def test_explicit_request_id_and_purpose(alice: Member, bob: Member) -> None:
+def test_explicit_request_id(alice: Member, bob: Member) -> None:
     request_id = bytes(range(16))
-    sealed = seal(alice, bob, request_id=request_id, purpose="cards")
+    sealed = seal(alice, bob, request_id=request_id)
     opened = bob.opener.open(sealed.envelope, now_ms=NOW)
     assert opened.request_id == request_id
-    assert opened.purpose == "cards"
 
 
 # --- tampering ---------------------------------------------------------------------------------
@@ -775,14 +775,23 @@ def test_a_request_that_fails_to_open_does_not_burn_its_id(alice: Member, bob: M
     assert bob.opener.open(genuine, now_ms=NOW).request_id == request_id
 
 
-@pytest.mark.parametrize("purpose", ["infer", "card", "ledger", "quota", "users"])
-def test_the_kind_of_call_travels_sealed(alice: Member, bob: Member, purpose: str) -> None:
-    """An observer (the relay) must not tell a prompt from a ledger sync: the purpose is
-    inside the ciphertext, and the clear header has no field for it."""
-    sealed = seal(alice, bob, purpose=purpose)
-    assert purpose.encode() not in sealed.envelope.header
-    header = tpb.EnvelopeHeader.FromString(sealed.envelope.header)
-    assert "purpose" not in {field.name for field, _ in header.ListFields()}
+CALLS = {
+    "infer": pb.SealedCall(infer=pb.InferBody(model="secret-model")),
+    "card": pb.SealedCall(card=pb.CardRequest()),
+    "ledger": pb.SealedCall(ledger=lpb.SyncRequest()),
+    "quota": pb.SealedCall(quota=lpb.QuotaCall()),
+    "users": pb.SealedCall(users=lpb.UserList(digest=b"d")),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(CALLS))
+def test_the_kind_of_call_travels_sealed(alice: Member, bob: Member, kind: str) -> None:
+    """An observer (the relay) must not tell a prompt from a ledger sync: the kind of call
+    is the sealed body's oneof, inside the ciphertext, and the clear header has no field
+    for it (protocol 2's `purpose` string is gone from both)."""
+    sealed = seal(alice, bob, body=CALLS[kind].SerializeToString())
+    assert kind.encode() not in sealed.envelope.header
     assert "purpose" not in tpb.EnvelopeHeader.DESCRIPTOR.fields_by_name
+    assert "purpose" not in tpb.SealedRequestBody.DESCRIPTOR.fields_by_name
     opened = bob.opener.open(sealed.envelope, now_ms=NOW)
-    assert opened.purpose == purpose
+    assert pb.SealedCall.FromString(opened.body).WhichOneof("call") == kind

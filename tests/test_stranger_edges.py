@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 import pytest
 
+from mesh import PROTOCOL_VERSION
 from mesh.errors import InviteError, MeshError, Overloaded, PermissionDenied
 from mesh.inference import ChatMessage, InferenceRequest, Sampling
 from mesh.trust.invites import decode_invite, make_join_request
@@ -143,9 +144,8 @@ async def test_a_captured_request_does_not_replay_after_a_restart(tmp_path: Path
         member = await join_as_member(node, tmp_path / "member")
         async with PeerClient(grpc_address(node), trust=member) as client:
             card = await client.public_card()
-            body = codec.request_to_pb(_question()).SerializeToString()
-            sealed = client._seal(card, body, "infer")
-            captured = pb.InferRequest(protocol_version=2, sealed=sealed.envelope)
+            sealed = client._seal(card, pb.SealedCall(infer=codec.request_to_pb(_question())))
+            captured = pb.InferRequest(protocol_version=PROTOCOL_VERSION, sealed=sealed.envelope)
             assert await _send(grpc_address(node), client, captured)  # answered once
             with pytest.raises(PermissionDenied, match="replayed"):
                 await _send(grpc_address(node), client, captured)  # refused while it runs

@@ -11,8 +11,8 @@ Request (sender -> recipient), one `SealedEnvelope`:
   signature   sender's Ed25519 identity key over SIG_CONTEXT || len(header) ||
               header || ciphertext: the recipient knows who sent it (HPKE's base
               mode alone leaves the sender anonymous).
-The plaintext holds a fresh 32-byte response key, the request body and its purpose
-(which kind of call it is: inference, card, ledger, quota, users).
+The plaintext holds a fresh 32-byte response key and the request body (for the node
+service, a `SealedCall`: which kind of call it is travels sealed too).
 
 Answer (recipient -> sender), a stream of `SealedFrame`s: ChaCha20-Poly1305
 under the response key, nonce = 4 zero bytes || frame number (u64 BE), AAD =
@@ -168,7 +168,6 @@ def seal_request(
     recipient: PeerKeys,
     now_ms: int,
     offer_hybrid: bool,
-    purpose: str = "infer",
     request_id: bytes | None = None,
 ) -> Sealed:
     request_id = request_id if request_id is not None else os.urandom(REQUEST_ID_BYTES)
@@ -191,10 +190,9 @@ def seal_request(
     )
     header_bytes = header.SerializeToString(deterministic=True)
     response_key = os.urandom(RESPONSE_KEY_BYTES)
-    # The kind of call is sealed too: an observer must not tell a prompt from a ledger sync.
-    plaintext = tpb.SealedRequestBody(
-        response_key=response_key, body=body, purpose=purpose
-    ).SerializeToString()
+    # The kind of call is sealed too (it is in `body`): an observer must not tell a prompt
+    # from a ledger sync.
+    plaintext = tpb.SealedRequestBody(response_key=response_key, body=body).SerializeToString()
     info = INFO_CONTEXT + header_bytes
     if use_hybrid:
         assert recipient.mlkem768 is not None
@@ -265,7 +263,6 @@ class ReplayGuard:
 class OpenedRequest:
     sender: Membership
     request_id: bytes
-    purpose: str
     body: bytes
     writer: FrameWriter
 
@@ -358,7 +355,6 @@ class EnvelopeOpener:
         return OpenedRequest(
             sender=sender,
             request_id=header.request_id,
-            purpose=body.purpose,
             body=body.body,
             writer=FrameWriter(body.response_key, header.request_id),
         )

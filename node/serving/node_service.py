@@ -24,7 +24,6 @@ from mesh.trust.goodbye import MAX_NODE_ID_CHARS, Goodbye
 from mesh.trust.membership import Role
 from mesh.trust.sealing import FrameWriter, OpenedRequest
 from mesh.wire import codec, grpc_options
-from mesh.wire.v1 import ledger_pb2 as lpb
 from mesh.wire.v1 import node_pb2 as pb
 from mesh.wire.v1 import trust_pb2 as tpb
 from node.serving.accounting import Arrival
@@ -208,36 +207,41 @@ class NodeService:
     async def _serve(
         self, opened: OpenedRequest, via_relay: bool
     ) -> AsyncGenerator[pb.InferEvent, None]:
+        """One sealed call, answered through the table of kinds (`_CALLS`)."""
         writer = opened.writer
-        if opened.purpose == "card":
-            if opened.sender.role is Role.OVERFLOW:
-                # Cloud nodes serve the mesh; they never learn its members' models or hardware.
-                refusal = PermissionDenied("overflow nodes do not receive members' cards")
-                yield _sealed(writer, codec.error_to_pb(refusal), final=True)
-            else:
-                yield _sealed(writer, pb.InferEvent(card=self._full_card()), final=True)
-            return
-        if opened.purpose == "ledger":
-            async for frame in self._ledger_answer(opened):
-                yield frame
-            return
-        if opened.purpose in ("quota", "users"):
-            yield await self._control_answer(opened)
-            return
         try:
-            if opened.purpose != "infer":
-                raise InvalidRequest(f"unknown request purpose {opened.purpose!r}")
-            if opened.sender.role is Role.OVERFLOW:
-                raise PermissionDenied("overflow nodes serve requests; they do not send them")
-            inference = codec.parse_infer_request(opened.body)
+            call = codec.parse_message(pb.SealedCall, opened.body)
+            kind = call.WhichOneof("call")
+            if kind is None or kind not in _CALLS:
+                raise InvalidRequest("the sealed call asks for nothing this node knows")
+            answer, overflow_refusal = _CALLS[kind]
+            if opened.sender.role is Role.OVERFLOW and overflow_refusal:
+                raise PermissionDenied(overflow_refusal)
         except MeshError as error:
             yield _sealed(writer, codec.error_to_pb(error), final=True)
             return
-        arrival = self._arrival(opened.sender.node_id, via_relay)
         # Closed with us, so a caller that goes away stops the work at once.
-        async with contextlib.aclosing(self._stream(writer, inference, arrival)) as frames:
+        async with contextlib.aclosing(answer(self, opened, call, via_relay)) as frames:
             async for frame in frames:
                 yield frame
+
+    async def _infer_call(
+        self, opened: OpenedRequest, call: pb.SealedCall, via_relay: bool
+    ) -> AsyncGenerator[pb.InferEvent, None]:
+        try:
+            inference = codec.request_from_pb(call.infer)
+        except MeshError as error:
+            yield _sealed(opened.writer, codec.error_to_pb(error), final=True)
+            return
+        arrival = self._arrival(opened.sender.node_id, via_relay)
+        async with contextlib.aclosing(self._stream(opened.writer, inference, arrival)) as frames:
+            async for frame in frames:
+                yield frame
+
+    async def _card_call(
+        self, opened: OpenedRequest, call: pb.SealedCall, via_relay: bool
+    ) -> AsyncGenerator[pb.InferEvent, None]:
+        yield _sealed(opened.writer, pb.InferEvent(card=self._full_card()), final=True)
 
     async def _stream(
         self, writer: FrameWriter, inference: InferenceRequest, arrival: Arrival
@@ -254,40 +258,62 @@ class NodeService:
         except MeshError as error:
             yield _sealed(writer, codec.error_to_pb(error), final=True)
 
-    async def _control_answer(self, opened: OpenedRequest) -> pb.InferEvent:
-        """A member's quota call (this node keeps that user's quota) or users exchange."""
+    async def _quota_call(
+        self, opened: OpenedRequest, call: pb.SealedCall, via_relay: bool
+    ) -> AsyncGenerator[pb.InferEvent, None]:
+        """A member's quota call: this node keeps that user's quota."""
         try:
-            if opened.sender.role is Role.OVERFLOW:
-                raise PermissionDenied("overflow nodes neither hold quotas nor see users")
-            if opened.purpose == "quota":
-                if self._quota is None:
-                    raise Unavailable("this node keeps no quotas")
-                call = codec.parse_message(lpb.QuotaCall, opened.body)
-                event = pb.InferEvent(
-                    quota=await self._quota.serve_call(call, opened.sender.node_id)
-                )
-            else:
-                if self._users is None:
-                    raise Unavailable("this node keeps no users")
-                asked = codec.parse_message(lpb.UserList, opened.body)
-                event = pb.InferEvent(users=self._users.user_list(asked.digest))
+            if self._quota is None:
+                raise Unavailable("this node keeps no quotas")
+            grant = await self._quota.serve_call(call.quota, opened.sender.node_id)
+            event = pb.InferEvent(quota=grant)
         except MeshError as error:
             event = codec.error_to_pb(error)
-        return _sealed(opened.writer, event, final=True)
+        yield _sealed(opened.writer, event, final=True)
 
-    async def _ledger_answer(self, opened: OpenedRequest) -> AsyncGenerator[pb.InferEvent, None]:
+    async def _users_call(
+        self, opened: OpenedRequest, call: pb.SealedCall, via_relay: bool
+    ) -> AsyncGenerator[pb.InferEvent, None]:
+        """A member's users exchange: this node's list, unless the member has the same."""
+        try:
+            if self._users is None:
+                raise Unavailable("this node keeps no users")
+            event = pb.InferEvent(users=self._users.user_list(call.users.digest))
+        except MeshError as error:
+            event = codec.error_to_pb(error)
+        yield _sealed(opened.writer, event, final=True)
+
+    async def _ledger_call(
+        self, opened: OpenedRequest, call: pb.SealedCall, via_relay: bool
+    ) -> AsyncGenerator[pb.InferEvent, None]:
         """What this node's ledger holds that the asking member lacks (ledger sync)."""
         writer = opened.writer
         try:
-            if opened.sender.role is Role.OVERFLOW:
-                raise PermissionDenied("overflow nodes do not read the mesh's ledger")
             if self._ledger is None:
                 raise Unavailable("this node keeps no ledger")
-            request = codec.parse_message(lpb.SyncRequest, opened.body)
-            frames = await self._ledger.answer(request, asker=opened.sender.node_id)
+            frames = await self._ledger.answer(call.ledger, asker=opened.sender.node_id)
         except MeshError as error:
             yield _sealed(writer, codec.error_to_pb(error), final=True)
             return
         for i, frame in enumerate(frames):
             final = i == len(frames) - 1
             yield _sealed(writer, pb.InferEvent(ledger=frame), final=final)
+
+
+_Answer = Callable[
+    [NodeService, OpenedRequest, pb.SealedCall, bool], AsyncGenerator[pb.InferEvent, None]
+]
+# Every kind of sealed call (node.proto's SealedCall), the method that answers it, and what
+# an overflow (cloud) node is told when it asks ("": it may). Cloud nodes serve the mesh:
+# they never send it requests, learn its members' models or hardware, read its ledger,
+# hold quotas or see its users.
+_CALLS: dict[str, tuple[_Answer, str]] = {
+    "infer": (
+        NodeService._infer_call,
+        "overflow nodes serve requests; they do not send them",
+    ),
+    "card": (NodeService._card_call, "overflow nodes do not receive members' cards"),
+    "ledger": (NodeService._ledger_call, "overflow nodes do not read the mesh's ledger"),
+    "quota": (NodeService._quota_call, "overflow nodes neither hold quotas nor see users"),
+    "users": (NodeService._users_call, "overflow nodes neither hold quotas nor see users"),
+}

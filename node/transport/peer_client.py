@@ -158,21 +158,20 @@ class PeerClient:
             revoked=self._trust.revoked,
         )
 
-    def _seal(self, peer: PeerCard, body: bytes, purpose: str) -> Sealed:
+    def _seal(self, peer: PeerCard, call: pb.SealedCall) -> Sealed:
         return seal_request(
-            body,
+            call.SerializeToString(),
             identity=self._trust.identity,
             sender_cert=self._trust.cert,
             recipient=peer.keys,
             now_ms=now_ms(),
             offer_hybrid=self._trust.keyring.hybrid,
-            purpose=purpose,
         )
 
     async def _sealed_call(
-        self, peer: PeerCard, body: bytes, purpose: str, timeout_s: float
+        self, peer: PeerCard, call: pb.SealedCall, timeout_s: float
     ) -> AsyncGenerator[bytes, None]:
-        sealed = self._seal(peer, body, purpose)
+        sealed = self._seal(peer, call)
         request = pb.InferRequest(protocol_version=PROTOCOL_VERSION, sealed=sealed.envelope)
         events = self.transport.stream("Infer", request, pb.InferEvent, timeout_s)
         async with contextlib.aclosing(events):
@@ -186,7 +185,8 @@ class PeerClient:
         self, peer: PeerCard, *, timeout_s: float = CONTROL_TIMEOUT_S
     ) -> pb.NodeCard:
         """Models, hardware and addresses: only members may see them, so they come sealed."""
-        frames = [f async for f in self._sealed_call(peer, b"", "card", timeout_s)]
+        call = pb.SealedCall(card=pb.CardRequest())
+        frames = [f async for f in self._sealed_call(peer, call, timeout_s)]
         event = pb.InferEvent()
         try:
             event.ParseFromString(frames[-1])
@@ -203,8 +203,8 @@ class PeerClient:
     async def infer(
         self, peer: PeerCard, request: InferenceRequest, *, timeout_s: float = INFER_TIMEOUT_S
     ) -> AsyncGenerator[InferenceEvent, None]:
-        body = codec.request_to_pb(request).SerializeToString()
-        async for plaintext in self._sealed_call(peer, body, "infer", timeout_s):
+        call = pb.SealedCall(infer=codec.request_to_pb(request))
+        async for plaintext in self._sealed_call(peer, call, timeout_s):
             message = pb.InferEvent()
             try:
                 message.ParseFromString(plaintext)
@@ -219,8 +219,7 @@ class PeerClient:
         self, peer: PeerCard, request: lpb.SyncRequest, *, timeout_s: float = SYNC_TIMEOUT_S
     ) -> AsyncGenerator[lpb.SyncBatch, None]:
         """The peer's answer to a ledger sync request, frame by frame."""
-        body = request.SerializeToString()
-        async for plaintext in self._sealed_call(peer, body, "ledger", timeout_s):
+        async for plaintext in self._sealed_call(peer, pb.SealedCall(ledger=request), timeout_s):
             message = pb.InferEvent()
             try:
                 message.ParseFromString(plaintext)
@@ -232,33 +231,33 @@ class PeerClient:
             yield message.ledger
 
     async def _one_answer(
-        self, peer: PeerCard, body: bytes, purpose: str, which: str, timeout_s: float
+        self, peer: PeerCard, call: pb.SealedCall, which: str, timeout_s: float
     ) -> pb.InferEvent:
         """A sealed request answered by one event of kind `which` (or the peer's error)."""
-        frames = [f async for f in self._sealed_call(peer, body, purpose, timeout_s)]
+        kind = call.WhichOneof("call")
+        frames = [f async for f in self._sealed_call(peer, call, timeout_s)]
         message = pb.InferEvent()
         try:
             message.ParseFromString(frames[-1] if frames else b"")
         except DecodeError as exc:
-            raise RemoteProtocolError(f"peer sent an unreadable {purpose} answer") from exc
+            raise RemoteProtocolError(f"peer sent an unreadable {kind} answer") from exc
         if message.WhichOneof("event") != which:
             codec.event_from_pb(message)  # raises the peer's error
-            raise RemoteProtocolError(f"peer answered a {purpose} request with something else")
+            raise RemoteProtocolError(f"peer answered a {kind} request with something else")
         return message
 
     async def quota(
         self, peer: PeerCard, call: lpb.QuotaCall, *, timeout_s: float = CONTROL_TIMEOUT_S
     ) -> lpb.QuotaGrant:
         """Reserve or release at the node keeping a user's quota."""
-        body = call.SerializeToString()
-        return (await self._one_answer(peer, body, "quota", "quota", timeout_s)).quota
+        return (await self._one_answer(peer, pb.SealedCall(quota=call), "quota", timeout_s)).quota
 
     async def users(
         self, peer: PeerCard, digest: bytes, *, timeout_s: float = CONTROL_TIMEOUT_S
     ) -> lpb.UserList:
         """The peer's list of the mesh's users (empty when it has the same `digest`)."""
-        body = lpb.UserList(digest=digest).SerializeToString()
-        return (await self._one_answer(peer, body, "users", "users", timeout_s)).users
+        call = pb.SealedCall(users=lpb.UserList(digest=digest))
+        return (await self._one_answer(peer, call, "users", timeout_s)).users
 
     async def ping(
         self, *, timeout_s: float = CONTROL_TIMEOUT_S, goodbye: Goodbye | None = None

@@ -33,6 +33,24 @@ class DescribeRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class SealedCall(_message.Message):
+    __slots__ = ("infer", "card", "ledger", "quota", "users")
+    INFER_FIELD_NUMBER: _ClassVar[int]
+    CARD_FIELD_NUMBER: _ClassVar[int]
+    LEDGER_FIELD_NUMBER: _ClassVar[int]
+    QUOTA_FIELD_NUMBER: _ClassVar[int]
+    USERS_FIELD_NUMBER: _ClassVar[int]
+    infer: InferBody
+    card: CardRequest
+    ledger: _ledger_pb2.SyncRequest
+    quota: _ledger_pb2.QuotaCall
+    users: _ledger_pb2.UserList
+    def __init__(self, infer: _Optional[_Union[InferBody, _Mapping]] = ..., card: _Optional[_Union[CardRequest, _Mapping]] = ..., ledger: _Optional[_Union[_ledger_pb2.SyncRequest, _Mapping]] = ..., quota: _Optional[_Union[_ledger_pb2.QuotaCall, _Mapping]] = ..., users: _Optional[_Union[_ledger_pb2.UserList, _Mapping]] = ...) -> None: ...
+
+class CardRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class SignedCard(_message.Message):
     __slots__ = ("card", "signature")
     CARD_FIELD_NUMBER: _ClassVar[int]

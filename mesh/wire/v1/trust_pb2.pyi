@@ -137,14 +137,12 @@ class SealedEnvelope(_message.Message):
     def __init__(self, header: _Optional[bytes] = ..., ciphertext: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class SealedRequestBody(_message.Message):
-    __slots__ = ("response_key", "body", "purpose")
+    __slots__ = ("response_key", "body")
     RESPONSE_KEY_FIELD_NUMBER: _ClassVar[int]
     BODY_FIELD_NUMBER: _ClassVar[int]
-    PURPOSE_FIELD_NUMBER: _ClassVar[int]
     response_key: bytes
     body: bytes
-    purpose: str
-    def __init__(self, response_key: _Optional[bytes] = ..., body: _Optional[bytes] = ..., purpose: _Optional[str] = ...) -> None: ...
+    def __init__(self, response_key: _Optional[bytes] = ..., body: _Optional[bytes] = ...) -> None: ...
 
 class SealedFrame(_message.Message):
     __slots__ = ("seq", "final", "ciphertext")
