@@ -26,6 +26,14 @@ class MeshError(Exception):
         super().__init__(message)
         self.message = message
         self.param = param
+        # Said by a peer (decoded from its answer), not by this node: the same class and
+        # code, told apart the way h11 tells local from remote protocol errors.
+        self.from_peer = False
+
+    def said_by_peer(self) -> Self:
+        """This error, as a peer's: what the wire codec returns for a peer's refusal."""
+        self.from_peer = True
+        return self
 
     def reworded(self, message: str) -> Self:
         """The same error (class, code, param and any detail such as a quota's reset) with

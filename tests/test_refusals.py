@@ -28,6 +28,7 @@ from mesh.errors import (
     Unavailable,
 )
 from mesh.routing.refusals import Next, after_candidate_failure
+from mesh.wire import codec
 from tests.test_lan_mesh import start_mesh
 
 TRY, ANSWER = Next.TRY_NEXT, Next.ANSWER
@@ -52,7 +53,21 @@ TRY, ANSWER = Next.TRY_NEXT, Next.ANSWER
     ],
 )
 def test_the_table(error: MeshError, remote: bool, next_: Next) -> None:
-    assert after_candidate_failure(error, remote=remote) is next_
+    if remote:
+        error = error.said_by_peer()
+    assert after_candidate_failure(error) is next_
+
+
+def test_a_peers_refusal_arrives_as_the_peers_with_its_code() -> None:
+    """Decoded from the wire, an error keeps its class and code and is marked the peer's;
+    one this node raises is not."""
+    wire = codec.error_to_pb(PermissionDenied("replayed request")).error
+    error = codec.error_from_status(wire.grpc_status, wire.message, wire.code)
+    assert type(error) is PermissionDenied
+    assert error.from_peer
+    assert after_candidate_failure(error) is Next.TRY_NEXT
+    assert not PermissionDenied("replayed request").from_peer
+    assert after_candidate_failure(PermissionDenied("no")) is Next.ANSWER
 
 
 def test_a_reworded_error_keeps_its_kind_and_details() -> None:

@@ -53,12 +53,12 @@ _ABOUT_THE_CANDIDATE: tuple[type[MeshError], ...] = (
 )
 
 
-def after_candidate_failure(error: MeshError, *, remote: bool) -> Next:
-    """Whether the entry node tries the next candidate after `error` from one (`remote`:
-    a peer said it, not this node's own backend)."""
+def after_candidate_failure(error: MeshError) -> Next:
+    """Whether the entry node tries the next candidate after `error` from one (a peer's
+    refusal carries `from_peer`: the peer said it, not this node)."""
     if isinstance(error, _ABOUT_THE_CANDIDATE):
         return Next.TRY_NEXT
-    if remote and isinstance(error, PermissionDenied):
+    if error.from_peer and isinstance(error, PermissionDenied):
         return Next.TRY_NEXT  # the peer refuses this node (ReplayDetected, NotAMember, ...)
     return Next.ANSWER
 

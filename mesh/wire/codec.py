@@ -265,11 +265,12 @@ def model_from_pb(card: pb.ModelCard) -> ModelInfo:
 
 
 def error_from_status(code_name: str, details: str, error_code: str = "") -> MeshError:
-    """A gRPC status (and our error code, when the peer sent one) back into the error tree."""
+    """A peer's gRPC status (and our error code, when the peer sent one) back into the
+    error tree, marked as the peer's (`MeshError.from_peer`)."""
     cls = _by_code().get(error_code) if error_code else None
     if cls is not None and cls.grpc_status == code_name:
-        return cls(details)
+        return cls(details).said_by_peer()
     fallback = _STATUS_TO_ERROR.get(code_name)
     if fallback is None:
-        return RemoteProtocolError(f"{code_name}: {details}")
-    return fallback(details)
+        return RemoteProtocolError(f"{code_name}: {details}").said_by_peer()
+    return fallback(details).said_by_peer()

@@ -192,8 +192,7 @@ class EntryAnswer:
             try:
                 return await self._starter.start(candidate, request)
             except MeshError as exc:
-                remote = candidate.route is not Route.LOCAL
-                if after_candidate_failure(exc, remote=remote) is Next.ANSWER:
+                if after_candidate_failure(exc) is Next.ANSWER:
                     raise
                 served_by = ServedBy(
                     node_id=candidate.node_id, route=candidate.route, model=candidate.model
@@ -243,8 +242,7 @@ class EntryAnswer:
                 except StopAsyncIteration:
                     failure: MeshError = RemoteProtocolError("the answer ended without finishing")
                 except MeshError as exc:
-                    remote = source.served_by.route is not Route.LOCAL
-                    if after_candidate_failure(exc, remote=remote) is Next.ANSWER:
+                    if after_candidate_failure(exc) is Next.ANSWER:
                         raise
                     failure = exc
                 # Mid-stream failure: continue on the next candidate after what was delivered.

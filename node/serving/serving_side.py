@@ -137,7 +137,7 @@ class ServingSide:
                         await stream.aclose()
                     raise
             except MeshError as exc:
-                if after_candidate_failure(exc, remote=False) is Next.ANSWER:
+                if after_candidate_failure(exc) is Next.ANSWER:
                     raise
                 failures.append(Failure(candidate=candidate, error=exc))
             else:
