@@ -32,7 +32,7 @@ from cloud_relay.operator_token import (
 )
 from cloud_relay.switchboard import Admission, SessionClosed, Switchboard
 from cloud_relay.switchboard import Session as RelaySession
-from mesh.clock import now_ms
+from mesh.clock import SYSTEM, Clock
 from mesh.errors import MeshError
 from mesh.home import write_private
 from mesh.routing.relay import (
@@ -54,7 +54,8 @@ GRACE_S = 1.0
 
 
 class RelayServicer(rpb_grpc.RelayServiceServicer):
-    def __init__(self, board: Switchboard, *, operator_token: str) -> None:
+    def __init__(self, board: Switchboard, *, operator_token: str, clock: Clock = SYSTEM) -> None:
+        self._clock = clock
         self._board = board
         self._operator_token = operator_token
 
@@ -84,7 +85,7 @@ class RelayServicer(rpb_grpc.RelayServiceServicer):
 
     async def _serve(self, admission: Admission, context: Context) -> None:
         limits = self._board.limits
-        challenge = new_challenge(now_ms())
+        challenge = new_challenge(self._clock.now_ms())
         await context.write(rpb.RelayFrame(challenge=challenge))
         try:
             first = await asyncio.wait_for(context.read(), limits.hello_timeout_s)
@@ -98,7 +99,7 @@ class RelayServicer(rpb_grpc.RelayServiceServicer):
             return
         try:
             self._board.screen(read_claim(first.hello))  # cheap: before any signature
-            identity = verify_hello(first.hello, nonce=challenge.nonce, now_ms=now_ms())
+            identity = verify_hello(first.hello, nonce=challenge.nonce, now_ms=self._clock.now_ms())
             session = self._board.open(identity)
         except MeshError as error:
             await self._refuse(context, error)

@@ -20,9 +20,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import time
 from collections.abc import Callable
 
+from mesh.clock import SYSTEM
 from mesh.errors import Overloaded, PermissionDenied
 from mesh.routing.relay import (
     Claim,
@@ -139,7 +139,7 @@ class Switchboard:
         self,
         limits: RelayLimits | None = None,
         *,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = SYSTEM.monotonic,
         allowed_meshes: frozenset[str] | None = None,
     ) -> None:
         self.limits = limits or RelayLimits()

@@ -777,13 +777,12 @@ def usage(home_dir: Path | None, as_json: bool, user: str | None, period: str, b
     """Who used what, where, from the signed records this node holds (UTC periods).
     Records their entry node refused to countersign are not counted (they are listed);
     when records are known to be missing from this ledger it says which, and exits 1."""
-    import time
-
+    from mesh.clock import SYSTEM
     from mesh.ledger.records import period_bounds, refused_records, summarize
 
     home = Home.resolve(home_dir)
     try:
-        since, until = period_bounds(period, now_ms=int(time.time() * 1000))
+        since, until = period_bounds(period, now_ms=SYSTEM.now_ms())
         held, report = _verified_ledger(home, require_receipts=False)
     except MeshError as exc:
         _fail(exc.message)

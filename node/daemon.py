@@ -23,7 +23,6 @@ import ipaddress
 import logging
 import os
 import socket
-import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ import grpc
 from aiohttp import web
 
 from mesh import PROTOCOL_VERSION, __version__
+from mesh.clock import SYSTEM, Clock
 from mesh.config import NodeConfig, cloud_plan_quota
 from mesh.errors import ConfigError
 from mesh.home import Home
@@ -139,7 +139,9 @@ class Cards:
         models: LocalModels,
         display_name: str,
         peer_addresses: Callable[[], list[str]],
+        clock: Clock,
     ) -> None:
+        self._clock = clock
         self._identity = identity
         self._trust = trust
         self._models = models
@@ -157,7 +159,7 @@ class Cards:
             "membership": trust.cert,
             "encryption_keys": trust.keyring.current.signed,
             "mesh_id": trust.mesh_id,
-            "now_ms": int(time.time() * 1000),
+            "now_ms": self._clock.now_ms(),
         }
         self.public = sign_card(self._identity, public=True, **common)  # type: ignore[arg-type]
         self.full = sign_card(
@@ -187,8 +189,9 @@ class Cards:
         return False
 
 
-async def _open_parts(config: NodeConfig, home: Home, stack: AsyncExitStack) -> Parts:
-    """Open what holds state, in order; each part's closing goes on `stack`."""
+async def _open_parts(config: NodeConfig, home: Home, stack: AsyncExitStack, clock: Clock) -> Parts:
+    """Open what holds state, in order; each part's closing goes on `stack`. Every part
+    reads the time from `clock`."""
     listeners = _limit_connections(config, stack)
     home.ensure()
     identity, created = load_or_create_identity(home.identity_key)
@@ -228,6 +231,7 @@ async def _open_parts(config: NodeConfig, home: Home, stack: AsyncExitStack) -> 
         static_peers=config.peers,
         on_change=cards_changed,
         card_issued_at=lambda: cards.issued_at_ms if cards is not None else 0,
+        clock=clock,
     )
     cards = Cards(
         identity=identity,
@@ -235,6 +239,7 @@ async def _open_parts(config: NodeConfig, home: Home, stack: AsyncExitStack) -> 
         models=models,
         display_name=config.display_name or socket.gethostname(),
         peer_addresses=peering.direct_addresses,
+        clock=clock,
     )
     quota = QuotaService(
         node_id=identity.node_id,
@@ -246,7 +251,7 @@ async def _open_parts(config: NodeConfig, home: Home, stack: AsyncExitStack) -> 
     )
     await quota.start()
     stack.push_async_callback(quota.aclose)  # after the drain: every release is under way
-    accountant = Accountant(node_id=identity.node_id, ledger=ledger)
+    accountant = Accountant(node_id=identity.node_id, ledger=ledger, clock=clock)
     return Parts(
         listeners=listeners,
         identity=identity,
@@ -268,12 +273,14 @@ async def _open_parts(config: NodeConfig, home: Home, stack: AsyncExitStack) -> 
             admitter=quota,
             max_wait_ms=config.max_wait_ms,
             default_privacy=Privacy(config.privacy),
+            clock=clock,
         ),
         serving=ServingSide(
             models=models,
             accountant=accountant,
             # The mesh's cloud plan is held by the overflow node serving it.
             cloud_plan=lambda: quota if trust.role is Role.OVERFLOW else None,
+            clock=clock,
         ),
         cards=cards,
         relays=relays,
@@ -306,16 +313,17 @@ class Node:
     """`async with Node(config, home) as node:` runs a node (a `RunningNode`) for the
     block, and drains and stops it after."""
 
-    def __init__(self, config: NodeConfig, home: Home) -> None:
+    def __init__(self, config: NodeConfig, home: Home, *, clock: Clock = SYSTEM) -> None:
         self.config = config
         self.home = home
+        self._clock = clock
         self._stack: AsyncExitStack | None = None
 
     async def __aenter__(self) -> RunningNode:
         stack = AsyncExitStack()
         try:
-            parts = await _open_parts(self.config, self.home, stack)
-            node = RunningNode(self.config, self.home, parts)
+            parts = await _open_parts(self.config, self.home, stack, self._clock)
+            node = RunningNode(self.config, self.home, parts, self._clock)
             await node.serve(stack)
         except BaseException:
             await stack.aclose()
@@ -337,7 +345,8 @@ class Node:
 class RunningNode:
     """A node's parts, its servers and its background work, while it runs."""
 
-    def __init__(self, config: NodeConfig, home: Home, parts: Parts) -> None:
+    def __init__(self, config: NodeConfig, home: Home, parts: Parts, clock: Clock) -> None:
+        self._clock = clock
         self.config = config
         self.home = home
         self.parts = parts
@@ -357,7 +366,7 @@ class RunningNode:
         self.grpc_addresses: list[str] = []
         self.discovery: Discovery | None = None  # none when mDNS is off or unavailable
         self._tasks = Tasks("node")
-        self._started_at = time.time()
+        self._started_at_ms = clock.now_ms()
         self.calls = NodeService(
             trust=parts.trust,
             serving=parts.serving,
@@ -371,6 +380,7 @@ class RunningNode:
             ledger=parts.ledger,
             quota=parts.quota,
             users=parts.users,
+            clock=clock,
         )
         # The public port is the front's (caps per source, a deadline to prove membership);
         # the gRPC server itself listens on loopback only, behind it.
@@ -391,6 +401,7 @@ class RunningNode:
             users=parts.users,
             trust=parts.trust,
             active=lambda: trust.role is not Role.OVERFLOW,  # overflow nodes never ask
+            clock=clock,
         )
 
     async def serve(self, stack: AsyncExitStack) -> None:
@@ -462,6 +473,7 @@ class RunningNode:
                 display_name=self.config.display_name,
                 on_change=self.after_membership_change,
                 on_joined=self.after_join,
+                clock=self._clock,
             ),
             users=parts.users,
             quota=parts.quota,
@@ -471,6 +483,7 @@ class RunningNode:
                 allowed_hosts=self.config.http_allowed_hosts,
                 cors_origins=self.config.http_cors_origins,
             ),
+            clock=self._clock,
         )
         # The guard's middleware goes first, so it sees every request the moment its
         # headers are in.
@@ -497,8 +510,8 @@ class RunningNode:
 
     async def _end_in_flight(self, grace_s: float) -> None:
         backends = self.parts.backends
-        deadline = time.monotonic() + grace_s
-        while any(b.busy() for b in backends) and time.monotonic() < deadline:  # noqa: ASYNC110 (polls worker threads)
+        deadline = self._clock.monotonic() + grace_s
+        while any(b.busy() for b in backends) and self._clock.monotonic() < deadline:  # noqa: ASYNC110 (polls worker threads)
             await asyncio.sleep(DRAIN_POLL_S)
         for backend in backends:
             backend.cancel_all()
@@ -512,6 +525,7 @@ class RunningNode:
                 trust=self.trust,
                 calls=self.calls,
                 on_directory=self.peering.relay_directory,
+                clock=self._clock,
             )
             self.peering.attach_relay(link)
             self.relays.append(link)  # its stop is the parts' (after the drain)
@@ -532,6 +546,7 @@ class RunningNode:
             ips=lan,
             port=int(self.grpc_addresses[0].rsplit(":", 1)[1]),
             on_sighting=lambda address, node_id: peering.consider(address),
+            clock=self._clock,
         )
         try:
             await discovery.start()
@@ -560,7 +575,7 @@ class RunningNode:
         when measured speeds moved, so peers schedule with current numbers."""
         while True:
             await asyncio.sleep(MAINTENANCE_INTERVAL_S)
-            if self.trust.rotate_keys(int(time.time() * 1000)) or self.cards.speeds_moved():
+            if self.trust.rotate_keys(self._clock.now_ms()) or self.cards.speeds_moved():
                 self.cards.refresh()
 
     def _own_chain_wait_s(self) -> float | None:
@@ -604,7 +619,7 @@ class RunningNode:
                 for link in self.relays
             ],
             "version": __version__,
-            "started_at": self._started_at,
+            "started_at": self._started_at_ms / 1000,
         }
 
     def status(self) -> dict[str, Any]:
@@ -614,7 +629,7 @@ class RunningNode:
             **self.run_info(),
             "protocol_version": PROTOCOL_VERSION,
             "display_name": self.config.display_name or socket.gethostname(),
-            "uptime_s": round(time.time() - self._started_at, 1),
+            "uptime_s": round((self._clock.now_ms() - self._started_at_ms) / 1000, 1),
             "connections": self._connection_stats(),
             "load": {
                 "active_streams": load.active_streams,

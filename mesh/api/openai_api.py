@@ -12,7 +12,6 @@ Unknown fields are ignored, as OpenAI-compatible servers do, so newer clients wo
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -254,10 +253,11 @@ def usage(finished: Finished) -> dict[str, int]:
 class ResponseIds:
     """The id/created/model trio every object of one answer shares."""
 
-    def __init__(self, request: InferenceRequest, model: str, *, now: float | None = None) -> None:
+    def __init__(self, request: InferenceRequest, model: str, *, now: float) -> None:
+        """`now`: Unix seconds, what `created` says."""
         self.chat = request.is_chat
         self.id = ("chatcmpl-" if self.chat else "cmpl-") + request.request_id
-        self.created = int(time.time() if now is None else now)
+        self.created = int(now)
         self.model = model
 
     def _base(self, obj: str) -> dict[str, Any]:

@@ -29,13 +29,13 @@ import datetime
 import ipaddress
 import json
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 
 from mesh.api import openai_api
+from mesh.clock import SYSTEM, Clock
 from mesh.errors import (
     ForeignRequest,
     InvalidRequest,
@@ -67,6 +67,7 @@ MESH_ADMIN = web.AppKey("mesh_admin", MeshAdmin)
 USERS = web.AppKey("users", UsersAdmin)
 QUOTA = web.AppKey("quota", QuotaService)
 STATUS: web.AppKey[Callable[[], dict[str, Any]]] = web.AppKey("status")
+CLOCK: web.AppKey[Clock] = web.AppKey("clock")
 OWNER_TOKEN = web.AppKey("owner_token", OwnerToken)
 GUARD = web.AppKey("guard", HostGuard)
 CORS_ORIGIN = "allerac.cors_origin"  # request key: the allowed origin to answer with CORS
@@ -112,7 +113,9 @@ async def _error_middleware(request: web.Request, handler: Handler) -> web.Strea
         # RFC 7235 section 3.1: a 401 names the scheme that would work.
         headers = {"WWW-Authenticate": "Bearer"} if error.http_status == 401 else {}
         if isinstance(error, QuotaExceeded) and error.resets_at:
-            headers["Retry-After"] = str(_seconds_until(error.resets_at))
+            headers["Retry-After"] = str(
+                _seconds_until(error.resets_at, request.app[CLOCK].now_ms())
+            )
         return _json_response(
             openai_api.error_body(error), status=error.http_status, headers=headers or None
         )
@@ -170,13 +173,13 @@ async def _cors_headers(request: web.Request, response: web.StreamResponse) -> N
         response.headers.add("Vary", "Origin")
 
 
-def _seconds_until(iso: str) -> int:
+def _seconds_until(iso: str, now_ms: int) -> int:
     """RFC 9110 Retry-After in seconds, until an ISO 8601 UTC time."""
     try:
         when = datetime.datetime.strptime(iso, "%Y-%m-%dT%H:%M:%SZ")
     except ValueError:
         return 60  # not a time we can read: a minute is a sane pause
-    return max(0, int(when.replace(tzinfo=datetime.UTC).timestamp() - time.time()) + 1)
+    return max(0, int(when.replace(tzinfo=datetime.UTC).timestamp() - now_ms / 1000) + 1)
 
 
 async def _read_body(request: web.Request) -> bytes:
@@ -259,7 +262,9 @@ async def _answer(
 
 async def _respond(request: web.Request, answer: EntryAnswer, stream: bool) -> web.StreamResponse:
     inference = answer.request
-    ids = openai_api.ResponseIds(inference, answer.served_by.model)
+    ids = openai_api.ResponseIds(
+        inference, answer.served_by.model, now=request.app[CLOCK].now_ms() / 1000
+    )
     if not stream:
         parts: list[str] = []
         async with contextlib.aclosing(answer.events()) as events:
@@ -428,7 +433,7 @@ async def users_list(request: web.Request) -> web.Response:
     user's home node, which holds the reservations)."""
     users = _users_owner_only(request)
     book = request.app[QUOTA].book
-    now_ms = int(time.time() * 1000)
+    now_ms = request.app[CLOCK].now_ms()
     listed = users.describe()
     for entry in listed["users"]:
         record = users.get(entry["name"])
@@ -481,6 +486,7 @@ def build_app(
     quota: QuotaService,
     owner: OwnerToken,
     guard: HostGuard,
+    clock: Clock = SYSTEM,
 ) -> web.Application:
     # client_max_size bounds what aiohttp itself buffers; _read_body gives the clear error.
     # The guard runs inside the error middleware, so its refusals are OpenAI-style JSON.
@@ -490,6 +496,7 @@ def build_app(
     app.on_response_prepare.append(_cors_headers)
     app[OWNER_TOKEN] = owner
     app[GUARD] = guard
+    app[CLOCK] = clock
     app[ENTRY] = entry
     app[MAX_BYTES] = max_request_bytes
     app[STATUS] = status

@@ -14,7 +14,7 @@ import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from mesh.clock import now_ms
+from mesh.clock import SYSTEM, Clock
 from mesh.errors import InvalidRequest, MeshError, MeshNotEmpty
 from mesh.trust.membership import Role, read_cert
 from node.store.trust_store import TrustStore
@@ -45,7 +45,9 @@ class MeshAdmin:
         display_name: str,
         on_change: Callable[[], None],
         on_joined: Callable[[list[str]], Awaitable[None]] | None = None,
+        clock: Clock = SYSTEM,
     ) -> None:
+        self._clock = clock
         self._trust = trust
         self._addresses = addresses
         self._display_name = display_name or socket.gethostname()
@@ -75,7 +77,10 @@ class MeshAdmin:
                 f"ttl must be from 1 s to {MAX_INVITE_TTL_S // 86400} days", param="ttl"
             )
         code = self._trust.create_invite(
-            role=chosen, ttl_ms=int(ttl_s * 1000), addresses=self._addresses(), now=now_ms()
+            role=chosen,
+            ttl_ms=int(ttl_s * 1000),
+            addresses=self._addresses(),
+            now=self._clock.now_ms(),
         )
         return {
             "code": code,
@@ -135,7 +140,7 @@ class MeshAdmin:
         }
 
     async def revoke(self, node_id: str) -> dict[str, Any]:
-        signed = self._trust.revoke(node_id, now=now_ms())
+        signed = self._trust.revoke(node_id, now=self._clock.now_ms())
         self._on_change()
         # Tell every member we know of at once; the list is self-authenticating (signed by
         # the mesh key), so it can be passed on by anyone.

@@ -15,12 +15,12 @@ import asyncio
 import contextlib
 import logging
 import random
-import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from google.protobuf.message import DecodeError
 
+from mesh.clock import SYSTEM, Clock
 from mesh.errors import MeshError, Unavailable
 from mesh.inference import Route
 from mesh.routing.peers import PeerState, PeerTable
@@ -66,7 +66,9 @@ class LedgerSync:
         interval_s: float = SYNC_INTERVAL_S,
         workers: int = 2,
         active: Callable[[], bool] = lambda: True,
+        clock: Clock = SYSTEM,
     ) -> None:
+        self._clock = clock
         self._active = active
         self._store = store
         self._table = table
@@ -86,7 +88,7 @@ class LedgerSync:
         """`own_chain_wait_s`: the store holds this node's own records until a member has
         answered a pull (or that long at most): see `LedgerStore.hold_own_records`."""
         if own_chain_wait_s is not None:
-            self._own_chain_due = time.monotonic() + own_chain_wait_s
+            self._own_chain_due = self._clock.monotonic() + own_chain_wait_s
         self._tasks.start(self._run(), "rounds")
 
     def _own_chain_known(self, outcome: PeerSync | None) -> None:
@@ -96,7 +98,7 @@ class LedgerSync:
             return
         if outcome is not None and not outcome.error:
             logger.info("this node's own chain is known again; its records go on from it")
-        elif time.monotonic() >= self._own_chain_due:
+        elif self._clock.monotonic() >= self._own_chain_due:
             logger.warning(
                 "no member answered for this node's own chain in time; its records go on "
                 "from what this box holds (a second history is possible: ledger verify "
@@ -115,7 +117,7 @@ class LedgerSync:
         self._wake.set()
 
     async def _run(self) -> None:
-        last_round = time.monotonic()
+        last_round = self._clock.monotonic()
         was_up: set[str] = set()
         while True:
             with contextlib.suppress(TimeoutError):
@@ -123,9 +125,9 @@ class LedgerSync:
             if not self._active():
                 continue
             up = [peer.node_id for peer in self._table if peer.state is PeerState.UP]
-            if self._wake.is_set() or time.monotonic() - last_round >= self._interval_s:
+            if self._wake.is_set() or self._clock.monotonic() - last_round >= self._interval_s:
                 self._wake.clear()
-                last_round = time.monotonic()
+                last_round = self._clock.monotonic()
                 chosen = random.sample(up, min(len(up), PEERS_PER_ROUND))
             else:  # a peer just up (a new member, or back after a partition): now
                 chosen = [node_id for node_id in up if node_id not in was_up]
@@ -140,7 +142,7 @@ class LedgerSync:
             await self.pull_from(node_id)
         except Exception as exc:
             logger.exception("ledger sync with %s failed", node_id[:7])
-            self.peers[node_id] = PeerSync(at_ms=int(time.time() * 1000), error=repr(exc))
+            self.peers[node_id] = PeerSync(at_ms=self._clock.now_ms(), error=repr(exc))
 
     async def _remember(self, certs: dict[str, bytes]) -> None:
         """Keep members' certificates, to send with their records (written when new)."""
@@ -169,7 +171,7 @@ class LedgerSync:
 
     async def pull_from(self, node_id: str) -> PeerSync:
         """One pull from one peer, until it has nothing more for us."""
-        outcome = PeerSync(at_ms=int(time.time() * 1000))
+        outcome = PeerSync(at_ms=self._clock.now_ms())
         link = self._links.client(node_id)
         if link is None:
             outcome.error = "no connection"

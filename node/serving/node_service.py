@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, Callable
 
-from mesh.clock import now_ms
+from mesh.clock import SYSTEM, Clock
 from mesh.errors import InvalidRequest, MeshError, Overloaded, PermissionDenied, Unavailable
 from mesh.inference import Finished, InferenceRequest, Route
 from mesh.routing.ratelimit import Rate, SourceLimiter, source_address
@@ -72,7 +71,9 @@ class NodeService:
         ledger: LedgerStore | None = None,
         quota: QuotaService | None = None,
         users: UsersAdmin | None = None,
+        clock: Clock = SYSTEM,
     ) -> None:
+        self._clock = clock
         self._trust = trust
         self._serving = serving
         self._models = models
@@ -105,7 +106,7 @@ class NodeService:
 
     def ping(self, request: pb.PingRequest, peer: str) -> pb.PingResponse:
         """`peer`: the gRPC peer (its address is rate-limited) or the relay's sender."""
-        if not self._pings.allow(source_address(peer), time.monotonic()):
+        if not self._pings.allow(source_address(peer), self._clock.monotonic()):
             raise Overloaded("too many pings from this address; slow down")
         if (
             len(request.nonce) > 64
@@ -128,16 +129,16 @@ class NodeService:
         return pb.PingResponse(
             nonce=request.nonce,
             node_id=self._trust.identity.node_id,
-            received_at_unix_ms=now_ms(),
+            received_at_unix_ms=self._clock.now_ms(),
             load=codec.load_to_pb(self._models.load()),
             card_issued_at_unix_ms=self._card_issued_at(),
         )
 
     def join(self, request: tpb.JoinRequest, peer: str) -> tpb.JoinResponse:
-        if not self._joins.allow(source_address(peer), time.monotonic()):
+        if not self._joins.allow(source_address(peer), self._clock.monotonic()):
             raise Overloaded("too many invite redemptions from this address; wait a few seconds")
         try:
-            response = self._trust.redeem(request, now=now_ms())
+            response = self._trust.redeem(request, now=self._clock.now_ms())
         except MeshError as error:
             self.log_rejection(peer, error)
             raise
@@ -171,7 +172,7 @@ class NodeService:
             codec.check_protocol_version(request.protocol_version)
             if request.WhichOneof("payload") != "sealed":
                 raise InvalidRequest("only sealed requests are served")
-            opened = self._trust.opener.open(request.sealed, now_ms=now_ms())
+            opened = self._trust.opener.open(request.sealed, now_ms=self._clock.now_ms())
             if via_relay and opened.sender.node_id != via_relay:
                 raise PermissionDenied("the envelope's sender is not the node that sent it")
         except MeshError as error:
@@ -184,12 +185,12 @@ class NodeService:
             )
         self._streams_per_peer[sender] = self._streams_per_peer.get(sender, 0) + 1
         # Callers set deadlines; one that did not still cannot hold a stream forever.
-        ends_at = time.monotonic() + (time_remaining_s or grpc_options.MAX_CALL_S)
+        ends_at = self._clock.monotonic() + (time_remaining_s or grpc_options.MAX_CALL_S)
         try:
             async with contextlib.aclosing(self._serve(opened, bool(via_relay))) as events:
                 async for event in events:
                     yield event
-                    if time.monotonic() > ends_at:
+                    if self._clock.monotonic() > ends_at:
                         raise Overloaded("the call ran past its deadline")
         finally:
             left = self._streams_per_peer.pop(sender) - 1

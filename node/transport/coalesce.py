@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import AsyncGenerator, AsyncIterator
 
+from mesh.clock import SYSTEM, Clock
 from mesh.inference import InferenceEvent, TextDelta
 
 MAX_BATCH_CHARS = 16 * 1024
@@ -29,7 +29,7 @@ _Item = InferenceEvent | BaseException | _End
 
 
 async def coalesce(
-    source: AsyncIterator[InferenceEvent], *, window_s: float = 0.0
+    source: AsyncIterator[InferenceEvent], *, window_s: float = 0.0, clock: Clock = SYSTEM
 ) -> AsyncGenerator[InferenceEvent, None]:
     queue: asyncio.Queue[_Item] = asyncio.Queue(QUEUE_EVENTS)
 
@@ -66,12 +66,12 @@ async def coalesce(
             # At most one message per window: a token that comes later than that after the
             # previous message goes at once (slow models see no added latency); sooner ones
             # wait for the window to close and travel together.
-            deadline = time.monotonic() if last_sent is None else last_sent + window_s
+            deadline = clock.monotonic() if last_sent is None else last_sent + window_s
             while size < MAX_BATCH_CHARS:
                 if not queue.empty():
                     following = queue.get_nowait()
                 else:
-                    remaining = deadline - time.monotonic()
+                    remaining = deadline - clock.monotonic()
                     if remaining <= 0:
                         break
                     try:
@@ -85,7 +85,7 @@ async def coalesce(
                 else:
                     held = following
                     break
-            last_sent = time.monotonic()
+            last_sent = clock.monotonic()
             yield TextDelta("".join(parts), tokens) if len(parts) > 1 else event
             if held is not None:
                 settled = settle(held)

@@ -24,7 +24,6 @@ import heapq
 import logging
 import math
 import socket
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -33,6 +32,7 @@ from zeroconf._dns import DNSPointer, DNSRecord, DNSService
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 from zeroconf.const import _CLASS_IN, _TYPE_A, _TYPE_AAAA, _TYPE_NSEC, _TYPE_PTR, _TYPE_SRV
 
+from mesh.clock import SYSTEM, Clock
 from mesh.routing.discovery import (
     DEFAULT_LIMITS,
     SERVICE_TYPE,
@@ -56,10 +56,6 @@ UNKNOWN_SOURCE = "unknown"  # records that did not come in a packet (the browser
 _SERVICE_KEY = SERVICE_TYPE.lower()
 _INSTANCE_SUFFIX = "." + _SERVICE_KEY
 _ADDRESS_TYPES = (_TYPE_A, _TYPE_AAAA, _TYPE_NSEC)
-
-
-def _now_ms() -> int:
-    return int(time.monotonic() * 1000)
 
 
 # --- the one place that leans on python-zeroconf's internals ---------------------------------
@@ -96,7 +92,14 @@ def packet_source(zc: Zeroconf, now: float) -> str | None:
 class BoundedBrowser(AsyncServiceBrowser):
     """python-zeroconf's browser, told only about names the book holds (see above)."""
 
-    def __init__(self, zc: Zeroconf, book: NameBook, handler: Callable[..., None]) -> None:
+    def __init__(
+        self,
+        zc: Zeroconf,
+        book: NameBook,
+        handler: Callable[..., None],
+        clock: Clock = SYSTEM,
+    ) -> None:
+        self._clock = clock
         self._book = book
         self._rejected: list[Any] = []  # this packet's records to take back out
         self._evicted: list[str] = []  # names this packet pushed out of the book
@@ -106,7 +109,7 @@ class BoundedBrowser(AsyncServiceBrowser):
     def async_update_records(self, zc: Zeroconf, now: float, records: list[Any]) -> None:
         source = packet_source(zc, now)
         book, limits = self._book, self._book.limits
-        now_ms = _now_ms()
+        now_ms = int(self._clock.monotonic() * 1000)
         passed: list[Any] = []
         later: list[Any] = []
         for update in records:
@@ -228,7 +231,9 @@ class Discovery:
         port: int,
         on_sighting: Callable[[str, str], None],  # (address "ip:port", node ID)
         limits: DiscoveryLimits = DEFAULT_LIMITS,
+        clock: Clock = SYSTEM,
     ) -> None:
+        self._clock = clock
         self._node_id = node_id
         self._mesh_id = mesh_id
         self._ips = ips
@@ -262,7 +267,7 @@ class Discovery:
         self._zc = AsyncZeroconf(ip_version=IPVersion.V4Only)
         self._info = self._service_info()
         await self._zc.async_register_service(self._info, allow_name_change=True)
-        self._browser = BoundedBrowser(self._zc.zeroconf, self._book, self._on_change)
+        self._browser = BoundedBrowser(self._zc.zeroconf, self._book, self._on_change, self._clock)
         self._tasks.start(self._sweep_forever(), "sweep")
         logger.info("announcing on mDNS as %s (%s)", self._info.name, ", ".join(self._ips))
 
@@ -360,7 +365,7 @@ class Discovery:
             self._book.rejected(name)
             return
         addresses = [f"{ip}:{hint.port}" for ip in ips]
-        self._book.resolved(name, hint, addresses, now_ms=_now_ms())
+        self._book.resolved(name, hint, addresses, now_ms=int(self._clock.monotonic() * 1000))
         if self._info is not None and name.lower() == self._info.name.lower():
             self._book.protect(name)  # our own announcement, heard back
         if hint.node_id == self._node_id or hint.mesh_id != self._mesh_id():
@@ -369,7 +374,7 @@ class Discovery:
         self._forward(hint.node_id, addresses, source)
 
     def _forward(self, node_id: str, addresses: tuple[str, ...] | list[str], source: str) -> None:
-        now_ms = _now_ms()
+        now_ms = int(self._clock.monotonic() * 1000)
         for address in addresses:
             if self._gate.allow(source, address, now_ms=now_ms):
                 self._on_sighting(address, node_id)
@@ -388,7 +393,7 @@ class Discovery:
         browser = self._browser
         if browser is None:
             return
-        for name in self._book.expire(_now_ms()):
+        for name in self._book.expire(int(self._clock.monotonic() * 1000)):
             browser.forget(name)  # a resolve still running for it ends by its deadline
         browser.sweep()
         for name in self._book.pending()[:MAX_PENDING_RESOLVES]:
@@ -397,7 +402,7 @@ class Discovery:
         self._log_flood()
 
     def _log_flood(self) -> None:
-        now = time.monotonic()
+        now = self._clock.monotonic()
         if now - self._last_flood_log < FLOOD_LOG_INTERVAL_S:
             return
         refused = self._book.take_refused()

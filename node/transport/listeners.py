@@ -33,11 +33,11 @@ import os
 import resource
 import socket
 import struct
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from mesh.clock import SYSTEM
 from mesh.config import NodeConfig
 from mesh.errors import ConfigError
 from mesh.routing.connlimits import Budget, Caps, ConnLimits, budget, caps_for
@@ -168,7 +168,7 @@ class Throttle:
     """`due()`: True at most once per `interval_s`; `skipped` counts the Falses since."""
 
     def __init__(
-        self, interval_s: float = LOG_INTERVAL_S, *, clock: Callable[[], float] = time.monotonic
+        self, interval_s: float = LOG_INTERVAL_S, *, clock: Callable[[], float] = SYSTEM.monotonic
     ) -> None:
         self.interval_s = interval_s
         self._clock = clock
@@ -200,7 +200,7 @@ class AcceptErrorLog:
     passes every other report on to the handler that was there before."""
 
     def __init__(
-        self, interval_s: float = LOG_INTERVAL_S, *, clock: Callable[[], float] = time.monotonic
+        self, interval_s: float = LOG_INTERVAL_S, *, clock: Callable[[], float] = SYSTEM.monotonic
     ) -> None:
         self._throttle = Throttle(interval_s, clock=clock)
         self._previous: Callable[[asyncio.AbstractEventLoop, dict[str, Any]], object] | None = None

@@ -21,12 +21,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Callable
 
 import grpc
 
-from mesh.clock import now_ms
+from mesh.clock import SYSTEM, Clock
 from mesh.errors import MeshError
 from mesh.inference import Route
 from mesh.routing.peers import (
@@ -66,7 +65,9 @@ class Peering:
         static_peers: tuple[str, ...] = (),
         on_change: Callable[[], None] = lambda: None,
         card_issued_at: Callable[[], int] = lambda: 0,
+        clock: Clock = SYSTEM,
     ) -> None:
+        self._clock = clock
         self._trust = trust
         self._card_issued_at = card_issued_at  # our own card's, bound into our goodbyes
         self.table = table
@@ -143,7 +144,7 @@ class Peering:
             return
         node_id = self._addresses.setdefault(address, None)
         peer = self.table.get(node_id) if node_id else None
-        due = time.monotonic() - self._tried.get(address, -RETRY_S) >= RETRY_S
+        due = self._clock.monotonic() - self._tried.get(address, -RETRY_S) >= RETRY_S
         # Only when an attempt is due: the loop calls this for every member it knows, and
         # waking it for an address it just tried would spin it.
         if (
@@ -194,7 +195,7 @@ class Peering:
             identity_public_key=card.card.identity_public_key,
             me=self._trust.identity.node_id,
             card_issued_at_ms=self._announced.get(node_id),
-            now_ms=now_ms(),
+            now_ms=self._clock.now_ms(),
         ):
             logger.debug("ignored a goodbye for %s that does not hold", node_id[:7])
             return
@@ -232,11 +233,11 @@ class Peering:
             # Connection attempts run on their own: an unreachable address (a stale hint,
             # a dead box) must not delay the heartbeats that keep the table honest.
             self._connect_pending()
-            if time.monotonic() - last_beat >= interval:
-                last_beat = time.monotonic()
+            if self._clock.monotonic() - last_beat >= interval:
+                last_beat = self._clock.monotonic()
                 await self._heartbeat()
-                self.apply(self.table.tick(now_ms()))
-            pause = max(0.0, interval - (time.monotonic() - last_beat))
+                self.apply(self.table.tick(self._clock.now_ms()))
+            pause = max(0.0, interval - (self._clock.monotonic() - last_beat))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), pause)
 
@@ -256,7 +257,7 @@ class Peering:
     def _connect_pending(self) -> None:
         if self._trust.role is Role.OVERFLOW:
             return  # overflow nodes serve; they never route, so they need no peers
-        now = time.monotonic()
+        now = self._clock.monotonic()
         for address, node_id in list(self._addresses.items()):
             if address in self._connecting:
                 continue
@@ -350,7 +351,7 @@ class Peering:
                 route=route,
                 models=tuple(codec.model_from_pb(m) for m in full.models),
                 display_name=full.display_name,
-                now_ms=now_ms(),
+                now_ms=self._clock.now_ms(),
             )
         )
         for other in full.peer_addresses[:64]:
@@ -369,20 +370,20 @@ class Peering:
         self._learn(node_id, peer.address, full, peer.route)
 
     async def _ping(self, node_id: str, client: PeerClient) -> None:
-        started = time.perf_counter()
+        started = self._clock.monotonic()
         try:
             reply = await client.ping(timeout_s=HEARTBEAT_TIMEOUT_MS / 1000)
         except MeshError as exc:
             logger.debug("no heartbeat from %s: %s", node_id[:7], exc.message)
             return  # silence: tick() decides when it becomes suspect or down
-        rtt_ms = (time.perf_counter() - started) * 1000
+        rtt_ms = (self._clock.monotonic() - started) * 1000
         self._announced[node_id] = reply.card_issued_at_unix_ms
         if reply.card_issued_at_unix_ms != self._card_versions.get(node_id):
             await self._refresh_card(node_id, client)
         self.apply(
             self.table.heartbeat_ok(
                 node_id,
-                now_ms=now_ms(),
+                now_ms=self._clock.now_ms(),
                 rtt_ms=rtt_ms,
                 load=codec.load_from_pb(reply.load),
             )
@@ -401,7 +402,7 @@ class Peering:
             goodbye = sign_goodbye(
                 self._trust.identity,
                 recipient_node_id=node_id,
-                now_ms=now_ms(),
+                now_ms=self._clock.now_ms(),
                 card_issued_at_ms=self._card_issued_at(),
             )
             with contextlib.suppress(MeshError, grpc.aio.AioRpcError):

@@ -21,7 +21,6 @@ import contextlib
 import itertools
 import logging
 import random
-import time
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from types import TracebackType
@@ -30,6 +29,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import Message
 
+from mesh.clock import SYSTEM, Clock
 from mesh.errors import (
     InvalidRequest,
     MeshError,
@@ -100,7 +100,9 @@ class RelayLink:
         trust: TrustStore,
         calls: NodeCalls,
         on_directory: Callable[[list[RelayMember]], None] = lambda members: None,
+        clock: Clock = SYSTEM,
     ) -> None:
+        self._clock = clock
         self.address = address
         self._trust = trust
         self._calls = calls
@@ -149,7 +151,7 @@ class RelayLink:
     async def _run(self) -> None:
         backoff = BACKOFF_FIRST_S
         while True:
-            opened_at = time.monotonic()
+            opened_at = self._clock.monotonic()
             try:
                 await self._session()
             except asyncio.CancelledError:
@@ -161,7 +163,7 @@ class RelayLink:
             except Exception as exc:  # a broken relay must not end the node's retries
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 logger.exception("relay session to %s failed", self.address)
-            if time.monotonic() - opened_at > 5:
+            if self._clock.monotonic() - opened_at > 5:
                 backoff = BACKOFF_FIRST_S  # it had been working: retry at once
             logger.info("relay %s: %s; retrying", self.address, self.last_error or "closed")
             # Full jitter, so nodes cut off together do not come back in lockstep.

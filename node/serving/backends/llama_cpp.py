@@ -28,12 +28,12 @@ import logging
 import queue
 import secrets
 import threading
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from mesh.api.stops import StopScanner
+from mesh.clock import SYSTEM, Clock
 from mesh.config import ModelConfig
 from mesh.errors import (
     BackendError,
@@ -136,7 +136,8 @@ class LlamaStream:
 
 
 class LlamaCppBackend:
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, *, clock: Clock = SYSTEM) -> None:
+        self._clock = clock
         self._config = config
         self._llama: Any = None
         self._formatter: Any = None
@@ -196,7 +197,7 @@ class LlamaCppBackend:
         if cfg.threads is not None:
             kwargs["n_threads"] = cfg.threads
             kwargs["n_threads_batch"] = cfg.threads
-        started = time.perf_counter()
+        started = self._clock.monotonic()
         try:
             llama = Llama(**kwargs)
         except (ValueError, RuntimeError, OSError) as exc:
@@ -234,7 +235,7 @@ class LlamaCppBackend:
             self._info.family,
             file_type or "unknown quantization",
             self._info.parameter_count,
-            time.perf_counter() - started,
+            self._clock.monotonic() - started,
         )
 
     def drain(self) -> None:
@@ -461,7 +462,7 @@ class LlamaCppBackend:
                     break
                 produced += 1
                 unsent += 1
-                last_at = time.perf_counter()
+                last_at = self._clock.monotonic()
                 if produced == 1:
                     first_at = last_at
                 released, stopped = scanner.feed(decoder.decode(llama.detokenize([token])))

@@ -43,7 +43,6 @@ import asyncio
 import collections
 import logging
 import os
-import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
@@ -60,6 +59,7 @@ from mesh.api.upstream import (
     read_models_list,
     request_body,
 )
+from mesh.clock import SYSTEM, Clock
 from mesh.config import ModelConfig, UpstreamConfig
 from mesh.errors import (
     BackendError,
@@ -251,7 +251,7 @@ class UpstreamStream:
                     break
 
     def _produced(self, delta: TextDelta) -> None:
-        self._last_at = time.perf_counter()
+        self._last_at = self._backend.clock.monotonic()
         if self._first_at == 0.0:
             self._first_at = self._last_at
             self._first_tokens = delta.tokens
@@ -345,7 +345,8 @@ class UpstreamStream:
 
 
 class OpenAIUpstreamBackend:
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, *, clock: Clock = SYSTEM) -> None:
+        self.clock = clock
         if config.upstream is None:
             raise ConfigError(f"model {config.name!r}: backend = 'openai' needs a url")
         self._config = config
