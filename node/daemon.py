@@ -34,7 +34,6 @@ from mesh.trust.identity import Identity, load_or_create_identity
 from mesh.trust.membership import Role
 from mesh.wire import grpc_options
 from mesh.wire.v1 import node_pb2 as pb
-from mesh.wire.v1 import node_pb2_grpc as pb_grpc
 from node.api.http_api import build_app
 from node.api.mesh_admin import MeshAdmin
 from node.api.owner import HostGuard, OwnerToken
@@ -47,6 +46,7 @@ from node.serving.quota_service import QuotaService
 from node.store.ledger_store import LedgerStore
 from node.store.trust_store import TrustStore
 from node.store.users_admin import UsersAdmin, log_api_access
+from node.transport import node_pb2_grpc as pb_grpc
 from node.transport.discovery import Discovery
 from node.transport.grpc_front import GrpcFront
 from node.transport.grpc_service import NodeServicer

@@ -228,7 +228,8 @@ import asyncio, sys, grpc
 from mesh.home import Home
 from mesh.trust.identity import load_or_create_identity
 from mesh.routing.relay import sign_hello
-from mesh.wire.v1 import relay_pb2 as rpb, relay_pb2_grpc as rpb_grpc
+from cloud_relay import relay_pb2_grpc as rpb_grpc
+from mesh.wire.v1 import relay_pb2 as rpb
 from node.transport.peer_client import join_mesh
 from node.store.trust_store import TrustStore
 
