@@ -31,11 +31,11 @@ from cloud_relay.operator_token import (
     token_path,
     write_operator_token,
 )
+from cloud_relay.private_file import write_private
 from cloud_relay.switchboard import Admission, SessionClosed, Switchboard
 from cloud_relay.switchboard import Session as RelaySession
 from mesh.clock import now_ms
 from mesh.errors import MeshError
-from mesh.home import write_private
 from mesh.routing.relay import (
     MAX_FRAME_BYTES,
     MAX_PACKET_BYTES,

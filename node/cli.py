@@ -20,7 +20,7 @@ import click
 
 from mesh.config import Flags, build_config
 from mesh.errors import MeshError
-from mesh.home import Home
+from node.store.home import Home
 
 F = TypeVar("F", bound=Callable[..., Any])
 HTTP_TIMEOUT_S = 600.0

@@ -26,11 +26,10 @@ from aiohttp import web
 from mesh import PROTOCOL_VERSION, __version__
 from mesh.config import NodeConfig, cloud_plan_quota
 from mesh.errors import ConfigError
-from mesh.home import Home
 from mesh.routing.peers import PeerTable
 from mesh.routing.scheduler import Privacy
 from mesh.trust.cards import sign_card
-from mesh.trust.identity import Identity, load_or_create_identity
+from mesh.trust.identity import Identity
 from mesh.trust.membership import Role
 from mesh.wire import grpc_options
 from mesh.wire.v1 import node_pb2 as pb
@@ -43,6 +42,8 @@ from node.serving.dispatch import Dispatcher
 from node.serving.ledger_sync import LedgerSync
 from node.serving.node_service import NodeService
 from node.serving.quota_service import QuotaService
+from node.store.home import Home
+from node.store.identity_key import load_or_create_identity
 from node.store.ledger_store import LedgerStore
 from node.store.trust_store import TrustStore
 from node.store.users_admin import UsersAdmin, log_api_access

@@ -6,9 +6,9 @@ import json
 import urllib.request
 from pathlib import Path
 
-from mesh.home import Home
-from mesh.trust.identity import load_or_create_identity
 from mesh.wire.v1 import ledger_pb2 as lpb
+from node.store.home import Home
+from node.store.identity_key import load_or_create_identity
 from node.store.ledger_store import read_ledger as read_ledger_file
 from node.store.trust_store import TrustStore
 from node.transport.peer_client import join_mesh
