@@ -28,7 +28,7 @@ from mesh.config import NodeConfig, cloud_plan_quota
 from mesh.errors import ConfigError
 from mesh.routing.peers import PeerTable
 from mesh.routing.scheduler import Privacy
-from mesh.trust.cards import sign_card
+from mesh.trust.cards import HardwareSummary, sign_card
 from mesh.trust.identity import Identity
 from mesh.trust.membership import Role
 from mesh.wire import grpc_options
@@ -42,6 +42,7 @@ from node.serving.dispatch import Dispatcher
 from node.serving.ledger_sync import LedgerSync
 from node.serving.node_service import NodeService
 from node.serving.quota_service import QuotaService
+from node.store.hardware import probe_hardware
 from node.store.home import Home
 from node.store.identity_key import load_or_create_identity
 from node.store.ledger_store import LedgerStore
@@ -122,6 +123,7 @@ class Node:
         self._public_card = pb.SignedCard()
         self._full_card = pb.SignedCard()
         self._card_issued_at_ms = 0
+        self._hardware = HardwareSummary()  # probed once, at start
         self._maintenance: asyncio.Task[None] | None = None
         self._started_at = time.time()
         self.owner_token: OwnerToken | None = None
@@ -151,6 +153,7 @@ class Node:
         cfg = self.config
         self._limit_connections()
         self.home.ensure()
+        self._hardware = probe_hardware()
         self.identity, self.created_identity = load_or_create_identity(self.home.identity_key)
         # A new owner credential at every start: what the CLI sends for administration.
         self.owner_token = OwnerToken.issue(self.home)
@@ -414,6 +417,7 @@ class Node:
             display_name=self.config.display_name or socket.gethostname(),
             peer_addresses=self.peering.direct_addresses() if self.peering else [],
             tier=pb.TIER_CLOUD if self.trust.role is Role.OVERFLOW else pb.TIER_HOME,
+            hardware=self._hardware,
             **common,  # type: ignore[arg-type]
         )
         # Strictly increasing, so peers notice every change even within one millisecond.
