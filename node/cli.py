@@ -18,8 +18,9 @@ from typing import Any, TypeVar
 
 import click
 
-from mesh.config import Flags, build_config
+from mesh.config import Flags
 from mesh.errors import MeshError
+from node.store.config_file import build_config
 from node.store.home import Home
 
 F = TypeVar("F", bound=Callable[..., Any])

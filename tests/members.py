@@ -43,7 +43,7 @@ async def join_as_member(node: NodeProcess, home: Path, role: str = "member") ->
 def models_config(*names: str) -> str:
     """[[models]] entries serving the embedded model under these names, greedy, with the
     system prompt the embedded model needs to answer plain questions."""
-    from mesh.config import embedded_model_path
+    from node.store.config_file import embedded_model_path
 
     path = embedded_model_path()
     return "".join(
