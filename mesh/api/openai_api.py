@@ -12,10 +12,10 @@ Unknown fields are ignored, as OpenAI-compatible servers do, so newer clients wo
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Mapping
 from typing import Any
 
+from mesh.clock import now_ms
 from mesh.errors import InvalidRequest, MeshError, RequestTooLarge
 from mesh.inference import (
     ChatMessage,
@@ -257,7 +257,7 @@ class ResponseIds:
     def __init__(self, request: InferenceRequest, model: str, *, now: float | None = None) -> None:
         self.chat = request.is_chat
         self.id = ("chatcmpl-" if self.chat else "cmpl-") + request.request_id
-        self.created = int(time.time() if now is None else now)
+        self.created = int(now_ms() / 1000 if now is None else now)
         self.model = model
 
     def _base(self, obj: str) -> dict[str, Any]:
