@@ -39,13 +39,13 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mesh.config import embedded_model_path  # noqa: E402
 from mesh.inference import (  # noqa: E402
     InferenceRequest,
     Sampling,
     TextDelta,
 )
 from mesh.trust.cards import PeerCard  # noqa: E402
+from node.store.config_file import embedded_model_path  # noqa: E402
 from node.transport.peer_client import PeerClient  # noqa: E402
 from tests.members import join_as_member  # noqa: E402
 from tests.nodeproc import NodeProcess  # noqa: E402

@@ -35,13 +35,13 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_routing import LAUNCHER, instant_config  # noqa: E402
 
-from mesh.home import Home  # noqa: E402
 from mesh.inference import InferenceRequest, Sampling  # noqa: E402
 from mesh.ledger.records import ChainWriter, Usage, open_record  # noqa: E402
 from mesh.quota.rules import parse_quota  # noqa: E402
 from mesh.routing.scheduler import Privacy  # noqa: E402
 from mesh.trust.identity import Identity  # noqa: E402
 from node.serving.quota_service import QuotaService  # noqa: E402
+from node.store.home import Home  # noqa: E402
 from node.store.users_admin import UsersAdmin  # noqa: E402
 from tests.nodeproc import NodeProcess, run_cli  # noqa: E402
 

@@ -40,11 +40,11 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 from bench_routing import LAUNCHER, instant_config  # noqa: E402
 
+from cloud_relay import relay_pb2_grpc as rpb_grpc  # noqa: E402
 from mesh.routing.relay import sign_hello  # noqa: E402
 from mesh.trust.identity import Identity  # noqa: E402
 from mesh.trust.membership import MeshAuthority, Role  # noqa: E402
 from mesh.wire.v1 import relay_pb2 as rpb  # noqa: E402
-from mesh.wire.v1 import relay_pb2_grpc as rpb_grpc  # noqa: E402
 from tests.nodeproc import NodeProcess, RelayProcess, run_cli  # noqa: E402
 
 YEAR_MS = 365 * 86_400_000

@@ -29,7 +29,7 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mesh.config import embedded_model_path  # noqa: E402
+from node.store.config_file import embedded_model_path  # noqa: E402
 from tests.nodeproc import NodeProcess, run_cli  # noqa: E402
 
 LAUNCHER = [sys.executable, str(ROOT / "bench" / "instant_node.py")]

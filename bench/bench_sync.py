@@ -34,9 +34,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 from bench_ledger import ENTRY, record_row, usage  # noqa: E402
 from bench_routing import LAUNCHER, instant_config  # noqa: E402
 
-from mesh.home import Home  # noqa: E402
 from mesh.ledger.records import ChainWriter, countersign, verify  # noqa: E402
-from mesh.trust.identity import load_or_create_identity  # noqa: E402
+from node.store.home import Home  # noqa: E402
+from node.store.identity_key import load_or_create_identity  # noqa: E402
 from node.store.ledger_store import INSERT_RECORD, SCHEMA, read_ledger  # noqa: E402
 from node.store.workers import chunk_map  # noqa: E402
 from tests.nodeproc import NodeProcess, run_cli  # noqa: E402

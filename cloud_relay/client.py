@@ -7,11 +7,11 @@ from typing import Any
 import grpc
 from google.protobuf.json_format import MessageToDict
 
+from cloud_relay import relay_pb2_grpc as rpb_grpc
 from cloud_relay.operator_token import bearer_metadata
 from mesh.errors import PermissionDenied, Unavailable
 from mesh.wire import grpc_options
 from mesh.wire.v1 import relay_pb2 as rpb
-from mesh.wire.v1 import relay_pb2_grpc as rpb_grpc
 
 STATS_TIMEOUT_S = 5.0
 REFUSED = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})

@@ -13,8 +13,8 @@ import secrets
 from collections.abc import Iterable
 from pathlib import Path
 
+from cloud_relay.private_file import write_private
 from mesh.errors import ConfigError, PermissionDenied, Unauthenticated
-from mesh.home import write_private
 
 TOKEN_FILE_NAME = "relay.token"  # noqa: S105 - a file name, not a secret
 TOKEN_BYTES = 32

@@ -24,17 +24,18 @@ from typing import Any
 
 import grpc
 
+from cloud_relay import relay_pb2_grpc as rpb_grpc
 from cloud_relay.operator_token import (
     check_operator,
     new_token,
     token_path,
     write_operator_token,
 )
+from cloud_relay.private_file import write_private
 from cloud_relay.switchboard import Admission, SessionClosed, Switchboard
 from cloud_relay.switchboard import Session as RelaySession
 from mesh.clock import SYSTEM, Clock
 from mesh.errors import MeshError
-from mesh.home import write_private
 from mesh.routing.relay import (
     MAX_FRAME_BYTES,
     MAX_PACKET_BYTES,
@@ -46,10 +47,11 @@ from mesh.routing.relay import (
 )
 from mesh.wire import grpc_options
 from mesh.wire.v1 import relay_pb2 as rpb
-from mesh.wire.v1 import relay_pb2_grpc as rpb_grpc
 
 logger = logging.getLogger(__name__)
 Context = grpc.aio.ServicerContext[Any, Any]
+# What `read()` on a gRPC aio stream returns at its end (missing from grpc-stubs).
+STREAM_EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]
 GRACE_S = 1.0
 
 
@@ -93,7 +95,7 @@ class RelayServicer(rpb_grpc.RelayServiceServicer):
             self._board.hellos_refused += 1
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "no hello in time")
             return
-        if first is grpc_options.STREAM_EOF or first.WhichOneof("frame") != "hello":
+        if first is STREAM_EOF or first.WhichOneof("frame") != "hello":
             self._board.hellos_refused += 1
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a session starts with a hello")
             return
@@ -134,7 +136,7 @@ class RelayServicer(rpb_grpc.RelayServiceServicer):
     async def _read(self, session: RelaySession, context: Context) -> None:
         while True:
             frame = await context.read()
-            if frame is grpc_options.STREAM_EOF:
+            if frame is STREAM_EOF:
                 return
             kind = frame.WhichOneof("frame")
             if kind == "packet":

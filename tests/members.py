@@ -6,9 +6,9 @@ import json
 import urllib.request
 from pathlib import Path
 
-from mesh.home import Home
-from mesh.trust.identity import load_or_create_identity
 from mesh.wire.v1 import ledger_pb2 as lpb
+from node.store.home import Home
+from node.store.identity_key import load_or_create_identity
 from node.store.ledger_store import read_ledger as read_ledger_file
 from node.store.trust_store import TrustStore
 from node.transport.peer_client import join_mesh
@@ -43,7 +43,7 @@ async def join_as_member(node: NodeProcess, home: Path, role: str = "member") ->
 def models_config(*names: str) -> str:
     """[[models]] entries serving the embedded model under these names, greedy, with the
     system prompt the embedded model needs to answer plain questions."""
-    from mesh.config import embedded_model_path
+    from node.store.config_file import embedded_model_path
 
     path = embedded_model_path()
     return "".join(

@@ -12,7 +12,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from mesh.config import embedded_model_path
+from node.store.config_file import embedded_model_path
 from tests.nodeproc import NodeProcess
 
 # Greedy counting never meets an end-of-sequence: a long, predictable stream.

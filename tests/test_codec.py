@@ -24,7 +24,13 @@ from mesh.inference import (
     ServedBy,
     TextDelta,
 )
-from mesh.trust.cards import CARD_SIGNATURE_CONTEXT, MAX_CARD_BYTES, open_card, sign_card
+from mesh.trust.cards import (
+    CARD_SIGNATURE_CONTEXT,
+    MAX_CARD_BYTES,
+    HardwareSummary,
+    open_card,
+    sign_card,
+)
 from mesh.trust.enckeys import KeyPair
 from mesh.trust.identity import Identity
 from mesh.trust.membership import MeshAuthority, Role
@@ -243,6 +249,7 @@ SIGNED = sign_card(
     grpc_addresses=["192.168.1.20:8471"],
     display_name="kitchen-box",
     now_ms=1_700_000_000_000,
+    hardware=HardwareSummary(cpu_count=4, cpu_model="Cortex-A76", memory_bytes=8 << 30),
 )
 
 
@@ -258,6 +265,8 @@ def test_signed_card_opens_and_says_who_signed() -> None:
     assert [m.name for m in card.models] == ["smollm2-135m-instruct"]
     assert list(card.models[0].aliases) == ["default"]
     assert card.models[0].tokens_per_second == 41.5
+    assert (card.hardware.cpu_count, card.hardware.cpu_model) == (4, "Cortex-A76")
+    assert card.hardware.memory_bytes == 8 << 30
 
 
 def _flip(data: bytes, position: int) -> bytes:

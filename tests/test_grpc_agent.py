@@ -15,8 +15,8 @@ from mesh.inference import ChatMessage, Finished, InferenceRequest, Sampling, Te
 from mesh.trust.cards import PeerCard, open_card
 from mesh.wire import grpc_options
 from mesh.wire.v1 import node_pb2 as pb
-from mesh.wire.v1 import node_pb2_grpc as pb_grpc
 from node.store.trust_store import TrustStore
+from node.transport import node_pb2_grpc as pb_grpc
 from node.transport.peer_client import PeerClient
 from tests.members import join_as_member, new_trust
 from tests.nodeproc import NodeProcess

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from mesh.errors import ConfigError
-from mesh.home import HOME_ENV, Home
+from node.store.home import HOME_ENV, Home
 
 INFO = {"http_url": "http://127.0.0.1:8470", "grpc_address": "127.0.0.1:8471", "pid": 4242}
 

@@ -15,12 +15,12 @@ from hypothesis import strategies as st
 from mesh.errors import IdentityError, InvalidRequest, MeshError
 from mesh.trust.identity import (
     Identity,
-    load_or_create_identity,
     node_id_from_public_key,
     parse_node_id,
     short_node_id,
     verify_signature,
 )
+from node.store.identity_key import load_or_create_identity
 
 B32 = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
 NODE_ID = Identity.generate().node_id

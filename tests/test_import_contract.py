@@ -1,11 +1,12 @@
 """The layout's import rules (DESIGN.md "Layout"), checked on the source:
 
-- `mesh` imports neither `node` nor `cloud_relay`;
-- `mesh` does no I/O: it imports none of asyncio, aiosqlite, sqlite3, socket, grpc,
-  aiohttp, threading, multiprocessing, concurrent.futures (the modules still listed in
-  NOT_YET_PURE are moving out, issue 13 item 3; the list may only shrink: an entry that
-  has become pure fails until it is removed);
-- `node` has no import cycle (module-level imports, TYPE_CHECKING ones included).
+- `mesh` imports neither `node` nor `cloud_relay`, and `cloud_relay` does not import `node`;
+- `mesh` does no I/O of any kind (it takes bytes, values and `now_ms` and returns values):
+  it imports no module that does I/O, runs processes or threads, reads the clock or probes
+  the machine (`MESH_MAY_NOT_IMPORT`), and calls nothing that touches files, the
+  environment or the hardware (`_io_calls`);
+- `node` has no import cycle (module-level imports, TYPE_CHECKING ones included), and its
+  subpackages are layered.
 """
 
 from __future__ import annotations
@@ -13,27 +14,94 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
-IO_LIBRARIES = frozenset(
+MESH_MAY_NOT_IMPORT = frozenset(
     {
+        # sockets, event loops, databases, the network
         "asyncio",
         "aiosqlite",
         "sqlite3",
         "socket",
+        "ssl",
+        "select",
+        "selectors",
         "grpc",
         "aiohttp",
+        "http.client",
+        "urllib.request",
+        "zeroconf",
+        # threads and processes
         "threading",
         "multiprocessing",
         "concurrent",
+        "subprocess",
+        "signal",
+        # files
+        "io",
+        "tempfile",
+        "shutil",
+        "glob",
+        "fcntl",
+        "mmap",
+        "os.path",
+        "importlib",  # finding a package searches the file system
+        # the clock and the machine
+        "time",
+        "platform",
+        "psutil",
+        "resource",
     }
 )
-NOT_YET_PURE = {
-    "mesh.wire.v1.ledger_pb2_grpc": "generated gRPC stubs",
-    "mesh.wire.v1.node_pb2_grpc": "generated gRPC stubs",
-    "mesh.wire.v1.relay_pb2_grpc": "generated gRPC stubs",
-    "mesh.wire.v1.trust_pb2_grpc": "generated gRPC stubs",
-    "mesh.wire.grpc_options": "gRPC channel and server options",
+# (module, import): why it is allowed.
+MESH_IMPORT_EXCEPTIONS = {
+    ("mesh.clock", "time"): "the one place that reads the clock; everything else is given it",
 }
+# `os` in mesh is for the kernel's random bytes only (what `secrets` uses too).
+MESH_OS_ALLOWED = frozenset({"urandom"})
+# Methods that touch the file system (pathlib.Path's, and file objects'), judged by name.
+FILE_METHODS = frozenset(
+    {
+        "open",
+        "read_text",
+        "read_bytes",
+        "write_text",
+        "write_bytes",
+        "mkdir",
+        "rmdir",
+        "unlink",
+        "rename",
+        "chmod",
+        "lchmod",
+        "touch",
+        "exists",
+        "is_file",
+        "is_dir",
+        "is_symlink",
+        "iterdir",
+        "glob",
+        "rglob",
+        "stat",
+        "lstat",
+        "readlink",
+        "symlink_to",
+        "hardlink_to",
+        "samefile",
+        "expanduser",  # reads $HOME
+        "home",
+        "cwd",
+        "absolute",  # reads the working directory
+        "resolve",
+        "fsync",
+        "fileno",
+    }
+)
+# `replace` is also str's, bytes' and datetime's: Path.replace(target) is the call with
+# exactly one positional argument and no keyword.
+ONE_ARGUMENT_FILE_METHODS = frozenset({"replace"})
+MACHINE_PROBES = frozenset({"cpu_count", "sysconf", "sched_getaffinity", "getloadavg"})
+CLOCK_READS = {("datetime", "now"), ("datetime", "utcnow"), ("date", "today")}
 
 
 def _module(path: Path) -> str:
@@ -75,18 +143,115 @@ def test_mesh_imports_neither_node_nor_cloud_relay() -> None:
     assert {m: i for m, i in wrong.items() if i} == {}
 
 
+def _forbidden(name: str) -> bool:
+    return any(name == m or name.startswith(m + ".") for m in MESH_MAY_NOT_IMPORT)
+
+
 def test_mesh_does_no_io() -> None:
     impure = {}
+    excepted = set()
     for path in _package("mesh"):
-        used = sorted(
-            i for i in _imports(path, top_level_only=False) if i.split(".")[0] in IO_LIBRARIES
-        )
+        module = _module(path)
+        used = set()
+        for name in _imports(path, top_level_only=False):
+            if (module, name) in MESH_IMPORT_EXCEPTIONS:
+                excepted.add((module, name))
+            elif _forbidden(name):
+                used.add(name)
         if used:
-            impure[_module(path)] = used
-    new = {m: used for m, used in impure.items() if m not in NOT_YET_PURE}
-    assert new == {}, "mesh is the pure library: move I/O to node/ (or cloud_relay/)"
-    stale = sorted(set(NOT_YET_PURE) - set(impure))
-    assert stale == [], "pure now: remove from NOT_YET_PURE"
+            impure[module] = sorted(used)
+    assert impure == {}, "mesh is the pure library: move I/O to node/ (or cloud_relay/)"
+    assert excepted == set(MESH_IMPORT_EXCEPTIONS), "an exception no longer needed: remove it"
+
+
+def _io_calls(tree: ast.AST) -> list[str]:
+    """Where `tree` touches files, the environment, the machine or the clock."""
+    found = []
+    for node in ast.walk(tree):
+        where = f"line {getattr(node, 'lineno', '?')}"
+        if isinstance(node, ast.ImportFrom) and node.module in ("os", "os.path"):
+            found.append(f"{where}: from {node.module} import ...")
+        elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+            owner = node.value.id
+            if owner == "os" and node.attr not in MESH_OS_ALLOWED:
+                found.append(f"{where}: os.{node.attr}")
+            elif owner == "platform" or (owner, node.attr) in CLOCK_READS:
+                found.append(f"{where}: {owner}.{node.attr}")
+        if not isinstance(node, ast.Call):
+            continue
+        func = node.func
+        if isinstance(func, ast.Name) and func.id == "open":
+            found.append(f"{where}: open()")
+        elif isinstance(func, ast.Attribute):
+            one_argument = len(node.args) == 1 and not node.keywords
+            if (
+                func.attr in FILE_METHODS
+                or func.attr in MACHINE_PROBES
+                or (func.attr in ONE_ARGUMENT_FILE_METHODS and one_argument)
+            ):
+                found.append(f"{where}: .{func.attr}()")
+    return found
+
+
+def test_mesh_touches_no_file_environment_or_hardware() -> None:
+    impure = {}
+    for path in _package("mesh"):
+        calls = _io_calls(ast.parse(path.read_text(encoding="utf-8")))
+        if calls:
+            impure[_module(path)] = calls
+    assert impure == {}, "mesh takes bytes and values: do the I/O in node/ (or cloud_relay/)"
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "open('f')",
+        "path.open('rb')",
+        "path.write_bytes(b'')",
+        "path.replace(other)",
+        "os.replace(a, b)",
+        "os.fsync(fd)",
+        "os.environ.get('HOME')",
+        "x = os.environ",
+        "os.getenv('HOME')",
+        "os.path.exists(p)",
+        "os.cpu_count()",
+        "multiprocessing.cpu_count()",
+        "platform.machine()",
+        "datetime.now(tz=UTC)",
+        "from os import fsync",
+        "Path('~').expanduser()",
+        "p.iterdir()",
+    ],
+)
+def test_the_io_finder_finds_io(source: str) -> None:
+    assert _io_calls(ast.parse(source)) != []
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "os.urandom(16)",
+        "text.replace('-', '')",
+        "moment.replace(hour=0)",
+        "dataclasses.replace(record, name='x')",
+        "Path('a') / 'b'",
+        "datetime.fromtimestamp(1, tz=UTC)",
+        "opener.seal(b'')",
+    ],
+)
+def test_the_io_finder_lets_pure_code_be(source: str) -> None:
+    assert _io_calls(ast.parse(source)) == []
+
+
+def test_cloud_relay_does_not_import_node() -> None:
+    wrong = {
+        _module(path): sorted(
+            i for i in _imports(path, top_level_only=False) if i.split(".")[0] == "node"
+        )
+        for path in _package("cloud_relay")
+    }
+    assert {m: i for m, i in wrong.items() if i} == {}
 
 
 def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:

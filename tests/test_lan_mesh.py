@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 
-from mesh.config import embedded_model_path
 from mesh.ledger.records import open_record, record_hash, verify
 from mesh.wire.v1 import ledger_pb2 as lpb
+from node.store.config_file import embedded_model_path
 from tests.members import models_config, read_ledger
 from tests.nodeproc import NodeProcess, run_cli
 

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from mesh.home import Home
 from mesh.ledger.records import Usage
-from mesh.trust.identity import Identity, load_or_create_identity
+from mesh.trust.identity import Identity
+from node.store.home import Home
+from node.store.identity_key import load_or_create_identity
 from node.store.ledger_store import LedgerStore
 from tests.members import models_config, read_ledger
 from tests.nodeproc import NodeProcess, run_cli

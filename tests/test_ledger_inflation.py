@@ -33,7 +33,7 @@ ASK = [
 def entry_and_hostile(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[NodeProcess, NodeProcess]]:
-    from mesh.config import embedded_model_path
+    from node.store.config_file import embedded_model_path
 
     root = tmp_path_factory.mktemp("inflation")
     nodes: list[NodeProcess] = []

@@ -18,7 +18,8 @@ import pytest
 from mesh.errors import ConfigError
 from mesh.ledger.records import Usage, countersign, open_record, record_hash, verify
 from mesh.ledger.sync import check_batch
-from mesh.trust.identity import Identity, load_or_create_identity
+from mesh.trust.identity import Identity
+from node.store.identity_key import load_or_create_identity
 from node.store.ledger_store import LedgerStore, read_ledger
 
 ENTRY = Identity.generate()
@@ -87,7 +88,7 @@ async def test_an_edited_or_deleted_row_is_found_and_named(tmp_path: Path) -> No
 WRITER = r"""
 import asyncio, sys
 from pathlib import Path
-from mesh.trust.identity import load_or_create_identity
+from node.store.identity_key import load_or_create_identity
 from mesh.ledger.records import Usage, open_record
 from node.store.ledger_store import LedgerStore
 

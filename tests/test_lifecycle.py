@@ -227,7 +227,7 @@ def test_interactive_chat_keeps_the_conversation(node: NodeProcess) -> None:
 
 
 def test_an_unknown_backend_fails_at_start_naming_it(fresh_home: Path) -> None:
-    from mesh.config import embedded_model_path
+    from node.store.config_file import embedded_model_path
 
     config = fresh_home / "allerac.toml"
     config.parent.mkdir(parents=True)

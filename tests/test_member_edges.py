@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 from mesh.errors import NotAMember
-from mesh.home import Home
 from mesh.quota.users import dump_users, hash_api_key, new_api_key, parse_users, sign_record
-from mesh.trust.identity import load_or_create_identity
 from mesh.trust.invites import decode_invite, make_join_request
+from node.store.home import Home
+from node.store.identity_key import load_or_create_identity
 from node.transport.peer_client import PeerClient
 from tests.members import new_trust
 from tests.nodeproc import NodeProcess, run_cli

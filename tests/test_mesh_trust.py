@@ -23,15 +23,15 @@ from mesh.errors import (
     PermissionDenied,
     QuotaExceeded,
 )
-from mesh.home import Home
 from mesh.inference import ChatMessage, Finished, InferenceRequest, Sampling, TextDelta
 from mesh.trust.cards import PeerCard
-from mesh.trust.identity import load_or_create_identity
 from mesh.trust.sealing import seal_request
 from mesh.wire import codec
 from mesh.wire.v1 import ledger_pb2 as lpb
 from mesh.wire.v1 import node_pb2 as pb
 from mesh.wire.v1 import trust_pb2 as tpb
+from node.store.home import Home
+from node.store.identity_key import load_or_create_identity
 from node.store.trust_store import TrustStore
 from node.transport.peer_client import PeerClient, join_mesh
 from tests.members import invite_code, join_as_member, new_trust

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from mesh.config import embedded_model_path
+from node.store.config_file import embedded_model_path
 from tests.members import models_config
 from tests.netns import (
     LabNode,

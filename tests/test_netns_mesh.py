@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from mesh.config import embedded_model_path
+from node.store.config_file import embedded_model_path
 from tests.members import models_config
 from tests.netns import (
     LabNode,

@@ -225,10 +225,11 @@ def test_another_mesh_on_the_same_relay_neither_sees_nor_reaches_ours(world: Wor
 
 FLOOD_SCRIPT = r"""
 import asyncio, sys, grpc
-from mesh.home import Home
-from mesh.trust.identity import load_or_create_identity
+from node.store.home import Home
+from node.store.identity_key import load_or_create_identity
 from mesh.routing.relay import sign_hello
-from mesh.wire.v1 import relay_pb2 as rpb, relay_pb2_grpc as rpb_grpc
+from cloud_relay import relay_pb2_grpc as rpb_grpc
+from mesh.wire.v1 import relay_pb2 as rpb
 from node.transport.peer_client import join_mesh
 from node.store.trust_store import TrustStore
 

@@ -80,7 +80,7 @@ def test_a_reworded_error_keeps_its_kind_and_details() -> None:
 
 
 def _config(path: Path, context: int) -> str:
-    from mesh.config import embedded_model_path
+    from node.store.config_file import embedded_model_path
 
     return (
         f'[[models]]\nname = "m"\npath = "{embedded_model_path()}"\n'

@@ -28,13 +28,13 @@ import grpc
 import psutil
 import pytest
 
+from cloud_relay import relay_pb2_grpc as rpb_grpc
 from cloud_relay.client import fetch_stats
 from cloud_relay.operator_token import read_operator_token
 from mesh.routing.relay import sign_hello
 from mesh.trust.identity import Identity
 from mesh.trust.membership import MeshAuthority, Role
 from mesh.wire.v1 import relay_pb2 as rpb
-from mesh.wire.v1 import relay_pb2_grpc as rpb_grpc
 from tests.nodeproc import wait_for_run_info
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 import pytest
 
+from cloud_relay import relay_pb2_grpc as rpb_grpc
 from cloud_relay.client import fetch_stats
 from cloud_relay.operator_token import bearer_metadata, read_operator_token
 from mesh import PROTOCOL_VERSION
@@ -23,7 +24,6 @@ from mesh.routing.relay import MAX_FRAME_BYTES, sign_hello
 from mesh.trust.identity import Identity
 from mesh.trust.membership import MeshAuthority, Role
 from mesh.wire.v1 import relay_pb2 as rpb
-from mesh.wire.v1 import relay_pb2_grpc as rpb_grpc
 from mesh.wire.v1 import trust_pb2 as tpb
 from tests.nodeproc import RelayProcess
 

@@ -35,9 +35,9 @@ from mesh.routing.relay import (
 from mesh.trust.identity import Identity
 from mesh.trust.membership import MeshAuthority, Role
 from mesh.wire.v1 import node_pb2 as pb
-from mesh.wire.v1 import node_pb2_grpc as pb_grpc
 from mesh.wire.v1 import relay_pb2 as rpb
 from mesh.wire.v1 import trust_pb2 as tpb
+from node.transport import node_pb2_grpc as pb_grpc
 from node.transport.peer_client import GrpcTransport
 
 NOW = 1_800_000_000_000

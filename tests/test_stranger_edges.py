@@ -20,12 +20,12 @@ from mesh.inference import ChatMessage, InferenceRequest, Sampling
 from mesh.trust.invites import decode_invite, make_join_request
 from mesh.wire import codec
 from mesh.wire.v1 import node_pb2 as pb
-from mesh.wire.v1 import node_pb2_grpc as pb_grpc
 from mesh.wire.v1 import trust_pb2 as tpb
 from node.serving.accounting import Accountant
 from node.serving.models import LocalModels
 from node.serving.node_service import JOIN_RATE, PING_RATE, NodeService
 from node.serving.serving_side import ServingSide
+from node.transport import node_pb2_grpc as pb_grpc
 from node.transport.peer_client import PeerClient
 from tests.members import invite_code, join_as_member, new_trust
 from tests.nodeproc import NodeProcess

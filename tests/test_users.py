@@ -31,14 +31,13 @@ from mesh.quota.users import (
     effective_privacy,
     entry_to_pb,
     hash_api_key,
-    load_users,
     parse_users,
-    save_users,
     sign_record,
 )
 from mesh.routing.scheduler import Privacy
 from mesh.trust.identity import Identity
 from mesh.trust.membership import MeshAuthority, Role, verify_cert
+from node.store.users_admin import load_users, save_users
 
 NOW_MS = 1_767_225_600_000
 LOOSENESS = [Privacy.LOCAL_ONLY, Privacy.MESH, Privacy.ANY]
@@ -542,8 +541,8 @@ async def test_another_members_bad_entries_are_skipped_and_the_good_ones_kept(
 ) -> None:
     import time
 
-    from mesh.home import Home
     from mesh.wire.v1 import ledger_pb2 as lpb
+    from node.store.home import Home
     from node.store.users_admin import UsersAdmin
     from tests.members import new_trust
 
@@ -589,7 +588,7 @@ async def test_users_are_written_off_the_event_loop_one_change_at_a_time(
     import time
 
     import node.store.users_admin as users_admin
-    from mesh.home import Home
+    from node.store.home import Home
     from tests.members import new_trust
 
     admin = users_admin.UsersAdmin.open(

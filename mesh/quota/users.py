@@ -32,7 +32,8 @@ plus the clock skew allowed between members (60 s). So a member can add its own 
 but never replace another home's key or quota, nor win every later merge with a date in
 the far future.
 
-On disk: `$ALLERAC_HOME/users.json`, mode 0600, written only by the running node:
+On disk (`node.store.users_admin` reads and writes it): `$ALLERAC_HOME/users.json`, mode
+0600, written only by the running node:
 
     {"version": 3, "users": [{"name": "alice", "key_hash": "<64 hex>", "privacy": "mesh",
                               "quota": "cloud=1M/month", "home_node_id": "<node ID>",
@@ -57,7 +58,6 @@ import re
 import secrets
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 from mesh.errors import (
@@ -69,7 +69,6 @@ from mesh.errors import (
     UserExists,
     UserNotFound,
 )
-from mesh.home import read_owner_only, write_private
 from mesh.quota.rules import UNLIMITED, Quota, parse_quota
 from mesh.routing.scheduler import Privacy
 from mesh.trust.identity import Identity, verify_signature
@@ -634,20 +633,3 @@ def parse_users(data: bytes, *, source: str = "users file", now_ms: int | None =
             except ValueError as exc:
                 raise bad(f"signers[{str(node_id)[:80]!r}] is not base64") from exc
     return book
-
-
-def load_users(path: Path, *, now_ms: int | None = None) -> UserBook:
-    """The users saved at `path`; an empty book when there is no file yet."""
-    data = read_owner_only(
-        path, what="users file", max_bytes=MAX_USERS_FILE_BYTES, error=ConfigError
-    )
-    if data is None:
-        return UserBook()
-    return parse_users(data, source=f"users file {path}", now_ms=now_ms)
-
-
-def save_users(path: Path, book: UserBook) -> None:
-    try:
-        write_private(path, dump_users(book))
-    except OSError as exc:
-        raise ConfigError(f"cannot write users file {path}: {exc.strerror}") from exc

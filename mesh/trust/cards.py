@@ -4,13 +4,12 @@ The card is serialized once and signed over exactly those bytes with the
 node's Ed25519 identity key, with a domain-separation prefix so a card
 signature can never be replayed as a signature over anything else. A receiver
 verifies the bytes, then parses them (`open_card`); nothing is re-encoded.
-Load is not in the card: it travels in pings.
+Load is not in the card: it travels in pings. The hardware summary is the caller's
+(the node probes its box once, at start: `node.store.hardware`).
 """
 
 from __future__ import annotations
 
-import os
-import platform
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -30,22 +29,18 @@ CARD_SIGNATURE_CONTEXT = b"allerac-mesh/v1/node-card\x00"
 MAX_CARD_BYTES = 64 * 1024
 
 
-def hardware_summary() -> pb.Hardware:
-    memory = 0
-    try:
-        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        memory = 0
-    cpu_model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    cpu_model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return pb.Hardware(cpu_count=os.cpu_count() or 0, cpu_model=cpu_model, memory_bytes=memory)
+@dataclass(frozen=True, kw_only=True)
+class HardwareSummary:
+    """What a full card says about the box (0 or "" where it is not known)."""
+
+    cpu_count: int = 0
+    cpu_model: str = ""
+    memory_bytes: int = 0
+
+    def to_pb(self) -> pb.Hardware:
+        return pb.Hardware(
+            cpu_count=self.cpu_count, cpu_model=self.cpu_model, memory_bytes=self.memory_bytes
+        )
 
 
 def sign_card(
@@ -59,11 +54,13 @@ def sign_card(
     display_name: str = "",
     peer_addresses: Iterable[str] = (),
     now_ms: int,
+    hardware: HardwareSummary | None = None,
     tier: int = pb.TIER_HOME,
     public: bool = False,
 ) -> pb.SignedCard:
     """The full card, or with `public=True` only what may travel in clear: who the
-    node is, its membership and its encryption keys (DESIGN.md "Sealing")."""
+    node is, its membership and its encryption keys (DESIGN.md "Sealing"). The full card
+    carries `hardware` when it is given."""
     card = pb.NodeCard(
         protocol_version=PROTOCOL_VERSION,
         node_id=identity.node_id,
@@ -76,7 +73,8 @@ def sign_card(
     )
     if not public:
         card.tier = tier  # type: ignore[assignment]
-        card.hardware.CopyFrom(hardware_summary())
+        if hardware is not None:
+            card.hardware.CopyFrom(hardware.to_pb())
         card.models.extend(model_to_pb(m) for m in models)
         card.grpc_addresses.extend(grpc_addresses)
         card.display_name = display_name

@@ -6,22 +6,18 @@ groups of 13, each followed by one Luhn mod 32 check character, then shown in
 eight dash-separated groups of seven. A mistyped ID is caught by the check
 characters instead of silently naming another node.
 
-The private key lives in `$ALLERAC_HOME/identity.key` as unencrypted PKCS#8
-PEM, mode 0600, created atomically (exclusive create + fsync + rename). A key
-file that exists but cannot be read or parsed is reported and never replaced:
-replacing it would silently give the box a new identity and orphan its
-memberships.
+The private key is kept as unencrypted PKCS#8 PEM (`Identity.to_pem` and
+`from_pem`); the node keeps it in `$ALLERAC_HOME/identity.key`
+(`node.store.identity_key`). PEM that does not parse is reported, never replaced:
+replacing it would silently give the box a new identity and orphan its memberships.
 """
 
 from __future__ import annotations
 
 import base64
-import contextlib
 import functools
 import hashlib
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -31,12 +27,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 
 from mesh.errors import IdentityError, InvalidRequest
-from mesh.home import read_owner_only
 
 _B32_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
 _GROUP = 13
 _PUBLIC_KEY_BYTES = 32
-MAX_KEY_FILE_BYTES = 4096
 
 
 def _luhn32_check_char(group: str) -> str:
@@ -146,38 +140,3 @@ class Identity:
                 "it was left untouched"
             )
         return cls(key)
-
-
-def load_or_create_identity(path: Path) -> tuple[Identity, bool]:
-    """Load the identity at `path`, or create it there if no file exists.
-
-    Returns (identity, created). Never overwrites an existing file.
-    """
-    data = read_owner_only(
-        path, what="identity key", max_bytes=MAX_KEY_FILE_BYTES, error=IdentityError
-    )
-    if data is None:
-        return _create_identity(path), True
-    return Identity.from_pem(data, source=f"identity key {path}"), False
-
-
-def _create_identity(path: Path) -> Identity:
-    identity = Identity.generate()
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(identity.to_pem())
-            handle.flush()
-            os.fsync(handle.fileno())
-        # link() fails if another process created the key meanwhile: never overwrite.
-        os.link(tmp, path)
-    except FileExistsError:
-        return load_or_create_identity(path)[0]
-    except OSError as exc:
-        raise IdentityError(f"cannot create identity key {path}: {exc.strerror}") from exc
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-    return identity

@@ -2,19 +2,13 @@
 
 Limits follow the style guide: a maximum message size on both directions,
 keepalive so dead peers are noticed, and a floor on how often a client may
-ping (a peer pinging faster than that is disconnected by the server).
+ping (a peer pinging faster than that is disconnected by the server). Values only: the
+servers and channels that take them live in `node/` and `cloud_relay/`.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
-import grpc
-
 from mesh.wire.codec import MAX_MESSAGE_BYTES
-
-# What `read()` on a gRPC aio stream returns at its end (missing from grpc-stubs).
-STREAM_EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]
 
 KEEPALIVE_TIME_MS = 20_000
 KEEPALIVE_TIMEOUT_MS = 5_000

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mesh.errors import ConfigError, MeshError
-from mesh.home import Home, read_owner_only, write_private
+from node.store.files import read_owner_only, write_private
+from node.store.home import Home
 
 # "allerac owner token": recognisable in a log or a shell history.
 TOKEN_PREFIX = "aot_"  # noqa: S105 (a prefix, not a secret)

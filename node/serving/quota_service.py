@@ -56,7 +56,6 @@ from mesh.errors import (
     Unauthenticated,
     Unavailable,
 )
-from mesh.home import read_owner_only
 from mesh.inference import InferenceRequest, Route
 from mesh.ledger.sync import check_batch
 from mesh.quota.rules import (
@@ -72,6 +71,7 @@ from mesh.quota.rules import (
 )
 from mesh.routing.scheduler import Privacy
 from mesh.wire.v1 import ledger_pb2 as lpb
+from node.store.files import read_owner_only
 from node.store.ledger_store import LedgerStore
 from node.store.users_admin import UsersAdmin
 from node.transport.directory import PeerDirectory

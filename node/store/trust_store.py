@@ -25,7 +25,6 @@ from google.protobuf.message import DecodeError
 
 from mesh.clock import now_ms
 from mesh.errors import IdentityError, InviteError, MeshError, NotAMember, PermissionDenied
-from mesh.home import Home, write_private
 from mesh.trust.enckeys import KeyPair, KeyRing, hybrid_available
 from mesh.trust.identity import Identity, node_id_from_public_key, parse_node_id
 from mesh.trust.invites import InviteBook
@@ -42,6 +41,8 @@ from mesh.trust.membership import (
 )
 from mesh.trust.sealing import EnvelopeOpener, ReplayGuard
 from mesh.wire.v1 import trust_pb2 as tpb
+from node.store.files import write_private
+from node.store.home import Home
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,5 @@
-"""The node's users: who a request comes from, and adding or removing users.
+"""The node's users: who a request comes from, adding or removing users, and the users file
+(`load_users`, `save_users`; its format is `mesh.quota.users`').
 
 The running node holds the users in memory and is the only writer of `users.json`
 (through the loopback-only `/allerac/users` endpoints that `allerac user ...` calls), so
@@ -29,18 +30,18 @@ from google.protobuf.message import DecodeError
 
 from mesh.clock import now_ms
 from mesh.config import is_loopback_host
-from mesh.errors import MeshError, PermissionDenied
-from mesh.home import Home
+from mesh.errors import ConfigError, MeshError, PermissionDenied
 from mesh.quota.rules import UNLIMITED, Quota
 from mesh.quota.users import (
     MAX_USERS,
+    MAX_USERS_FILE_BYTES,
     Caller,
     UserBook,
     UserRecord,
+    dump_users,
     entry_from_pb,
     entry_to_pb,
-    load_users,
-    save_users,
+    parse_users,
     sign_record,
     validate_name,
 )
@@ -48,9 +49,28 @@ from mesh.routing.scheduler import Privacy
 from mesh.trust.membership import Membership, Role, verify_cert
 from mesh.wire.v1 import ledger_pb2 as lpb
 from mesh.wire.v1 import trust_pb2 as tpb
+from node.store.files import read_owner_only, write_private
+from node.store.home import Home
 from node.store.trust_store import TrustStore
 
 logger = logging.getLogger(__name__)
+
+
+def load_users(path: Path, *, now_ms: int | None = None) -> UserBook:
+    """The users saved at `path`; an empty book when there is no file yet."""
+    data = read_owner_only(
+        path, what="users file", max_bytes=MAX_USERS_FILE_BYTES, error=ConfigError
+    )
+    if data is None:
+        return UserBook()
+    return parse_users(data, source=f"users file {path}", now_ms=now_ms)
+
+
+def save_users(path: Path, book: UserBook) -> None:
+    try:
+        write_private(path, dump_users(book))
+    except OSError as exc:
+        raise ConfigError(f"cannot write users file {path}: {exc.strerror}") from exc
 
 
 class UsersAdmin:

@@ -12,8 +12,8 @@ import grpc
 
 from mesh.errors import MeshError
 from mesh.wire.v1 import node_pb2 as pb
-from mesh.wire.v1 import node_pb2_grpc as pb_grpc
 from mesh.wire.v1 import trust_pb2 as tpb
+from node.transport import node_pb2_grpc as pb_grpc
 from node.transport.calls import NodeCalls
 
 Context = grpc.aio.ServicerContext[Any, Any]

@@ -29,9 +29,9 @@ from mesh.trust.sealing import Sealed, seal_request
 from mesh.wire import codec, grpc_options
 from mesh.wire.v1 import ledger_pb2 as lpb
 from mesh.wire.v1 import node_pb2 as pb
-from mesh.wire.v1 import node_pb2_grpc as pb_grpc
 from mesh.wire.v1 import trust_pb2 as tpb
 from node.store.trust_store import TrustStore
+from node.transport import node_pb2_grpc as pb_grpc
 
 logger = logging.getLogger(__name__)
 

@@ -29,6 +29,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import Message
 
+from cloud_relay import relay_pb2_grpc as rpb_grpc
 from mesh.clock import SYSTEM, Clock
 from mesh.errors import (
     InvalidRequest,
@@ -43,7 +44,6 @@ from mesh.trust.membership import Role, role_from_pb
 from mesh.wire import codec, grpc_options
 from mesh.wire.v1 import node_pb2 as pb
 from mesh.wire.v1 import relay_pb2 as rpb
-from mesh.wire.v1 import relay_pb2_grpc as rpb_grpc
 from mesh.wire.v1 import trust_pb2 as tpb
 from node.store.trust_store import TrustStore
 from node.tasks import Tasks
@@ -52,6 +52,8 @@ from node.transport.peer_client import M
 
 logger = logging.getLogger(__name__)
 
+# What `read()` on a gRPC aio stream returns at its end (missing from grpc-stubs).
+STREAM_EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]
 HANDSHAKE_TIMEOUT_S = 5.0
 BACKOFF_FIRST_S = 0.05
 BACKOFF_MAX_S = 1.0
@@ -202,7 +204,7 @@ class RelayLink:
     async def _handshake(self, stream: Any) -> None:
         async with asyncio.timeout(HANDSHAKE_TIMEOUT_S):
             first = await stream.read()
-            if first is grpc_options.STREAM_EOF or first.WhichOneof("frame") != "challenge":
+            if first is STREAM_EOF or first.WhichOneof("frame") != "challenge":
                 raise RemoteProtocolError("the relay did not start with a challenge")
             trust = self._trust
             revocations = trust.revocations.signed if trust.revocations is not None else None
@@ -211,7 +213,7 @@ class RelayLink:
             )
             await stream.write(rpb.RelayFrame(hello=hello))
             welcome = await stream.read()
-            if welcome is grpc_options.STREAM_EOF or welcome.WhichOneof("frame") != "welcome":
+            if welcome is STREAM_EOF or welcome.WhichOneof("frame") != "welcome":
                 raise RemoteProtocolError("the relay did not welcome this node")
             if welcome.welcome.node_id != trust.identity.node_id:
                 raise RemoteProtocolError("the relay welcomed another node")
@@ -235,7 +237,7 @@ class RelayLink:
     async def _read(self, stream: Any) -> None:
         while True:
             frame = await stream.read()
-            if frame is grpc_options.STREAM_EOF:
+            if frame is STREAM_EOF:
                 return
             kind = frame.WhichOneof("frame")
             if kind == "packet":
