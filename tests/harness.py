@@ -61,6 +61,7 @@ from mesh.routing.scheduler import Privacy
 from mesh.trust.invites import decode_invite, make_join_request
 from mesh.trust.membership import Role
 from mesh.wire import codec
+from mesh.wire.codec import MAX_MESSAGE_BYTES
 from mesh.wire.v1 import ledger_pb2 as lpb
 from mesh.wire.v1 import node_pb2 as pb
 from mesh.wire.v1 import trust_pb2 as tpb
@@ -362,6 +363,13 @@ class MemoryTransport:
         # What the called node's service sees as its peer (a gRPC peer string).
         self._peer = f"ipv4:{caller.ip}:40000"
 
+    def _carried(self, message: Message) -> bytes:
+        """A message's bytes, refused as gRPC refuses one over its size limit."""
+        data = message.SerializeToString()
+        if len(data) > MAX_MESSAGE_BYTES:
+            raise Overloaded(f"a message of {len(data)} bytes is over the limit")
+        return data
+
     def _server_error(self, exc: BaseException) -> MeshError:
         self._net.server_errors.append(exc)
         logger.error("the service failed with a bug", exc_info=exc)
@@ -371,7 +379,7 @@ class MemoryTransport:
         self, method: str, request: Message, reply_type: type[M], timeout_s: float
     ) -> M:
         node = self._net.reach(self._caller, self.label)
-        parsed = _UNARY[method].FromString(request.SerializeToString())
+        parsed = _UNARY[method].FromString(self._carried(request))
         service = node.service
         try:
             if method == "Describe":
@@ -387,7 +395,7 @@ class MemoryTransport:
         except Exception as exc:
             raise self._server_error(exc) from None
         self._net.reach(self._caller, self.label)  # cut while it was answering: lost
-        return reply_type.FromString(reply.SerializeToString())
+        return reply_type.FromString(self._carried(reply))
 
     async def stream(
         self, method: str, request: Message, reply_type: type[M], timeout_s: float
@@ -396,7 +404,7 @@ class MemoryTransport:
         node = self._net.reach(self._caller, self.label)
         cut = self._net.link(self._caller, node)
         events = node.service.infer(
-            pb.InferRequest.FromString(request.SerializeToString()),
+            pb.InferRequest.FromString(self._carried(request)),
             peer=self._peer,
             time_remaining_s=timeout_s,
         )
@@ -405,17 +413,20 @@ class MemoryTransport:
                 following = asyncio.ensure_future(anext(events))
                 broken = asyncio.ensure_future(cut.wait())
                 try:
-                    async with asyncio.timeout(timeout_s):
-                        await asyncio.wait({following, broken}, return_when=asyncio.FIRST_COMPLETED)
-                except TimeoutError:
-                    pass
-                broken.cancel()
-                if not following.done() or cut.is_set():
-                    # The connection is gone: the serving side's call is cancelled (as gRPC
-                    # cancels the handler), the caller hears Unavailable.
-                    following.cancel()
-                    with contextlib.suppress(BaseException):
-                        await following
+                    await asyncio.wait(
+                        {following, broken}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED
+                    )
+                finally:
+                    # However this ends (the link cut, the deadline, the caller gone), the
+                    # serving side's work is cancelled before its stream closes, as gRPC
+                    # cancels the handler of a call whose connection is gone.
+                    broken.cancel()
+                    if not following.done():
+                        following.cancel()
+                        await asyncio.wait({following})
+                if following.cancelled() or cut.is_set():
+                    if not following.cancelled():
+                        following.exception()  # what it made reaches nobody now
                     reason = "the link is cut" if cut.is_set() else "Deadline Exceeded"
                     raise Unavailable(f"peer unreachable: {reason}")
                 try:
@@ -426,7 +437,7 @@ class MemoryTransport:
                     raise _crossed(exc) from None
                 except Exception as exc:
                     raise self._server_error(exc) from None
-                yield reply_type.FromString(event.SerializeToString())
+                yield reply_type.FromString(self._carried(event))
 
     async def aclose(self) -> None:
         pass
