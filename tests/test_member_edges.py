@@ -22,7 +22,7 @@ from node.store.identity_key import load_or_create_identity
 from node.transport.peer_client import PeerClient
 from tests.members import new_trust
 from tests.nodeproc import NodeProcess, run_cli
-from tests.test_lan_mesh import start_mesh, wait_until
+from tests.test_lan_mesh import start_mesh, status, wait_until
 from tests.test_mesh_trust import grpc_address
 
 HELLO = {"model": "default", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
@@ -116,8 +116,7 @@ def served_by(node: NodeProcess, count: int) -> list[str]:
 
 
 def peers(node: NodeProcess) -> set[str]:
-    status = json.loads(run_cli(node.home, "status", "--json").stdout)
-    return {p["node_id"] for p in status["peers"]}
+    return {p["node_id"] for p in status(node)["peers"]}
 
 
 def test_a_revocation_takes_effect_everywhere_at_once(

@@ -1,8 +1,10 @@
 """Quotas on real nodes (three boxes on loopback, real inference): a user added on one
 box works on every box; several entry nodes spending one user's quota at once never pass
-it (the bound the README states: zero, without mid-answer failovers); the refusal is an
-OpenAI-style 429 naming the quota and its reset; a request whose client hangs up gives
-its reservation back; a cloud node holds the mesh to its cloud plan."""
+it (the bound the README states: zero, without mid-answer failovers), and the refusal is
+an OpenAI-style 429 naming the quota and its reset; a request whose client hangs up gives
+its reservation back. The rest of the quota rules across nodes (changes and removals, a
+home that is away, the cloud plan, races with leases) are tested in process:
+tests/test_mesh_quotas.py."""
 
 from __future__ import annotations
 
@@ -63,9 +65,12 @@ def add_user(node: NodeProcess, name: str, quota: str) -> str:
 
 
 def quota_state(node: NodeProcess, name: str) -> list[dict[str, Any]]:
-    listed = run_cli(node.home, "user", "list", "--json")
-    assert listed.returncode == 0, listed.stderr
-    [entry] = [u for u in json.loads(listed.stdout)["users"] if u["name"] == name]
+    """What `allerac user list --json` says of the user's quota (its endpoint, asked
+    directly: tests poll it, and the CLI's start-up would take CPU from the nodes)."""
+    request = urllib.request.Request(node.url + "/allerac/users", headers=node.owner)
+    with urllib.request.urlopen(request, timeout=30) as response:
+        listed = json.loads(response.read())
+    [entry] = [u for u in listed["users"] if u["name"] == name]
     return list(entry["quota_state"])
 
 
@@ -186,94 +191,3 @@ def test_a_client_that_hangs_up_gives_its_reservation_back(
     [state] = quota_state(a, "bob")
     assert 0 < state["used"] < 400
     assert state["used"] == spent([b], "bob")  # the partial record b signed, counted at a
-
-
-def test_a_quota_change_and_a_removal_reach_every_box(mesh3: dict[str, NodeProcess]) -> None:
-    a, c = mesh3["a"], mesh3["c"]
-    key = add_user(a, "carol", "mesh=1M/month")
-    works_everywhere([c], key)
-    changed = run_cli(a.home, "user", "set", "carol", "--quota", "mesh=10/day")
-    assert changed.returncode == 0, changed.stderr
-    assert "quota mesh=10/day" in changed.stdout
-    wait_until(
-        lambda: post(c, {"model": MODEL, "prompt": PROMPT, "max_tokens": 8}, key)[0] == 429,
-        10,
-        "the smaller quota holds at c",
-    )
-    assert run_cli(a.home, "user", "remove", "carol").returncode == 0
-    wait_until(
-        lambda: post(c, {"model": MODEL, "prompt": PROMPT, "max_tokens": 8}, key)[0] == 401,
-        10,
-        "the removed key is refused at c",
-    )
-    bad = run_cli(a.home, "user", "add", "dave", "--quota", "cloud=plenty")
-    assert bad.returncode != 0
-    assert "not a quota" in bad.stderr
-
-
-def test_without_its_home_a_limited_user_is_refused_clearly(
-    mesh3: dict[str, NodeProcess],
-) -> None:
-    a, b = mesh3["a"], mesh3["b"]
-    key = add_user(a, "erin", "mesh=2000/month")
-    works_everywhere([b], key)  # b now holds a lease: a quarter of what erin has left
-    a.kill()  # last test of the module: a is gone for good
-    body = {"model": MODEL, "prompt": "Hi", "max_tokens": 1}
-    # What the lease holds (reserved at a before it went) is still erin's to use; then b
-    # cannot reserve anything more and says why.
-    served = 0
-    while (code := post(b, body, key)[0]) == 200:
-        served += 1
-        assert served < 600, "the lease never ran out"
-    assert code == 503
-    assert served > 0
-    assert spent([b], "erin") <= 2000 // 4 + 40  # the lease, plus the first request
-    code, _, reply = post(b, body, key)
-    assert code == 503
-    assert "quota of user 'erin' is kept by node" in reply["error"]["message"]
-
-
-def test_a_cloud_node_holds_the_mesh_to_its_cloud_plan(
-    tmp_path_factory: pytest.TempPathFactory,
-) -> None:
-    root = tmp_path_factory.mktemp("plan")
-    a = NodeProcess(root / "a", config=models_config(MODEL)).start()
-    cloud = NodeProcess(
-        root / "cloud", config='cloud_plan = "150/day"\n' + models_config("cloud-only")
-    ).start()
-    try:
-        code = run_cli(a.home, "mesh", "invite", "--role", "overflow").stdout.strip()
-        joined = run_cli(cloud.home, "mesh", "join", code)
-        assert joined.returncode == 0, joined.stderr
-        body = {"model": "cloud-only", "prompt": PROMPT, "max_tokens": 8}
-
-        def ask() -> tuple[int, dict[str, str], Any]:
-            request = urllib.request.Request(
-                a.url + "/v1/completions",
-                data=json.dumps(body).encode(),
-                headers={"Content-Type": "application/json", "x-allerac-privacy": "any"},
-            )
-            try:
-                with urllib.request.urlopen(request, timeout=60) as response:
-                    return response.status, dict(response.headers), json.loads(response.read())
-            except urllib.error.HTTPError as exc:
-                return exc.code, dict(exc.headers), json.loads(exc.read())
-
-        wait_until(lambda: ask()[0] == 200, 15, "a reaches the cloud node")
-        served = 1
-        while True:
-            status, headers, reply = ask()
-            if status != 200:
-                break
-            assert headers["x-allerac-route"] == "cloud"
-            served += 1
-            assert served < 50, "the plan never ran out"
-        assert status == 429, reply
-        assert reply["error"]["code"] == "quota_exceeded"
-        assert "this mesh's cloud plan is used up: cloud=150/day" in reply["error"]["message"]
-        assert int(headers["Retry-After"]) > 0
-        # Counted from the cloud node's own ledger: never past the plan.
-        assert spent([cloud], "") <= 150
-    finally:
-        a.kill()
-        cloud.kill()

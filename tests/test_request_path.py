@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,15 +23,12 @@ from mesh.errors import (
     Unavailable,
 )
 from mesh.inference import (
-    ChatMessage,
     Finished,
-    FinishReason,
     InferenceEvent,
     InferenceRequest,
     Load,
     ModelInfo,
     Route,
-    Sampling,
     TextDelta,
 )
 from mesh.ledger.records import open_record
@@ -47,89 +44,7 @@ from node.serving.quota_service import Admission
 from node.serving.serving_side import ServingSide
 from node.store.ledger_store import LedgerStore
 from node.transport.directory import PeerHandle
-
-MODEL = "m"
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.ms = 1_800_000_000_000
-        self.mono = 100.0
-
-    def now_ms(self) -> int:
-        return self.ms
-
-    def monotonic(self) -> float:
-        return self.mono
-
-
-# --- scripted backends and peers ------------------------------------------------------------
-
-
-@dataclass
-class Script:
-    """What one source does: tokens, then finish; or fail (before the first event when
-    `fail_after` is 0, else after that many tokens)."""
-
-    tokens: Sequence[str] = ("Hello", " world")
-    fail_after: int | None = None
-    error: Exception = field(default_factory=lambda: Unavailable("the peer went away"))
-    prompt_tokens: int = 3
-
-
-async def _play(script: Script, request: InferenceRequest) -> AsyncGenerator[InferenceEvent, None]:
-    made = 0
-    budget = request.sampling.max_tokens
-    for text in script.tokens:
-        if script.fail_after is not None and made >= script.fail_after:
-            raise script.error
-        if budget is not None and made >= budget:
-            break
-        made += 1
-        yield TextDelta(text)
-    if script.fail_after is not None and made >= script.fail_after:
-        raise script.error
-    yield Finished(
-        reason=FinishReason.STOP, prompt_tokens=script.prompt_tokens, completion_tokens=made
-    )
-
-
-class ScriptedStream:
-    def __init__(self, backend: ScriptedBackend, request: InferenceRequest) -> None:
-        self._backend = backend
-        self._events = _play(backend.script, request)
-        self.closed = False
-
-    def __aiter__(self) -> AsyncIterator[InferenceEvent]:
-        return self._events
-
-    async def aclose(self) -> None:
-        if not self.closed:
-            self.closed = True
-            self._backend.active -= 1
-            await self._events.aclose()
-
-
-class ScriptedBackend:
-    def __init__(
-        self, script: Script | None = None, *, slots: int = 1, context: int = 4096
-    ) -> None:
-        self.script = script or Script()
-        self.active = 0
-        self.slots = slots
-        self.asked: list[InferenceRequest] = []
-        self.counters = {"completed": 0, "cancelled": 0, "failed": 0, "rejected": 0}
-        self.info = ModelInfo(name=MODEL, context_length=context, tokens_per_second=50.0)
-
-    def load(self) -> Load:
-        return Load(active_streams=self.active, queued=0, slots=self.slots)
-
-    async def open(self, request: InferenceRequest) -> ScriptedStream:
-        if self.active >= self.slots:
-            raise Overloaded("every slot is taken")
-        self.asked.append(request)
-        self.active += 1
-        return ScriptedStream(self, request)
+from tests.harness import MODEL, FakeClock, Script, ScriptedBackend, chat, play
 
 
 class ScriptedPeer:
@@ -143,7 +58,7 @@ class ScriptedPeer:
     async def infer(self, card: Any, request: InferenceRequest) -> AsyncIterator[InferenceEvent]:
         self.asked.append(request)
         try:
-            async for event in _play(self.script, request):
+            async for event in play(self.script, request):
                 yield event
         finally:
             self.closed += 1
@@ -240,15 +155,6 @@ async def box(
     finally:
         if store is not None:
             await store.close()
-
-
-def chat(max_tokens: int | None = None, content: str = "hi") -> InferenceRequest:
-    return InferenceRequest(
-        model=MODEL,
-        messages=(ChatMessage(role="user", content=content),),
-        sampling=Sampling(max_tokens=max_tokens),
-        user="zoe",
-    )
 
 
 async def run(

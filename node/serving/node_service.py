@@ -250,8 +250,13 @@ class NodeService:
         """A peer's request served here (the mesh never forwards twice), sealed."""
         try:
             async with self._serving.answer(inference, arrival) as answer:
-                async with contextlib.aclosing(answer.events()) as events:
-                    async for event in coalesce(events, window_s=STREAM_WINDOW_S):
+                async with (
+                    contextlib.aclosing(answer.events()) as events,
+                    # Closed first: its pump must stop reading `events` before they close
+                    # (a caller that hangs up between two frames closes this generator).
+                    contextlib.aclosing(coalesce(events, window_s=STREAM_WINDOW_S)) as batched,
+                ):
+                    async for event in batched:
                         final = isinstance(event, Finished)
                         yield _sealed(
                             writer, codec.event_to_pb(event, answer.served_by), final=final

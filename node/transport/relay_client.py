@@ -146,8 +146,11 @@ class RelayLink:
             self._outbox.put_nowait(rpb.RelayFrame(revocations=signed))
 
     async def restart(self) -> None:
-        """Open a new session now (the node's membership changed: a join)."""
-        await self.aclose()
+        """Open a new session now (the node's membership changed: a join). The old
+        session's tasks end with their group; a closed group starts nothing, so the new
+        session gets a group of its own."""
+        await self._tasks.aclose()
+        self._tasks = Tasks(f"relay {self.address}")
         await self.start()
 
     async def _run(self) -> None:
