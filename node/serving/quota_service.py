@@ -18,7 +18,8 @@ concurrent requests entering at any box, office or relay are all counted in one 
   the user's requests from it without a round trip, puts back what each did not use,
   reports their records as they come (the lease shrinks by what they count), and hands
   the lease back when idle for LEASE_IDLE_S or when the user's entry changes. A lease is
-  held at the home like any reservation, so the bound is the same.
+  held at the home like any reservation, so the bound is the same. The lease state
+  machine is `mesh.quota.leases` (pure); this class makes the calls it asks for.
 - `serve_call` (the home node): the other side of all of it.
 
 Restarts: the home keeps its reservations and leases in `quota-holds.json` (written,
@@ -40,13 +41,12 @@ import contextlib
 import json
 import logging
 import os
-import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from mesh.clock import now_ms
+from mesh.clock import SYSTEM, Clock
 from mesh.errors import (
     ConfigError,
     InvalidRequest,
@@ -58,8 +58,20 @@ from mesh.errors import (
 )
 from mesh.inference import InferenceRequest, Route
 from mesh.ledger.sync import check_batch
+from mesh.quota.leases import (
+    LEASE_IDLE_MS,
+    MAX_REPORT_RECORDS,
+    RETRY_MS,
+    AskHome,
+    EntryLeases,
+    LeaseEnded,
+    LeaseEvent,
+    LeaseLapsed,
+    Report,
+    grow_at_home,
+    take_back_at_home,
+)
 from mesh.quota.rules import (
-    DEFAULT_MAX_TOKENS,
     HOLD_TTL_MS,
     MESH_PLAN,
     UNLIMITED,
@@ -78,11 +90,10 @@ from node.transport.directory import PeerDirectory
 
 logger = logging.getLogger(__name__)
 
-MAX_RELEASE_RECORDS = 64
-LEASE_TOKENS = 4096  # the most a lease grows by at once (and at most 1/4 of what is left)
-LEASE_VALID_MS = 20 * 60 * 1000  # shorter than the home's hold TTL: never used past it
-LEASE_IDLE_S = 5.0  # a lease unused this long goes back to the home
-RETRY_S = 1.0  # how often a home that could not be told is told again
+MAX_RELEASE_RECORDS = MAX_REPORT_RECORDS
+LEASE_IDLE_S = LEASE_IDLE_MS / 1000  # a lease unused this long goes back to the home
+RETRY_S = RETRY_MS / 1000  # how often a home that could not be told is told again
+TEND_S = 1.0  # how often the leases are looked after (idle ones, reports due)
 
 
 def classes_for(privacy: Privacy) -> list[TierClass]:
@@ -117,23 +128,7 @@ class Admission:
     home: str = ""  # where the reservation is held; "" when nothing is
     settled: bool = False
     leased: int = 0  # admitted here from this node's lease: the tokens taken from it
-
-
-@dataclass(kw_only=True)
-class _Lease:
-    """This entry node's standing reservation at a user's home."""
-
-    home: str
-    classes: frozenset[TierClass]
-    version: tuple[int, str, bool]  # the user entry it was granted under
-    free: int = 0
-    valid_until_ms: int = 0
-    held_until_ms: int = 0  # how long the home holds it for us (once it ended)
-    in_flight: int = 0
-    idle_since: float = field(default_factory=time.monotonic)
-    records: list[lpb.SignedRecord] = field(default_factory=list)  # not yet reported
-    consumed: int = 0  # their tokens
-    reporting: bool = False
+    lease_no: int = 0  # which lease (mesh.quota.leases.Leased)
 
 
 class QuotaService:
@@ -145,7 +140,7 @@ class QuotaService:
         store: LedgerStore | None,
         links: PeerDirectory | None = None,
         cloud_plan: Quota = UNLIMITED,
-        clock: Callable[[], int] = now_ms,
+        clock: Clock = SYSTEM,
         holds_file: Path | None = None,
     ) -> None:
         self._node_id = node_id
@@ -157,10 +152,13 @@ class QuotaService:
         self.cloud_plan = cloud_plan
         self.plan_book = QuotaBook()
         self._settling: set[asyncio.Task[None]] = set()
-        self._leases: dict[str, _Lease] = {}  # by user, at other homes
+        self._leases = EntryLeases()  # this node's, at other homes
         self._upkeep: asyncio.Task[None] | None = None
         self._holds_file = holds_file
         self._kept: list[dict[str, object]] = []  # what the holds file says now
+
+    def _now(self) -> int:
+        return self._clock.now_ms()
 
     def _load_holds(self) -> None:
         """The reservations this node held before it stopped (or crashed)."""
@@ -175,12 +173,12 @@ class QuotaService:
             body = json.loads(data.decode("utf-8"))
             if not isinstance(body, dict) or set(body) != {"user", "plan"}:
                 raise ValueError("not an object with user and plan reservations")
-            restored = self.book.restore(body["user"], self._clock())
-            restored += self.plan_book.restore(body["plan"], self._clock())
+            restored = self.book.restore(body["user"], self._now())
+            restored += self.plan_book.restore(body["plan"], self._now())
         except (ValueError, RecursionError) as exc:
             # Kept for whoever looks; starting without them can only let a user spend what
             # was reserved before the crash a second time, so say so loudly.
-            aside = self._holds_file.with_name(f"{self._holds_file.name}.bad-{self._clock()}")
+            aside = self._holds_file.with_name(f"{self._holds_file.name}.bad-{self._now()}")
             self._holds_file.replace(aside)
             logger.error(
                 "the quota reservations in %s are unreadable (%s); kept as %s, starting "
@@ -252,15 +250,27 @@ class QuotaService:
         if home == self._node_id:
             grant = self.reserve(reserve)
         else:
-            leased = self._from_lease(request, record.version, home, wanted, reserve)
-            if leased is not None:
-                return leased
-            reserve.lease_tokens = LEASE_TOKENS
-            lease = self._leases.get(request.user)
-            if lease is not None and lease.home == home and lease.free:
-                # Too little left for this request: give it back with the asking, so
-                # that this node's own lease does not stand in the request's way.
-                reserve.lease_returned, lease.free = min(lease.free, 2**32 - 1), 0
+            asked_at = self._now()
+            decision = self._leases.admit(
+                user=request.user,
+                version=record.version,
+                home=home,
+                classes=frozenset(wanted),
+                prompt_tokens=reserve.prompt_tokens,
+                max_tokens=request.sampling.max_tokens,
+                now_ms=asked_at,
+            )
+            if not isinstance(decision, AskHome):
+                return Admission(
+                    request=_capped(request, decision.max_tokens),
+                    home=home,
+                    leased=decision.tokens,
+                    lease_no=decision.lease_no,
+                )
+            if decision.ended is not None:
+                self._lease_events([decision.ended])
+            reserve.lease_tokens = decision.lease_tokens
+            reserve.lease_returned = decision.lease_returned
             reply = await self._call(home, lpb.QuotaCall(reserve=reserve), request.user)
             grant = Grant(
                 request.request_id,
@@ -269,144 +279,79 @@ class QuotaService:
                 tuple(reply.refusals),
             )
             if reply.lease_tokens:
-                self._grow_lease(request.user, home, grant.classes, record.version, reply)
+                events = self._leases.granted(
+                    user=request.user,
+                    version=record.version,
+                    home=home,
+                    classes=grant.classes,
+                    tokens=reply.lease_tokens,
+                    asked_at_ms=asked_at,
+                    now_ms=self._now(),
+                )
+                self._lease_events(events)
         capped = request
-        if grant.max_tokens is not None and grant.max_tokens != request.sampling.max_tokens:
-            capped = replace(
-                request, sampling=replace(request.sampling, max_tokens=grant.max_tokens)
-            )
+        if grant.max_tokens is not None:
+            capped = _capped(request, grant.max_tokens)
         return Admission(request=capped, closed=closed_routes(grant, wanted), home=home)
 
-    # --- leases: admitting at this node from a standing reservation at the home ------------
+    # --- leases: the calls `mesh.quota.leases` asks for ------------------------------------
 
-    def _from_lease(
-        self,
-        request: InferenceRequest,
-        version: tuple[int, str, bool],
-        home: str,
-        wanted: list[TierClass],
-        reserve: lpb.Reserve,
-    ) -> Admission | None:
-        """Admit from this node's lease for the user, without asking the home, when the
-        lease is for the same classes, still valid, and has room; None otherwise."""
-        lease = self._leases.get(request.user)
-        if lease is None:
-            return None
-        if lease.version != version or lease.home != home:
-            self._drop_lease(request.user)  # the user changed: their quota may have too
-            return None
-        if lease.classes != frozenset(wanted) or self._clock() >= lease.valid_until_ms:
-            return None
-        prompt = reserve.prompt_tokens
-        if reserve.HasField("max_tokens"):
-            generate = reserve.max_tokens
-        else:
-            generate = min(DEFAULT_MAX_TOKENS, lease.free - prompt)
-        need = prompt + generate
-        if generate < 1 or lease.free < need:
-            return None
-        lease.free -= need
-        lease.in_flight += 1
-        capped = request
-        if generate != request.sampling.max_tokens:
-            capped = replace(request, sampling=replace(request.sampling, max_tokens=generate))
-        return Admission(request=capped, home=home, leased=need)
-
-    def _grow_lease(
-        self,
-        user: str,
-        home: str,
-        classes: frozenset[TierClass],
-        version: tuple[int, str, bool],
-        reply: lpb.QuotaGrant,
-    ) -> None:
-        lease = self._leases.get(user)
-        if lease is None or lease.classes != classes or lease.home != home:
-            if lease is not None:
-                self._drop_lease(user)
-            lease = _Lease(home=home, classes=classes, version=version)
-            self._leases[user] = lease
-        lease.free += reply.lease_tokens
-        lease.valid_until_ms = self._clock() + LEASE_VALID_MS
-
-    def _settle_leased(self, admission: Admission, records: list[lpb.SignedRecord]) -> None:
-        user = admission.request.user
-        lease = self._leases.get(user)
-        used = sum(_tokens(r) for r in records)
-        if lease is None:
-            return  # dropped meanwhile: its hold at the home expires; the records sync
-        lease.in_flight -= 1
-        lease.free += max(admission.leased - used, 0)
-        lease.records += records
-        lease.consumed += used
-        lease.idle_since = time.monotonic()
-        self._report_soon(user)
-
-    def _report_soon(self, user: str) -> None:
-        lease = self._leases.get(user)
-        if lease is None or lease.reporting or not (lease.records or lease.consumed):
-            return
-        lease.reporting = True
-        self._background(self._report(user, lease), "quota-lease-report")
-
-    async def _report(
-        self, user: str, lease: _Lease, returned: int = 0, *, until_told: bool = False
-    ) -> None:
-        """Tell the home what was used under the lease (with the records) and what is
-        given back; the lease shrinks there by as much. `until_told`: a lease that ended
-        (nothing else will report it) is retried until the home says it has it, for as
-        long as the home would hold it."""
-        try:
-            while lease.records or lease.consumed or returned:
-                records = lease.records[:MAX_RELEASE_RECORDS]
-                consumed = lease.consumed if len(records) == len(lease.records) else 0
-                release = lpb.Release(
-                    records=records,
-                    lease_user=user,
-                    lease_consumed=consumed,
-                    lease_returned=returned,
+    def _lease_events(self, events: list[LeaseEvent]) -> None:
+        """Say what happened to leases, and send the reports now due."""
+        for event in events:
+            if isinstance(event, LeaseEnded):
+                logger.debug(
+                    "the lease of user %s at %s ended (%s): %d tokens go back",
+                    event.user,
+                    event.home[:7],
+                    event.reason,
+                    event.returned,
                 )
-                try:
-                    await self._call(lease.home, lpb.QuotaCall(release=release), user)
-                except MeshError as exc:
-                    if not until_told or self._clock() >= lease.held_until_ms:
-                        logger.warning("could not report lease use to %s: %s", lease.home[:7], exc)
-                        return  # a live lease: tried again by the upkeep
-                    logger.info(
-                        "the home %s of user %s cannot be told the lease ended (%s); trying again",
-                        lease.home[:7],
-                        user,
-                        exc.message,
-                    )
-                    await asyncio.sleep(RETRY_S)
-                    continue
-                del lease.records[: len(records)]
-                lease.consumed -= consumed
-                returned = 0
-                lease.valid_until_ms = self._clock() + LEASE_VALID_MS
-        finally:
-            lease.reporting = False
+            elif isinstance(event, LeaseLapsed):
+                logger.warning(
+                    "the home %s of user %s did not answer about a lease of theirs for too "
+                    "long: forgotten here (%d tokens, which it no longer holds), %d record(s) "
+                    "reach it by ledger sync",
+                    event.home[:7],
+                    event.user,
+                    event.tokens,
+                    event.records,
+                )
+        for report in self._leases.reports_to_send(self._now()):
+            self._background(self._report(report), "quota-lease-report")
 
-    def _drop_lease(self, user: str) -> None:
-        """Stop admitting from a lease; what is left of it goes back to the home."""
-        lease = self._leases.pop(user, None)
-        if lease is None:
+    async def _report(self, report: Report) -> None:
+        """Tell the home what was used under a lease (with the records) and what is given
+        back; the lease shrinks there by as much."""
+        release = lpb.Release(
+            records=report.records,
+            lease_user=report.user,
+            lease_consumed=report.consumed,
+            lease_returned=report.returned,
+        )
+        try:
+            await self._call(report.home, lpb.QuotaCall(release=release), report.user)
+        except MeshError as exc:
+            self._leases.report_failed(report, self._now())
+            if report.final:
+                logger.info(
+                    "the home %s of user %s cannot be told the lease ended (%s); trying again",
+                    report.home[:7],
+                    report.user,
+                    exc.message,
+                )
+            else:
+                logger.warning("could not report lease use to %s: %s", report.home[:7], exc)
             return
-        lease.held_until_ms = lease.valid_until_ms + (HOLD_TTL_MS - LEASE_VALID_MS)
-        lease.valid_until_ms = 0
-        self._background(self._report(user, lease, lease.free, until_told=True), "quota-lease-end")
+        self._leases.reported(report)
+        self._lease_events([])  # the rest, if there was more than one call's worth
 
     async def _tend_leases(self) -> None:
-        """Every second: report what is pending; give back leases idle for a while (so
-        they do not keep a quota from the other boxes)."""
+        """Every second: give back leases idle for a while (so they do not keep a quota
+        from the other boxes), and send what is due."""
         while True:
-            await asyncio.sleep(1.0)
-            for user, lease in list(self._leases.items()):
-                idle = time.monotonic() - lease.idle_since
-                if lease.in_flight == 0 and idle > LEASE_IDLE_S and not lease.reporting:
-                    self._drop_lease(user)
-                else:
-                    self._report_soon(user)
+            await asyncio.sleep(TEND_S)
+            self._lease_events(self._leases.tick(self._now()))
 
     def settle_soon(self, admission: Admission, records: list[lpb.SignedRecord]) -> None:
         """`settle`, without holding up the answer it follows (a remote home is told
@@ -420,7 +365,13 @@ class QuotaService:
             return True
         if admission.leased:
             admission.settled = True
-            self._settle_leased(admission, records)
+            self._leases.settle(
+                lease_no=admission.lease_no,
+                taken=admission.leased,
+                records=records,
+                now_ms=self._now(),
+            )
+            self._lease_events([])
             return True
         if admission.home == self._node_id:
             admission.settled = True
@@ -442,13 +393,25 @@ class QuotaService:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._upkeep
             self._upkeep = None
-        for user in list(self._leases):
-            self._drop_lease(user)
-        if self._settling:
-            await asyncio.wait(set(self._settling), timeout=timeout_s)
+        self._lease_events(self._leases.close())
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                await self._drain()
         for task in set(self._settling):  # a home still unreachable: its holds expire there
             task.cancel()
         await asyncio.gather(*self._settling, return_exceptions=True)
+
+    async def _drain(self) -> None:
+        """Until every release and lease report is through (each failed one sent again
+        RETRY_S later)."""
+        while self._settling or self._leases.outstanding():
+            if self._settling:
+                await asyncio.wait(
+                    set(self._settling), timeout=RETRY_S, return_when=asyncio.FIRST_COMPLETED
+                )
+            else:
+                await asyncio.sleep(RETRY_S)
+            self._lease_events(self._leases.tick(self._now()))
 
     async def settle(self, admission: Admission, records: list[lpb.SignedRecord]) -> None:
         """Release the reservation (the answer's records count from now on). Never
@@ -461,13 +424,13 @@ class QuotaService:
         release = lpb.Release(request_id=request_id, records=records[:MAX_RELEASE_RECORDS])
         # Until the home has it: as long as the home holds the reservation (so that a
         # home paused or restarting meanwhile does not keep it for nothing).
-        give_up_at = self._clock() + HOLD_TTL_MS
+        give_up_at = self._now() + HOLD_TTL_MS
         while True:
             try:
                 await self._call(admission.home, lpb.QuotaCall(release=release), "")
                 return
             except MeshError as exc:
-                if self._clock() >= give_up_at:
+                if self._now() >= give_up_at:
                     logger.warning(
                         "could not release request %s at %s: %s (it expires there)",
                         request_id[:12],
@@ -516,7 +479,7 @@ class QuotaService:
             classes=classes,
             prompt_tokens=reserve.prompt_tokens,
             max_tokens=reserve.max_tokens if reserve.HasField("max_tokens") else None,
-            now_ms=self._clock(),
+            now_ms=self._now(),
         )
         self._persist()
         return grant
@@ -532,8 +495,13 @@ class QuotaService:
         which = call.WhichOneof("call")
         if which == "reserve":
             if call.reserve.lease_returned and sender:
-                lease_id = _lease_id(sender, call.reserve.user)
-                self.book.shrink(lease_id, call.reserve.lease_returned, self._clock())
+                take_back_at_home(
+                    self.book,
+                    entry_node_id=sender,
+                    user=call.reserve.user,
+                    tokens=call.reserve.lease_returned,
+                    now_ms=self._now(),
+                )
             grant = self.reserve(call.reserve)
             reply = lpb.QuotaGrant(
                 classes=[c.value for c in grant.classes], refusals=list(grant.refusals)
@@ -542,13 +510,14 @@ class QuotaService:
                 reply.max_tokens = grant.max_tokens
             record = self._users.get(call.reserve.user)
             if call.reserve.lease_tokens and sender and record is not None:
-                reply.lease_tokens = self.book.lease(
-                    lease_id=_lease_id(sender, call.reserve.user),
+                reply.lease_tokens = grow_at_home(
+                    self.book,
+                    entry_node_id=sender,
                     user=call.reserve.user,
                     quota=record.quota,
                     classes=grant.classes,
-                    wanted=min(call.reserve.lease_tokens, LEASE_TOKENS),
-                    now_ms=self._clock(),
+                    asked=call.reserve.lease_tokens,
+                    now_ms=self._now(),
                 )
             return reply
         if which == "release":
@@ -563,10 +532,12 @@ class QuotaService:
             if release.lease_user and sender:
                 # The consumed tokens' records count now (they came with this call, or by
                 # sync before it): the lease holds them no longer.
-                self.book.shrink(
-                    _lease_id(sender, release.lease_user),
-                    release.lease_consumed + release.lease_returned,
-                    self._clock(),
+                take_back_at_home(
+                    self.book,
+                    entry_node_id=sender,
+                    user=release.lease_user,
+                    tokens=release.lease_consumed + release.lease_returned,
+                    now_ms=self._now(),
                 )
             return lpb.QuotaGrant()
         raise InvalidRequest("a quota call is a reserve or a release")
@@ -586,7 +557,7 @@ class QuotaService:
             classes=[TierClass.CLOUD],
             prompt_tokens=prompt_bound(request),
             max_tokens=request.sampling.max_tokens,
-            now_ms=self._clock(),
+            now_ms=self._now(),
         )
         self._persist()
         if grant.max_tokens is None or grant.max_tokens == request.sampling.max_tokens:
@@ -598,13 +569,11 @@ class QuotaService:
         self._persist()
 
 
-def _lease_id(entry_node_id: str, user: str) -> str:
-    return f"lease/{entry_node_id}/{user}"
-
-
-def _tokens(signed: lpb.SignedRecord) -> int:
-    record = lpb.UsageRecord.FromString(signed.record)
-    return int(record.prompt_tokens + record.completion_tokens)
+def _capped(request: InferenceRequest, max_tokens: int) -> InferenceRequest:
+    """The request, generating at most `max_tokens`."""
+    if max_tokens == request.sampling.max_tokens:
+        return request
+    return replace(request, sampling=replace(request.sampling, max_tokens=max_tokens))
 
 
 def replace_user(record: lpb.UsageRecord, user: str) -> lpb.UsageRecord:
