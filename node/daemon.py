@@ -204,10 +204,10 @@ async def _open_parts(config: NodeConfig, home: Home, stack: AsyncExitStack, clo
     owner_token = OwnerToken.issue(home)
     stack.callback(OwnerToken.clear, home, owner_token)
     stack.callback(home.clear_run_info, os.getpid())  # written once the node serves
-    trust = TrustStore.open(home, identity)
+    trust = TrustStore.open(home, identity, clock=clock)
     # Beyond loopback the HTTP API serves API keys only, so a bad users file stops here.
-    users = UsersAdmin.open(home, default_privacy=Privacy(config.privacy), trust=trust)
-    ledger = await LedgerStore.open(home.ledger_file, identity)
+    users = UsersAdmin.open(home, default_privacy=Privacy(config.privacy), trust=trust, clock=clock)
+    ledger = await LedgerStore.open(home.ledger_file, identity, clock=clock.now_ms)
     stack.push_async_callback(ledger.close)  # runs last: every answer has left its record
     backends: list[Backend] = []
     for model in config.models:
@@ -254,6 +254,7 @@ async def _open_parts(config: NodeConfig, home: Home, stack: AsyncExitStack, clo
         links=peering,
         cloud_plan=cloud_plan_quota(config.cloud_plan),
         holds_file=home.root / "quota-holds.json",
+        clock=clock,
     )
     await quota.start()
     stack.push_async_callback(quota.aclose)  # after the drain: every release is under way

@@ -549,7 +549,7 @@ class Node:
             store=self.ledger,
             links=self.directory,
             cloud_plan=self.spec.cloud_plan,
-            clock=self.clock.now_ms,
+            clock=self.clock,
             holds_file=self.home / "quota-holds.json",
         )
         await self.quota.start()

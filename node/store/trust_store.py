@@ -23,7 +23,7 @@ from typing import Any
 
 from google.protobuf.message import DecodeError
 
-from mesh.clock import now_ms
+from mesh.clock import SYSTEM, Clock
 from mesh.errors import IdentityError, InviteError, MeshError, NotAMember, PermissionDenied
 from mesh.trust.enckeys import KeyPair, KeyRing, hybrid_available
 from mesh.trust.identity import Identity, node_id_from_public_key, parse_node_id
@@ -48,7 +48,8 @@ logger = logging.getLogger(__name__)
 
 
 class TrustStore:
-    def __init__(self, home: Home, identity: Identity) -> None:
+    def __init__(self, home: Home, identity: Identity, *, clock: Clock = SYSTEM) -> None:
+        self.clock = clock
         self.home = home
         self.identity = identity
         self.dir = home.mesh_dir
@@ -65,7 +66,7 @@ class TrustStore:
             mesh_public_key=lambda: self.mesh_public_key,
             revoked=lambda: self.revoked,
             # Nothing issued before this start: the seen-IDs window did not survive it.
-            replay=ReplayGuard(not_before_ms=now_ms()),
+            replay=ReplayGuard(not_before_ms=clock.now_ms()),
         )
 
     # --- views -------------------------------------------------------------------------------
@@ -102,9 +103,11 @@ class TrustStore:
     # --- loading -----------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, home: Home, identity: Identity, *, now: int | None = None) -> TrustStore:
-        store = cls(home, identity)
-        store._load(now_ms() if now is None else now)
+    def open(
+        cls, home: Home, identity: Identity, *, now: int | None = None, clock: Clock = SYSTEM
+    ) -> TrustStore:
+        store = cls(home, identity, clock=clock)
+        store._load(clock.now_ms() if now is None else now)
         return store
 
     def _path(self, name: str) -> Path:

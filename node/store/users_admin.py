@@ -28,7 +28,7 @@ from typing import Any
 
 from google.protobuf.message import DecodeError
 
-from mesh.clock import now_ms
+from mesh.clock import SYSTEM, Clock
 from mesh.config import is_loopback_host
 from mesh.errors import ConfigError, MeshError, PermissionDenied
 from mesh.quota.rules import UNLIMITED, Quota
@@ -75,8 +75,15 @@ def save_users(path: Path, book: UserBook) -> None:
 
 class UsersAdmin:
     def __init__(
-        self, path: Path, book: UserBook, *, default_privacy: Privacy, trust: TrustStore
+        self,
+        path: Path,
+        book: UserBook,
+        *,
+        default_privacy: Privacy,
+        trust: TrustStore,
+        clock: Clock = SYSTEM,
     ) -> None:
+        self._clock = clock
         self._path = path
         self._book = book
         self._default_privacy = default_privacy
@@ -85,12 +92,14 @@ class UsersAdmin:
         self._changing = asyncio.Lock()  # one change at a time, each on the last one's book
 
     @classmethod
-    def open(cls, home: Home, *, default_privacy: Privacy, trust: TrustStore) -> UsersAdmin:
+    def open(
+        cls, home: Home, *, default_privacy: Privacy, trust: TrustStore, clock: Clock = SYSTEM
+    ) -> UsersAdmin:
         """Load HOME/users.json (a missing file is no users; one that cannot be read as a
         whole is a ConfigError; a bad entry is set aside, named, and the file kept)."""
-        book = load_users(home.users_file, now_ms=now_ms())
+        book = load_users(home.users_file, now_ms=clock.now_ms())
         if book.set_aside:
-            kept = home.users_file.with_name(f"{home.users_file.name}.bad-{now_ms()}")
+            kept = home.users_file.with_name(f"{home.users_file.name}.bad-{clock.now_ms()}")
             shutil.copy2(home.users_file, kept)
             kept.chmod(0o600)
             for where, why in book.set_aside:
@@ -102,7 +111,9 @@ class UsersAdmin:
                     why,
                     kept,
                 )
-        admin = cls(home.users_file, book, default_privacy=default_privacy, trust=trust)
+        admin = cls(
+            home.users_file, book, default_privacy=default_privacy, trust=trust, clock=clock
+        )
         admin._sign_own()
         return admin
 
@@ -209,7 +220,7 @@ class UsersAdmin:
         changed. Entries that do not check out are skipped (and logged)."""
         entries = list(listed.users) if isinstance(listed, lpb.UserList) else listed
         certs = list(listed.signer_certs) if isinstance(listed, lpb.UserList) else []
-        now = now_ms()
+        now = self._clock.now_ms()
         incoming = []
         for entry in entries[:MAX_USERS]:
             try:
@@ -261,7 +272,7 @@ class UsersAdmin:
         record, key = staged.add(
             name,
             privacy or self._default_privacy,
-            now_ms=now_ms(),
+            now_ms=self._clock.now_ms(),
             quota=quota,
             home_node_id=self._node_id,
         )
@@ -292,7 +303,9 @@ class UsersAdmin:
             changes["quota"] = quota
         self._may_change_here(name)
         staged = self._book.copy()
-        record = self._signed(staged.update(validate_name(name), now_ms=now_ms(), **changes))
+        record = self._signed(
+            staged.update(validate_name(name), now_ms=self._clock.now_ms(), **changes)
+        )
         staged.replace_record(record)
         await self._save_soon(staged)
         logger.info(
@@ -310,7 +323,7 @@ class UsersAdmin:
     async def _remove(self, name: str) -> dict[str, Any]:
         self._may_change_here(name)
         staged = self._book.copy()
-        record = staged.remove(validate_name(name), now_ms=now_ms())
+        record = staged.remove(validate_name(name), now_ms=self._clock.now_ms())
         tombstone = staged.get_entry(record.name)
         staged.replace_record(self._signed(tombstone))
         await self._save_soon(staged)
