@@ -438,7 +438,7 @@ class Dispatcher:
         delivered: Delivered,
     ) -> Finished:
         """Leave the answer's record in the ledger. Served here: this node signs a record
-        (and countersigns it too when the request came in here). Served by a peer: its
+        (the ledger countersigns it too when the request came in here). Served by a peer: its
         record is checked against what this node saw itself (the request it sent, the
         text it `delivered`, mesh.ledger.bounds) and countersigned, or kept with a signed
         refusal when it claims more than that can be; the answer then reports what this
@@ -459,9 +459,7 @@ class Dispatcher:
                     started_at_ms=started_ms,
                     ended_at_ms=int(time.time() * 1000),
                 )
-            )
-            if arrival.entry_node_id == self._node_id:
-                await ledger.countersign(signed)
+            )  # countersigned in its commit when the request came in here
             return dataclasses.replace(finished, usage_record=signed.SerializeToString())
 
         def judge(record: lpb.UsageRecord) -> str:
@@ -526,8 +524,7 @@ class Dispatcher:
                     partial=True,
                     served_by="" if served_by.route is Route.LOCAL else served_by.node_id,
                 )
-            )
-            await ledger.countersign(signed)
+            )  # countersigned in its commit: this node is the entry node
         except MeshError as exc:
             logger.error("could not record a partial answer: %s", exc.message)
             return None

@@ -10,7 +10,15 @@ Durability: WAL with `synchronous=FULL`, and `append` returns only after the COM
 holds its record. Appends that arrive together share one transaction (group commit), so
 thousands of durable appends a second cost one fsync per batch, not per record; after a
 crash (kill -9) every acknowledged record is there and the chain continues from the
-last one committed.
+last one committed. A record made for a request this node let in itself is countersigned
+in that same commit.
+
+A peer's record for a request this node let in (`accept`) is checked and judged at once,
+and kept with this node's receipt just after: the answer does not wait for that commit
+(its record is durable at the node that signed it). Such keeps share a transaction too,
+`flush` waits for them and `close` makes them durable before the store closes; a crash
+in between loses the receipt, never the record, which its signer still holds and sync
+brings back. A refusal is kept before `accept` returns.
 
 A chain's head is also kept outside the chain, so that deleting its newest records
 shows (`mesh.ledger.records.verify` reads them as `Mark`s): each receipt notes where the record
@@ -168,6 +176,8 @@ INSERT_RECORD = (
     "VALUES (?, ?, ?, ?, ?, ?, ?)"
 )
 MAX_BATCH = 4096
+KEEP_RETRY_S = 1.0  # an accepted record whose keep failed is tried again after this
+CLOSE_FLUSH_S = 10.0  # the most `close` waits for queued records to commit
 SQL_PARAMETERS = 500  # values bound per IN (...) query, under SQLite's bound
 
 
@@ -194,6 +204,13 @@ class LedgerStore:
         self._closed = False
         self._clock = clock
         self._pending: list[tuple[Usage, asyncio.Future[lpb.SignedRecord]]] = []
+        # Peers' records accepted (checked and judged) whose keep has not committed yet,
+        # and `flush` callers waiting for what was queued before them.
+        self._accepted: list[Checked] = []
+        self._flushes: list[asyncio.Future[None]] = []
+        # Hashes of accepted records quotas were told of before their keep committed: not
+        # told again when they are kept (by their keep, or first by a sync).
+        self._told_early: set[bytes] = set()
         self._wake = asyncio.Event()
         # One connection: one transaction at a time, so a rollback only undoes its own.
         self._transaction = asyncio.Lock()
@@ -259,12 +276,27 @@ class LedgerStore:
     async def close(self) -> None:
         self._closed = True
         self._own_ready.set()  # an append waiting for its chain gets the closed error
+        # What was queued before the close is made durable first (accepted records'
+        # receipts, appends under way), unless the database itself keeps failing.
+        if not self._committer.done():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(CLOSE_FLUSH_S):
+                    await self.flush()
+        if self._accepted:
+            logger.error(
+                "the ledger closed with %d accepted usage records not kept (their signers "
+                "hold them; their receipts are lost)",
+                len(self._accepted),
+            )
         self._committer.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._committer
         for _, future in self._pending:
             if not future.done():
                 future.set_exception(LedgerError("the ledger was closed"))
+        for waiter in self._flushes:
+            if not waiter.done():
+                waiter.set_result(None)
         await self._reader.close()
         await self._db.close()
 
@@ -282,20 +314,50 @@ class LedgerStore:
         self._wake.set()
         return await future
 
+    async def flush(self) -> None:
+        """Return once everything queued before this call is committed (accepted records
+        with their receipts, appends), or could not be (then it stays queued)."""
+        if not self._pending and not self._accepted:
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._flushes.append(waiter)
+        self._wake.set()
+        await waiter
+
     async def _commit_loop(self) -> None:
+        failed = False
         while True:
-            await self._wake.wait()
+            if failed:  # a keep that failed is tried again a little later, or when woken
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(KEEP_RETRY_S):
+                        await self._wake.wait()
+            else:
+                await self._wake.wait()
             self._wake.clear()
-            while self._pending:
+            # One pass: everything queued now; then those who flushed before it are told.
+            flushes, self._flushes = self._flushes, []
+            while self._pending:  # appends first: their answers wait for them
                 batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
                 async with self._transaction:
                     await self._commit(batch)
+            accepted, self._accepted = self._accepted, []
+            failed = False
+            for start in range(0, len(accepted), MAX_BATCH):
+                if not await self._keep_accepted(accepted[start : start + MAX_BATCH]):
+                    self._accepted[:0] = accepted[start:]
+                    failed = True
+                    break
+            for waiter in flushes:
+                if not waiter.done():
+                    waiter.set_result(None)
 
     async def _commit(self, batch: list[tuple[Usage, asyncio.Future[lpb.SignedRecord]]]) -> None:
         writer_state = (self._writer.last_seq, self._writer.last_hash)
+        me = self._identity.node_id
         made: dict[tuple[str, int], lpb.SignedRecord] = {}
         results: list[lpb.SignedRecord] = []
         rows = []
+        receipts: dict[bytes, lpb.Receipt] = {}
         try:
             made.update(await self._existing([usage.request_id for usage, _ in batch]))
             for usage, _ in batch:
@@ -307,7 +369,7 @@ class LedgerStore:
                     made[key] = existing
                     rows.append(
                         (
-                            self._identity.node_id,
+                            me,
                             self._writer.last_seq,  # the writer's state is the new record's
                             usage.request_id,
                             kind,
@@ -316,8 +378,12 @@ class LedgerStore:
                             self._writer.last_hash,
                         )
                     )
+                if usage.entry_node_id == me:  # let in here: this node is its entry node too
+                    receipt = countersign(self._identity, existing)
+                    receipts.setdefault(receipt.record_hash, receipt)
                 results.append(existing)
             await self._db.executemany(INSERT_RECORD, rows)
+            await self._insert_receipts(list(receipts.values()))
             await self._db.commit()
         except Exception as exc:
             with contextlib.suppress(sqlite3.Error):
@@ -347,6 +413,15 @@ class LedgerStore:
                 raise
 
     def _tell(self, new: list[bytes]) -> None:
+        if self._told_early and new:
+            fresh = []
+            for data in new:
+                digest = record_hash_of(data)
+                if digest in self._told_early:
+                    self._told_early.discard(digest)  # told when it was accepted
+                else:
+                    fresh.append(data)
+            new = fresh
         if new:
             self.on_records([lpb.UsageRecord.FromString(data) for data in new])
 
@@ -367,11 +442,10 @@ class LedgerStore:
             chunk = unique[start : start + SQL_PARAMETERS]
             marks = ",".join("?" * len(chunk))  # placeholders only: the values are bound
             query = f"SELECT request_id, kind, record, signature FROM records WHERE node_id = ? AND request_id IN ({marks})"  # noqa: E501, S608
-            async with self._db.execute(query, (self._identity.node_id, *chunk)) as cursor:
-                for row in await cursor.fetchall():
-                    found[(str(row[0]), int(row[1]))] = lpb.SignedRecord(
-                        record=bytes(row[2]), signature=bytes(row[3])
-                    )
+            for row in await self._db.execute_fetchall(query, (self._identity.node_id, *chunk)):
+                found[(str(row[0]), int(row[1]))] = lpb.SignedRecord(
+                    record=bytes(row[2]), signature=bytes(row[3])
+                )
         return found
 
     # --- reading --------------------------------------------------------------------------------
@@ -391,7 +465,7 @@ class LedgerStore:
 
     async def countersign(self, signed: lpb.SignedRecord) -> lpb.Receipt:
         """This node, as the entry node, countersigns a record it holds and keeps the
-        receipt."""
+        receipt (`append` already did for the records it makes for requests let in here)."""
         receipt = countersign(self._identity, signed)
         await self.add_receipt(receipt)
         return receipt
@@ -408,7 +482,11 @@ class LedgerStore:
         for that request, naming this node as entry node; then countersign it, unless
         `judge` says what is wrong with its counts: then the record is kept with this
         node's signed refusal instead, as proof (passed on like a receipt; it does not
-        count). Returns what is wrong with it, or "" when it was countersigned."""
+        count). Returns what is wrong with it, or "" when it is countersigned.
+
+        A countersigned record counts (`on_records`) at once; it is kept with its receipt
+        just after, without holding up the answer (see the module docstring: `flush`).
+        What its chain says of it then (a fork) is logged and kept as proof."""
         if not raw:
             return "the answer came without a usage record"
         try:
@@ -420,6 +498,8 @@ class LedgerStore:
             return "the usage record is for another node or request"
         if record.entry_node_id != self._identity.node_id:
             return "the usage record names another entry node"
+        if self._closed:
+            raise LedgerError("the ledger was closed")
         wrong = judge(record)
         item = Checked(
             node_id=record.node_id,
@@ -432,20 +512,43 @@ class LedgerStore:
             signature=signed.signature,
             entry_node_id=record.entry_node_id,
         )
+        if not wrong:
+            self._told_early.add(item.digest)
+            self.on_records([record])
+            self._accepted.append(item)
+            self._wake.set()
+            return ""
+        # A refusal is rare (a box claiming more than it can have served): kept now.
         result = Ingested()
+        refusal = refuse(self._identity, signed, wrong)
         async with self._write():
             await self._keep_chain(record.node_id, [item], result)
-            if wrong:
-                refusal = refuse(self._identity, signed, wrong)
-                proof = CheckedReceipt(
-                    item.digest, self._identity.node_id, refusal.SerializeToString()
-                )
-                await self._insert_refusals([proof])
-            else:
-                receipt = countersign(self._identity, signed)
-                await self._insert_receipts([receipt])
-        self._tell([] if wrong else result.new)
-        return "; ".join(([f"implausible: {wrong}"] if wrong else []) + result.problems)
+            proof = CheckedReceipt(item.digest, self._identity.node_id, refusal.SerializeToString())
+            await self._insert_refusals([proof])
+        return "; ".join([f"implausible: {wrong}", *result.problems])
+
+    async def _keep_accepted(self, items: list[Checked]) -> bool:
+        """Keep accepted records with this node's receipts, in one transaction; False
+        (and nothing kept) when it failed."""
+        result = Ingested()
+        by_node: dict[str, list[Checked]] = {}
+        for item in items:
+            by_node.setdefault(item.node_id, []).append(item)
+        receipts = [
+            countersign(self._identity, lpb.SignedRecord(record=item.record)) for item in items
+        ]
+        try:
+            async with self._write():
+                for node_id, its in by_node.items():
+                    await self._keep_chain(node_id, its, result)
+                await self._insert_receipts(receipts)
+        except Exception as exc:  # the database failed: tried again later, and at close
+            logger.error("could not keep %d accepted usage records: %s", len(items), exc)
+            return False
+        self._told_early.difference_update(item.digest for item in items)
+        for problem in result.problems:
+            logger.warning("a usage record this node accepted: %s", problem)
+        return True
 
     async def add_receipt(self, receipt: lpb.Receipt) -> None:
         async with self._write():
@@ -482,8 +585,8 @@ class LedgerStore:
         (not those its triggers changed)."""
         if not rows:
             return 0
-        async with self._db.executemany(sql, rows) as cursor:
-            return max(cursor.rowcount, 0)
+        cursor = await self._db.executemany(sql, rows)  # not closed: one thread hop, not two
+        return max(cursor.rowcount, 0)
 
     async def receipts(self) -> list[lpb.Receipt]:
         async with self._db.execute("SELECT receipt FROM receipts") as cursor:
@@ -889,11 +992,10 @@ class LedgerStore:
 
     async def _held(self, node_id: str, low: int, high: int) -> dict[int, Held]:
         """This node's records of `node_id` from low-1 to high+1 (inclusive)."""
-        async with self._db.execute(
+        rows = await self._db.execute_fetchall(
             "SELECT seq, hash, record FROM records WHERE node_id = ? AND seq BETWEEN ? AND ?",
             (node_id, min(low, high) - 1, max(low, high) + 1),
-        ) as cursor:
-            rows = await cursor.fetchall()
+        )
         return {
             int(seq): Held(bytes(digest), lpb.UsageRecord.FromString(bytes(record)).prev_hash)
             for seq, digest, record in rows
