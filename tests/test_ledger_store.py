@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from mesh.errors import ConfigError
+from mesh.errors import ConfigError, LedgerError
 from mesh.ledger.records import Usage, countersign, open_record, record_hash, verify
 from mesh.ledger.sync import check_batch
 from mesh.trust.identity import Identity, load_or_create_identity
@@ -261,3 +261,33 @@ async def test_an_accepted_record_that_also_arrives_by_sync_counts_once(
         assert counted == [1]
         assert len(await store.records()) == 1
         assert len(await store.receipts()) == 1
+
+
+async def test_a_batch_that_cannot_commit_fails_its_appends_and_the_chain_goes_on(
+    tmp_path: Path,
+) -> None:
+    """A failed transaction is rolled back whole, and the next record continues the
+    chain after the last one committed."""
+    path = tmp_path / "ledger.db"
+    me = Identity.generate()
+    async with await LedgerStore.open(path, me) as store:
+        first = await store.append(_usage(1, entry=me))
+    bad = _usage(2).request_id  # hex digits: nothing to quote
+    with sqlite3.connect(path) as db:  # the disk refuses one record (a fault injected)
+        db.execute(
+            "CREATE TRIGGER refuse BEFORE INSERT ON records "
+            f"WHEN new.request_id = '{bad}' BEGIN SELECT RAISE(ABORT, 'injected fault'); END"
+        )
+    db.close()
+    async with await LedgerStore.open(path, me) as store:
+        failed = await asyncio.gather(
+            store.append(_usage(2, entry=me)),
+            store.append(_usage(3, entry=me)),  # in the same batch: it fails with it
+            return_exceptions=True,
+        )
+        assert all(isinstance(f, LedgerError) for f in failed), failed
+        after = await store.append(_usage(4, entry=me))
+        assert (open_record(after).seq, open_record(after).prev_hash) == (2, record_hash(first))
+    records, receipts = read_ledger(path)
+    assert [open_record(r).seq for r in records] == [1, 2]
+    assert verify(records, receipts).ok
