@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import sqlite3
@@ -86,7 +87,6 @@ from mesh.wire.v1 import ledger_pb2 as lpb
 
 logger = logging.getLogger(__name__)
 
-_A = TypeVar("_A")
 _R = TypeVar("_R")
 
 SCHEMA = """
@@ -363,7 +363,9 @@ class LedgerStore:
     async def _commit(self, batch: list[tuple[Usage, asyncio.Future[lpb.SignedRecord]]]) -> None:
         writer_state = (self._writer.last_seq, self._writer.last_hash)
         try:
-            results, new = await self._on_db_thread(self._append_batch, [u for u, _ in batch])
+            results, new = await self._commit_on_db_thread(
+                functools.partial(self._append_batch, batch=[usage for usage, _ in batch])
+            )
         except Exception as exc:
             self._writer.last_seq, self._writer.last_hash = writer_state
             for _, future in batch:
@@ -383,7 +385,7 @@ class LedgerStore:
         ones it made already for a request, and kind, are returned as they are), with its
         receipts of those it let in itself. Returns them, and the new records' bytes."""
         me = self._identity.node_id
-        made = _existing_records(db, me, sorted({usage.request_id for usage in batch}))
+        made = _db_existing_records(db, me, sorted({usage.request_id for usage in batch}))
         results: list[lpb.SignedRecord] = []
         rows = []
         receipts: dict[bytes, tuple[bytes, str, bytes, bytes]] = {}
@@ -414,25 +416,30 @@ class LedgerStore:
         db.executemany(INSERT_RECEIPT, list(receipts.values()))
         return results, [row[4] for row in rows]
 
-    async def _on_db_thread(self, work: Callable[[sqlite3.Connection, _A], _R], argument: _A) -> _R:
-        """`work(connection, argument)` as one transaction on the writer connection's own
-        thread (aiosqlite's): committed, or rolled back if it raises. One thread hop for a
-        whole transaction instead of one per statement: under load each hop costs a
-        context switch and an event-loop turn (~0.1-0.3 ms on a busy 2-core box)."""
+    async def _on_db_thread(self, work: Callable[[sqlite3.Connection], _R]) -> _R:
+        """`work(connection)` on the writer connection's own thread (aiosqlite's), in one
+        thread hop however many statements it runs: under load each hop costs a context
+        switch and an event-loop turn (~0.1-0.3 ms on a busy 2-core box). Inside a
+        `_write` transaction, or see `_commit_on_db_thread`."""
+        db: sqlite3.Connection = self._db._conn
+        # aiosqlite runs every call through this one method (its public calls are
+        # one-statement wrappers around it); the ledger tests exercise it throughout.
+        return await self._db._execute(work, db)  # type: ignore[no-untyped-call, no-any-return]
 
-        def transaction() -> _R:
-            db: sqlite3.Connection = self._db._conn
+    async def _commit_on_db_thread(self, work: Callable[[sqlite3.Connection], _R]) -> _R:
+        """`work(connection)` as one transaction in one thread hop: committed, or rolled
+        back if it raises."""
+
+        def transaction(db: sqlite3.Connection) -> _R:
             try:
-                result = work(db, argument)
+                result = work(db)
                 db.commit()
             except BaseException:
                 db.rollback()
                 raise
             return result
 
-        # aiosqlite runs every call through this one method (its public calls are
-        # one-statement wrappers around it); tests/test_ledger_store.py exercises it.
-        return await self._db._execute(transaction)  # type: ignore[no-untyped-call, no-any-return]
+        return await self._on_db_thread(transaction)
 
     @contextlib.asynccontextmanager
     async def _write(self) -> AsyncIterator[None]:
@@ -555,14 +562,18 @@ class LedgerStore:
         by_node: dict[str, list[Checked]] = {}
         for item in items:
             by_node.setdefault(item.node_id, []).append(item)
-        receipts = [
-            countersign(self._identity, lpb.SignedRecord(record=item.record)) for item in items
-        ]
+        receipts = _receipt_rows(
+            [countersign(self._identity, lpb.SignedRecord(record=item.record)) for item in items]
+        )
+
+        def keep(db: sqlite3.Connection) -> None:
+            for node_id, its in by_node.items():
+                _db_keep_chain(db, node_id, its, result)
+            _db_changed(db, INSERT_RECEIPT, receipts)
+
         try:
-            async with self._write():
-                for node_id, its in by_node.items():
-                    await self._keep_chain(node_id, its, result)
-                await self._insert_receipts(receipts)
+            async with self._transaction:
+                await self._commit_on_db_thread(keep)
         except Exception as exc:  # the database failed: tried again later, and at close
             logger.error("could not keep %d accepted usage records: %s", len(items), exc)
             return False
@@ -578,16 +589,7 @@ class LedgerStore:
     async def _insert_receipts(self, receipts: Sequence[lpb.Receipt | CheckedReceipt]) -> int:
         """Inside a transaction: keep receipts of records held here (each once), noting
         where each record sits; returns how many were new."""
-        rows = [
-            (
-                r.record_hash,
-                r.entry_node_id,
-                r.receipt if isinstance(r, CheckedReceipt) else r.SerializeToString(),
-                r.record_hash,
-            )
-            for r in receipts
-        ]
-        return await self._changed(INSERT_RECEIPT, rows)
+        return await self._changed(INSERT_RECEIPT, _receipt_rows(receipts))
 
     async def _insert_refusals(self, refusals: Sequence[CheckedReceipt]) -> int:
         """Inside a transaction: keep refusals of records held here (each once)."""
@@ -999,62 +1001,21 @@ class LedgerStore:
         return changed
 
     async def _keep_chain(self, node_id: str, items: list[Checked], result: Ingested) -> None:
-        """Inside a transaction: one node's verified records, kept where they fit its
-        chain; the ones that conflict with it kept apart as fork proof."""
-        seqs = [item.seq for item in items]
-        plan = plan_chain(await self._held(node_id, min(seqs), max(seqs)), items)
-        result.problems += plan.problems
-        result.records += await self._insert_records(plan.accept, result)
-        result.forks += await self._insert_forks(plan.conflicts)
+        """Inside a transaction: one node's verified records, kept where they fit its chain;
+        the ones that conflict with it kept apart as fork proof (`_db_keep_chain`)."""
+        await self._on_db_thread(
+            functools.partial(_db_keep_chain, node_id=node_id, items=items, result=result)
+        )
 
     async def _held(self, node_id: str, low: int, high: int) -> dict[int, Held]:
-        """This node's records of `node_id` from low-1 to high+1 (inclusive)."""
-        rows = await self._db.execute_fetchall(
-            "SELECT seq, hash, record FROM records WHERE node_id = ? AND seq BETWEEN ? AND ?",
-            (node_id, min(low, high) - 1, max(low, high) + 1),
+        """The records held of `node_id` from low-1 to high+1 (inclusive)."""
+        return await self._on_db_thread(
+            functools.partial(_db_held, node_id=node_id, low=low, high=high)
         )
-        return {
-            int(seq): Held(bytes(digest), lpb.UsageRecord.FromString(bytes(record)).prev_hash)
-            for seq, digest, record in rows
-        }
-
-    async def _insert_records(self, items: list[Checked], result: Ingested) -> int:
-        if not items:
-            return 0
-        added = await self._changed(
-            INSERT_RECORD.replace("INSERT", "INSERT OR IGNORE", 1),
-            [
-                (i.node_id, i.seq, i.request_id, i.kind, i.record, i.signature, i.digest)
-                for i in items
-            ],
-        )
-        kept = items
-        if added != len(items):
-            # A record for a request (and kind) this node already holds under another
-            # sequence number: its node signed the same request twice. Proof, kept apart.
-            kept = []
-            for item in items:
-                async with self._db.execute(
-                    "SELECT hash FROM records WHERE node_id = ? AND seq = ?",
-                    (item.node_id, item.seq),
-                ) as cursor:
-                    row = await cursor.fetchone()
-                if row is not None and bytes(row[0]) == item.digest:
-                    kept.append(item)
-                else:
-                    result.forks += await self._insert_forks([item])
-                    result.problems.append(
-                        f"node {item.node_id[:7]} signed request {item.request_id[:12]} twice"
-                    )
-        result.new += [item.record for item in kept]
-        return added
 
     async def _insert_forks(self, items: list[Checked]) -> int:
-        return await self._changed(
-            "INSERT OR IGNORE INTO forks (node_id, seq, record, signature, hash) "
-            "VALUES (?, ?, ?, ?, ?)",
-            [(i.node_id, i.seq, i.record, i.signature, i.digest) for i in items],
-        )
+        """Inside a transaction: keep these records apart, as fork proof."""
+        return await self._on_db_thread(functools.partial(_db_insert_forks, items=items))
 
     async def _follow_own_chain(self) -> None:
         """Records of this node's own that a peer gave back (a node restored without its
@@ -1076,7 +1037,91 @@ class LedgerStore:
         return [lpb.SignedRecord(record=bytes(r[0]), signature=bytes(r[1])) for r in rows]
 
 
-def _existing_records(
+# --- on the writer connection's thread (LedgerStore._on_db_thread), inside a transaction ---
+
+
+def _db_changed(db: sqlite3.Connection, sql: str, rows: Sequence[tuple[object, ...]]) -> int:
+    """`sql` over each of `rows`; the rows it changed itself (not its triggers')."""
+    if not rows:
+        return 0
+    return max(db.executemany(sql, rows).rowcount, 0)
+
+
+def _receipt_rows(receipts: Sequence[lpb.Receipt | CheckedReceipt]) -> list[tuple[object, ...]]:
+    """INSERT_RECEIPT's parameters for these receipts."""
+    return [
+        (
+            r.record_hash,
+            r.entry_node_id,
+            r.receipt if isinstance(r, CheckedReceipt) else r.SerializeToString(),
+            r.record_hash,
+        )
+        for r in receipts
+    ]
+
+
+def _db_keep_chain(
+    db: sqlite3.Connection, node_id: str, items: list[Checked], result: Ingested
+) -> None:
+    """One node's verified records, kept where they fit its chain; the ones that conflict
+    with it kept apart as fork proof (what `plan_chain` decides)."""
+    seqs = [item.seq for item in items]
+    plan = plan_chain(_db_held(db, node_id, min(seqs), max(seqs)), items)
+    result.problems += plan.problems
+    result.records += _db_insert_records(db, plan.accept, result)
+    result.forks += _db_insert_forks(db, plan.conflicts)
+
+
+def _db_held(db: sqlite3.Connection, node_id: str, low: int, high: int) -> dict[int, Held]:
+    """The records held of `node_id` from low-1 to high+1 (inclusive)."""
+    rows = db.execute(
+        "SELECT seq, hash, record FROM records WHERE node_id = ? AND seq BETWEEN ? AND ?",
+        (node_id, min(low, high) - 1, max(low, high) + 1),
+    )
+    return {
+        int(seq): Held(bytes(digest), lpb.UsageRecord.FromString(bytes(record)).prev_hash)
+        for seq, digest, record in rows
+    }
+
+
+def _db_insert_records(db: sqlite3.Connection, items: list[Checked], result: Ingested) -> int:
+    if not items:
+        return 0
+    added = _db_changed(
+        db,
+        INSERT_RECORD.replace("INSERT", "INSERT OR IGNORE", 1),
+        [(i.node_id, i.seq, i.request_id, i.kind, i.record, i.signature, i.digest) for i in items],
+    )
+    kept = items
+    if added != len(items):
+        # A record for a request (and kind) this node already holds under another
+        # sequence number: its node signed the same request twice. Proof, kept apart.
+        kept = []
+        for item in items:
+            row = db.execute(
+                "SELECT hash FROM records WHERE node_id = ? AND seq = ?", (item.node_id, item.seq)
+            ).fetchone()
+            if row is not None and bytes(row[0]) == item.digest:
+                kept.append(item)
+            else:
+                result.forks += _db_insert_forks(db, [item])
+                result.problems.append(
+                    f"node {item.node_id[:7]} signed request {item.request_id[:12]} twice"
+                )
+    result.new += [item.record for item in kept]
+    return added
+
+
+def _db_insert_forks(db: sqlite3.Connection, items: list[Checked]) -> int:
+    return _db_changed(
+        db,
+        "INSERT OR IGNORE INTO forks (node_id, seq, record, signature, hash) "
+        "VALUES (?, ?, ?, ?, ?)",
+        [(i.node_id, i.seq, i.record, i.signature, i.digest) for i in items],
+    )
+
+
+def _db_existing_records(
     db: sqlite3.Connection, node_id: str, request_ids: list[str]
 ) -> dict[tuple[str, int], lpb.SignedRecord]:
     """The records `node_id` made already for these requests, by (request, kind)."""
