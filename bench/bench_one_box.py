@@ -12,11 +12,13 @@ Prints decode tokens/s (from the 256-token runs) and time to first token per
 path, the ratios against (a), and the node's resident memory at idle with the
 model loaded. Time to first token is measured on its own, many times, with a
 prompt no engine has seen before (a numbered variant per call), so no path
-profits from llama.cpp's prompt-prefix cache.
+profits from llama.cpp's prompt-prefix cache; every path gets each of the prompts
+equally often (until this was so, (b) always got two of them, (c) the other two,
+and prompt length moves the time to first token by milliseconds).
 Targets (issue "One box"): (b), (c) >= 0.97x the tokens/s of (a) and at most
 +5 ms median time to first token.
 
-    python bench/bench_one_box.py [--rounds 5]
+    python bench/bench_one_box.py [--rounds 5] [--ttft-samples 64]
 """
 
 from __future__ import annotations
@@ -226,11 +228,14 @@ async def main(rounds: int, ttft_samples: int) -> None:
                 # engine ran last has warm threads and caches (~5 ms here). So every call
                 # alternates engines: a, b, a, c, a, b, ... Each (a) follows the node and each
                 # (b)/(c) follows (a): all equally cold, as a node is after idle time.
+                # Every path gets every prompt equally often: the prompts are 10 to 19
+                # tokens, and each token is milliseconds of prompt evaluation.
                 ttft = [Path_(p.name) for p in paths]
                 for index in range(ttft_samples):
                     base = PROMPTS[index % len(PROMPTS)]
                     await one(0, f"Note {index}: {base}", ttft, 1)
-                    await one(1 + index % 2, f"Item {index}: {base}", ttft, 1)
+                    node_path = 1 + (index // len(PROMPTS)) % 2  # (b) a whole cycle, then (c)
+                    await one(node_path, f"Item {index}: {base}", ttft, 1)
                 for path, first in zip(paths, ttft, strict=True):
                     path.ttft_s = first.ttft_s
             rss_after = psutil.Process(node.proc.pid).memory_info().rss  # type: ignore[union-attr]
@@ -243,6 +248,6 @@ async def main(rounds: int, ttft_samples: int) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--ttft-samples", type=int, default=60)
+    parser.add_argument("--ttft-samples", type=int, default=64)
     args = parser.parse_args()
     asyncio.run(main(args.rounds, args.ttft_samples))

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from mesh.errors import ConfigError
+from mesh.errors import ConfigError, LedgerError
 from mesh.ledger.records import Usage, countersign, open_record, record_hash, verify
 from mesh.ledger.sync import check_batch
 from mesh.trust.identity import Identity
+from mesh.wire.v1 import ledger_pb2 as lpb
 from node.store.identity_key import load_or_create_identity
 from node.store.ledger_store import LedgerStore, read_ledger
 
@@ -169,9 +170,8 @@ async def test_a_chain_whose_newest_records_were_deleted_goes_on_after_them(
     path = tmp_path / "ledger.db"
     me = Identity.generate()
     async with await LedgerStore.open(path, me) as store:
+        # Served and let in here: each is countersigned in its own commit.
         made = [await store.append(_usage(i, entry=me)) for i in range(5)]
-        for record in made:
-            await store.countersign(record)  # served and let in here
     with sqlite3.connect(path) as db:
         db.execute("DELETE FROM records WHERE seq > 3")
         db.execute("DELETE FROM receipts" if left == "the store's mark" else "DELETE FROM marks")
@@ -198,3 +198,97 @@ async def test_a_failure_at_run_time_is_a_ledger_error_not_a_config_error(tmp_pa
     with pytest.raises(LedgerError) as info:
         await store.append(_usage(1))
     assert info.value.code == "ledger_error"
+
+
+async def test_a_record_for_a_request_let_in_here_is_countersigned_in_its_own_commit(
+    tmp_path: Path,
+) -> None:
+    """The entry node's receipt of a record it made itself commits with the record: no
+    second transaction on the answer's path, and no moment where one is held without the
+    other."""
+    me = Identity.generate()
+    async with await LedgerStore.open(tmp_path / "ledger.db", me) as store:
+        here = await store.append(_usage(1, entry=me))
+        await store.append(_usage(2))  # let in by another node: the receipt is that node's
+        assert await store.append(_usage(1, entry=me)) == here  # recorded once
+        assert store.commits == 3
+    records, receipts = read_ledger(tmp_path / "ledger.db")
+    assert [r.record_hash for r in receipts] == [record_hash(here)]
+    assert verify(records[:1], receipts).ok
+
+
+async def _served_elsewhere(path: Path, entry: Identity, count: int) -> list[tuple[str, bytes]]:
+    """`count` records another node signed for requests `entry` let in."""
+    async with await LedgerStore.open(path, Identity.generate()) as server:
+        made = [await server.append(_usage(i, entry=entry)) for i in range(count)]
+    return [(open_record(r).node_id, r.SerializeToString()) for r in made]
+
+
+async def test_an_accepted_record_counts_at_once_and_close_keeps_it_with_its_receipt(
+    tmp_path: Path,
+) -> None:
+    """The entry node's commit of a peer's record and its receipt is off the answer's
+    path: the record counts as soon as `accept` returns, and `close` makes whatever is
+    still queued durable."""
+    me = Identity.generate()
+    made = await _served_elsewhere(tmp_path / "server.db", me, 3)
+    store = await LedgerStore.open(tmp_path / "entry.db", me)
+    counted: list[int] = []
+    store.on_records = lambda records: counted.extend(r.seq for r in records)
+    for i, (server, raw) in enumerate(made):
+        assert await store.accept(raw, served_by=server, request_id=_usage(i).request_id) == ""
+    assert counted == [1, 2, 3]
+    await store.close()  # no flush before: the close keeps them
+    records, receipts = read_ledger(tmp_path / "entry.db")
+    assert [open_record(r).seq for r in records] == [1, 2, 3]
+    assert verify(records, receipts).ok
+
+
+@pytest.mark.parametrize("first", ["its keep", "a sync"])
+async def test_an_accepted_record_that_also_arrives_by_sync_counts_once(
+    tmp_path: Path, first: str
+) -> None:
+    me = Identity.generate()
+    [(server, raw)] = await _served_elsewhere(tmp_path / "server.db", me, 1)
+    signed = lpb.SignedRecord.FromString(raw)
+    async with await LedgerStore.open(tmp_path / "entry.db", me) as store:
+        counted: list[int] = []
+        store.on_records = lambda records: counted.extend(r.seq for r in records)
+        assert await store.accept(raw, served_by=server, request_id=_usage(0).request_id) == ""
+        if first == "its keep":
+            await store.flush()
+        await store.ingest(check_batch([(signed.record, signed.signature)], []))
+        await store.flush()
+        assert counted == [1]
+        assert len(await store.records()) == 1
+        assert len(await store.receipts()) == 1
+
+
+async def test_a_batch_that_cannot_commit_fails_its_appends_and_the_chain_goes_on(
+    tmp_path: Path,
+) -> None:
+    """A failed transaction is rolled back whole, and the next record continues the
+    chain after the last one committed."""
+    path = tmp_path / "ledger.db"
+    me = Identity.generate()
+    async with await LedgerStore.open(path, me) as store:
+        first = await store.append(_usage(1, entry=me))
+    bad = _usage(2).request_id  # hex digits: nothing to quote
+    with sqlite3.connect(path) as db:  # the disk refuses one record (a fault injected)
+        db.execute(
+            "CREATE TRIGGER refuse BEFORE INSERT ON records "
+            f"WHEN new.request_id = '{bad}' BEGIN SELECT RAISE(ABORT, 'injected fault'); END"
+        )
+    db.close()
+    async with await LedgerStore.open(path, me) as store:
+        failed = await asyncio.gather(
+            store.append(_usage(2, entry=me)),
+            store.append(_usage(3, entry=me)),  # in the same batch: it fails with it
+            return_exceptions=True,
+        )
+        assert all(isinstance(f, LedgerError) for f in failed), failed
+        after = await store.append(_usage(4, entry=me))
+        assert (open_record(after).seq, open_record(after).prev_hash) == (2, record_hash(first))
+    records, receipts = read_ledger(path)
+    assert [open_record(r).seq for r in records] == [1, 2]
+    assert verify(records, receipts).ok

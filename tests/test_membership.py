@@ -123,6 +123,20 @@ def test_revoked_cert_is_not_a_member() -> None:
         _verify(CERT, revoked=frozenset({other, NODE.node_id}))
 
 
+def test_a_checked_certificate_is_remembered_by_its_signature_only() -> None:
+    """Every sealed request carries its sender's certificate, so its signature is checked
+    once; the signature is part of what is remembered, and the rest is checked each time."""
+    assert _verify(CERT)
+    with pytest.raises(BadSignature, match="forged"):
+        _verify(tpb.SignedCert(cert=CERT.cert, signature=bytes(64)))
+    with pytest.raises(NotAMember, match="revoked"):
+        _verify(CERT, revoked=frozenset({NODE.node_id}))
+    with pytest.raises(NotAMember, match="expired"):
+        _verify(CERT, now_ms=NOW + TTL)
+    with pytest.raises(NotAMember, match="not to this mesh"):
+        _verify(CERT, mesh_public_key=OTHER_AUTHORITY.public_key)
+
+
 def test_forged_cert_claiming_our_mesh_key_is_a_bad_signature() -> None:
     forger = Identity.generate()
     forged = _signed_cert(_cert_body(), forger)  # names our mesh key, signed by another key

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import unittest.mock
 
 import pytest
 from hypothesis import given, settings
@@ -10,6 +11,8 @@ from hypothesis import strategies as st
 
 from mesh.errors import InvalidRequest
 from mesh.inference import Load, ModelInfo, Route
+from mesh.routing import peer_index
+from mesh.routing.peer_index import ModelColumns
 from mesh.routing.peers import (
     DOWN_AFTER_MS,
     SUSPECT_AFTER_MS,
@@ -163,3 +166,29 @@ def test_the_index_picks_what_a_full_plan_picks(n: int, seed: int) -> None:
                 next(c for c in everyone if c.node_id == best[0].node_id), new_tokens=50
             ).eta_ms
         )
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(min_value=1, max_value=32), st.integers(min_value=0, max_value=2**32))
+def test_a_few_peers_are_ranked_as_the_vector_path_ranks_them(n: int, seed: int) -> None:
+    """Small tables take a plain loop (numpy's fixed cost is more than a loop's there);
+    it ranks exactly like the vector operations it stands in for."""
+    rng = random.Random(seed)
+    columns = ModelColumns()
+    for i in range(n):
+        columns.upsert(
+            f"n{i}",
+            rtt=rng.random() * 10,
+            busy=rng.randint(0, 3),
+            slots=rng.randint(1, 3),
+            service=rng.choice([0.0, 50.0, 400.0]),
+            tps=rng.choice([0.0, 20.0, 80.0]),
+            ctx=rng.choice([0, 64, 4096]),
+            available=rng.random() < 0.8,
+        )
+    for k, needed in ((1, 50), (3, 100), (n, 0)):
+        loop = columns.best(k=k, new_tokens=50, needed_context=needed)
+        with unittest.mock.patch.object(peer_index, "SMALL_TABLE", 0):
+            vector = columns.best(k=k, new_tokens=50, needed_context=needed)
+        assert sorted(loop) == sorted(vector)
+        assert loop == sorted(loop, key=vector.index)  # same order, ties aside

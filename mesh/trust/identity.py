@@ -104,7 +104,7 @@ class Identity:
     def generate(cls) -> Identity:
         return cls(Ed25519PrivateKey.generate())
 
-    @property
+    @functools.cached_property  # derived from the private key anew each time otherwise
     def public_key_raw(self) -> bytes:
         return self.private_key.public_key().public_bytes(
             serialization.Encoding.Raw, serialization.PublicFormat.Raw

@@ -15,6 +15,7 @@ envelope signature (cross-protocol replay).
 from __future__ import annotations
 
 import enum
+import functools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -32,6 +33,9 @@ MAX_REVOKED = 10_000
 DAY_MS = 24 * 3600 * 1000
 MEMBER_CERT_TTL_MS = 365 * DAY_MS
 ADMIN_CERT_TTL_MS = 10 * 365 * DAY_MS
+# Certificates whose signature was checked, remembered: every sealed request carries its
+# sender's, and a member sends the same one thousands of times.
+CHECKED_CERTS = 1024
 
 
 class Role(enum.StrEnum):
@@ -153,8 +157,16 @@ def read_cert(signed: tpb.SignedCert) -> tuple[tpb.MembershipCert, bool]:
         raise BadSignature("membership certificate does not parse") from exc
     if len(cert.mesh_public_key) != 32 or len(cert.identity_public_key) != 32:
         raise BadSignature("membership certificate has malformed keys")
-    valid = verify_signature(cert.mesh_public_key, signed.signature, CERT_CONTEXT + signed.cert)
+    valid = _cert_signature_valid(cert.mesh_public_key, signed.signature, signed.cert)
     return cert, valid
+
+
+@functools.lru_cache(maxsize=CHECKED_CERTS)
+def _cert_signature_valid(mesh_public_key: bytes, signature: bytes, cert: bytes) -> bool:
+    """Whether the mesh key signed these exact certificate bytes: a fact about bytes that
+    never changes, so it is worked out once per certificate (the mesh, the expiry and the
+    revocations are checked at every use)."""
+    return verify_signature(mesh_public_key, signature, CERT_CONTEXT + cert)
 
 
 def verify_cert(

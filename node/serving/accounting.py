@@ -52,8 +52,9 @@ class Accountant:
         arrival: Arrival,
         started_ms: int,
     ) -> Finished:
-        """Sign the record of an answer this node's backend made (and countersign it when
-        the request came in here); the answer carries it to whoever let the request in."""
+        """Sign the record of an answer this node's backend made (the store countersigns it
+        in the same commit when the request came in here); the answer carries it to whoever
+        let the request in."""
         ledger = self._ledger
         if ledger is None:
             return finished
@@ -70,8 +71,8 @@ class Accountant:
                 ended_at_ms=self._clock.now_ms(),
             )
         )
-        if arrival.entry_node_id == self._node_id:
-            await ledger.countersign(signed)
+        # Countersigned in its own commit when the request came in here (the store sees
+        # its own node as the entry node).
         return dataclasses.replace(finished, usage_record=signed.SerializeToString())
 
     async def served_by_peer(
@@ -148,8 +149,7 @@ class Accountant:
                     partial=True,
                     served_by="" if served_by.route is Route.LOCAL else served_by.node_id,
                 )
-            )
-            await ledger.countersign(signed)
+            )  # countersigned in its commit: this node is the entry node
         except MeshError as exc:
             logger.error("could not record a partial answer: %s", exc.message)
             return None

@@ -10,7 +10,15 @@ Durability: WAL with `synchronous=FULL`, and `append` returns only after the COM
 holds its record. Appends that arrive together share one transaction (group commit), so
 thousands of durable appends a second cost one fsync per batch, not per record; after a
 crash (kill -9) every acknowledged record is there and the chain continues from the
-last one committed.
+last one committed. A record made for a request this node let in itself is countersigned
+in that same commit.
+
+A peer's record for a request this node let in (`accept`) is checked and judged at once,
+and kept with this node's receipt just after: the answer does not wait for that commit
+(its record is durable at the node that signed it). Such keeps share a transaction too,
+`flush` waits for them and `close` makes them durable before the store closes; a crash
+in between loses the receipt, never the record, which its signer still holds and sync
+brings back. A refusal is kept before `accept` returns.
 
 A chain's head is also kept outside the chain, so that deleting its newest records
 shows (`mesh.ledger.records.verify` reads them as `Mark`s): each receipt notes where the record
@@ -28,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import sqlite3
@@ -36,6 +45,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import TypeVar
 
 import aiosqlite
 from google.protobuf.message import DecodeError
@@ -77,6 +87,8 @@ from mesh.wire.v1 import ledger_pb2 as lpb
 from node.tasks import Tasks
 
 logger = logging.getLogger(__name__)
+
+_R = TypeVar("_R")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
@@ -168,7 +180,14 @@ INSERT_RECORD = (
     "INSERT INTO records (node_id, seq, request_id, kind, record, signature, hash) "
     "VALUES (?, ?, ?, ?, ?, ?, ?)"
 )
+# A receipt of a record held, noting where that record sits.
+INSERT_RECEIPT = (
+    "INSERT OR IGNORE INTO receipts (hash, entry_node_id, receipt, node_id, seq) "
+    "SELECT ?, ?, ?, node_id, seq FROM records WHERE hash = ? LIMIT 1"
+)
 MAX_BATCH = 4096
+KEEP_RETRY_S = 1.0  # an accepted record whose keep failed is tried again after this
+CLOSE_FLUSH_S = 10.0  # the most `close` waits for queued records to commit
 SQL_PARAMETERS = 500  # values bound per IN (...) query, under SQLite's bound
 
 
@@ -195,6 +214,13 @@ class LedgerStore:
         self._closed = False
         self._clock = clock
         self._pending: list[tuple[Usage, asyncio.Future[lpb.SignedRecord]]] = []
+        # Peers' records accepted (checked and judged) whose keep has not committed yet,
+        # and `flush` callers waiting for what was queued before them.
+        self._accepted: list[Checked] = []
+        self._flushes: list[asyncio.Future[None]] = []
+        # Hashes of accepted records quotas were told of before their keep committed: not
+        # told again when they are kept (by their keep, or first by a sync).
+        self._told_early: set[bytes] = set()
         self._wake = asyncio.Event()
         # One connection: one transaction at a time, so a rollback only undoes its own.
         self._transaction = asyncio.Lock()
@@ -261,10 +287,25 @@ class LedgerStore:
     async def close(self) -> None:
         self._closed = True
         self._own_ready.set()  # an append waiting for its chain gets the closed error
+        # What was queued before the close is made durable first (accepted records'
+        # receipts, appends under way), unless the database itself keeps failing.
+        if len(self._tasks):  # the committer still runs
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(CLOSE_FLUSH_S):
+                    await self.flush()
+        if self._accepted:
+            logger.error(
+                "the ledger closed with %d accepted usage records not kept (their signers "
+                "hold them; their receipts are lost)",
+                len(self._accepted),
+            )
         await self._tasks.aclose()
         for _, future in self._pending:
             if not future.done():
                 future.set_exception(LedgerError("the ledger was closed"))
+        for waiter in self._flushes:
+            if not waiter.done():
+                waiter.set_result(None)
         await self._reader.close()
         await self._db.close()
 
@@ -282,56 +323,123 @@ class LedgerStore:
         self._wake.set()
         return await future
 
+    async def flush(self) -> None:
+        """Return once everything queued before this call is committed (accepted records
+        with their receipts, appends), or could not be (then it stays queued)."""
+        if not self._pending and not self._accepted:
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._flushes.append(waiter)
+        self._wake.set()
+        await waiter
+
     async def _commit_loop(self) -> None:
+        failed = False
         while True:
-            await self._wake.wait()
+            if failed:  # a keep that failed is tried again a little later, or when woken
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(KEEP_RETRY_S):
+                        await self._wake.wait()
+            else:
+                await self._wake.wait()
             self._wake.clear()
-            while self._pending:
+            # One pass: everything queued now; then those who flushed before it are told.
+            flushes, self._flushes = self._flushes, []
+            while self._pending:  # appends first: their answers wait for them
                 batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
                 async with self._transaction:
                     await self._commit(batch)
+            accepted, self._accepted = self._accepted, []
+            failed = False
+            for start in range(0, len(accepted), MAX_BATCH):
+                if not await self._keep_accepted(accepted[start : start + MAX_BATCH]):
+                    self._accepted[:0] = accepted[start:]
+                    failed = True
+                    break
+            for waiter in flushes:
+                if not waiter.done():
+                    waiter.set_result(None)
 
     async def _commit(self, batch: list[tuple[Usage, asyncio.Future[lpb.SignedRecord]]]) -> None:
         writer_state = (self._writer.last_seq, self._writer.last_hash)
-        made: dict[tuple[str, int], lpb.SignedRecord] = {}
-        results: list[lpb.SignedRecord] = []
-        rows = []
         try:
-            made.update(await self._existing([usage.request_id for usage, _ in batch]))
-            for usage, _ in batch:
-                kind = lpb.RECORD_KIND_PARTIAL if usage.partial else lpb.RECORD_KIND_COMPLETE
-                key = (usage.request_id, kind)
-                existing = made.get(key)
-                if existing is None:
-                    existing = self._writer.append(usage)
-                    made[key] = existing
-                    rows.append(
-                        (
-                            self._identity.node_id,
-                            self._writer.last_seq,  # the writer's state is the new record's
-                            usage.request_id,
-                            kind,
-                            existing.record,
-                            existing.signature,
-                            self._writer.last_hash,
-                        )
-                    )
-                results.append(existing)
-            await self._db.executemany(INSERT_RECORD, rows)
-            await self._db.commit()
+            results, new = await self._commit_on_db_thread(
+                functools.partial(self._append_batch, batch=[usage for usage, _ in batch])
+            )
         except Exception as exc:
-            with contextlib.suppress(sqlite3.Error):
-                await self._db.rollback()
             self._writer.last_seq, self._writer.last_hash = writer_state
             for _, future in batch:
                 if not future.done():
                     future.set_exception(LedgerError(f"the ledger could not commit: {exc}"))
             return
         self.commits += 1
-        self._tell([row[4] for row in rows])
+        self._tell(new)
         for (_, future), signed in zip(batch, results, strict=True):
             if not future.done():
                 future.set_result(signed)
+
+    def _append_batch(
+        self, db: sqlite3.Connection, batch: list[Usage]
+    ) -> tuple[list[lpb.SignedRecord], list[bytes]]:
+        """On the database's thread, one transaction: this node's records for `batch` (the
+        ones it made already for a request, and kind, are returned as they are), with its
+        receipts of those it let in itself. Returns them, and the new records' bytes."""
+        me = self._identity.node_id
+        made = _db_existing_records(db, me, sorted({usage.request_id for usage in batch}))
+        results: list[lpb.SignedRecord] = []
+        rows = []
+        receipts: dict[bytes, tuple[bytes, str, bytes, bytes]] = {}
+        for usage in batch:
+            kind = lpb.RECORD_KIND_PARTIAL if usage.partial else lpb.RECORD_KIND_COMPLETE
+            key = (usage.request_id, kind)
+            existing = made.get(key)
+            if existing is None:
+                existing = self._writer.append(usage)
+                made[key] = existing
+                rows.append(
+                    (
+                        me,
+                        self._writer.last_seq,  # the writer's state is the new record's
+                        usage.request_id,
+                        kind,
+                        existing.record,
+                        existing.signature,
+                        self._writer.last_hash,
+                    )
+                )
+            if usage.entry_node_id == me:  # let in here: this node is its entry node too
+                receipt = countersign(self._identity, existing)
+                digest = receipt.record_hash
+                receipts[digest] = (digest, me, receipt.SerializeToString(), digest)
+            results.append(existing)
+        db.executemany(INSERT_RECORD, rows)
+        db.executemany(INSERT_RECEIPT, list(receipts.values()))
+        return results, [row[4] for row in rows]
+
+    async def _on_db_thread(self, work: Callable[[sqlite3.Connection], _R]) -> _R:
+        """`work(connection)` on the writer connection's own thread (aiosqlite's), in one
+        thread hop however many statements it runs: under load each hop costs a context
+        switch and an event-loop turn (~0.1-0.3 ms on a busy 2-core box). Inside a
+        `_write` transaction, or see `_commit_on_db_thread`."""
+        db: sqlite3.Connection = self._db._conn
+        # aiosqlite runs every call through this one method (its public calls are
+        # one-statement wrappers around it); the ledger tests exercise it throughout.
+        return await self._db._execute(work, db)  # type: ignore[no-untyped-call, no-any-return]
+
+    async def _commit_on_db_thread(self, work: Callable[[sqlite3.Connection], _R]) -> _R:
+        """`work(connection)` as one transaction in one thread hop: committed, or rolled
+        back if it raises."""
+
+        def transaction(db: sqlite3.Connection) -> _R:
+            try:
+                result = work(db)
+                db.commit()
+            except BaseException:
+                db.rollback()
+                raise
+            return result
+
+        return await self._on_db_thread(transaction)
 
     @contextlib.asynccontextmanager
     async def _write(self) -> AsyncIterator[None]:
@@ -347,6 +455,15 @@ class LedgerStore:
                 raise
 
     def _tell(self, new: list[bytes]) -> None:
+        if self._told_early and new:
+            fresh = []
+            for data in new:
+                digest = record_hash_of(data)
+                if digest in self._told_early:
+                    self._told_early.discard(digest)  # told when it was accepted
+                else:
+                    fresh.append(data)
+            new = fresh
         if new:
             self.on_records([lpb.UsageRecord.FromString(data) for data in new])
 
@@ -358,21 +475,6 @@ class LedgerStore:
         ) as cursor:
             rows = await cursor.fetchall()
         return [lpb.UsageRecord.FromString(bytes(r[0])) for r in rows]
-
-    async def _existing(self, request_ids: list[str]) -> dict[tuple[str, int], lpb.SignedRecord]:
-        """Records this node already made for these requests (one query per batch)."""
-        found: dict[tuple[str, int], lpb.SignedRecord] = {}
-        unique = sorted(set(request_ids))
-        for start in range(0, len(unique), SQL_PARAMETERS):
-            chunk = unique[start : start + SQL_PARAMETERS]
-            marks = ",".join("?" * len(chunk))  # placeholders only: the values are bound
-            query = f"SELECT request_id, kind, record, signature FROM records WHERE node_id = ? AND request_id IN ({marks})"  # noqa: E501, S608
-            async with self._db.execute(query, (self._identity.node_id, *chunk)) as cursor:
-                for row in await cursor.fetchall():
-                    found[(str(row[0]), int(row[1]))] = lpb.SignedRecord(
-                        record=bytes(row[2]), signature=bytes(row[3])
-                    )
-        return found
 
     # --- reading --------------------------------------------------------------------------------
 
@@ -391,7 +493,7 @@ class LedgerStore:
 
     async def countersign(self, signed: lpb.SignedRecord) -> lpb.Receipt:
         """This node, as the entry node, countersigns a record it holds and keeps the
-        receipt."""
+        receipt (`append` already did for the records it makes for requests let in here)."""
         receipt = countersign(self._identity, signed)
         await self.add_receipt(receipt)
         return receipt
@@ -408,7 +510,11 @@ class LedgerStore:
         for that request, naming this node as entry node; then countersign it, unless
         `judge` says what is wrong with its counts: then the record is kept with this
         node's signed refusal instead, as proof (passed on like a receipt; it does not
-        count). Returns what is wrong with it, or "" when it was countersigned."""
+        count). Returns what is wrong with it, or "" when it is countersigned.
+
+        A countersigned record counts (`on_records`) at once; it is kept with its receipt
+        just after, without holding up the answer (see the module docstring: `flush`).
+        What its chain says of it then (a fork) is logged and kept as proof."""
         if not raw:
             return "the answer came without a usage record"
         try:
@@ -420,6 +526,8 @@ class LedgerStore:
             return "the usage record is for another node or request"
         if record.entry_node_id != self._identity.node_id:
             return "the usage record names another entry node"
+        if self._closed:
+            raise LedgerError("the ledger was closed")
         wrong = judge(record)
         item = Checked(
             node_id=record.node_id,
@@ -432,20 +540,47 @@ class LedgerStore:
             signature=signed.signature,
             entry_node_id=record.entry_node_id,
         )
+        if not wrong:
+            self._told_early.add(item.digest)
+            self.on_records([record])
+            self._accepted.append(item)
+            self._wake.set()
+            return ""
+        # A refusal is rare (a box claiming more than it can have served): kept now.
         result = Ingested()
+        refusal = refuse(self._identity, signed, wrong)
         async with self._write():
             await self._keep_chain(record.node_id, [item], result)
-            if wrong:
-                refusal = refuse(self._identity, signed, wrong)
-                proof = CheckedReceipt(
-                    item.digest, self._identity.node_id, refusal.SerializeToString()
-                )
-                await self._insert_refusals([proof])
-            else:
-                receipt = countersign(self._identity, signed)
-                await self._insert_receipts([receipt])
-        self._tell([] if wrong else result.new)
-        return "; ".join(([f"implausible: {wrong}"] if wrong else []) + result.problems)
+            proof = CheckedReceipt(item.digest, self._identity.node_id, refusal.SerializeToString())
+            await self._insert_refusals([proof])
+        return "; ".join([f"implausible: {wrong}", *result.problems])
+
+    async def _keep_accepted(self, items: list[Checked]) -> bool:
+        """Keep accepted records with this node's receipts, in one transaction; False
+        (and nothing kept) when it failed."""
+        result = Ingested()
+        by_node: dict[str, list[Checked]] = {}
+        for item in items:
+            by_node.setdefault(item.node_id, []).append(item)
+        receipts = _receipt_rows(
+            [countersign(self._identity, lpb.SignedRecord(record=item.record)) for item in items]
+        )
+
+        def keep(db: sqlite3.Connection) -> None:
+            for node_id, its in by_node.items():
+                _db_keep_chain(db, node_id, its, result)
+            _db_changed(db, INSERT_RECEIPT, receipts)
+
+        try:
+            async with self._transaction:
+                await self._commit_on_db_thread(keep)
+        except Exception as exc:  # the database failed: tried again later, and at close
+            logger.error("could not keep %d accepted usage records: %s", len(items), exc)
+            return False
+        self._told_early.difference_update(item.digest for item in items)
+        for problem in result.problems:
+            logger.warning("a usage record this node accepted: %s", problem)
+        return True
 
     async def add_receipt(self, receipt: lpb.Receipt) -> None:
         async with self._write():
@@ -454,20 +589,7 @@ class LedgerStore:
     async def _insert_receipts(self, receipts: Sequence[lpb.Receipt | CheckedReceipt]) -> int:
         """Inside a transaction: keep receipts of records held here (each once), noting
         where each record sits; returns how many were new."""
-        rows = [
-            (
-                r.record_hash,
-                r.entry_node_id,
-                r.receipt if isinstance(r, CheckedReceipt) else r.SerializeToString(),
-                r.record_hash,
-            )
-            for r in receipts
-        ]
-        return await self._changed(
-            "INSERT OR IGNORE INTO receipts (hash, entry_node_id, receipt, node_id, seq) "
-            "SELECT ?, ?, ?, node_id, seq FROM records WHERE hash = ? LIMIT 1",
-            rows,
-        )
+        return await self._changed(INSERT_RECEIPT, _receipt_rows(receipts))
 
     async def _insert_refusals(self, refusals: Sequence[CheckedReceipt]) -> int:
         """Inside a transaction: keep refusals of records held here (each once)."""
@@ -482,8 +604,8 @@ class LedgerStore:
         (not those its triggers changed)."""
         if not rows:
             return 0
-        async with self._db.executemany(sql, rows) as cursor:
-            return max(cursor.rowcount, 0)
+        cursor = await self._db.executemany(sql, rows)  # not closed: one thread hop, not two
+        return max(cursor.rowcount, 0)
 
     async def receipts(self) -> list[lpb.Receipt]:
         async with self._db.execute("SELECT receipt FROM receipts") as cursor:
@@ -879,63 +1001,21 @@ class LedgerStore:
         return changed
 
     async def _keep_chain(self, node_id: str, items: list[Checked], result: Ingested) -> None:
-        """Inside a transaction: one node's verified records, kept where they fit its
-        chain; the ones that conflict with it kept apart as fork proof."""
-        seqs = [item.seq for item in items]
-        plan = plan_chain(await self._held(node_id, min(seqs), max(seqs)), items)
-        result.problems += plan.problems
-        result.records += await self._insert_records(plan.accept, result)
-        result.forks += await self._insert_forks(plan.conflicts)
+        """Inside a transaction: one node's verified records, kept where they fit its chain;
+        the ones that conflict with it kept apart as fork proof (`_db_keep_chain`)."""
+        await self._on_db_thread(
+            functools.partial(_db_keep_chain, node_id=node_id, items=items, result=result)
+        )
 
     async def _held(self, node_id: str, low: int, high: int) -> dict[int, Held]:
-        """This node's records of `node_id` from low-1 to high+1 (inclusive)."""
-        async with self._db.execute(
-            "SELECT seq, hash, record FROM records WHERE node_id = ? AND seq BETWEEN ? AND ?",
-            (node_id, min(low, high) - 1, max(low, high) + 1),
-        ) as cursor:
-            rows = await cursor.fetchall()
-        return {
-            int(seq): Held(bytes(digest), lpb.UsageRecord.FromString(bytes(record)).prev_hash)
-            for seq, digest, record in rows
-        }
-
-    async def _insert_records(self, items: list[Checked], result: Ingested) -> int:
-        if not items:
-            return 0
-        added = await self._changed(
-            INSERT_RECORD.replace("INSERT", "INSERT OR IGNORE", 1),
-            [
-                (i.node_id, i.seq, i.request_id, i.kind, i.record, i.signature, i.digest)
-                for i in items
-            ],
+        """The records held of `node_id` from low-1 to high+1 (inclusive)."""
+        return await self._on_db_thread(
+            functools.partial(_db_held, node_id=node_id, low=low, high=high)
         )
-        kept = items
-        if added != len(items):
-            # A record for a request (and kind) this node already holds under another
-            # sequence number: its node signed the same request twice. Proof, kept apart.
-            kept = []
-            for item in items:
-                async with self._db.execute(
-                    "SELECT hash FROM records WHERE node_id = ? AND seq = ?",
-                    (item.node_id, item.seq),
-                ) as cursor:
-                    row = await cursor.fetchone()
-                if row is not None and bytes(row[0]) == item.digest:
-                    kept.append(item)
-                else:
-                    result.forks += await self._insert_forks([item])
-                    result.problems.append(
-                        f"node {item.node_id[:7]} signed request {item.request_id[:12]} twice"
-                    )
-        result.new += [item.record for item in kept]
-        return added
 
     async def _insert_forks(self, items: list[Checked]) -> int:
-        return await self._changed(
-            "INSERT OR IGNORE INTO forks (node_id, seq, record, signature, hash) "
-            "VALUES (?, ?, ?, ?, ?)",
-            [(i.node_id, i.seq, i.record, i.signature, i.digest) for i in items],
-        )
+        """Inside a transaction: keep these records apart, as fork proof."""
+        return await self._on_db_thread(functools.partial(_db_insert_forks, items=items))
 
     async def _follow_own_chain(self) -> None:
         """Records of this node's own that a peer gave back (a node restored without its
@@ -955,6 +1035,106 @@ class LedgerStore:
         ) as cursor:
             rows = await cursor.fetchall()
         return [lpb.SignedRecord(record=bytes(r[0]), signature=bytes(r[1])) for r in rows]
+
+
+# --- on the writer connection's thread (LedgerStore._on_db_thread), inside a transaction ---
+
+
+def _db_changed(db: sqlite3.Connection, sql: str, rows: Sequence[tuple[object, ...]]) -> int:
+    """`sql` over each of `rows`; the rows it changed itself (not its triggers')."""
+    if not rows:
+        return 0
+    return max(db.executemany(sql, rows).rowcount, 0)
+
+
+def _receipt_rows(receipts: Sequence[lpb.Receipt | CheckedReceipt]) -> list[tuple[object, ...]]:
+    """INSERT_RECEIPT's parameters for these receipts."""
+    return [
+        (
+            r.record_hash,
+            r.entry_node_id,
+            r.receipt if isinstance(r, CheckedReceipt) else r.SerializeToString(),
+            r.record_hash,
+        )
+        for r in receipts
+    ]
+
+
+def _db_keep_chain(
+    db: sqlite3.Connection, node_id: str, items: list[Checked], result: Ingested
+) -> None:
+    """One node's verified records, kept where they fit its chain; the ones that conflict
+    with it kept apart as fork proof (what `plan_chain` decides)."""
+    seqs = [item.seq for item in items]
+    plan = plan_chain(_db_held(db, node_id, min(seqs), max(seqs)), items)
+    result.problems += plan.problems
+    result.records += _db_insert_records(db, plan.accept, result)
+    result.forks += _db_insert_forks(db, plan.conflicts)
+
+
+def _db_held(db: sqlite3.Connection, node_id: str, low: int, high: int) -> dict[int, Held]:
+    """The records held of `node_id` from low-1 to high+1 (inclusive)."""
+    rows = db.execute(
+        "SELECT seq, hash, record FROM records WHERE node_id = ? AND seq BETWEEN ? AND ?",
+        (node_id, min(low, high) - 1, max(low, high) + 1),
+    )
+    return {
+        int(seq): Held(bytes(digest), lpb.UsageRecord.FromString(bytes(record)).prev_hash)
+        for seq, digest, record in rows
+    }
+
+
+def _db_insert_records(db: sqlite3.Connection, items: list[Checked], result: Ingested) -> int:
+    if not items:
+        return 0
+    added = _db_changed(
+        db,
+        INSERT_RECORD.replace("INSERT", "INSERT OR IGNORE", 1),
+        [(i.node_id, i.seq, i.request_id, i.kind, i.record, i.signature, i.digest) for i in items],
+    )
+    kept = items
+    if added != len(items):
+        # A record for a request (and kind) this node already holds under another
+        # sequence number: its node signed the same request twice. Proof, kept apart.
+        kept = []
+        for item in items:
+            row = db.execute(
+                "SELECT hash FROM records WHERE node_id = ? AND seq = ?", (item.node_id, item.seq)
+            ).fetchone()
+            if row is not None and bytes(row[0]) == item.digest:
+                kept.append(item)
+            else:
+                result.forks += _db_insert_forks(db, [item])
+                result.problems.append(
+                    f"node {item.node_id[:7]} signed request {item.request_id[:12]} twice"
+                )
+    result.new += [item.record for item in kept]
+    return added
+
+
+def _db_insert_forks(db: sqlite3.Connection, items: list[Checked]) -> int:
+    return _db_changed(
+        db,
+        "INSERT OR IGNORE INTO forks (node_id, seq, record, signature, hash) "
+        "VALUES (?, ?, ?, ?, ?)",
+        [(i.node_id, i.seq, i.record, i.signature, i.digest) for i in items],
+    )
+
+
+def _db_existing_records(
+    db: sqlite3.Connection, node_id: str, request_ids: list[str]
+) -> dict[tuple[str, int], lpb.SignedRecord]:
+    """The records `node_id` made already for these requests, by (request, kind)."""
+    found: dict[tuple[str, int], lpb.SignedRecord] = {}
+    for start in range(0, len(request_ids), SQL_PARAMETERS):
+        chunk = request_ids[start : start + SQL_PARAMETERS]
+        marks = ",".join("?" * len(chunk))  # placeholders only: the values are bound
+        query = f"SELECT request_id, kind, record, signature FROM records WHERE node_id = ? AND request_id IN ({marks})"  # noqa: E501, S608
+        for row in db.execute(query, (node_id, *chunk)):
+            found[(str(row[0]), int(row[1]))] = lpb.SignedRecord(
+                record=bytes(row[2]), signature=bytes(row[3])
+            )
+    return found
 
 
 @dataclass

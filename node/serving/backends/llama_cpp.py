@@ -6,6 +6,12 @@ loop. Admission is a counter of slots (one running + `queue_size` waiting)
 checked synchronously in `open()`, so a full model answers `Overloaded` at once
 instead of making the caller wait.
 
+The prompt is rendered and tokenized (and checked against the context) before it
+runs: by the worker itself when the model is idle (one thread hop to the first
+token, not two), otherwise by an executor thread while the request waits, so a
+prompt that cannot fit is refused at once rather than after its turn. Either way
+such a refusal comes before the first token.
+
 The generation loop is ours (on top of `Llama.generate`) rather than
 `create_chat_completion`, because we need what that API does not give while
 streaming: exact prompt/completion token counts for the ledger, a cancellation
@@ -99,6 +105,7 @@ class _Job:
     cancel: threading.Event = field(default_factory=threading.Event)
     state: _State = _State.QUEUED
     counted_prompt_tokens: int = 0  # the prompt without a failover continuation
+    prepared: bool = True  # False: the worker renders and tokenizes the prompt first
 
     def emit(self, event: InferenceEvent | _Failure) -> None:
         """Called from the worker thread."""
@@ -296,8 +303,14 @@ class LlamaCppBackend:
                     f"(the limit is {self._slots}); retry shortly"
                 )
             # Hold the slot while the prompt is prepared, so concurrent admissions count it.
-            placeholder = _Job(request=request, prompt_tokens=[], max_new_tokens=0, loop=loop)
+            idle = busy == 0
+            placeholder = _Job(
+                request=request, prompt_tokens=[], max_new_tokens=0, loop=loop, prepared=not idle
+            )
             self._queued.append(placeholder)
+        if idle:  # the worker is free: it prepares the prompt itself (module docstring)
+            self._jobs.put(placeholder)
+            return LlamaStream(placeholder, self)
         try:
             prompt_tokens, max_new, counted = await loop.run_in_executor(
                 None, self._prepare, request
@@ -330,7 +343,7 @@ class LlamaCppBackend:
         self._remove_queued(job, cancelled=True)
 
     def _prepare(self, request: InferenceRequest) -> tuple[list[int], int, int]:
-        """Render and tokenize the prompt; check it fits. Runs on an executor thread
+        """Render and tokenize the prompt; check it fits. Runs on the worker or an executor thread
         (llama.cpp tokenization only reads the vocabulary, so it is safe beside decoding)."""
         llama = self._llama
         prompt_only = 0
@@ -405,6 +418,17 @@ class LlamaCppBackend:
                 self._queued.remove(job)
                 job.state = _State.RUNNING
                 self._running = job
+            if not job.prepared:
+                try:
+                    job.prompt_tokens, job.max_new_tokens, job.counted_prompt_tokens = (
+                        self._prepare(job.request)
+                    )
+                except MeshError as error:  # refused before its first token, as in open()
+                    with self._lock:
+                        self._running = None
+                        job.state = _State.DONE
+                    job.emit(_Failure(error))
+                    continue
             try:
                 finished = self._generate(job)
             except Exception as exc:
