@@ -2,8 +2,9 @@
 
 Components take what they need of a `Clock` (wall time in milliseconds for what other
 nodes see: certificates, envelopes, records; a monotonic clock for durations), so that
-tests can pass a fake one; `SYSTEM` is the real one, and `now_ms` reads it for code that
-is not given a clock yet (issue 13 item 4: injected everywhere is the next step).
+tests can pass a fake one; `SYSTEM` is the real one, handed out by the edges (the daemon,
+the CLI, the relay) to every component. Nothing else reads the time
+(tests/test_import_contract.py checks it).
 """
 
 from __future__ import annotations
@@ -29,7 +30,3 @@ class SystemClock:
 
 
 SYSTEM = SystemClock()
-
-
-def now_ms() -> int:
-    return SYSTEM.now_ms()

@@ -38,7 +38,7 @@ from typing import Any, TypeVar
 
 from google.protobuf.message import Message
 
-from mesh.clock import now_ms
+from mesh.clock import SYSTEM
 from mesh.errors import MeshError, Overloaded, RemoteProtocolError, Unavailable
 from mesh.inference import (
     ChatMessage,
@@ -674,7 +674,7 @@ class Mesh:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.net = Network()
-        self.clock = FakeClock(now_ms())
+        self.clock = FakeClock(SYSTEM.now_ms())
         self.nodes: dict[str, Node] = {}
 
     def __getitem__(self, name: str) -> Node:
@@ -694,7 +694,7 @@ class Mesh:
         return node
 
     async def join(self, node: Node, admin: Node, *, role: Role = Role.MEMBER) -> None:
-        now = now_ms()  # the trust layer's time: the system clock
+        now = SYSTEM.now_ms()  # the trust layer's time: the system clock
         code = admin.trust.create_invite(
             role=role, ttl_ms=600_000, addresses=[admin.address], now=now
         )

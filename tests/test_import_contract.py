@@ -311,3 +311,54 @@ def test_node_subpackages_are_layered() -> None:
         if wrong:
             upward[_module(path)] = wrong
     assert upward == {}, f"layers, lowest first: {' <- '.join(NODE_LAYERS)}"
+
+
+# The one clock (issue 13 item 4): mesh/clock.py reads the time; everything else is handed a
+# `Clock` (or `now_ms`). `loop.time()` is allowed: it is the clock the event loop's own
+# timers (`call_at`) run on, and only code scheduling such timers reads it.
+TIME_READERS = {
+    ("time", "time"),
+    ("time", "time_ns"),
+    ("time", "monotonic"),
+    ("time", "monotonic_ns"),
+    ("time", "perf_counter"),
+    ("time", "perf_counter_ns"),
+    ("datetime", "now"),
+    ("datetime", "utcnow"),
+    ("datetime", "today"),
+    ("date", "today"),
+}
+READS_THE_TIME = {"mesh.clock"}
+
+
+def _time_reads(path: Path) -> list[str]:
+    """`time.time`, `datetime.now`, ... used (called or handed on) in this file, and names
+    imported from `time` that read it."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name | ast.Attribute):
+            owner = node.value.id if isinstance(node.value, ast.Name) else node.value.attr
+            if (owner, node.attr) in TIME_READERS:
+                found.append(f"{owner}.{node.attr} (line {node.lineno})")
+        elif isinstance(node, ast.ImportFrom) and node.module == "time":
+            found += [
+                f"from time import {alias.name} (line {node.lineno})"
+                for alias in node.names
+                if ("time", alias.name) in TIME_READERS
+            ]
+    return found
+
+
+def test_one_clock_reads_the_time() -> None:
+    readers = {
+        _module(path): reads
+        for name in ("mesh", "node", "cloud_relay")
+        for path in _package(name)
+        if (reads := _time_reads(path)) and _module(path) not in READS_THE_TIME
+    }
+    assert readers == {}, "take a mesh.clock.Clock (SYSTEM at the edge) instead"
+
+
+def test_the_time_check_sees_reads() -> None:
+    assert _time_reads(ROOT / "mesh" / "clock.py")  # the one reader: the check sees it

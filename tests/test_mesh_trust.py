@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from mesh import PROTOCOL_VERSION
-from mesh.clock import now_ms
+from mesh.clock import SYSTEM
 from mesh.errors import (
     BadSignature,
     InvalidRequest,
@@ -230,7 +230,7 @@ async def _raw_call(
         identity=member.identity,
         sender_cert=member.cert,
         recipient=peer.keys,
-        now_ms=now_ms(),
+        now_ms=SYSTEM.now_ms(),
         offer_hybrid=member.keyring.hybrid,
     )
     request = pb.InferRequest(protocol_version=PROTOCOL_VERSION, sealed=sealed.envelope)

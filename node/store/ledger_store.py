@@ -50,7 +50,7 @@ from typing import TypeVar
 import aiosqlite
 from google.protobuf.message import DecodeError
 
-from mesh.clock import now_ms
+from mesh.clock import SYSTEM
 from mesh.errors import BadSignature, ConfigError, InvalidRequest, LedgerError
 from mesh.ledger.records import (
     GENESIS,
@@ -199,7 +199,7 @@ class LedgerStore:
         identity: Identity,
         writer: ChainWriter,
         *,
-        clock: Callable[[], int] = now_ms,
+        clock: Callable[[], int] = SYSTEM.now_ms,
     ):
         self._db = db
         # Answers to peers read here: WAL lets it read while the writer writes, and it
@@ -234,7 +234,7 @@ class LedgerStore:
 
     @classmethod
     async def open(
-        cls, path: Path, identity: Identity, *, clock: Callable[[], int] = now_ms
+        cls, path: Path, identity: Identity, *, clock: Callable[[], int] = SYSTEM.now_ms
     ) -> LedgerStore:
         _private_files(path)
         db: aiosqlite.Connection | None = None

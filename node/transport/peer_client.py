@@ -19,7 +19,6 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 
 from mesh import PROTOCOL_VERSION
-from mesh.clock import now_ms
 from mesh.errors import InviteError, MeshError, RemoteProtocolError, Unavailable
 from mesh.inference import Finished, InferenceEvent, InferenceRequest
 from mesh.trust.cards import PeerCard, open_card, verify_peer_card
@@ -154,7 +153,7 @@ class PeerClient:
         return verify_peer_card(
             signed,
             mesh_public_key=self._trust.mesh_public_key,
-            now_ms=now_ms(),
+            now_ms=self._trust.clock.now_ms(),
             revoked=self._trust.revoked,
         )
 
@@ -164,7 +163,7 @@ class PeerClient:
             identity=self._trust.identity,
             sender_cert=self._trust.cert,
             recipient=peer.keys,
-            now_ms=now_ms(),
+            now_ms=self._trust.clock.now_ms(),
             offer_hybrid=self._trust.keyring.hybrid,
         )
 
@@ -262,7 +261,7 @@ class PeerClient:
     async def ping(
         self, *, timeout_s: float = CONTROL_TIMEOUT_S, goodbye: Goodbye | None = None
     ) -> pb.PingResponse:
-        request = pb.PingRequest(nonce=os.urandom(8), sent_at_unix_ms=now_ms())
+        request = pb.PingRequest(nonce=os.urandom(8), sent_at_unix_ms=self._trust.clock.now_ms())
         if goodbye is not None:
             request.sent_at_unix_ms = goodbye.sent_at_ms
             request.leaving_node_id = goodbye.leaving_node_id
@@ -286,13 +285,13 @@ async def join_mesh(
 ) -> list[str]:
     """Redeem an invite at the inviter and adopt the certificate it returns.
     Returns the inviter's addresses: the first peer to talk to in the new mesh."""
-    invite = decode_invite(code, now_ms=now_ms())
+    invite = decode_invite(code, now_ms=trust.clock.now_ms())
     if invite.mesh_public_key == trust.mesh_public_key:
         raise InviteError("this node is already a member of that mesh")
     request = make_join_request(
         invite,
         trust.identity,
-        now_ms=now_ms(),
+        now_ms=trust.clock.now_ms(),
         display_name=display_name,
         addresses=addresses,
     )
@@ -304,6 +303,6 @@ async def join_mesh(
         except Unavailable as exc:
             errors.append(f"{address}: {exc.message}")
             continue
-        trust.adopt(response, mesh_public_key=invite.mesh_public_key, now=now_ms())
+        trust.adopt(response, mesh_public_key=invite.mesh_public_key, now=trust.clock.now_ms())
         return list(invite.inviter_addresses)
     raise Unavailable("could not reach the inviter: " + "; ".join(errors))
