@@ -20,7 +20,7 @@ import pytest
 from mesh.config import embedded_model_path
 from mesh.ledger.records import open_record, record_hash, verify
 from mesh.wire.v1 import ledger_pb2 as lpb
-from tests.members import models_config, read_ledger
+from tests.members import models_config, read_ledger, read_ledger_holding
 from tests.nodeproc import NodeProcess, run_cli
 
 MODEL_FILE = embedded_model_path()
@@ -337,7 +337,7 @@ def test_every_answer_leaves_a_signed_countersigned_record_with_the_apis_counts(
         answers[model] = (headers["x-allerac-node"], body["usage"], body["id"].split("-", 1)[1])
     assert answers["c-only"][0] == c.node_id
     assert answers["smollm2-135m-instruct"][0] == a.node_id
-    records, receipts = read_ledger(a.home)
+    records, receipts = read_ledger_holding(a.home, answers["c-only"][2])
     by_request = {open_record(r).request_id: open_record(r) for r in records}
     served_by_c = by_request[answers["c-only"][2]]  # the answer's id names its request
     served_here = by_request[answers["smollm2-135m-instruct"][2]]
