@@ -39,10 +39,10 @@ from mesh.inference import InferenceRequest, Sampling  # noqa: E402
 from mesh.ledger.records import ChainWriter, Usage, open_record  # noqa: E402
 from mesh.quota.rules import parse_quota  # noqa: E402
 from mesh.routing.scheduler import Privacy  # noqa: E402
-from mesh.trust.identity import Identity  # noqa: E402
 from node.serving.quota_service import QuotaService  # noqa: E402
 from node.store.home import Home  # noqa: E402
 from node.store.users_admin import UsersAdmin  # noqa: E402
+from tests.members import new_trust  # noqa: E402
 from tests.nodeproc import NodeProcess, run_cli  # noqa: E402
 
 TARGET_MS = 0.5
@@ -50,16 +50,21 @@ TARGET_MS = 0.5
 
 def in_process(records: int, users: int, rounds: int) -> tuple[float, float]:
     """Median µs of admit + settle: (limited user, unlimited user)."""
-    me = Identity.generate()
     with tempfile.TemporaryDirectory() as tmp:
-        admin = UsersAdmin.open(Home(Path(tmp)), default_privacy=Privacy.MESH, node_id=me.node_id)
-        for i in range(users):
-            admin.add(
-                name=f"user{i}",
-                privacy=None,
-                quota=parse_quota("mesh=1G/day,cloud=10G/month,cloud=1G/day"),
-            )
-        admin.add(name="free", privacy=None)
+        trust = new_trust(Path(tmp))  # a mesh of one: its users' home is this node
+        me = trust.identity
+        admin = UsersAdmin.open(Home(Path(tmp)), default_privacy=Privacy.MESH, trust=trust)
+
+        async def add_users() -> None:
+            for i in range(users):
+                await admin.add(
+                    name=f"user{i}",
+                    privacy=None,
+                    quota=parse_quota("mesh=1G/day,cloud=10G/month,cloud=1G/day"),
+                )
+            await admin.add(name="free", privacy=None)
+
+        asyncio.run(add_users())
         service = QuotaService(node_id=me.node_id, users=admin, store=None)
         writer = ChainWriter(me)
         service.count(

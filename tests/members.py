@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import time
 import urllib.request
 from pathlib import Path
 
+from mesh.ledger.records import open_record
 from mesh.wire.v1 import ledger_pb2 as lpb
 from node.store.home import Home
 from node.store.identity_key import load_or_create_identity
@@ -56,3 +58,18 @@ def models_config(*names: str) -> str:
 def read_ledger(home: Path) -> tuple[list[lpb.SignedRecord], list[lpb.Receipt]]:
     """What a node's ledger holds, read-only (a running node is its only writer)."""
     return read_ledger_file(home / "ledger.db")
+
+
+def read_ledger_holding(
+    home: Path, request_id: str, timeout_s: float = 10.0
+) -> tuple[list[lpb.SignedRecord], list[lpb.Receipt]]:
+    """A node's ledger once it holds a record of `request_id`: an entry node keeps a peer's
+    record, with its receipt, just after the answer left (node/store/ledger_store.py)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        records, receipts = read_ledger(home)
+        if any(open_record(r).request_id == request_id for r in records):
+            return records, receipts
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{home.name} holds no record of request {request_id}")
+        time.sleep(0.01)

@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -292,3 +293,28 @@ async def test_a_batch_that_cannot_commit_fails_its_appends_and_the_chain_goes_o
     records, receipts = read_ledger(path)
     assert [open_record(r).seq for r in records] == [1, 2]
     assert verify(records, receipts).ok
+
+
+async def test_flush_waits_for_a_keep_already_under_way(tmp_path: Path) -> None:
+    """`flush` (and so `close`) returns only once what is being committed right now is
+    committed, not merely once nothing is left queued."""
+    me = Identity.generate()
+    [(server, raw)] = await _served_elsewhere(tmp_path / "server.db", me, 1)
+    async with await LedgerStore.open(tmp_path / "entry.db", me) as store:
+        entered, go_on = asyncio.Event(), asyncio.Event()
+        commit = store._commit_on_db_thread
+
+        async def slow_disk(work: Any) -> Any:  # the database is slow to take this keep
+            entered.set()
+            await go_on.wait()
+            return await commit(work)
+
+        store._commit_on_db_thread = slow_disk  # type: ignore[method-assign]
+        assert await store.accept(raw, served_by=server, request_id=_usage(0).request_id) == ""
+        async with asyncio.timeout(5):
+            await entered.wait()  # the commit loop took it: nothing is queued any more
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(store.flush(), 0.2)
+        go_on.set()
+        await store.flush()
+        assert len(await store.receipts()) == 1

@@ -22,7 +22,7 @@ import psutil
 import pytest
 
 from mesh.ledger.records import open_record, record_hash, verify
-from tests.members import models_config, read_ledger
+from tests.members import models_config, read_ledger, read_ledger_holding
 from tests.netns import LabNode, NetnsLab, netns_unavailable, wait_until
 from tests.nodeproc import RelayProcess
 
@@ -177,8 +177,8 @@ def test_office_a_reaches_office_b_through_the_relay_and_the_relay_reads_nothing
     if len(answer) >= 12:
         assert answer.encode() not in recording
     # b1 signed the record (route relay), a1 checked it against the answer and countersigned.
-    records, receipts = read_ledger(a1.home)
     request_id = body["id"].split("-", 1)[1]  # the answer's id names its request
+    records, receipts = read_ledger_holding(a1.home, request_id)
     [record] = [open_record(r) for r in records if open_record(r).request_id == request_id]
     assert record.node_id == b1.node_id
     assert (record.route, record.entry_node_id) == ("relay", a1.node_id)
@@ -353,8 +353,8 @@ def test_cloud_overflow_only_when_the_mesh_is_saturated_and_the_policy_allows(
         assert headers["x-allerac-node"] == cloud_node.node_id
         assert headers["x-allerac-route"] == "cloud"
         assert body["usage"]["completion_tokens"] > 0  # the upstream's own count
-        records, receipts = read_ledger(a1.home)
         request_id = body["id"].split("-", 1)[1]
+        records, receipts = read_ledger_holding(a1.home, request_id)
         cloud_records = [open_record(r) for r in records if open_record(r).request_id == request_id]
         assert [r.node_id for r in cloud_records] == [cloud_node.node_id]
         assert [r.route for r in cloud_records] == ["cloud"]

@@ -218,6 +218,7 @@ class LedgerStore:
         # and `flush` callers waiting for what was queued before them.
         self._accepted: list[Checked] = []
         self._flushes: list[asyncio.Future[None]] = []
+        self._committing = False  # a pass of the commit loop holds queued work
         # Hashes of accepted records quotas were told of before their keep committed: not
         # told again when they are kept (by their keep, or first by a sync).
         self._told_early: set[bytes] = set()
@@ -326,7 +327,7 @@ class LedgerStore:
     async def flush(self) -> None:
         """Return once everything queued before this call is committed (accepted records
         with their receipts, appends), or could not be (then it stays queued)."""
-        if not self._pending and not self._accepted:
+        if not self._pending and not self._accepted and not self._committing:
             return
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._flushes.append(waiter)
@@ -345,17 +346,22 @@ class LedgerStore:
             self._wake.clear()
             # One pass: everything queued now; then those who flushed before it are told.
             flushes, self._flushes = self._flushes, []
-            while self._pending:  # appends first: their answers wait for them
-                batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
-                async with self._transaction:
-                    await self._commit(batch)
-            accepted, self._accepted = self._accepted, []
-            failed = False
-            for start in range(0, len(accepted), MAX_BATCH):
-                if not await self._keep_accepted(accepted[start : start + MAX_BATCH]):
-                    self._accepted[:0] = accepted[start:]
-                    failed = True
-                    break
+            self._committing = True
+            try:
+                while self._pending:  # appends first: their answers wait for them
+                    batch = self._pending[:MAX_BATCH]
+                    self._pending = self._pending[MAX_BATCH:]
+                    async with self._transaction:
+                        await self._commit(batch)
+                accepted, self._accepted = self._accepted, []
+                failed = False
+                for start in range(0, len(accepted), MAX_BATCH):
+                    if not await self._keep_accepted(accepted[start : start + MAX_BATCH]):
+                        self._accepted[:0] = accepted[start:]
+                        failed = True
+                        break
+            finally:
+                self._committing = False
             for waiter in flushes:
                 if not waiter.done():
                     waiter.set_result(None)
