@@ -19,6 +19,7 @@ from mesh.quota.leases import RETRY_MS
 from mesh.quota.rules import parse_quota, prompt_bound
 from mesh.routing.scheduler import Privacy
 from mesh.trust.membership import Role
+from mesh.wire.v1 import ledger_pb2 as lpb
 from node.serving import quota_service
 from tests.harness import (
     MODEL,
@@ -105,6 +106,33 @@ async def test_several_entry_nodes_never_spend_more_than_the_quota(tmp_path: Pat
         [state] = a.quota_state("alice")
         assert state["reserved"] == 0
         assert state["used"] == used  # the home counts every entry node's records
+
+
+async def test_the_next_request_finds_the_last_ones_reservation_released(
+    tmp_path: Path,
+) -> None:
+    """A client that asks again the moment an answer ends is not refused for the
+    reservation its last request held: the entry node's release (sent while the answer
+    goes out) reaches the home before its next reserve. Here each release takes 0.3 s."""
+    async with mesh(tmp_path, {"a": box(), "b": box()}) as m:
+        a, b = m["a"], m["b"]
+        needs = prompt_bound(request("alice")) + 8
+        # Room for one request's reservation beside another's records, not for two
+        # reservations at once.
+        await a.add_user("alice", f"mesh={2 * needs - 6}/day")
+        await m.sync()
+        b.table.forget(a.node_id, "a box without the model, for this test")  # b serves it
+        call = b.quota._call
+
+        async def slow_releases(home: str, what: lpb.QuotaCall, user: str) -> lpb.QuotaGrant:
+            if what.WhichOneof("call") == "release":
+                await asyncio.sleep(0.3)
+            return await call(home, what, user)
+
+        b.quota._call = slow_releases  # type: ignore[method-assign]
+        first = await ask(b.entry, request("alice"))
+        second = await ask(b.entry, request("alice"))  # at once: the first's release is slow
+        assert first.finished.completion_tokens == second.finished.completion_tokens == 8
 
 
 async def test_a_client_that_hangs_up_gives_its_reservation_back(tmp_path: Path) -> None:

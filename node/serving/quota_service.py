@@ -131,6 +131,9 @@ class Admission:
     lease_no: int = 0  # which lease (mesh.quota.leases.Leased)
 
 
+TELL_WAIT_S = 2.0  # the longest a reserve waits for the same user's releases (`_told`)
+
+
 class QuotaService:
     def __init__(
         self,
@@ -152,6 +155,7 @@ class QuotaService:
         self.cloud_plan = cloud_plan
         self.plan_book = QuotaBook()
         self._settling: set[asyncio.Task[None]] = set()
+        self._telling: dict[str, set[asyncio.Task[None]]] = {}  # by user: releases, reports
         self._leases = EntryLeases()  # this node's, at other homes
         self._upkeep: asyncio.Task[None] | None = None
         self._holds_file = holds_file
@@ -271,6 +275,7 @@ class QuotaService:
                 self._lease_events([decision.ended])
             reserve.lease_tokens = decision.lease_tokens
             reserve.lease_returned = decision.lease_returned
+            await self._told(request.user)
             reply = await self._call(home, lpb.QuotaCall(reserve=reserve), request.user)
             grant = Grant(
                 request.request_id,
@@ -318,7 +323,7 @@ class QuotaService:
                     event.records,
                 )
         for report in self._leases.reports_to_send(self._now()):
-            self._background(self._report(report), "quota-lease-report")
+            self._background(self._report(report), "quota-lease-report", user=report.user)
 
     async def _report(self, report: Report) -> None:
         """Tell the home what was used under a lease (with the records) and what is given
@@ -357,7 +362,8 @@ class QuotaService:
         """`settle`, without holding up the answer it follows (a remote home is told
         while the response goes out)."""
         if not self._settle_here(admission, records):
-            self._background(self.settle(admission, records), "quota-release")
+            user = admission.request.user
+            self._background(self.settle(admission, records), "quota-release", user=user)
 
     def _settle_here(self, admission: Admission, records: list[lpb.SignedRecord]) -> bool:
         """Settle what needs no call to another node; False when the home must be told."""
@@ -380,11 +386,35 @@ class QuotaService:
             return True
         return False
 
-    def _background(self, work: Coroutine[Any, Any, None], name: str) -> None:
-        """Quota business that must not hold anything up; `aclose` waits for it."""
+    def _background(self, work: Coroutine[Any, Any, None], name: str, *, user: str = "") -> None:
+        """Quota business that must not hold anything up; `aclose` waits for it. A release
+        or report about `user` is also awaited by the next reserve of theirs (`_told`)."""
         task = asyncio.create_task(work, name=name)
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)
+        if user:
+            telling = self._telling.setdefault(user, set())
+            telling.add(task)
+
+            def done(task: asyncio.Task[None]) -> None:
+                telling.discard(task)
+                if not telling and self._telling.get(user) is telling:
+                    del self._telling[user]
+
+            task.add_done_callback(done)
+
+    async def _told(self, user: str) -> None:
+        """Let this node's releases and lease reports about `user` reach the home before a
+        reserve of theirs does. A client that sends its next request the moment an answer
+        ends would otherwise find the home still holding the last request's reservation
+        (or a lease's used tokens) beside its records: refused while there is room. Waits
+        at most TELL_WAIT_S: a home that cannot be told will not answer the reserve either."""
+        deadline = asyncio.get_running_loop().time() + TELL_WAIT_S
+        while (telling := self._telling.get(user)) is not None:
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                return
+            await asyncio.wait(set(telling), timeout=left)
 
     async def aclose(self, timeout_s: float = 5.0) -> None:
         """Give leases back and let releases under way reach their home nodes."""
