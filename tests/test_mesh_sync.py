@@ -1,8 +1,9 @@
 """Ledger sync between nodes in process (tests/harness.py): three boxes each record what
 they serve while one of them is cut off, and once the link is back their ledgers converge
 to the same verified history, with every receipt, by `LedgerSync` rounds alone (driven
-here, not by its timer). The network-namespace test (tests/test_netns_ledger.py) keeps the
-end-to-end proof."""
+here, not by its timer). The end-to-end proof of sync between real processes is
+tests/test_ledger_truncation.py (a box that lost records gets them back from its peer)
+and tests/test_lan_mesh.py (`ledger verify` on every box after answers across it)."""
 
 from __future__ import annotations
 

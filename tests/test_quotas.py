@@ -1,10 +1,9 @@
 """Quotas on real nodes (three boxes on loopback, real inference): a user added on one
 box works on every box; several entry nodes spending one user's quota at once never pass
 it (the bound the README states: zero, without mid-answer failovers), and the refusal is
-an OpenAI-style 429 naming the quota and its reset; a request whose client hangs up gives
-its reservation back. The rest of the quota rules across nodes (changes and removals, a
-home that is away, the cloud plan, races with leases) are tested in process:
-tests/test_mesh_quotas.py."""
+an OpenAI-style 429 naming the quota and its reset. The rest of the quota rules across
+nodes (a client that hangs up, changes and removals, a home that is away, the cloud plan,
+races with leases) are tested in process: tests/test_mesh_quotas.py."""
 
 from __future__ import annotations
 
@@ -162,32 +161,3 @@ def test_several_entry_nodes_never_spend_more_than_the_quota(
     )
     [state] = quota_state(a, "alice")
     assert state["used"] == used  # the home counts every entry node's records
-
-
-def test_a_client_that_hangs_up_gives_its_reservation_back(
-    mesh3: dict[str, NodeProcess],
-) -> None:
-    a, b = mesh3["a"], mesh3["b"]
-    key = add_user(a, "bob", "mesh=5000/day")
-    works_everywhere([b], key)
-    request = urllib.request.Request(
-        b.url + "/v1/completions",
-        data=json.dumps(
-            {"model": MODEL, "prompt": PROMPT, "max_tokens": 400, "stream": True}
-        ).encode(),
-        headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"},
-    )
-    with urllib.request.urlopen(request, timeout=120) as response:
-        for _ in range(6):
-            response.readline()
-        [state] = quota_state(a, "bob")
-        assert state["reserved"] >= 400  # held at bob's home while the answer runs
-    # Hung up: b records what was delivered and releases at a, handing the record over.
-    wait_until(
-        lambda: quota_state(a, "bob")[0]["reserved"] == 0,
-        LEASE_IDLE_S + 5,
-        "the hold (and b's idle lease) is released",
-    )
-    [state] = quota_state(a, "bob")
-    assert 0 < state["used"] < 400
-    assert state["used"] == spent([b], "bob")  # the partial record b signed, counted at a
