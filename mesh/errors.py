@@ -126,6 +126,13 @@ class ForeignRequest(PermissionDenied):
     code = "forbidden_origin"
 
 
+class CsrfRequired(PermissionDenied):
+    """A console session's request without its CSRF token (a stolen cookie alone, or a
+    page that is not the console)."""
+
+    code = "csrf_token_required"
+
+
 class MeshNotEmpty(InvalidRequest):
     """Joining another mesh would leave one that has other members."""
 
