@@ -353,3 +353,14 @@ def test_an_api_key_session_never_administers(box: NodeProcess, alice_key: str) 
         {"Content-Type": "application/x-www-form-urlencoded"},
     )
     assert form[0] == 415  # a page's form post cannot sign anyone in
+
+
+def test_the_console_page_is_served_with_a_strict_policy(box: NodeProcess) -> None:
+    status, headers, body = raw(box, "GET", "/")
+    assert status == 200
+    assert "<html" in body.lower()
+    assert "default-src 'none'" in headers["content-security-policy"]
+    assert headers["x-frame-options"] == "DENY"
+    assert raw(box, "GET", "/console/static/app.js")[0] == 200
+    assert raw(box, "GET", "/console/static/..%2Fconsole.py")[0] == 404
+    assert raw(box, "GET", "/console/static/nothing.js")[0] == 404
