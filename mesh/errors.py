@@ -141,6 +141,14 @@ class MeshNotEmpty(InvalidRequest):
     code = "mesh_not_empty"
 
 
+class NameSetInConfig(InvalidRequest):
+    """A change the config file decides (the box's display name set there)."""
+
+    grpc_status = "FAILED_PRECONDITION"
+    http_status = 409
+    code = "set_in_config"
+
+
 class PrivacyNotAllowed(PermissionDenied):
     """A request asked for a looser privacy policy than its API key allows."""
 

@@ -45,6 +45,7 @@ from mesh.trust.names import default_display_name
 from mesh.wire import grpc_options
 from mesh.wire.v1 import node_pb2 as pb
 from node.api.console import Console
+from node.api.display_name import add_display_name_route
 from node.api.http_api import build_app
 from node.api.mesh_admin import MeshAdmin
 from node.api.metrics import LiveState, Metrics, add_metrics_route
@@ -63,7 +64,7 @@ from node.store.hardware import probe_hardware
 from node.store.home import Home
 from node.store.identity_key import load_or_create_identity
 from node.store.ledger_store import LedgerStore
-from node.store.names_file import NamesFile, names_path
+from node.store.names_file import NamesFile, names_path, read_own_name, write_own_name
 from node.store.trust_store import TrustStore
 from node.store.users_admin import UsersAdmin, log_api_access
 from node.tasks import Tasks
@@ -155,7 +156,7 @@ class Cards:
         self._identity = identity
         self._trust = trust
         self._models = models
-        self._display_name = display_name
+        self.display_name = display_name  # the owner may rename the box while it runs
         self._peer_addresses = peer_addresses
         self.grpc_addresses: list[str] = []  # set when the gRPC agent is bound
         self.public = pb.SignedCard()
@@ -176,7 +177,7 @@ class Cards:
             self._identity,
             models=self._models.models(),
             grpc_addresses=self.grpc_addresses,
-            display_name=self._display_name,
+            display_name=self.display_name,
             peer_addresses=self._peer_addresses(),
             tier=pb.TIER_CLOUD if trust.role is Role.OVERFLOW else pb.TIER_HOME,
             hardware=self._hardware,
@@ -206,8 +207,10 @@ async def _open_parts(config: NodeConfig, home: Home, stack: AsyncExitStack, clo
     listeners = _limit_connections(config, stack)
     home.ensure()
     identity, created = load_or_create_identity(home.identity_key)
-    display_name = config.display_name or default_display_name(
-        socket.gethostname(), identity.node_id
+    display_name = (
+        config.display_name
+        or read_own_name(home.root)
+        or default_display_name(socket.gethostname(), identity.node_id)
     )
     # A new owner credential at every start: what the CLI sends for administration.
     owner_token = OwnerToken.issue(home)
@@ -375,6 +378,7 @@ class RunningNode:
         self.metrics = Metrics()
         self.console = Console(node_id=self.node_id, clock=clock)
         self._stopping = asyncio.Event()  # set when the drain starts: live streams end
+        self._mesh_admin: MeshAdmin | None = None  # made with the HTTP API
         self.created_identity = parts.created_identity
         self.owner_token = parts.owner_token
         self.trust = parts.trust
@@ -488,18 +492,19 @@ class RunningNode:
 
     async def _start_http(self, servers: list[Callable[[float], Any]]) -> None:
         parts = self.parts
+        self._mesh_admin = mesh_admin = MeshAdmin(
+            trust=parts.trust,
+            addresses=lambda: self.grpc_addresses,
+            display_name=self.display_name,
+            on_change=self.after_membership_change,
+            on_joined=self.after_join,
+            clock=self._clock,
+        )
         app = build_app(
             entry=parts.entry,
             max_request_bytes=self.config.max_request_bytes,
             status=self.status,
-            mesh_admin=MeshAdmin(
-                trust=parts.trust,
-                addresses=lambda: self.grpc_addresses,
-                display_name=self.display_name,
-                on_change=self.after_membership_change,
-                on_joined=self.after_join,
-                clock=self._clock,
-            ),
+            mesh_admin=mesh_admin,
             users=parts.users,
             quota=parts.quota,
             owner=parts.owner_token,
@@ -517,6 +522,9 @@ class RunningNode:
         self.console.add_routes(app)
         add_metrics_route(
             app, self.metrics, self._live_state, scraper_token=self.config.metrics_token
+        )
+        add_display_name_route(
+            app, rename=self.rename, set_in_config=bool(self.config.display_name)
         )
         add_usage_routes(
             app,
@@ -619,6 +627,18 @@ class RunningNode:
             if self.trust.rotate_keys(self._clock.now_ms()) or self.cards.speeds_moved():
                 self.cards.refresh()
             self.names.observe(self._names_seen())
+
+    def rename(self, name: str) -> None:
+        """A new display name, from the console: kept in the data dir (the config's, when
+        set, wins; the API refuses then), shown to peers with the re-signed card."""
+        write_own_name(self.home.root, name)
+        self.display_name = name
+        self.cards.display_name = name
+        if self._mesh_admin is not None:
+            self._mesh_admin.display_name = name
+        self.cards.refresh()
+        self.names.observe(self._names_seen())
+        logger.info("this box is now called %r", name)
 
     def _names_seen(self) -> dict[str, str]:
         """Display names as this node knows them now: the members it invited, its peers'

@@ -23,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from mesh.config import parse_config
 from mesh.errors import ConfigError
 from mesh.trust.names import clean_name, default_display_name, node_label
+from node.api.console import _browser_host
 from node.api.request_log import JsonFormatter, RequestFacts, format_text
 from node.store.names_file import NamesFile, read_names
 from tests.nodeproc import NodeProcess, run_cli
@@ -166,9 +167,24 @@ def test_metrics_parse_and_move_with_requests(box: NodeProcess, alice_key: str) 
     assert after["allerac_ledger_records{}"] >= 1
     assert "allerac_peers{state=up}" in after
     assert "allerac_relay_sessions{state=connected}" in after
+    # A quota refusal is counted (and its user is not named).
+    status, _, tiny = raw(
+        box,
+        "POST",
+        "/allerac/users",
+        {"name": "tiny", "quota": "mesh=1/day"},
+        {**box.owner, **JSON_TYPE},
+    )
+    assert status == 201, tiny
+    headers = {**JSON_TYPE, "Authorization": f"Bearer {tiny['api_key']}"}
+    body = {"model": "default", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+    assert raw(box, "POST", "/v1/chat/completions", body, headers)[0] == 429
+    refused = metrics(box)
+    assert refused["allerac_quota_refusals_total{}"] == after["allerac_quota_refusals_total{}"] + 1
     # No user name, key or prompt anywhere in it.
     _, _, text = raw(box, "GET", "/metrics")
     assert "alice" not in text
+    assert "tiny" not in text
     assert alice_key not in text
 
 
@@ -188,7 +204,7 @@ def test_metrics_from_beyond_the_box_need_a_credential(box: NodeProcess, alice_k
 def test_usage_over_http_equals_the_command(box: NodeProcess, alice_key: str) -> None:
     chat(box, alice_key)
     chat(box, None)  # the owner's
-    for by in ("user", "node", "day"):
+    for by in ("node", "day"):  # by user: tests/test_console_browser.py
         status, _, body = raw(box, "GET", f"/allerac/usage?period=month&by={by}", headers=box.owner)
         assert status == 200, body
         command = json.loads(
@@ -198,12 +214,8 @@ def test_usage_over_http_equals_the_command(box: NodeProcess, alice_key: str) ->
         assert body == command
         assert verification["ok"] is True
         assert verification["records"] >= 2
-    users = {r["user"] for r in command_rows(box, "user")}
-    assert {"alice", "(owner)"} <= users
-
-
-def command_rows(box: NodeProcess, by: str) -> list[dict[str, Any]]:
-    return list(json.loads(run_cli(box.home, "usage", "--by", by, "--json").stdout)["rows"])
+    _, _, body = raw(box, "GET", "/allerac/usage?by=user", headers=box.owner)
+    assert {"alice", "(owner)"} <= {r["user"] for r in body["rows"]}
 
 
 def test_an_api_key_sees_only_its_own_usage(box: NodeProcess, alice_key: str) -> None:
@@ -223,8 +235,8 @@ def test_display_names_default_and_usage_by_node(box: NodeProcess) -> None:
     expected = default_display_name(socket.gethostname(), box.node_id)
     assert status["display_name"] == expected
     assert expected.endswith("-" + box.node_id[:5])
-    rows = command_rows(box, "node")
-    assert rows[0]["display_name"] == expected
+    _, _, by_node = raw(box, "GET", "/allerac/usage?by=node", headers=box.owner)
+    assert by_node["rows"][0]["display_name"] == expected
     text = run_cli(box.home, "usage", "--by", "node").stdout
     assert f"{expected} ({box.node_id[:7]})" in text
 
@@ -364,3 +376,24 @@ def test_the_console_page_is_served_with_a_strict_policy(box: NodeProcess) -> No
     assert raw(box, "GET", "/console/static/app.js")[0] == 200
     assert raw(box, "GET", "/console/static/..%2Fconsole.py")[0] == 404
     assert raw(box, "GET", "/console/static/nothing.js")[0] == 404
+
+
+def test_the_owner_renames_the_box(box: NodeProcess, alice_key: str) -> None:
+    put = {**JSON_TYPE, **box.owner}
+    assert raw(box, "PUT", "/allerac/display-name", {"display_name": "x\ny"}, put)[0] == 400
+    key = {**JSON_TYPE, "Authorization": f"Bearer {alice_key}"}
+    assert raw(box, "PUT", "/allerac/display-name", {"display_name": "mine"}, key)[0] == 403
+    status, _, body = raw(box, "PUT", "/allerac/display-name", {"display_name": "attic"}, put)
+    assert status == 200, body
+    assert raw(box, "GET", "/allerac/status", headers=box.owner)[2]["display_name"] == "attic"
+    assert (box.home / "display-name").read_text().strip() == "attic"  # kept for restarts
+    members = raw(box, "GET", "/allerac/mesh/members", headers=box.owner)[2]["members"]
+    assert members[0]["display_name"] == "attic"
+    by_node = json.loads(run_cli(box.home, "usage", "--by", "node", "--json").stdout)
+    assert by_node["rows"][0]["display_name"] == "attic"
+
+
+def test_a_login_link_names_a_host_a_browser_can_open() -> None:
+    assert _browser_host("0.0.0.0:8470") == "127.0.0.1:8470"
+    assert _browser_host("[::]:8470") == "127.0.0.1:8470"
+    assert _browser_host("kitchen-box.local:8470") == "kitchen-box.local:8470"

@@ -334,3 +334,22 @@ def test_a_page_of_another_origin_can_read_or_change_nothing(
     # Back on the console, the session still works.
     owner.get(a.url + "/#mesh")
     wait(owner, lambda d: d.find_element(By.ID, "nav-mesh").is_displayed(), "console again")
+
+
+def test_the_owner_renames_the_box_and_the_other_box_learns_it(
+    owner: Any, mesh2: dict[str, NodeProcess]
+) -> None:
+    a, b = mesh2["a"], mesh2["b"]
+    open_page(owner, "mesh")
+    field = owner.find_element(By.ID, "rename-input")
+    field.clear()
+    field.send_keys("kitchen")
+    owner.find_element(By.CSS_SELECTOR, "#rename-form button").click()
+    row_a = f'#mesh-table tr[data-node="{a.node_id}"]'
+    wait(owner, lambda d: "kitchen" in d.find_element(By.CSS_SELECTOR, row_a).text, "new name")
+
+    def b_knows() -> bool:
+        peers = raw(b, "GET", "/allerac/status", headers=b.owner)[2]["peers"]
+        return any(p["node_id"] == a.node_id and p["display_name"] == "kitchen" for p in peers)
+
+    wait(owner, lambda _: b_knows(), "box b shows box a's new name")

@@ -41,6 +41,7 @@ from aiohttp import web
 from mesh.api.openai_api import decode_json_body
 from mesh.clock import Clock
 from mesh.errors import CsrfRequired, InvalidRequest, OwnerRequired, PermissionDenied
+from mesh.quota.users import OWNER
 from node.api.http_api import OWNER_TOKEN, USERS, is_owner_token, json_response
 from node.api.request_log import note_caller
 
@@ -217,8 +218,9 @@ class Console:
             raise OwnerRequired(
                 "a console login link needs the box owner's token (allerac console sends it)"
             )
+        note_caller(request, OWNER)
         token = self.issue_login_token()
-        host = request.headers.get("Host", "127.0.0.1")
+        host = _browser_host(request.headers.get("Host", "127.0.0.1"))
         return json_response(
             {"url": f"http://{host}/console/login?token={token}", "expires_in_s": LOGIN_TTL_S}
         )
@@ -286,6 +288,15 @@ class Console:
             "user": session.user,
             "csrf": session.csrf,
         }
+
+
+def _browser_host(host: str) -> str:
+    """The `Host` the CLI reached the node by, as a browser can open it: a node bound to
+    every address (0.0.0.0, [::]) is reached on loopback."""
+    name, _, port = host.rpartition(":")
+    if name in ("0.0.0.0", "[::]"):  # noqa: S104 (recognising it, not binding to it)
+        return f"127.0.0.1:{port}"
+    return host
 
 
 def _redirect(location: str) -> web.Response:

@@ -381,10 +381,11 @@ async def get_status(request: web.Request) -> web.Response:
 # --- administration (the box's owner only) ---------------------------------------------------
 
 
-def _require_owner(request: web.Request, what: str) -> None:
+def require_owner(request: web.Request, what: str) -> None:
     """Only the owner token opens administration: neither an API key nor being on loopback
     (a web page the owner opens sends from loopback too)."""
     if is_owner_token(request):
+        note_caller(request, OWNER)
         return
     if API_KEY_PREFIX in request.headers.get("Authorization", ""):
         raise PermissionDenied(
@@ -398,12 +399,12 @@ def _require_owner(request: web.Request, what: str) -> None:
 
 
 def _owner_only(request: web.Request) -> MeshAdmin:
-    _require_owner(request, "mesh")
+    require_owner(request, "mesh")
     return request.app[MESH_ADMIN]
 
 
 def _users_owner_only(request: web.Request) -> UsersAdmin:
-    _require_owner(request, "user")
+    require_owner(request, "user")
     return request.app[USERS]
 
 

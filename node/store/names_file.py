@@ -20,6 +20,7 @@ from node.store.files import read_owner_only, write_private
 logger = logging.getLogger(__name__)
 
 FILE_NAME = "node-names.json"
+OWN_NAME_FILE = "display-name"  # the name the owner gave this box in the console
 MAX_NAMES = 1024
 MAX_FILE_BYTES = 256 * 1024
 
@@ -49,6 +50,24 @@ def read_names(path: Path) -> dict[str, str]:
         if isinstance(node_id, str) and len(node_id) <= 128 and cleaned is not None:
             names[node_id] = cleaned
     return names
+
+
+def read_own_name(root: Path) -> str | None:
+    """The display name set in the console, if any (a damaged file: none)."""
+    try:
+        data = read_owner_only(
+            root / OWN_NAME_FILE, what="display name", max_bytes=1024, error=ConfigError
+        )
+    except MeshError as exc:
+        logger.warning("%s; the default display name is used", exc.message)
+        return None
+    if data is None:
+        return None
+    return clean_name(data.decode("utf-8", "replace"))
+
+
+def write_own_name(root: Path, name: str) -> None:
+    write_private(root / OWN_NAME_FILE, (name + "\n").encode("utf-8"))
 
 
 class NamesFile:

@@ -213,7 +213,9 @@ async function liveStatus() {
       await readEvents(response, (name, data) => {
         if (name !== "status") return;
         state.status = JSON.parse(data);
+        const first = !$("box-name").textContent;
         $("box-name").textContent = state.status.display_name;
+        if (first && !$("rename-input").value) $("rename-input").value = state.status.display_name;
         if (!$("page-mesh").hidden) renderMesh();
       });
     } catch (error) {
@@ -228,7 +230,18 @@ async function liveStatus() {
 
 function loadMesh() {
   renderMesh();
+  if (state.status) $("rename-input").value = state.status.display_name;
   return Promise.resolve();
+}
+
+async function renameBox(event) {
+  event.preventDefault();
+  try {
+    const renamed = await apiJson("PUT", "/allerac/display-name", { display_name: $("rename-input").value.trim() });
+    notice(`This box is now called ${renamed.display_name}; the other boxes see it with its next card.`);
+  } catch (error) {
+    notice(error.message, true);
+  }
 }
 
 function renderMesh() {
@@ -597,6 +610,7 @@ document.addEventListener("DOMContentLoaded", () => {
       signedOut();
     }
   });
+  $("rename-form").addEventListener("submit", renameBox);
   $("add-person").addEventListener("submit", addPerson);
   $("copy-key").addEventListener("click", (e) => copyText($("new-key-value").textContent, e.target));
   $("copy-invite").addEventListener("click", (e) => copyText($("invite-code").textContent, e.target));
