@@ -322,6 +322,7 @@ def test_a_console_session_needs_its_csrf_token_on_every_request(box: NodeProces
     wrong = {**cookie, "X-Allerac-CSRF": "x" * 43}
     assert raw(box, "GET", "/allerac/users", headers=wrong)[0] == 403
     assert raw(box, "GET", "/allerac/users", headers={**cookie, **csrf})[0] == 200
+    assert request_lines(box)[-1]["user"] == "owner"  # the session's request, as logged
     # With the token, from another origin's page: refused before the session counts.
     page = {**cookie, **csrf, **JSON_TYPE, "Origin": "http://evil.example"}
     assert raw(box, "POST", "/allerac/users", {"name": "mallory"}, page)[0] == 403

@@ -295,6 +295,8 @@ async function attempt(name, run) {
 }
 (async () => {
   await attempt("read users", async () => (await fetch(users, also)).status);
+  await attempt("read status, no credentials",
+    async () => (await fetch(node + "/allerac/status")).status);
   await attempt("read session",
     async () => JSON.stringify(await (await fetch(node + "/console/session", also)).json()));
   await attempt("add user json", async () => (await fetch(users, {...also, method: "POST",
@@ -327,6 +329,7 @@ def test_a_page_of_another_origin_can_read_or_change_nothing(
         server.shutdown()
         server.server_close()
     assert "read users: blocked" in results  # no CORS answer: nothing readable
+    assert "read status, no credentials: blocked" in results
     assert "read session: blocked" in results
     assert "add user json: blocked" in results  # the preflight is refused
     users = [u["name"] for u in raw(a, "GET", "/allerac/users", headers=a.owner)[2]["users"]]
