@@ -201,9 +201,15 @@ def test_metrics_from_beyond_the_box_need_a_credential(box: NodeProcess, alice_k
     assert raw(box, "GET", "/metrics", headers=page)[0] == 403
 
 
-def test_usage_over_http_equals_the_command(box: NodeProcess, alice_key: str) -> None:
+@pytest.fixture(scope="module")
+def used(box: NodeProcess, alice_key: str) -> str:
+    """Usage of two people in the ledger: alice's and the owner's."""
     chat(box, alice_key)
-    chat(box, None)  # the owner's
+    chat(box, None)
+    return alice_key
+
+
+def test_usage_over_http_equals_the_command(box: NodeProcess, used: str) -> None:
     for by in ("node", "day"):  # by user: tests/test_console_browser.py
         status, _, body = raw(box, "GET", f"/allerac/usage?period=month&by={by}", headers=box.owner)
         assert status == 200, body
@@ -218,8 +224,8 @@ def test_usage_over_http_equals_the_command(box: NodeProcess, alice_key: str) ->
     assert {"alice", "(owner)"} <= {r["user"] for r in body["rows"]}
 
 
-def test_an_api_key_sees_only_its_own_usage(box: NodeProcess, alice_key: str) -> None:
-    key = {"Authorization": f"Bearer {alice_key}"}
+def test_an_api_key_sees_only_its_own_usage(box: NodeProcess, used: str) -> None:
+    key = {"Authorization": f"Bearer {used}"}
     status, _, body = raw(box, "GET", "/allerac/usage?by=user", headers=key)
     assert status == 200, body
     assert [r["user"] for r in body["rows"]] == ["alice"]
@@ -230,7 +236,7 @@ def test_an_api_key_sees_only_its_own_usage(box: NodeProcess, alice_key: str) ->
     assert raw(box, "GET", "/allerac/usage?period=yesterday", headers=box.owner)[0] == 400
 
 
-def test_display_names_default_and_usage_by_node(box: NodeProcess) -> None:
+def test_display_names_default_and_usage_by_node(box: NodeProcess, used: str) -> None:
     _, _, status = raw(box, "GET", "/allerac/status", headers=box.owner)
     expected = default_display_name(socket.gethostname(), box.node_id)
     assert status["display_name"] == expected
@@ -342,7 +348,8 @@ def test_a_console_session_needs_its_csrf_token_on_every_request(box: NodeProces
     assert raw(box, "GET", "/console/session", headers=cookie)[2] == {"signed_in": False}
 
 
-def test_an_api_key_session_never_administers(box: NodeProcess, alice_key: str) -> None:
+def test_an_api_key_session_never_administers(box: NodeProcess, used: str) -> None:
+    alice_key = used
     status, headers, session = raw(
         box, "POST", "/console/sign-in", {"api_key": alice_key}, JSON_TYPE
     )
@@ -358,6 +365,8 @@ def test_an_api_key_session_never_administers(box: NodeProcess, alice_key: str) 
     assert {r["user"] for r in mine[2]["rows"]} == {"alice"}
     bad = raw(box, "POST", "/console/sign-in", {"api_key": "amk_wrong"}, JSON_TYPE)
     assert bad[0] == 401
+    assert raw(box, "POST", "/console/sign-in", {"api_key": 5}, JSON_TYPE)[0] == 400
+    assert raw(box, "POST", "/console/sign-in", b"{not json", JSON_TYPE)[0] == 400
     form = raw(
         box,
         "POST",
@@ -379,7 +388,8 @@ def test_the_console_page_is_served_with_a_strict_policy(box: NodeProcess) -> No
     assert raw(box, "GET", "/console/static/nothing.js")[0] == 404
 
 
-def test_the_owner_renames_the_box(box: NodeProcess, alice_key: str) -> None:
+def test_the_owner_renames_the_box(box: NodeProcess, used: str) -> None:
+    alice_key = used
     put = {**JSON_TYPE, **box.owner}
     assert raw(box, "PUT", "/allerac/display-name", {"display_name": "x\ny"}, put)[0] == 400
     key = {**JSON_TYPE, "Authorization": f"Bearer {alice_key}"}

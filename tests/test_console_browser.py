@@ -34,6 +34,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 SCREENSHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
 WAIT_S = 20.0
+JSON_TYPE = {"Content-Type": "application/json"}
 
 pytestmark = pytest.mark.skipif(
     not (CHROMIUM.exists() and CHROMEDRIVER.exists()),
@@ -225,8 +226,11 @@ def test_the_usage_page_shows_the_numbers_of_allerac_usage(
     owner: Any, mesh2: dict[str, NodeProcess]
 ) -> None:
     a = mesh2["a"]
+    hello = {"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "Hi"}]}
+    answered = raw(a, "POST", "/v1/chat/completions", {**hello, "max_tokens": 2}, JSON_TYPE)
+    assert answered[0] == 200, answered  # usage on the page, whichever tests ran before
     open_page(owner, "usage")
-    owner.find_element(By.ID, "nav-mesh").click()  # load it afresh: the chat has settled
+    owner.find_element(By.ID, "nav-mesh").click()  # load it afresh: the answers have settled
     open_page(owner, "usage")
     # The command's figures for one grouping (the same computation answers the HTTP API
     # the page reads: tests/test_console_api.py shows they agree for every grouping).

@@ -6,7 +6,7 @@ prints for the same arguments (one computation, `node.store.usage_report`), plus
 the owner, the ledger's verification (`allerac ledger verify --json`). The owner (token,
 or the console's owner session) sees every row; a person's API key sees their own rows
 only, and asking for someone else's is a 403. The ledger is read and verified off the
-event loop, at most once per `CACHE_S` however many readers ask.
+event loop, and again only when its files changed.
 
 `/allerac/status/stream` is `/allerac/status` as server-sent events: one `status` event
 at once and then every `STREAM_INTERVAL_S`, until the client leaves, the stream has run
@@ -32,28 +32,42 @@ from node.api.request_log import note_caller
 from node.store.ledger_store import LedgerFile
 from node.store.usage_report import usage, verification, verified_ledger
 
-CACHE_S = 2.0
 STREAM_INTERVAL_S = 1.0
 STREAM_MAX_S = 600.0
 
 
 class UsageSource:
-    """The verified ledger, read at most once per CACHE_S, shared by concurrent readers."""
+    """The verified ledger, read again only when its files changed (the database or its
+    write-ahead log), once for all the readers asking at the same time."""
 
     def __init__(self, ledger_file: Path) -> None:
         self._ledger_file = ledger_file
         self._lock = asyncio.Lock()
-        self._read_at = -CACHE_S
+        self._seen: tuple[object, ...] = ()
         self._held: tuple[LedgerFile, Any] | None = None
 
+    def _fingerprint(self) -> tuple[object, ...]:
+        marks: list[object] = []
+        for path in (
+            self._ledger_file,
+            self._ledger_file.with_name(self._ledger_file.name + "-wal"),
+        ):
+            try:
+                stat = path.stat()
+            except FileNotFoundError:
+                marks.append(None)
+                continue
+            marks.append((stat.st_mtime_ns, stat.st_size, stat.st_ino))
+        return tuple(marks)
+
     async def read(self) -> tuple[LedgerFile, Any]:
-        loop = asyncio.get_running_loop()
         async with self._lock:
-            if self._held is None or loop.time() - self._read_at >= CACHE_S:
+            seen = self._fingerprint()
+            if self._held is None or seen != self._seen:
                 self._held = await asyncio.to_thread(
                     verified_ledger, self._ledger_file, require_receipts=True
                 )
-                self._read_at = loop.time()
+                self._seen = seen
             return self._held
 
 
