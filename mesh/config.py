@@ -169,6 +169,8 @@ class NodeConfig:
     privacy: str = "mesh"
     # An overflow (cloud) node's plan for the mesh it serves: a quota spec on its tokens.
     cloud_plan: str = "unlimited"
+    # The scraper's credential for /metrics from beyond this box ([metrics] token).
+    metrics_token: str | None = None
 
 
 def is_loopback_host(host: str) -> bool:
@@ -613,6 +615,21 @@ def _node_settings(reader: _Reader, *, base_dir: Path, box: Box) -> dict[str, An
             out["cloud_plan"] = cloud_plan_quota(plan).spec
         except InvalidRequest as exc:
             raise reader.fail("cloud_plan", plan, exc.message) from None
+    if reader.has("metrics"):
+        metrics = _Reader(reader.table_of("metrics"), source=reader.source, prefix="metrics.")
+        if metrics.has("token"):
+            token = metrics.string("token")
+            if not MIN_SCRAPER_TOKEN_CHARS <= len(token) <= MAX_API_KEY_CHARS or not all(
+                33 <= ord(c) < 127 for c in token
+            ):
+                raise metrics.fail(
+                    "token",
+                    "(hidden)",
+                    f"must be {MIN_SCRAPER_TOKEN_CHARS} to {MAX_API_KEY_CHARS} printable ASCII "
+                    "characters without spaces",
+                )
+            out["metrics_token"] = token
+        metrics.finish(("token",))
     if reader.has("scheduler"):
         sched = _Reader(reader.table_of("scheduler"), source=reader.source, prefix="scheduler.")
         if sched.has("max_wait_ms"):
@@ -637,6 +654,7 @@ def _node_settings(reader: _Reader, *, base_dir: Path, box: Box) -> dict[str, An
             "mdns",
             "cloud_plan",
             "scheduler",
+            "metrics",
         )
     )
     return out
@@ -651,6 +669,7 @@ def cloud_plan_quota(text: str) -> Quota:
 
 
 MAX_RELAYS = 4
+MIN_SCRAPER_TOKEN_CHARS = 16  # a guessable scraper token would open /metrics to anyone
 MAX_HTTP_NAMES = 64
 _HOST_NAME = re.compile(
     r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*\.?$"

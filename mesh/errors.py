@@ -126,12 +126,27 @@ class ForeignRequest(PermissionDenied):
     code = "forbidden_origin"
 
 
+class CsrfRequired(PermissionDenied):
+    """A console session's request without its CSRF token (a stolen cookie alone, or a
+    page that is not the console)."""
+
+    code = "csrf_token_required"
+
+
 class MeshNotEmpty(InvalidRequest):
     """Joining another mesh would leave one that has other members."""
 
     grpc_status = "FAILED_PRECONDITION"
     http_status = 409
     code = "mesh_not_empty"
+
+
+class NameSetInConfig(InvalidRequest):
+    """A change the config file decides (the box's display name set there)."""
+
+    grpc_status = "FAILED_PRECONDITION"
+    http_status = 409
+    code = "set_in_config"
 
 
 class PrivacyNotAllowed(PermissionDenied):

@@ -94,6 +94,13 @@ def cli() -> None:
     show_default=True,
     type=click.Choice(["debug", "info", "warning", "error"]),
 )
+@click.option(
+    "--log-format",
+    default="text",
+    show_default=True,
+    type=click.Choice(["text", "json"]),
+    help="Log lines (the HTTP request log included) as text or as JSON objects.",
+)
 def up(
     home_dir: Path | None,
     config_file: Path | None,
@@ -106,13 +113,13 @@ def up(
     relays: tuple[str, ...],
     no_mdns: bool,
     log_level: str,
+    log_format: str,
 ) -> None:
     """Start this node and serve until Ctrl-C or SIGTERM."""
+    from node.api.request_log import configure_logging
     from node.daemon import Node  # heavy imports only for the command that needs them
 
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(log_level, log_format)
     home = Home.resolve(home_dir)
     if config_file is None and home.config_file.is_file():
         config_file = home.config_file
@@ -627,6 +634,22 @@ def route(
             )
 
 
+@cli.command()
+@home_option
+@click.option("--print", "print_only", is_flag=True, help="Only print the URL; open no browser.")
+def console(home_dir: Path | None, print_only: bool) -> None:
+    """Open the console in a browser: a one-time login URL for the box's owner (valid two
+    minutes, good for one sign-in)."""
+    reply = _json(_node(home_dir), "POST", "/console/login-tokens", {})
+    url = str(reply["url"])
+    click.echo(url)
+    if not print_only:
+        import webbrowser
+
+        if not webbrowser.open(url):
+            click.echo("No browser found here: open the URL above in one.", err=True)
+
+
 # --- ledger ------------------------------------------------------------------------------------
 
 
@@ -635,18 +658,18 @@ def ledger() -> None:
     """The signed usage ledger this node holds."""
 
 
-def _existing_ledger(home: Home) -> Path:
-    """The ledger file of a home a node has run in; a clear error for any other path, so
-    that a mistyped --home never 'verifies' or reports an empty ledger."""
-    from mesh.errors import ConfigError
+def _verified_ledger(home: Home, *, require_receipts: bool) -> tuple[Any, Any]:
+    """Everything in this home's ledger, and its verification (in a few processes)."""
+    import os
 
-    if not home.root.is_dir():
-        raise ConfigError(f"no data dir {home.root}: no node has run there (check --home)")
-    if not home.ledger_file.is_file():
-        raise ConfigError(
-            f"no ledger in {home.root}: no node has run with this data dir (check --home)"
-        )
-    return home.ledger_file
+    from node.store.usage_report import existing_ledger, verified_ledger
+    from node.store.workers import chunk_map
+
+    return verified_ledger(
+        existing_ledger(home.root, home.ledger_file),
+        require_receipts=require_receipts,
+        map_chunks=chunk_map(min(os.cpu_count() or 1, 4)),
+    )
 
 
 @ledger.command("verify")
@@ -656,55 +679,21 @@ def ledger_verify(home_dir: Path | None, as_json: bool) -> None:
     """Check every record's signature, each node's chain and the countersignatures; report
     forks, gaps, truncated chains and refused records by node and sequence. Exits 1 when
     anything is wrong."""
+    from node.store.usage_report import verification
+
     home = Home.resolve(home_dir)
     try:
         held, report = _verified_ledger(home, require_receipts=True)
     except MeshError as exc:
         _fail(exc.message)
         return
-    # A record this node served for another entry node is countersigned there: until the
-    # ledgers sync, its receipt is awaited here, not missing.
-    awaiting = {(p.node_id, p.seq) for p in report.problems if p.kind == "no_receipt"}
-    others = set()
-    for record in _parsed(held.records):
-        position = (record.node_id, record.seq)
-        if position in awaiting and record.entry_node_id != record.node_id:
-            others.add(position)
-    awaited = [
-        p for p in report.problems if p.kind == "no_receipt" and (p.node_id, p.seq) in others
-    ]
-    problems = [p for p in report.problems if p not in awaited]
-    chains = [
-        {
-            "node_id": node_id,
-            "seq": report.tops.get(node_id, 0),
-            "signed_seq": report.heads[node_id].seq if node_id in report.heads else 0,
-            "countersigned_by": (
-                list(report.heads[node_id].countersigned_by) if node_id in report.heads else []
-            ),
-        }
-        for node_id in sorted(set(report.tops) | set(report.heads))
-    ]
+    result = verification(held, report)
+    problems, awaited = result["problems"], result["awaiting_receipts"]
     if as_json:
-        click.echo(
-            json.dumps(
-                {
-                    "ok": not problems,
-                    "records": report.records,
-                    "nodes": report.nodes,
-                    "awaiting_receipts": len(awaited),
-                    "problems": [
-                        {"kind": p.kind, "node_id": p.node_id, "seq": p.seq, "detail": p.detail}
-                        for p in problems
-                    ],
-                    "chains": chains,
-                },
-                indent=2,
-            )
-        )
+        click.echo(json.dumps(result, indent=2))
     else:
         click.echo(f"{report.records} records from {report.nodes} nodes")
-        for chain in chains:
+        for chain in result["chains"]:
             signers = ", ".join(str(n)[:7] for n in chain["countersigned_by"]) or "nobody yet"
             signed = (
                 f"signed head #{chain['signed_seq']}, countersigned by {signers}"
@@ -713,52 +702,15 @@ def ledger_verify(home_dir: Path | None, as_json: bool) -> None:
             )
             click.echo(f"  {str(chain['node_id'])[:7]} up to #{chain['seq']}; {signed}")
         for p in problems:
-            click.echo(f"  {p.kind:14} {p.node_id[:7]} #{p.seq}: {p.detail}")
+            click.echo(f"  {p['kind']:14} {p['node_id'][:7]} #{p['seq']}: {p['detail']}")
         if awaited:
             click.echo(
-                f"{len(awaited)} records served for other entry nodes: their countersignatures "
+                f"{awaited} records served for other entry nodes: their countersignatures "
                 "are kept there (ledger sync brings them here)"
             )
         click.echo("ledger verifies" if not problems else f"{len(problems)} problems")
     if problems:
         sys.exit(1)
-
-
-def _verified_ledger(home: Home, *, require_receipts: bool) -> tuple[Any, Any]:
-    """Everything in this home's ledger, and its verification (in a few processes)."""
-    import os
-
-    from mesh.ledger.records import verify
-    from node.store.ledger_store import read_ledger_file
-    from node.store.workers import chunk_map
-
-    held = read_ledger_file(_existing_ledger(home))
-    report = verify(
-        held.records,
-        held.receipts,
-        refusals=held.refusals,
-        heads=held.heads,
-        marks=held.marks,
-        positions=held.positions,
-        require_receipts=require_receipts,
-        map_chunks=chunk_map(min(os.cpu_count() or 1, 4)),
-    )
-    return held, report
-
-
-def _parsed(records: Any) -> list[Any]:
-    """The records that parse (the others are reported by verify as bad signatures)."""
-    from google.protobuf.message import DecodeError
-
-    from mesh.wire.v1.ledger_pb2 import UsageRecord
-
-    parsed = []
-    for signed in records:
-        try:
-            parsed.append(UsageRecord.FromString(signed.record))
-        except DecodeError:
-            continue
-    return parsed
 
 
 @cli.command()
@@ -770,71 +722,49 @@ def _parsed(records: Any) -> list[Any]:
 )
 @click.option(
     "--by",
-    type=click.Choice(["node", "model", "tier", "user"]),
+    type=click.Choice(["node", "model", "tier", "user", "day"]),
     default="user",
     show_default=True,
 )
 def usage(home_dir: Path | None, as_json: bool, user: str | None, period: str, by: str) -> None:
     """Who used what, where, from the signed records this node holds (UTC periods).
     Records their entry node refused to countersign are not counted (they are listed);
-    when records are known to be missing from this ledger it says which, and exits 1."""
+    when records are known to be missing from this ledger it says which, and exits 1.
+    Boxes are shown by their display names (those the node has seen)."""
     from mesh.clock import SYSTEM
-    from mesh.ledger.records import period_bounds, refused_records, summarize
+    from mesh.ledger.records import period_bounds
+    from node.store.names_file import names_path, read_names
+    from node.store.usage_report import usage as usage_report
 
     home = Home.resolve(home_dir)
     try:
-        since, until = period_bounds(period, now_ms=SYSTEM.now_ms())
+        period_bounds(period, now_ms=SYSTEM.now_ms())  # a bad period before the ledger is read
         held, report = _verified_ledger(home, require_receipts=False)
+        result = usage_report(
+            held,
+            report,
+            by=by,
+            user=user,
+            period=period,
+            now_ms=SYSTEM.now_ms(),
+            names=read_names(names_path(home.root)),
+        )
     except MeshError as exc:
         _fail(exc.message)
         return
-    refused = refused_records(held.records, held.refusals)
-    rows = summarize(
-        held.records, by=by, user=user, since_ms=since, until_ms=until, excluded=refused
-    )
-    missing = [
-        {"node_id": p.node_id, "from_seq": p.seq, "to_seq": p.last_seq}
-        for p in report.problems
-        if p.kind in ("gap", "truncated")
-    ]
-    refused_rows = [
-        {
-            "node_id": r.node_id,
-            "seq": r.seq,
-            "prompt_tokens": r.prompt_tokens,
-            "completion_tokens": r.completion_tokens,
-        }
-        for r in sorted(refused.values(), key=lambda r: (r.node_id, r.seq))
-        if (user is None or r.user == user) and since <= r.ended_at_unix_ms < until
-    ]
+    missing = result["missing"]
     if as_json:
-        click.echo(
-            json.dumps(
-                {
-                    "period": period,
-                    "by": by,
-                    "rows": [
-                        {
-                            by: r.key,
-                            "requests": r.requests,
-                            "prompt_tokens": r.prompt_tokens,
-                            "completion_tokens": r.completion_tokens,
-                        }
-                        for r in rows
-                    ],
-                    "refused": refused_rows,
-                    "missing": missing,
-                },
-                indent=2,
-            )
-        )
+        click.echo(json.dumps(result, indent=2))
     else:
         click.echo(f"{by:58} {'requests':>9} {'prompt':>10} {'completion':>11}")
-        for r in rows:
-            click.echo(f"{r.key:58} {r.requests:9} {r.prompt_tokens:10} {r.completion_tokens:11}")
-        if not rows:
+        for r in result["rows"]:
+            key = f"{r['display_name']} ({r[by][:7]})" if by == "node" else r[by]
+            click.echo(
+                f"{key:58} {r['requests']:9} {r['prompt_tokens']:10} {r['completion_tokens']:11}"
+            )
+        if not result["rows"]:
             click.echo("no usage recorded in this period")
-        for item in refused_rows:
+        for item in result["refused"]:
             click.echo(
                 f"not counted: {str(item['node_id'])[:7]} #{item['seq']} claims "
                 f"{item['prompt_tokens']} prompt and {item['completion_tokens']} completion "

@@ -41,11 +41,16 @@ from mesh.routing.scheduler import Privacy
 from mesh.trust.cards import HardwareSummary, sign_card
 from mesh.trust.identity import Identity
 from mesh.trust.membership import Role
+from mesh.trust.names import default_display_name
 from mesh.wire import grpc_options
 from mesh.wire.v1 import node_pb2 as pb
+from node.api.console import Console
+from node.api.display_name import add_display_name_route
 from node.api.http_api import build_app
 from node.api.mesh_admin import MeshAdmin
+from node.api.metrics import LiveState, Metrics, add_metrics_route
 from node.api.owner import HostGuard, OwnerToken
+from node.api.usage_api import UsageSource, add_usage_routes
 from node.serving.accounting import Accountant
 from node.serving.backends import create_backend
 from node.serving.backends.base import Backend
@@ -59,6 +64,7 @@ from node.store.hardware import probe_hardware
 from node.store.home import Home
 from node.store.identity_key import load_or_create_identity
 from node.store.ledger_store import LedgerStore
+from node.store.names_file import NamesFile, names_path, read_own_name, write_own_name
 from node.store.trust_store import TrustStore
 from node.store.users_admin import UsersAdmin, log_api_access
 from node.tasks import Tasks
@@ -113,6 +119,7 @@ class Parts:
 
     listeners: ListenerSettings
     identity: Identity
+    display_name: str  # the config's, or the host name plus a short node-ID suffix
     created_identity: bool
     owner_token: OwnerToken
     trust: TrustStore
@@ -149,7 +156,7 @@ class Cards:
         self._identity = identity
         self._trust = trust
         self._models = models
-        self._display_name = display_name
+        self.display_name = display_name  # the owner may rename the box while it runs
         self._peer_addresses = peer_addresses
         self.grpc_addresses: list[str] = []  # set when the gRPC agent is bound
         self.public = pb.SignedCard()
@@ -170,7 +177,7 @@ class Cards:
             self._identity,
             models=self._models.models(),
             grpc_addresses=self.grpc_addresses,
-            display_name=self._display_name,
+            display_name=self.display_name,
             peer_addresses=self._peer_addresses(),
             tier=pb.TIER_CLOUD if trust.role is Role.OVERFLOW else pb.TIER_HOME,
             hardware=self._hardware,
@@ -200,6 +207,11 @@ async def _open_parts(config: NodeConfig, home: Home, stack: AsyncExitStack, clo
     listeners = _limit_connections(config, stack)
     home.ensure()
     identity, created = load_or_create_identity(home.identity_key)
+    display_name = (
+        config.display_name
+        or read_own_name(home.root)
+        or default_display_name(socket.gethostname(), identity.node_id)
+    )
     # A new owner credential at every start: what the CLI sends for administration.
     owner_token = OwnerToken.issue(home)
     stack.callback(OwnerToken.clear, home, owner_token)
@@ -242,7 +254,7 @@ async def _open_parts(config: NodeConfig, home: Home, stack: AsyncExitStack, clo
         identity=identity,
         trust=trust,
         models=models,
-        display_name=config.display_name or socket.gethostname(),
+        display_name=display_name,
         peer_addresses=peering.direct_addresses,
         hardware=probe_hardware(),  # once, at start
         clock=clock,
@@ -262,6 +274,7 @@ async def _open_parts(config: NodeConfig, home: Home, stack: AsyncExitStack, clo
     return Parts(
         listeners=listeners,
         identity=identity,
+        display_name=display_name,
         created_identity=created,
         owner_token=owner_token,
         trust=trust,
@@ -359,6 +372,13 @@ class RunningNode:
         self.parts = parts
         self.identity = parts.identity
         self.node_id = parts.identity.node_id
+        self.display_name = parts.display_name
+        # Names of the boxes seen, for `allerac usage --by node` (read with no node running).
+        self.names = NamesFile(names_path(home.root))
+        self.metrics = Metrics()
+        self.console = Console(node_id=self.node_id, clock=clock)
+        self._stopping = asyncio.Event()  # set when the drain starts: live streams end
+        self._mesh_admin: MeshAdmin | None = None  # made with the HTTP API
         self.created_identity = parts.created_identity
         self.owner_token = parts.owner_token
         self.trust = parts.trust
@@ -417,6 +437,7 @@ class RunningNode:
         servers: list[Callable[[float], Any]] = []  # how to stop each server started
 
         async def drain() -> None:
+            self._stopping.set()
             grace = self.config.shutdown_grace_s
             for backend in self.parts.backends:
                 backend.drain()
@@ -432,6 +453,7 @@ class RunningNode:
         await self._start_http(servers)
         log_api_access(self.config.http_host, self.parts.users)
         self.cards.refresh()
+        self.names.observe(self._names_seen())
         self._tasks.start(self._maintain(), "trust maintenance")
         stack.push_async_callback(self._tasks.aclose)
         await self._start_relays()
@@ -470,18 +492,19 @@ class RunningNode:
 
     async def _start_http(self, servers: list[Callable[[float], Any]]) -> None:
         parts = self.parts
+        self._mesh_admin = mesh_admin = MeshAdmin(
+            trust=parts.trust,
+            addresses=lambda: self.grpc_addresses,
+            display_name=self.display_name,
+            on_change=self.after_membership_change,
+            on_joined=self.after_join,
+            clock=self._clock,
+        )
         app = build_app(
             entry=parts.entry,
             max_request_bytes=self.config.max_request_bytes,
             status=self.status,
-            mesh_admin=MeshAdmin(
-                trust=parts.trust,
-                addresses=lambda: self.grpc_addresses,
-                display_name=self.config.display_name,
-                on_change=self.after_membership_change,
-                on_joined=self.after_join,
-                clock=self._clock,
-            ),
+            mesh_admin=mesh_admin,
             users=parts.users,
             quota=parts.quota,
             owner=parts.owner_token,
@@ -490,6 +513,25 @@ class RunningNode:
                 allowed_hosts=self.config.http_allowed_hosts,
                 cors_origins=self.config.http_cors_origins,
             ),
+            clock=self._clock,
+            observers=(self.metrics,),
+        )
+        # The console (its pages, sign-in and sessions), /metrics, usage and the live
+        # status stream: node/api/console.py, metrics.py, usage_api.py.
+        app.middlewares.append(self.console.middleware())
+        self.console.add_routes(app)
+        add_metrics_route(
+            app, self.metrics, self._live_state, scraper_token=self.config.metrics_token
+        )
+        add_display_name_route(
+            app, rename=self.rename, set_in_config=bool(self.config.display_name)
+        )
+        add_usage_routes(
+            app,
+            source=UsageSource(self.home.ledger_file),
+            names=self._names_known,
+            status=self.status,
+            stopping=self._stopping,
             clock=self._clock,
         )
         # The guard's middleware goes first, so it sees every request the moment its
@@ -584,6 +626,55 @@ class RunningNode:
             await asyncio.sleep(MAINTENANCE_INTERVAL_S)
             if self.trust.rotate_keys(self._clock.now_ms()) or self.cards.speeds_moved():
                 self.cards.refresh()
+            self.names.observe(self._names_seen())
+
+    def rename(self, name: str) -> None:
+        """A new display name, from the console: kept in the data dir (the config's, when
+        set, wins; the API refuses then), shown to peers with the re-signed card."""
+        write_own_name(self.home.root, name)
+        self.display_name = name
+        self.cards.display_name = name
+        if self._mesh_admin is not None:
+            self._mesh_admin.display_name = name
+        self.cards.refresh()
+        self.names.observe(self._names_seen())
+        logger.info("this box is now called %r", name)
+
+    def _names_seen(self) -> dict[str, str]:
+        """Display names as this node knows them now: the members it invited, its peers'
+        signed cards, itself."""
+        seen = {
+            str(m["node_id"]): str(m.get("display_name", ""))
+            for m in self.trust.members.values()
+            if m.get("node_id")
+        }
+        seen.update({p.node_id: p.display_name for p in self.peer_table if p.display_name})
+        seen[self.node_id] = self.display_name
+        return seen
+
+    def _names_known(self) -> dict[str, str]:
+        return {**self.names.names, **self._names_seen()}
+
+    async def _live_state(self) -> LiveState:
+        load = self.models.load()
+        states: dict[str, int] = {}
+        for peer in self.peer_table:
+            states[peer.state.value] = states.get(peer.state.value, 0) + 1
+        now_ms = self._clock.now_ms()
+        heads = await self.parts.ledger.heads()
+        return LiveState(
+            active_streams=load.active_streams,
+            queued=load.queued,
+            slots=load.slots,
+            peers_by_state=states,
+            relays_connected=sum(link.connected.is_set() for link in self.relays),
+            relays_configured=len(self.relays),
+            ledger_records=sum(head.seq for head in heads),
+            ledger_sync_age_s={
+                node_id: max(0.0, (now_ms - done.at_ms) / 1000)
+                for node_id, done in self.ledger_sync.peers.items()
+            },
+        )
 
     def _own_chain_wait_s(self) -> float | None:
         """A node that is not new but whose ledger holds nothing of its own chain (its
@@ -635,7 +726,7 @@ class RunningNode:
         return {
             **self.run_info(),
             "protocol_version": PROTOCOL_VERSION,
-            "display_name": self.config.display_name or socket.gethostname(),
+            "display_name": self.display_name,
             "uptime_s": round((self._clock.now_ms() - self._started_at_ms) / 1000, 1),
             "connections": self._connection_stats(),
             "load": {
@@ -673,6 +764,7 @@ class RunningNode:
                         "slots": peer.load.slots,
                     },
                     "models": [m.name for m in peer.models],
+                    "tokens_per_second": {m.name: m.tokens_per_second for m in peer.models},
                     "ledger_sync": self._sync_status(peer.node_id),
                 }
                 for peer in self.peer_table

@@ -19,6 +19,19 @@ extras=""
 if [ "${1:-}" = "--test" ]; then
     extras="[test]"
 fi
+# The console's browser tests drive Debian's headless Chromium (nothing is downloaded at
+# run time): installed as root with apt-get, skipped at once when both are there.
+if [ -n "$extras" ] && ! { command -v chromium && command -v chromedriver; } >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "Installing chromium and chromium-driver (the console's browser tests)..." >&2
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 \
+            || { apt-get update -q >/dev/null && apt-get install -y -q chromium chromium-driver >/dev/null; }
+    else
+        echo "No chromium/chromedriver and no root apt-get: the console's browser tests will skip" \
+            "(apt-get install chromium chromium-driver)" >&2
+    fi
+fi
 stamp=".venv/.allerac-setup${extras:+-test}"
 inputs="$(cat pyproject.toml scripts/constraints.txt | sha256sum | cut -d' ' -f1)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$inputs" ]; then

@@ -576,7 +576,7 @@ def _best_effort_position(signed: lpb.SignedRecord) -> tuple[str, int]:
     return record.node_id[:64] or "?", int(record.seq)
 
 
-USAGE_KEYS = ("node", "model", "tier", "user")
+USAGE_KEYS = ("node", "model", "tier", "user", "day")
 
 
 @dataclass(kw_only=True)
@@ -596,7 +596,7 @@ def summarize(
     until_ms: int = 2**63 - 1,
     excluded: Collection[bytes] = (),
 ) -> list[UsageRow]:
-    """Usage by node, model, tier or user, from the records that verify, each counted once
+    """Usage by node, model, tier, user or UTC day, from the records that verify, each counted once
     (by node and sequence), ended inside [since_ms, until_ms). `excluded`: hashes of
     records not to count (those their entry node refused: `refused_records`)."""
     if by not in USAGE_KEYS:
@@ -617,17 +617,24 @@ def summarize(
             continue
         if not since_ms <= record.ended_at_unix_ms < until_ms:
             continue
-        key = {
-            "node": record.served_by or record.node_id,
-            "model": record.model,
-            "tier": record.route,
-            "user": record.user or "(owner)",
-        }[by]
+        key = _usage_key(record, by)
         row = rows.setdefault(key, UsageRow(key=key))
         row.requests += 1
         row.prompt_tokens += record.prompt_tokens
         row.completion_tokens += record.completion_tokens
     return sorted(rows.values(), key=lambda r: (-r.completion_tokens - r.prompt_tokens, r.key))
+
+
+def _usage_key(record: lpb.UsageRecord, by: str) -> str:
+    if by == "node":
+        return record.served_by or record.node_id
+    if by == "model":
+        return record.model
+    if by == "tier":
+        return record.route
+    if by == "user":
+        return record.user or "(owner)"
+    return datetime.fromtimestamp(record.ended_at_unix_ms / 1000, tz=UTC).strftime("%Y-%m-%d")
 
 
 def refused_records(

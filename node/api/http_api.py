@@ -53,6 +53,13 @@ from mesh.quota.users import OWNER, Caller, bearer_key
 from mesh.routing.scheduler import Privacy
 from node.api.mesh_admin import MAX_INVITE_TTL_S, MeshAdmin
 from node.api.owner import HostGuard, OwnerToken
+from node.api.request_log import (
+    RequestObserver,
+    build_observe,
+    facts,
+    note_caller,
+    note_first_token,
+)
 from node.serving.entry import EntryAnswer, EntrySide
 from node.serving.quota_service import QuotaService
 from node.store.users_admin import UsersAdmin
@@ -79,7 +86,7 @@ CORS_MAX_AGE_S = "600"
 JSON_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 
-def _json_response(
+def json_response(
     body: dict[str, Any], *, status: int = 200, headers: dict[str, str] | None = None
 ) -> web.Response:
     return web.Response(
@@ -108,6 +115,7 @@ async def _error_middleware(request: web.Request, handler: Handler) -> web.Strea
     try:
         return await handler(request)
     except MeshError as error:
+        facts(request).error_code = error.code or ""
         if error.http_status >= 500:
             logger.warning("%s %s failed: %s", request.method, request.path, error.message)
         # RFC 7235 section 3.1: a 401 names the scheme that would work.
@@ -116,13 +124,13 @@ async def _error_middleware(request: web.Request, handler: Handler) -> web.Strea
             headers["Retry-After"] = str(
                 _seconds_until(error.resets_at, request.app[CLOCK].now_ms())
             )
-        return _json_response(
+        return json_response(
             openai_api.error_body(error), status=error.http_status, headers=headers or None
         )
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return _json_response(_http_error_body(exc), status=exc.status)
+        return json_response(_http_error_body(exc), status=exc.status)
 
 
 @web.middleware
@@ -219,7 +227,7 @@ def _from_loopback(request: web.Request) -> bool:
     return address.is_loopback
 
 
-def _cannot_be_a_page(request: web.Request) -> bool:
+def cannot_be_a_page(request: web.Request) -> bool:
     """A request no web page could have sent: from this box, to a loopback name, with no
     `Origin` and no cross-site fetch metadata (an `<img>` or `<script>` GET carries no
     Origin, but browsers mark it `Sec-Fetch-Site: cross-site`)."""
@@ -231,7 +239,7 @@ def _cannot_be_a_page(request: web.Request) -> bool:
     )
 
 
-def _is_owner_token(request: web.Request) -> bool:
+def is_owner_token(request: web.Request) -> bool:
     try:
         key = bearer_key(request.headers.get("Authorization"))
     except MeshError:
@@ -239,13 +247,16 @@ def _is_owner_token(request: web.Request) -> bool:
     return request.app[OWNER_TOKEN].matches(key)
 
 
-def _caller(request: web.Request) -> Caller:
+def get_caller(request: web.Request) -> Caller:
     """Who sent this request (401 when they must and did not prove it)."""
-    if _is_owner_token(request):
-        return OWNER
-    return request.app[USERS].caller(
-        request.headers.get("Authorization"), loopback=_cannot_be_a_page(request)
-    )
+    if is_owner_token(request):
+        caller = OWNER
+    else:
+        caller = request.app[USERS].caller(
+            request.headers.get("Authorization"), loopback=cannot_be_a_page(request)
+        )
+    note_caller(request, caller)
+    return caller
 
 
 async def _answer(
@@ -257,7 +268,12 @@ async def _answer(
     # Admitted (its user's quota reserved at the home node) before it is planned; settled
     # when it ends, however it ends (a client that hangs up included).
     async with request.app[ENTRY].answer(inference, privacy) as answer:
-        return await _respond(request, answer, stream)
+        try:
+            return await _respond(request, answer, stream)
+        finally:
+            noted = facts(request)
+            noted.model = answer.served_by.model
+            noted.route = answer.served_by.route.value
 
 
 async def _respond(request: web.Request, answer: EntryAnswer, stream: bool) -> web.StreamResponse:
@@ -269,10 +285,12 @@ async def _respond(request: web.Request, answer: EntryAnswer, stream: bool) -> w
         parts: list[str] = []
         async with contextlib.aclosing(answer.events()) as events:
             async for event in events:
+                note_first_token(request)
                 if isinstance(event, TextDelta):
                     parts.append(event.text)
                 else:
-                    return _json_response(
+                    _note_tokens(request, event)
+                    return json_response(
                         ids.complete("".join(parts), event), headers=_route_headers(answer)
                     )
         raise AssertionError("an answer always ends with Finished")
@@ -289,9 +307,11 @@ async def _respond(request: web.Request, answer: EntryAnswer, stream: bool) -> w
             await response.write(openai_api.sse(ids.role_chunk()))
         try:
             async for event in coalesce(events):
+                note_first_token(request)
                 if isinstance(event, TextDelta):
                     await response.write(openai_api.sse(ids.chunk(event.text)))
                 elif isinstance(event, Finished):
+                    _note_tokens(request, event)
                     await response.write(openai_api.sse(ids.chunk(None, event)))
                     await response.write(openai_api.sse(ids.usage_chunk(event)))
         except MeshError as error:
@@ -303,15 +323,21 @@ async def _respond(request: web.Request, answer: EntryAnswer, stream: bool) -> w
     return response
 
 
+def _note_tokens(request: web.Request, finished: Finished) -> None:
+    noted = facts(request)
+    noted.prompt_tokens = finished.prompt_tokens
+    noted.completion_tokens = finished.completion_tokens
+
+
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    caller = _caller(request)
+    caller = get_caller(request)
     body = await _read_body(request)
     inference, stream = openai_api.parse_chat_request(body, max_bytes=request.app[MAX_BYTES])
     return await _answer(request, caller, inference, stream)
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
-    caller = _caller(request)
+    caller = get_caller(request)
     body = await _read_body(request)
     inference, stream = openai_api.parse_completion_request(body, max_bytes=request.app[MAX_BYTES])
     return await _answer(request, caller, inference, stream)
@@ -319,16 +345,16 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 async def list_models(request: web.Request) -> web.Response:
     """Every model the mesh can serve, and where (the nodes up that serve it)."""
-    _caller(request)  # beyond loopback: only with a key
+    get_caller(request)  # beyond loopback: only with a key
     served = request.app[ENTRY].mesh_models()
     body = openai_api.models_list([info for info, _ in served])
     for entry, (_, nodes) in zip(body["data"], served, strict=True):
         entry["served_by"] = nodes
-    return _json_response(body)
+    return json_response(body)
 
 
 async def route_explain(request: web.Request) -> web.Response:
-    caller = _caller(request)
+    caller = get_caller(request)
     model = request.query.get("model", "")
     if not model:
         raise InvalidRequest("model is required", param="model")
@@ -338,7 +364,7 @@ async def route_explain(request: web.Request) -> web.Response:
     raw_max = request.query.get("max_tokens")
     if raw_max is not None and not raw_max.isdigit():
         raise InvalidRequest("max_tokens must be a positive integer", param="max_tokens")
-    return _json_response(
+    return json_response(
         entry.explain(
             model,
             privacy or entry.default_privacy,
@@ -348,17 +374,18 @@ async def route_explain(request: web.Request) -> web.Response:
 
 
 async def get_status(request: web.Request) -> web.Response:
-    _caller(request)  # beyond loopback: only with a key
-    return _json_response(request.app[STATUS]())
+    get_caller(request)  # beyond loopback: only with a key
+    return json_response(request.app[STATUS]())
 
 
 # --- administration (the box's owner only) ---------------------------------------------------
 
 
-def _require_owner(request: web.Request, what: str) -> None:
+def require_owner(request: web.Request, what: str) -> None:
     """Only the owner token opens administration: neither an API key nor being on loopback
     (a web page the owner opens sends from loopback too)."""
-    if _is_owner_token(request):
+    if is_owner_token(request):
+        note_caller(request, OWNER)
         return
     if API_KEY_PREFIX in request.headers.get("Authorization", ""):
         raise PermissionDenied(
@@ -372,12 +399,12 @@ def _require_owner(request: web.Request, what: str) -> None:
 
 
 def _owner_only(request: web.Request) -> MeshAdmin:
-    _require_owner(request, "mesh")
+    require_owner(request, "mesh")
     return request.app[MESH_ADMIN]
 
 
 def _users_owner_only(request: web.Request) -> UsersAdmin:
-    _require_owner(request, "user")
+    require_owner(request, "user")
     return request.app[USERS]
 
 
@@ -393,7 +420,7 @@ def _string(body: dict[str, Any], key: str, default: str | None = None) -> str:
 
 
 async def mesh_describe(request: web.Request) -> web.Response:
-    return _json_response(_owner_only(request).describe())
+    return json_response(_owner_only(request).describe())
 
 
 async def mesh_invite(request: web.Request) -> web.Response:
@@ -406,7 +433,7 @@ async def mesh_invite(request: web.Request) -> web.Response:
         raise InvalidRequest(
             f"ttl_s must be from 1 to {MAX_INVITE_TTL_S} seconds (30 days)", param="ttl_s"
         )
-    return _json_response(admin.invite(role=_string(body, "role", "member"), ttl_s=float(ttl)))
+    return json_response(admin.invite(role=_string(body, "role", "member"), ttl_s=float(ttl)))
 
 
 async def mesh_join(request: web.Request) -> web.Response:
@@ -415,17 +442,17 @@ async def mesh_join(request: web.Request) -> web.Response:
     leave = body.get("leave_current", False)
     if not isinstance(leave, bool):
         raise InvalidRequest("leave_current must be true or false", param="leave_current")
-    return _json_response(await admin.join(_string(body, "code"), leave_current=leave))
+    return json_response(await admin.join(_string(body, "code"), leave_current=leave))
 
 
 async def mesh_members(request: web.Request) -> web.Response:
-    return _json_response(_owner_only(request).members())
+    return json_response(_owner_only(request).members())
 
 
 async def mesh_revoke(request: web.Request) -> web.Response:
     admin = _owner_only(request)
     body = await _json_fields(request)
-    return _json_response(await admin.revoke(_string(body, "node_id")))
+    return json_response(await admin.revoke(_string(body, "node_id")))
 
 
 async def users_list(request: web.Request) -> web.Response:
@@ -439,7 +466,7 @@ async def users_list(request: web.Request) -> web.Response:
         record = users.get(entry["name"])
         if record is not None:
             entry["quota_state"] = book.describe(record.name, record.quota, now_ms)
-    return _json_response(listed)
+    return json_response(listed)
 
 
 async def users_add(request: web.Request) -> web.Response:
@@ -447,7 +474,7 @@ async def users_add(request: web.Request) -> web.Response:
     body = await _json_fields(request)
     privacy = body.get("privacy")
     quota = body.get("quota")
-    return _json_response(
+    return json_response(
         await users.add(
             name=_string(body, "name"),
             privacy=Privacy.parse(_string(body, "privacy")) if privacy is not None else None,
@@ -463,7 +490,7 @@ async def users_update(request: web.Request) -> web.Response:
     privacy, quota = body.get("privacy"), body.get("quota")
     if privacy is None and quota is None:
         raise InvalidRequest("send privacy, quota or both")
-    return _json_response(
+    return json_response(
         await users.update(
             request.match_info["name"],
             privacy=Privacy.parse(_string(body, "privacy")) if privacy is not None else None,
@@ -473,7 +500,7 @@ async def users_update(request: web.Request) -> web.Response:
 
 
 async def users_remove(request: web.Request) -> web.Response:
-    return _json_response(await _users_owner_only(request).remove(request.match_info["name"]))
+    return json_response(await _users_owner_only(request).remove(request.match_info["name"]))
 
 
 def build_app(
@@ -487,11 +514,14 @@ def build_app(
     owner: OwnerToken,
     guard: HostGuard,
     clock: Clock = SYSTEM,
+    observers: tuple[RequestObserver, ...] = (),
 ) -> web.Application:
     # client_max_size bounds what aiohttp itself buffers; _read_body gives the clear error.
-    # The guard runs inside the error middleware, so its refusals are OpenAI-style JSON.
+    # The guard runs inside the error middleware, so its refusals are OpenAI-style JSON;
+    # the request log (node/api/request_log.py) outside both sees every final status.
     app = web.Application(
-        client_max_size=max_request_bytes, middlewares=[_error_middleware, _guard_middleware]
+        client_max_size=max_request_bytes,
+        middlewares=[build_observe(list(observers)), _error_middleware, _guard_middleware],
     )
     app.on_response_prepare.append(_cors_headers)
     app[OWNER_TOKEN] = owner

@@ -50,7 +50,7 @@ class MeshAdmin:
         self._clock = clock
         self._trust = trust
         self._addresses = addresses
-        self._display_name = display_name or socket.gethostname()
+        self.display_name = display_name or socket.gethostname()
         self._on_change = on_change
         self._on_joined = on_joined
 
@@ -109,7 +109,7 @@ class MeshAdmin:
         inviter = await join_mesh(
             code,
             self._trust,
-            display_name=self._display_name,
+            display_name=self.display_name,
             addresses=tuple(self._addresses()),
         )
         if self._on_joined is not None:
@@ -124,7 +124,7 @@ class MeshAdmin:
         me = {
             "node_id": trust.identity.node_id,
             "role": trust.role.value,
-            "display_name": self._display_name,
+            "display_name": self.display_name,
             "addresses": self._addresses(),
             "this_node": True,
             "revoked": False,

@@ -52,6 +52,11 @@ class OwnerToken:
             return False
         return hmac.compare_digest(presented.encode("utf-8"), self._token.encode("ascii"))
 
+    def authorization(self) -> str:
+        """The `Authorization` value this token makes (the console's owner session stands
+        for it inside the node; it never leaves the node)."""
+        return f"Bearer {self._token}"
+
     @staticmethod
     def clear(home: Home, token: OwnerToken) -> None:
         """Remove the token file when it is still this node's."""
