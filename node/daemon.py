@@ -27,7 +27,7 @@ from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from aiohttp import web
@@ -69,13 +69,15 @@ from node.store.trust_store import TrustStore
 from node.store.users_admin import UsersAdmin, log_api_access
 from node.tasks import Tasks
 from node.transport import node_pb2_grpc as pb_grpc
-from node.transport.discovery import Discovery
 from node.transport.grpc_front import GrpcFront
 from node.transport.grpc_service import NodeServicer
 from node.transport.http_guard import GuardedSite, HttpConnectionGuard
 from node.transport.listeners import AcceptErrorLog, ListenerSettings, raise_nofile_limit
 from node.transport.peering import Peering
 from node.transport.relay_client import RelayLink
+
+if TYPE_CHECKING:
+    from node.transport.discovery import Discovery
 
 logger = logging.getLogger(__name__)
 
@@ -588,6 +590,10 @@ class RunningNode:
         if not lan:
             logger.info("mDNS off: the gRPC agent listens on loopback only")
             return
+        # Imported here: python-zeroconf costs every node start ~0.1 s CPU, and most
+        # boxes in tests (and behind --no-mdns) never announce.
+        from node.transport.discovery import Discovery
+
         trust, peering = self.trust, self.peering
         discovery = Discovery(
             node_id=self.node_id,

@@ -21,3 +21,32 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
 @pytest.fixture
 def fresh_home(tmp_path: Path) -> Path:
     return tmp_path / "home"
+
+
+# The test files that take longest (real processes and network namespaces), the longest
+# first. The test workers take whole files (`--dist loadfile`) in collection order: a long
+# file taken last would keep one worker busy alone at the end of the run.
+LONGEST_FIRST = (
+    "test_member_edges.py",
+    "test_netns_failover.py",
+    "test_netns_mesh.py",
+    "test_netns_relay.py",
+    "test_netns_mdns_flood.py",
+    "test_lifecycle.py",
+    "test_ledger_truncation.py",
+    "test_console_browser.py",
+    "test_api_keys.py",
+    "test_admission.py",
+    "test_http_api.py",
+    "test_mesh_trust.py",
+    "test_console_api.py",
+    "test_quotas.py",
+    "test_lan_mesh.py",
+    "test_stranger_edges.py",
+    "test_quota_leases.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: files stay whole

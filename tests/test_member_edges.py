@@ -1,6 +1,6 @@
 """A hostile or revoked member of the mesh (issue 12, findings 1 and 2), with real node
-processes: a member that forges other homes' users, and a revoked node that others must
-stop using at once."""
+processes: a member that forges other homes' users, and a revoked node that the others,
+and the relay they all use, must stop serving at once."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from cloud_relay.client import fetch_stats
+from cloud_relay.operator_token import read_operator_token
 from mesh.errors import NotAMember
 from mesh.quota.users import dump_users, hash_api_key, new_api_key, parse_users, sign_record
 from mesh.trust.invites import decode_invite, make_join_request
@@ -21,7 +23,7 @@ from node.store.home import Home
 from node.store.identity_key import load_or_create_identity
 from node.transport.peer_client import PeerClient
 from tests.members import new_trust
-from tests.nodeproc import NodeProcess, run_cli
+from tests.nodeproc import NodeProcess, RelayProcess, run_cli
 from tests.test_lan_mesh import start_mesh, status, wait_until
 from tests.test_mesh_trust import grpc_address
 
@@ -39,9 +41,23 @@ def answers(node: NodeProcess, key: str) -> int:
         return exc.code
 
 
-@pytest.fixture
-def trio(tmp_path: Path) -> Iterator[dict[str, NodeProcess]]:
-    nodes = start_mesh(tmp_path, {"admin": "", "b": "", "c": ""})
+@pytest.fixture(scope="module")
+def relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RelayProcess]:
+    relay = RelayProcess(tmp_path_factory.mktemp("relay")).start()
+    try:
+        yield relay
+    finally:
+        relay.kill()
+
+
+@pytest.fixture(scope="module")
+def trio(
+    tmp_path_factory: pytest.TempPathFactory, relay: RelayProcess
+) -> Iterator[dict[str, NodeProcess]]:
+    """Three boxes that also keep a session at one relay. One mesh for the module: the
+    first test leaves c a forger, the second revokes it (each also passes alone)."""
+    config = f'relays = ["{relay.address}"]\n'
+    nodes = start_mesh(tmp_path_factory.mktemp("trio"), {"admin": config, "b": config, "c": config})
     try:
         yield nodes
     finally:
@@ -83,7 +99,7 @@ def test_a_member_cannot_take_over_another_homes_user(trio: dict[str, NodeProces
             book._insert(signed)
     home.users_file.write_bytes(dump_users(book))
     port = c.info["grpc_address"].rsplit(":", 1)[1]  # where the others look for it
-    c = trio["c"] = NodeProcess(c.home, "--grpc-port", port).start()
+    c = trio["c"] = NodeProcess(c.home, "--grpc-port", port, config=c.config).start()
     assert answers(c, stolen) == 200  # c itself believes its forgery...
     # ...but nobody else does: the admin and b keep alice's real key and never see evil.
     for node in (admin, b):
@@ -127,11 +143,17 @@ def peers(node: NodeProcess) -> set[str]:
 
 
 def test_a_revocation_takes_effect_everywhere_at_once(
-    trio: dict[str, NodeProcess], tmp_path: Path
+    trio: dict[str, NodeProcess], relay: RelayProcess, tmp_path: Path
 ) -> None:
     admin, b, c = trio["admin"], trio["b"], trio["c"]
+    token = read_operator_token(relay.home / "run")
+
+    def sessions() -> int:
+        return int(asyncio.run(fetch_stats(relay.address, token=token))["sessions"])
+
     early_invite = run_cli(admin.home, "mesh", "invite").stdout.strip()
-    assert c.node_id in peers(b)
+    wait_until(lambda: c.node_id in peers(b), 10, "c up at b")
+    wait_until(lambda: sessions() == 3, 10, "three sessions at the relay")
     started = time.monotonic()
     revoked = run_cli(admin.home, "mesh", "revoke", c.node_id)
     assert revoked.returncode == 0, revoked.stderr
@@ -140,6 +162,9 @@ def test_a_revocation_takes_effect_everywhere_at_once(
     )
     print(f"revocation in effect at the admin and b after {time.monotonic() - started:.2f} s")
     assert took < 5
+    # The relay is told too (members hand it the list mid-session): it closes c's session
+    # within 3 s, and keeps refusing it while c tries again.
+    assert wait_until(lambda: sessions() == 2, 5, "c's relay session closed") < 3
     route = json.loads(run_cli(b.home, "route", "default", "--explain", "--json").stdout)
     assert c.node_id not in {row["node_id"] for row in route["candidates"]}
     assert c.node_id not in served_by(b, 18)
@@ -150,6 +175,7 @@ def test_a_revocation_takes_effect_everywhere_at_once(
     while time.monotonic() < deadline:
         for node in (admin, b):
             assert "late" not in user_names(node)
+        assert sessions() == 2
         time.sleep(0.25)
     # c cannot come back with an invite made before its revocation, and trying does not
     # use the invite up.
@@ -171,34 +197,3 @@ async def _rejoin_refused(admin: NodeProcess, c: NodeProcess, code: str, tmp: Pa
     async with PeerClient(grpc_address(admin), trust=new_trust(tmp / "asker")) as client:
         with pytest.raises(NotAMember, match="revoked"):
             await client.join(request)
-
-
-def test_the_relay_is_told_of_a_revocation_at_once(tmp_path: Path) -> None:
-    from cloud_relay.client import fetch_stats
-    from cloud_relay.operator_token import read_operator_token
-    from tests.nodeproc import RelayProcess
-
-    relay = RelayProcess(tmp_path / "relay").start()
-    try:
-        token = read_operator_token(relay.home / "run")
-
-        def sessions() -> int:
-            return int(asyncio.run(fetch_stats(relay.address, token=token))["sessions"])
-
-        config = f'relays = ["{relay.address}"]\n'
-        nodes = start_mesh(tmp_path, {"admin": config, "b": config, "c": config})
-        try:
-            wait_until(lambda: sessions() == 3, 10, "three sessions at the relay")
-            c = nodes["c"]
-            assert run_cli(nodes["admin"].home, "mesh", "revoke", c.node_id).returncode == 0
-            took = wait_until(lambda: sessions() == 2, 5, "c's relay session closed")
-            assert took < 3
-            # c keeps trying; the relay keeps refusing it (it knows the list now).
-            deadline = time.monotonic() + 2.5
-            while time.monotonic() < deadline:
-                assert sessions() == 2
-        finally:
-            for node in nodes.values():
-                node.kill()
-    finally:
-        relay.kill()
