@@ -240,6 +240,13 @@ class ClockSkew(Unauthenticated):
 
 
 class InviteError(PermissionDenied):
-    """An invite code is malformed, unknown, expired or already used."""
+    """An invite is unknown, expired or already used, or a join it allows is refused."""
 
     code = "invite_invalid"
+
+
+class MalformedInvite(InvalidRequest):
+    """What was given as an invite code is not one (mistyped, cut short, damaged): a bad
+    request (400), not a refusal."""
+
+    code = "invite_malformed"

@@ -555,30 +555,48 @@ def chat(
     if prompt is not None:
         ask(prompt)
         return
-    click.echo(
-        f"Chatting with {model} at {node.url} (Ctrl-D or /exit to leave, Ctrl-C stops an answer)."
-    )
-    while True:
-        try:
-            text = input("you> ")
-        except EOFError:
-            click.echo()
-            return
-        except KeyboardInterrupt:
-            click.echo()
-            return
-        if text.strip() in ("/exit", "/quit"):
-            return
+    if not sys.stdin.isatty():  # `echo QUESTION | allerac chat`: stdout is the answer alone
+        text = sys.stdin.read()
         if not text.strip():
-            continue
-        try:
-            answer = ask(text)
-        except KeyboardInterrupt:
-            click.echo("\n(answer stopped)")
-            continue
-        history.extend(
-            ({"role": "user", "content": text}, {"role": "assistant", "content": answer})
-        )
+            _fail("nothing to ask: give a PROMPT or pipe a question in")
+        ask(text.strip())
+        return
+    _chat_session(Home.resolve(home_dir), node, model, ask, history)
+
+
+def _chat_session(
+    home: Home,
+    node: NodeAddress,
+    model: str,
+    ask: Callable[[str], str],
+    history: list[dict[str, str]],
+) -> None:
+    """The interactive chat at a terminal: readline editing and history, multi-line input."""
+    from node.chat_input import line_editing, read_message
+
+    click.echo(
+        f"Chatting with {model} at {node.url} (Ctrl-D or /exit to leave, Ctrl-C stops an "
+        'answer; end a line with \\ to go on, or put a long text between """ lines).'
+    )
+    with line_editing(home.root / "chat_history"):
+        while True:
+            try:
+                text = read_message(input)
+            except (EOFError, KeyboardInterrupt):
+                click.echo()
+                return
+            if text.strip() in ("/exit", "/quit"):
+                return
+            if not text.strip():
+                continue
+            try:
+                answer = ask(text)
+            except KeyboardInterrupt:
+                click.echo("\n(answer stopped)")
+                continue
+            history.extend(
+                ({"role": "user", "content": text}, {"role": "assistant", "content": answer})
+            )
 
 
 @cli.command()
@@ -603,16 +621,15 @@ def route(
         {"model": model, "privacy": privacy, **({"max_tokens": max_tokens} if max_tokens else {})}
     )
     data = _json(_node(home_dir), "GET", f"/allerac/route?{query}")
-    if as_json:
-        click.echo(json.dumps(data, indent=2))
-        return
     rows = data["candidates"]
     chosen = next((r for r in rows if r["status"] == "chosen"), None)
-    if chosen is None:
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+    elif chosen is None:
         click.echo(f"{model}: nobody can serve it now ({data['reason']})")
     else:
         click.echo(f"{model} -> {chosen['node_id']} ({chosen['route']}): {data['reason']}")
-    if explain:
+    if explain and not as_json:
         click.echo(
             f"{'NODE':16} {'ROUTE':6} {'ETA ms':>8} {'WAIT ms':>8} {'RTT ms':>7} "
             f"{'LOAD':>6} {'TOK/S':>6}  STATUS"
@@ -625,6 +642,8 @@ def route(
                 f"{r['rtt_ms']:>7.1f} {r['busy']:>3}/{r['slots']:<2} "
                 f"{r['tokens_per_second']:>6.0f}  {r['status']}"
             )
+    if chosen is None:
+        sys.exit(1)  # the question was "who serves it": nobody does
 
 
 # --- ledger ------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from typing import Any
 
 from mesh.clock import SYSTEM, Clock
 from mesh.errors import InvalidRequest, MeshError, MeshNotEmpty
+from mesh.trust.invites import decode_invite
 from mesh.trust.membership import Role, read_cert
 from node.store.trust_store import TrustStore
 from node.transport.peer_client import PeerClient, join_mesh
@@ -99,6 +100,8 @@ class MeshAdmin:
         return invited
 
     async def join(self, code: str, *, leave_current: bool = False) -> dict[str, Any]:
+        # A code that is not one is a 400 before anything else is asked (leaving included).
+        decode_invite(code, now_ms=self._clock.now_ms())
         others = self._others()
         if others and not leave_current:
             raise MeshNotEmpty(
