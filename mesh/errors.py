@@ -60,6 +60,13 @@ class LedgerError(MeshError):
     code = "ledger_error"
 
 
+class BackupError(MeshError):
+    """A backup cannot be made or restored: wrong passphrase, a damaged or foreign file, a
+    home that would be overwritten."""
+
+    code = "backup_error"
+
+
 class IdentityError(MeshError):
     """The node's identity key is missing, unreadable or corrupt."""
 

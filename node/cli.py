@@ -14,28 +14,19 @@ import sys
 import urllib.parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 
 from mesh.config import Flags
 from mesh.errors import MeshError
+from node.cli_backup import backup
+from node.cli_options import home_option
 from node.store.config_file import build_config
 from node.store.home import Home
 
-F = TypeVar("F", bound=Callable[..., Any])
 HTTP_TIMEOUT_S = 600.0
 DEFAULT_CHAT_SYSTEM = None
-
-
-def home_option(func: F) -> F:
-    return click.option(
-        "--home",
-        "home_dir",
-        type=click.Path(file_okay=False, path_type=Path),
-        default=None,
-        help="Data dir of the node (default: $ALLERAC_HOME or the platform data dir).",
-    )(func)
 
 
 def _fail(message: str) -> None:
@@ -954,6 +945,9 @@ def relay_stats(home_dir: Path | None, address: str, as_json: bool) -> None:
         return
     for key, value in stats.items():
         click.echo(f"{key:18} {value}")
+
+
+cli.add_command(backup)
 
 
 def main() -> None:
