@@ -318,6 +318,21 @@ def revoke(home_dir: Path | None, node_id: str) -> None:
         click.echo(f"  not reached yet: {node} ({error})", err=True)
 
 
+@mesh.group("admin")
+def mesh_admin() -> None:
+    """More admins, so the mesh outlives its first admin box."""
+
+
+@mesh_admin.command("add")
+@home_option
+@click.argument("node_id")
+def mesh_admin_add(home_dir: Path | None, node_id: str) -> None:
+    """Make member NODE_ID an admin too: it can then invite and revoke (run on an admin;
+    NODE_ID must be running and reachable)."""
+    reply = _json(_node(home_dir), "POST", "/allerac/mesh/admins", {"node_id": node_id})
+    click.echo(f"Node {reply['node_id']} is now an admin of mesh {reply['mesh_id']}.")
+
+
 @cli.group()
 def user() -> None:
     """Users of the mesh, their API keys (needed beyond loopback) and quotas."""

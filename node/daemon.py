@@ -480,6 +480,8 @@ class RunningNode:
                 display_name=self.config.display_name,
                 on_change=self.after_membership_change,
                 on_joined=self.after_join,
+                peer=lambda node_id: self.peering.client(node_id),
+                peer_addresses=lambda: self.peering.direct_addresses(),
                 clock=self._clock,
             ),
             users=parts.users,
