@@ -22,6 +22,7 @@ from mesh.config import Flags
 from mesh.errors import MeshError
 from node.cli_backup import backup
 from node.cli_options import home_option
+from node.cli_service import service
 from node.store.config_file import build_config
 from node.store.home import Home
 
@@ -963,6 +964,7 @@ def relay_stats(home_dir: Path | None, address: str, as_json: bool) -> None:
 
 
 cli.add_command(backup)
+cli.add_command(service)
 
 
 def main() -> None:
