@@ -7,8 +7,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from google.protobuf.message import DecodeError
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from mesh.errors import BadSignature, InvalidRequest, InviteError, NotAMember, PermissionDenied
+from mesh.errors import (
+    BadSignature,
+    InvalidRequest,
+    InviteError,
+    MeshError,
+    NotAMember,
+    PermissionDenied,
+)
 from mesh.trust.identity import Identity
 from mesh.trust.membership import (
     ADMIN_CERT_TTL_MS,
@@ -241,3 +251,33 @@ def test_two_admins_revoking_at_once_converge(tmp_path: Path) -> None:
     assert first.apply_revocations(second.revocations.signed)  # type: ignore[union-attr]
     assert first.revoked == second.revoked
     assert not first.apply_revocations(from_second)  # nothing new
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.binary(max_size=2048))
+def test_reading_any_certificate_bytes_verifies_or_refuses(data: bytes) -> None:
+    try:
+        signed = tpb.SignedCert.FromString(data)
+    except DecodeError:
+        return
+    try:
+        _cert, valid = read_cert(signed)
+    except MeshError:
+        return
+    assert not valid  # random bytes never carry a valid signature
+
+
+@settings(max_examples=100, deadline=None)
+@given(cut=st.integers(min_value=0, max_value=4000), flip=st.integers(min_value=0))
+def test_a_damaged_delegated_certificate_never_verifies(cut: int, flip: int) -> None:
+    raw = bytearray(member_cert(SECOND).SerializeToString())
+    raw[flip % len(raw)] ^= 0x01
+    try:
+        signed = tpb.SignedCert.FromString(bytes(raw[: max(cut, len(raw) // 2)]))
+        verify_cert(signed, mesh_public_key=MESH, now_ms=NOW + 1)
+    except (MeshError, DecodeError):
+        return
+    raise AssertionError("a damaged certificate verified")
+
+
+SECOND = delegate(ROOT)

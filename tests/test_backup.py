@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mesh.errors import BackupError
 from node.store.backup_file import ScryptCost, SealingWriter, unseal
@@ -217,3 +219,12 @@ def test_a_wrong_passphrase_or_a_damaged_file_restores_nothing(
     )
     assert unasked.returncode == 1
     assert "ALLERAC_BACKUP_PASSPHRASE" in unasked.stderr
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.binary(max_size=600))
+def test_opening_any_bytes_returns_nothing_or_says_why(data: bytes) -> None:
+    out = io.BytesIO()
+    with pytest.raises(BackupError):
+        unseal(io.BytesIO(data), out, PASS)
+    assert out.getvalue() == b""
