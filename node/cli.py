@@ -601,6 +601,9 @@ def _chat_session(
             except KeyboardInterrupt:
                 click.echo("\n(answer stopped)")
                 continue
+            except click.ClickException as refused:  # said, and the session goes on
+                click.echo(f"Error: {refused.format_message()}", err=True)
+                continue
             history.extend(
                 ({"role": "user", "content": text}, {"role": "assistant", "content": answer})
             )

@@ -130,3 +130,19 @@ def test_interactive_chat_edits_lines_and_keeps_history(node: NodeProcess) -> No
     assert history.read_text(encoding="utf-8").splitlines().count(QUESTION) >= 1
     assert oct(history.stat().st_mode & 0o777) == "0o600"
     assert "\x1b" not in history.read_text(encoding="utf-8")
+
+
+def test_a_refused_question_is_said_and_the_session_goes_on(node: NodeProcess) -> None:
+    argv = ["-m", "node", "chat", "--home", str(node.home), "-m", "no-such-model"]
+    env = {**os.environ, "TERM": "xterm"}
+    child = pexpect.spawn(sys.executable, argv, env=env, encoding="utf-8", timeout=60)
+    try:
+        child.expect_exact("you> ")
+        child.send("hi\r")
+        child.expect_exact("404")
+        child.expect_exact("you> ")  # still chatting
+        child.send("/exit\r")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0
