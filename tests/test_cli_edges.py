@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pexpect
 import pytest
+from click.testing import CliRunner
 
+from node.cli import cli
 from tests.nodeproc import NodeProcess, run_cli
 from tests.test_owner_edges import raw
 
@@ -44,8 +46,8 @@ def test_a_malformed_invite_code_is_a_400(node: NodeProcess) -> None:
     [("status",), ("models",), ("chat", "hi"), ("route", "default"), ("user", "list")],
 )
 def test_a_mistyped_home_is_a_clear_error(tmp_path: Path, args: tuple[str, ...]) -> None:
-    result = run_cli(tmp_path / "no-such-home", *args)
-    assert result.returncode == 1
+    result = CliRunner().invoke(cli, [*args, "--home", str(tmp_path / "no-such-home")])
+    assert result.exit_code == 1
     assert "no data dir" in result.stderr
     assert "--home" in result.stderr
     assert not (tmp_path / "no-such-home").exists()  # asking created nothing
