@@ -23,8 +23,9 @@ if [ -n "$extras" ] && ! command -v systemd-analyze >/dev/null 2>&1; then
     # tests/test_service.py checks the service unit with systemd's own verifier.
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         echo "Installing Debian's systemd package (systemd-analyze, for the service unit test)..." >&2
-        apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends systemd >/dev/null
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get install -y -q --no-install-recommends systemd >/dev/null 2>&1 \
+            || { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends systemd >/dev/null; }
     else
         echo "systemd-analyze is missing and cannot be installed here (needs root and apt-get):" \
             "tests/test_service.py skips its unit check" >&2
