@@ -105,8 +105,8 @@ def test_multi_line_messages() -> None:
 def test_interactive_chat_edits_lines_and_keeps_history(node: NodeProcess) -> None:
     history = node.home / "chat_history"
     history.unlink(missing_ok=True)
-    env = {**os.environ, "TERM": "xterm", "PYTHONUNBUFFERED": "1"}
-    env.pop("INPUTRC", None)
+    # readline's default key bindings, whatever ~/.inputrc the machine has
+    env = {**os.environ, "TERM": "xterm", "PYTHONUNBUFFERED": "1", "INPUTRC": "/dev/null"}
     argv = ["-m", "node", "chat", "--home", str(node.home), "--max-tokens", "24"]
     child = pexpect.spawn(sys.executable, argv, env=env, encoding="utf-8", timeout=60)
     try:
