@@ -23,7 +23,7 @@ import logging
 from collections.abc import Callable
 
 from mesh.clock import SYSTEM
-from mesh.errors import Overloaded, PermissionDenied
+from mesh.errors import BadSignature, Overloaded, PermissionDenied
 from mesh.routing.relay import (
     Claim,
     Refused,
@@ -34,7 +34,13 @@ from mesh.routing.relay import (
     may_reach,
     sees_directory,
 )
-from mesh.trust.membership import Revocations, Role, role_to_pb, verify_revocations
+from mesh.trust.membership import (
+    Revocations,
+    Role,
+    role_to_pb,
+    supersedes,
+    verify_revocations,
+)
 from mesh.wire.v1 import relay_pb2 as rpb
 from mesh.wire.v1 import trust_pb2 as tpb
 
@@ -260,8 +266,11 @@ class Switchboard:
         self._adopt_revocations(sender.identity.mesh_id, revocations)
 
     def _adopt_revocations(self, mesh_id: str, revocations: Revocations) -> None:
-        current = self._revocations.get(mesh_id)
-        if current is not None and current.version >= revocations.version:
+        try:
+            if not supersedes(revocations, self._revocations.get(mesh_id)):
+                return
+        except BadSignature as exc:  # drops revoked nodes, or signed by a revoked admin
+            logger.info("ignored a revocation list for mesh %s: %s", mesh_id[:7], exc.message)
             return
         self._revocations[mesh_id] = revocations
         for node_id in revocations.revoked:

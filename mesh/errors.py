@@ -60,6 +60,13 @@ class LedgerError(MeshError):
     code = "ledger_error"
 
 
+class BackupError(MeshError):
+    """A backup cannot be made or restored: wrong passphrase, a damaged or foreign file, a
+    home that would be overwritten."""
+
+    code = "backup_error"
+
+
 class IdentityError(MeshError):
     """The node's identity key is missing, unreadable or corrupt."""
 
@@ -255,6 +262,13 @@ class ClockSkew(Unauthenticated):
 
 
 class InviteError(PermissionDenied):
-    """An invite code is malformed, unknown, expired or already used."""
+    """An invite is unknown, expired or already used, or a join it allows is refused."""
 
     code = "invite_invalid"
+
+
+class MalformedInvite(InvalidRequest):
+    """What was given as an invite code is not one (mistyped, cut short, damaged): a bad
+    request (400), not a refusal."""
+
+    code = "invite_malformed"

@@ -14,28 +14,20 @@ import sys
 import urllib.parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 
 from mesh.config import Flags
 from mesh.errors import MeshError
+from node.cli_backup import backup
+from node.cli_options import home_option
+from node.cli_service import service
 from node.store.config_file import build_config
 from node.store.home import Home
 
-F = TypeVar("F", bound=Callable[..., Any])
 HTTP_TIMEOUT_S = 600.0
 DEFAULT_CHAT_SYSTEM = None
-
-
-def home_option(func: F) -> F:
-    return click.option(
-        "--home",
-        "home_dir",
-        type=click.Path(file_okay=False, path_type=Path),
-        default=None,
-        help="Data dir of the node (default: $ALLERAC_HOME or the platform data dir).",
-    )(func)
 
 
 def _fail(message: str) -> None:
@@ -334,6 +326,21 @@ def revoke(home_dir: Path | None, node_id: str) -> None:
         click.echo(f"  not reached yet: {node} ({error})", err=True)
 
 
+@mesh.group("admin")
+def mesh_admin() -> None:
+    """More admins, so the mesh outlives its first admin box."""
+
+
+@mesh_admin.command("add")
+@home_option
+@click.argument("node_id")
+def mesh_admin_add(home_dir: Path | None, node_id: str) -> None:
+    """Make member NODE_ID an admin too: it can then invite and revoke (run on an admin;
+    NODE_ID must be running and reachable)."""
+    reply = _json(_node(home_dir), "POST", "/allerac/mesh/admins", {"node_id": node_id})
+    click.echo(f"Node {reply['node_id']} is now an admin of mesh {reply['mesh_id']}.")
+
+
 @cli.group()
 def user() -> None:
     """Users of the mesh, their API keys (needed beyond loopback) and quotas."""
@@ -562,30 +569,51 @@ def chat(
     if prompt is not None:
         ask(prompt)
         return
-    click.echo(
-        f"Chatting with {model} at {node.url} (Ctrl-D or /exit to leave, Ctrl-C stops an answer)."
-    )
-    while True:
-        try:
-            text = input("you> ")
-        except EOFError:
-            click.echo()
-            return
-        except KeyboardInterrupt:
-            click.echo()
-            return
-        if text.strip() in ("/exit", "/quit"):
-            return
+    if not sys.stdin.isatty():  # `echo QUESTION | allerac chat`: stdout is the answer alone
+        text = sys.stdin.read()
         if not text.strip():
-            continue
-        try:
-            answer = ask(text)
-        except KeyboardInterrupt:
-            click.echo("\n(answer stopped)")
-            continue
-        history.extend(
-            ({"role": "user", "content": text}, {"role": "assistant", "content": answer})
-        )
+            _fail("nothing to ask: give a PROMPT or pipe a question in")
+        ask(text.strip())
+        return
+    _chat_session(Home.resolve(home_dir), node, model, ask, history)
+
+
+def _chat_session(
+    home: Home,
+    node: NodeAddress,
+    model: str,
+    ask: Callable[[str], str],
+    history: list[dict[str, str]],
+) -> None:
+    """The interactive chat at a terminal: readline editing and history, multi-line input."""
+    from node.chat_input import line_editing, read_message
+
+    click.echo(
+        f"Chatting with {model} at {node.url} (Ctrl-D or /exit to leave, Ctrl-C stops an "
+        'answer; end a line with \\ to go on, or put a long text between """ lines).'
+    )
+    with line_editing(home.root / "chat_history"):
+        while True:
+            try:
+                text = read_message(input)
+            except (EOFError, KeyboardInterrupt):
+                click.echo()
+                return
+            if text.strip() in ("/exit", "/quit"):
+                return
+            if not text.strip():
+                continue
+            try:
+                answer = ask(text)
+            except KeyboardInterrupt:
+                click.echo("\n(answer stopped)")
+                continue
+            except click.ClickException as refused:  # said, and the session goes on
+                click.echo(f"Error: {refused.format_message()}", err=True)
+                continue
+            history.extend(
+                ({"role": "user", "content": text}, {"role": "assistant", "content": answer})
+            )
 
 
 @cli.command()
@@ -610,16 +638,15 @@ def route(
         {"model": model, "privacy": privacy, **({"max_tokens": max_tokens} if max_tokens else {})}
     )
     data = _json(_node(home_dir), "GET", f"/allerac/route?{query}")
-    if as_json:
-        click.echo(json.dumps(data, indent=2))
-        return
     rows = data["candidates"]
     chosen = next((r for r in rows if r["status"] == "chosen"), None)
-    if chosen is None:
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+    elif chosen is None:
         click.echo(f"{model}: nobody can serve it now ({data['reason']})")
     else:
         click.echo(f"{model} -> {chosen['node_id']} ({chosen['route']}): {data['reason']}")
-    if explain:
+    if explain and not as_json:
         click.echo(
             f"{'NODE':16} {'ROUTE':6} {'ETA ms':>8} {'WAIT ms':>8} {'RTT ms':>7} "
             f"{'LOAD':>6} {'TOK/S':>6}  STATUS"
@@ -632,6 +659,8 @@ def route(
                 f"{r['rtt_ms']:>7.1f} {r['busy']:>3}/{r['slots']:<2} "
                 f"{r['tokens_per_second']:>6.0f}  {r['status']}"
             )
+    if chosen is None:
+        sys.exit(1)  # the question was "who serves it": nobody does
 
 
 @cli.command()
@@ -865,6 +894,10 @@ def relay_stats(home_dir: Path | None, address: str, as_json: bool) -> None:
         return
     for key, value in stats.items():
         click.echo(f"{key:18} {value}")
+
+
+cli.add_command(backup)
+cli.add_command(service)
 
 
 def main() -> None:

@@ -500,6 +500,8 @@ class RunningNode:
             display_name=self.display_name,
             on_change=self.after_membership_change,
             on_joined=self.after_join,
+            peer=lambda node_id: self.peering.client(node_id),
+            peer_addresses=lambda: self.peering.direct_addresses(),
             clock=self._clock,
         )
         app = build_app(

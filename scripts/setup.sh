@@ -19,18 +19,32 @@ extras=""
 if [ "${1:-}" = "--test" ]; then
     extras="[test]"
 fi
-# The console's browser tests drive Debian's headless Chromium (nothing is downloaded at
-# run time): installed as root with apt-get, skipped at once when both are there.
-if [ -n "$extras" ] && ! { command -v chromium && command -v chromedriver; } >/dev/null 2>&1; then
+# Debian packages some tests need (nothing is downloaded at run time): installed as root
+# with apt-get, and skipped at once when their commands are there.
+#   apt_for_tests "what for" COMMAND... -- PACKAGE...
+apt_for_tests() {
+    local why="$1" missing="" commands=() packages=()
+    shift
+    while [ "$1" != "--" ]; do commands+=("$1"); shift; done
+    shift
+    packages=("$@")
+    for command in "${commands[@]}"; do
+        command -v "$command" >/dev/null 2>&1 || missing=1
+    done
+    [ -z "$missing" ] && return 0
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-        echo "Installing chromium and chromium-driver (the console's browser tests)..." >&2
+        echo "Installing ${packages[*]} ($why)..." >&2
         export DEBIAN_FRONTEND=noninteractive
-        apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 \
-            || { apt-get update -q >/dev/null && apt-get install -y -q chromium chromium-driver >/dev/null; }
+        apt-get install -y -q "${packages[@]}" >/dev/null 2>&1 \
+            || { apt-get update -q >/dev/null \
+                 && apt-get install -y -q "${packages[@]}" >/dev/null; }
     else
-        echo "No chromium/chromedriver and no root apt-get: the console's browser tests will skip" \
-            "(apt-get install chromium chromium-driver)" >&2
+        echo "${commands[*]} missing and no root apt-get: $why skip (apt-get install ${packages[*]})" >&2
     fi
+}
+if [ -n "$extras" ]; then
+    apt_for_tests "the console's browser tests" chromium chromedriver -- chromium chromium-driver
+    apt_for_tests "the service unit check" systemd-analyze -- systemd
 fi
 stamp=".venv/.allerac-setup${extras:+-test}"
 inputs="$(cat pyproject.toml scripts/constraints.txt | sha256sum | cut -d' ' -f1)"

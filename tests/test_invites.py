@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mesh.errors import InviteError, MeshError
+from mesh.errors import InviteError, MalformedInvite, MeshError
 from mesh.trust.identity import Identity
 from mesh.trust.invites import (
     CODE_PREFIX,
@@ -315,7 +315,7 @@ def test_corrupt_book_json_deeply_nested() -> None:
     ],
 )
 def test_decode_garbage(code: str) -> None:
-    with pytest.raises(InviteError):
+    with pytest.raises(MalformedInvite):
         decode_invite(code, now_ms=NOW)
 
 
@@ -323,7 +323,7 @@ def test_decode_wrong_prefix(book: InviteBook) -> None:
     code = new_invite(book)
     body = code[len(CODE_PREFIX) :]
     for prefix in ("", "allerac0-", "allerac1", "xallerac1-", "allerac1_"):
-        with pytest.raises(InviteError, match="not an Allerac invite"):
+        with pytest.raises(MalformedInvite, match="not an Allerac invite"):
             decode_invite(prefix + body, now_ms=NOW)
 
 
@@ -352,10 +352,12 @@ def test_decode_invalid_contents() -> None:
         {"secret": b""},
         {"mesh_public_key": AUTHORITY.public_key[:31]},
         {"inviter_addresses": []},
-        {"expires_at_unix_ms": NOW},
+        {"expires_at_unix_ms": 0},
     ):
-        with pytest.raises(InviteError):
+        with pytest.raises(MalformedInvite):  # a 400: not an invite at all
             decode_invite(_invite_code(**fields), now_ms=NOW)
+    with pytest.raises(InviteError, match="expired"):  # a 403: an invite, no longer valid
+        decode_invite(_invite_code(expires_at_unix_ms=NOW), now_ms=NOW)
 
 
 def test_decode_truncated_codes_never_succeed(book: InviteBook) -> None:
@@ -365,16 +367,16 @@ def test_decode_truncated_codes_never_succeed(book: InviteBook) -> None:
             decode_invite(code[:cut], now_ms=NOW)
 
 
-def test_decode_truncated_codes_are_invite_errors(book: InviteBook) -> None:
+def test_decode_truncated_codes_are_malformed(book: InviteBook) -> None:
     code = new_invite(book)
     for cut in range(len(code)):
-        with pytest.raises(InviteError):
+        with pytest.raises(MalformedInvite):
             decode_invite(code[:cut], now_ms=NOW)
 
 
 @pytest.mark.parametrize("role", [tpb.ROLE_UNSPECIFIED, 42])
-def test_decode_unknown_role_is_an_invite_error(role: int) -> None:
-    with pytest.raises(InviteError):
+def test_decode_unknown_role_is_malformed(role: int) -> None:
+    with pytest.raises(MalformedInvite):
         decode_invite(_invite_code(role=role), now_ms=NOW)
 
 

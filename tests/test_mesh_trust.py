@@ -347,14 +347,17 @@ def _post(node: NodeProcess, path: str, body: bytes) -> tuple[int, dict[str, obj
 
 def test_bad_mesh_admin_input_gets_clear_errors(admin: NodeProcess) -> None:
     cases = [
-        ("/allerac/mesh/join", b'{"code": "allerac1-AAAA"}', 403, "invite_invalid"),
-        ("/allerac/mesh/join", b'{"code": "hello"}', 403, "invite_invalid"),
+        # not an invite code at all: a bad request (issue 17), not a refusal
+        ("/allerac/mesh/join", b'{"code": "allerac1-AAAA"}', 400, "invite_malformed"),
+        ("/allerac/mesh/join", b'{"code": "hello"}', 400, "invite_malformed"),
         ("/allerac/mesh/join", b"{}", 400, "invalid_request"),
         ("/allerac/mesh/invites", b'{"role": "admin"}', 403, "invite_invalid"),
         ("/allerac/mesh/invites", b'{"role": "wizard"}', 400, "invalid_request"),
         ("/allerac/mesh/invites", b'{"ttl_s": -5}', 400, "invalid_request"),
         ("/allerac/mesh/invites", b"not json", 400, "invalid_request"),
         ("/allerac/mesh/revoke", b'{"node_id": "nope"}', 400, "invalid_request"),
+        ("/allerac/mesh/admins", b'{"node_id": "nope"}', 400, "invalid_request"),
+        ("/allerac/mesh/admins", b"{}", 400, "invalid_request"),
     ]
     for path, body, status, code in cases:
         got, payload = _post(admin, path, body)

@@ -41,6 +41,8 @@ from mesh.trust.membership import (
     MAX_CERT_BYTES,
     Revocations,
     Role,
+    check_issuers,
+    issuer_chain,
     mesh_id_from_public_key,
     read_cert,
     role_from_pb,
@@ -165,6 +167,11 @@ def verify_hello(hello: rpb.RelayHello, *, nonce: bytes, now_ms: int) -> Session
         revocations = verify_revocations(hello.revocations, mesh_public_key=cert.mesh_public_key)
         if cert.node_id in revocations.revoked:
             raise NotAMember(f"node {cert.node_id[:7]} has been revoked from its mesh")
+    check_issuers(
+        issuer_chain(hello.membership),
+        now_ms=now_ms,
+        revoked=revocations.revoked if revocations is not None else frozenset(),
+    )
     return SessionIdentity(
         node_id=cert.node_id,
         mesh_id=mesh_id_from_public_key(cert.mesh_public_key),

@@ -27,7 +27,7 @@ from typing import Any
 
 from google.protobuf.message import DecodeError
 
-from mesh.errors import InviteError, MeshError
+from mesh.errors import InviteError, MalformedInvite, MeshError
 from mesh.trust.identity import Identity, node_id_from_public_key, verify_signature
 from mesh.trust.membership import Role, role_from_pb, role_to_pb
 from mesh.wire.v1 import trust_pb2 as tpb
@@ -53,25 +53,27 @@ def encode_invite(invite: tpb.Invite) -> str:
 def decode_invite(code: str, *, now_ms: int) -> tpb.Invite:
     code = code.strip()
     if len(code) > MAX_CODE_CHARS or not code.startswith(CODE_PREFIX):
-        raise InviteError(f"not an Allerac invite code (they start with {CODE_PREFIX!r})")
+        raise MalformedInvite(f"not an Allerac invite code (they start with {CODE_PREFIX!r})")
     text = code[len(CODE_PREFIX) :]
     try:
         data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
     except (binascii.Error, ValueError) as exc:
-        raise InviteError("invite code is damaged (not base64url)") from exc
+        raise MalformedInvite("invite code is damaged (not base64url)") from exc
     invite = tpb.Invite()
     try:
         invite.ParseFromString(data)
     except (DecodeError, ValueError) as exc:
-        raise InviteError("invite code is damaged") from exc
+        raise MalformedInvite("invite code is damaged") from exc
     if len(invite.secret) != SECRET_BYTES or len(invite.mesh_public_key) != 32:
-        raise InviteError("invite code is damaged (bad secret or mesh key)")
+        raise MalformedInvite("invite code is damaged (bad secret or mesh key)")
     if not invite.inviter_addresses:
-        raise InviteError("invite code names no address of the inviter")
+        raise MalformedInvite("invite code names no address of the inviter")
     try:
         role_from_pb(invite.role)
     except MeshError as exc:
-        raise InviteError("invite code is damaged (unknown role)") from exc
+        raise MalformedInvite("invite code is damaged (unknown role)") from exc
+    if invite.expires_at_unix_ms <= 0:  # an invite always carries its expiry
+        raise MalformedInvite("invite code is damaged (no expiry)")
     if now_ms >= invite.expires_at_unix_ms:
         raise InviteError("this invite has expired; ask for a new one")
     return invite

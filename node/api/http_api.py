@@ -455,6 +455,12 @@ async def mesh_revoke(request: web.Request) -> web.Response:
     return json_response(await admin.revoke(_string(body, "node_id")))
 
 
+async def mesh_admin_add(request: web.Request) -> web.Response:
+    admin = _owner_only(request)
+    body = await _json_fields(request)
+    return json_response(await admin.add_admin(_string(body, "node_id")))
+
+
 async def users_list(request: web.Request) -> web.Response:
     """The users, each with their quota's state as this node counts it (exact at the
     user's home node, which holds the reservations)."""
@@ -543,6 +549,7 @@ def build_app(
     app.router.add_post("/allerac/mesh/join", mesh_join)
     app.router.add_get("/allerac/mesh/members", mesh_members)
     app.router.add_post("/allerac/mesh/revoke", mesh_revoke)
+    app.router.add_post("/allerac/mesh/admins", mesh_admin_add)
     app.router.add_get("/allerac/users", users_list)
     app.router.add_post("/allerac/users", users_add)
     app.router.add_delete("/allerac/users/{name}", users_remove)

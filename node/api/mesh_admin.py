@@ -15,9 +15,13 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from mesh.clock import SYSTEM, Clock
-from mesh.errors import InvalidRequest, MeshError, MeshNotEmpty
+from mesh.errors import InvalidRequest, MeshError, MeshNotEmpty, RemoteProtocolError, Unavailable
+from mesh.trust.cards import verify_peer_card
+from mesh.trust.identity import parse_node_id
+from mesh.trust.invites import decode_invite
 from mesh.trust.membership import Role, read_cert
 from node.store.trust_store import TrustStore
+from node.transport.directory import PeerHandle
 from node.transport.peer_client import PeerClient, join_mesh
 
 logger = logging.getLogger(__name__)
@@ -45,9 +49,13 @@ class MeshAdmin:
         display_name: str,
         on_change: Callable[[], None],
         on_joined: Callable[[list[str]], Awaitable[None]] | None = None,
+        peer: Callable[[str], PeerHandle | None] = lambda node_id: None,
+        peer_addresses: Callable[[], list[str]] = list,
         clock: Clock = SYSTEM,
     ) -> None:
         self._clock = clock
+        self._peer = peer  # a verified peer, by node ID, as it can be called now
+        self._peer_addresses = peer_addresses  # where the peers up on a direct path listen
         self._trust = trust
         self._addresses = addresses
         self.display_name = display_name or socket.gethostname()
@@ -60,6 +68,7 @@ class MeshAdmin:
             "mesh_id": trust.mesh_id,
             "role": trust.role.value,
             "admin": trust.authority is not None,
+            "holds_mesh_key": trust.authority is not None and trust.authority.holds_mesh_key,
             "revocations_version": trust.revocations_version,
             "hybrid_encryption": trust.keyring.hybrid,
             "encryption_key_id": trust.keyring.current.key_id,
@@ -99,6 +108,8 @@ class MeshAdmin:
         return invited
 
     async def join(self, code: str, *, leave_current: bool = False) -> dict[str, Any]:
+        # A code that is not one is a 400 before anything else is asked (leaving included).
+        decode_invite(code, now_ms=self._clock.now_ms())
         others = self._others()
         if others and not leave_current:
             raise MeshNotEmpty(
@@ -139,16 +150,44 @@ class MeshAdmin:
             "revocations_version": trust.revocations_version,
         }
 
+    async def add_admin(self, node_id: str) -> dict[str, Any]:
+        """Make the member NODE_ID an admin too: it is sent an admin certificate signed by
+        this admin (a delegation every member checks; the mesh key is never copied)."""
+        node_id = parse_node_id(node_id)
+        handle = self._peer(node_id)
+        if handle is None:
+            raise Unavailable(
+                f"node {node_id[:7]} is not a peer this box reaches now: it must be a running "
+                "member of the mesh (allerac status lists it among the peers)"
+            )
+        now = self._clock.now_ms()
+        grant = self._trust.grant_admin(
+            handle.card.membership, addresses=self._addresses(), now=now
+        )
+        card = await handle.client.grant_admin(handle.card, grant)
+        trust = self._trust
+        promoted = verify_peer_card(
+            card, mesh_public_key=trust.mesh_public_key, now_ms=now, revoked=trust.revoked
+        )
+        if promoted.node_id != node_id or promoted.membership.role is not Role.ADMIN:
+            raise RemoteProtocolError(f"node {node_id[:7]} did not take its admin certificate")
+        self._on_change()
+        logger.info("node %s is now an admin of mesh %s", node_id[:7], trust.mesh_id)
+        return {"node_id": node_id, "role": Role.ADMIN.value, "mesh_id": trust.mesh_id}
+
     async def revoke(self, node_id: str) -> dict[str, Any]:
         signed = self._trust.revoke(node_id, now=self._clock.now_ms())
         self._on_change()
-        # Tell every member we know of at once; the list is self-authenticating (signed by
-        # the mesh key), so it can be passed on by anyone.
+        # Tell every member we know of at once, and every peer up on a direct path (another
+        # admin's members among them); the list is self-authenticating (signed by an admin
+        # of the mesh), so it can be passed on by anyone.
         targets = [
             (m["node_id"], address)
             for m in self._trust.members.values()
             for address in m.get("addresses", [])[:1]
         ]
+        known = {address for _, address in targets}
+        targets += [(a, a) for a in self._peer_addresses() if a not in known]
 
         async def push(node: str, address: str) -> tuple[str, str | None]:
             try:

@@ -289,6 +289,18 @@ class NodeService:
             event = codec.error_to_pb(error)
         yield _sealed(opened.writer, event, final=True)
 
+    async def _admin_call(
+        self, opened: OpenedRequest, call: pb.SealedCall, via_relay: bool
+    ) -> AsyncGenerator[pb.InferEvent, None]:
+        """An admin makes this node an admin too (`allerac mesh admin add` there)."""
+        try:
+            self._trust.accept_admin(call.admin, granted_by=opened.sender, now=self._clock.now_ms())
+            self._on_revocations()  # the card shows the new certificate: re-sign it
+            event = pb.InferEvent(card=self._full_card())
+        except MeshError as error:
+            event = codec.error_to_pb(error)
+        yield _sealed(opened.writer, event, final=True)
+
     async def _ledger_call(
         self, opened: OpenedRequest, call: pb.SealedCall, via_relay: bool
     ) -> AsyncGenerator[pb.InferEvent, None]:
@@ -322,4 +334,5 @@ _CALLS: dict[str, tuple[_Answer, str]] = {
     "ledger": (NodeService._ledger_call, "overflow nodes do not read the mesh's ledger"),
     "quota": (NodeService._quota_call, "overflow nodes neither hold quotas nor see users"),
     "users": (NodeService._users_call, "overflow nodes neither hold quotas nor see users"),
+    "admin": (NodeService._admin_call, "overflow nodes do not administer the mesh"),
 }

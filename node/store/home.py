@@ -92,6 +92,11 @@ class Home:
         write_private(self.run_file, data.encode("utf-8"))
 
     def read_run_info(self) -> dict[str, Any]:
+        if not self.root.is_dir():  # a mistyped --home: say so, not "no node is running"
+            raise ConfigError(
+                f"no data dir {self.root}: no node has run there (check --home; start a "
+                "node with: allerac up)"
+            )
         try:
             with self.run_file.open("rb") as handle:
                 data = handle.read(MAX_RUN_FILE_BYTES + 1)

@@ -24,7 +24,15 @@ from typing import Any
 from google.protobuf.message import DecodeError
 
 from mesh.clock import SYSTEM, Clock
-from mesh.errors import IdentityError, InviteError, MeshError, NotAMember, PermissionDenied
+from mesh.errors import (
+    BadSignature,
+    IdentityError,
+    InvalidRequest,
+    InviteError,
+    MeshError,
+    NotAMember,
+    PermissionDenied,
+)
 from mesh.trust.enckeys import KeyPair, KeyRing, hybrid_available
 from mesh.trust.identity import Identity, node_id_from_public_key, parse_node_id
 from mesh.trust.invites import InviteBook
@@ -35,16 +43,30 @@ from mesh.trust.membership import (
     MeshAuthority,
     Revocations,
     Role,
+    issuer_chain,
     read_cert,
+    supersedes,
     verify_cert,
     verify_revocations,
 )
 from mesh.trust.sealing import EnvelopeOpener, ReplayGuard
+from mesh.wire.v1 import node_pb2 as pb
 from mesh.wire.v1 import trust_pb2 as tpb
 from node.store.files import write_private
 from node.store.home import Home
 
 logger = logging.getLogger(__name__)
+MAX_KNOWN_MEMBERS = 10_000
+
+
+def _known(member: dict[str, Any]) -> pb.KnownMember:
+    return pb.KnownMember(
+        node_id=str(member.get("node_id", "")),
+        role=str(member.get("role", "")),
+        display_name=str(member.get("display_name", "")),
+        addresses=[str(a) for a in member.get("addresses", [])][:8],
+        joined_at_unix_ms=int(member.get("joined_at_ms", 0)),
+    )
 
 
 class TrustStore:
@@ -161,6 +183,8 @@ class TrustStore:
                 if authority.public_key != self.membership.mesh_public_key:
                     raise IdentityError(f"{self._path('mesh.key')} is not this mesh's key")
                 self.authority = authority
+            elif self.membership.role is Role.ADMIN:  # an admin by delegation
+                self.authority = MeshAuthority.delegated(self.identity, signed)
         revocations = self._read("revocations.bin")
         if revocations is not None:
             signed_rev = tpb.SignedRevocations()
@@ -310,6 +334,11 @@ class TrustStore:
         node_id = parse_node_id(node_id)
         if node_id == self.identity.node_id:
             raise InviteError("an admin cannot revoke itself")
+        if node_id in {admin.node_id for admin in issuer_chain(self.cert)}:
+            raise InviteError(
+                f"admin {node_id[:7]} made this node an admin: revoking it would end this "
+                "node's own certificate; revoke it from an admin it did not make"
+            )
         signed = authority.revocations(
             version=self.revocations_version + 1,
             revoked=self.revoked | {node_id},
@@ -320,13 +349,97 @@ class TrustStore:
         return signed
 
     def apply_revocations(self, signed: tpb.SignedRevocations) -> bool:
-        """Adopt a newer, valid revocation list; returns whether anything changed."""
+        """Adopt a newer, valid revocation list; returns whether anything changed. An admin
+        that receives another admin's list revoking nodes its own does not (both revoked
+        at once) signs one list holding both, newer than either, so the mesh converges."""
         revocations = verify_revocations(signed, mesh_public_key=self.mesh_public_key)
-        if revocations.version <= self.revocations_version:
+        held = self.revocations
+        try:
+            if supersedes(revocations, held):
+                self._adopt_revocations(revocations)
+                return True
+        except BadSignature:
+            if self.authority is None or revocations.issuers & self.revoked:
+                raise
+        if held is None or self.authority is None or revocations.revoked <= held.revoked:
             return False
-        self.revocations = revocations
-        self._write("revocations.bin", signed.SerializeToString())
+        merged = self.authority.revocations(
+            version=max(revocations.version, held.version) + 1,
+            revoked=held.revoked | revocations.revoked,
+            now_ms=self.clock.now_ms(),
+            revoked_at={**revocations.revoked_at, **held.revoked_at},
+        )
+        self._adopt_revocations(verify_revocations(merged, mesh_public_key=self.mesh_public_key))
+        logger.info("merged another admin's revocation list into v%d", self.revocations_version)
         return True
+
+    def _adopt_revocations(self, revocations: Revocations) -> None:
+        self.revocations = revocations
+        self._write("revocations.bin", revocations.signed.SerializeToString())
+
+    # --- more admins -----------------------------------------------------------------------
+
+    def grant_admin(self, member: Membership, *, addresses: list[str], now: int) -> pb.AdminGrant:
+        """Make the member `member` (as its verified card shows it) an admin too: its admin
+        certificate, signed by this admin, the revocation list, and the members known here."""
+        authority = self._require_admin()
+        if member.node_id in self.revoked:
+            raise NotAMember(f"node {member.node_id[:7]} is revoked from this mesh")
+        if member.mesh_public_key != authority.public_key:
+            raise NotAMember(f"node {member.node_id[:7]} is not a member of this mesh")
+        if member.node_id == self.identity.node_id:
+            raise InvalidRequest("this node is an admin already")
+        if member.role is Role.OVERFLOW:
+            raise InvalidRequest("an overflow (cloud) node cannot be an admin of the mesh")
+        cert = authority.issue(
+            member.identity_public_key, role=Role.ADMIN, now_ms=now, ttl_ms=ADMIN_CERT_TTL_MS
+        )
+        grant = pb.AdminGrant(cert=cert, members=[_known(m) for m in self.members.values()])
+        grant.members.append(
+            pb.KnownMember(
+                node_id=self.identity.node_id,
+                role=Role.ADMIN.value,
+                addresses=addresses[:8],
+                joined_at_unix_ms=now,
+            )
+        )
+        if self.revocations is not None:
+            grant.revocations.CopyFrom(self.revocations.signed)
+        entry = self.members.setdefault(
+            member.node_id, {"node_id": member.node_id, "addresses": [], "joined_at_ms": now}
+        )
+        entry.update({"role": Role.ADMIN.value, "display_name": entry.get("display_name", "")})
+        self._write("members.json", json.dumps(self.members).encode())
+        return grant
+
+    def accept_admin(self, grant: pb.AdminGrant, *, granted_by: Membership, now: int) -> None:
+        """Become an admin of this mesh, as an admin of it granted (`allerac mesh admin
+        add` there): from now on this node invites and revokes, signing with its identity
+        key and showing the certificate it was given."""
+        if granted_by.role is not Role.ADMIN:
+            raise PermissionDenied("only an admin of the mesh can make another node an admin")
+        if grant.HasField("revocations"):
+            self.apply_revocations(grant.revocations)
+        membership = verify_cert(
+            grant.cert, mesh_public_key=self.mesh_public_key, now_ms=now, revoked=self.revoked
+        )
+        if membership.node_id != self.identity.node_id or membership.role is not Role.ADMIN:
+            raise InvalidRequest("the admin grant is not an admin certificate for this node")
+        if self.authority is not None and self.authority.holds_mesh_key:
+            return  # the mesh key's holder needs no delegation
+        self._set_cert(grant.cert, now)
+        self.authority = MeshAuthority.delegated(self.identity, grant.cert)
+        for known in grant.members[:MAX_KNOWN_MEMBERS]:
+            if known.node_id != self.identity.node_id and known.node_id not in self.members:
+                self.members[known.node_id] = {
+                    "node_id": known.node_id[:64],
+                    "role": known.role[:16],
+                    "display_name": known.display_name[:64],
+                    "addresses": list(known.addresses)[:8],
+                    "joined_at_ms": known.joined_at_unix_ms,
+                }
+        self._write("members.json", json.dumps(self.members).encode())
+        logger.info("this node is now an admin of mesh %s", self.mesh_id)
 
     # --- joining another mesh ----------------------------------------------------------------
 

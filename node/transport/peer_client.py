@@ -258,6 +258,13 @@ class PeerClient:
         call = pb.SealedCall(users=lpb.UserList(digest=digest))
         return (await self._one_answer(peer, call, "users", timeout_s)).users
 
+    async def grant_admin(
+        self, peer: PeerCard, grant: pb.AdminGrant, *, timeout_s: float = CONTROL_TIMEOUT_S
+    ) -> pb.SignedCard:
+        """Make `peer` an admin of the mesh; returns its full card, now an admin's."""
+        call = pb.SealedCall(admin=grant)
+        return (await self._one_answer(peer, call, "card", timeout_s)).card
+
     async def ping(
         self, *, timeout_s: float = CONTROL_TIMEOUT_S, goodbye: Goodbye | None = None
     ) -> pb.PingResponse:

@@ -34,18 +34,44 @@ class DescribeRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class SealedCall(_message.Message):
-    __slots__ = ("infer", "card", "ledger", "quota", "users")
+    __slots__ = ("infer", "card", "ledger", "quota", "users", "admin")
     INFER_FIELD_NUMBER: _ClassVar[int]
     CARD_FIELD_NUMBER: _ClassVar[int]
     LEDGER_FIELD_NUMBER: _ClassVar[int]
     QUOTA_FIELD_NUMBER: _ClassVar[int]
     USERS_FIELD_NUMBER: _ClassVar[int]
+    ADMIN_FIELD_NUMBER: _ClassVar[int]
     infer: InferBody
     card: CardRequest
     ledger: _ledger_pb2.SyncRequest
     quota: _ledger_pb2.QuotaCall
     users: _ledger_pb2.UserList
-    def __init__(self, infer: _Optional[_Union[InferBody, _Mapping]] = ..., card: _Optional[_Union[CardRequest, _Mapping]] = ..., ledger: _Optional[_Union[_ledger_pb2.SyncRequest, _Mapping]] = ..., quota: _Optional[_Union[_ledger_pb2.QuotaCall, _Mapping]] = ..., users: _Optional[_Union[_ledger_pb2.UserList, _Mapping]] = ...) -> None: ...
+    admin: AdminGrant
+    def __init__(self, infer: _Optional[_Union[InferBody, _Mapping]] = ..., card: _Optional[_Union[CardRequest, _Mapping]] = ..., ledger: _Optional[_Union[_ledger_pb2.SyncRequest, _Mapping]] = ..., quota: _Optional[_Union[_ledger_pb2.QuotaCall, _Mapping]] = ..., users: _Optional[_Union[_ledger_pb2.UserList, _Mapping]] = ..., admin: _Optional[_Union[AdminGrant, _Mapping]] = ...) -> None: ...
+
+class AdminGrant(_message.Message):
+    __slots__ = ("cert", "revocations", "members")
+    CERT_FIELD_NUMBER: _ClassVar[int]
+    REVOCATIONS_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    cert: _trust_pb2.SignedCert
+    revocations: _trust_pb2.SignedRevocations
+    members: _containers.RepeatedCompositeFieldContainer[KnownMember]
+    def __init__(self, cert: _Optional[_Union[_trust_pb2.SignedCert, _Mapping]] = ..., revocations: _Optional[_Union[_trust_pb2.SignedRevocations, _Mapping]] = ..., members: _Optional[_Iterable[_Union[KnownMember, _Mapping]]] = ...) -> None: ...
+
+class KnownMember(_message.Message):
+    __slots__ = ("node_id", "role", "display_name", "addresses", "joined_at_unix_ms")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    DISPLAY_NAME_FIELD_NUMBER: _ClassVar[int]
+    ADDRESSES_FIELD_NUMBER: _ClassVar[int]
+    JOINED_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    role: str
+    display_name: str
+    addresses: _containers.RepeatedScalarFieldContainer[str]
+    joined_at_unix_ms: int
+    def __init__(self, node_id: _Optional[str] = ..., role: _Optional[str] = ..., display_name: _Optional[str] = ..., addresses: _Optional[_Iterable[str]] = ..., joined_at_unix_ms: _Optional[int] = ...) -> None: ...
 
 class CardRequest(_message.Message):
     __slots__ = ()

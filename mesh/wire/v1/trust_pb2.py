@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18mesh/wire/v1/trust.proto\x12\x0f\x61llerac.mesh.v1\"\xb3\x01\n\x0eMembershipCert\x12\x17\n\x0fmesh_public_key\x18\x01 \x01(\x0c\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x1b\n\x13identity_public_key\x18\x03 \x01(\x0c\x12#\n\x04role\x18\x04 \x01(\x0e\x32\x15.allerac.mesh.v1.Role\x12\x19\n\x11issued_at_unix_ms\x18\x05 \x01(\x03\x12\x1a\n\x12\x65xpires_at_unix_ms\x18\x06 \x01(\x03\"-\n\nSignedCert\x12\x0c\n\x04\x63\x65rt\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"\xf9\x01\n\x0eRevocationList\x12\x17\n\x0fmesh_public_key\x18\x01 \x01(\x0c\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x18\n\x10revoked_node_ids\x18\x03 \x03(\t\x12\x19\n\x11issued_at_unix_ms\x18\x04 \x01(\x03\x12P\n\x12revoked_at_unix_ms\x18\x05 \x03(\x0b\x32\x34.allerac.mesh.v1.RevocationList.RevokedAtUnixMsEntry\x1a\x36\n\x14RevokedAtUnixMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\";\n\x11SignedRevocations\x12\x13\n\x0brevocations\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"\xa1\x01\n\x0e\x45ncryptionKeys\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x19\n\x11x25519_public_key\x18\x03 \x01(\x0c\x12\x1b\n\x13mlkem768_public_key\x18\x04 \x01(\x0c\x12\x1a\n\x12not_before_unix_ms\x18\x05 \x01(\x03\x12\x1a\n\x12\x65xpires_at_unix_ms\x18\x06 \x01(\x03\"7\n\x14SignedEncryptionKeys\x12\x0c\n\x04keys\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"\x9e\x02\n\x0e\x45nvelopeHeader\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x11\n\tsender_id\x18\x02 \x01(\t\x12\x14\n\x0crecipient_id\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\x0c\x12\x19\n\x11issued_at_unix_ms\x18\x05 \x01(\x03\x12\x18\n\x10recipient_key_id\x18\x06 \x01(\t\x12!\n\x03kem\x18\x07 \x01(\x0e\x32\x14.allerac.mesh.v1.Kem\x12\x30\n\x0bsender_cert\x18\x08 \x01(\x0b\x32\x1b.allerac.mesh.v1.SignedCert\x12\x1c\n\x14sender_offers_hybrid\x18\t \x01(\x08J\x04\x08\n\x10\x0bR\x07purpose\"G\n\x0eSealedEnvelope\x12\x0e\n\x06header\x18\x01 \x01(\x0c\x12\x12\n\nciphertext\x18\x02 \x01(\x0c\x12\x11\n\tsignature\x18\x03 \x01(\x0c\"F\n\x11SealedRequestBody\x12\x14\n\x0cresponse_key\x18\x01 \x01(\x0c\x12\x0c\n\x04\x62ody\x18\x02 \x01(\x0cJ\x04\x08\x03\x10\x04R\x07purpose\"=\n\x0bSealedFrame\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\r\n\x05\x66inal\x18\x02 \x01(\x08\x12\x12\n\nciphertext\x18\x03 \x01(\x0c\"\xa6\x01\n\x06Invite\x12\x0e\n\x06secret\x18\x01 \x01(\x0c\x12\x17\n\x0fmesh_public_key\x18\x02 \x01(\x0c\x12\x17\n\x0finviter_node_id\x18\x03 \x01(\t\x12\x19\n\x11inviter_addresses\x18\x04 \x03(\t\x12#\n\x04role\x18\x05 \x01(\x0e\x32\x15.allerac.mesh.v1.Role\x12\x1a\n\x12\x65xpires_at_unix_ms\x18\x06 \x01(\x03\"\xa1\x01\n\x0bJoinRequest\x12\x11\n\tinvite_id\x18\x01 \x01(\x0c\x12\x1b\n\x13identity_public_key\x18\x02 \x01(\x0c\x12\x17\n\x0fsent_at_unix_ms\x18\x03 \x01(\x03\x12\r\n\x05proof\x18\x04 \x01(\x0c\x12\x11\n\tsignature\x18\x05 \x01(\x0c\x12\x14\n\x0c\x64isplay_name\x18\x06 \x01(\t\x12\x11\n\taddresses\x18\x07 \x03(\t\"r\n\x0cJoinResponse\x12)\n\x04\x63\x65rt\x18\x01 \x01(\x0b\x32\x1b.allerac.mesh.v1.SignedCert\x12\x37\n\x0brevocations\x18\x02 \x01(\x0b\x32\".allerac.mesh.v1.SignedRevocations*P\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_MEMBER\x10\x01\x12\x11\n\rROLE_OVERFLOW\x10\x02\x12\x0e\n\nROLE_ADMIN\x10\x03*C\n\x03Kem\x12\x13\n\x0fKEM_UNSPECIFIED\x10\x00\x12\x0e\n\nKEM_X25519\x10\x01\x12\x17\n\x13KEM_MLKEM768_X25519\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18mesh/wire/v1/trust.proto\x12\x0f\x61llerac.mesh.v1\"\xb3\x01\n\x0eMembershipCert\x12\x17\n\x0fmesh_public_key\x18\x01 \x01(\x0c\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x1b\n\x13identity_public_key\x18\x03 \x01(\x0c\x12#\n\x04role\x18\x04 \x01(\x0e\x32\x15.allerac.mesh.v1.Role\x12\x19\n\x11issued_at_unix_ms\x18\x05 \x01(\x03\x12\x1a\n\x12\x65xpires_at_unix_ms\x18\x06 \x01(\x03\"Z\n\nSignedCert\x12\x0c\n\x04\x63\x65rt\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12+\n\x06issuer\x18\x03 \x01(\x0b\x32\x1b.allerac.mesh.v1.SignedCert\"\xf9\x01\n\x0eRevocationList\x12\x17\n\x0fmesh_public_key\x18\x01 \x01(\x0c\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x18\n\x10revoked_node_ids\x18\x03 \x03(\t\x12\x19\n\x11issued_at_unix_ms\x18\x04 \x01(\x03\x12P\n\x12revoked_at_unix_ms\x18\x05 \x03(\x0b\x32\x34.allerac.mesh.v1.RevocationList.RevokedAtUnixMsEntry\x1a\x36\n\x14RevokedAtUnixMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"h\n\x11SignedRevocations\x12\x13\n\x0brevocations\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12+\n\x06issuer\x18\x03 \x01(\x0b\x32\x1b.allerac.mesh.v1.SignedCert\"\xa1\x01\n\x0e\x45ncryptionKeys\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x19\n\x11x25519_public_key\x18\x03 \x01(\x0c\x12\x1b\n\x13mlkem768_public_key\x18\x04 \x01(\x0c\x12\x1a\n\x12not_before_unix_ms\x18\x05 \x01(\x03\x12\x1a\n\x12\x65xpires_at_unix_ms\x18\x06 \x01(\x03\"7\n\x14SignedEncryptionKeys\x12\x0c\n\x04keys\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"\x9e\x02\n\x0e\x45nvelopeHeader\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x11\n\tsender_id\x18\x02 \x01(\t\x12\x14\n\x0crecipient_id\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\x0c\x12\x19\n\x11issued_at_unix_ms\x18\x05 \x01(\x03\x12\x18\n\x10recipient_key_id\x18\x06 \x01(\t\x12!\n\x03kem\x18\x07 \x01(\x0e\x32\x14.allerac.mesh.v1.Kem\x12\x30\n\x0bsender_cert\x18\x08 \x01(\x0b\x32\x1b.allerac.mesh.v1.SignedCert\x12\x1c\n\x14sender_offers_hybrid\x18\t \x01(\x08J\x04\x08\n\x10\x0bR\x07purpose\"G\n\x0eSealedEnvelope\x12\x0e\n\x06header\x18\x01 \x01(\x0c\x12\x12\n\nciphertext\x18\x02 \x01(\x0c\x12\x11\n\tsignature\x18\x03 \x01(\x0c\"F\n\x11SealedRequestBody\x12\x14\n\x0cresponse_key\x18\x01 \x01(\x0c\x12\x0c\n\x04\x62ody\x18\x02 \x01(\x0cJ\x04\x08\x03\x10\x04R\x07purpose\"=\n\x0bSealedFrame\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\r\n\x05\x66inal\x18\x02 \x01(\x08\x12\x12\n\nciphertext\x18\x03 \x01(\x0c\"\xa6\x01\n\x06Invite\x12\x0e\n\x06secret\x18\x01 \x01(\x0c\x12\x17\n\x0fmesh_public_key\x18\x02 \x01(\x0c\x12\x17\n\x0finviter_node_id\x18\x03 \x01(\t\x12\x19\n\x11inviter_addresses\x18\x04 \x03(\t\x12#\n\x04role\x18\x05 \x01(\x0e\x32\x15.allerac.mesh.v1.Role\x12\x1a\n\x12\x65xpires_at_unix_ms\x18\x06 \x01(\x03\"\xa1\x01\n\x0bJoinRequest\x12\x11\n\tinvite_id\x18\x01 \x01(\x0c\x12\x1b\n\x13identity_public_key\x18\x02 \x01(\x0c\x12\x17\n\x0fsent_at_unix_ms\x18\x03 \x01(\x03\x12\r\n\x05proof\x18\x04 \x01(\x0c\x12\x11\n\tsignature\x18\x05 \x01(\x0c\x12\x14\n\x0c\x64isplay_name\x18\x06 \x01(\t\x12\x11\n\taddresses\x18\x07 \x03(\t\"r\n\x0cJoinResponse\x12)\n\x04\x63\x65rt\x18\x01 \x01(\x0b\x32\x1b.allerac.mesh.v1.SignedCert\x12\x37\n\x0brevocations\x18\x02 \x01(\x0b\x32\".allerac.mesh.v1.SignedRevocations*P\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_MEMBER\x10\x01\x12\x11\n\rROLE_OVERFLOW\x10\x02\x12\x0e\n\nROLE_ADMIN\x10\x03*C\n\x03Kem\x12\x13\n\x0fKEM_UNSPECIFIED\x10\x00\x12\x0e\n\nKEM_X25519\x10\x01\x12\x17\n\x13KEM_MLKEM768_X25519\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,36 +33,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_REVOCATIONLIST_REVOKEDATUNIXMSENTRY']._loaded_options = None
   _globals['_REVOCATIONLIST_REVOKEDATUNIXMSENTRY']._serialized_options = b'8\001'
-  _globals['_ROLE']._serialized_start=1754
-  _globals['_ROLE']._serialized_end=1834
-  _globals['_KEM']._serialized_start=1836
-  _globals['_KEM']._serialized_end=1903
+  _globals['_ROLE']._serialized_start=1844
+  _globals['_ROLE']._serialized_end=1924
+  _globals['_KEM']._serialized_start=1926
+  _globals['_KEM']._serialized_end=1993
   _globals['_MEMBERSHIPCERT']._serialized_start=46
   _globals['_MEMBERSHIPCERT']._serialized_end=225
   _globals['_SIGNEDCERT']._serialized_start=227
-  _globals['_SIGNEDCERT']._serialized_end=272
-  _globals['_REVOCATIONLIST']._serialized_start=275
-  _globals['_REVOCATIONLIST']._serialized_end=524
-  _globals['_REVOCATIONLIST_REVOKEDATUNIXMSENTRY']._serialized_start=470
-  _globals['_REVOCATIONLIST_REVOKEDATUNIXMSENTRY']._serialized_end=524
-  _globals['_SIGNEDREVOCATIONS']._serialized_start=526
-  _globals['_SIGNEDREVOCATIONS']._serialized_end=585
-  _globals['_ENCRYPTIONKEYS']._serialized_start=588
-  _globals['_ENCRYPTIONKEYS']._serialized_end=749
-  _globals['_SIGNEDENCRYPTIONKEYS']._serialized_start=751
-  _globals['_SIGNEDENCRYPTIONKEYS']._serialized_end=806
-  _globals['_ENVELOPEHEADER']._serialized_start=809
-  _globals['_ENVELOPEHEADER']._serialized_end=1095
-  _globals['_SEALEDENVELOPE']._serialized_start=1097
-  _globals['_SEALEDENVELOPE']._serialized_end=1168
-  _globals['_SEALEDREQUESTBODY']._serialized_start=1170
-  _globals['_SEALEDREQUESTBODY']._serialized_end=1240
-  _globals['_SEALEDFRAME']._serialized_start=1242
-  _globals['_SEALEDFRAME']._serialized_end=1303
-  _globals['_INVITE']._serialized_start=1306
-  _globals['_INVITE']._serialized_end=1472
-  _globals['_JOINREQUEST']._serialized_start=1475
-  _globals['_JOINREQUEST']._serialized_end=1636
-  _globals['_JOINRESPONSE']._serialized_start=1638
-  _globals['_JOINRESPONSE']._serialized_end=1752
+  _globals['_SIGNEDCERT']._serialized_end=317
+  _globals['_REVOCATIONLIST']._serialized_start=320
+  _globals['_REVOCATIONLIST']._serialized_end=569
+  _globals['_REVOCATIONLIST_REVOKEDATUNIXMSENTRY']._serialized_start=515
+  _globals['_REVOCATIONLIST_REVOKEDATUNIXMSENTRY']._serialized_end=569
+  _globals['_SIGNEDREVOCATIONS']._serialized_start=571
+  _globals['_SIGNEDREVOCATIONS']._serialized_end=675
+  _globals['_ENCRYPTIONKEYS']._serialized_start=678
+  _globals['_ENCRYPTIONKEYS']._serialized_end=839
+  _globals['_SIGNEDENCRYPTIONKEYS']._serialized_start=841
+  _globals['_SIGNEDENCRYPTIONKEYS']._serialized_end=896
+  _globals['_ENVELOPEHEADER']._serialized_start=899
+  _globals['_ENVELOPEHEADER']._serialized_end=1185
+  _globals['_SEALEDENVELOPE']._serialized_start=1187
+  _globals['_SEALEDENVELOPE']._serialized_end=1258
+  _globals['_SEALEDREQUESTBODY']._serialized_start=1260
+  _globals['_SEALEDREQUESTBODY']._serialized_end=1330
+  _globals['_SEALEDFRAME']._serialized_start=1332
+  _globals['_SEALEDFRAME']._serialized_end=1393
+  _globals['_INVITE']._serialized_start=1396
+  _globals['_INVITE']._serialized_end=1562
+  _globals['_JOINREQUEST']._serialized_start=1565
+  _globals['_JOINREQUEST']._serialized_end=1726
+  _globals['_JOINRESPONSE']._serialized_start=1728
+  _globals['_JOINRESPONSE']._serialized_end=1842
 # @@protoc_insertion_point(module_scope)

@@ -44,12 +44,14 @@ class MembershipCert(_message.Message):
     def __init__(self, mesh_public_key: _Optional[bytes] = ..., node_id: _Optional[str] = ..., identity_public_key: _Optional[bytes] = ..., role: _Optional[_Union[Role, str]] = ..., issued_at_unix_ms: _Optional[int] = ..., expires_at_unix_ms: _Optional[int] = ...) -> None: ...
 
 class SignedCert(_message.Message):
-    __slots__ = ("cert", "signature")
+    __slots__ = ("cert", "signature", "issuer")
     CERT_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    ISSUER_FIELD_NUMBER: _ClassVar[int]
     cert: bytes
     signature: bytes
-    def __init__(self, cert: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
+    issuer: SignedCert
+    def __init__(self, cert: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., issuer: _Optional[_Union[SignedCert, _Mapping]] = ...) -> None: ...
 
 class RevocationList(_message.Message):
     __slots__ = ("mesh_public_key", "version", "revoked_node_ids", "issued_at_unix_ms", "revoked_at_unix_ms")
@@ -73,12 +75,14 @@ class RevocationList(_message.Message):
     def __init__(self, mesh_public_key: _Optional[bytes] = ..., version: _Optional[int] = ..., revoked_node_ids: _Optional[_Iterable[str]] = ..., issued_at_unix_ms: _Optional[int] = ..., revoked_at_unix_ms: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class SignedRevocations(_message.Message):
-    __slots__ = ("revocations", "signature")
+    __slots__ = ("revocations", "signature", "issuer")
     REVOCATIONS_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    ISSUER_FIELD_NUMBER: _ClassVar[int]
     revocations: bytes
     signature: bytes
-    def __init__(self, revocations: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
+    issuer: SignedCert
+    def __init__(self, revocations: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., issuer: _Optional[_Union[SignedCert, _Mapping]] = ...) -> None: ...
 
 class EncryptionKeys(_message.Message):
     __slots__ = ("node_id", "key_id", "x25519_public_key", "mlkem768_public_key", "not_before_unix_ms", "expires_at_unix_ms")
