@@ -319,3 +319,58 @@ def test_restoring_junk_raises_value_error_or_restores(rows: object) -> None:
     except ValueError:
         return
     assert all(h["tokens"] > 0 for h in book.holds())  # type: ignore[operator]
+
+
+def test_lease_report_totals_survive_a_restart_and_take_nothing_twice() -> None:
+    book, quota = QuotaBook(), parse_quota("mesh=100000/day")
+    book.lease(
+        lease_id="lease/B/u",
+        user="u",
+        quota=quota,
+        classes=frozenset({TierClass.MESH}),
+        wanted=4096,
+        now_ms=NOW,
+    )
+    held = book.held("u", TierClass.MESH)
+    assert book.told("lease/B/u", "9/1", total=40, tokens=40, now_ms=NOW) == 40
+    book.shrink("lease/B/u", 40, NOW)
+    again = QuotaBook()
+    again.restore(book.holds(), NOW + 1)
+    again.restore_told(book.told_rows(), NOW + 1)
+    # The same report once more (its answer was lost): nothing; the next one: its growth.
+    assert again.told("lease/B/u", "9/1", total=40, tokens=40, now_ms=NOW + 2) == 0
+    assert again.told("lease/B/u", "9/1", total=70, tokens=30, now_ms=NOW + 3) == 30
+    assert again.told("lease/B/u", "10/1", total=5, tokens=5, now_ms=NOW + 4) == 5  # a new run
+    assert again.held("u", TierClass.MESH) == held - 40
+    # Kept as long as a hold would be, then forgotten.
+    assert QuotaBook().told("lease/B/u", "9/1", total=40, tokens=40, now_ms=NOW) == 40
+    late = QuotaBook()
+    late.restore_told(book.told_rows(), NOW + 31 * 60 * 1000)
+    assert late.told_rows() == []
+
+
+@given(
+    st.one_of(
+        st.lists(
+            st.lists(
+                st.one_of(st.integers(-5, 2**64), st.text(max_size=300), st.booleans()),
+                max_size=5,
+            ),
+            max_size=4,
+        ),
+        st.integers(),
+        st.text(max_size=5),
+    )
+)
+def test_restoring_junk_report_totals_raises_value_error_or_restores(rows: object) -> None:
+    book = QuotaBook()
+    try:
+        book.restore_told(rows, NOW)
+    except ValueError:
+        return
+    for lease, report, total, until in book.told_rows():
+        assert isinstance(lease, str)
+        assert isinstance(report, str)
+        assert isinstance(total, int)
+        assert isinstance(until, int)
+        assert until > NOW

@@ -202,6 +202,53 @@ def test_a_settled_answer_puts_back_what_it_did_not_use_and_reports_the_rest() -
     assert not leases.outstanding()
 
 
+def test_a_report_sent_again_after_its_answer_was_lost_shrinks_the_home_once() -> None:
+    book, quota = QuotaBook(), parse_quota("mesh=100000/day")
+    leases = EntryLeases(incarnation=7)
+    tokens = grow_at_home(
+        book,
+        entry_node_id="E",
+        user="u",
+        quota=quota,
+        classes=frozenset({MESH}),
+        asked=LEASE_TOKENS,
+        now_ms=NOW,
+    )
+    grant(leases, tokens)
+    got = leased(admit(leases))
+    leases.settle(lease_no=got.lease_no, taken=got.tokens, records=[signed(40)], now_ms=NOW)
+
+    def at_home(report: Report) -> None:
+        book.count([lpb.UsageRecord.FromString(r.record) for r in report.records])
+        take_back_at_home(
+            book,
+            entry_node_id="E",
+            user="u",
+            tokens=report.consumed + report.returned,
+            now_ms=NOW,
+            report=report.key,
+            total=report.total,
+        )
+
+    [report] = leases.reports_to_send(NOW)
+    assert (report.key, report.total) == ("7/1", 40)
+    at_home(report)  # applied; its answer is lost:
+    leases.report_failed(report, NOW)
+    [again] = leases.reports_to_send(NOW + RETRY_MS)
+    assert (again.key, again.total, again.consumed) == ("7/1", 40, 40)
+    at_home(again)
+    leases.reported(again)
+    assert book.held("u", MESH) == free(leases)  # what this node may still spend, held once
+    # The next report counts from there: only what it adds shrinks the hold.
+    more = leased(admit(leases))
+    leases.settle(lease_no=more.lease_no, taken=more.tokens, records=[signed(30)], now_ms=NOW)
+    [third] = leases.reports_to_send(NOW + RETRY_MS)
+    assert third.total == 70
+    at_home(third)
+    leases.reported(third)
+    assert book.held("u", MESH) == free(leases)
+
+
 def test_a_failover_overrun_shrinks_the_lease_only_by_what_the_answer_took() -> None:
     leases = EntryLeases()
     grant(leases, 1000)
@@ -409,7 +456,6 @@ class LeaseWorld(RuleBasedStateMachine):
         self.book = QuotaBook()
         self.quotas: dict[str, Quota] = {}
         self.versions = {u: V1 for u in USERS}
-        self.entries = {e: EntryLeases(max_report_records=2) for e in ENTRIES}
         self.answers: list[Answer] = []
         self.calls: list[Call] = []
         self.replies: list[Reply] = []
@@ -417,8 +463,12 @@ class LeaseWorld(RuleBasedStateMachine):
         self.counted: set[tuple[str, int]] = set()
         self.leaked: dict[str, int] = {}  # by lease id: what the home may hold for nobody
         self.orphans: set[str] = set()  # reservations whose grant was lost on the way
+        self.applied: dict[tuple[str, str], int] = {}  # lease reports' totals the home has
         self.busy_since: dict[str, int] = {}  # entry nodes with something untold
         self.numbers = itertools.count(1)
+        self.entries = {
+            e: EntryLeases(incarnation=next(self.numbers), max_report_records=2) for e in ENTRIES
+        }
         self.ending = False
 
     # --- set-up ----------------------------------------------------------------------------
@@ -649,6 +699,21 @@ class LeaseWorld(RuleBasedStateMachine):
         name = lease_id(reply.call.entry, reply.call.reserve.user)
         self.leaked[name] = self.leaked.get(name, 0) + reply.lease_tokens
 
+    @precondition(lambda self: any(r.call.report is not None for r in self.replies))
+    @rule(i=st.integers(0, 10**6))
+    def lose_report_reply(self, i: int) -> None:
+        """A lease report the home applied, whose answer never came back: the entry node
+        sees a failure and sends what it had to tell again (with whatever came since)."""
+        reports = [r for r in self.replies if r.call.report is not None]
+        if not reports:
+            return
+        reply = reports[i % len(reports)]
+        self.replies.remove(reply)
+        assert reply.call.report is not None
+        self.note("a report's answer was lost")
+        self.entries[reply.call.entry].report_failed(reply.call.report, self.now)
+        self.flush(reply.call.entry)
+
     @precondition(lambda self: len(self.counted) < len(self.records))
     @rule(i=st.integers(0, 10**6))
     def sync(self, i: int) -> None:
@@ -697,7 +762,7 @@ class LeaseWorld(RuleBasedStateMachine):
         they expire."""
         if rarely != 13:
             return
-        self.entries[entry] = EntryLeases(max_report_records=2)
+        self.entries[entry] = EntryLeases(incarnation=next(self.numbers), max_report_records=2)
         self.busy_since.pop(entry, None)
         for name in [n for n in self.leaked if n.startswith(f"lease/{entry}/")]:
             del self.leaked[name]
@@ -752,6 +817,9 @@ class LeaseWorld(RuleBasedStateMachine):
                 if mine and all(v.held_until_ms - CALL_MARGIN_MS <= self.now for v in mine):
                     continue  # lapsed: forgotten at the entry node's next step
                 claims = sum(v.free + v.taken + v.consumed + v.returned for v in mine)
+                # Less what the home applied of their reports that this node has not
+                # heard it did (an answer on its way back, or lost).
+                claims -= sum(self.applied.get((entry, v.key), v.told) - v.told for v in mine)
                 for call in self.calls:
                     if call.entry == entry and call.reserve and call.reserve.user == user:
                         claims += call.reserve.lease_returned
@@ -760,8 +828,6 @@ class LeaseWorld(RuleBasedStateMachine):
                         continue
                     if reply.call.reserve and reply.call.reserve.user == user:
                         claims += reply.lease_tokens
-                    if reply.call.report and reply.call.report.user == user:
-                        claims -= reply.call.report.consumed + reply.call.report.returned
                 row = rows.get(lease_id(entry, user))
                 held = 0
                 if row is not None and int(str(row["expires_at_ms"])) > self.now:
@@ -905,19 +971,41 @@ class LeaseWorld(RuleBasedStateMachine):
         elif call.report is not None:
             report = call.report
             self.count(list(report.records))
-            self.take_back(call.entry, report.user, report.consumed + report.returned)
+            self.take_back(
+                call.entry,
+                report.user,
+                report.consumed + report.returned,
+                report=report.key,
+                total=report.total,
+            )
         self.replies.append(reply)
 
-    def take_back(self, entry: str, user: str, tokens: int) -> None:
+    def take_back(
+        self, entry: str, user: str, tokens: int, *, report: str = "", total: int = 0
+    ) -> None:
         """An entry node gives lease tokens back (used or not): they must be in the lease
         the home holds for it now. A shrink arriving after the hold expired could take them
-        from a newer lease of the same name."""
-        if tokens:
+        from a newer lease of the same name. A report sent again after the home applied it
+        takes only what its lease's total grew since."""
+        cut = tokens
+        if report:
+            applied = self.applied.get((entry, report))
+            cut = tokens if applied is None else max(total - applied, 0)
+            self.applied[(entry, report)] = max(total, applied or 0)
+        if cut:
             [row] = [r for r in self.book.holds() if r["id"] == lease_id(entry, user)] or [None]
-            assert row is not None, f"{entry} gives back {tokens} of a lease the home dropped"
+            assert row is not None, f"{entry} gives back {cut} of a lease the home dropped"
             assert int(str(row["expires_at_ms"])) > self.now, "given back after it expired"
-            assert int(str(row["tokens"])) >= tokens, (row, tokens)
-        take_back_at_home(self.book, entry_node_id=entry, user=user, tokens=tokens, now_ms=self.now)
+            assert int(str(row["tokens"])) >= cut, (row, cut)
+        take_back_at_home(
+            self.book,
+            entry_node_id=entry,
+            user=user,
+            tokens=tokens,
+            now_ms=self.now,
+            report=report,
+            total=total,
+        )
 
     def make_record(self, user: str, tier_class: TierClass, tokens: int) -> Record:
         seq = next(self.numbers)

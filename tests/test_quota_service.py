@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from mesh.errors import QuotaExceeded, Unavailable
+from mesh.errors import InvalidRequest, QuotaExceeded, Unavailable
 from mesh.inference import InferenceRequest, Sampling
 from mesh.ledger.records import ChainWriter, Usage
 from mesh.ledger.sync import Received
@@ -327,3 +327,14 @@ async def test_without_its_home_a_lease_still_admits_until_it_runs_out(mesh: Mes
     assert admitted > 0
     with pytest.raises(Unavailable, match="kept by node"):
         await mesh.entry.admit(request(1000), Privacy.MESH)
+
+
+async def test_a_lease_report_named_too_long_is_refused_clearly(mesh: Mesh) -> None:
+    await leased_mesh(mesh)
+    held = mesh.held()
+    release = lpb.Release(
+        lease_user="alice", lease_returned=10, lease_report="9" * 65, lease_total=10
+    )
+    with pytest.raises(InvalidRequest, match="at most 64 characters"):
+        await mesh.home.serve_call(lpb.QuotaCall(release=release), ENTRY)
+    assert mesh.held() == held  # nothing taken

@@ -35,10 +35,11 @@ home keeps a hold HOLD_TTL_MS after the last call that touched it, so a lease no
 confirmed for HOLD_TTL_MS - CALL_MARGIN_MS lapses here, and is forgotten, not reported.
 Otherwise a late call could shrink a newer lease of the same name. A call that may or
 may not have reached the home (a reserve whose answer was lost) can only leave the home
-holding more, until its hold expires. One gap is left: a report the home applied but
-whose answer was lost is sent again, and the lease shrinks twice there (a Release has no
-number to spot the second), so the home holds that report's tokens less than this node
-may still spend from the lease.
+holding more, until its hold expires. A report the home applied but whose answer was lost
+is sent again: it names its lease (`Report.key`: this node's `incarnation` and the
+lease's number) and carries all the lease has given back so far (`Report.total`), so the home
+shrinks the hold by what the total grew since the last report it applied for that lease
+(`take_back_at_home`), never twice by the same tokens.
 """
 
 from __future__ import annotations
@@ -98,11 +99,23 @@ def grow_at_home(
 
 
 def take_back_at_home(
-    book: QuotaBook, *, entry_node_id: str, user: str, tokens: int, now_ms: int
+    book: QuotaBook,
+    *,
+    entry_node_id: str,
+    user: str,
+    tokens: int,
+    now_ms: int,
+    report: str = "",
+    total: int = 0,
 ) -> None:
     """`AskHome.lease_returned` or a report's consumed and returned tokens, at the home
-    (the consumed ones' records came with the report, or by sync before it)."""
-    book.shrink(lease_id(entry_node_id, user), tokens, now_ms)
+    (the consumed ones' records came with the report, or by sync before it). A report
+    (`report`: `Report.key`, `total`: `Report.total`) shrinks the hold by what its lease's
+    total grew since the last report applied for it: sent again, it takes nothing twice."""
+    name = lease_id(entry_node_id, user)
+    if report:
+        tokens = book.told(name, report, total=total, tokens=tokens, now_ms=now_ms)
+    book.shrink(name, tokens, now_ms)
 
 
 # --- the entry node's side: values in and out ----------------------------------------------
@@ -149,6 +162,8 @@ class Report:
     returned: int
     final: bool  # the lease ended: nobody else will tell the home
     sent_at_ms: int
+    key: str = ""  # the lease's name for the home: "INCARNATION/LEASE_NO"
+    total: int = 0  # consumed + returned of every report of the lease so far, this one's too
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,6 +206,8 @@ class LeaseView:
     valid_until_ms: int
     held_until_ms: int  # the home holds it until at least then
     ended: EndReason | None
+    key: str = ""  # as its reports name it to the home (`Report.key`)
+    told: int = 0  # what the home said it applied of its reports (`Report.total`)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -208,6 +225,7 @@ class _Lease:
     records: list[lpb.SignedRecord] = field(default_factory=list)
     consumed: int = 0
     returned: int = 0
+    told: int = 0  # consumed + returned the home has said it applied (`Report.total`)
     ended: EndReason | None = None
     reporting: Report | None = None
     retry_at_ms: int = 0
@@ -239,9 +257,14 @@ class _Lease:
 
 class EntryLeases:
     """This entry node's leases at its users' homes, one live lease per user (see the
-    module docstring). `max_report_records` is MAX_REPORT_RECORDS but in tests."""
+    module docstring). `incarnation`: a number this run of the node is known by, new at
+    every start (its leases' numbers start again at 1). `max_report_records` is
+    MAX_REPORT_RECORDS but in tests."""
 
-    def __init__(self, *, max_report_records: int = MAX_REPORT_RECORDS) -> None:
+    def __init__(
+        self, *, incarnation: int = 0, max_report_records: int = MAX_REPORT_RECORDS
+    ) -> None:
+        self._incarnation = incarnation
         self._max_records = max_report_records
         self._live: dict[str, _Lease] = {}  # by user
         self._all: dict[int, _Lease] = {}  # by number: live, and ended ones not done
@@ -359,16 +382,19 @@ class EntryLeases:
             if lease.reporting is not None or not lease.untold() or now_ms < lease.retry_at_ms:
                 continue
             records = tuple(lease.records[: self._max_records])
+            consumed = lease.consumed if len(records) == len(lease.records) else 0
             report = Report(
                 report_no=next(self._numbers),
                 lease_no=lease.number,
                 home=lease.home,
                 user=lease.user,
                 records=records,
-                consumed=lease.consumed if len(records) == len(lease.records) else 0,
+                consumed=consumed,
                 returned=lease.returned,
                 final=lease.ended is not None,
                 sent_at_ms=now_ms,
+                key=f"{self._incarnation}/{lease.number}",
+                total=lease.told + consumed + lease.returned,
             )
             lease.reporting = report
             reports.append(report)
@@ -383,6 +409,7 @@ class EntryLeases:
         del lease.records[: len(report.records)]
         lease.consumed -= report.consumed
         lease.returned -= report.returned
+        lease.told = report.total
         self._confirm(lease.home, lease.user, report.sent_at_ms)
         self._forget_if_done(lease)
 
@@ -435,6 +462,8 @@ class EntryLeases:
                 valid_until_ms=lease.valid_until_ms if lease.ended is None else 0,
                 held_until_ms=lease.held_until_ms,
                 ended=lease.ended,
+                key=f"{self._incarnation}/{lease.number}",
+                told=lease.told,
             )
             for lease in self._all.values()
         ]

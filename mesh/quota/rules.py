@@ -203,6 +203,9 @@ class QuotaBook:
     )
     _holds: dict[str, _Hold] = field(default_factory=dict)
     _held: dict[tuple[str, TierClass], int] = field(default_factory=lambda: defaultdict(int))
+    # Per lease and report key (mesh.quota.leases): the total given back the home applied,
+    # and until when it is kept (as long as a hold: no report comes later than that).
+    _told: dict[tuple[str, str], tuple[int, int]] = field(default_factory=dict)
 
     # --- what was used ------------------------------------------------------------------
 
@@ -327,6 +330,45 @@ class QuotaBook:
                 del self._held[key]
         if hold.tokens == 0:
             del self._holds[lease_id]
+
+    def told(self, lease_id: str, report: str, *, total: int, tokens: int, now_ms: int) -> int:
+        """What a lease report shrinks its hold by: the growth of its lease's `total` since
+        the last report applied for `report` (a lease), or `tokens` when none was (its
+        first report, or one kept no longer); 0 for a report applied before."""
+        for key in [k for k, (_, until) in self._told.items() if until <= now_ms]:
+            del self._told[key]
+        known = self._told.get((lease_id, report))
+        if known is None and len(self._told) >= MAX_HOLDS:
+            return tokens  # full (never in practice): as without report keys
+        cut = tokens if known is None else max(total - known[0], 0)
+        self._told[(lease_id, report)] = (
+            max(total, known[0] if known else 0),
+            now_ms + HOLD_TTL_MS,
+        )
+        return cut
+
+    def told_rows(self) -> list[list[object]]:
+        """The report totals kept (to keep on disk beside `holds`)."""
+        return [
+            [lease, report, total, until]
+            for (lease, report), (total, until) in sorted(self._told.items())
+        ]
+
+    def restore_told(self, rows: object, now_ms: int) -> None:
+        """Take back `told_rows`; ValueError naming the problem when they are not that."""
+        if not isinstance(rows, list) or len(rows) > MAX_HOLDS:
+            raise ValueError(f"not a list of at most {MAX_HOLDS} report totals")
+        for i, row in enumerate(rows):
+            if (
+                not isinstance(row, list)
+                or len(row) != 4
+                or not all(isinstance(x, str) and len(x) <= 256 for x in row[:2])
+                or not all(type(x) is int and x >= 0 for x in row[2:])
+            ):
+                raise ValueError(f"report total {i} is not [lease, report, total, until]")
+            lease, report, total, until = row
+            if until > now_ms:
+                self._told[(lease, report)] = (total, until)
 
     def release(self, request_id: str) -> bool:
         """Drop a reservation (the answer's records count from now on). Idempotent."""

@@ -41,6 +41,7 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 from collections.abc import Coroutine
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -131,6 +132,8 @@ class Admission:
     lease_no: int = 0  # which lease (mesh.quota.leases.Leased)
 
 
+MAX_REPORT_KEY = 64  # Release.lease_report: "INCARNATION/LEASE_NO"
+_HOLDS_KEYS = frozenset({"user", "plan", "told"})  # quota-holds.json ("told" since protocol 4)
 TELL_WAIT_S = 2.0  # the longest a reserve waits for the same user's releases (`_told`)
 
 
@@ -156,10 +159,10 @@ class QuotaService:
         self.plan_book = QuotaBook()
         self._settling: set[asyncio.Task[None]] = set()
         self._telling: dict[str, set[asyncio.Task[None]]] = {}  # by user: releases, reports
-        self._leases = EntryLeases()  # this node's, at other homes
+        self._leases = EntryLeases(incarnation=secrets.randbits(62))  # this node's, at other homes
         self._upkeep: asyncio.Task[None] | None = None
         self._holds_file = holds_file
-        self._kept: list[dict[str, object]] = []  # what the holds file says now
+        self._kept: list[object] = []  # what the holds file says now
 
     def _now(self) -> int:
         return self._clock.now_ms()
@@ -175,10 +178,11 @@ class QuotaService:
             if data is None:
                 return
             body = json.loads(data.decode("utf-8"))
-            if not isinstance(body, dict) or set(body) != {"user", "plan"}:
+            if not isinstance(body, dict) or not {"user", "plan"} <= set(body) <= _HOLDS_KEYS:
                 raise ValueError("not an object with user and plan reservations")
             restored = self.book.restore(body["user"], self._now())
             restored += self.plan_book.restore(body["plan"], self._now())
+            self.book.restore_told(body.get("told", []), self._now())
         except (ValueError, RecursionError) as exc:
             # Kept for whoever looks; starting without them can only let a user spend what
             # was reserved before the crash a second time, so say so loudly.
@@ -200,11 +204,11 @@ class QuotaService:
         """Keep the reservations on disk when they changed (see the module docstring)."""
         if self._holds_file is None:
             return
-        user, plan = self.book.holds(), self.plan_book.holds()
-        holds = user + plan
+        user, plan, told = self.book.holds(), self.plan_book.holds(), self.book.told_rows()
+        holds: list[object] = [*user, *plan, *told]
         if holds == self._kept:
             return
-        body = {"user": user, "plan": plan}
+        body = {"user": user, "plan": plan, "told": told}
         tmp = self._holds_file.with_name(f".{self._holds_file.name}.tmp")
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -333,6 +337,8 @@ class QuotaService:
             lease_user=report.user,
             lease_consumed=report.consumed,
             lease_returned=report.returned,
+            lease_report=report.key,
+            lease_total=report.total,
         )
         try:
             await self._call(report.home, lpb.QuotaCall(release=release), report.user)
@@ -562,12 +568,18 @@ class QuotaService:
             if release.lease_user and sender:
                 # The consumed tokens' records count now (they came with this call, or by
                 # sync before it): the lease holds them no longer.
+                if len(release.lease_report) > MAX_REPORT_KEY:
+                    raise InvalidRequest(
+                        f"a lease report is named in at most {MAX_REPORT_KEY} characters"
+                    )
                 take_back_at_home(
                     self.book,
                     entry_node_id=sender,
                     user=release.lease_user,
                     tokens=release.lease_consumed + release.lease_returned,
                     now_ms=self._now(),
+                    report=release.lease_report,
+                    total=release.lease_total,
                 )
             return lpb.QuotaGrant()
         raise InvalidRequest("a quota call is a reserve or a release")

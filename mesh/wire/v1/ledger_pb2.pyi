@@ -195,18 +195,22 @@ class Reserve(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., user: _Optional[str] = ..., classes: _Optional[_Iterable[str]] = ..., prompt_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ..., lease_tokens: _Optional[int] = ..., lease_returned: _Optional[int] = ...) -> None: ...
 
 class Release(_message.Message):
-    __slots__ = ("request_id", "records", "lease_user", "lease_consumed", "lease_returned")
+    __slots__ = ("request_id", "records", "lease_user", "lease_consumed", "lease_returned", "lease_report", "lease_total")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     RECORDS_FIELD_NUMBER: _ClassVar[int]
     LEASE_USER_FIELD_NUMBER: _ClassVar[int]
     LEASE_CONSUMED_FIELD_NUMBER: _ClassVar[int]
     LEASE_RETURNED_FIELD_NUMBER: _ClassVar[int]
+    LEASE_REPORT_FIELD_NUMBER: _ClassVar[int]
+    LEASE_TOTAL_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     records: _containers.RepeatedCompositeFieldContainer[SignedRecord]
     lease_user: str
     lease_consumed: int
     lease_returned: int
-    def __init__(self, request_id: _Optional[str] = ..., records: _Optional[_Iterable[_Union[SignedRecord, _Mapping]]] = ..., lease_user: _Optional[str] = ..., lease_consumed: _Optional[int] = ..., lease_returned: _Optional[int] = ...) -> None: ...
+    lease_report: str
+    lease_total: int
+    def __init__(self, request_id: _Optional[str] = ..., records: _Optional[_Iterable[_Union[SignedRecord, _Mapping]]] = ..., lease_user: _Optional[str] = ..., lease_consumed: _Optional[int] = ..., lease_returned: _Optional[int] = ..., lease_report: _Optional[str] = ..., lease_total: _Optional[int] = ...) -> None: ...
 
 class QuotaGrant(_message.Message):
     __slots__ = ("classes", "max_tokens", "refusals", "lease_tokens")
