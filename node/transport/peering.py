@@ -46,7 +46,7 @@ from mesh.wire.v1 import node_pb2 as pb
 from node.store.trust_store import TrustStore
 from node.tasks import Tasks
 from node.transport.directory import PeerHandle
-from node.transport.peer_client import PeerClient
+from node.transport.peer_client import GrpcTransport, PeerClient, Transport
 from node.transport.relay_client import RelayLink, RelayMember, RelayTransport
 
 logger = logging.getLogger(__name__)
@@ -66,8 +66,10 @@ class Peering:
         on_change: Callable[[], None] = lambda: None,
         card_issued_at: Callable[[], int] = lambda: 0,
         clock: Clock = SYSTEM,
+        dial: Callable[[str], Transport] = GrpcTransport,
     ) -> None:
         self._clock = clock
+        self._dial = dial  # a direct path to an address (gRPC; in-memory in tests)
         self._trust = trust
         self._card_issued_at = card_issued_at  # our own card's, bound into our goodbyes
         self.table = table
@@ -271,7 +273,9 @@ class Peering:
                 due = (peer is None or peer.state is PeerState.DOWN) and since >= RETRY_S
             if due:
                 self._tried[address] = now
-                self._spawn(address, PeerClient(address, trust=self._trust))
+                self._spawn(
+                    address, PeerClient(address, trust=self._trust, transport=self._dial(address))
+                )
         relay = self._relay
         if relay is None or not relay.connected.is_set():
             return
