@@ -37,7 +37,7 @@ Example file:
 
     [[models]]
     name = "smollm2-135m-instruct"
-    path = "/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+    path = "/models/SmolLM2-135M-Instruct.Q4_1.gguf"  # leave out: the embedded default
     aliases = ["default", "small"]
     context_length = 2048
     threads = 2
@@ -398,15 +398,25 @@ def _file_settings(
                 _HIDDEN if _SECRET_KEY_RE.search(key) else reader.raw(key),
                 f'is a setting of backend = "openai" models; this one is {backend!r}',
             )
-    if not reader.has("path"):
+    out: dict[str, Any]
+    if not reader.has("path") and name == EMBEDDED_MODEL_NAME:
+        # The embedded default model, by name: its file is wherever its wheel put it, and
+        # its defaults hold unless the table sets its own.
+        embedded = embedded_model(box.embedded_model_path())
+        out = {
+            key: getattr(embedded, key)
+            for key in ("name", "path", "aliases", "context_length", "system_prompt", "temperature")
+        }
+    elif not reader.has("path"):
         raise ConfigError(f"{reader.source}: {reader.prefix}path is missing", param="path")
-    raw_path = reader.string("path")
-    found = box.model_file(raw_path, base_dir=base_dir)
-    if not found.is_file:
-        raise reader.fail("path", raw_path, f"no model file at {found.path}")
-    if not found.readable:
-        raise reader.fail("path", raw_path, "the model file is not readable")
-    out: dict[str, Any] = {"name": name or _name_from_path(found.path), "path": found.path}
+    else:
+        raw_path = reader.string("path")
+        found = box.model_file(raw_path, base_dir=base_dir)
+        if not found.is_file:
+            raise reader.fail("path", raw_path, f"no model file at {found.path}")
+        if not found.readable:
+            raise reader.fail("path", raw_path, "the model file is not readable")
+        out = {"name": name or _name_from_path(found.path), "path": found.path}
     if reader.has("threads"):
         out["threads"] = reader.integer("threads", 1, 1024)
     if reader.has("queue_size"):

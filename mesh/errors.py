@@ -146,6 +146,14 @@ class UserExists(InvalidRequest):
     code = "user_exists"
 
 
+class ModelExists(InvalidRequest):
+    """A model added under a name (or alias) this node already serves."""
+
+    grpc_status = "ALREADY_EXISTS"
+    http_status = 409
+    code = "model_exists"
+
+
 class UserNotFound(MeshError):
     grpc_status = "NOT_FOUND"
     http_status = 404

@@ -20,7 +20,8 @@ import click
 
 from mesh.config import Flags
 from mesh.errors import MeshError
-from node.store.config_file import build_config
+from node.signals import SighupReloads
+from node.store.config_file import ConfigSource, build_config
 from node.store.home import Home
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -116,20 +117,20 @@ def up(
     home = Home.resolve(home_dir)
     if config_file is None and home.config_file.is_file():
         config_file = home.config_file
+    flags = Flags(
+        http_host=http_host,
+        http_port=http_port,
+        grpc_host=grpc_host,
+        grpc_port=grpc_port,
+        models=models,
+        peers=peers,
+        relays=relays,
+        no_mdns=no_mdns,
+    )
+    # SIGHUP reads the same file again, with the same flags on top.
+    source = ConfigSource(file=config_file, default_file=home.config_file, flags=flags)
     try:
-        config = build_config(
-            config_file=config_file,
-            flags=Flags(
-                http_host=http_host,
-                http_port=http_port,
-                grpc_host=grpc_host,
-                grpc_port=grpc_port,
-                models=models,
-                peers=peers,
-                relays=relays,
-                no_mdns=no_mdns,
-            ),
-        )
+        config = build_config(config_file=config_file, flags=flags)
     except MeshError as exc:
         _fail(exc.message)
 
@@ -138,7 +139,8 @@ def up(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        async with Node(config, home) as node:
+        reloads = SighupReloads(loop)  # from now on SIGHUP reloads, never stops the node
+        async with Node(config, home, source=source) as node:
             first = node.models.models()[0].name if node.models else "MODEL"
             new = " (new identity)" if node.created_identity else ""
             click.echo(f"Allerac node {node.node_id}{new}")
@@ -162,7 +164,7 @@ def up(
             )
             click.echo("Ready. Ctrl-C stops the node.", nl=True)
             sys.stdout.flush()
-            await stop.wait()
+            await reloads.serve_until(stop, node.reconfigurer)
             click.echo("Stopping: finishing answers in progress...", err=True)
 
     try:
@@ -476,24 +478,6 @@ def status(home_dir: Path | None, as_json: bool) -> None:
             f"peer      {peer['node_id'][:15]}  {peer['state']:7} {peer['route']:5} "
             f"rtt {peer['rtt_ms']:.1f} ms  load {load['active_streams']}+{load['queued']}"
             f"/{load['slots']}  {peer['display_name']}  models: {', '.join(peer['models'])}"
-        )
-
-
-@cli.command()
-@home_option
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def models(home_dir: Path | None, as_json: bool) -> None:
-    """List the models this node can serve."""
-    data = _json(_node(home_dir), "GET", "/v1/models")
-    if as_json:
-        click.echo(json.dumps(data, indent=2))
-        return
-    click.echo(f"{'MODEL':32} {'ALIASES':20} {'CONTEXT':>8} {'QUANT':8} FAMILY")
-    for model in data["data"]:
-        click.echo(
-            f"{model['id']:32} {','.join(model.get('aliases', [])) or '-':20} "
-            f"{model.get('context_length', 0):>8} {model.get('quantization') or '-':8} "
-            f"{model.get('family') or '-'}"
         )
 
 
@@ -935,6 +919,16 @@ def relay_stats(home_dir: Path | None, address: str, as_json: bool) -> None:
         return
     for key, value in stats.items():
         click.echo(f"{key:18} {value}")
+
+
+def _register_commands() -> None:
+    """Command groups that live in their own modules."""
+    from node.cli_models import models
+
+    cli.add_command(models)
+
+
+_register_commands()
 
 
 def main() -> None:

@@ -43,18 +43,20 @@ from mesh.trust.identity import Identity
 from mesh.trust.membership import Role
 from mesh.wire import grpc_options
 from mesh.wire.v1 import node_pb2 as pb
-from node.api.http_api import build_app
+from node.api.http_api import HttpLimits, build_app
 from node.api.mesh_admin import MeshAdmin
+from node.api.models_admin import register_models_admin
 from node.api.owner import HostGuard, OwnerToken
+from node.reconfigure import Reconfigurer
 from node.serving.accounting import Accountant
 from node.serving.backends import create_backend
-from node.serving.backends.base import Backend
 from node.serving.entry import EntrySide
 from node.serving.ledger_sync import LedgerSync
 from node.serving.models import LocalModels
 from node.serving.node_service import NodeService
 from node.serving.quota_service import QuotaService
 from node.serving.serving_side import ServingSide
+from node.store.config_file import ConfigSource
 from node.store.hardware import probe_hardware
 from node.store.home import Home
 from node.store.identity_key import load_or_create_identity
@@ -118,7 +120,6 @@ class Parts:
     trust: TrustStore
     users: UsersAdmin
     ledger: LedgerStore
-    backends: list[Backend]
     models: LocalModels
     peer_table: PeerTable
     peering: Peering
@@ -209,12 +210,14 @@ async def _open_parts(config: NodeConfig, home: Home, stack: AsyncExitStack, clo
     users = UsersAdmin.open(home, default_privacy=Privacy(config.privacy), trust=trust, clock=clock)
     ledger = await LedgerStore.open(home.ledger_file, identity, clock=clock.now_ms)
     stack.push_async_callback(ledger.close)  # runs last: every answer has left its record
-    backends: list[Backend] = []
+    # The served set changes while the node runs (node/reconfigure.py); whatever is loaded
+    # when it stops is closed here, after the drain.
+    models = LocalModels(identity.node_id, [])
+    stack.push_async_callback(models.aclose)
     for model in config.models:
         backend = create_backend(model)
         await backend.start()
-        stack.push_async_callback(backend.aclose)
-        backends.append(backend)
+        models.swap(add=[backend], remove=())
     relays: list[RelayLink] = []
 
     async def close_relays() -> None:  # after the drain: answers through a relay finish too
@@ -222,7 +225,6 @@ async def _open_parts(config: NodeConfig, home: Home, stack: AsyncExitStack, clo
             await link.aclose()
 
     stack.push_async_callback(close_relays)
-    models = LocalModels(identity.node_id, backends)
     peer_table = PeerTable()
     cards: Cards | None = None
 
@@ -267,7 +269,6 @@ async def _open_parts(config: NodeConfig, home: Home, stack: AsyncExitStack, clo
         trust=trust,
         users=users,
         ledger=ledger,
-        backends=backends,
         models=models,
         peer_table=peer_table,
         peering=peering,
@@ -320,9 +321,17 @@ class Node:
     """`async with Node(config, home) as node:` runs a node (a `RunningNode`) for the
     block, and drains and stops it after."""
 
-    def __init__(self, config: NodeConfig, home: Home, *, clock: Clock = SYSTEM) -> None:
+    def __init__(
+        self,
+        config: NodeConfig,
+        home: Home,
+        *,
+        source: ConfigSource | None = None,
+        clock: Clock = SYSTEM,
+    ) -> None:
         self.config = config
         self.home = home
+        self._source = source  # where the configuration is read again (SIGHUP, models)
         self._clock = clock
         self._stack: AsyncExitStack | None = None
 
@@ -330,7 +339,7 @@ class Node:
         stack = AsyncExitStack()
         try:
             parts = await _open_parts(self.config, self.home, stack, self._clock)
-            node = RunningNode(self.config, self.home, parts, self._clock)
+            node = RunningNode(self.config, self.home, parts, self._clock, source=self._source)
             await node.serve(stack)
         except BaseException:
             await stack.aclose()
@@ -352,7 +361,15 @@ class Node:
 class RunningNode:
     """A node's parts, its servers and its background work, while it runs."""
 
-    def __init__(self, config: NodeConfig, home: Home, parts: Parts, clock: Clock) -> None:
+    def __init__(
+        self,
+        config: NodeConfig,
+        home: Home,
+        parts: Parts,
+        clock: Clock,
+        *,
+        source: ConfigSource | None = None,
+    ) -> None:
         self._clock = clock
         self.config = config
         self.home = home
@@ -365,6 +382,7 @@ class RunningNode:
         self.models = parts.models
         self.peer_table = parts.peer_table
         self.peering = parts.peering
+        self.entry = parts.entry
         self.cards = parts.cards
         self.relays = parts.relays
         self.listeners = parts.listeners
@@ -395,11 +413,21 @@ class RunningNode:
             caps=self.listeners.grpc, member_deadline_s=self.listeners.grpc_member_deadline_s
         )
         # Caps per source and deadlines for headers and bodies (node/transport/http_guard.py).
-        self._http_guard = HttpConnectionGuard(
+        self.http_guard = HttpConnectionGuard(
             caps=self.listeners.http,
             header_timeout_s=self.listeners.http_header_timeout_s,
             body_idle_s=self.listeners.http_body_idle_s,
         )
+        self.http_limits = HttpLimits(
+            max_request_bytes=config.max_request_bytes,
+            guard=HostGuard.build(
+                bound_host=config.http_host,
+                allowed_hosts=config.http_allowed_hosts,
+                cors_origins=config.http_cors_origins,
+            ),
+        )
+        # One path for every change of configuration while running: SIGHUP and models.
+        self.reconfigurer = Reconfigurer(self, source)
         trust = parts.trust
         self.ledger_sync = LedgerSync(
             store=parts.ledger,
@@ -418,7 +446,7 @@ class RunningNode:
 
         async def drain() -> None:
             grace = self.config.shutdown_grace_s
-            for backend in self.parts.backends:
+            for backend in self.models.backends():
                 backend.drain()
             self._grpc_front.stop_accepting()  # open connections still carry the drain
             await asyncio.gather(
@@ -428,6 +456,7 @@ class RunningNode:
             )
 
         stack.push_async_callback(drain)
+        stack.push_async_callback(self.reconfigurer.aclose)  # after the drain
         await self._start_grpc(servers)
         await self._start_http(servers)
         log_api_access(self.config.http_host, self.parts.users)
@@ -472,7 +501,7 @@ class RunningNode:
         parts = self.parts
         app = build_app(
             entry=parts.entry,
-            max_request_bytes=self.config.max_request_bytes,
+            limits=self.http_limits,
             status=self.status,
             mesh_admin=MeshAdmin(
                 trust=parts.trust,
@@ -485,16 +514,12 @@ class RunningNode:
             users=parts.users,
             quota=parts.quota,
             owner=parts.owner_token,
-            guard=HostGuard.build(
-                bound_host=self.config.http_host,
-                allowed_hosts=self.config.http_allowed_hosts,
-                cors_origins=self.config.http_cors_origins,
-            ),
             clock=self._clock,
         )
+        register_models_admin(app, self.reconfigurer)
         # The guard's middleware goes first, so it sees every request the moment its
         # headers are in.
-        guard = self._http_guard
+        guard = self.http_guard
         app.middlewares.insert(0, guard.middleware)
         runner = web.AppRunner(
             app,
@@ -516,7 +541,7 @@ class RunningNode:
         self.http_url = f"http://{_url_host(self.config.http_host)}:{site.port}"
 
     async def _end_in_flight(self, grace_s: float) -> None:
-        backends = self.parts.backends
+        backends = self.models.backends()
         deadline = self._clock.monotonic() + grace_s
         while any(b.busy() for b in backends) and self._clock.monotonic() < deadline:  # noqa: ASYNC110 (polls worker threads)
             await asyncio.sleep(DRAIN_POLL_S)
@@ -527,16 +552,27 @@ class RunningNode:
         """One session per configured relay: other offices and cloud nodes are reached
         through it, and they reach this node through it."""
         for address in self.config.relays:
-            link = RelayLink(
-                address,
-                trust=self.trust,
-                calls=self.calls,
-                on_directory=self.peering.relay_directory,
-                clock=self._clock,
-            )
-            self.peering.attach_relay(link)
-            self.relays.append(link)  # its stop is the parts' (after the drain)
-            await link.start()
+            await self.start_relay(address)
+
+    async def start_relay(self, address: str) -> None:
+        link = RelayLink(
+            address,
+            trust=self.trust,
+            calls=self.calls,
+            on_directory=self.peering.relay_directory,
+            clock=self._clock,
+        )
+        self.peering.attach_relay(link)
+        self.relays.append(link)  # its stop is the parts' (after the drain)
+        await link.start()
+
+    async def stop_relay(self, address: str) -> None:
+        """A relay taken out of the configuration: its session ends (calls through it fail
+        over); peering goes on through another relay, if any."""
+        for link in [link for link in self.relays if link.address == address]:
+            self.relays.remove(link)
+            await link.aclose()
+        self.peering.attach_relay(self.relays[-1] if self.relays else None)
 
     async def _start_discovery(self, stack: AsyncExitStack) -> None:
         if not self.config.mdns:
@@ -682,7 +718,7 @@ class RunningNode:
     def _connection_stats(self) -> dict[str, Any]:
         return {
             "descriptor_limit": self.listeners.budget.nofile,
-            "http": self._http_guard.stats(),
+            "http": self.http_guard.stats(),
             "grpc": self._grpc_front.stats(),
         }
 

@@ -62,14 +62,27 @@ logger = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 ENTRY = web.AppKey("entry", EntrySide)
-MAX_BYTES = web.AppKey("max_request_bytes", int)
 MESH_ADMIN = web.AppKey("mesh_admin", MeshAdmin)
 USERS = web.AppKey("users", UsersAdmin)
 QUOTA = web.AppKey("quota", QuotaService)
 STATUS: web.AppKey[Callable[[], dict[str, Any]]] = web.AppKey("status")
 CLOCK: web.AppKey[Clock] = web.AppKey("clock")
 OWNER_TOKEN = web.AppKey("owner_token", OwnerToken)
-GUARD = web.AppKey("guard", HostGuard)
+
+
+@dataclasses.dataclass(kw_only=True)
+class HttpLimits:
+    """The API's per-request limits and allow-lists: one object, changed in place when the
+    node reloads its configuration (SIGHUP), read by every request."""
+
+    max_request_bytes: int
+    guard: HostGuard
+
+
+LIMITS = web.AppKey("limits", HttpLimits)
+# aiohttp's own bound on a body it buffers; ours (`HttpLimits.max_request_bytes`, which
+# may change while the API runs) is checked as the body arrives, in `_read_body`.
+MAX_REQUEST_BYTES_CEILING = 64 << 20
 CORS_ORIGIN = "allerac.cors_origin"  # request key: the allowed origin to answer with CORS
 
 # What a browser app may send and read across origins (the OpenAI API only).
@@ -128,7 +141,7 @@ async def _error_middleware(request: web.Request, handler: Handler) -> web.Strea
 @web.middleware
 async def _guard_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Refuse what is not for this box, or comes from a page the owner did not allow."""
-    guard = request.app[GUARD]
+    guard = request.app[LIMITS].guard
     host = request.headers.get("Host")
     if host is None:
         # RFC 9112 section 3.2: a request without Host is answered 400.
@@ -183,15 +196,17 @@ def _seconds_until(iso: str, now_ms: int) -> int:
 
 
 async def _read_body(request: web.Request) -> bytes:
-    limit = request.app[MAX_BYTES]
+    limit = request.app[LIMITS].max_request_bytes
     if request.content_length is not None and request.content_length > limit:
         raise RequestTooLarge(
             f"request body is {request.content_length} bytes; the limit is {limit}"
         )
-    try:
-        return await request.read()
-    except web.HTTPRequestEntityTooLarge as exc:
-        raise RequestTooLarge(f"request body is larger than the limit of {limit} bytes") from exc
+    body = bytearray()
+    async for chunk in request.content.iter_any():  # a chunked body: counted as it comes
+        body += chunk
+        if len(body) > limit:
+            raise RequestTooLarge(f"request body is larger than the limit of {limit} bytes")
+    return bytes(body)
 
 
 def _route_headers(answer: EntryAnswer) -> dict[str, str]:
@@ -225,7 +240,7 @@ def _cannot_be_a_page(request: web.Request) -> bool:
     Origin, but browsers mark it `Sec-Fetch-Site: cross-site`)."""
     return (
         _from_loopback(request)
-        and request.app[GUARD].is_loopback_host(request.headers.get("Host", ""))
+        and request.app[LIMITS].guard.is_loopback_host(request.headers.get("Host", ""))
         and "Origin" not in request.headers
         and request.headers.get("Sec-Fetch-Site", "none") in ("none", "same-origin")
     )
@@ -306,14 +321,18 @@ async def _respond(request: web.Request, answer: EntryAnswer, stream: bool) -> w
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     caller = _caller(request)
     body = await _read_body(request)
-    inference, stream = openai_api.parse_chat_request(body, max_bytes=request.app[MAX_BYTES])
+    inference, stream = openai_api.parse_chat_request(
+        body, max_bytes=request.app[LIMITS].max_request_bytes
+    )
     return await _answer(request, caller, inference, stream)
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
     caller = _caller(request)
     body = await _read_body(request)
-    inference, stream = openai_api.parse_completion_request(body, max_bytes=request.app[MAX_BYTES])
+    inference, stream = openai_api.parse_completion_request(
+        body, max_bytes=request.app[LIMITS].max_request_bytes
+    )
     return await _answer(request, caller, inference, stream)
 
 
@@ -479,26 +498,25 @@ async def users_remove(request: web.Request) -> web.Response:
 def build_app(
     *,
     entry: EntrySide,
-    max_request_bytes: int,
+    limits: HttpLimits,
     status: Callable[[], dict[str, Any]],
     mesh_admin: MeshAdmin,
     users: UsersAdmin,
     quota: QuotaService,
     owner: OwnerToken,
-    guard: HostGuard,
     clock: Clock = SYSTEM,
 ) -> web.Application:
-    # client_max_size bounds what aiohttp itself buffers; _read_body gives the clear error.
+    # _read_body bounds every body by the limit in force; client_max_size is only a ceiling.
     # The guard runs inside the error middleware, so its refusals are OpenAI-style JSON.
     app = web.Application(
-        client_max_size=max_request_bytes, middlewares=[_error_middleware, _guard_middleware]
+        client_max_size=MAX_REQUEST_BYTES_CEILING,
+        middlewares=[_error_middleware, _guard_middleware],
     )
     app.on_response_prepare.append(_cors_headers)
     app[OWNER_TOKEN] = owner
-    app[GUARD] = guard
+    app[LIMITS] = limits
     app[CLOCK] = clock
     app[ENTRY] = entry
-    app[MAX_BYTES] = max_request_bytes
     app[STATUS] = status
     app[MESH_ADMIN] = mesh_admin
     app[USERS] = users

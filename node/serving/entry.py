@@ -353,6 +353,11 @@ class EntrySide:
         self._clock = clock
         self._starter = Starter(models=models, peers=peers, peering=peering)
 
+    def reschedule(self, *, max_wait_ms: float, default_privacy: Privacy) -> None:
+        """New scheduler settings (a reloaded configuration), for the next request."""
+        self._max_wait_ms = max_wait_ms
+        self.default_privacy = default_privacy
+
     def mesh_models(self) -> list[tuple[ModelInfo, list[str]]]:
         """Every model the mesh can serve, with the nodes (up) that serve it."""
         return reach.mesh_models(self.models.models(), self.models.node_id, self.peers)
