@@ -124,3 +124,27 @@ def test_a_broken_config_on_sighup_is_reported_and_the_node_goes_on(
     )
     assert _model_ids(proc) == before
     assert "configuration not reloaded" in proc.output()
+
+
+def _post_size(proc: NodeProcess, size: int) -> int:
+    url = urllib.parse.urlsplit(proc.url)
+    conn = http.client.HTTPConnection(url.hostname or "127.0.0.1", url.port, timeout=30)
+    body = json.dumps({"model": "nobody-serves-this", "prompt": "x" * size})
+    conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+    status = conn.getresponse().status
+    conn.close()
+    return status
+
+
+def test_http_limits_and_scheduler_settings_apply_at_once(reloading: NodeProcess) -> None:
+    proc = reloading
+    assert proc.proc is not None
+    assert _post_size(proc, 3000) == 404  # read whole, then refused for its model
+    tight = BASE.format(path=embedded_model_path()).replace("max_wait_ms = 0", "max_wait_ms = 250")
+    _config(proc).write_text(tight + "[http]\nmax_request_bytes = 2048\n", encoding="utf-8")
+    os.kill(proc.proc.pid, signal.SIGHUP)
+    _wait_for(lambda: _post_size(proc, 3000) == 413, "a body over the new limit gets 413", proc)
+    log = proc.output()
+    assert "http.max_request_bytes: 1048576 -> 2048" in log
+    assert "scheduler.max_wait_ms: 0.0 -> 250.0" in log
+    assert "model second removed" in log
