@@ -18,6 +18,7 @@ import pytest
 from node.store.config_file import embedded_model_path
 from tests.model_server import model_server
 from tests.nodeproc import NodeProcess, run_cli
+from tests.test_lan_mesh import start_mesh, wait_until
 
 CONFIG = """\
 # the study box: a comment the node must keep
@@ -28,13 +29,36 @@ name = "smollm2-135m-instruct"   # the embedded model
 """
 
 
+MESH_SEES_S = 10.0  # a peer lists a model added or removed here within this
+
+
 @pytest.fixture(scope="module")
-def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
-    proc = NodeProcess(tmp_path_factory.mktemp("models-home"), config=CONFIG).start()
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, NodeProcess]]:
+    """This box ("study", where models change) and a peer of its mesh ("kitchen")."""
+    nodes = start_mesh(
+        tmp_path_factory.mktemp("models-mesh"),
+        {"study": CONFIG, "kitchen": 'display_name = "kitchen"\n'},
+    )
     try:
-        yield proc
+        yield nodes
     finally:
-        proc.kill()
+        for proc in nodes.values():
+            proc.kill()
+
+
+@pytest.fixture(scope="module")
+def node(mesh: dict[str, NodeProcess]) -> NodeProcess:
+    return mesh["study"]
+
+
+def _peer_sees(mesh: dict[str, NodeProcess], model: str, present: bool) -> None:
+    study, kitchen = mesh["study"], mesh["kitchen"]
+
+    def sees() -> bool:
+        entry = _served(kitchen).get(model)
+        return (entry is not None and study.node_id in entry["served_by"]) == present
+
+    wait_until(sees, MESH_SEES_S, f"the peer {'lists' if present else 'drops'} {model}")
 
 
 def _config(node: NodeProcess) -> str:
@@ -62,7 +86,9 @@ def _complete(node: NodeProcess, model: str, max_tokens: int = 8) -> dict[str, A
     return dict(data)
 
 
-def test_add_serves_the_file_now_and_records_it(node: NodeProcess) -> None:
+def test_add_serves_the_file_now_and_records_it(
+    node: NodeProcess, mesh: dict[str, NodeProcess]
+) -> None:
     path = embedded_model_path()
     result = run_cli(node.home, "models", "add", str(path), "--name", "second", "--alias", "two")
     assert result.returncode == 0, result.stderr
@@ -72,6 +98,7 @@ def test_add_serves_the_file_now_and_records_it(node: NodeProcess) -> None:
     assert served["second"]["aliases"] == ["two"]
     assert "smollm2-135m-instruct" in served
     assert _complete(node, "two")["usage"]["completion_tokens"] == 8
+    _peer_sees(mesh, "second", present=True)
     text = _config(node)
     assert text.startswith("# the study box: a comment the node must keep\n")
     assert "# the embedded model" in text
@@ -106,7 +133,9 @@ def test_bad_files_are_clear_errors_and_the_node_goes_on(node: NodeProcess, tmp_
     assert _complete(node, "default")["usage"]["completion_tokens"] == 8
 
 
-def test_remove_lets_the_answer_in_flight_finish(node: NodeProcess) -> None:
+def test_remove_lets_the_answer_in_flight_finish(
+    node: NodeProcess, mesh: dict[str, NodeProcess]
+) -> None:
     url = urllib.parse.urlsplit(node.url)
     conn = http.client.HTTPConnection(url.hostname or "127.0.0.1", url.port, timeout=60)
     body = {
@@ -135,6 +164,7 @@ def test_remove_lets_the_answer_in_flight_finish(node: NodeProcess) -> None:
     ]
     assert usage[-1]["usage"]["completion_tokens"] == 100
     assert "second" not in _served(node)
+    _peer_sees(mesh, "second", present=False)
     assert 'name = "second"' not in _config(node)
     last = run_cli(node.home, "models", "remove", "smollm2-135m-instruct")
     assert last.returncode != 0
