@@ -71,6 +71,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from mesh.errors import ConfigError, InvalidRequest
+from mesh.quota.plans import DEFAULT_PLANS, Plan, parse_parameters, plan, show_parameters
 from mesh.quota.rules import Quota, parse_quota
 
 EMBEDDED_MODEL_NAME = "smollm2-135m-instruct"
@@ -121,6 +122,9 @@ class ModelConfig:
     # Sampling defaults for requests that set none (like Ollama's PARAMETER); None: llama.cpp's.
     temperature: float | None = None
     top_p: float | None = None
+    # What plans compare with their size caps (mesh.quota.plans); 0: the GGUF's own count
+    # (llama_cpp reads it), unknown for an upstream's model unless set.
+    parameter_count: int = 0
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -169,6 +173,12 @@ class NodeConfig:
     privacy: str = "mesh"
     # An overflow (cloud) node's plan for the mesh it serves: a quota spec on its tokens.
     cloud_plan: str = "unlimited"
+    # Users' plans changed or added with [plans.NAME] (mesh.quota.plans has the defaults).
+    plans: tuple[Plan, ...] = ()
+    # [prices]: what 1,000 tokens cost per route (local, lan, relay, cloud) and on a hosted
+    # API ("hosted"), for `allerac usage --cost`; and the currency they are in.
+    prices: tuple[tuple[str, float], ...] = ()
+    currency: str = ""
 
 
 def is_loopback_host(host: str) -> bool:
@@ -317,6 +327,7 @@ _COMMON_MODEL_KEYS = (
     "system_prompt",
     "temperature",
     "top_p",
+    "parameters",
 )
 _FILE_MODEL_KEYS = ("path", "threads", "queue_size")
 _UPSTREAM_MODEL_KEYS = ("url", "upstream_model", "api_key_env", "slots", "timeout_s", "family")
@@ -378,6 +389,12 @@ def _model(reader: _Reader, *, base_dir: Path, box: Box) -> ModelConfig:
         kwargs["system_prompt"] = prompt
     if reader.has("temperature"):
         kwargs["temperature"] = reader.number("temperature", 0.0, 2.0)
+    if reader.has("parameters"):
+        raw = reader.string("parameters")
+        try:
+            kwargs["parameter_count"] = parse_parameters(raw)
+        except InvalidRequest as exc:
+            raise reader.fail("parameters", raw, exc.message) from None
     if reader.has("top_p"):
         top_p = reader.number("top_p", 0.0, 1.0)
         if top_p == 0.0:
@@ -623,6 +640,12 @@ def _node_settings(reader: _Reader, *, base_dir: Path, box: Box) -> dict[str, An
             out["cloud_plan"] = cloud_plan_quota(plan).spec
         except InvalidRequest as exc:
             raise reader.fail("cloud_plan", plan, exc.message) from None
+    if reader.has("plans"):
+        out["plans"] = _plans(reader)
+    if reader.has("prices"):
+        out["prices"], currency = _prices(reader)
+        if currency:
+            out["currency"] = currency
     if reader.has("scheduler"):
         sched = _Reader(reader.table_of("scheduler"), source=reader.source, prefix="scheduler.")
         if sched.has("max_wait_ms"):
@@ -647,9 +670,62 @@ def _node_settings(reader: _Reader, *, base_dir: Path, box: Box) -> dict[str, An
             "mdns",
             "cloud_plan",
             "scheduler",
+            "plans",
+            "prices",
         )
     )
     return out
+
+
+PRICE_ROUTES = ("local", "lan", "relay", "cloud", "hosted")
+MAX_PLANS = 32
+
+
+def _plans(reader: _Reader) -> tuple[Plan, ...]:
+    """[plans.NAME] tables: quota = "cloud=2M/month", max_parameters = "8B" | "all", rank.
+    A default plan's keys left out keep their defaults."""
+    plans = _Reader(reader.table_of("plans"), source=reader.source, prefix="plans.")
+    if len(plans.table) > MAX_PLANS:
+        raise reader.fail("plans", f"{len(plans.table)} plans", f"at most {MAX_PLANS}")
+    out = []
+    for name in plans.table:
+        sub = _Reader(plans.table_of(name), source=reader.source, prefix=f"plans.{name}.")
+        default = DEFAULT_PLANS.get(name)
+        quota = "unlimited"
+        size: str | None = "all"
+        rank = 0
+        if default is not None:
+            quota = ",".join(limit.spec for limit in default.quota.limits) or "unlimited"
+            size = (
+                None if default.max_parameters is None else show_parameters(default.max_parameters)
+            )
+            rank = default.rank
+        if sub.has("quota"):
+            quota = sub.string("quota")
+        if sub.has("max_parameters"):
+            size = sub.string("max_parameters")
+        if sub.has("rank"):
+            rank = sub.integer("rank", 0, 1000)
+        sub.finish(("quota", "max_parameters", "rank"))
+        try:
+            out.append(plan(name, quota, size, rank))
+        except InvalidRequest as exc:
+            raise plans.fail(name, dict(plans.table_of(name)), exc.message) from None
+    return tuple(out)
+
+
+def _prices(reader: _Reader) -> tuple[tuple[tuple[str, float], ...], str]:
+    sub = _Reader(reader.table_of("prices"), source=reader.source, prefix="prices.")
+    prices = tuple(
+        (route, sub.number(route, 0, 1_000_000)) for route in PRICE_ROUTES if sub.has(route)
+    )
+    currency = ""
+    if sub.has("currency"):
+        currency = sub.string("currency")
+        if not 1 <= len(currency) <= 8 or not currency.isprintable():
+            raise sub.fail("currency", currency, "must be 1-8 printable characters, e.g. EUR")
+    sub.finish((*PRICE_ROUTES, "currency"))
+    return prices, currency
 
 
 def cloud_plan_quota(text: str) -> Quota:

@@ -15,6 +15,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from mesh.config import ModelConfig, NodeConfig
+from mesh.quota.plans import Plan
 
 # NodeConfig fields a running node applies at once (beyond models, peers and relays).
 LIVE_FIELDS = (
@@ -25,6 +26,9 @@ LIVE_FIELDS = (
     "http_cors_origins",
     "http_header_timeout_s",
     "http_body_idle_timeout_s",
+    "plans",
+    "prices",  # read by `allerac usage --cost`, not by the node
+    "currency",
 )
 _LISTS = ("models", "peers", "relays")
 
@@ -96,7 +100,8 @@ def _model_diff(old: ModelConfig, new: ModelConfig) -> str:
 
 def _show(value: object) -> str:
     if isinstance(value, tuple):
-        return "[" + ", ".join(str(v) for v in value) + "]"
+        shown = (v.describe() if isinstance(v, Plan) else str(v) for v in value)
+        return "[" + ", ".join(shown) + "]"
     return "default" if value is None else str(value)
 
 

@@ -140,6 +140,12 @@ class PrivacyNotAllowed(PermissionDenied):
     code = "privacy_not_allowed"
 
 
+class ModelNotInPlan(PermissionDenied):
+    """The caller's plan does not include the model asked for."""
+
+    code = "model_not_in_plan"
+
+
 class UserExists(InvalidRequest):
     grpc_status = "ALREADY_EXISTS"
     http_status = 409

@@ -342,6 +342,13 @@ QUOTA_HELP = (
 )
 
 
+PLAN_HELP = (
+    "A plan instead of --quota: starter (1M tokens a month on cloud hardware, models up to "
+    "8B parameters), personal (10M, up to 14B) or pro (50M, every model); a box's config may "
+    "change them or add others with [plans.NAME]."
+)
+
+
 def _check_quota(spec: str | None) -> None:
     from mesh.quota.rules import parse_quota
 
@@ -363,7 +370,10 @@ def _check_quota(spec: str | None) -> None:
     "for (default: the node's scheduler.privacy).",
 )
 @click.option("--quota", default=None, help=QUOTA_HELP + " Default: unlimited.")
-def user_add(home_dir: Path | None, name: str, privacy: str | None, quota: str | None) -> None:
+@click.option("--plan", default=None, help=PLAN_HELP)
+def user_add(
+    home_dir: Path | None, name: str, privacy: str | None, quota: str | None, plan: str | None
+) -> None:
     """Add user NAME and print their API key (shown this once only). The key works on
     every box of the mesh a moment later."""
     _check_quota(quota)
@@ -371,6 +381,7 @@ def user_add(home_dir: Path | None, name: str, privacy: str | None, quota: str |
         "name": name,
         **({"privacy": privacy} if privacy else {}),
         **({"quota": quota} if quota is not None else {}),
+        **({"plan": plan} if plan is not None else {}),
     }
     reply = _json(_node(home_dir), "POST", "/allerac/users", body)
     click.echo(reply["api_key"])
@@ -387,14 +398,18 @@ def user_add(home_dir: Path | None, name: str, privacy: str | None, quota: str |
 @click.argument("name")
 @click.option("--privacy", type=PRIVACY_CHOICE, default=None, help="A new privacy policy.")
 @click.option("--quota", default=None, help=QUOTA_HELP)
-def user_set(home_dir: Path | None, name: str, privacy: str | None, quota: str | None) -> None:
-    """Change user NAME's privacy policy or quota (their key stays the same)."""
+@click.option("--plan", default=None, help=PLAN_HELP)
+def user_set(
+    home_dir: Path | None, name: str, privacy: str | None, quota: str | None, plan: str | None
+) -> None:
+    """Change user NAME's privacy policy, quota or plan (their key stays the same)."""
     _check_quota(quota)
-    if privacy is None and quota is None:
-        raise click.ClickException("give --privacy, --quota or both")
+    if privacy is None and quota is None and plan is None:
+        raise click.ClickException("give --privacy, --quota or --plan")
     body = {
         **({"privacy": privacy} if privacy else {}),
         **({"quota": quota} if quota is not None else {}),
+        **({"plan": plan} if plan is not None else {}),
     }
     path = "/allerac/users/" + urllib.parse.quote(name, safe="")
     reply = _json(_node(home_dir), "PATCH", path, body)
@@ -758,10 +773,18 @@ def _parsed(records: Any) -> list[Any]:
     default="user",
     show_default=True,
 )
-def usage(home_dir: Path | None, as_json: bool, user: str | None, period: str, by: str) -> None:
+@click.option(
+    "--cost",
+    is_flag=True,
+    help="Price the usage per route with [prices] from the config (per 1,000 tokens).",
+)
+def usage(
+    home_dir: Path | None, as_json: bool, user: str | None, period: str, by: str, cost: bool
+) -> None:
     """Who used what, where, from the signed records this node holds (UTC periods).
     Records their entry node refused to countersign are not counted (they are listed);
-    when records are known to be missing from this ledger it says which, and exits 1."""
+    when records are known to be missing from this ledger it says which, and exits 1.
+    With --cost: per route, priced from the config's [prices]."""
     from mesh.clock import SYSTEM
     from mesh.ledger.records import period_bounds, refused_records, summarize
 
@@ -773,9 +796,16 @@ def usage(home_dir: Path | None, as_json: bool, user: str | None, period: str, b
         _fail(exc.message)
         return
     refused = refused_records(held.records, held.refusals)
+    if cost:
+        by = "tier"
     rows = summarize(
         held.records, by=by, user=user, since_ms=since, until_ms=until, excluded=refused
     )
+    if cost:
+        from node.cli_costs import print_costs
+
+        print_costs(home, rows, as_json=as_json)
+        return
     missing = [
         {"node_id": p.node_id, "from_seq": p.seq, "to_seq": p.last_seq}
         for p in report.problems

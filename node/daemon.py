@@ -54,6 +54,7 @@ from node.serving.entry import EntrySide
 from node.serving.ledger_sync import LedgerSync
 from node.serving.models import LocalModels
 from node.serving.node_service import NodeService
+from node.serving.plans import PlanGate
 from node.serving.quota_service import QuotaService
 from node.serving.serving_side import ServingSide
 from node.store.config_file import ConfigSource
@@ -124,6 +125,7 @@ class Parts:
     peer_table: PeerTable
     peering: Peering
     quota: QuotaService
+    plans: PlanGate
     entry: EntrySide
     serving: ServingSide
     cards: Cards
@@ -261,6 +263,7 @@ async def _open_parts(config: NodeConfig, home: Home, stack: AsyncExitStack, clo
     await quota.start()
     stack.push_async_callback(quota.aclose)  # after the drain: every release is under way
     accountant = Accountant(node_id=identity.node_id, ledger=ledger, clock=clock)
+    plans = PlanGate(users=users, overrides=config.plans)
     return Parts(
         listeners=listeners,
         identity=identity,
@@ -273,12 +276,14 @@ async def _open_parts(config: NodeConfig, home: Home, stack: AsyncExitStack, clo
         peer_table=peer_table,
         peering=peering,
         quota=quota,
+        plans=plans,
         entry=EntrySide(
             models=models,
             peers=peer_table,
             accountant=accountant,
             peering=peering,
             admitter=quota,
+            plans=plans,
             max_wait_ms=config.max_wait_ms,
             default_privacy=Privacy(config.privacy),
             clock=clock,
@@ -383,6 +388,7 @@ class RunningNode:
         self.peer_table = parts.peer_table
         self.peering = parts.peering
         self.entry = parts.entry
+        self.plans = parts.plans
         self.cards = parts.cards
         self.relays = parts.relays
         self.listeners = parts.listeners
@@ -514,6 +520,7 @@ class RunningNode:
             users=parts.users,
             quota=parts.quota,
             owner=parts.owner_token,
+            plans=parts.plans,
             clock=self._clock,
         )
         register_models_admin(app, self.reconfigurer)

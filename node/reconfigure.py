@@ -38,6 +38,7 @@ from node.serving.backends import create_backend
 from node.serving.backends.base import Backend
 from node.serving.entry import EntrySide
 from node.serving.models import LocalModels
+from node.serving.plans import PlanGate
 from node.store.config_file import ConfigSource
 from node.tasks import Tasks
 from node.transport.http_guard import HttpConnectionGuard
@@ -58,6 +59,7 @@ class ReconfigurableNode(Protocol):
     models: LocalModels
     peering: Peering
     entry: EntrySide
+    plans: PlanGate
     http_limits: HttpLimits
     http_guard: HttpConnectionGuard
     listeners: ListenerSettings
@@ -190,6 +192,7 @@ class Reconfigurer:
         node.entry.reschedule(
             max_wait_ms=config.max_wait_ms, default_privacy=Privacy(config.privacy)
         )
+        node.plans.configure(config.plans)
         limits = node.http_limits
         limits.max_request_bytes = config.max_request_bytes
         limits.guard = HostGuard.build(

@@ -20,6 +20,12 @@ from tests.model_server import model_server
 from tests.nodeproc import NodeProcess, run_cli
 from tests.test_lan_mesh import start_mesh, wait_until
 
+# Both boxes cap the starter plan below the embedded model's 135M parameters, so a plan
+# refusal can be shown with the one real model the tests have.
+PLANS = """
+[plans.starter]
+max_parameters = "100M"
+"""
 CONFIG = """\
 # the study box: a comment the node must keep
 display_name = "study"
@@ -37,7 +43,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, NodePro
     """This box ("study", where models change) and a peer of its mesh ("kitchen")."""
     nodes = start_mesh(
         tmp_path_factory.mktemp("models-mesh"),
-        {"study": CONFIG, "kitchen": 'display_name = "kitchen"\n'},
+        {"study": CONFIG + PLANS, "kitchen": 'display_name = "kitchen"\n' + PLANS},
     )
     try:
         yield nodes
@@ -101,6 +107,7 @@ def test_add_serves_the_file_now_and_records_it(
     _peer_sees(mesh, "second", present=True)
     text = _config(node)
     assert text.startswith("# the study box: a comment the node must keep\n")
+    assert "[plans.starter]" in text
     assert "# the embedded model" in text
     assert 'name = "second"' in text
     assert f'path = "{path}"' in text
@@ -197,3 +204,38 @@ def test_pull_resumes_checks_and_serves(node: NodeProcess) -> None:
     assert "tiny" in _served(node)
     assert _complete(node, "tiny")["usage"]["completion_tokens"] == 8
     assert f'path = "{models_dir / "tiny.gguf"}"' in _config(node)
+
+
+def _status_with_key(node: NodeProcess, key: str, model: str) -> tuple[int, dict[str, Any]]:
+    url = urllib.parse.urlsplit(node.url)
+    conn = http.client.HTTPConnection(url.hostname or "127.0.0.1", url.port, timeout=60)
+    body = {"model": model, "prompt": "1, 2,", "max_tokens": 4, "temperature": 0}
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {key}"}
+    conn.request("POST", "/v1/completions", json.dumps(body), headers)
+    response = conn.getresponse()
+    data = json.loads(response.read())
+    conn.close()
+    return response.status, data
+
+
+def test_plans_hold_on_every_box(mesh: dict[str, NodeProcess]) -> None:
+    study, kitchen = mesh["study"], mesh["kitchen"]
+    sam = run_cli(study.home, "user", "add", "sam", "--plan", "starter")
+    assert sam.returncode == 0, sam.stderr
+    assert "quota plan=starter,cloud=1M/month" in sam.stderr
+    pat = run_cli(study.home, "user", "add", "pat", "--plan", "pro")
+    assert pat.returncode == 0, pat.stderr
+    sam_key, pat_key = sam.stdout.strip(), pat.stdout.strip()
+    # The users reach the kitchen with the ledger sync; then each box holds them to their plan.
+    wait_until(
+        lambda: _status_with_key(kitchen, pat_key, "default")[0] == 200, 10, "pat's key works"
+    )
+    for box in (kitchen, study):
+        status, body = _status_with_key(box, sam_key, "default")
+        assert status == 403
+        assert body["error"]["code"] == "model_not_in_plan"
+        assert "the starter plan allows models up to 100M parameters" in body["error"]["message"]
+        assert _status_with_key(box, pat_key, "default")[0] == 200
+    unknown = run_cli(study.home, "user", "add", "lee", "--plan", "platinum")
+    assert unknown.returncode != 0
+    assert "no plan called 'platinum'" in unknown.stderr

@@ -47,13 +47,14 @@ from mesh.errors import (
     UnsupportedMediaType,
 )
 from mesh.inference import Finished, InferenceRequest, TextDelta
-from mesh.quota.rules import UNLIMITED, parse_quota
+from mesh.quota.rules import UNLIMITED, Quota, parse_quota
 from mesh.quota.users import KEY_PREFIX as API_KEY_PREFIX
 from mesh.quota.users import OWNER, Caller, bearer_key
 from mesh.routing.scheduler import Privacy
 from node.api.mesh_admin import MAX_INVITE_TTL_S, MeshAdmin
 from node.api.owner import HostGuard, OwnerToken
 from node.serving.entry import EntryAnswer, EntrySide
+from node.serving.plans import PlanGate
 from node.serving.quota_service import QuotaService
 from node.store.users_admin import UsersAdmin
 from node.transport.coalesce import coalesce
@@ -65,6 +66,7 @@ ENTRY = web.AppKey("entry", EntrySide)
 MESH_ADMIN = web.AppKey("mesh_admin", MeshAdmin)
 USERS = web.AppKey("users", UsersAdmin)
 QUOTA = web.AppKey("quota", QuotaService)
+PLANS = web.AppKey("plans", PlanGate)
 STATUS: web.AppKey[Callable[[], dict[str, Any]]] = web.AppKey("status")
 CLOCK: web.AppKey[Clock] = web.AppKey("clock")
 OWNER_TOKEN = web.AppKey("owner_token", OwnerToken)
@@ -461,16 +463,29 @@ async def users_list(request: web.Request) -> web.Response:
     return _json_response(listed)
 
 
+def _quota(request: web.Request, body: dict[str, Any]) -> Quota | None:
+    """A user's quota: a spec (`quota`) or a plan's (`plan`, mesh.quota.plans)."""
+    if body.get("quota") is not None and body.get("plan") is not None:
+        raise InvalidRequest("send a quota or a plan, not both", param="plan")
+    if body.get("plan") is not None:
+        plans = request.app.get(PLANS)
+        if plans is None:
+            raise InvalidRequest("this node has no plans", param="plan")
+        return plans.quota_of(_string(body, "plan"))
+    if body.get("quota") is not None:
+        return parse_quota(_string(body, "quota"))
+    return None
+
+
 async def users_add(request: web.Request) -> web.Response:
     users = _users_owner_only(request)
     body = await _json_fields(request)
     privacy = body.get("privacy")
-    quota = body.get("quota")
     return _json_response(
         await users.add(
             name=_string(body, "name"),
             privacy=Privacy.parse(_string(body, "privacy")) if privacy is not None else None,
-            quota=parse_quota(_string(body, "quota")) if quota is not None else UNLIMITED,
+            quota=_quota(request, body) or UNLIMITED,
         ),
         status=201,
     )
@@ -479,14 +494,14 @@ async def users_add(request: web.Request) -> web.Response:
 async def users_update(request: web.Request) -> web.Response:
     users = _users_owner_only(request)
     body = await _json_fields(request)
-    privacy, quota = body.get("privacy"), body.get("quota")
+    privacy, quota = body.get("privacy"), _quota(request, body)
     if privacy is None and quota is None:
-        raise InvalidRequest("send privacy, quota or both")
+        raise InvalidRequest("send privacy, quota (or plan), or both")
     return _json_response(
         await users.update(
             request.match_info["name"],
             privacy=Privacy.parse(_string(body, "privacy")) if privacy is not None else None,
-            quota=parse_quota(_string(body, "quota")) if quota is not None else None,
+            quota=quota,
         )
     )
 
@@ -504,6 +519,7 @@ def build_app(
     users: UsersAdmin,
     quota: QuotaService,
     owner: OwnerToken,
+    plans: PlanGate | None = None,
     clock: Clock = SYSTEM,
 ) -> web.Application:
     # _read_body bounds every body by the limit in force; client_max_size is only a ceiling.
@@ -521,6 +537,8 @@ def build_app(
     app[MESH_ADMIN] = mesh_admin
     app[USERS] = users
     app[QUOTA] = quota
+    if plans is not None:
+        app[PLANS] = plans
     app.router.add_get("/v1/models", list_models)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
