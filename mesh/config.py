@@ -113,8 +113,9 @@ class ModelConfig:
     aliases: tuple[str, ...] = ()
     family: str = ""  # openai: what the card says (llama_cpp reads it from the GGUF)
     # 0 (openai only): take what the upstream's /models says, or unknown.
+    # 0 for a llama_cpp model: the box profile's default (mesh.profiles.apply_profile).
     context_length: int = 2048
-    threads: int | None = None  # None: every core
+    threads: int | None = None  # None: the box profile's (the physical cores)
     backend: str = "llama_cpp"
     queue_size: int = 8  # requests waiting behind the one running
     # Used when a chat request brings no system message of its own (like Ollama's SYSTEM).
@@ -179,6 +180,8 @@ class NodeConfig:
     # API ("hosted"), for `allerac usage --cost`; and the currency they are in.
     prices: tuple[tuple[str, float], ...] = ()
     currency: str = ""
+    # The box profile (mesh.profiles): lite, home, pro, or auto (from the hardware).
+    profile: str = "auto"
 
 
 def is_loopback_host(host: str) -> bool:
@@ -433,7 +436,8 @@ def _file_settings(
             raise reader.fail("path", raw_path, f"no model file at {found.path}")
         if not found.readable:
             raise reader.fail("path", raw_path, "the model file is not readable")
-        out = {"name": name or _name_from_path(found.path), "path": found.path}
+        # No context_length: the box profile's default (mesh.profiles).
+        out = {"name": name or _name_from_path(found.path), "path": found.path, "context_length": 0}
     if reader.has("threads"):
         out["threads"] = reader.integer("threads", 1, 1024)
     if reader.has("queue_size"):
@@ -640,6 +644,11 @@ def _node_settings(reader: _Reader, *, base_dir: Path, box: Box) -> dict[str, An
             out["cloud_plan"] = cloud_plan_quota(plan).spec
         except InvalidRequest as exc:
             raise reader.fail("cloud_plan", plan, exc.message) from None
+    if reader.has("profile"):
+        profile = reader.string("profile")
+        if profile not in PROFILES:
+            raise reader.fail("profile", profile, f"must be one of {', '.join(PROFILES)}")
+        out["profile"] = profile
     if reader.has("plans"):
         out["plans"] = _plans(reader)
     if reader.has("prices"):
@@ -672,9 +681,13 @@ def _node_settings(reader: _Reader, *, base_dir: Path, box: Box) -> dict[str, An
             "scheduler",
             "plans",
             "prices",
+            "profile",
         )
     )
     return out
+
+
+PROFILES = ("auto", "lite", "home", "pro")  # mesh.profiles.PROFILE_CHOICES
 
 
 PRICE_ROUTES = ("local", "lan", "relay", "cloud", "hosted")
@@ -827,8 +840,8 @@ def _model_from_flag(arg: str, configured: tuple[ModelConfig, ...], box: Box) ->
     if arg in (EMBEDDED_MODEL_NAME, "default"):
         return embedded_model(box.embedded_model_path())
     found = box.model_file(arg, base_dir=None)
-    if found.is_file:
-        return ModelConfig(name=_name_from_path(found.path), path=found.path)
+    if found.is_file:  # context 0: the box profile's default
+        return ModelConfig(name=_name_from_path(found.path), path=found.path, context_length=0)
     raise ConfigError(
         f"flag: --model = {arg!r}: not a configured model, not {EMBEDDED_MODEL_NAME!r}, "
         "and no such model file",

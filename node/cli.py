@@ -472,6 +472,13 @@ def status(home_dir: Path | None, as_json: bool) -> None:
         f"version   {info['version']} (protocol v{info['protocol_version']}), "
         f"pid {info['pid']}, up {info['uptime_s']} s"
     )
+    profile = info.get("profile")
+    if profile:
+        click.echo(
+            f"profile   {profile['name']} ({profile['chosen_by']}): {profile['threads']} threads, "
+            f"context {profile['context_length']}, "
+            f"{profile['model_memory_bytes'] / (1 << 30):.1f} GiB for models"
+        )
     click.echo(f"API       {info['http_url']}/v1")
     click.echo(f"gRPC      {info['grpc_address']}")
     click.echo(

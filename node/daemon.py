@@ -19,6 +19,7 @@ quotas, backends, the ledger (last: every answer has left its record), the run f
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import logging
 import os
@@ -36,6 +37,8 @@ from mesh import PROTOCOL_VERSION, __version__
 from mesh.clock import SYSTEM, Clock
 from mesh.config import NodeConfig, cloud_plan_quota
 from mesh.errors import ConfigError
+from mesh.profiles import Profile, apply_profile
+from mesh.profiles import choose as choose_profile
 from mesh.routing.peers import PeerTable
 from mesh.routing.scheduler import Privacy
 from mesh.trust.cards import HardwareSummary, sign_card
@@ -58,10 +61,11 @@ from node.serving.plans import PlanGate
 from node.serving.quota_service import QuotaService
 from node.serving.serving_side import ServingSide
 from node.store.config_file import ConfigSource
-from node.store.hardware import probe_hardware
+from node.store.hardware import physical_cores, probe_hardware
 from node.store.home import Home
 from node.store.identity_key import load_or_create_identity
 from node.store.ledger_store import LedgerStore
+from node.store.model_files import check_memory
 from node.store.trust_store import TrustStore
 from node.store.users_admin import UsersAdmin, log_api_access
 from node.tasks import Tasks
@@ -197,7 +201,14 @@ class Cards:
         return False
 
 
-async def _open_parts(config: NodeConfig, home: Home, stack: AsyncExitStack, clock: Clock) -> Parts:
+async def _open_parts(
+    config: NodeConfig,
+    home: Home,
+    stack: AsyncExitStack,
+    clock: Clock,
+    *,
+    hardware: HardwareSummary | None = None,
+) -> Parts:
     """Open what holds state, in order; each part's closing goes on `stack`. Every part
     reads the time from `clock`."""
     listeners = _limit_connections(config, stack)
@@ -248,7 +259,7 @@ async def _open_parts(config: NodeConfig, home: Home, stack: AsyncExitStack, clo
         models=models,
         display_name=config.display_name or socket.gethostname(),
         peer_addresses=peering.direct_addresses,
-        hardware=probe_hardware(),  # once, at start
+        hardware=hardware if hardware is not None else probe_hardware(),  # once, at start
         clock=clock,
     )
     quota = QuotaService(
@@ -343,8 +354,24 @@ class Node:
     async def __aenter__(self) -> RunningNode:
         stack = AsyncExitStack()
         try:
-            parts = await _open_parts(self.config, self.home, stack, self._clock)
-            node = RunningNode(self.config, self.home, parts, self._clock, source=self._source)
+            # The box profile (mesh.profiles): the models' defaults and what the card says.
+            hardware = probe_hardware()
+            profile = choose_profile(self.config.profile, hardware, physical_cores())
+            hardware = dataclasses.replace(hardware, profile=profile.name.value)
+            config = apply_profile(self.config, profile)
+            logger.info(
+                "box profile %s (%s): %d threads, context %d, %.1f GiB for models",
+                profile.name,
+                profile.chosen_by,
+                profile.threads,
+                profile.context_length,
+                profile.model_memory_bytes / (1 << 30),
+            )
+            check_memory(config.models, profile)
+            parts = await _open_parts(config, self.home, stack, self._clock, hardware=hardware)
+            node = RunningNode(config, self.home, parts, self._clock, source=self._source)
+            node.profile = profile
+            node.hardware = hardware
             await node.serve(stack)
         except BaseException:
             await stack.aclose()
@@ -396,6 +423,10 @@ class RunningNode:
         self.grpc_address = ""
         self.grpc_addresses: list[str] = []
         self.discovery: Discovery | None = None  # none when mDNS is off or unavailable
+        # The box profile and hardware (set by `Node` when it starts; these are their
+        # values before that, for parts built without it).
+        self.profile: Profile = choose_profile(config.profile, HardwareSummary(), 1)
+        self.hardware = HardwareSummary()
         self._tasks = Tasks("node")
         self._started_at_ms = clock.now_ms()
         self.calls = NodeService(
@@ -681,6 +712,8 @@ class RunningNode:
             "display_name": self.config.display_name or socket.gethostname(),
             "uptime_s": round((self._clock.now_ms() - self._started_at_ms) / 1000, 1),
             "connections": self._connection_stats(),
+            "profile": self.profile.describe(),
+            "hardware": dataclasses.asdict(self.hardware),
             "load": {
                 "active_streams": load.active_streams,
                 "queued": load.queued,

@@ -29,8 +29,9 @@ from typing import Protocol
 
 from mesh.config import ModelConfig, NodeConfig
 from mesh.config_changes import ConfigChanges, config_changes, effective_config
-from mesh.errors import InvalidRequest, MeshError
+from mesh.errors import ConfigError, InvalidRequest, MeshError
 from mesh.inference import ModelInfo
+from mesh.profiles import Profile, apply_profile
 from mesh.routing.scheduler import Privacy
 from node.api.http_api import HttpLimits
 from node.api.owner import HostGuard
@@ -40,6 +41,7 @@ from node.serving.entry import EntrySide
 from node.serving.models import LocalModels
 from node.serving.plans import PlanGate
 from node.store.config_file import ConfigSource
+from node.store.model_files import check_memory
 from node.tasks import Tasks
 from node.transport.http_guard import HttpConnectionGuard
 from node.transport.listeners import ListenerSettings
@@ -60,6 +62,7 @@ class ReconfigurableNode(Protocol):
     peering: Peering
     entry: EntrySide
     plans: PlanGate
+    profile: Profile
     http_limits: HttpLimits
     http_guard: HttpConnectionGuard
     listeners: ListenerSettings
@@ -111,7 +114,13 @@ class Reconfigurer:
         async with self._lock:
             text = edit(source.read_text())
             changes = await self._apply(source.load(text))
-            source.write_text(text)
+            try:
+                source.write_text(text)
+            except OSError as exc:
+                raise ConfigError(
+                    f"the change is served, but {source.path} could not be written "
+                    f"({exc.strerror}): it is lost at the next start unless the file is fixed"
+                ) from exc
             return changes
 
     async def apply(self, new: NodeConfig) -> ConfigChanges:
@@ -141,6 +150,7 @@ class Reconfigurer:
     async def _apply(self, new: NodeConfig) -> ConfigChanges:
         node = self._node
         old = node.config
+        new = apply_profile(new, node.profile)  # the defaults of the profile it started with
         changes = config_changes(old, new)
         loaded = await self._load(
             [*changes.models_added, *(after for _, after in changes.models_changed)]
@@ -165,6 +175,7 @@ class Reconfigurer:
             self._apply_settings(node.config)
         if changes.models:
             node.cards.refresh()
+            check_memory(node.config.models, node.profile)
         lines = changes.describe()
         logger.info("configuration reloaded: %s", "; ".join(lines) if lines else "nothing changed")
         return changes

@@ -4,9 +4,15 @@ directory)."""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from pathlib import Path
 
+from mesh.config import ModelConfig
 from mesh.errors import InvalidRequest
+from mesh.profiles import Profile, models_fit
+
+logger = logging.getLogger(__name__)
 
 GGUF_MAGIC = b"GGUF"  # the first four bytes of every GGUF file (ggml's gguf.h)
 GGUF_HEADER_BYTES = 24  # magic, version (u32), tensor count (u64), metadata count (u64)
@@ -35,3 +41,29 @@ def check_gguf(path: Path) -> None:
         )
     if len(header) < GGUF_HEADER_BYTES:
         raise InvalidRequest(f"{path} is cut short: a GGUF header alone is longer", param="path")
+
+
+def model_bytes(models: Sequence[ModelConfig]) -> list[int]:
+    """The file size of each model served from a file on this box (0 for the others)."""
+    sizes = []
+    for model in models:
+        try:
+            sizes.append(model.path.stat().st_size if model.path is not None else 0)
+        except OSError:
+            sizes.append(0)
+    return sizes
+
+
+def check_memory(models: Sequence[ModelConfig], profile: Profile) -> None:
+    """Warn when the models loaded need more memory than the box profile gives them."""
+    sizes = model_bytes(models)
+    fit = models_fit(sizes, profile.model_memory_bytes)
+    if fit < len(sizes):
+        logger.warning(
+            "the models need %.1f GiB, more than the %.1f GiB the %s profile gives models on "
+            "this box (the first %d fit): expect swapping, or remove a model",
+            sum(sizes) / (1 << 30),
+            profile.model_memory_bytes / (1 << 30),
+            profile.name,
+            fit,
+        )
