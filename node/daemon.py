@@ -275,6 +275,7 @@ async def _open_parts(
     stack.push_async_callback(quota.aclose)  # after the drain: every release is under way
     accountant = Accountant(node_id=identity.node_id, ledger=ledger, clock=clock)
     plans = PlanGate(users=users, overrides=config.plans)
+    models.place_keeper = plans.take_place  # a full model's last places: higher plans first
     return Parts(
         listeners=listeners,
         identity=identity,

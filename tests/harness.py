@@ -558,6 +558,7 @@ class Node:
         )
         await self.quota.start()
         self.plans = PlanGate(users=self.users)
+        self.models.place_keeper = self.plans.take_place
         self.accountant = Accountant(node_id=self.node_id, ledger=self.ledger, clock=self.clock)
         self.entry = EntrySide(
             models=self.models,

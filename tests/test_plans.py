@@ -3,6 +3,7 @@ plans held across two boxes in process (tests/harness.py)."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mesh.config import Flags, node_config, parse_config
-from mesh.errors import ConfigError, InvalidRequest, ModelNotInPlan
+from mesh.errors import ConfigError, InvalidRequest, ModelNotInPlan, Overloaded
 from mesh.inference import InferenceRequest, ModelInfo, Route, Sampling
 from mesh.ledger.costs import costs
 from mesh.ledger.records import UsageRow
@@ -19,6 +20,7 @@ from mesh.quota.rules import parse_quota
 from mesh.routing.scheduler import Privacy
 from mesh.trust.membership import Role
 from tests.harness import (
+    MODEL,
     NodeSpec,
     Script,
     ScriptedBackend,
@@ -167,3 +169,27 @@ async def test_a_plans_cloud_tokens_are_counted_at_the_users_home(tmp_path: Path
             sum(got.finished.prompt_tokens + got.finished.completion_tokens for got in served)
             <= 200
         )
+
+
+async def test_a_full_box_keeps_its_last_places_for_higher_plans(tmp_path: Path) -> None:
+    backend = ScriptedBackend(Script(tokens=counting(20), pause_after=2), slots=4, parameters=10**9)
+    async with mesh(tmp_path, {"a": NodeSpec(backends=[backend])}) as m:
+        a = m["a"]
+        for user, chosen in (("sam", "starter"), ("pat", "personal"), ("pia", "pro")):
+            await a.add_user(user, plan=chosen)
+        async with contextlib.AsyncExitStack() as held:
+
+            async def start(user: str) -> None:
+                await held.enter_async_context(a.entry.answer(_request(user, MODEL)))
+
+            await start("sam")  # 4 places free: a starter takes one, and another
+            await start("sam")
+            with pytest.raises(Overloaded, match="last 2 place"):
+                await start("sam")  # 2 free: they are kept for personal and pro
+            await start("pat")  # personal: only the last place is kept from it
+            with pytest.raises(Overloaded, match="last 1 place"):
+                await start("pat")
+            await start("pia")  # pro takes the last place
+            with pytest.raises(Overloaded, match=r"full \(4 of 4 slots\)"):
+                await start("")  # full for everyone, the owner included
+        assert [r.user for r in backend.asked] == ["sam", "sam", "pat", "pia"]

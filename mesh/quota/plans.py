@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from mesh.errors import InvalidRequest
-from mesh.inference import ModelInfo
+from mesh.inference import Load, ModelInfo
 from mesh.quota.rules import PLAN_NAME, Quota, parse_quota
 
 _PARAMETERS = re.compile(r"(?P<n>\d{1,6}(?:\.\d{1,3})?)(?P<unit>[kKmMbBtT])?")
@@ -120,3 +120,14 @@ def refusal(chosen: Plan, info: ModelInfo) -> str | None:
             f"has {show_parameters(info.parameter_count)}"
         )
     return None
+
+
+def places_kept(load: Load, rank: int, top_rank: int) -> int:
+    """When a box is full, higher plans are served first: a model keeps its last free places
+    (requests running plus waiting, up to its slots) for higher plans, one per rank below
+    the top. A request of `rank` may take a place when more than that many are free; at
+    least one place always stays usable by everyone. Returns how many places are kept from
+    this request (0: it may take one if any is free)."""
+    kept = max(0, min(top_rank - rank, load.slots - 1))
+    free = load.slots - load.active_streams - load.queued
+    return kept if 0 < free <= kept else 0

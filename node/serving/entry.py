@@ -103,7 +103,7 @@ class Starter:
             backend = self.models.resolve(request.model)
             if backend is None:
                 raise ModelNotFound(f"model {request.model!r} is not served here")
-            stream = await backend.open(request)
+            stream = await self.models.open(backend, request)
             try:
                 first = await anext(aiter(stream))
             except BaseException:

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
-from mesh.inference import Load, ModelInfo
+from mesh.inference import InferenceRequest, Load, ModelInfo
 from mesh.routing.candidates import LocalOffer
-from node.serving.backends.base import Backend
+from node.serving.backends.base import Backend, InferenceStream
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +31,16 @@ class LocalModels:
         self._retiring: list[Backend] = []  # taken out, still finishing their answers
         self._service_ms = 0.0
         self._rejected: dict[str, int] = {}  # turned away before reaching a backend
+        # Asked before a request takes a place (raises to refuse it): users' plans keep a
+        # full model's last places for higher plans (node.serving.plans.PlanGate.take_place).
+        self.place_keeper: Callable[[InferenceRequest, Load], None] | None = None
         self.swap(add=backends, remove=())
+
+    async def open(self, backend: Backend, request: InferenceRequest) -> InferenceStream:
+        """Start `request` on one of this box's backends (resolved by the caller)."""
+        if self.place_keeper is not None:
+            self.place_keeper(request, backend.load())
+        return await backend.open(request)
 
     def swap(self, *, add: Iterable[Backend], remove: Iterable[Backend]) -> None:
         """Take `remove` out and put `add` in, at once (callers then `retire` the removed)."""

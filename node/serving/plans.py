@@ -5,9 +5,9 @@ box's `[plans.NAME]` on top, replaced when the configuration is reloaded."""
 
 from __future__ import annotations
 
-from mesh.errors import InvalidRequest, ModelNotInPlan
-from mesh.inference import InferenceRequest, ModelInfo
-from mesh.quota.plans import Plan, plan_table, refusal
+from mesh.errors import InvalidRequest, ModelNotInPlan, Overloaded
+from mesh.inference import InferenceRequest, Load, ModelInfo
+from mesh.quota.plans import Plan, places_kept, plan_table, refusal
 from mesh.quota.rules import Quota
 from node.store.users_admin import UsersAdmin
 
@@ -20,6 +20,26 @@ class PlanGate:
 
     def configure(self, overrides: tuple[Plan, ...]) -> None:
         self.plans = plan_table({p.name: p for p in overrides})
+        self.top_rank = max((p.rank for p in self.plans.values()), default=0)
+
+    def rank_of(self, user: str) -> int:
+        """Where a user's requests stand when a box is full: their plan's rank; the owner,
+        users without a plan and plans this box does not know stand with the top plan."""
+        record = self._users.get(user) if user else None
+        chosen = self.plans.get(record.quota.plan) if record is not None else None
+        return chosen.rank if chosen is not None else self.top_rank
+
+    def take_place(self, request: InferenceRequest, load: Load) -> None:
+        """Before a request takes a place at one of this box's models (`LocalModels.open`):
+        refuse it (Overloaded, so the mesh tries another box) when the places left are kept
+        for higher plans."""
+        rank = self.rank_of(request.user)
+        kept = places_kept(load, rank, self.top_rank)
+        if kept:
+            raise Overloaded(
+                f"model {request.model!r} is nearly full here: its last {kept} place(s) are kept "
+                "for higher plans; retry shortly"
+            )
 
     def quota_of(self, name: str) -> Quota:
         """The quota a user on plan `name` gets (what `user add --plan` stores)."""
