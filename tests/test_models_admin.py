@@ -239,3 +239,24 @@ def test_plans_hold_on_every_box(mesh: dict[str, NodeProcess]) -> None:
     unknown = run_cli(study.home, "user", "add", "lee", "--plan", "platinum")
     assert unknown.returncode != 0
     assert "no plan called 'platinum'" in unknown.stderr
+
+
+def test_usage_cost_prices_each_route(mesh: dict[str, NodeProcess]) -> None:
+    kitchen = mesh["kitchen"]
+    (kitchen.home / "config.toml").write_text(
+        '[prices]\nlocal = 0.5\nhosted = 2.0\ncurrency = "EUR"\n', encoding="utf-8"
+    )
+    result = run_cli(kitchen.home, "usage", "--cost", "--json")
+    assert result.returncode == 0, result.stderr
+    priced = json.loads(result.stdout)
+    local = next(row for row in priced["rows"] if row["route"] == "local")
+    assert local["tokens"] > 0
+    assert local["cost"] == local["tokens"] * 0.5 / 1000
+    assert local["hosted_cost"] == local["tokens"] * 2.0 / 1000
+    assert priced["currency"] == "EUR"
+    text = run_cli(kitchen.home, "usage", "--cost").stdout
+    assert "total EUR: " in text
+    assert "(the same tokens on the hosted API: " in text
+    unpriced = run_cli(mesh["study"].home, "usage", "--cost")
+    assert unpriced.returncode != 0
+    assert "[prices]" in unpriced.stderr

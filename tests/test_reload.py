@@ -141,10 +141,12 @@ def test_http_limits_and_scheduler_settings_apply_at_once(reloading: NodeProcess
     assert proc.proc is not None
     assert _post_size(proc, 3000) == 404  # read whole, then refused for its model
     tight = BASE.format(path=embedded_model_path()).replace("max_wait_ms = 0", "max_wait_ms = 250")
-    _config(proc).write_text(tight + "[http]\nmax_request_bytes = 2048\n", encoding="utf-8")
+    peers = 'peers = ["127.0.0.1:9"]\n'  # nothing listens there: it is only tried
+    _config(proc).write_text(peers + tight + "[http]\nmax_request_bytes = 2048\n", encoding="utf-8")
     os.kill(proc.proc.pid, signal.SIGHUP)
     _wait_for(lambda: _post_size(proc, 3000) == 413, "a body over the new limit gets 413", proc)
     log = proc.output()
     assert "http.max_request_bytes: 1048576 -> 2048" in log
     assert "scheduler.max_wait_ms: 0.0 -> 250.0" in log
     assert "model second removed" in log
+    assert "peer 127.0.0.1:9 added" in log
