@@ -493,8 +493,9 @@ class RunningNode:
                 return_exceptions=True,
             )
 
+        # Models being unloaded finish their answers within the drain; then it stops.
+        stack.push_async_callback(self.reconfigurer.aclose)  # runs after the drain
         stack.push_async_callback(drain)
-        stack.push_async_callback(self.reconfigurer.aclose)  # after the drain
         await self._start_grpc(servers)
         await self._start_http(servers)
         log_api_access(self.config.http_host, self.parts.users)
