@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from node.store.config_file import embedded_model_path
-from tests.nodeproc import NodeProcess
+from tests.nodeproc import NodeProcess, RelayProcess
 
 WAIT_S = 30.0
 
@@ -150,3 +150,32 @@ def test_http_limits_and_scheduler_settings_apply_at_once(reloading: NodeProcess
     assert "scheduler.max_wait_ms: 0.0 -> 250.0" in log
     assert "model second removed" in log
     assert "peer 127.0.0.1:9 added" in log
+
+
+def _relays(proc: NodeProcess) -> list[dict[str, Any]]:
+    return list(_get(proc, "/allerac/status")["relays"])
+
+
+def test_a_relay_added_by_sighup_connects_and_a_removed_one_is_left(
+    reloading: NodeProcess, tmp_path: Path
+) -> None:
+    proc = reloading
+    assert proc.proc is not None
+    relay = RelayProcess(tmp_path / "relay").start()
+    try:
+        base = BASE.format(path=embedded_model_path())
+        _config(proc).write_text(f'relays = ["{relay.address}"]\n' + base, encoding="utf-8")
+        os.kill(proc.proc.pid, signal.SIGHUP)
+        _wait_for(
+            lambda: _relays(proc) == [{"address": relay.address, "connected": True}],
+            "the node holds a session at the new relay",
+            proc,
+        )
+        _config(proc).write_text(base, encoding="utf-8")
+        os.kill(proc.proc.pid, signal.SIGHUP)
+        _wait_for(
+            lambda: f"relay {relay.address} removed" in proc.output(), "the reload is done", proc
+        )
+        assert _relays(proc) == []
+    finally:
+        relay.kill()
