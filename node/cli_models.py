@@ -26,6 +26,7 @@ from node.store.home import Home
 def models(ctx: click.Context, home_dir: Path | None, as_json: bool) -> None:
     """List the models this node can serve; add, remove or pull one without a restart."""
     if ctx.invoked_subcommand is not None:
+        ctx.obj = home_dir  # `allerac models --home DIR add ...` means that home too
         return
     data = _json(_node(home_dir), "GET", "/v1/models")
     if as_json:
@@ -60,20 +61,26 @@ def _add(home_dir: Path | None, path: Path, name: str | None, aliases: tuple[str
 @click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--name", default=None, help="What the mesh calls it (default: from the file).")
 @click.option("--alias", "aliases", multiple=True, help="Another name for it; repeatable.")
+@click.pass_obj
 def models_add(
-    home_dir: Path | None, path: Path, name: str | None, aliases: tuple[str, ...]
+    group_home: Path | None,
+    home_dir: Path | None,
+    path: Path,
+    name: str | None,
+    aliases: tuple[str, ...],
 ) -> None:
     """Serve the GGUF file PATH now (and from now on: the config file records it)."""
-    _add(home_dir, path.expanduser().absolute(), name, aliases)
+    _add(home_dir or group_home, path.expanduser().absolute(), name, aliases)
 
 
 @models.command("remove")
 @home_option
 @click.argument("name")
-def models_remove(home_dir: Path | None, name: str) -> None:
+@click.pass_obj
+def models_remove(group_home: Path | None, home_dir: Path | None, name: str) -> None:
     """Stop serving model NAME; answers in progress on it finish first."""
     path = "/allerac/models/" + urllib.parse.quote(name, safe="")
-    reply = _json(_node(home_dir), "DELETE", path)
+    reply = _json(_node(home_dir or group_home), "DELETE", path)
     click.echo(f"Removed {reply['removed']}.")
     _report(reply)
 
@@ -106,11 +113,19 @@ def _progress_bar(label: str) -> tuple[Callable[..., Any], Callable[[], None]]:
 @click.argument("url")
 @click.option("--sha256", default=None, help="The file's SHA-256 (64 hex digits): checked.")
 @click.option("--name", default=None, help="What the mesh calls it (and its file name).")
-def models_pull(home_dir: Path | None, url: str, sha256: str | None, name: str | None) -> None:
+@click.pass_obj
+def models_pull(
+    group_home: Path | None,
+    home_dir: Path | None,
+    url: str,
+    sha256: str | None,
+    name: str | None,
+) -> None:
     """Download a GGUF file from URL into HOME/models/ (resuming an interrupted download),
     then serve it as `models add` does."""
     from node.transport.model_download import download_model
 
+    home_dir = home_dir or group_home
     _node(home_dir)  # is the node running? Said before a long download, not after it
     directory = Home.resolve(home_dir).root / "models"
     start, close = _progress_bar("downloading")

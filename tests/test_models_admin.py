@@ -7,6 +7,9 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
+import os
+import subprocess
+import sys
 import threading
 import urllib.parse
 from collections.abc import Iterator
@@ -126,6 +129,16 @@ def test_bad_files_are_clear_errors_and_the_node_goes_on(node: NodeProcess, tmp_
     result = run_cli(node.home, "models", "add", str(page))
     assert result.returncode != 0
     assert "is not a GGUF model file" in result.stderr
+    # --home before the subcommand names the same node.
+    before_subcommand = subprocess.run(
+        [sys.executable, "-m", "node", "models", "--home", str(node.home), "add", str(page)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "ALLERAC_HOME": str(tmp_path / "not-a-home")},
+    )
+    assert "is not a GGUF model file" in before_subcommand.stderr
     broken = tmp_path / "broken.gguf"
     with embedded_model_path().open("rb") as handle:
         broken.write_bytes(handle.read(2 << 20))  # the header, then cut short
