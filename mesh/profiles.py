@@ -9,10 +9,11 @@ left out (or `"auto"`), the profile is chosen from the hardware the node probed 
 - pro: a GPU with 8 GiB or more, or 12+ cores and 48+ GiB; context 8,192, 4 slots, the
   GPU's memory (or 70 % of the RAM) for models.
 
-llama.cpp runs on the physical cores (llama-cpp-python's own default is half the logical
-CPUs), except that a lite box keeps one core for the node itself: llama.cpp's threads spin
-while they wait for each other, so on two cores shared with the event loop (sealing, HTTP,
-the ledger) two threads measured slower than one (118 vs 200 tokens in 10 s, loaded).
+On home and pro boxes llama.cpp runs on the physical cores (llama-cpp-python's own default
+is half the logical CPUs for generating, all of them for reading the prompt). A lite box
+keeps llama-cpp-python's default: llama.cpp's threads spin while they wait for each other,
+and on two cores shared with the node's event loop (sealing, HTTP, the ledger) two threads
+measured slower than one (118 vs 200 tokens in the 10 s of a loaded test).
 These are defaults: a model's own `threads` or `context_length` wins. `parallel_slots` is
 the hook for llama.cpp's parallel slots (being built separately): nothing applies it yet.
 The memory for models bounds how many fit (`models_fit`); the node warns when what it
@@ -48,7 +49,7 @@ PROFILE_CHOICES = PROFILES  # "auto" and the three names, as the config file tak
 class Profile:
     name: ProfileName
     chosen_by: str  # "config", or why the hardware chose it
-    threads: int
+    threads: int | None  # None: llama-cpp-python's default
     context_length: int
     parallel_slots: int  # the hook for parallel slots (not applied yet)
     model_memory_bytes: int  # what loaded models may take; 0 when the memory is unknown
@@ -98,7 +99,7 @@ def choose(requested: str, hardware: HardwareSummary, physical_cores: int) -> Pr
     return Profile(
         name=name,
         chosen_by=why,
-        threads=max(1, physical_cores - 1 if name is ProfileName.LITE else physical_cores),
+        threads=None if name is ProfileName.LITE else max(1, physical_cores),
         context_length=_CONTEXT[name],
         parallel_slots=_SLOTS[name],
         model_memory_bytes=budget,

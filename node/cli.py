@@ -475,7 +475,8 @@ def status(home_dir: Path | None, as_json: bool) -> None:
     profile = info.get("profile")
     if profile:
         click.echo(
-            f"profile   {profile['name']} ({profile['chosen_by']}): {profile['threads']} threads, "
+            f"profile   {profile['name']} ({profile['chosen_by']}): "
+            f"{profile['threads'] or 'default'} threads, "
             f"context {profile['context_length']}, "
             f"{profile['model_memory_bytes'] / (1 << 30):.1f} GiB for models"
         )

@@ -32,8 +32,8 @@ def test_the_hardware_chooses_the_profile(
     profile = choose("auto", hardware, cores)
     assert profile.name == ProfileName(name)
     assert profile.chosen_by.startswith("detected: ")
-    # The physical cores (a lite box keeps one for the node), not llama-cpp-python's half.
-    assert profile.threads == (cores - 1 if name == "lite" else cores)
+    # The physical cores (a lite box keeps llama-cpp-python's default), not its half.
+    assert profile.threads == (None if name == "lite" else cores)
     assert profile.context_length == context
     assert profile.parallel_slots >= 1
 
