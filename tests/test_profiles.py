@@ -1,9 +1,8 @@
 """Box profiles (issue 17 item 6): chosen from the hardware or named in config; their
-defaults for models that set none; shown in the card and by `allerac status`."""
+defaults for models that set none (`allerac status` on a real node: tests/test_reload.py)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,6 @@ from mesh.config import Flags, ModelConfig, NodeConfig, UpstreamConfig, node_con
 from mesh.errors import ConfigError
 from mesh.profiles import GIB, ProfileName, apply_profile, choose, models_fit
 from mesh.trust.cards import HardwareSummary
-from tests.nodeproc import NodeProcess, run_cli
 from tests.test_config import FakeBox
 
 LITE = HardwareSummary(cpu_count=2, memory_bytes=8 * GIB)
@@ -78,14 +76,3 @@ def test_the_profile_key_and_models_without_a_context() -> None:
 def test_how_many_models_fit() -> None:
     assert models_fit([4 * GIB, 4 * GIB, 4 * GIB], 10 * GIB) == 2
     assert models_fit([4 * GIB], 0) == 1  # memory unknown: no bound
-
-
-def test_status_says_the_profile_and_the_card_carries_it(node: NodeProcess) -> None:
-    result = run_cli(node.home, "status", "--json")
-    assert result.returncode == 0, result.stderr
-    info = json.loads(result.stdout)
-    assert info["profile"]["name"] in ("lite", "home", "pro")
-    assert info["hardware"]["profile"] == info["profile"]["name"]  # what the card says
-    assert info["models"][0]["context_length"] == 2048  # the embedded model's own
-    text = run_cli(node.home, "status").stdout
-    assert f"profile   {info['profile']['name']} (detected: " in text

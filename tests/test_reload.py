@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from node.store.config_file import embedded_model_path
-from tests.nodeproc import NodeProcess, RelayProcess
+from tests.nodeproc import NodeProcess, RelayProcess, run_cli
 
 WAIT_S = 30.0
 
@@ -179,3 +179,14 @@ def test_a_relay_added_by_sighup_connects_and_a_removed_one_is_left(
         assert _relays(proc) == []
     finally:
         relay.kill()
+
+
+def test_status_says_the_profile_and_the_card_carries_it(reloading: NodeProcess) -> None:
+    result = run_cli(reloading.home, "status", "--json")
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert info["profile"]["name"] in ("lite", "home", "pro")
+    assert info["hardware"]["profile"] == info["profile"]["name"]  # what the card says
+    assert info["models"][0]["context_length"] == 2048  # the embedded model's own
+    text = run_cli(reloading.home, "status").stdout
+    assert f"profile   {info['profile']['name']} (detected: " in text
