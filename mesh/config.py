@@ -37,7 +37,7 @@ Example file:
 
     [[models]]
     name = "smollm2-135m-instruct"
-    path = "/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+    path = "/models/SmolLM2-135M-Instruct.Q4_1.gguf"  # leave out: the embedded default
     aliases = ["default", "small"]
     context_length = 2048
     threads = 2
@@ -71,6 +71,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from mesh.errors import ConfigError, InvalidRequest
+from mesh.quota.plans import DEFAULT_PLANS, Plan, parse_parameters, plan, show_parameters
 from mesh.quota.rules import Quota, parse_quota
 
 EMBEDDED_MODEL_NAME = "smollm2-135m-instruct"
@@ -112,8 +113,9 @@ class ModelConfig:
     aliases: tuple[str, ...] = ()
     family: str = ""  # openai: what the card says (llama_cpp reads it from the GGUF)
     # 0 (openai only): take what the upstream's /models says, or unknown.
+    # 0 for a llama_cpp model: the box profile's default (mesh.profiles.apply_profile).
     context_length: int = 2048
-    threads: int | None = None  # None: every core
+    threads: int | None = None  # None: the box profile's (the physical cores)
     backend: str = "llama_cpp"
     queue_size: int = 8  # requests waiting behind the one running
     # Used when a chat request brings no system message of its own (like Ollama's SYSTEM).
@@ -121,6 +123,9 @@ class ModelConfig:
     # Sampling defaults for requests that set none (like Ollama's PARAMETER); None: llama.cpp's.
     temperature: float | None = None
     top_p: float | None = None
+    # What plans compare with their size caps (mesh.quota.plans); 0: the GGUF's own count
+    # (llama_cpp reads it), unknown for an upstream's model unless set.
+    parameter_count: int = 0
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -171,6 +176,14 @@ class NodeConfig:
     cloud_plan: str = "unlimited"
     # The scraper's credential for /metrics from beyond this box ([metrics] token).
     metrics_token: str | None = None
+    # Users' plans changed or added with [plans.NAME] (mesh.quota.plans has the defaults).
+    plans: tuple[Plan, ...] = ()
+    # [prices]: what 1,000 tokens cost per route (local, lan, relay, cloud) and on a hosted
+    # API ("hosted"), for `allerac usage --cost`; and the currency they are in.
+    prices: tuple[tuple[str, float], ...] = ()
+    currency: str = ""
+    # The box profile (mesh.profiles): lite, home, pro, or auto (from the hardware).
+    profile: str = "auto"
 
 
 def is_loopback_host(host: str) -> bool:
@@ -319,6 +332,7 @@ _COMMON_MODEL_KEYS = (
     "system_prompt",
     "temperature",
     "top_p",
+    "parameters",
 )
 _FILE_MODEL_KEYS = ("path", "threads", "queue_size")
 _UPSTREAM_MODEL_KEYS = ("url", "upstream_model", "api_key_env", "slots", "timeout_s", "family")
@@ -380,6 +394,12 @@ def _model(reader: _Reader, *, base_dir: Path, box: Box) -> ModelConfig:
         kwargs["system_prompt"] = prompt
     if reader.has("temperature"):
         kwargs["temperature"] = reader.number("temperature", 0.0, 2.0)
+    if reader.has("parameters"):
+        raw = reader.string("parameters")
+        try:
+            kwargs["parameter_count"] = parse_parameters(raw)
+        except InvalidRequest as exc:
+            raise reader.fail("parameters", raw, exc.message) from None
     if reader.has("top_p"):
         top_p = reader.number("top_p", 0.0, 1.0)
         if top_p == 0.0:
@@ -400,15 +420,26 @@ def _file_settings(
                 _HIDDEN if _SECRET_KEY_RE.search(key) else reader.raw(key),
                 f'is a setting of backend = "openai" models; this one is {backend!r}',
             )
-    if not reader.has("path"):
+    out: dict[str, Any]
+    if not reader.has("path") and name == EMBEDDED_MODEL_NAME:
+        # The embedded default model, by name: its file is wherever its wheel put it, and
+        # its defaults hold unless the table sets its own.
+        embedded = embedded_model(box.embedded_model_path())
+        out = {
+            key: getattr(embedded, key)
+            for key in ("name", "path", "aliases", "context_length", "system_prompt", "temperature")
+        }
+    elif not reader.has("path"):
         raise ConfigError(f"{reader.source}: {reader.prefix}path is missing", param="path")
-    raw_path = reader.string("path")
-    found = box.model_file(raw_path, base_dir=base_dir)
-    if not found.is_file:
-        raise reader.fail("path", raw_path, f"no model file at {found.path}")
-    if not found.readable:
-        raise reader.fail("path", raw_path, "the model file is not readable")
-    out: dict[str, Any] = {"name": name or _name_from_path(found.path), "path": found.path}
+    else:
+        raw_path = reader.string("path")
+        found = box.model_file(raw_path, base_dir=base_dir)
+        if not found.is_file:
+            raise reader.fail("path", raw_path, f"no model file at {found.path}")
+        if not found.readable:
+            raise reader.fail("path", raw_path, "the model file is not readable")
+        # No context_length: the box profile's default (mesh.profiles).
+        out = {"name": name or _name_from_path(found.path), "path": found.path, "context_length": 0}
     if reader.has("threads"):
         out["threads"] = reader.integer("threads", 1, 1024)
     if reader.has("queue_size"):
@@ -630,6 +661,17 @@ def _node_settings(reader: _Reader, *, base_dir: Path, box: Box) -> dict[str, An
                 )
             out["metrics_token"] = token
         metrics.finish(("token",))
+    if reader.has("profile"):
+        profile = reader.string("profile")
+        if profile not in PROFILES:
+            raise reader.fail("profile", profile, f"must be one of {', '.join(PROFILES)}")
+        out["profile"] = profile
+    if reader.has("plans"):
+        out["plans"] = _plans(reader)
+    if reader.has("prices"):
+        out["prices"], currency = _prices(reader)
+        if currency:
+            out["currency"] = currency
     if reader.has("scheduler"):
         sched = _Reader(reader.table_of("scheduler"), source=reader.source, prefix="scheduler.")
         if sched.has("max_wait_ms"):
@@ -655,9 +697,66 @@ def _node_settings(reader: _Reader, *, base_dir: Path, box: Box) -> dict[str, An
             "cloud_plan",
             "scheduler",
             "metrics",
+            "plans",
+            "prices",
+            "profile",
         )
     )
     return out
+
+
+PROFILES = ("auto", "lite", "home", "pro")  # mesh.profiles.PROFILE_CHOICES
+
+
+PRICE_ROUTES = ("local", "lan", "relay", "cloud", "hosted")
+MAX_PLANS = 32
+
+
+def _plans(reader: _Reader) -> tuple[Plan, ...]:
+    """[plans.NAME] tables: quota = "cloud=2M/month", max_parameters = "8B" | "all", rank.
+    A default plan's keys left out keep their defaults."""
+    plans = _Reader(reader.table_of("plans"), source=reader.source, prefix="plans.")
+    if len(plans.table) > MAX_PLANS:
+        raise reader.fail("plans", f"{len(plans.table)} plans", f"at most {MAX_PLANS}")
+    out = []
+    for name in plans.table:
+        sub = _Reader(plans.table_of(name), source=reader.source, prefix=f"plans.{name}.")
+        default = DEFAULT_PLANS.get(name)
+        quota = "unlimited"
+        size: str | None = "all"
+        rank = 0
+        if default is not None:
+            quota = ",".join(limit.spec for limit in default.quota.limits) or "unlimited"
+            size = (
+                None if default.max_parameters is None else show_parameters(default.max_parameters)
+            )
+            rank = default.rank
+        if sub.has("quota"):
+            quota = sub.string("quota")
+        if sub.has("max_parameters"):
+            size = sub.string("max_parameters")
+        if sub.has("rank"):
+            rank = sub.integer("rank", 0, 1000)
+        sub.finish(("quota", "max_parameters", "rank"))
+        try:
+            out.append(plan(name, quota, size, rank))
+        except InvalidRequest as exc:
+            raise plans.fail(name, dict(plans.table_of(name)), exc.message) from None
+    return tuple(out)
+
+
+def _prices(reader: _Reader) -> tuple[tuple[tuple[str, float], ...], str]:
+    sub = _Reader(reader.table_of("prices"), source=reader.source, prefix="prices.")
+    prices = tuple(
+        (route, sub.number(route, 0, 1_000_000)) for route in PRICE_ROUTES if sub.has(route)
+    )
+    currency = ""
+    if sub.has("currency"):
+        currency = sub.string("currency")
+        if not 1 <= len(currency) <= 8 or not currency.isprintable():
+            raise sub.fail("currency", currency, "must be 1-8 printable characters, e.g. EUR")
+    sub.finish((*PRICE_ROUTES, "currency"))
+    return prices, currency
 
 
 def cloud_plan_quota(text: str) -> Quota:
@@ -760,8 +859,8 @@ def _model_from_flag(arg: str, configured: tuple[ModelConfig, ...], box: Box) ->
     if arg in (EMBEDDED_MODEL_NAME, "default"):
         return embedded_model(box.embedded_model_path())
     found = box.model_file(arg, base_dir=None)
-    if found.is_file:
-        return ModelConfig(name=_name_from_path(found.path), path=found.path)
+    if found.is_file:  # context 0: the box profile's default
+        return ModelConfig(name=_name_from_path(found.path), path=found.path, context_length=0)
     raise ConfigError(
         f"flag: --model = {arg!r}: not a configured model, not {EMBEDDED_MODEL_NAME!r}, "
         "and no such model file",

@@ -162,10 +162,24 @@ class PrivacyNotAllowed(PermissionDenied):
     code = "privacy_not_allowed"
 
 
+class ModelNotInPlan(PermissionDenied):
+    """The caller's plan does not include the model asked for."""
+
+    code = "model_not_in_plan"
+
+
 class UserExists(InvalidRequest):
     grpc_status = "ALREADY_EXISTS"
     http_status = 409
     code = "user_exists"
+
+
+class ModelExists(InvalidRequest):
+    """A model added under a name (or alias) this node already serves."""
+
+    grpc_status = "ALREADY_EXISTS"
+    http_status = 409
+    code = "model_exists"
 
 
 class UserNotFound(MeshError):

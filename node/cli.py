@@ -23,7 +23,8 @@ from mesh.errors import MeshError
 from node.cli_backup import backup
 from node.cli_options import home_option
 from node.cli_service import service
-from node.store.config_file import build_config
+from node.signals import SighupReloads
+from node.store.config_file import ConfigSource, build_config
 from node.store.home import Home
 
 HTTP_TIMEOUT_S = 600.0
@@ -115,20 +116,20 @@ def up(
     home = Home.resolve(home_dir)
     if config_file is None and home.config_file.is_file():
         config_file = home.config_file
+    flags = Flags(
+        http_host=http_host,
+        http_port=http_port,
+        grpc_host=grpc_host,
+        grpc_port=grpc_port,
+        models=models,
+        peers=peers,
+        relays=relays,
+        no_mdns=no_mdns,
+    )
+    # SIGHUP reads the same file again, with the same flags on top.
+    source = ConfigSource(file=config_file, default_file=home.config_file, flags=flags)
     try:
-        config = build_config(
-            config_file=config_file,
-            flags=Flags(
-                http_host=http_host,
-                http_port=http_port,
-                grpc_host=grpc_host,
-                grpc_port=grpc_port,
-                models=models,
-                peers=peers,
-                relays=relays,
-                no_mdns=no_mdns,
-            ),
-        )
+        config = build_config(config_file=config_file, flags=flags)
     except MeshError as exc:
         _fail(exc.message)
 
@@ -137,7 +138,8 @@ def up(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        async with Node(config, home) as node:
+        reloads = SighupReloads(loop)  # from now on SIGHUP reloads, never stops the node
+        async with Node(config, home, source=source) as node:
             first = node.models.models()[0].name if node.models else "MODEL"
             new = " (new identity)" if node.created_identity else ""
             click.echo(f"Allerac node {node.node_id}{new}")
@@ -161,7 +163,7 @@ def up(
             )
             click.echo("Ready. Ctrl-C stops the node.", nl=True)
             sys.stdout.flush()
-            await stop.wait()
+            await reloads.serve_until(stop, node.reconfigurer)
             click.echo("Stopping: finishing answers in progress...", err=True)
 
     try:
@@ -354,6 +356,13 @@ QUOTA_HELP = (
 )
 
 
+PLAN_HELP = (
+    "A plan instead of --quota: starter (1M tokens a month on cloud hardware, models up to "
+    "8B parameters), personal (10M, up to 14B) or pro (50M, every model); a box's config may "
+    "change them or add others with [plans.NAME]."
+)
+
+
 def _check_quota(spec: str | None) -> None:
     from mesh.quota.rules import parse_quota
 
@@ -375,7 +384,10 @@ def _check_quota(spec: str | None) -> None:
     "for (default: the node's scheduler.privacy).",
 )
 @click.option("--quota", default=None, help=QUOTA_HELP + " Default: unlimited.")
-def user_add(home_dir: Path | None, name: str, privacy: str | None, quota: str | None) -> None:
+@click.option("--plan", default=None, help=PLAN_HELP)
+def user_add(
+    home_dir: Path | None, name: str, privacy: str | None, quota: str | None, plan: str | None
+) -> None:
     """Add user NAME and print their API key (shown this once only). The key works on
     every box of the mesh a moment later."""
     _check_quota(quota)
@@ -383,6 +395,7 @@ def user_add(home_dir: Path | None, name: str, privacy: str | None, quota: str |
         "name": name,
         **({"privacy": privacy} if privacy else {}),
         **({"quota": quota} if quota is not None else {}),
+        **({"plan": plan} if plan is not None else {}),
     }
     reply = _json(_node(home_dir), "POST", "/allerac/users", body)
     click.echo(reply["api_key"])
@@ -399,14 +412,18 @@ def user_add(home_dir: Path | None, name: str, privacy: str | None, quota: str |
 @click.argument("name")
 @click.option("--privacy", type=PRIVACY_CHOICE, default=None, help="A new privacy policy.")
 @click.option("--quota", default=None, help=QUOTA_HELP)
-def user_set(home_dir: Path | None, name: str, privacy: str | None, quota: str | None) -> None:
-    """Change user NAME's privacy policy or quota (their key stays the same)."""
+@click.option("--plan", default=None, help=PLAN_HELP)
+def user_set(
+    home_dir: Path | None, name: str, privacy: str | None, quota: str | None, plan: str | None
+) -> None:
+    """Change user NAME's privacy policy, quota or plan (their key stays the same)."""
     _check_quota(quota)
-    if privacy is None and quota is None:
-        raise click.ClickException("give --privacy, --quota or both")
+    if privacy is None and quota is None and plan is None:
+        raise click.ClickException("give --privacy, --quota or --plan")
     body = {
         **({"privacy": privacy} if privacy else {}),
         **({"quota": quota} if quota is not None else {}),
+        **({"plan": plan} if plan is not None else {}),
     }
     path = "/allerac/users/" + urllib.parse.quote(name, safe="")
     reply = _json(_node(home_dir), "PATCH", path, body)
@@ -469,6 +486,14 @@ def status(home_dir: Path | None, as_json: bool) -> None:
         f"version   {info['version']} (protocol v{info['protocol_version']}), "
         f"pid {info['pid']}, up {info['uptime_s']} s"
     )
+    profile = info.get("profile")
+    if profile:
+        click.echo(
+            f"profile   {profile['name']} ({profile['chosen_by']}): "
+            f"{profile['threads'] or 'default'} threads, "
+            f"context {profile['context_length']}, "
+            f"{profile['model_memory_bytes'] / (1 << 30):.1f} GiB for models"
+        )
     click.echo(f"API       {info['http_url']}/v1")
     click.echo(f"gRPC      {info['grpc_address']}")
     click.echo(
@@ -490,24 +515,6 @@ def status(home_dir: Path | None, as_json: bool) -> None:
             f"peer      {peer['node_id'][:15]}  {peer['state']:7} {peer['route']:5} "
             f"rtt {peer['rtt_ms']:.1f} ms  load {load['active_streams']}+{load['queued']}"
             f"/{load['slots']}  {peer['display_name']}  models: {', '.join(peer['models'])}"
-        )
-
-
-@cli.command()
-@home_option
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def models(home_dir: Path | None, as_json: bool) -> None:
-    """List the models this node can serve."""
-    data = _json(_node(home_dir), "GET", "/v1/models")
-    if as_json:
-        click.echo(json.dumps(data, indent=2))
-        return
-    click.echo(f"{'MODEL':32} {'ALIASES':20} {'CONTEXT':>8} {'QUANT':8} FAMILY")
-    for model in data["data"]:
-        click.echo(
-            f"{model['id']:32} {','.join(model.get('aliases', [])) or '-':20} "
-            f"{model.get('context_length', 0):>8} {model.get('quantization') or '-':8} "
-            f"{model.get('family') or '-'}"
         )
 
 
@@ -755,11 +762,19 @@ def ledger_verify(home_dir: Path | None, as_json: bool) -> None:
     default="user",
     show_default=True,
 )
-def usage(home_dir: Path | None, as_json: bool, user: str | None, period: str, by: str) -> None:
+@click.option(
+    "--cost",
+    is_flag=True,
+    help="Price the usage per route with [prices] from the config (per 1,000 tokens).",
+)
+def usage(
+    home_dir: Path | None, as_json: bool, user: str | None, period: str, by: str, cost: bool
+) -> None:
     """Who used what, where, from the signed records this node holds (UTC periods).
     Records their entry node refused to countersign are not counted (they are listed);
     when records are known to be missing from this ledger it says which, and exits 1.
-    Boxes are shown by their display names (those the node has seen)."""
+    Boxes are shown by their display names (those the node has seen).
+    With --cost: per route, priced from the config's [prices]."""
     from mesh.clock import SYSTEM
     from mesh.ledger.records import period_bounds
     from node.store.names_file import names_path, read_names
@@ -780,6 +795,17 @@ def usage(home_dir: Path | None, as_json: bool, user: str | None, period: str, b
         )
     except MeshError as exc:
         _fail(exc.message)
+        return
+    if cost:
+        from mesh.ledger.records import refused_records, summarize
+        from node.cli_costs import print_costs
+
+        since, until = period_bounds(period, now_ms=SYSTEM.now_ms())
+        refused = refused_records(held.records, held.refusals)
+        rows = summarize(
+            held.records, by="tier", user=user, since_ms=since, until_ms=until, excluded=refused
+        )
+        print_costs(home, rows, as_json=as_json)
         return
     missing = result["missing"]
     if as_json:
@@ -896,8 +922,16 @@ def relay_stats(home_dir: Path | None, address: str, as_json: bool) -> None:
         click.echo(f"{key:18} {value}")
 
 
-cli.add_command(backup)
-cli.add_command(service)
+def _register_commands() -> None:
+    """Command groups that live in their own modules."""
+    from node.cli_models import models
+
+    cli.add_command(backup)
+    cli.add_command(service)
+    cli.add_command(models)
+
+
+_register_commands()
 
 
 def main() -> None:

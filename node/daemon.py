@@ -19,6 +19,7 @@ quotas, backends, the ledger (last: every answer has left its record), the run f
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import logging
 import os
@@ -36,6 +37,8 @@ from mesh import PROTOCOL_VERSION, __version__
 from mesh.clock import SYSTEM, Clock
 from mesh.config import NodeConfig, cloud_plan_quota
 from mesh.errors import ConfigError
+from mesh.profiles import Profile, apply_profile
+from mesh.profiles import choose as choose_profile
 from mesh.routing.peers import PeerTable
 from mesh.routing.scheduler import Privacy
 from mesh.trust.cards import HardwareSummary, sign_card
@@ -46,24 +49,28 @@ from mesh.wire import grpc_options
 from mesh.wire.v1 import node_pb2 as pb
 from node.api.console import Console
 from node.api.display_name import add_display_name_route
-from node.api.http_api import build_app
+from node.api.http_api import HttpLimits, build_app
 from node.api.mesh_admin import MeshAdmin
 from node.api.metrics import LiveState, Metrics, add_metrics_route
+from node.api.models_admin import register_models_admin
 from node.api.owner import HostGuard, OwnerToken
 from node.api.usage_api import UsageSource, add_usage_routes
+from node.reconfigure import Reconfigurer
 from node.serving.accounting import Accountant
 from node.serving.backends import create_backend
-from node.serving.backends.base import Backend
 from node.serving.entry import EntrySide
 from node.serving.ledger_sync import LedgerSync
 from node.serving.models import LocalModels
 from node.serving.node_service import NodeService
+from node.serving.plans import PlanGate
 from node.serving.quota_service import QuotaService
 from node.serving.serving_side import ServingSide
-from node.store.hardware import probe_hardware
+from node.store.config_file import ConfigSource
+from node.store.hardware import physical_cores, probe_hardware
 from node.store.home import Home
 from node.store.identity_key import load_or_create_identity
 from node.store.ledger_store import LedgerStore
+from node.store.model_files import check_memory
 from node.store.names_file import NamesFile, names_path, read_own_name, write_own_name
 from node.store.trust_store import TrustStore
 from node.store.users_admin import UsersAdmin, log_api_access
@@ -127,11 +134,11 @@ class Parts:
     trust: TrustStore
     users: UsersAdmin
     ledger: LedgerStore
-    backends: list[Backend]
     models: LocalModels
     peer_table: PeerTable
     peering: Peering
     quota: QuotaService
+    plans: PlanGate
     entry: EntrySide
     serving: ServingSide
     cards: Cards
@@ -203,7 +210,14 @@ class Cards:
         return False
 
 
-async def _open_parts(config: NodeConfig, home: Home, stack: AsyncExitStack, clock: Clock) -> Parts:
+async def _open_parts(
+    config: NodeConfig,
+    home: Home,
+    stack: AsyncExitStack,
+    clock: Clock,
+    *,
+    hardware: HardwareSummary | None = None,
+) -> Parts:
     """Open what holds state, in order; each part's closing goes on `stack`. Every part
     reads the time from `clock`."""
     listeners = _limit_connections(config, stack)
@@ -223,12 +237,14 @@ async def _open_parts(config: NodeConfig, home: Home, stack: AsyncExitStack, clo
     users = UsersAdmin.open(home, default_privacy=Privacy(config.privacy), trust=trust, clock=clock)
     ledger = await LedgerStore.open(home.ledger_file, identity, clock=clock.now_ms)
     stack.push_async_callback(ledger.close)  # runs last: every answer has left its record
-    backends: list[Backend] = []
+    # The served set changes while the node runs (node/reconfigure.py); whatever is loaded
+    # when it stops is closed here, after the drain.
+    models = LocalModels(identity.node_id, [])
+    stack.push_async_callback(models.aclose)
     for model in config.models:
         backend = create_backend(model)
         await backend.start()
-        stack.push_async_callback(backend.aclose)
-        backends.append(backend)
+        models.swap(add=[backend], remove=())
     relays: list[RelayLink] = []
 
     async def close_relays() -> None:  # after the drain: answers through a relay finish too
@@ -236,7 +252,6 @@ async def _open_parts(config: NodeConfig, home: Home, stack: AsyncExitStack, clo
             await link.aclose()
 
     stack.push_async_callback(close_relays)
-    models = LocalModels(identity.node_id, backends)
     peer_table = PeerTable()
     cards: Cards | None = None
 
@@ -258,7 +273,7 @@ async def _open_parts(config: NodeConfig, home: Home, stack: AsyncExitStack, clo
         models=models,
         display_name=display_name,
         peer_addresses=peering.direct_addresses,
-        hardware=probe_hardware(),  # once, at start
+        hardware=hardware if hardware is not None else probe_hardware(),  # once, at start
         clock=clock,
     )
     quota = QuotaService(
@@ -273,6 +288,8 @@ async def _open_parts(config: NodeConfig, home: Home, stack: AsyncExitStack, clo
     await quota.start()
     stack.push_async_callback(quota.aclose)  # after the drain: every release is under way
     accountant = Accountant(node_id=identity.node_id, ledger=ledger, clock=clock)
+    plans = PlanGate(users=users, overrides=config.plans)
+    models.place_keeper = plans.take_place  # a full model's last places: higher plans first
     return Parts(
         listeners=listeners,
         identity=identity,
@@ -282,17 +299,18 @@ async def _open_parts(config: NodeConfig, home: Home, stack: AsyncExitStack, clo
         trust=trust,
         users=users,
         ledger=ledger,
-        backends=backends,
         models=models,
         peer_table=peer_table,
         peering=peering,
         quota=quota,
+        plans=plans,
         entry=EntrySide(
             models=models,
             peers=peer_table,
             accountant=accountant,
             peering=peering,
             admitter=quota,
+            plans=plans,
             max_wait_ms=config.max_wait_ms,
             default_privacy=Privacy(config.privacy),
             clock=clock,
@@ -335,17 +353,41 @@ class Node:
     """`async with Node(config, home) as node:` runs a node (a `RunningNode`) for the
     block, and drains and stops it after."""
 
-    def __init__(self, config: NodeConfig, home: Home, *, clock: Clock = SYSTEM) -> None:
+    def __init__(
+        self,
+        config: NodeConfig,
+        home: Home,
+        *,
+        source: ConfigSource | None = None,
+        clock: Clock = SYSTEM,
+    ) -> None:
         self.config = config
         self.home = home
+        self._source = source  # where the configuration is read again (SIGHUP, models)
         self._clock = clock
         self._stack: AsyncExitStack | None = None
 
     async def __aenter__(self) -> RunningNode:
         stack = AsyncExitStack()
         try:
-            parts = await _open_parts(self.config, self.home, stack, self._clock)
-            node = RunningNode(self.config, self.home, parts, self._clock)
+            # The box profile (mesh.profiles): the models' defaults and what the card says.
+            hardware = probe_hardware()
+            profile = choose_profile(self.config.profile, hardware, physical_cores())
+            hardware = dataclasses.replace(hardware, profile=profile.name.value)
+            config = apply_profile(self.config, profile)
+            logger.info(
+                "box profile %s (%s): %s threads, context %d, %.1f GiB for models",
+                profile.name,
+                profile.chosen_by,
+                profile.threads or "llama-cpp-python's default",
+                profile.context_length,
+                profile.model_memory_bytes / (1 << 30),
+            )
+            check_memory(config.models, profile)
+            parts = await _open_parts(config, self.home, stack, self._clock, hardware=hardware)
+            node = RunningNode(config, self.home, parts, self._clock, source=self._source)
+            node.profile = profile
+            node.hardware = hardware
             await node.serve(stack)
         except BaseException:
             await stack.aclose()
@@ -367,7 +409,15 @@ class Node:
 class RunningNode:
     """A node's parts, its servers and its background work, while it runs."""
 
-    def __init__(self, config: NodeConfig, home: Home, parts: Parts, clock: Clock) -> None:
+    def __init__(
+        self,
+        config: NodeConfig,
+        home: Home,
+        parts: Parts,
+        clock: Clock,
+        *,
+        source: ConfigSource | None = None,
+    ) -> None:
         self._clock = clock
         self.config = config
         self.home = home
@@ -387,6 +437,8 @@ class RunningNode:
         self.models = parts.models
         self.peer_table = parts.peer_table
         self.peering = parts.peering
+        self.entry = parts.entry
+        self.plans = parts.plans
         self.cards = parts.cards
         self.relays = parts.relays
         self.listeners = parts.listeners
@@ -394,6 +446,10 @@ class RunningNode:
         self.grpc_address = ""
         self.grpc_addresses: list[str] = []
         self.discovery: Discovery | None = None  # none when mDNS is off or unavailable
+        # The box profile and hardware (set by `Node` when it starts; these are their
+        # values before that, for parts built without it).
+        self.profile: Profile = choose_profile(config.profile, HardwareSummary(), 1)
+        self.hardware = HardwareSummary()
         self._tasks = Tasks("node")
         self._started_at_ms = clock.now_ms()
         self.calls = NodeService(
@@ -417,11 +473,21 @@ class RunningNode:
             caps=self.listeners.grpc, member_deadline_s=self.listeners.grpc_member_deadline_s
         )
         # Caps per source and deadlines for headers and bodies (node/transport/http_guard.py).
-        self._http_guard = HttpConnectionGuard(
+        self.http_guard = HttpConnectionGuard(
             caps=self.listeners.http,
             header_timeout_s=self.listeners.http_header_timeout_s,
             body_idle_s=self.listeners.http_body_idle_s,
         )
+        self.http_limits = HttpLimits(
+            max_request_bytes=config.max_request_bytes,
+            guard=HostGuard.build(
+                bound_host=config.http_host,
+                allowed_hosts=config.http_allowed_hosts,
+                cors_origins=config.http_cors_origins,
+            ),
+        )
+        # One path for every change of configuration while running: SIGHUP and models.
+        self.reconfigurer = Reconfigurer(self, source)
         trust = parts.trust
         self.ledger_sync = LedgerSync(
             store=parts.ledger,
@@ -441,7 +507,7 @@ class RunningNode:
         async def drain() -> None:
             self._stopping.set()
             grace = self.config.shutdown_grace_s
-            for backend in self.parts.backends:
+            for backend in self.models.backends():
                 backend.drain()
             self._grpc_front.stop_accepting()  # open connections still carry the drain
             await asyncio.gather(
@@ -450,6 +516,8 @@ class RunningNode:
                 return_exceptions=True,
             )
 
+        # Models being unloaded finish their answers within the drain; then it stops.
+        stack.push_async_callback(self.reconfigurer.aclose)  # runs after the drain
         stack.push_async_callback(drain)
         await self._start_grpc(servers)
         await self._start_http(servers)
@@ -506,17 +574,13 @@ class RunningNode:
         )
         app = build_app(
             entry=parts.entry,
-            max_request_bytes=self.config.max_request_bytes,
+            limits=self.http_limits,
             status=self.status,
             mesh_admin=mesh_admin,
             users=parts.users,
             quota=parts.quota,
             owner=parts.owner_token,
-            guard=HostGuard.build(
-                bound_host=self.config.http_host,
-                allowed_hosts=self.config.http_allowed_hosts,
-                cors_origins=self.config.http_cors_origins,
-            ),
+            plans=parts.plans,
             clock=self._clock,
             observers=(self.metrics,),
         )
@@ -538,9 +602,10 @@ class RunningNode:
             stopping=self._stopping,
             clock=self._clock,
         )
+        register_models_admin(app, self.reconfigurer)
         # The guard's middleware goes first, so it sees every request the moment its
         # headers are in.
-        guard = self._http_guard
+        guard = self.http_guard
         app.middlewares.insert(0, guard.middleware)
         runner = web.AppRunner(
             app,
@@ -562,7 +627,7 @@ class RunningNode:
         self.http_url = f"http://{_url_host(self.config.http_host)}:{site.port}"
 
     async def _end_in_flight(self, grace_s: float) -> None:
-        backends = self.parts.backends
+        backends = self.models.backends()
         deadline = self._clock.monotonic() + grace_s
         while any(b.busy() for b in backends) and self._clock.monotonic() < deadline:  # noqa: ASYNC110 (polls worker threads)
             await asyncio.sleep(DRAIN_POLL_S)
@@ -573,16 +638,27 @@ class RunningNode:
         """One session per configured relay: other offices and cloud nodes are reached
         through it, and they reach this node through it."""
         for address in self.config.relays:
-            link = RelayLink(
-                address,
-                trust=self.trust,
-                calls=self.calls,
-                on_directory=self.peering.relay_directory,
-                clock=self._clock,
-            )
-            self.peering.attach_relay(link)
-            self.relays.append(link)  # its stop is the parts' (after the drain)
-            await link.start()
+            await self.start_relay(address)
+
+    async def start_relay(self, address: str) -> None:
+        link = RelayLink(
+            address,
+            trust=self.trust,
+            calls=self.calls,
+            on_directory=self.peering.relay_directory,
+            clock=self._clock,
+        )
+        self.peering.attach_relay(link)
+        self.relays.append(link)  # its stop is the parts' (after the drain)
+        await link.start()
+
+    async def stop_relay(self, address: str) -> None:
+        """A relay taken out of the configuration: its session ends (calls through it fail
+        over); peering goes on through another relay, if any."""
+        for link in [link for link in self.relays if link.address == address]:
+            self.relays.remove(link)
+            await link.aclose()
+        self.peering.attach_relay(self.relays[-1] if self.relays else None)
 
     async def _start_discovery(self, stack: AsyncExitStack) -> None:
         if not self.config.mdns:
@@ -737,6 +813,8 @@ class RunningNode:
             "display_name": self.display_name,
             "uptime_s": round((self._clock.now_ms() - self._started_at_ms) / 1000, 1),
             "connections": self._connection_stats(),
+            "profile": self.profile.describe(),
+            "hardware": dataclasses.asdict(self.hardware),
             "load": {
                 "active_streams": load.active_streams,
                 "queued": load.queued,
@@ -782,7 +860,7 @@ class RunningNode:
     def _connection_stats(self) -> dict[str, Any]:
         return {
             "descriptor_limit": self.listeners.budget.nofile,
-            "http": self._http_guard.stats(),
+            "http": self.http_guard.stats(),
             "grpc": self._grpc_front.stats(),
         }
 

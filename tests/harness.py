@@ -71,6 +71,7 @@ from node.serving.entry import EntryAnswer, EntrySide
 from node.serving.ledger_sync import LedgerSync, PeerSync
 from node.serving.models import LocalModels
 from node.serving.node_service import NodeService
+from node.serving.plans import PlanGate
 from node.serving.quota_service import QuotaService
 from node.serving.serving_side import ServingSide
 from node.store.home import Home
@@ -192,13 +193,16 @@ class ScriptedBackend:
         slots: int = 1,
         context: int = 4096,
         model: str = MODEL,
+        parameters: int = 0,
     ) -> None:
         self.script = script or Script()
         self.active = 0
         self.slots = slots
         self.asked: list[InferenceRequest] = []
         self.counters = {"completed": 0, "cancelled": 0, "failed": 0, "rejected": 0}
-        self.info = ModelInfo(name=model, context_length=context, tokens_per_second=50.0)
+        self.info = ModelInfo(
+            name=model, context_length=context, tokens_per_second=50.0, parameter_count=parameters
+        )
         self.go = asyncio.Event()  # a paused script goes on when it is set
 
     def resume(self) -> None:
@@ -553,6 +557,8 @@ class Node:
             holds_file=self.home / "quota-holds.json",
         )
         await self.quota.start()
+        self.plans = PlanGate(users=self.users)
+        self.models.place_keeper = self.plans.take_place
         self.accountant = Accountant(node_id=self.node_id, ledger=self.ledger, clock=self.clock)
         self.entry = EntrySide(
             models=self.models,
@@ -560,6 +566,7 @@ class Node:
             accountant=self.accountant,
             peering=self.directory,
             admitter=self.quota,
+            plans=self.plans,
             default_privacy=self.spec.privacy,
             clock=self.clock,
         )
@@ -636,11 +643,12 @@ class Node:
             backend.go = asyncio.Event()
         await self.open()
 
-    async def add_user(self, name: str, quota: str = "", privacy: Privacy | None = None) -> str:
-        """A user whose home is this node; their API key."""
-        added = await self.users.add(
-            name=name, privacy=privacy, quota=parse_quota(quota) if quota else UNLIMITED
-        )
+    async def add_user(
+        self, name: str, quota: str = "", privacy: Privacy | None = None, *, plan: str = ""
+    ) -> str:
+        """A user whose home is this node (on `plan`, or with `quota`); their API key."""
+        chosen = self.plans.quota_of(plan) if plan else parse_quota(quota) if quota else UNLIMITED
+        added = await self.users.add(name=name, privacy=privacy, quota=chosen)
         return str(added["api_key"])
 
     def quota_state(self, user: str) -> list[dict[str, object]]:

@@ -249,7 +249,9 @@ SIGNED = sign_card(
     grpc_addresses=["192.168.1.20:8471"],
     display_name="kitchen-box",
     now_ms=1_700_000_000_000,
-    hardware=HardwareSummary(cpu_count=4, cpu_model="Cortex-A76", memory_bytes=8 << 30),
+    hardware=HardwareSummary(
+        cpu_count=4, cpu_model="Cortex-A76", memory_bytes=8 << 30, profile="home"
+    ),
 )
 
 
@@ -267,6 +269,7 @@ def test_signed_card_opens_and_says_who_signed() -> None:
     assert card.models[0].tokens_per_second == 41.5
     assert (card.hardware.cpu_count, card.hardware.cpu_model) == (4, "Cortex-A76")
     assert card.hardware.memory_bytes == 8 << 30
+    assert card.hardware.profile == "home"  # since protocol 4
 
 
 def _flip(data: bytes, position: int) -> bytes:

@@ -48,6 +48,7 @@ HOLD_TTL_MS = 30 * 60 * 1000  # a reservation whose entry node vanished expires
 MESH_PLAN = "*"  # the "user" of a cloud node's plan: every user of the mesh together
 LEASE_SHARE = 4  # a lease takes at most 1/4 of what a quota has left
 
+PLAN_NAME = re.compile(r"[a-z][a-z0-9-]{0,31}")
 _LIMIT = re.compile(r"(?P<n>\d{1,12})(?P<unit>[kKmMgG]?)")
 _UNITS = {"": 1, "k": 1000, "m": 1_000_000, "g": 1_000_000_000}
 
@@ -83,6 +84,10 @@ class Limit:
 @dataclass(frozen=True, slots=True)
 class Quota:
     limits: tuple[Limit, ...] = ()
+    # The plan the limits came from (`mesh.quota.plans`), "" for a hand-written quota. It
+    # travels in the spec (`plan=starter,cloud=1M/month`), so every box of the mesh knows
+    # a user's plan from their signed entry.
+    plan: str = ""
 
     @property
     def unlimited(self) -> bool:
@@ -90,8 +95,9 @@ class Quota:
 
     @property
     def spec(self) -> str:
-        """Canonical text; `unlimited` when nothing is limited."""
-        return ",".join(limit.spec for limit in self.limits) or "unlimited"
+        """Canonical text; `unlimited` when nothing is limited (and no plan is named)."""
+        parts = ([f"plan={self.plan}"] if self.plan else []) + [x.spec for x in self.limits]
+        return ",".join(parts) or "unlimited"
 
     def limits_on(self, tier_class: TierClass) -> tuple[Limit, ...]:
         return tuple(limit for limit in self.limits if limit.tier_class is tier_class)
@@ -125,10 +131,16 @@ def parse_quota(spec: str) -> Quota:
         return UNLIMITED
     limits: list[Limit] = []
     unlimited: set[TierClass] = set()
+    plan = ""
     for part in text.split(","):
         name, eq, value = part.strip().partition("=")
         if not eq:
             raise bad(f"{part.strip()!r} has no '='")
+        if name.strip() == "plan":
+            if plan or PLAN_NAME.fullmatch(value.strip()) is None:
+                raise bad("plan= names one plan: lowercase letters, digits and -")
+            plan = value.strip()
+            continue
         try:
             tier_class = TierClass(name.strip())
         except ValueError:
@@ -158,7 +170,7 @@ def parse_quota(spec: str) -> Quota:
         raise bad(f"{sorted(both)[0]} is both unlimited and limited")
     order = {TierClass.MESH: 0, TierClass.CLOUD: 1}
     limits.sort(key=lambda x: (order[x.tier_class], x.period != Period.DAY))
-    return Quota(tuple(limits))
+    return Quota(tuple(limits), plan)
 
 
 def prompt_bound(request: InferenceRequest) -> int:

@@ -36,10 +36,18 @@ class HardwareSummary:
     cpu_count: int = 0
     cpu_model: str = ""
     memory_bytes: int = 0
+    gpu: str = ""
+    gpu_memory_bytes: int = 0
+    profile: str = ""  # the box profile (mesh.profiles): lite, home or pro
 
     def to_pb(self) -> pb.Hardware:
         return pb.Hardware(
-            cpu_count=self.cpu_count, cpu_model=self.cpu_model, memory_bytes=self.memory_bytes
+            cpu_count=self.cpu_count,
+            cpu_model=self.cpu_model,
+            memory_bytes=self.memory_bytes,
+            gpu=self.gpu,
+            gpu_memory_bytes=self.gpu_memory_bytes,
+            profile=self.profile,
         )
 
 

@@ -47,7 +47,7 @@ from mesh.errors import (
     UnsupportedMediaType,
 )
 from mesh.inference import Finished, InferenceRequest, TextDelta
-from mesh.quota.rules import UNLIMITED, parse_quota
+from mesh.quota.rules import UNLIMITED, Quota, parse_quota
 from mesh.quota.users import KEY_PREFIX as API_KEY_PREFIX
 from mesh.quota.users import OWNER, Caller, bearer_key
 from mesh.routing.scheduler import Privacy
@@ -61,6 +61,7 @@ from node.api.request_log import (
     note_first_token,
 )
 from node.serving.entry import EntryAnswer, EntrySide
+from node.serving.plans import PlanGate
 from node.serving.quota_service import QuotaService
 from node.store.users_admin import UsersAdmin
 from node.transport.coalesce import coalesce
@@ -69,14 +70,28 @@ logger = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 ENTRY = web.AppKey("entry", EntrySide)
-MAX_BYTES = web.AppKey("max_request_bytes", int)
 MESH_ADMIN = web.AppKey("mesh_admin", MeshAdmin)
 USERS = web.AppKey("users", UsersAdmin)
 QUOTA = web.AppKey("quota", QuotaService)
+PLANS = web.AppKey("plans", PlanGate)
 STATUS: web.AppKey[Callable[[], dict[str, Any]]] = web.AppKey("status")
 CLOCK: web.AppKey[Clock] = web.AppKey("clock")
 OWNER_TOKEN = web.AppKey("owner_token", OwnerToken)
-GUARD = web.AppKey("guard", HostGuard)
+
+
+@dataclasses.dataclass(kw_only=True)
+class HttpLimits:
+    """The API's per-request limits and allow-lists: one object, changed in place when the
+    node reloads its configuration (SIGHUP), read by every request."""
+
+    max_request_bytes: int
+    guard: HostGuard
+
+
+LIMITS = web.AppKey("limits", HttpLimits)
+# aiohttp's own bound on a body it buffers; ours (`HttpLimits.max_request_bytes`, which
+# may change while the API runs) is checked as the body arrives, in `_read_body`.
+MAX_REQUEST_BYTES_CEILING = 64 << 20
 CORS_ORIGIN = "allerac.cors_origin"  # request key: the allowed origin to answer with CORS
 
 # What a browser app may send and read across origins (the OpenAI API only).
@@ -136,7 +151,7 @@ async def _error_middleware(request: web.Request, handler: Handler) -> web.Strea
 @web.middleware
 async def _guard_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Refuse what is not for this box, or comes from a page the owner did not allow."""
-    guard = request.app[GUARD]
+    guard = request.app[LIMITS].guard
     host = request.headers.get("Host")
     if host is None:
         # RFC 9112 section 3.2: a request without Host is answered 400.
@@ -191,15 +206,17 @@ def _seconds_until(iso: str, now_ms: int) -> int:
 
 
 async def _read_body(request: web.Request) -> bytes:
-    limit = request.app[MAX_BYTES]
+    limit = request.app[LIMITS].max_request_bytes
     if request.content_length is not None and request.content_length > limit:
         raise RequestTooLarge(
             f"request body is {request.content_length} bytes; the limit is {limit}"
         )
-    try:
-        return await request.read()
-    except web.HTTPRequestEntityTooLarge as exc:
-        raise RequestTooLarge(f"request body is larger than the limit of {limit} bytes") from exc
+    body = bytearray()
+    async for chunk in request.content.iter_any():  # a chunked body: counted as it comes
+        body += chunk
+        if len(body) > limit:
+            raise RequestTooLarge(f"request body is larger than the limit of {limit} bytes")
+    return bytes(body)
 
 
 def _route_headers(answer: EntryAnswer) -> dict[str, str]:
@@ -233,7 +250,7 @@ def cannot_be_a_page(request: web.Request) -> bool:
     Origin, but browsers mark it `Sec-Fetch-Site: cross-site`)."""
     return (
         _from_loopback(request)
-        and request.app[GUARD].is_loopback_host(request.headers.get("Host", ""))
+        and request.app[LIMITS].guard.is_loopback_host(request.headers.get("Host", ""))
         and "Origin" not in request.headers
         and request.headers.get("Sec-Fetch-Site", "none") in ("none", "same-origin")
     )
@@ -332,14 +349,18 @@ def _note_tokens(request: web.Request, finished: Finished) -> None:
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     caller = get_caller(request)
     body = await _read_body(request)
-    inference, stream = openai_api.parse_chat_request(body, max_bytes=request.app[MAX_BYTES])
+    inference, stream = openai_api.parse_chat_request(
+        body, max_bytes=request.app[LIMITS].max_request_bytes
+    )
     return await _answer(request, caller, inference, stream)
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
     caller = get_caller(request)
     body = await _read_body(request)
-    inference, stream = openai_api.parse_completion_request(body, max_bytes=request.app[MAX_BYTES])
+    inference, stream = openai_api.parse_completion_request(
+        body, max_bytes=request.app[LIMITS].max_request_bytes
+    )
     return await _answer(request, caller, inference, stream)
 
 
@@ -475,16 +496,29 @@ async def users_list(request: web.Request) -> web.Response:
     return json_response(listed)
 
 
+def _quota(request: web.Request, body: dict[str, Any]) -> Quota | None:
+    """A user's quota: a spec (`quota`) or a plan's (`plan`, mesh.quota.plans)."""
+    if body.get("quota") is not None and body.get("plan") is not None:
+        raise InvalidRequest("send a quota or a plan, not both", param="plan")
+    if body.get("plan") is not None:
+        plans = request.app.get(PLANS)
+        if plans is None:
+            raise InvalidRequest("this node has no plans", param="plan")
+        return plans.quota_of(_string(body, "plan"))
+    if body.get("quota") is not None:
+        return parse_quota(_string(body, "quota"))
+    return None
+
+
 async def users_add(request: web.Request) -> web.Response:
     users = _users_owner_only(request)
     body = await _json_fields(request)
     privacy = body.get("privacy")
-    quota = body.get("quota")
     return json_response(
         await users.add(
             name=_string(body, "name"),
             privacy=Privacy.parse(_string(body, "privacy")) if privacy is not None else None,
-            quota=parse_quota(_string(body, "quota")) if quota is not None else UNLIMITED,
+            quota=_quota(request, body) or UNLIMITED,
         ),
         status=201,
     )
@@ -493,14 +527,14 @@ async def users_add(request: web.Request) -> web.Response:
 async def users_update(request: web.Request) -> web.Response:
     users = _users_owner_only(request)
     body = await _json_fields(request)
-    privacy, quota = body.get("privacy"), body.get("quota")
+    privacy, quota = body.get("privacy"), _quota(request, body)
     if privacy is None and quota is None:
-        raise InvalidRequest("send privacy, quota or both")
+        raise InvalidRequest("send privacy, quota (or plan), or both")
     return json_response(
         await users.update(
             request.match_info["name"],
             privacy=Privacy.parse(_string(body, "privacy")) if privacy is not None else None,
-            quota=parse_quota(_string(body, "quota")) if quota is not None else None,
+            quota=quota,
         )
     )
 
@@ -512,33 +546,34 @@ async def users_remove(request: web.Request) -> web.Response:
 def build_app(
     *,
     entry: EntrySide,
-    max_request_bytes: int,
+    limits: HttpLimits,
     status: Callable[[], dict[str, Any]],
     mesh_admin: MeshAdmin,
     users: UsersAdmin,
     quota: QuotaService,
     owner: OwnerToken,
-    guard: HostGuard,
+    plans: PlanGate | None = None,
     clock: Clock = SYSTEM,
     observers: tuple[RequestObserver, ...] = (),
 ) -> web.Application:
-    # client_max_size bounds what aiohttp itself buffers; _read_body gives the clear error.
+    # _read_body bounds every body by the limit in force; client_max_size is only a ceiling.
     # The guard runs inside the error middleware, so its refusals are OpenAI-style JSON;
     # the request log (node/api/request_log.py) outside both sees every final status.
     app = web.Application(
-        client_max_size=max_request_bytes,
+        client_max_size=MAX_REQUEST_BYTES_CEILING,
         middlewares=[build_observe(list(observers)), _error_middleware, _guard_middleware],
     )
     app.on_response_prepare.append(_cors_headers)
     app[OWNER_TOKEN] = owner
-    app[GUARD] = guard
+    app[LIMITS] = limits
     app[CLOCK] = clock
     app[ENTRY] = entry
-    app[MAX_BYTES] = max_request_bytes
     app[STATUS] = status
     app[MESH_ADMIN] = mesh_admin
     app[USERS] = users
     app[QUOTA] = quota
+    if plans is not None:
+        app[PLANS] = plans
     app.router.add_get("/v1/models", list_models)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)

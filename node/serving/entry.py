@@ -52,6 +52,7 @@ from mesh.routing.scheduler import DEFAULT_MAX_WAIT_MS, Candidate, Plan, Privacy
 from mesh.wire.v1 import ledger_pb2 as lpb
 from node.serving.accounting import Accountant, Arrival
 from node.serving.models import LocalModels
+from node.serving.plans import PlanGate, model_info
 from node.serving.quota_service import Admission
 from node.transport.directory import PeerHandle
 
@@ -102,7 +103,7 @@ class Starter:
             backend = self.models.resolve(request.model)
             if backend is None:
                 raise ModelNotFound(f"model {request.model!r} is not served here")
-            stream = await backend.open(request)
+            stream = await self.models.open(backend, request)
             try:
                 first = await anext(aiter(stream))
             except BaseException:
@@ -340,6 +341,7 @@ class EntrySide:
         accountant: Accountant,
         peering: Peering | None = None,
         admitter: Admitter | None = None,
+        plans: PlanGate | None = None,
         max_wait_ms: float = DEFAULT_MAX_WAIT_MS,
         default_privacy: Privacy = Privacy.MESH,
         clock: Clock = SYSTEM,
@@ -349,9 +351,15 @@ class EntrySide:
         self.default_privacy = default_privacy
         self._accountant = accountant
         self._admitter = admitter
+        self._plans = plans
         self._max_wait_ms = max_wait_ms
         self._clock = clock
         self._starter = Starter(models=models, peers=peers, peering=peering)
+
+    def reschedule(self, *, max_wait_ms: float, default_privacy: Privacy) -> None:
+        """New scheduler settings (a reloaded configuration), for the next request."""
+        self._max_wait_ms = max_wait_ms
+        self.default_privacy = default_privacy
 
     def mesh_models(self) -> list[tuple[ModelInfo, list[str]]]:
         """Every model the mesh can serve, with the nodes (up) that serve it."""
@@ -397,6 +405,9 @@ class EntrySide:
         client that hangs up included). Raises, before anything is sent, why nobody can
         serve it."""
         chosen = privacy or self.default_privacy
+        if self._plans is not None:  # a model outside the user's plan: 403 naming it
+            # The rank is where a full box's queue will put the request (slots, to come).
+            self._plans.check(request, model_info(request.model, self.mesh_models()))
         admission = await self._admitter.admit(request, chosen) if self._admitter else None
         answer: EntryAnswer | None = None
         try:

@@ -1,27 +1,80 @@
 """The models this box serves: its backends by name and alias, their load and counters, and
-how long a request took here lately (what the scheduler's local candidate says)."""
+how long a request took here lately (what the scheduler's local candidate says).
+
+The set changes while the node runs (`allerac models add/remove`, SIGHUP): `swap` puts new
+backends in and takes old ones out in one step, so a request resolves either the old set
+or the new one, never a mix. A backend taken out is drained (new requests never reach it:
+they no longer resolve to it) and closed only once its answers in flight have finished
+(`retire`); `aclose` closes whatever is still loaded when the node stops."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+import logging
+from collections.abc import Callable, Iterable, Sequence
 
-from mesh.inference import Load, ModelInfo
+from mesh.inference import InferenceRequest, Load, ModelInfo
 from mesh.routing.candidates import LocalOffer
-from node.serving.backends.base import Backend
+from node.serving.backends.base import Backend, InferenceStream
+
+logger = logging.getLogger(__name__)
 
 SERVICE_SMOOTHING = 0.3
+RETIRE_POLL_S = 0.05
 
 
 class LocalModels:
     def __init__(self, node_id: str, backends: Sequence[Backend]) -> None:
         self.node_id = node_id
-        self._backends = list(backends)
+        self._backends: list[Backend] = []
         self._by_name: dict[str, Backend] = {}
-        for backend in self._backends:
-            for name in (backend.info.name, *backend.info.aliases):
-                self._by_name[name] = backend
+        self._retiring: list[Backend] = []  # taken out, still finishing their answers
         self._service_ms = 0.0
         self._rejected: dict[str, int] = {}  # turned away before reaching a backend
+        # Asked before a request takes a place (raises to refuse it): users' plans keep a
+        # full model's last places for higher plans (node.serving.plans.PlanGate.take_place).
+        self.place_keeper: Callable[[InferenceRequest, Load], None] | None = None
+        self.swap(add=backends, remove=())
+
+    async def open(self, backend: Backend, request: InferenceRequest) -> InferenceStream:
+        """Start `request` on one of this box's backends (resolved by the caller)."""
+        if self.place_keeper is not None:
+            self.place_keeper(request, backend.load())
+        return await backend.open(request)
+
+    def swap(self, *, add: Iterable[Backend], remove: Iterable[Backend]) -> None:
+        """Take `remove` out and put `add` in, at once (callers then `retire` the removed)."""
+        gone = {id(b) for b in remove}
+        backends = [b for b in self._backends if id(b) not in gone] + list(add)
+        by_name: dict[str, Backend] = {}
+        for backend in backends:
+            for name in (backend.info.name, *backend.info.aliases):
+                by_name[name] = backend
+        self._backends, self._by_name = backends, by_name
+
+    def backends(self) -> list[Backend]:
+        """Every backend loaded: those serving and those finishing before they unload."""
+        return [*self._backends, *self._retiring]
+
+    async def retire(self, backend: Backend, *, grace_s: float | None = None) -> None:
+        """Unload a backend `swap` took out, once its answers in flight have finished
+        (or after `grace_s`, when given, cancelling what is left)."""
+        backend.drain()
+        self._retiring.append(backend)
+        loop = asyncio.get_running_loop()
+        deadline = None if grace_s is None else loop.time() + grace_s
+        try:
+            while backend.busy() and (deadline is None or loop.time() < deadline):  # noqa: ASYNC110 (polls worker threads)
+                await asyncio.sleep(RETIRE_POLL_S)
+        finally:
+            await backend.aclose()
+            self._retiring.remove(backend)
+            logger.info("model %s unloaded", backend.info.name)
+
+    async def aclose(self) -> None:
+        """Close every backend still loaded (the node is stopping)."""
+        for backend in self.backends():
+            await backend.aclose()
 
     def models(self) -> list[ModelInfo]:
         return [backend.info for backend in self._backends]
@@ -42,18 +95,21 @@ class LocalModels:
         )
 
     def load(self) -> Load:
-        loads = [backend.load() for backend in self._backends]
+        serving = [backend.load() for backend in self._backends]
+        # A model being unloaded still runs its last answers, but offers no slot.
+        finishing = [backend.load() for backend in self._retiring]
         return Load(
-            active_streams=sum(x.active_streams for x in loads),
-            queued=sum(x.queued for x in loads),
-            slots=sum(x.slots for x in loads),
-            draining=any(x.draining for x in loads),
+            active_streams=sum(x.active_streams for x in serving + finishing),
+            queued=sum(x.queued for x in serving + finishing),
+            slots=sum(x.slots for x in serving),
+            draining=any(x.draining for x in serving),
         )
 
     def counters(self) -> dict[str, dict[str, int]]:
         out = {backend.info.name: dict(backend.counters) for backend in self._backends}
         for name, count in self._rejected.items():
-            out[name]["rejected"] = out[name].get("rejected", 0) + count
+            if name in out:
+                out[name]["rejected"] = out[name].get("rejected", 0) + count
         return out
 
     def rejected(self, model: str) -> None:

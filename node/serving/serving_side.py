@@ -129,7 +129,7 @@ class ServingSide:
         failures: list[Failure] = []
         if left_out is None:
             try:
-                stream = await backend.open(request)
+                stream = await self._models.open(backend, request)
                 try:
                     first = await anext(aiter(stream))
                 except BaseException:

@@ -156,8 +156,16 @@ class Peering:
         ):
             self._wake.set()
 
-    def attach_relay(self, link: RelayLink) -> None:
+    def attach_relay(self, link: RelayLink | None) -> None:
         self._relay = link
+
+    def set_static_peers(self, peers: tuple[str, ...]) -> None:
+        """A reloaded configuration's static peers: new ones are tried now; removed ones
+        become ordinary hints (a member there stays in the mesh until it goes away)."""
+        self._static = frozenset(peers)
+        for address in peers:
+            self._addresses.setdefault(address, None)
+            self.consider(address)
 
     def relay_directory(self, members: list[RelayMember]) -> None:
         """The relay's list of our mesh's nodes connected to it (empty when it is lost)."""

@@ -26,17 +26,17 @@ from mesh.wire.v1 import ledger_pb2 as mesh_dot_wire_dot_v1_dot_ledger__pb2
 from mesh.wire.v1 import trust_pb2 as mesh_dot_wire_dot_v1_dot_trust__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17mesh/wire/v1/node.proto\x12\x0f\x61llerac.mesh.v1\x1a\x19mesh/wire/v1/ledger.proto\x1a\x18mesh/wire/v1/trust.proto\"\x11\n\x0f\x44\x65scribeRequest\"\xa6\x02\n\nSealedCall\x12+\n\x05infer\x18\x01 \x01(\x0b\x32\x1a.allerac.mesh.v1.InferBodyH\x00\x12,\n\x04\x63\x61rd\x18\x02 \x01(\x0b\x32\x1c.allerac.mesh.v1.CardRequestH\x00\x12.\n\x06ledger\x18\x03 \x01(\x0b\x32\x1c.allerac.mesh.v1.SyncRequestH\x00\x12+\n\x05quota\x18\x04 \x01(\x0b\x32\x1a.allerac.mesh.v1.QuotaCallH\x00\x12*\n\x05users\x18\x05 \x01(\x0b\x32\x19.allerac.mesh.v1.UserListH\x00\x12,\n\x05\x61\x64min\x18\x06 \x01(\x0b\x32\x1b.allerac.mesh.v1.AdminGrantH\x00\x42\x06\n\x04\x63\x61ll\"\x9f\x01\n\nAdminGrant\x12)\n\x04\x63\x65rt\x18\x01 \x01(\x0b\x32\x1b.allerac.mesh.v1.SignedCert\x12\x37\n\x0brevocations\x18\x02 \x01(\x0b\x32\".allerac.mesh.v1.SignedRevocations\x12-\n\x07members\x18\x03 \x03(\x0b\x32\x1c.allerac.mesh.v1.KnownMember\"p\n\x0bKnownMember\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x03 \x01(\t\x12\x11\n\taddresses\x18\x04 \x03(\t\x12\x19\n\x11joined_at_unix_ms\x18\x05 \x01(\x03\"\r\n\x0b\x43\x61rdRequest\"-\n\nSignedCard\x12\x0c\n\x04\x63\x61rd\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"\xcd\x03\n\x08NodeCard\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x1b\n\x13identity_public_key\x18\x03 \x01(\x0c\x12\x18\n\x10software_version\x18\x04 \x01(\t\x12#\n\x04tier\x18\x05 \x01(\x0e\x32\x15.allerac.mesh.v1.Tier\x12+\n\x08hardware\x18\x06 \x01(\x0b\x32\x19.allerac.mesh.v1.Hardware\x12*\n\x06models\x18\x07 \x03(\x0b\x32\x1a.allerac.mesh.v1.ModelCard\x12\x16\n\x0egrpc_addresses\x18\x08 \x03(\t\x12\x19\n\x11issued_at_unix_ms\x18\t \x01(\x03\x12\x14\n\x0c\x64isplay_name\x18\n \x01(\t\x12/\n\nmembership\x18\x0b \x01(\x0b\x32\x1b.allerac.mesh.v1.SignedCert\x12>\n\x0f\x65ncryption_keys\x18\x0c \x01(\x0b\x32%.allerac.mesh.v1.SignedEncryptionKeys\x12\x0f\n\x07mesh_id\x18\r \x01(\t\x12\x16\n\x0epeer_addresses\x18\x0e \x03(\t\"m\n\x08Hardware\x12\x11\n\tcpu_count\x18\x01 \x01(\r\x12\x11\n\tcpu_model\x18\x02 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x03 \x01(\x04\x12\x0b\n\x03gpu\x18\x04 \x01(\t\x12\x18\n\x10gpu_memory_bytes\x18\x05 \x01(\x04\"\xbb\x01\n\tModelCard\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61liases\x18\x02 \x03(\t\x12\x0e\n\x06\x66\x61mily\x18\x03 \x01(\t\x12\x17\n\x0fparameter_count\x18\x04 \x01(\x04\x12\x14\n\x0cquantization\x18\x05 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x06 \x01(\r\x12\x0f\n\x07\x62\x61\x63kend\x18\x07 \x01(\t\x12\x19\n\x11tokens_per_second\x18\x08 \x01(\x01\x12\x0c\n\x04\x63hat\x18\t \x01(\x08\"\xa4\x01\n\x0bPingRequest\x12\r\n\x05nonce\x18\x01 \x01(\x0c\x12\x17\n\x0fsent_at_unix_ms\x18\x02 \x01(\x03\x12\x17\n\x0fleaving_node_id\x18\x03 \x01(\t\x12\x19\n\x11recipient_node_id\x18\x04 \x01(\t\x12\x1e\n\x16\x63\x61rd_issued_at_unix_ms\x18\x05 \x01(\x03\x12\x19\n\x11goodbye_signature\x18\x06 \x01(\x0c\"\x90\x01\n\x0cPingResponse\x12\r\n\x05nonce\x18\x01 \x01(\x0c\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x1b\n\x13received_at_unix_ms\x18\x03 \x01(\x03\x12#\n\x04load\x18\x04 \x01(\x0b\x32\x15.allerac.mesh.v1.Load\x12\x1e\n\x16\x63\x61rd_issued_at_unix_ms\x18\x05 \x01(\x03\"O\n\x04Load\x12\x16\n\x0e\x61\x63tive_streams\x18\x01 \x01(\r\x12\x0e\n\x06queued\x18\x02 \x01(\r\x12\r\n\x05slots\x18\x03 \x01(\r\x12\x10\n\x08\x64raining\x18\x04 \x01(\x08\"r\n\x0cInferRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x31\n\x06sealed\x18\x03 \x01(\x0b\x32\x1f.allerac.mesh.v1.SealedEnvelopeH\x00\x42\t\n\x07payloadJ\x04\x08\x02\x10\x03R\x04\x62ody\"\xc6\x01\n\tInferBody\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12*\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x1a.allerac.mesh.v1.ChatInputH\x00\x12\x10\n\x06prompt\x18\x04 \x01(\tH\x00\x12+\n\x08sampling\x18\x05 \x01(\x0b\x32\x19.allerac.mesh.v1.Sampling\x12\x0c\n\x04user\x18\x06 \x01(\t\x12\x14\n\x0c\x63ontinuation\x18\x07 \x01(\tB\x07\n\x05input\";\n\tChatInput\x12.\n\x08messages\x18\x01 \x03(\x0b\x32\x1c.allerac.mesh.v1.ChatMessage\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xa4\x01\n\x08Sampling\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x03H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x05 \x03(\tB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"\xfc\x02\n\nInferEvent\x12\'\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x16.allerac.mesh.v1.DeltaH\x00\x12)\n\x06\x66inish\x18\x02 \x01(\x0b\x32\x17.allerac.mesh.v1.FinishH\x00\x12.\n\x06sealed\x18\x03 \x01(\x0b\x32\x1c.allerac.mesh.v1.SealedFrameH\x00\x12,\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x1b.allerac.mesh.v1.ErrorEventH\x00\x12+\n\x04\x63\x61rd\x18\x05 \x01(\x0b\x32\x1b.allerac.mesh.v1.SignedCardH\x00\x12,\n\x06ledger\x18\x06 \x01(\x0b\x32\x1a.allerac.mesh.v1.SyncBatchH\x00\x12,\n\x05quota\x18\x07 \x01(\x0b\x32\x1b.allerac.mesh.v1.QuotaGrantH\x00\x12*\n\x05users\x18\x08 \x01(\x0b\x32\x19.allerac.mesh.v1.UserListH\x00\x42\x07\n\x05\x65vent\"S\n\nErrorEvent\x12\x13\n\x0bgrpc_status\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0c\n\x04\x63ode\x18\x03 \x01(\t\x12\x11\n\tresets_at\x18\x04 \x01(\t\"*\n\x17PushRevocationsResponse\x12\x0f\n\x07version\x18\x01 \x01(\x04\"%\n\x05\x44\x65lta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x01(\r\"\xcf\x01\n\x06\x46inish\x12-\n\x06reason\x18\x01 \x01(\x0e\x32\x1d.allerac.mesh.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\r\x12\x11\n\tserved_by\x18\x04 \x01(\t\x12\r\n\x05route\x18\x05 \x01(\t\x12\r\n\x05model\x18\x06 \x01(\t\x12\x33\n\x0cusage_record\x18\x07 \x01(\x0b\x32\x1d.allerac.mesh.v1.SignedRecord*;\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\r\n\tTIER_HOME\x10\x01\x12\x0e\n\nTIER_CLOUD\x10\x02*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x32\x8a\x03\n\x0bNodeService\x12I\n\x08\x44\x65scribe\x12 .allerac.mesh.v1.DescribeRequest\x1a\x1b.allerac.mesh.v1.SignedCard\x12\x43\n\x04Ping\x12\x1c.allerac.mesh.v1.PingRequest\x1a\x1d.allerac.mesh.v1.PingResponse\x12\x45\n\x05Infer\x12\x1d.allerac.mesh.v1.InferRequest\x1a\x1b.allerac.mesh.v1.InferEvent0\x01\x12\x43\n\x04Join\x12\x1c.allerac.mesh.v1.JoinRequest\x1a\x1d.allerac.mesh.v1.JoinResponse\x12_\n\x0fPushRevocations\x12\".allerac.mesh.v1.SignedRevocations\x1a(.allerac.mesh.v1.PushRevocationsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17mesh/wire/v1/node.proto\x12\x0f\x61llerac.mesh.v1\x1a\x19mesh/wire/v1/ledger.proto\x1a\x18mesh/wire/v1/trust.proto\"\x11\n\x0f\x44\x65scribeRequest\"\xa6\x02\n\nSealedCall\x12+\n\x05infer\x18\x01 \x01(\x0b\x32\x1a.allerac.mesh.v1.InferBodyH\x00\x12,\n\x04\x63\x61rd\x18\x02 \x01(\x0b\x32\x1c.allerac.mesh.v1.CardRequestH\x00\x12.\n\x06ledger\x18\x03 \x01(\x0b\x32\x1c.allerac.mesh.v1.SyncRequestH\x00\x12+\n\x05quota\x18\x04 \x01(\x0b\x32\x1a.allerac.mesh.v1.QuotaCallH\x00\x12*\n\x05users\x18\x05 \x01(\x0b\x32\x19.allerac.mesh.v1.UserListH\x00\x12,\n\x05\x61\x64min\x18\x06 \x01(\x0b\x32\x1b.allerac.mesh.v1.AdminGrantH\x00\x42\x06\n\x04\x63\x61ll\"\x9f\x01\n\nAdminGrant\x12)\n\x04\x63\x65rt\x18\x01 \x01(\x0b\x32\x1b.allerac.mesh.v1.SignedCert\x12\x37\n\x0brevocations\x18\x02 \x01(\x0b\x32\".allerac.mesh.v1.SignedRevocations\x12-\n\x07members\x18\x03 \x03(\x0b\x32\x1c.allerac.mesh.v1.KnownMember\"p\n\x0bKnownMember\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x03 \x01(\t\x12\x11\n\taddresses\x18\x04 \x03(\t\x12\x19\n\x11joined_at_unix_ms\x18\x05 \x01(\x03\"\r\n\x0b\x43\x61rdRequest\"-\n\nSignedCard\x12\x0c\n\x04\x63\x61rd\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"\xcd\x03\n\x08NodeCard\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x1b\n\x13identity_public_key\x18\x03 \x01(\x0c\x12\x18\n\x10software_version\x18\x04 \x01(\t\x12#\n\x04tier\x18\x05 \x01(\x0e\x32\x15.allerac.mesh.v1.Tier\x12+\n\x08hardware\x18\x06 \x01(\x0b\x32\x19.allerac.mesh.v1.Hardware\x12*\n\x06models\x18\x07 \x03(\x0b\x32\x1a.allerac.mesh.v1.ModelCard\x12\x16\n\x0egrpc_addresses\x18\x08 \x03(\t\x12\x19\n\x11issued_at_unix_ms\x18\t \x01(\x03\x12\x14\n\x0c\x64isplay_name\x18\n \x01(\t\x12/\n\nmembership\x18\x0b \x01(\x0b\x32\x1b.allerac.mesh.v1.SignedCert\x12>\n\x0f\x65ncryption_keys\x18\x0c \x01(\x0b\x32%.allerac.mesh.v1.SignedEncryptionKeys\x12\x0f\n\x07mesh_id\x18\r \x01(\t\x12\x16\n\x0epeer_addresses\x18\x0e \x03(\t\"~\n\x08Hardware\x12\x11\n\tcpu_count\x18\x01 \x01(\r\x12\x11\n\tcpu_model\x18\x02 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x03 \x01(\x04\x12\x0b\n\x03gpu\x18\x04 \x01(\t\x12\x18\n\x10gpu_memory_bytes\x18\x05 \x01(\x04\x12\x0f\n\x07profile\x18\x06 \x01(\t\"\xbb\x01\n\tModelCard\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61liases\x18\x02 \x03(\t\x12\x0e\n\x06\x66\x61mily\x18\x03 \x01(\t\x12\x17\n\x0fparameter_count\x18\x04 \x01(\x04\x12\x14\n\x0cquantization\x18\x05 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x06 \x01(\r\x12\x0f\n\x07\x62\x61\x63kend\x18\x07 \x01(\t\x12\x19\n\x11tokens_per_second\x18\x08 \x01(\x01\x12\x0c\n\x04\x63hat\x18\t \x01(\x08\"\xa4\x01\n\x0bPingRequest\x12\r\n\x05nonce\x18\x01 \x01(\x0c\x12\x17\n\x0fsent_at_unix_ms\x18\x02 \x01(\x03\x12\x17\n\x0fleaving_node_id\x18\x03 \x01(\t\x12\x19\n\x11recipient_node_id\x18\x04 \x01(\t\x12\x1e\n\x16\x63\x61rd_issued_at_unix_ms\x18\x05 \x01(\x03\x12\x19\n\x11goodbye_signature\x18\x06 \x01(\x0c\"\x90\x01\n\x0cPingResponse\x12\r\n\x05nonce\x18\x01 \x01(\x0c\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x1b\n\x13received_at_unix_ms\x18\x03 \x01(\x03\x12#\n\x04load\x18\x04 \x01(\x0b\x32\x15.allerac.mesh.v1.Load\x12\x1e\n\x16\x63\x61rd_issued_at_unix_ms\x18\x05 \x01(\x03\"O\n\x04Load\x12\x16\n\x0e\x61\x63tive_streams\x18\x01 \x01(\r\x12\x0e\n\x06queued\x18\x02 \x01(\r\x12\r\n\x05slots\x18\x03 \x01(\r\x12\x10\n\x08\x64raining\x18\x04 \x01(\x08\"r\n\x0cInferRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x31\n\x06sealed\x18\x03 \x01(\x0b\x32\x1f.allerac.mesh.v1.SealedEnvelopeH\x00\x42\t\n\x07payloadJ\x04\x08\x02\x10\x03R\x04\x62ody\"\xc6\x01\n\tInferBody\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12*\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x1a.allerac.mesh.v1.ChatInputH\x00\x12\x10\n\x06prompt\x18\x04 \x01(\tH\x00\x12+\n\x08sampling\x18\x05 \x01(\x0b\x32\x19.allerac.mesh.v1.Sampling\x12\x0c\n\x04user\x18\x06 \x01(\t\x12\x14\n\x0c\x63ontinuation\x18\x07 \x01(\tB\x07\n\x05input\";\n\tChatInput\x12.\n\x08messages\x18\x01 \x03(\x0b\x32\x1c.allerac.mesh.v1.ChatMessage\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xa4\x01\n\x08Sampling\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x03H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x05 \x03(\tB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"\xfc\x02\n\nInferEvent\x12\'\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x16.allerac.mesh.v1.DeltaH\x00\x12)\n\x06\x66inish\x18\x02 \x01(\x0b\x32\x17.allerac.mesh.v1.FinishH\x00\x12.\n\x06sealed\x18\x03 \x01(\x0b\x32\x1c.allerac.mesh.v1.SealedFrameH\x00\x12,\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x1b.allerac.mesh.v1.ErrorEventH\x00\x12+\n\x04\x63\x61rd\x18\x05 \x01(\x0b\x32\x1b.allerac.mesh.v1.SignedCardH\x00\x12,\n\x06ledger\x18\x06 \x01(\x0b\x32\x1a.allerac.mesh.v1.SyncBatchH\x00\x12,\n\x05quota\x18\x07 \x01(\x0b\x32\x1b.allerac.mesh.v1.QuotaGrantH\x00\x12*\n\x05users\x18\x08 \x01(\x0b\x32\x19.allerac.mesh.v1.UserListH\x00\x42\x07\n\x05\x65vent\"S\n\nErrorEvent\x12\x13\n\x0bgrpc_status\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0c\n\x04\x63ode\x18\x03 \x01(\t\x12\x11\n\tresets_at\x18\x04 \x01(\t\"*\n\x17PushRevocationsResponse\x12\x0f\n\x07version\x18\x01 \x01(\x04\"%\n\x05\x44\x65lta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x01(\r\"\xcf\x01\n\x06\x46inish\x12-\n\x06reason\x18\x01 \x01(\x0e\x32\x1d.allerac.mesh.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\r\x12\x11\n\tserved_by\x18\x04 \x01(\t\x12\r\n\x05route\x18\x05 \x01(\t\x12\r\n\x05model\x18\x06 \x01(\t\x12\x33\n\x0cusage_record\x18\x07 \x01(\x0b\x32\x1d.allerac.mesh.v1.SignedRecord*;\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\r\n\tTIER_HOME\x10\x01\x12\x0e\n\nTIER_CLOUD\x10\x02*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x32\x8a\x03\n\x0bNodeService\x12I\n\x08\x44\x65scribe\x12 .allerac.mesh.v1.DescribeRequest\x1a\x1b.allerac.mesh.v1.SignedCard\x12\x43\n\x04Ping\x12\x1c.allerac.mesh.v1.PingRequest\x1a\x1d.allerac.mesh.v1.PingResponse\x12\x45\n\x05Infer\x12\x1d.allerac.mesh.v1.InferRequest\x1a\x1b.allerac.mesh.v1.InferEvent0\x01\x12\x43\n\x04Join\x12\x1c.allerac.mesh.v1.JoinRequest\x1a\x1d.allerac.mesh.v1.JoinResponse\x12_\n\x0fPushRevocations\x12\".allerac.mesh.v1.SignedRevocations\x1a(.allerac.mesh.v1.PushRevocationsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'mesh.wire.v1.node_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TIER']._serialized_start=3263
-  _globals['_TIER']._serialized_end=3322
-  _globals['_FINISHREASON']._serialized_start=3324
-  _globals['_FINISHREASON']._serialized_end=3448
+  _globals['_TIER']._serialized_start=3280
+  _globals['_TIER']._serialized_end=3339
+  _globals['_FINISHREASON']._serialized_start=3341
+  _globals['_FINISHREASON']._serialized_end=3465
   _globals['_DESCRIBEREQUEST']._serialized_start=97
   _globals['_DESCRIBEREQUEST']._serialized_end=114
   _globals['_SEALEDCALL']._serialized_start=117
@@ -52,35 +52,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_NODECARD']._serialized_start=752
   _globals['_NODECARD']._serialized_end=1213
   _globals['_HARDWARE']._serialized_start=1215
-  _globals['_HARDWARE']._serialized_end=1324
-  _globals['_MODELCARD']._serialized_start=1327
-  _globals['_MODELCARD']._serialized_end=1514
-  _globals['_PINGREQUEST']._serialized_start=1517
-  _globals['_PINGREQUEST']._serialized_end=1681
-  _globals['_PINGRESPONSE']._serialized_start=1684
-  _globals['_PINGRESPONSE']._serialized_end=1828
-  _globals['_LOAD']._serialized_start=1830
-  _globals['_LOAD']._serialized_end=1909
-  _globals['_INFERREQUEST']._serialized_start=1911
-  _globals['_INFERREQUEST']._serialized_end=2025
-  _globals['_INFERBODY']._serialized_start=2028
-  _globals['_INFERBODY']._serialized_end=2226
-  _globals['_CHATINPUT']._serialized_start=2228
-  _globals['_CHATINPUT']._serialized_end=2287
-  _globals['_CHATMESSAGE']._serialized_start=2289
-  _globals['_CHATMESSAGE']._serialized_end=2333
-  _globals['_SAMPLING']._serialized_start=2336
-  _globals['_SAMPLING']._serialized_end=2500
-  _globals['_INFEREVENT']._serialized_start=2503
-  _globals['_INFEREVENT']._serialized_end=2883
-  _globals['_ERROREVENT']._serialized_start=2885
-  _globals['_ERROREVENT']._serialized_end=2968
-  _globals['_PUSHREVOCATIONSRESPONSE']._serialized_start=2970
-  _globals['_PUSHREVOCATIONSRESPONSE']._serialized_end=3012
-  _globals['_DELTA']._serialized_start=3014
-  _globals['_DELTA']._serialized_end=3051
-  _globals['_FINISH']._serialized_start=3054
-  _globals['_FINISH']._serialized_end=3261
-  _globals['_NODESERVICE']._serialized_start=3451
-  _globals['_NODESERVICE']._serialized_end=3845
+  _globals['_HARDWARE']._serialized_end=1341
+  _globals['_MODELCARD']._serialized_start=1344
+  _globals['_MODELCARD']._serialized_end=1531
+  _globals['_PINGREQUEST']._serialized_start=1534
+  _globals['_PINGREQUEST']._serialized_end=1698
+  _globals['_PINGRESPONSE']._serialized_start=1701
+  _globals['_PINGRESPONSE']._serialized_end=1845
+  _globals['_LOAD']._serialized_start=1847
+  _globals['_LOAD']._serialized_end=1926
+  _globals['_INFERREQUEST']._serialized_start=1928
+  _globals['_INFERREQUEST']._serialized_end=2042
+  _globals['_INFERBODY']._serialized_start=2045
+  _globals['_INFERBODY']._serialized_end=2243
+  _globals['_CHATINPUT']._serialized_start=2245
+  _globals['_CHATINPUT']._serialized_end=2304
+  _globals['_CHATMESSAGE']._serialized_start=2306
+  _globals['_CHATMESSAGE']._serialized_end=2350
+  _globals['_SAMPLING']._serialized_start=2353
+  _globals['_SAMPLING']._serialized_end=2517
+  _globals['_INFEREVENT']._serialized_start=2520
+  _globals['_INFEREVENT']._serialized_end=2900
+  _globals['_ERROREVENT']._serialized_start=2902
+  _globals['_ERROREVENT']._serialized_end=2985
+  _globals['_PUSHREVOCATIONSRESPONSE']._serialized_start=2987
+  _globals['_PUSHREVOCATIONSRESPONSE']._serialized_end=3029
+  _globals['_DELTA']._serialized_start=3031
+  _globals['_DELTA']._serialized_end=3068
+  _globals['_FINISH']._serialized_start=3071
+  _globals['_FINISH']._serialized_end=3278
+  _globals['_NODESERVICE']._serialized_start=3468
+  _globals['_NODESERVICE']._serialized_end=3862
 # @@protoc_insertion_point(module_scope)

@@ -118,18 +118,20 @@ class NodeCard(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ..., node_id: _Optional[str] = ..., identity_public_key: _Optional[bytes] = ..., software_version: _Optional[str] = ..., tier: _Optional[_Union[Tier, str]] = ..., hardware: _Optional[_Union[Hardware, _Mapping]] = ..., models: _Optional[_Iterable[_Union[ModelCard, _Mapping]]] = ..., grpc_addresses: _Optional[_Iterable[str]] = ..., issued_at_unix_ms: _Optional[int] = ..., display_name: _Optional[str] = ..., membership: _Optional[_Union[_trust_pb2.SignedCert, _Mapping]] = ..., encryption_keys: _Optional[_Union[_trust_pb2.SignedEncryptionKeys, _Mapping]] = ..., mesh_id: _Optional[str] = ..., peer_addresses: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Hardware(_message.Message):
-    __slots__ = ("cpu_count", "cpu_model", "memory_bytes", "gpu", "gpu_memory_bytes")
+    __slots__ = ("cpu_count", "cpu_model", "memory_bytes", "gpu", "gpu_memory_bytes", "profile")
     CPU_COUNT_FIELD_NUMBER: _ClassVar[int]
     CPU_MODEL_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     GPU_FIELD_NUMBER: _ClassVar[int]
     GPU_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_FIELD_NUMBER: _ClassVar[int]
     cpu_count: int
     cpu_model: str
     memory_bytes: int
     gpu: str
     gpu_memory_bytes: int
-    def __init__(self, cpu_count: _Optional[int] = ..., cpu_model: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., gpu: _Optional[str] = ..., gpu_memory_bytes: _Optional[int] = ...) -> None: ...
+    profile: str
+    def __init__(self, cpu_count: _Optional[int] = ..., cpu_model: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., gpu: _Optional[str] = ..., gpu_memory_bytes: _Optional[int] = ..., profile: _Optional[str] = ...) -> None: ...
 
 class ModelCard(_message.Message):
     __slots__ = ("name", "aliases", "family", "parameter_count", "quantization", "context_length", "backend", "tokens_per_second", "chat")

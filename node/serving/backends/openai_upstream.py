@@ -361,6 +361,7 @@ class OpenAIUpstreamBackend:
             name=config.name,
             aliases=config.aliases,
             family=config.family,
+            parameter_count=config.parameter_count,  # the upstream does not say it
             context_length=config.context_length,
             backend="openai",
         )

@@ -1,0 +1,132 @@
+"""Box profiles (issue 17 item 6): what a box is, and the defaults that suit it.
+
+Allerac ships three boxes, and `profile = "lite" | "home" | "pro"` in config names them;
+left out (or `"auto"`), the profile is chosen from the hardware the node probed at start:
+
+- lite: fewer than 4 physical cores or less than 12 GiB; context 2,048, 1 parallel slot,
+  half the RAM for models;
+- home: otherwise; context 4,096, 2 slots, 60 % of the RAM;
+- pro: a GPU with 8 GiB or more, or 12+ cores and 48+ GiB; context 8,192, 4 slots, the
+  GPU's memory (or 70 % of the RAM) for models.
+
+On home and pro boxes llama.cpp runs on the physical cores (llama-cpp-python's own default
+is half the logical CPUs for generating, all of them for reading the prompt). A lite box
+keeps llama-cpp-python's default: llama.cpp's threads spin while they wait for each other,
+and on two cores shared with the node's event loop (sealing, HTTP, the ledger) two threads
+measured slower than one (118 vs 200 tokens in the 10 s of a loaded test).
+These are defaults: a model's own `threads` or `context_length` wins. `parallel_slots` is
+the hook for llama.cpp's parallel slots (being built separately): nothing applies it yet.
+The memory for models bounds how many fit (`models_fit`); the node warns when what it
+loads is more.
+
+Pure: the hardware summary in, a `Profile` and a new config out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from mesh.config import PROFILES, NodeConfig
+from mesh.errors import ConfigError
+from mesh.trust.cards import HardwareSummary
+
+GIB = 1 << 30
+
+
+class ProfileName(enum.StrEnum):
+    LITE = "lite"
+    HOME = "home"
+    PRO = "pro"
+
+
+PROFILE_CHOICES = PROFILES  # "auto" and the three names, as the config file takes them
+
+
+@dataclass(frozen=True, kw_only=True)
+class Profile:
+    name: ProfileName
+    chosen_by: str  # "config", or why the hardware chose it
+    threads: int | None  # None: llama-cpp-python's default
+    context_length: int
+    parallel_slots: int  # the hook for parallel slots (not applied yet)
+    model_memory_bytes: int  # what loaded models may take; 0 when the memory is unknown
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "name": self.name.value,
+            "chosen_by": self.chosen_by,
+            "threads": self.threads,
+            "context_length": self.context_length,
+            "parallel_slots": self.parallel_slots,
+            "model_memory_bytes": self.model_memory_bytes,
+        }
+
+
+_CONTEXT = {ProfileName.LITE: 2048, ProfileName.HOME: 4096, ProfileName.PRO: 8192}
+_SLOTS = {ProfileName.LITE: 1, ProfileName.HOME: 2, ProfileName.PRO: 4}
+_MEMORY_SHARE = {ProfileName.LITE: 0.5, ProfileName.HOME: 0.6, ProfileName.PRO: 0.7}
+
+
+def detect(hardware: HardwareSummary, physical_cores: int) -> tuple[ProfileName, str]:
+    """The profile the hardware suggests, and why."""
+    memory_gib = hardware.memory_bytes / GIB
+    seen = f"{physical_cores} physical cores, {memory_gib:.0f} GiB" + (
+        f", GPU {hardware.gpu} ({hardware.gpu_memory_bytes / GIB:.0f} GiB)"
+        if hardware.gpu
+        else ", no GPU"
+    )
+    if hardware.gpu_memory_bytes >= 8 * GIB or (physical_cores >= 12 and memory_gib >= 48):
+        return ProfileName.PRO, f"detected: {seen}"
+    if physical_cores >= 4 and memory_gib >= 12:
+        return ProfileName.HOME, f"detected: {seen}"
+    return ProfileName.LITE, f"detected: {seen}"
+
+
+def choose(requested: str, hardware: HardwareSummary, physical_cores: int) -> Profile:
+    if requested not in PROFILE_CHOICES:
+        raise ConfigError(f"profile = {requested!r}: must be one of {', '.join(PROFILE_CHOICES)}")
+    if requested == "auto":
+        name, why = detect(hardware, physical_cores)
+    else:
+        name, why = ProfileName(requested), "config"
+    if hardware.gpu_memory_bytes and name is ProfileName.PRO:
+        budget = hardware.gpu_memory_bytes
+    else:
+        budget = int(hardware.memory_bytes * _MEMORY_SHARE[name])
+    return Profile(
+        name=name,
+        chosen_by=why,
+        threads=None if name is ProfileName.LITE else max(1, physical_cores),
+        context_length=_CONTEXT[name],
+        parallel_slots=_SLOTS[name],
+        model_memory_bytes=budget,
+    )
+
+
+def apply_profile(config: NodeConfig, profile: Profile) -> NodeConfig:
+    """The profile's defaults for every llama.cpp model that does not set its own threads
+    or context length (a context of 0 in a llama_cpp model means "not set")."""
+    models = tuple(
+        dataclasses.replace(
+            model,
+            threads=model.threads if model.threads is not None else profile.threads,
+            context_length=model.context_length or profile.context_length,
+        )
+        if model.backend == "llama_cpp"
+        else model
+        for model in config.models
+    )
+    return dataclasses.replace(config, models=models)
+
+
+def models_fit(sizes: Sequence[int], budget: int) -> int:
+    """How many of these models (file sizes, in loading order) fit in `budget`."""
+    used = 0
+    for count, size in enumerate(sizes):
+        used += size
+        if budget and used > budget:
+            return count
+    return len(sizes)
