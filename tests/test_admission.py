@@ -26,6 +26,7 @@ name = "smollm2-135m-instruct"
 aliases = ["default"]
 path = "{embedded_model_path()}"
 queue_size = {queue_size}
+parallel = 1  # one request decodes at a time: these tests are about the queue behind it
 """
     return NodeProcess(tmp_path_factory.mktemp("home"), config=config).start()
 

@@ -13,11 +13,7 @@ CPUINFO = Path("/proc/cpuinfo")  # Linux; elsewhere `platform` names the CPU
 
 
 def probe_hardware() -> HardwareSummary:
-    memory = 0
-    try:
-        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        memory = 0
+    memory = memory_bytes()
     cpu_model = platform.processor() or platform.machine()
     try:
         with CPUINFO.open(encoding="utf-8") as handle:
@@ -28,3 +24,36 @@ def probe_hardware() -> HardwareSummary:
     except OSError:
         pass
     return HardwareSummary(cpu_count=os.cpu_count() or 0, cpu_model=cpu_model, memory_bytes=memory)
+
+
+SYS_CPU = Path("/sys/devices/system/cpu")
+
+
+def physical_cores() -> int:
+    """The physical cores this process may run on (hyperthread siblings count once).
+
+    llama.cpp decodes fastest with one thread per physical core; llama-cpp-python's own
+    default is half the logical CPUs, which on a box without hyperthreads is half the cores.
+    """
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = list(range(os.cpu_count() or 1))
+    cores: set[tuple[str, str]] = set()
+    for cpu in cpus:
+        topology = SYS_CPU / f"cpu{cpu}" / "topology"
+        try:
+            package = (topology / "physical_package_id").read_text(encoding="ascii").strip()
+            core = (topology / "core_id").read_text(encoding="ascii").strip()
+        except OSError:
+            return max(1, len(cpus))  # no topology (not Linux, or hidden): every CPU counts
+        cores.add((package, core))
+    return max(1, len(cores))
+
+
+def memory_bytes() -> int:
+    """The box's physical memory (0 when unknown)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
