@@ -48,6 +48,7 @@ class LocalModels:
             queued=sum(x.queued for x in loads),
             slots=sum(x.slots for x in loads),
             draining=any(x.draining for x in loads),
+            parallel=sum(x.parallel for x in loads),
         )
 
     def counters(self) -> dict[str, dict[str, int]]:
