@@ -6,4 +6,6 @@ the agent (`node/`) and the relay (`cloud_relay/`).
 """
 
 __version__ = "0.1.0"
-PROTOCOL_VERSION = 4  # 4: a node's load says how many requests it decodes at once
+# 5: a node's load says how many requests it decodes at once (Load.parallel). 4 is the ops
+# branch's signed delegation of admins, merged to main meanwhile: after both, 5.
+PROTOCOL_VERSION = 5
