@@ -18,7 +18,7 @@ import pytest
 import pytest_asyncio
 
 from mesh.config import ModelConfig, embedded_model
-from mesh.errors import Overloaded
+from mesh.errors import BackendError, Overloaded
 from mesh.inference import (
     ChatMessage,
     Finished,
@@ -242,3 +242,20 @@ async def test_batched_answers_equal_each_answer_alone_on_gemma(gemma: LlamaCppB
     cached = gemma.prompt_cache_stats["prompt_tokens_cached"]
     await answer(gemma, completion(history + " Then the rain came", max_tokens=2))
     assert gemma.prompt_cache_stats["prompt_tokens_cached"] - cached > 100
+
+
+async def test_a_failing_step_fails_what_runs_and_the_model_serves_on(
+    backend: LlamaCppBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken() -> None:
+        raise RuntimeError("simulated decode failure")
+
+    failed = backend.counters["failed"]
+    monkeypatch.setattr(backend, "_step", broken)
+    stream = await backend.open(completion(COUNTING))
+    with pytest.raises(BackendError, match="simulated decode failure"):
+        await read(stream)
+    monkeypatch.undo()
+    text, _ = await answer(backend, completion(PROMPTS[2]))
+    assert text.startswith(" Paris")
+    assert backend.counters["failed"] == failed + 1

@@ -685,13 +685,13 @@ class LlamaCppBackend:
                 self._end_cancelled()
                 if stopping:
                     break
-                self._assign_slots()
-                if any(s.generation is not None for s in self._slots):
-                    self._step()
-        except Exception:
-            logger.exception("model %s: the worker failed", self._config.name)
-            self._fail_all(BackendError(f"model {self._config.name!r} failed"))
-            raise
+                try:
+                    self._assign_slots()
+                    if any(s.generation is not None for s in self._slots):
+                        self._step()
+                except Exception as exc:  # what ran fails; the worker serves the next ones
+                    logger.exception("model %s failed", self._config.name)
+                    self._fail_all(BackendError(f"model {self._config.name!r} failed: {exc}"))
         finally:
             for slot in self._slots:
                 if slot.generation is not None:
@@ -727,6 +727,8 @@ class LlamaCppBackend:
         job.emit(outcome)
 
     def _fail_all(self, error: MeshError) -> None:
+        """Every running request fails (before or after its first token: the caller's
+        failover knows which); their sequences are emptied, the slots serve on."""
         for slot in self._slots:
             if slot.generation is not None:
                 self._end(slot, _Failure(error))
