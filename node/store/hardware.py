@@ -7,6 +7,7 @@ import os
 import platform
 from pathlib import Path
 
+from mesh.errors import ConfigError
 from mesh.trust.cards import HardwareSummary
 
 CPUINFO = Path("/proc/cpuinfo")  # Linux; elsewhere `platform` names the CPU
@@ -57,3 +58,26 @@ def memory_bytes() -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return 0
+
+
+THREADS_VARIABLE = "ALLERAC_THREADS"
+MAX_THREADS = 1024
+
+
+def default_threads() -> int:
+    """Decode threads for a model that sets none: $ALLERAC_THREADS when set (a box or a
+    container that shares its cores with other busy work), else the physical cores."""
+    raw = os.environ.get(THREADS_VARIABLE)
+    if raw is None or raw == "":
+        return physical_cores()
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= MAX_THREADS:
+        raise ConfigError(
+            f"environment: {THREADS_VARIABLE} = {raw!r}: must be an integer from 1 to "
+            f"{MAX_THREADS}",
+            param=THREADS_VARIABLE,
+        )
+    return value

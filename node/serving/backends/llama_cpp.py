@@ -79,7 +79,7 @@ from mesh.inference import (
 )
 from node.serving.backends.llama_sampling import SamplingPlan, SlotSampler
 from node.serving.backends.prompt_cache import PromptCache, common_prefix
-from node.store.hardware import memory_bytes, physical_cores
+from node.store.hardware import default_threads, memory_bytes, physical_cores
 
 logger = logging.getLogger(__name__)
 
@@ -303,7 +303,7 @@ class LlamaCppBackend:
         self._vocab: Any = None
         self._n_vocab = 0
         self._formatter: Any = None
-        self._threads = config.threads or physical_cores()
+        self._threads = config.threads or default_threads()
         self._parallel = config.parallel or 1  # decided at load when not configured
         self._n_ctx_seq = config.context_length
         self._info = ModelInfo(
