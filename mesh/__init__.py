@@ -6,6 +6,7 @@ the agent (`node/`) and the relay (`cloud_relay/`).
 """
 
 __version__ = "0.1.0"
-# 4: admins by signed delegation; cards carry the box profile; lease reports name their
-# lease and carry its total (a report sent again shrinks the home's hold once).
+# 4: admins by signed delegation; cards carry the box profile; a node's load says how
+# many requests it decodes at once (Load.parallel); lease reports name their lease and
+# carry its total (a report sent again shrinks the home's hold once).
 PROTOCOL_VERSION = 4

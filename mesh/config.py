@@ -40,9 +40,11 @@ Example file:
     path = "/models/SmolLM2-135M-Instruct.Q4_1.gguf"  # leave out: the embedded default
     aliases = ["default", "small"]
     context_length = 2048
-    threads = 2
+    threads = 2                   # default: the box's physical cores
+    parallel = 4                  # requests decoded at once (slots); default: from cores and memory
+    prompt_cache_mb = 256         # idle conversations' prompts kept in memory; 0: none
     backend = "llama_cpp"
-    queue_size = 8
+    queue_size = 8                # requests waiting for a slot; more get 429 at once
     system_prompt = "You are a helpful assistant."   # when a chat brings none
     temperature = 0.7                                  # when a request sets none
     top_p = 0.9
@@ -117,7 +119,12 @@ class ModelConfig:
     context_length: int = 2048
     threads: int | None = None  # None: the box profile's (the physical cores)
     backend: str = "llama_cpp"
-    queue_size: int = 8  # requests waiting behind the one running
+    queue_size: int = 8  # requests waiting for a slot
+    # llama_cpp: requests decoded at once, one slot each (None: from the box's cores and memory)
+    parallel: int | None = None
+    # llama_cpp: memory for saved prompt prefixes of idle conversations (None: from the box's
+    # memory; 0: none, only what the slots hold)
+    prompt_cache_mb: int | None = None
     # Used when a chat request brings no system message of its own (like Ollama's SYSTEM).
     system_prompt: str | None = None
     # Sampling defaults for requests that set none (like Ollama's PARAMETER); None: llama.cpp's.
@@ -334,12 +341,15 @@ _COMMON_MODEL_KEYS = (
     "top_p",
     "parameters",
 )
-_FILE_MODEL_KEYS = ("path", "threads", "queue_size")
+_FILE_MODEL_KEYS = ("path", "threads", "queue_size", "parallel", "prompt_cache_mb")
+MAX_PARALLEL = 256  # sequences in one llama.cpp context (llama.cpp's LLAMA_MAX_SEQ)
 _UPSTREAM_MODEL_KEYS = ("url", "upstream_model", "api_key_env", "slots", "timeout_s", "family")
 _NOT_FOR_UPSTREAM = {
     "path": "an openai model has no model file: its upstream (url) serves it",
     "threads": "an openai model runs on its upstream, which chooses its own threads",
     "queue_size": "an openai model has no queue: slots bounds the requests sent upstream",
+    "parallel": "an openai model's concurrency is its slots (the requests sent upstream at once)",
+    "prompt_cache_mb": "an openai model's prompt cache is its upstream's",
     "api_key": (
         "an API key does not belong in a config file: put it in an environment variable "
         "and name that variable with api_key_env"
@@ -444,6 +454,10 @@ def _file_settings(
         out["threads"] = reader.integer("threads", 1, 1024)
     if reader.has("queue_size"):
         out["queue_size"] = reader.integer("queue_size", 0, 10_000)
+    if reader.has("parallel"):
+        out["parallel"] = reader.integer("parallel", 1, MAX_PARALLEL)
+    if reader.has("prompt_cache_mb"):
+        out["prompt_cache_mb"] = reader.integer("prompt_cache_mb", 0, 1 << 20)
     return out
 
 

@@ -173,11 +173,25 @@ class ModelInfo:
     backend: str = ""
     tokens_per_second: float = 0.0
     chat: bool = True
+    # This box's own models only (`allerac status`; not on the card): decode threads and
+    # slots (requests decoded at once); 0 where it does not apply or is not known.
+    threads: int = 0
+    parallel: int = 0
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Load:
+    """How busy a node (or one of its models) is: `active_streams` requests hold a slot,
+    `queued` wait for one; `parallel` slots run at once and `slots` requests (running and
+    waiting) are admitted at most, more get 429 at once."""
+
     active_streams: int
     queued: int
     slots: int
     draining: bool = False
+    parallel: int = 1
+
+    @property
+    def free(self) -> int:
+        """Slots free right now (a request admitted now starts at once)."""
+        return max(0, self.parallel - self.active_streams)

@@ -3,19 +3,17 @@
 Allerac ships three boxes, and `profile = "lite" | "home" | "pro"` in config names them;
 left out (or `"auto"`), the profile is chosen from the hardware the node probed at start:
 
-- lite: fewer than 4 physical cores or less than 12 GiB; context 2,048, 1 parallel slot,
-  half the RAM for models;
-- home: otherwise; context 4,096, 2 slots, 60 % of the RAM;
-- pro: a GPU with 8 GiB or more, or 12+ cores and 48+ GiB; context 8,192, 4 slots, the
-  GPU's memory (or 70 % of the RAM) for models.
+- lite: fewer than 4 physical cores or less than 12 GiB; context 2,048, half the RAM for
+  models;
+- home: otherwise; context 4,096, 60 % of the RAM;
+- pro: a GPU with 8 GiB or more, or 12+ cores and 48+ GiB; context 8,192, the GPU's memory
+  (or 70 % of the RAM) for models.
 
-On home and pro boxes llama.cpp runs on the physical cores (llama-cpp-python's own default
-is half the logical CPUs for generating, all of them for reading the prompt). A lite box
-keeps llama-cpp-python's default: llama.cpp's threads spin while they wait for each other,
-and on two cores shared with the node's event loop (sealing, HTTP, the ledger) two threads
-measured slower than one (118 vs 200 tokens in the 10 s of a loaded test).
-These are defaults: a model's own `threads` or `context_length` wins. `parallel_slots` is
-the hook for llama.cpp's parallel slots (being built separately): nothing applies it yet.
+On every box llama.cpp decodes on the physical cores (llama-cpp-python's own default is
+half the logical CPUs for generating: on this 2-core VM one thread decoded 129 tok/s, two
+156; issue 14).
+These are defaults: a model's own `threads` or `context_length` wins. Parallel slots are
+the llama.cpp backend's own default (from the cores and memory), on every profile.
 The memory for models bounds how many fit (`models_fit`); the node warns when what it
 loads is more.
 
@@ -49,9 +47,8 @@ PROFILE_CHOICES = PROFILES  # "auto" and the three names, as the config file tak
 class Profile:
     name: ProfileName
     chosen_by: str  # "config", or why the hardware chose it
-    threads: int | None  # None: llama-cpp-python's default
+    threads: int | None  # None: the backend's default (the physical cores)
     context_length: int
-    parallel_slots: int  # the hook for parallel slots (not applied yet)
     model_memory_bytes: int  # what loaded models may take; 0 when the memory is unknown
 
     def describe(self) -> dict[str, object]:
@@ -60,13 +57,11 @@ class Profile:
             "chosen_by": self.chosen_by,
             "threads": self.threads,
             "context_length": self.context_length,
-            "parallel_slots": self.parallel_slots,
             "model_memory_bytes": self.model_memory_bytes,
         }
 
 
 _CONTEXT = {ProfileName.LITE: 2048, ProfileName.HOME: 4096, ProfileName.PRO: 8192}
-_SLOTS = {ProfileName.LITE: 1, ProfileName.HOME: 2, ProfileName.PRO: 4}
 _MEMORY_SHARE = {ProfileName.LITE: 0.5, ProfileName.HOME: 0.6, ProfileName.PRO: 0.7}
 
 
@@ -99,9 +94,8 @@ def choose(requested: str, hardware: HardwareSummary, physical_cores: int) -> Pr
     return Profile(
         name=name,
         chosen_by=why,
-        threads=None if name is ProfileName.LITE else max(1, physical_cores),
+        threads=max(1, physical_cores),
         context_length=_CONTEXT[name],
-        parallel_slots=_SLOTS[name],
         model_memory_bytes=budget,
     )
 

@@ -497,14 +497,18 @@ def status(home_dir: Path | None, as_json: bool) -> None:
     click.echo(f"API       {info['http_url']}/v1")
     click.echo(f"gRPC      {info['grpc_address']}")
     click.echo(
-        f"load      {load['active_streams']} running, {load['queued']} waiting, "
-        f"{load['slots']} slots{' (draining)' if load['draining'] else ''}"
+        f"load      {load['active_streams']} of {load['parallel']} slots in use, "
+        f"{load['queued']} waiting (at most {load['slots'] - load['parallel']})"
+        f"{' (draining)' if load['draining'] else ''}"
     )
     for model in info["models"]:
         tps = f"{model['tokens_per_second']:.0f} tok/s" if model["tokens_per_second"] else "-"
+        where = (
+            f"  {model['parallel']} slots, {model['threads']} threads" if model["threads"] else ""
+        )
         click.echo(
             f"model     {model['name']}  ctx {model['context_length']}  "
-            f"{model['quantization'] or '?'}  {tps}"
+            f"{model['quantization'] or '?'}  {tps}{where}"
         )
     click.echo(f"mesh      {info['mesh_id']}  (this node: {info['role']})")
     if not info["peers"]:

@@ -819,6 +819,8 @@ class RunningNode:
                 "active_streams": load.active_streams,
                 "queued": load.queued,
                 "slots": load.slots,
+                "parallel": load.parallel,
+                "free": load.free,
                 "draining": load.draining,
             },
             "models": [
@@ -832,6 +834,8 @@ class RunningNode:
                     "backend": m.backend,
                     "tokens_per_second": m.tokens_per_second,
                     "chat": m.chat,
+                    "threads": m.threads,
+                    "parallel": m.parallel,
                     "requests": counters.get(m.name, {}),
                 }
                 for m in self.models.models()

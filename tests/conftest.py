@@ -1,11 +1,17 @@
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.nodeproc import NodeProcess
+
+# Every node the suite starts decodes with one thread unless its config says otherwise: the
+# suite's workers share the machine's cores, and llama.cpp's threads wait for each other
+# spinning, so a thread per core in every worker makes decoding many times slower.
+os.environ.setdefault("ALLERAC_THREADS", "1")
 
 
 @pytest.fixture(scope="module")

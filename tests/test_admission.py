@@ -26,6 +26,8 @@ name = "smollm2-135m-instruct"
 aliases = ["default"]
 path = "{embedded_model_path()}"
 queue_size = {queue_size}
+parallel = 1  # one request decodes at a time: these tests are about the queue behind it
+threads = 1  # a long stream must finish within the client's timeout on a shared 2-core box
 """
     return NodeProcess(tmp_path_factory.mktemp("home"), config=config).start()
 

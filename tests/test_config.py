@@ -65,6 +65,8 @@ context_length = 4096
 threads = 2
 backend = "llama_cpp"
 queue_size = 3
+parallel = 6
+prompt_cache_mb = 128
 system_prompt = "Be brief."
 """,
     )
@@ -78,6 +80,7 @@ system_prompt = "Be brief."
     assert model.path == model_file
     assert model.names == ("tiny", "default", "small")
     assert (model.context_length, model.threads, model.queue_size) == (4096, 2, 3)
+    assert (model.parallel, model.prompt_cache_mb) == (6, 128)
     assert model.system_prompt == "Be brief."
 
 
@@ -197,6 +200,10 @@ def test_bad_node_setting_names_key_and_value(tmp_path: Path, text: str, expecte
         ("context_length = 1.5", "models[0].context_length = 1.5: must be an integer"),
         ("threads = 0", "models[0].threads = 0: must be an integer from 1 to 1024"),
         ("queue_size = -1", "models[0].queue_size = -1: must be an integer from 0 to 10000"),
+        ("parallel = 0", "models[0].parallel = 0: must be an integer from 1 to 256"),
+        ("parallel = 257", "models[0].parallel = 257: must be an integer from 1 to 256"),
+        ('parallel = "4"', "models[0].parallel = '4': must be an integer from 1 to 256"),
+        ("prompt_cache_mb = -1", "models[0].prompt_cache_mb = -1: must be an integer from 0"),
         (
             'backend = "Not A Backend"',
             "models[0].backend = 'Not A Backend': must be a backend name",
@@ -468,6 +475,8 @@ def test_a_key_written_into_the_file_is_refused_and_never_repeated(
         ('url = "http://h/v1"\nfamily = 3', "models[0].family = 3: must be a string"),
         ('url = "http://h/v1"\npath = "/m.gguf"', "an openai model has no model file"),
         ('url = "http://h/v1"\nqueue_size = 4', "slots bounds the requests sent upstream"),
+        ('url = "http://h/v1"\nparallel = 4', "an openai model's concurrency is its slots"),
+        ('url = "http://h/v1"\nprompt_cache_mb = 4', "prompt cache is its upstream's"),
         (
             'url = "http://h/v1"\nslot = 4',
             "models[0].slot = 4: unknown key (did you mean 'slots'?)",

@@ -129,7 +129,8 @@ async def test_describe_and_ping_answer_anyone(
     assert card.node_id == node.node_id
     reply = await raw_stub.Ping(pb.PingRequest(nonce=b"n0nce"), timeout=DEADLINE_S)
     assert reply.nonce == b"n0nce"
-    assert reply.load.slots == 9
+    assert reply.load.parallel >= 1  # slots decoding at once (the box's cores decide)
+    assert reply.load.slots == reply.load.parallel + 8  # and the default queue of 8
 
 
 async def test_a_node_of_another_mesh_is_refused(node: NodeProcess, tmp_path: Path) -> None:

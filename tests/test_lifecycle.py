@@ -13,6 +13,7 @@ import time
 import urllib.parse
 from pathlib import Path
 
+from node.store.hardware import default_threads
 from tests.nodeproc import NodeProcess, run_cli
 
 
@@ -99,6 +100,11 @@ def test_cli_chat_status_and_models(node: NodeProcess) -> None:
     assert info["models"][0]["name"] == "smollm2-135m-instruct"
     human = run_cli(node.home, "status")
     assert node.node_id in human.stdout
+    # Decoding uses the threads the box gives it ($ALLERAC_THREADS in the suite, else every
+    # physical core; llama-cpp-python's own default is half of them).
+    model = info["models"][0]
+    assert model["threads"] == default_threads()
+    assert f"{model['parallel']} slots, {default_threads()} threads" in human.stdout
     models = run_cli(node.home, "models")
     assert "smollm2-135m-instruct" in models.stdout
     unknown = run_cli(node.home, "chat", "-m", "gpt-17", "hi")

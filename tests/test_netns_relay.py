@@ -116,7 +116,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         a1 = office_a.start(0, *a_flags, config=models_config("smollm2-135m-instruct"))
         a2 = office_a.start(1, *a_flags, "--peer", a1.grpc_address, config=models_config("a2"))
         # One request at a time on b1 (no queue), so one long answer saturates it.
-        b1 = office_b.start(0, *b_flags, config=models_config(B_MODEL) + "queue_size = 0\n")
+        b1 = office_b.start(
+            0, *b_flags, config=models_config(B_MODEL) + "queue_size = 0\nparallel = 1\n"
+        )
         # b2 is another mesh's box in office B, on the same relay, serving the same name.
         b2 = office_b.start(1, *b_flags, config=models_config(B_MODEL, "smollm2-other"))
         # The cloud: a real OpenAI-compatible server (an Allerac node on the embedded model,

@@ -53,6 +53,21 @@ def test_within_a_tier_the_smallest_estimated_time_wins() -> None:
     assert estimate(queued, new_tokens=100).wait_ms == 2000
 
 
+def test_a_free_slot_starts_at_once_but_shares_the_decoding() -> None:
+    generation_ms = 100 / 50 * 1000  # 100 tokens at 50 tokens/s
+    # Four slots, one in use: nothing to wait for, but the answer shares the CPU with one.
+    shared = cand("me", Route.LOCAL, busy=1, slots=12, parallel=4, service_ms=3000)
+    assert estimate(shared, new_tokens=100).wait_ms == generation_ms
+    # So an idle peer still takes it: two boxes serve two requests at twice the speed.
+    assert chosen([shared, cand("lan", Route.LAN, rtt_ms=1.0)]) == "lan"
+    # Every slot in use: wait for one (requests ahead / slots x service), then share it.
+    full = cand("me", Route.LOCAL, busy=5, slots=12, parallel=4, service_ms=4000)
+    assert estimate(full, new_tokens=100).wait_ms == 2 * 4000 / 4 + 3 * generation_ms
+    # One slot is the plain queue: requests ahead x service time.
+    queue = cand("q", Route.LAN, busy=2, parallel=1, service_ms=1000)
+    assert estimate(queue, new_tokens=100).wait_ms == 2000
+
+
 def test_further_tiers_only_when_nearer_ones_cannot_serve() -> None:
     full_lan = cand("lan", Route.LAN, busy=4, slots=4)
     cloud = cand("cloud", Route.CLOUD)
@@ -139,7 +154,9 @@ def test_the_index_picks_what_a_full_plan_picks(n: int, seed: int) -> None:
             node,
             now_ms=0,
             rtt_ms=rng.random() * 10,
-            load=Load(active_streams=rng.randint(0, 3), queued=0, slots=3),
+            load=Load(
+                active_streams=rng.randint(0, 3), queued=0, slots=3, parallel=rng.randint(1, 3)
+            ),
         )
         if rng.random() < 0.2:
             table.forget(node, "churn")
@@ -150,6 +167,7 @@ def test_the_index_picks_what_a_full_plan_picks(n: int, seed: int) -> None:
             rtt_ms=p.rtt_ms,
             busy=p.load.active_streams,
             slots=3,
+            parallel=p.load.parallel,
             tokens_per_second=p.models[0].tokens_per_second,
             context_length=4096,
         )
@@ -181,6 +199,7 @@ def test_a_few_peers_are_ranked_as_the_vector_path_ranks_them(n: int, seed: int)
             rtt=rng.random() * 10,
             busy=rng.randint(0, 3),
             slots=rng.randint(1, 3),
+            parallel=rng.randint(0, 3),
             service=rng.choice([0.0, 50.0, 400.0]),
             tps=rng.choice([0.0, 20.0, 80.0]),
             ctx=rng.choice([0, 64, 4096]),

@@ -35,6 +35,7 @@ class LocalOffer:
             model=self.info.name,
             busy=self.load.active_streams + self.load.queued,
             slots=self.load.slots,
+            parallel=max(1, self.load.parallel),
             service_ms=self.service_ms,
             tokens_per_second=self.info.tokens_per_second,
             context_length=self.info.context_length,
@@ -102,6 +103,7 @@ def candidates(
                 rtt_ms=peer.rtt_ms,
                 busy=peer.busy,
                 slots=max(peer.load.slots, 1),
+                parallel=max(peer.load.parallel, 1),
                 service_ms=peer.service_ms,
                 tokens_per_second=info.tokens_per_second or local_speed,
                 context_length=info.context_length,
@@ -155,6 +157,7 @@ def explain(model: str, privacy: Privacy, decided: Plan) -> dict[str, Any]:
             "rtt_ms": round(candidate.rtt_ms, 2),
             "busy": candidate.busy,
             "slots": candidate.slots,
+            "parallel": candidate.parallel,
             "tokens_per_second": candidate.tokens_per_second,
             "status": status,
         }

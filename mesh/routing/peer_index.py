@@ -14,9 +14,9 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from mesh.routing.scheduler import DEFAULT_SERVICE_MS, DEFAULT_TOKENS_PER_SECOND
+from mesh.routing.scheduler import DEFAULT_SERVICE_MS, DEFAULT_TOKENS_PER_SECOND, wait_ms
 
-_FIELDS = ("rtt", "busy", "slots", "service", "tps", "ctx")
+_FIELDS = ("rtt", "busy", "slots", "service", "tps", "ctx", "parallel")
 SMALL_TABLE = 32  # rows up to which a Python loop beats the vector operations
 
 
@@ -81,7 +81,16 @@ class ModelColumns:
         c = {name: column[:n] for name, column in self._columns.items()}
         service = np.where(c["service"] > 0, c["service"], DEFAULT_SERVICE_MS)
         tps = np.where(c["tps"] > 0, c["tps"], DEFAULT_TOKENS_PER_SECOND)
-        eta = c["rtt"] + c["busy"] * service + new_tokens / tps * 1000.0
+        generation = new_tokens / tps * 1000.0
+        parallel = np.maximum(c["parallel"], 1.0)
+        busy = c["busy"]
+        # scheduler.wait_ms, a column at a time
+        wait = np.where(
+            busy < parallel,
+            busy * generation,
+            (busy - parallel + 1) * service / parallel + (parallel - 1) * generation,
+        )
+        eta = c["rtt"] + wait + generation
         usable = (
             self._available[:n]
             & (c["busy"] < c["slots"])
@@ -97,7 +106,9 @@ class ModelColumns:
 
     def _best_of_few(self, n: int, *, k: int, new_tokens: int, needed_context: int) -> list[str]:
         """`best` for a few rows, the same arithmetic in a loop."""
-        rtt, busy, slots, service, tps, ctx = (self._columns[name][:n].tolist() for name in _FIELDS)
+        rtt, busy, slots, service, tps, ctx, parallel = (
+            self._columns[name][:n].tolist() for name in _FIELDS
+        )
         available = self._available[:n].tolist()
         scored: list[tuple[float, int]] = []
         for row in range(n):
@@ -107,7 +118,14 @@ class ModelColumns:
                 continue
             row_service = service[row] if service[row] > 0 else DEFAULT_SERVICE_MS
             row_tps = tps[row] if tps[row] > 0 else DEFAULT_TOKENS_PER_SECOND
-            eta = rtt[row] + busy[row] * row_service + new_tokens / row_tps * 1000.0
+            generation = new_tokens / row_tps * 1000.0
+            wait = wait_ms(
+                busy=busy[row],
+                parallel=parallel[row],
+                service_ms=row_service,
+                generation_ms=generation,
+            )
+            eta = rtt[row] + wait + generation
             if eta != float("inf"):
                 scored.append((eta, row))
         scored.sort()

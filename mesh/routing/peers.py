@@ -104,6 +104,7 @@ class PeerTable:
                     rtt=peer.rtt_ms,
                     busy=busy,
                     slots=max(peer.load.slots, 1),
+                    parallel=max(peer.load.parallel, 1),
                     service=peer.service_ms,
                     tps=info.tokens_per_second,
                     ctx=info.context_length,

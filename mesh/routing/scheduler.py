@@ -6,8 +6,13 @@ failover order), with the reason for every candidate left out.
 1. Capable: serves the model (name or alias), the context fits, not full, not
    down or draining, and the privacy policy allows its tier.
 2. Nearest: tiers in order local -> lan -> relay -> cloud. Within a tier, the
-   smallest estimated time to finish: RTT + queue wait (requests ahead x recent
-   service time) + generation (tokens to make / measured tokens per second).
+   smallest estimated time to finish: RTT + wait + generation (tokens to make /
+   measured tokens per second). A candidate decodes `parallel` requests at once:
+   with a slot free the request starts at once but shares the decoding with the
+   `busy` ones already running (counted as waiting: `busy` x its generation, as a
+   CPU gains little from batching); with none free it waits for one (requests ahead
+   x recent service time / parallel) and then shares with the others. With one
+   slot this is the plain queue: requests ahead x service time.
 3. A further tier is used only when every nearer one cannot serve or would make
    the request wait longer than `max_wait_ms`; if all would, the smallest
    estimate wins.
@@ -58,7 +63,8 @@ class Candidate:
     model: str  # canonical name there
     rtt_ms: float = 0.0
     busy: int = 0  # running + queued
-    slots: int = 1
+    slots: int = 1  # admitted at most (running + queued)
+    parallel: int = 1  # decoded at once
     service_ms: float = 0.0
     tokens_per_second: float = 0.0
     context_length: int = 0
@@ -102,11 +108,24 @@ class Plan:
         return self.order[0] if self.order else None
 
 
+def wait_ms(*, busy: float, parallel: float, service_ms: float, generation_ms: float) -> float:
+    """How much longer than alone a request takes on a candidate (module docstring, 2)."""
+    parallel = max(1.0, parallel)
+    if busy < parallel:  # a slot is free: shared with those running
+        return busy * generation_ms
+    # Wait for a slot, then share it with the others.
+    return (busy - parallel + 1) * service_ms / parallel + (parallel - 1) * generation_ms
+
+
 def estimate(candidate: Candidate, *, new_tokens: int) -> Scored:
-    service = candidate.service_ms or DEFAULT_SERVICE_MS
-    wait = candidate.busy * service
     speed = candidate.tokens_per_second or DEFAULT_TOKENS_PER_SECOND
     generation = new_tokens / speed * 1000.0
+    wait = wait_ms(
+        busy=candidate.busy,
+        parallel=candidate.parallel,
+        service_ms=candidate.service_ms or DEFAULT_SERVICE_MS,
+        generation_ms=generation,
+    )
     return Scored(candidate=candidate, eta_ms=candidate.rtt_ms + wait + generation, wait_ms=wait)
 
 

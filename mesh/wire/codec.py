@@ -202,6 +202,7 @@ def load_to_pb(load: Load) -> pb.Load:
         queued=load.queued,
         slots=load.slots,
         draining=load.draining,
+        parallel=load.parallel,
     )
 
 
@@ -211,6 +212,7 @@ def load_from_pb(message: pb.Load) -> Load:
         queued=message.queued,
         slots=message.slots,
         draining=message.draining,
+        parallel=message.parallel,
     )
 
 

@@ -103,6 +103,7 @@ class LocalModels:
             queued=sum(x.queued for x in serving + finishing),
             slots=sum(x.slots for x in serving),
             draining=any(x.draining for x in serving),
+            parallel=sum(x.parallel for x in serving),
         )
 
     def counters(self) -> dict[str, dict[str, int]]:

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from mesh.errors import ConfigError
 from mesh.trust.cards import HardwareSummary
 
 CPUINFO = Path("/proc/cpuinfo")  # Linux; elsewhere `platform` names the CPU
@@ -36,31 +37,8 @@ def _gpu() -> tuple[str, int]:
         return "", 0
 
 
-def physical_cores() -> int:
-    """Distinct (physical id, core id) pairs in /proc/cpuinfo; the CPU count elsewhere."""
-    cores: set[tuple[str, str]] = set()
-    package = core = ""
-    try:
-        with CPUINFO.open(encoding="utf-8") as handle:
-            for line in handle:
-                key, _, value = line.partition(":")
-                key = key.strip()
-                if key == "physical id":
-                    package = value.strip()
-                elif key == "core id":
-                    core = value.strip()
-                    cores.add((package, core))
-    except OSError:
-        pass
-    return len(cores) or os.cpu_count() or 1
-
-
 def probe_hardware(*, profile: str = "") -> HardwareSummary:
-    memory = 0
-    try:
-        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        memory = 0
+    memory = memory_bytes()
     cpu_model = platform.processor() or platform.machine()
     try:
         with CPUINFO.open(encoding="utf-8") as handle:
@@ -79,3 +57,59 @@ def probe_hardware(*, profile: str = "") -> HardwareSummary:
         gpu_memory_bytes=gpu_memory,
         profile=profile,
     )
+
+
+SYS_CPU = Path("/sys/devices/system/cpu")
+
+
+def physical_cores() -> int:
+    """The physical cores this process may run on (hyperthread siblings count once).
+
+    llama.cpp decodes fastest with one thread per physical core; llama-cpp-python's own
+    default is half the logical CPUs, which on a box without hyperthreads is half the cores.
+    """
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = list(range(os.cpu_count() or 1))
+    cores: set[tuple[str, str]] = set()
+    for cpu in cpus:
+        topology = SYS_CPU / f"cpu{cpu}" / "topology"
+        try:
+            package = (topology / "physical_package_id").read_text(encoding="ascii").strip()
+            core = (topology / "core_id").read_text(encoding="ascii").strip()
+        except OSError:
+            return max(1, len(cpus))  # no topology (not Linux, or hidden): every CPU counts
+        cores.add((package, core))
+    return max(1, len(cores))
+
+
+def memory_bytes() -> int:
+    """The box's physical memory (0 when unknown)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+THREADS_VARIABLE = "ALLERAC_THREADS"
+MAX_THREADS = 1024
+
+
+def default_threads() -> int:
+    """Decode threads for a model that sets none: $ALLERAC_THREADS when set (a box or a
+    container that shares its cores with other busy work), else the physical cores."""
+    raw = os.environ.get(THREADS_VARIABLE)
+    if raw is None or raw == "":
+        return physical_cores()
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= MAX_THREADS:
+        raise ConfigError(
+            f"environment: {THREADS_VARIABLE} = {raw!r}: must be an integer from 1 to "
+            f"{MAX_THREADS}",
+            param=THREADS_VARIABLE,
+        )
+    return value

@@ -186,16 +186,18 @@ class PingResponse(_message.Message):
     def __init__(self, nonce: _Optional[bytes] = ..., node_id: _Optional[str] = ..., received_at_unix_ms: _Optional[int] = ..., load: _Optional[_Union[Load, _Mapping]] = ..., card_issued_at_unix_ms: _Optional[int] = ...) -> None: ...
 
 class Load(_message.Message):
-    __slots__ = ("active_streams", "queued", "slots", "draining")
+    __slots__ = ("active_streams", "queued", "slots", "draining", "parallel")
     ACTIVE_STREAMS_FIELD_NUMBER: _ClassVar[int]
     QUEUED_FIELD_NUMBER: _ClassVar[int]
     SLOTS_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
+    PARALLEL_FIELD_NUMBER: _ClassVar[int]
     active_streams: int
     queued: int
     slots: int
     draining: bool
-    def __init__(self, active_streams: _Optional[int] = ..., queued: _Optional[int] = ..., slots: _Optional[int] = ..., draining: _Optional[bool] = ...) -> None: ...
+    parallel: int
+    def __init__(self, active_streams: _Optional[int] = ..., queued: _Optional[int] = ..., slots: _Optional[int] = ..., draining: _Optional[bool] = ..., parallel: _Optional[int] = ...) -> None: ...
 
 class InferRequest(_message.Message):
     __slots__ = ("protocol_version", "sealed")

