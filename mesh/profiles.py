@@ -9,9 +9,10 @@ left out (or `"auto"`), the profile is chosen from the hardware the node probed 
 - pro: a GPU with 8 GiB or more, or 12+ cores and 48+ GiB; context 8,192, the GPU's memory
   (or 70 % of the RAM) for models.
 
-On every box llama.cpp decodes on the physical cores (llama-cpp-python's own default is
-half the logical CPUs for generating: on this 2-core VM one thread decoded 129 tok/s, two
-156; issue 14).
+On every box llama.cpp decodes on the physical cores (the backend's default, or
+$ALLERAC_THREADS; llama-cpp-python's own default is half the logical CPUs for generating:
+on this 2-core VM one thread decoded 129 tok/s, two 156; issue 14), so a profile leaves a
+model's threads to the backend.
 These are defaults: a model's own `threads` or `context_length` wins. Parallel slots are
 the llama.cpp backend's own default (from the cores and memory), on every profile.
 The memory for models bounds how many fit (`models_fit`); the node warns when what it
@@ -94,7 +95,7 @@ def choose(requested: str, hardware: HardwareSummary, physical_cores: int) -> Pr
     return Profile(
         name=name,
         chosen_by=why,
-        threads=max(1, physical_cores),
+        threads=None,  # the backend's default: the physical cores, or $ALLERAC_THREADS
         context_length=_CONTEXT[name],
         model_memory_bytes=budget,
     )

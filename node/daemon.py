@@ -376,10 +376,10 @@ class Node:
             hardware = dataclasses.replace(hardware, profile=profile.name.value)
             config = apply_profile(self.config, profile)
             logger.info(
-                "box profile %s (%s): %s threads, context %d, %.1f GiB for models",
+                "box profile %s (%s): threads %s, context %d, %.1f GiB for models",
                 profile.name,
                 profile.chosen_by,
-                profile.threads or "llama-cpp-python's default",
+                profile.threads or "the backend's (physical cores or $ALLERAC_THREADS)",
                 profile.context_length,
                 profile.model_memory_bytes / (1 << 30),
             )

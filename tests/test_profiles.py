@@ -30,8 +30,8 @@ def test_the_hardware_chooses_the_profile(
     profile = choose("auto", hardware, cores)
     assert profile.name == ProfileName(name)
     assert profile.chosen_by.startswith("detected: ")
-    # The physical cores (a lite box keeps llama-cpp-python's default), not its half.
-    assert profile.threads == cores
+    # Threads: left to the backend, whose default is the physical cores (not half the CPUs).
+    assert profile.threads is None  # the backend's default: the physical cores
     assert profile.context_length == context
 
 
@@ -55,7 +55,7 @@ def test_a_models_own_settings_win_over_the_profile() -> None:
     )
     config = apply_profile(NodeConfig(models=(unset, own, upstream)), choose("home", HOME, 4))
     a, b, c = config.models
-    assert (a.context_length, a.threads) == (4096, 4)
+    assert (a.context_length, a.threads) == (4096, None)  # threads: the backend's default
     assert (b.context_length, b.threads) == (1024, 1)
     assert (c.context_length, c.threads) == (0, None)  # the upstream says its own
 
