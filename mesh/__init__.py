@@ -6,4 +6,4 @@ the agent (`node/`) and the relay (`cloud_relay/`).
 """
 
 __version__ = "0.1.0"
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4

@@ -42,6 +42,7 @@ from mesh.clock import SYSTEM
 from mesh.errors import MeshError, Overloaded, RemoteProtocolError, Unavailable
 from mesh.inference import (
     ChatMessage,
+    Feature,
     Finished,
     FinishReason,
     InferenceEvent,
@@ -192,13 +193,16 @@ class ScriptedBackend:
         slots: int = 1,
         context: int = 4096,
         model: str = MODEL,
+        features: frozenset[Feature] = frozenset(),
     ) -> None:
         self.script = script or Script()
         self.active = 0
         self.slots = slots
         self.asked: list[InferenceRequest] = []
         self.counters = {"completed": 0, "cancelled": 0, "failed": 0, "rejected": 0}
-        self.info = ModelInfo(name=model, context_length=context, tokens_per_second=50.0)
+        self.info = ModelInfo(
+            name=model, context_length=context, tokens_per_second=50.0, features=features
+        )
         self.go = asyncio.Event()  # a paused script goes on when it is set
 
     def resume(self) -> None:

@@ -70,7 +70,12 @@ def test_chat_stream_matches_non_streamed_answer(client: openai.OpenAI) -> None:
     )
     chunks = list(
         client.chat.completions.create(
-            model=MODEL, messages=CAPITAL, temperature=0, max_tokens=40, stream=True
+            model=MODEL,
+            messages=CAPITAL,
+            temperature=0,
+            max_tokens=40,
+            stream=True,
+            stream_options={"include_usage": True},
         )
     )
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -105,6 +110,7 @@ def test_completions_plain_and_streamed(client: openai.OpenAI) -> None:
             temperature=0,
             max_tokens=8,
             stream=True,
+            stream_options={"include_usage": True},
         )
     )
     assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text

@@ -321,7 +321,12 @@ def test_a_streamed_answer_passes_tokens_through_and_ends_with_the_upstreams_usa
     )
     chunks = list(
         client.chat.completions.create(
-            model="real", messages=CAPITAL, temperature=0, max_tokens=40, stream=True
+            model="real",
+            messages=CAPITAL,
+            temperature=0,
+            max_tokens=40,
+            stream=True,
+            stream_options={"include_usage": True},
         )
     )
     pieces = [

@@ -40,6 +40,7 @@ class LocalOffer:
             context_length=self.info.context_length,
             available=not self.load.draining,
             unavailable_reason="draining",
+            features=self.info.features,
         )
 
 
@@ -107,6 +108,7 @@ def candidates(
                 context_length=info.context_length,
                 available=peer.state is PeerState.UP and not peer.load.draining,
                 unavailable_reason=f"peer is {peer.state}",
+                features=info.features,
             )
         )
     return out
@@ -156,6 +158,7 @@ def explain(model: str, privacy: Privacy, decided: Plan) -> dict[str, Any]:
             "busy": candidate.busy,
             "slots": candidate.slots,
             "tokens_per_second": candidate.tokens_per_second,
+            "capabilities": sorted(f.value for f in candidate.features),
             "status": status,
         }
 

@@ -48,7 +48,7 @@ from mesh.ledger.bounds import Delivered
 from mesh.routing import candidates as reach
 from mesh.routing.peers import PeerEvent, PeerTable
 from mesh.routing.refusals import Failure, Next, after_candidate_failure, no_candidate, refusal
-from mesh.routing.scheduler import DEFAULT_MAX_WAIT_MS, Candidate, Plan, Privacy, plan
+from mesh.routing.scheduler import DEFAULT_MAX_WAIT_MS, Candidate, Needs, Plan, Privacy, plan
 from mesh.wire.v1 import ledger_pb2 as lpb
 from node.serving.accounting import Accountant, Arrival
 from node.serving.models import LocalModels
@@ -376,15 +376,19 @@ class EntrySide:
             max_tokens=estimate.max_tokens,
             max_wait_ms=self._max_wait_ms,
             closed=closed,
+            needs=request.needs(),
         )
 
-    def explain(self, model: str, privacy: Privacy, max_tokens: int | None) -> dict[str, Any]:
+    def explain(
+        self, model: str, privacy: Privacy, max_tokens: int | None, needs: Needs = ()
+    ) -> dict[str, Any]:
         decided = plan(
             reach.candidates(model, local=self.models.offer(model), peers=self.peers),
             privacy=privacy,
             prompt_tokens=0,
             max_tokens=max_tokens,
             max_wait_ms=self._max_wait_ms,
+            needs=needs,
         )
         return reach.explain(model, privacy, decided)
 

@@ -125,6 +125,7 @@ class ServingSide:
             privacy=Privacy.LOCAL_ONLY,
             prompt_tokens=estimate.prompt_tokens,
             max_tokens=estimate.max_tokens,
+            needs=request.needs(),
         )
         failures: list[Failure] = []
         if left_out is None:

@@ -26,17 +26,17 @@ from mesh.wire.v1 import ledger_pb2 as mesh_dot_wire_dot_v1_dot_ledger__pb2
 from mesh.wire.v1 import trust_pb2 as mesh_dot_wire_dot_v1_dot_trust__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17mesh/wire/v1/node.proto\x12\x0f\x61llerac.mesh.v1\x1a\x19mesh/wire/v1/ledger.proto\x1a\x18mesh/wire/v1/trust.proto\"\x11\n\x0f\x44\x65scribeRequest\"\xf8\x01\n\nSealedCall\x12+\n\x05infer\x18\x01 \x01(\x0b\x32\x1a.allerac.mesh.v1.InferBodyH\x00\x12,\n\x04\x63\x61rd\x18\x02 \x01(\x0b\x32\x1c.allerac.mesh.v1.CardRequestH\x00\x12.\n\x06ledger\x18\x03 \x01(\x0b\x32\x1c.allerac.mesh.v1.SyncRequestH\x00\x12+\n\x05quota\x18\x04 \x01(\x0b\x32\x1a.allerac.mesh.v1.QuotaCallH\x00\x12*\n\x05users\x18\x05 \x01(\x0b\x32\x19.allerac.mesh.v1.UserListH\x00\x42\x06\n\x04\x63\x61ll\"\r\n\x0b\x43\x61rdRequest\"-\n\nSignedCard\x12\x0c\n\x04\x63\x61rd\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"\xcd\x03\n\x08NodeCard\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x1b\n\x13identity_public_key\x18\x03 \x01(\x0c\x12\x18\n\x10software_version\x18\x04 \x01(\t\x12#\n\x04tier\x18\x05 \x01(\x0e\x32\x15.allerac.mesh.v1.Tier\x12+\n\x08hardware\x18\x06 \x01(\x0b\x32\x19.allerac.mesh.v1.Hardware\x12*\n\x06models\x18\x07 \x03(\x0b\x32\x1a.allerac.mesh.v1.ModelCard\x12\x16\n\x0egrpc_addresses\x18\x08 \x03(\t\x12\x19\n\x11issued_at_unix_ms\x18\t \x01(\x03\x12\x14\n\x0c\x64isplay_name\x18\n \x01(\t\x12/\n\nmembership\x18\x0b \x01(\x0b\x32\x1b.allerac.mesh.v1.SignedCert\x12>\n\x0f\x65ncryption_keys\x18\x0c \x01(\x0b\x32%.allerac.mesh.v1.SignedEncryptionKeys\x12\x0f\n\x07mesh_id\x18\r \x01(\t\x12\x16\n\x0epeer_addresses\x18\x0e \x03(\t\"m\n\x08Hardware\x12\x11\n\tcpu_count\x18\x01 \x01(\r\x12\x11\n\tcpu_model\x18\x02 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x03 \x01(\x04\x12\x0b\n\x03gpu\x18\x04 \x01(\t\x12\x18\n\x10gpu_memory_bytes\x18\x05 \x01(\x04\"\xbb\x01\n\tModelCard\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61liases\x18\x02 \x03(\t\x12\x0e\n\x06\x66\x61mily\x18\x03 \x01(\t\x12\x17\n\x0fparameter_count\x18\x04 \x01(\x04\x12\x14\n\x0cquantization\x18\x05 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x06 \x01(\r\x12\x0f\n\x07\x62\x61\x63kend\x18\x07 \x01(\t\x12\x19\n\x11tokens_per_second\x18\x08 \x01(\x01\x12\x0c\n\x04\x63hat\x18\t \x01(\x08\"\xa4\x01\n\x0bPingRequest\x12\r\n\x05nonce\x18\x01 \x01(\x0c\x12\x17\n\x0fsent_at_unix_ms\x18\x02 \x01(\x03\x12\x17\n\x0fleaving_node_id\x18\x03 \x01(\t\x12\x19\n\x11recipient_node_id\x18\x04 \x01(\t\x12\x1e\n\x16\x63\x61rd_issued_at_unix_ms\x18\x05 \x01(\x03\x12\x19\n\x11goodbye_signature\x18\x06 \x01(\x0c\"\x90\x01\n\x0cPingResponse\x12\r\n\x05nonce\x18\x01 \x01(\x0c\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x1b\n\x13received_at_unix_ms\x18\x03 \x01(\x03\x12#\n\x04load\x18\x04 \x01(\x0b\x32\x15.allerac.mesh.v1.Load\x12\x1e\n\x16\x63\x61rd_issued_at_unix_ms\x18\x05 \x01(\x03\"O\n\x04Load\x12\x16\n\x0e\x61\x63tive_streams\x18\x01 \x01(\r\x12\x0e\n\x06queued\x18\x02 \x01(\r\x12\r\n\x05slots\x18\x03 \x01(\r\x12\x10\n\x08\x64raining\x18\x04 \x01(\x08\"r\n\x0cInferRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x31\n\x06sealed\x18\x03 \x01(\x0b\x32\x1f.allerac.mesh.v1.SealedEnvelopeH\x00\x42\t\n\x07payloadJ\x04\x08\x02\x10\x03R\x04\x62ody\"\xc6\x01\n\tInferBody\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12*\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x1a.allerac.mesh.v1.ChatInputH\x00\x12\x10\n\x06prompt\x18\x04 \x01(\tH\x00\x12+\n\x08sampling\x18\x05 \x01(\x0b\x32\x19.allerac.mesh.v1.Sampling\x12\x0c\n\x04user\x18\x06 \x01(\t\x12\x14\n\x0c\x63ontinuation\x18\x07 \x01(\tB\x07\n\x05input\";\n\tChatInput\x12.\n\x08messages\x18\x01 \x03(\x0b\x32\x1c.allerac.mesh.v1.ChatMessage\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xa4\x01\n\x08Sampling\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x03H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x05 \x03(\tB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"\xfc\x02\n\nInferEvent\x12\'\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x16.allerac.mesh.v1.DeltaH\x00\x12)\n\x06\x66inish\x18\x02 \x01(\x0b\x32\x17.allerac.mesh.v1.FinishH\x00\x12.\n\x06sealed\x18\x03 \x01(\x0b\x32\x1c.allerac.mesh.v1.SealedFrameH\x00\x12,\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x1b.allerac.mesh.v1.ErrorEventH\x00\x12+\n\x04\x63\x61rd\x18\x05 \x01(\x0b\x32\x1b.allerac.mesh.v1.SignedCardH\x00\x12,\n\x06ledger\x18\x06 \x01(\x0b\x32\x1a.allerac.mesh.v1.SyncBatchH\x00\x12,\n\x05quota\x18\x07 \x01(\x0b\x32\x1b.allerac.mesh.v1.QuotaGrantH\x00\x12*\n\x05users\x18\x08 \x01(\x0b\x32\x19.allerac.mesh.v1.UserListH\x00\x42\x07\n\x05\x65vent\"S\n\nErrorEvent\x12\x13\n\x0bgrpc_status\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0c\n\x04\x63ode\x18\x03 \x01(\t\x12\x11\n\tresets_at\x18\x04 \x01(\t\"*\n\x17PushRevocationsResponse\x12\x0f\n\x07version\x18\x01 \x01(\x04\"%\n\x05\x44\x65lta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x01(\r\"\xcf\x01\n\x06\x46inish\x12-\n\x06reason\x18\x01 \x01(\x0e\x32\x1d.allerac.mesh.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\r\x12\x11\n\tserved_by\x18\x04 \x01(\t\x12\r\n\x05route\x18\x05 \x01(\t\x12\r\n\x05model\x18\x06 \x01(\t\x12\x33\n\x0cusage_record\x18\x07 \x01(\x0b\x32\x1d.allerac.mesh.v1.SignedRecord*;\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\r\n\tTIER_HOME\x10\x01\x12\x0e\n\nTIER_CLOUD\x10\x02*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x32\x8a\x03\n\x0bNodeService\x12I\n\x08\x44\x65scribe\x12 .allerac.mesh.v1.DescribeRequest\x1a\x1b.allerac.mesh.v1.SignedCard\x12\x43\n\x04Ping\x12\x1c.allerac.mesh.v1.PingRequest\x1a\x1d.allerac.mesh.v1.PingResponse\x12\x45\n\x05Infer\x12\x1d.allerac.mesh.v1.InferRequest\x1a\x1b.allerac.mesh.v1.InferEvent0\x01\x12\x43\n\x04Join\x12\x1c.allerac.mesh.v1.JoinRequest\x1a\x1d.allerac.mesh.v1.JoinResponse\x12_\n\x0fPushRevocations\x12\".allerac.mesh.v1.SignedRevocations\x1a(.allerac.mesh.v1.PushRevocationsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17mesh/wire/v1/node.proto\x12\x0f\x61llerac.mesh.v1\x1a\x19mesh/wire/v1/ledger.proto\x1a\x18mesh/wire/v1/trust.proto\"\x11\n\x0f\x44\x65scribeRequest\"\xf8\x01\n\nSealedCall\x12+\n\x05infer\x18\x01 \x01(\x0b\x32\x1a.allerac.mesh.v1.InferBodyH\x00\x12,\n\x04\x63\x61rd\x18\x02 \x01(\x0b\x32\x1c.allerac.mesh.v1.CardRequestH\x00\x12.\n\x06ledger\x18\x03 \x01(\x0b\x32\x1c.allerac.mesh.v1.SyncRequestH\x00\x12+\n\x05quota\x18\x04 \x01(\x0b\x32\x1a.allerac.mesh.v1.QuotaCallH\x00\x12*\n\x05users\x18\x05 \x01(\x0b\x32\x19.allerac.mesh.v1.UserListH\x00\x42\x06\n\x04\x63\x61ll\"\r\n\x0b\x43\x61rdRequest\"-\n\nSignedCard\x12\x0c\n\x04\x63\x61rd\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"\xcd\x03\n\x08NodeCard\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x1b\n\x13identity_public_key\x18\x03 \x01(\x0c\x12\x18\n\x10software_version\x18\x04 \x01(\t\x12#\n\x04tier\x18\x05 \x01(\x0e\x32\x15.allerac.mesh.v1.Tier\x12+\n\x08hardware\x18\x06 \x01(\x0b\x32\x19.allerac.mesh.v1.Hardware\x12*\n\x06models\x18\x07 \x03(\x0b\x32\x1a.allerac.mesh.v1.ModelCard\x12\x16\n\x0egrpc_addresses\x18\x08 \x03(\t\x12\x19\n\x11issued_at_unix_ms\x18\t \x01(\x03\x12\x14\n\x0c\x64isplay_name\x18\n \x01(\t\x12/\n\nmembership\x18\x0b \x01(\x0b\x32\x1b.allerac.mesh.v1.SignedCert\x12>\n\x0f\x65ncryption_keys\x18\x0c \x01(\x0b\x32%.allerac.mesh.v1.SignedEncryptionKeys\x12\x0f\n\x07mesh_id\x18\r \x01(\t\x12\x16\n\x0epeer_addresses\x18\x0e \x03(\t\"m\n\x08Hardware\x12\x11\n\tcpu_count\x18\x01 \x01(\r\x12\x11\n\tcpu_model\x18\x02 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x03 \x01(\x04\x12\x0b\n\x03gpu\x18\x04 \x01(\t\x12\x18\n\x10gpu_memory_bytes\x18\x05 \x01(\x04\"\xcd\x01\n\tModelCard\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61liases\x18\x02 \x03(\t\x12\x0e\n\x06\x66\x61mily\x18\x03 \x01(\t\x12\x17\n\x0fparameter_count\x18\x04 \x01(\x04\x12\x14\n\x0cquantization\x18\x05 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x06 \x01(\r\x12\x0f\n\x07\x62\x61\x63kend\x18\x07 \x01(\t\x12\x19\n\x11tokens_per_second\x18\x08 \x01(\x01\x12\x0c\n\x04\x63hat\x18\t \x01(\x08\x12\x10\n\x08\x66\x65\x61tures\x18\n \x03(\t\"\xa4\x01\n\x0bPingRequest\x12\r\n\x05nonce\x18\x01 \x01(\x0c\x12\x17\n\x0fsent_at_unix_ms\x18\x02 \x01(\x03\x12\x17\n\x0fleaving_node_id\x18\x03 \x01(\t\x12\x19\n\x11recipient_node_id\x18\x04 \x01(\t\x12\x1e\n\x16\x63\x61rd_issued_at_unix_ms\x18\x05 \x01(\x03\x12\x19\n\x11goodbye_signature\x18\x06 \x01(\x0c\"\x90\x01\n\x0cPingResponse\x12\r\n\x05nonce\x18\x01 \x01(\x0c\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x1b\n\x13received_at_unix_ms\x18\x03 \x01(\x03\x12#\n\x04load\x18\x04 \x01(\x0b\x32\x15.allerac.mesh.v1.Load\x12\x1e\n\x16\x63\x61rd_issued_at_unix_ms\x18\x05 \x01(\x03\"O\n\x04Load\x12\x16\n\x0e\x61\x63tive_streams\x18\x01 \x01(\r\x12\x0e\n\x06queued\x18\x02 \x01(\r\x12\r\n\x05slots\x18\x03 \x01(\r\x12\x10\n\x08\x64raining\x18\x04 \x01(\x08\"r\n\x0cInferRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x31\n\x06sealed\x18\x03 \x01(\x0b\x32\x1f.allerac.mesh.v1.SealedEnvelopeH\x00\x42\t\n\x07payloadJ\x04\x08\x02\x10\x03R\x04\x62ody\"\x92\x03\n\tInferBody\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12*\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x1a.allerac.mesh.v1.ChatInputH\x00\x12\x10\n\x06prompt\x18\x04 \x01(\tH\x00\x12+\n\x08sampling\x18\x05 \x01(\x0b\x32\x19.allerac.mesh.v1.Sampling\x12\x0c\n\x04user\x18\x06 \x01(\t\x12\x14\n\x0c\x63ontinuation\x18\x07 \x01(\t\x12$\n\x05tools\x18\x08 \x03(\x0b\x32\x15.allerac.mesh.v1.Tool\x12\x30\n\x0btool_choice\x18\t \x01(\x0b\x32\x1b.allerac.mesh.v1.ToolChoice\x12 \n\x13parallel_tool_calls\x18\n \x01(\x08H\x01\x88\x01\x01\x12\x38\n\x0fresponse_format\x18\x0b \x01(\x0b\x32\x1f.allerac.mesh.v1.ResponseFormatB\x07\n\x05inputB\x16\n\x14_parallel_tool_calls\"b\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x17\n\x0fparameters_json\x18\x03 \x01(\t\x12\x13\n\x06strict\x18\x04 \x01(\x08H\x00\x88\x01\x01\x42\t\n\x07_strict\"\xb0\x01\n\nToolChoice\x12.\n\x04mode\x18\x01 \x01(\x0e\x32 .allerac.mesh.v1.ToolChoice.Mode\x12\x10\n\x08\x66unction\x18\x02 \x01(\t\"`\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\r\n\tMODE_NONE\x10\x01\x12\r\n\tMODE_AUTO\x10\x02\x12\x11\n\rMODE_REQUIRED\x10\x03\x12\x11\n\rMODE_FUNCTION\x10\x04\"\xf5\x01\n\x0eResponseFormat\x12\x32\n\x04type\x18\x01 \x01(\x0e\x32$.allerac.mesh.v1.ResponseFormat.Type\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x13\n\x0bschema_json\x18\x04 \x01(\t\x12\x13\n\x06strict\x18\x05 \x01(\x08H\x00\x88\x01\x01\"W\n\x04Type\x12\x14\n\x10TYPE_UNSPECIFIED\x10\x00\x12\r\n\tTYPE_TEXT\x10\x01\x12\x14\n\x10TYPE_JSON_OBJECT\x10\x02\x12\x14\n\x10TYPE_JSON_SCHEMA\x10\x03\x42\t\n\x07_strict\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\";\n\tChatInput\x12.\n\x08messages\x18\x01 \x03(\x0b\x32\x1c.allerac.mesh.v1.ChatMessage\"\x7f\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12-\n\ntool_calls\x18\x04 \x03(\x0b\x32\x19.allerac.mesh.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x05 \x01(\t\"\xff\x02\n\x08Sampling\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x03H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x1d\n\x10presence_penalty\x18\x06 \x01(\x01H\x04\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x07 \x01(\x01H\x05\x88\x01\x01\x12.\n\nlogit_bias\x18\x08 \x03(\x0b\x32\x1a.allerac.mesh.v1.LogitBias\x12\x10\n\x08logprobs\x18\t \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\n \x01(\r\x12\t\n\x01n\x18\x0b \x01(\r\x12\x0c\n\x04\x65\x63ho\x18\x0c \x01(\x08\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penalty\"(\n\tLogitBias\x12\r\n\x05token\x18\x01 \x01(\r\x12\x0c\n\x04\x62ias\x18\x02 \x01(\x01\"\xfc\x02\n\nInferEvent\x12\'\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x16.allerac.mesh.v1.DeltaH\x00\x12)\n\x06\x66inish\x18\x02 \x01(\x0b\x32\x17.allerac.mesh.v1.FinishH\x00\x12.\n\x06sealed\x18\x03 \x01(\x0b\x32\x1c.allerac.mesh.v1.SealedFrameH\x00\x12,\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x1b.allerac.mesh.v1.ErrorEventH\x00\x12+\n\x04\x63\x61rd\x18\x05 \x01(\x0b\x32\x1b.allerac.mesh.v1.SignedCardH\x00\x12,\n\x06ledger\x18\x06 \x01(\x0b\x32\x1a.allerac.mesh.v1.SyncBatchH\x00\x12,\n\x05quota\x18\x07 \x01(\x0b\x32\x1b.allerac.mesh.v1.QuotaGrantH\x00\x12*\n\x05users\x18\x08 \x01(\x0b\x32\x19.allerac.mesh.v1.UserListH\x00\x42\x07\n\x05\x65vent\"b\n\nErrorEvent\x12\x13\n\x0bgrpc_status\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0c\n\x04\x63ode\x18\x03 \x01(\t\x12\x11\n\tresets_at\x18\x04 \x01(\t\x12\r\n\x05param\x18\x05 \x01(\t\"*\n\x17PushRevocationsResponse\x12\x0f\n\x07version\x18\x01 \x01(\x04\"\x8a\x01\n\x05\x44\x65lta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x01(\r\x12/\n\x08logprobs\x18\x03 \x03(\x0b\x32\x1d.allerac.mesh.v1.TokenLogprob\x12\x32\n\ntool_calls\x18\x04 \x03(\x0b\x32\x1e.allerac.mesh.v1.ToolCallDelta\"i\n\x0cTokenLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\x14\n\x07logprob\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12(\n\x03top\x18\x03 \x03(\x0b\x32\x1b.allerac.mesh.v1.TopLogprobB\n\n\x08_logprob\",\n\nTopLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"K\n\rToolCallDelta\x12\r\n\x05index\x18\x01 \x01(\r\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x11\n\targuments\x18\x04 \x01(\t\"\xcf\x01\n\x06\x46inish\x12-\n\x06reason\x18\x01 \x01(\x0e\x32\x1d.allerac.mesh.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\r\x12\x11\n\tserved_by\x18\x04 \x01(\t\x12\r\n\x05route\x18\x05 \x01(\t\x12\r\n\x05model\x18\x06 \x01(\t\x12\x33\n\x0cusage_record\x18\x07 \x01(\x0b\x32\x1d.allerac.mesh.v1.SignedRecord*;\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\r\n\tTIER_HOME\x10\x01\x12\x0e\n\nTIER_CLOUD\x10\x02*\x9a\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x1c\n\x18\x46INISH_REASON_TOOL_CALLS\x10\x04\x32\x8a\x03\n\x0bNodeService\x12I\n\x08\x44\x65scribe\x12 .allerac.mesh.v1.DescribeRequest\x1a\x1b.allerac.mesh.v1.SignedCard\x12\x43\n\x04Ping\x12\x1c.allerac.mesh.v1.PingRequest\x1a\x1d.allerac.mesh.v1.PingResponse\x12\x45\n\x05Infer\x12\x1d.allerac.mesh.v1.InferRequest\x1a\x1b.allerac.mesh.v1.InferEvent0\x01\x12\x43\n\x04Join\x12\x1c.allerac.mesh.v1.JoinRequest\x1a\x1d.allerac.mesh.v1.JoinResponse\x12_\n\x0fPushRevocations\x12\".allerac.mesh.v1.SignedRevocations\x1a(.allerac.mesh.v1.PushRevocationsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'mesh.wire.v1.node_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TIER']._serialized_start=2941
-  _globals['_TIER']._serialized_end=3000
-  _globals['_FINISHREASON']._serialized_start=3002
-  _globals['_FINISHREASON']._serialized_end=3126
+  _globals['_TIER']._serialized_start=4438
+  _globals['_TIER']._serialized_end=4497
+  _globals['_FINISHREASON']._serialized_start=4500
+  _globals['_FINISHREASON']._serialized_end=4654
   _globals['_DESCRIBEREQUEST']._serialized_start=97
   _globals['_DESCRIBEREQUEST']._serialized_end=114
   _globals['_SEALEDCALL']._serialized_start=117
@@ -50,33 +50,53 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HARDWARE']._serialized_start=893
   _globals['_HARDWARE']._serialized_end=1002
   _globals['_MODELCARD']._serialized_start=1005
-  _globals['_MODELCARD']._serialized_end=1192
-  _globals['_PINGREQUEST']._serialized_start=1195
-  _globals['_PINGREQUEST']._serialized_end=1359
-  _globals['_PINGRESPONSE']._serialized_start=1362
-  _globals['_PINGRESPONSE']._serialized_end=1506
-  _globals['_LOAD']._serialized_start=1508
-  _globals['_LOAD']._serialized_end=1587
-  _globals['_INFERREQUEST']._serialized_start=1589
-  _globals['_INFERREQUEST']._serialized_end=1703
-  _globals['_INFERBODY']._serialized_start=1706
-  _globals['_INFERBODY']._serialized_end=1904
-  _globals['_CHATINPUT']._serialized_start=1906
-  _globals['_CHATINPUT']._serialized_end=1965
-  _globals['_CHATMESSAGE']._serialized_start=1967
-  _globals['_CHATMESSAGE']._serialized_end=2011
-  _globals['_SAMPLING']._serialized_start=2014
-  _globals['_SAMPLING']._serialized_end=2178
-  _globals['_INFEREVENT']._serialized_start=2181
-  _globals['_INFEREVENT']._serialized_end=2561
-  _globals['_ERROREVENT']._serialized_start=2563
-  _globals['_ERROREVENT']._serialized_end=2646
-  _globals['_PUSHREVOCATIONSRESPONSE']._serialized_start=2648
-  _globals['_PUSHREVOCATIONSRESPONSE']._serialized_end=2690
-  _globals['_DELTA']._serialized_start=2692
-  _globals['_DELTA']._serialized_end=2729
-  _globals['_FINISH']._serialized_start=2732
-  _globals['_FINISH']._serialized_end=2939
-  _globals['_NODESERVICE']._serialized_start=3129
-  _globals['_NODESERVICE']._serialized_end=3523
+  _globals['_MODELCARD']._serialized_end=1210
+  _globals['_PINGREQUEST']._serialized_start=1213
+  _globals['_PINGREQUEST']._serialized_end=1377
+  _globals['_PINGRESPONSE']._serialized_start=1380
+  _globals['_PINGRESPONSE']._serialized_end=1524
+  _globals['_LOAD']._serialized_start=1526
+  _globals['_LOAD']._serialized_end=1605
+  _globals['_INFERREQUEST']._serialized_start=1607
+  _globals['_INFERREQUEST']._serialized_end=1721
+  _globals['_INFERBODY']._serialized_start=1724
+  _globals['_INFERBODY']._serialized_end=2126
+  _globals['_TOOL']._serialized_start=2128
+  _globals['_TOOL']._serialized_end=2226
+  _globals['_TOOLCHOICE']._serialized_start=2229
+  _globals['_TOOLCHOICE']._serialized_end=2405
+  _globals['_TOOLCHOICE_MODE']._serialized_start=2309
+  _globals['_TOOLCHOICE_MODE']._serialized_end=2405
+  _globals['_RESPONSEFORMAT']._serialized_start=2408
+  _globals['_RESPONSEFORMAT']._serialized_end=2653
+  _globals['_RESPONSEFORMAT_TYPE']._serialized_start=2555
+  _globals['_RESPONSEFORMAT_TYPE']._serialized_end=2642
+  _globals['_TOOLCALL']._serialized_start=2655
+  _globals['_TOOLCALL']._serialized_end=2710
+  _globals['_CHATINPUT']._serialized_start=2712
+  _globals['_CHATINPUT']._serialized_end=2771
+  _globals['_CHATMESSAGE']._serialized_start=2773
+  _globals['_CHATMESSAGE']._serialized_end=2900
+  _globals['_SAMPLING']._serialized_start=2903
+  _globals['_SAMPLING']._serialized_end=3286
+  _globals['_LOGITBIAS']._serialized_start=3288
+  _globals['_LOGITBIAS']._serialized_end=3328
+  _globals['_INFEREVENT']._serialized_start=3331
+  _globals['_INFEREVENT']._serialized_end=3711
+  _globals['_ERROREVENT']._serialized_start=3713
+  _globals['_ERROREVENT']._serialized_end=3811
+  _globals['_PUSHREVOCATIONSRESPONSE']._serialized_start=3813
+  _globals['_PUSHREVOCATIONSRESPONSE']._serialized_end=3855
+  _globals['_DELTA']._serialized_start=3858
+  _globals['_DELTA']._serialized_end=3996
+  _globals['_TOKENLOGPROB']._serialized_start=3998
+  _globals['_TOKENLOGPROB']._serialized_end=4103
+  _globals['_TOPLOGPROB']._serialized_start=4105
+  _globals['_TOPLOGPROB']._serialized_end=4149
+  _globals['_TOOLCALLDELTA']._serialized_start=4151
+  _globals['_TOOLCALLDELTA']._serialized_end=4226
+  _globals['_FINISH']._serialized_start=4229
+  _globals['_FINISH']._serialized_end=4436
+  _globals['_NODESERVICE']._serialized_start=4657
+  _globals['_NODESERVICE']._serialized_end=5051
 # @@protoc_insertion_point(module_scope)

@@ -1,0 +1,151 @@
+"""Capabilities across the mesh, in process (tests/harness.py): cards advertise what each
+model honours (tools, structured output, logprobs, ...), the scheduler sends a request only
+where it can be honoured (a typed exclusion, shown by `explain`), a request nobody may
+serve as asked is a 400 naming the field, and a failover continuation keeps the request's
+constraints (tools and all) and goes only to a box that honours them."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import pytest
+
+from mesh.errors import UnsupportedParameter
+from mesh.inference import (
+    ChatMessage,
+    Feature,
+    Finished,
+    InferenceRequest,
+    Sampling,
+    TextDelta,
+    Tool,
+    ToolCall,
+    ToolChoice,
+    ToolChoiceMode,
+)
+from mesh.routing.scheduler import Exclusion, Privacy, parse_needs
+from tests.harness import NodeSpec, Script, ScriptedBackend, ask, counting, mesh
+
+MODEL = "shared"
+TOOLS = frozenset({Feature.TOOLS, Feature.LOGPROBS})
+
+
+def box(features: frozenset[Feature] = frozenset(), script: Script | None = None) -> NodeSpec:
+    return NodeSpec(backends=[ScriptedBackend(script, model=MODEL, features=features)])
+
+
+def with_tools(max_tokens: int = 60) -> InferenceRequest:
+    return InferenceRequest(
+        model=MODEL,
+        messages=(
+            ChatMessage(role="user", content="weather in Paris?"),
+            ChatMessage(
+                role="assistant",
+                content="",
+                tool_calls=(ToolCall(id="call_1", name="weather", arguments='{"city":"Paris"}'),),
+            ),
+            ChatMessage(role="tool", content="sunny", tool_call_id="call_1"),
+        ),
+        sampling=Sampling(max_tokens=max_tokens, logprobs=True, top_logprobs=2),
+        tools=(Tool(name="weather", parameters='{"type":"object"}'),),
+        tool_choice=ToolChoice(mode=ToolChoiceMode.AUTO),
+        parallel_tool_calls=False,
+    )
+
+
+async def test_a_request_with_tools_goes_past_a_nearer_box_that_cannot_honour_them(
+    tmp_path: Path,
+) -> None:
+    specs = {"a": box(), "b": box(TOOLS, Script(tokens=("from", " b")))}
+    async with mesh(tmp_path, specs) as m:
+        a, b = m["a"], m["b"]
+        plain = InferenceRequest(model=MODEL, prompt="hi", sampling=Sampling(max_tokens=4))
+        assert (await ask(a.entry, plain)).answer.served_by.node_id == a.node_id  # local first
+        got = await ask(a.entry, with_tools())
+        assert (got.text, got.answer.served_by.node_id) == ("from b", b.node_id)
+        # b's card said what it honours; what b was asked arrived whole over the wire.
+        [asked] = b.backends[0].asked
+        assert asked.tools == with_tools().tools
+        assert asked.messages == with_tools().messages
+        assert (asked.sampling.logprobs, asked.sampling.top_logprobs) == (True, 2)
+        assert asked.parallel_tool_calls is False
+        # explain shows the typed exclusion, by field.
+        shown = a.entry.explain(MODEL, Privacy.MESH, None, parse_needs("tools"))
+        [row] = [r for r in shown["candidates"] if r["node_id"] == a.node_id]
+        assert "cannot honour tools" in row["status"]
+        decided = a.entry.plan(with_tools(), Privacy.MESH)
+        assert [x.reason for x in decided.excluded] == [Exclusion.CAPABILITY]
+        assert decided.excluded[0].param == "tools"
+
+
+async def test_nobody_who_may_serve_it_honours_a_field_is_a_400_naming_it(tmp_path: Path) -> None:
+    specs = {"a": box(), "b": box(frozenset({Feature.LOGPROBS}))}
+    async with mesh(tmp_path, specs) as m:
+        a = m["a"]
+        request = InferenceRequest(
+            model=MODEL,
+            prompt="hi",
+            sampling=Sampling(max_tokens=4, presence_penalty=0.5, logprobs=True),
+        )
+        with pytest.raises(UnsupportedParameter) as info:
+            await ask(a.entry, request)
+        assert info.value.http_status == 400
+        assert info.value.param == "presence_penalty"
+        assert "presence_penalty" in info.value.message
+        # Only a box the request may not reach honours it: still the field, not a 503.
+        with pytest.raises(UnsupportedParameter) as local_only:
+            await ask(
+                a.entry,
+                InferenceRequest(model=MODEL, prompt="hi", sampling=Sampling(logprobs=True)),
+                Privacy.LOCAL_ONLY,
+            )
+        assert local_only.value.param == "logprobs"
+
+
+async def test_a_peer_asked_directly_for_what_it_cannot_honour_refuses_it(tmp_path: Path) -> None:
+    """The serving side checks too (a card may be stale): the entry node's plan lists b as
+    able, b's own check says otherwise, and the client hears the field."""
+    specs = {"a": NodeSpec(), "b": box(TOOLS)}
+    async with mesh(tmp_path, specs) as m:
+        a, b = m["a"], m["b"]
+        b.backends[0].info = b.backends[0].info.__class__(name=MODEL, context_length=4096)
+        with pytest.raises(UnsupportedParameter) as info:
+            await ask(a.entry, with_tools())
+        assert info.value.param == "tools"
+        assert b.backends[0].asked == []
+
+
+async def test_a_failover_continuation_keeps_the_constraints_and_skips_incapable_boxes(
+    tmp_path: Path,
+) -> None:
+    specs = {
+        "a": box(),  # nearest, but cannot honour tools: never asked
+        "b": box(TOOLS, Script(tokens=counting(60), pause_after=10)),
+        "c": box(TOOLS, Script(tokens=counting(60))),
+    }
+    async with mesh(tmp_path, specs) as m:
+        a, b, c = m["a"], m["b"], m["c"]
+        pieces: list[str] = []
+        tokens = 0
+        async with a.entry.answer(with_tools()) as answer:
+            first = answer.served_by.node_id
+            assert first in (b.node_id, c.node_id)
+            serving, other = (b, c) if first == b.node_id else (c, b)
+            async with contextlib.aclosing(answer.events()) as events:
+                async for event in events:
+                    if isinstance(event, TextDelta):
+                        pieces.append(event.text)
+                        tokens += event.tokens
+                        if tokens == 10:
+                            m.net.cut(serving)
+                    else:
+                        assert isinstance(event, Finished)
+            assert answer.failovers == [other.node_id]
+        assert "".join(pieces) == "".join(counting(60))
+        assert a.backends[0].asked == []
+        [follow_up] = other.backends[0].asked
+        assert follow_up.continuation == "".join(counting(10))
+        assert follow_up.tools == with_tools().tools
+        assert follow_up.tool_choice == with_tools().tool_choice
+        assert follow_up.sampling.top_logprobs == 2
