@@ -363,3 +363,13 @@ def test_openais_ranges_are_enforced(client: openai.OpenAI) -> None:
             model=MODEL, messages=CAPITAL, logprobs=True, top_logprobs=21
         )
     assert info.value.body["param"] == "top_logprobs"  # type: ignore[index]
+
+
+def test_route_explain_shows_who_cannot_honour_what_a_request_needs(node: NodeProcess) -> None:
+    status, body = _get(node, "/allerac/route?model=default&needs=tools,logprobs")
+    assert status == 200
+    [row] = body["candidates"]
+    assert row["status"] == "its model cannot honour tools (tools)"
+    assert row["capabilities"] == []
+    status, body = _get(node, "/allerac/route?model=default&needs=telepathy")
+    assert (status, body["error"]["param"]) == (400, "needs")
