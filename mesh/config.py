@@ -121,6 +121,8 @@ class ModelConfig:
     # Sampling defaults for requests that set none (like Ollama's PARAMETER); None: llama.cpp's.
     temperature: float | None = None
     top_p: float | None = None
+    # llama_cpp: also answer /v1/embeddings, through an embedding context of its own.
+    embedding: bool = False
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -216,6 +218,7 @@ def embedded_model(path: Path) -> ModelConfig:
         # greedily unless a request asks otherwise, it answers plain questions correctly.
         system_prompt="You are a helpful assistant.",
         temperature=0.0,
+        embedding=True,  # mean-pooled embeddings from the same file
     )
 
 
@@ -320,7 +323,7 @@ _COMMON_MODEL_KEYS = (
     "temperature",
     "top_p",
 )
-_FILE_MODEL_KEYS = ("path", "threads", "queue_size")
+_FILE_MODEL_KEYS = ("path", "threads", "queue_size", "embedding")
 _UPSTREAM_MODEL_KEYS = ("url", "upstream_model", "api_key_env", "slots", "timeout_s", "family")
 _NOT_FOR_UPSTREAM = {
     "path": "an openai model has no model file: its upstream (url) serves it",
@@ -413,6 +416,11 @@ def _file_settings(
         out["threads"] = reader.integer("threads", 1, 1024)
     if reader.has("queue_size"):
         out["queue_size"] = reader.integer("queue_size", 0, 10_000)
+    if reader.has("embedding"):
+        embedding = reader.raw("embedding")
+        if not isinstance(embedding, bool):
+            raise reader.fail("embedding", embedding, "must be true or false")
+        out["embedding"] = embedding
     return out
 
 

@@ -30,6 +30,8 @@ MAX_LOGIT_BIAS = 1024
 MAX_TOKEN_ID = (1 << 31) - 1
 MAX_TOP_LOGPROBS = 20  # OpenAI's range for chat top_logprobs (completions: logprobs 0..5)
 MAX_CHOICES = 128  # OpenAI's range for n
+MAX_EMBED_INPUTS = 2048  # OpenAI's limit on one embeddings request's inputs
+MAX_EMBED_DIMENSIONS = 1 << 16
 MAX_STOP_SEQUENCES = 4
 MAX_STOP_CHARS = 256
 MAX_MAX_TOKENS = 1 << 20
@@ -293,11 +295,14 @@ class Sampling:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class InferenceRequest:
-    """One request: chat (`messages`) or text completion (`prompt`), never both."""
+    """One request: chat (`messages`), text completion (`prompt`) or embeddings
+    (`inputs`), exactly one of them."""
 
     model: str
     messages: tuple[ChatMessage, ...] | None = None
     prompt: str | None = None
+    inputs: tuple[str, ...] | None = None  # embeddings: the texts to embed
+    dimensions: int | None = None  # embeddings: the size asked (None: the model's own)
     sampling: Sampling = field(default_factory=Sampling)
     request_id: str = field(default_factory=new_request_id)
     user: str = ""
@@ -310,8 +315,13 @@ class InferenceRequest:
     def __post_init__(self) -> None:
         if not self.model or len(self.model) > 256:
             raise InvalidRequest("model must be a non-empty name", param="model")
-        if (self.messages is None) == (self.prompt is None):
-            raise InvalidRequest("a request has either messages (chat) or a prompt")
+        kinds = (self.messages is not None) + (self.prompt is not None) + (self.inputs is not None)
+        if kinds != 1:
+            raise InvalidRequest(
+                "a request has exactly one of messages (chat), a prompt or inputs (embeddings)"
+            )
+        if self.inputs is not None:
+            self._check_inputs()
         if self.messages is not None:
             if not self.messages:
                 raise InvalidRequest("messages must not be empty", param="messages")
@@ -337,6 +347,24 @@ class InferenceRequest:
             )
         if len(self.user) > 256:
             raise InvalidRequest("user must be at most 256 characters", param="user")
+
+    def _check_inputs(self) -> None:
+        assert self.inputs is not None
+        if not 1 <= len(self.inputs) <= MAX_EMBED_INPUTS:
+            raise InvalidRequest(
+                f"input must hold 1 to {MAX_EMBED_INPUTS} texts, got {len(self.inputs)}",
+                param="input",
+            )
+        for index, text in enumerate(self.inputs):
+            if not text:
+                raise InvalidRequest(f"input[{index}] must not be empty", param="input")
+        if self.dimensions is not None and not 1 <= self.dimensions <= MAX_EMBED_DIMENSIONS:
+            raise InvalidRequest(
+                f"dimensions must be from 1 to {MAX_EMBED_DIMENSIONS}, got {self.dimensions}",
+                param="dimensions",
+            )
+        if self.continuation:
+            raise InvalidRequest("an embeddings request cannot be continued")
 
     def _check_tools(self) -> None:
         if (self.tools or self.tool_choice or self.parallel_tool_calls is not None) and (
@@ -381,6 +409,8 @@ class InferenceRequest:
         (what a refusal names), in the order the fields are read."""
         found: list[tuple[Feature, str]] = []
         s = self.sampling
+        if self.inputs is not None:
+            found.append((Feature.EMBEDDINGS, "input"))
         if self.tools:
             found.append((Feature.TOOLS, "tools"))
         for index, message in enumerate(self.messages or ()):
@@ -449,6 +479,8 @@ class Finished:
     completion_tokens: int
     # The serving node's signed usage record (serialized SignedRecord), once it has one.
     usage_record: bytes = b""
+    # Embeddings: one vector per input, in order (float32 values).
+    embeddings: tuple[tuple[float, ...], ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -138,6 +138,16 @@ def counting(n: int) -> tuple[str, ...]:
 async def play(
     script: Script, request: InferenceRequest, paused: asyncio.Event | None = None
 ) -> AsyncGenerator[InferenceEvent, None]:
+    if request.inputs is not None:  # embeddings: one small vector per input
+        if script.fail_after is not None:
+            raise script.error
+        yield Finished(
+            reason=FinishReason.STOP,
+            prompt_tokens=sum(len(text) for text in request.inputs),
+            completion_tokens=0,
+            embeddings=tuple((float(len(text)), 1.0) for text in request.inputs),
+        )
+        return
     tokens = list(script.tokens)
     if request.continuation:
         text = ""

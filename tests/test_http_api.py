@@ -250,7 +250,7 @@ def test_the_client_sees_errors_as_openai_exceptions(client: openai.OpenAI) -> N
 
 
 def test_unknown_endpoint_is_a_json_404(node: NodeProcess) -> None:
-    status, payload = raw_post(node, "/v1/embeddings", b"{}")
+    status, payload = raw_post(node, "/v1/audio/speech", b"{}")
     assert status == 404
     assert payload["error"]["code"] == "not_found"
 
@@ -370,6 +370,48 @@ def test_route_explain_shows_who_cannot_honour_what_a_request_needs(node: NodePr
     assert status == 200
     [row] = body["candidates"]
     assert row["status"] == "its model cannot honour tools (tools)"
-    assert row["capabilities"] == []
+    assert row["capabilities"] == ["embeddings"]  # the embedded model: embeddings only
     status, body = _get(node, "/allerac/route?model=default&needs=telepathy")
     assert (status, body["error"]["param"]) == (400, "needs")
+
+
+# --- embeddings: the embedded model, mean pooling ------------------------------------------------
+
+
+def _embed(node: NodeProcess, **fields: Any) -> tuple[int, dict[str, Any]]:
+    return raw_post(node, "/v1/embeddings", json.dumps({"model": MODEL, **fields}).encode())
+
+
+def test_embeddings_shape_determinism_batch_and_base64(
+    client: openai.OpenAI, node: NodeProcess
+) -> None:
+    texts = ["The capital of France is Paris.", "Bonjour", "1, 2, 3"]
+    before = _requests_recorded(node)
+    status, batch = _embed(node, input=texts)
+    assert status == 200, batch
+    assert batch["object"] == "list"
+    assert [d["index"] for d in batch["data"]] == [0, 1, 2]
+    vectors = [d["embedding"] for d in batch["data"]]
+    assert {len(v) for v in vectors} == {576}  # SmolLM2-135M's hidden size
+    assert abs(sum(x * x for x in vectors[0]) - 1.0) < 1e-4  # normalized, as OpenAI's are
+    assert batch["usage"]["prompt_tokens"] > 0
+    assert batch["usage"]["total_tokens"] == batch["usage"]["prompt_tokens"]
+    one_by_one = [_embed(node, input=text)[1]["data"][0]["embedding"] for text in texts]
+    assert one_by_one == vectors  # batch equals one by one, and the same text the same
+    assert vectors[0] != vectors[1]
+    # The official client asks for base64 and decodes it: the same floats.
+    answer = client.embeddings.create(model="default", input=texts[0])
+    assert answer.data[0].embedding == vectors[0]
+    assert answer.model == MODEL
+    assert _requests_recorded(node) == before + 2 + len(texts)
+
+
+def test_embeddings_bad_input_is_a_400_naming_the_field(node: NodeProcess) -> None:
+    for fields, param in [
+        ({"input": "x", "dimensions": 64}, "dimensions"),
+        ({"input": [1, 2, 3]}, "input"),
+        ({"input": "x", "encoding_format": "int8"}, "encoding_format"),
+        ({"input": "word " * 3000}, "input"),  # beyond the context: never truncated silently
+    ]:
+        status, payload = _embed(node, **fields)
+        assert (status, payload["error"]["param"]) == (400, param), payload

@@ -24,6 +24,7 @@ from mesh.inference import (
     ToolChoice,
     ToolChoiceMode,
 )
+from mesh.ledger.records import open_record
 from mesh.routing.scheduler import Exclusion, Privacy, parse_needs
 from tests.harness import NodeSpec, Script, ScriptedBackend, ask, counting, mesh
 
@@ -149,3 +150,23 @@ async def test_a_failover_continuation_keeps_the_constraints_and_skips_incapable
         assert follow_up.tools == with_tools().tools
         assert follow_up.tool_choice == with_tools().tool_choice
         assert follow_up.sampling.top_logprobs == 2
+
+
+async def test_embeddings_go_to_the_peer_that_has_them_and_are_recorded(tmp_path: Path) -> None:
+    specs = {"a": box(), "b": box(frozenset({Feature.EMBEDDINGS}))}
+    async with mesh(tmp_path, specs) as m:
+        a, b = m["a"], m["b"]
+        request = InferenceRequest(model=MODEL, inputs=("one", "three"), user="")
+        got = await ask(a.entry, request)
+        assert got.answer.served_by.node_id == b.node_id
+        assert got.finished.embeddings == ((3.0, 1.0), (5.0, 1.0))
+        assert got.finished.prompt_tokens == 8
+        await m.settled()
+        await a.ledger.flush()  # a peer's record is committed just after the answer left
+        [record] = [r for r in await a.ledger.records() if open_record(r).node_id == b.node_id]
+        assert open_record(record).prompt_tokens == 8
+        # Nobody else has embeddings: a 400 naming input.
+        m.net.cut(a, b)
+        with pytest.raises(UnsupportedParameter) as info:
+            await ask(a.entry, InferenceRequest(model=MODEL, inputs=("x",)), Privacy.LOCAL_ONLY)
+        assert info.value.param == "input"

@@ -167,6 +167,9 @@ def prompt_bound(request: InferenceRequest) -> int:
     if request.messages is not None:
         text_bytes = sum(len(m.content.encode("utf-8")) for m in request.messages)
         messages = len(request.messages) + 1  # and the assistant's turn
+    elif request.inputs is not None:  # embeddings: each input on its own, special tokens too
+        text_bytes = sum(len(text.encode("utf-8")) for text in request.inputs)
+        messages = len(request.inputs)
     else:
         text_bytes = len((request.prompt or "").encode("utf-8"))
         messages = 1

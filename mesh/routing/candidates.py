@@ -55,6 +55,8 @@ class Estimate:
     @classmethod
     def of(cls, request: InferenceRequest) -> Estimate:
         chars = len(request.prompt or "") + sum(len(m.content) for m in request.messages or ())
+        # Embeddings: each input is embedded on its own, so the longest must fit.
+        chars += max((len(text) for text in request.inputs or ()), default=0)
         wanted = request.sampling.max_tokens
         return cls(
             prompt_tokens=chars // 4,

@@ -103,7 +103,13 @@ def no_candidate(
     )
 
 
-def refusal(model: str, *, excluded: Sequence[Excluded], failures: Sequence[Failure]) -> MeshError:
+def refusal(
+    model: str,
+    *,
+    excluded: Sequence[Excluded],
+    failures: Sequence[Failure],
+    embeddings: bool = False,
+) -> MeshError:
     """The one error the client hears when no candidate of a plan could serve `model`:
     each was left out of the plan (`excluded`) or tried and failed (`failures`)."""
 
@@ -148,6 +154,12 @@ def refusal(model: str, *, excluded: Sequence[Excluded], failures: Sequence[Fail
         if isinstance(f.error, ContextLengthExceeded)
     ]
     if too_small and len(too_small) == len(reasons):
+        if embeddings:
+            return ContextLengthExceeded(
+                f"no node serving {model!r} can embed an input this long "
+                f"({'; '.join(too_small)}): shorten it",
+                param="input",
+            )
         return ContextLengthExceeded(
             f"no node serving {model!r} has room for this request "
             f"({'; '.join(too_small)}): shorten the prompt or lower max_tokens",

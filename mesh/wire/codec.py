@@ -27,6 +27,7 @@ from mesh.errors import (
     UnsupportedProtocol,
 )
 from mesh.inference import (
+    MAX_EMBED_INPUTS,
     MAX_MESSAGES,
     MAX_TOOL_CALLS,
     MAX_TOOLS,
@@ -189,6 +190,10 @@ def request_to_pb(request: InferenceRequest) -> pb.InferBody:
         )
     if request.messages is not None:
         body.chat.messages.extend(_message_to_pb(m) for m in request.messages)
+    elif request.inputs is not None:
+        body.embed.inputs.extend(request.inputs)
+        if request.dimensions is not None:
+            body.embed.dimensions = request.dimensions
     else:
         body.prompt = request.prompt or ""
     return body
@@ -221,8 +226,10 @@ def _format_from_pb(body: pb.InferBody) -> ResponseFormat | None:
 
 def request_from_pb(body: pb.InferBody) -> InferenceRequest:
     which = body.WhichOneof("input")
-    if which not in ("chat", "prompt"):
-        raise InvalidRequest("InferBody has neither chat messages nor a prompt")
+    if which not in ("chat", "prompt", "embed"):
+        raise InvalidRequest("InferBody has neither chat messages, a prompt nor inputs")
+    if which == "embed" and len(body.embed.inputs) > MAX_EMBED_INPUTS:
+        raise InvalidRequest(f"at most {MAX_EMBED_INPUTS} inputs", param="input")
     if len(body.tools) > MAX_TOOLS:  # before building them all
         raise InvalidRequest(f"at most {MAX_TOOLS} tools", param="tools")
     if which == "chat" and len(body.chat.messages) > MAX_MESSAGES:
@@ -234,6 +241,8 @@ def request_from_pb(body: pb.InferBody) -> InferenceRequest:
             tuple(_message_from_pb(m) for m in body.chat.messages) if which == "chat" else None
         ),
         prompt=body.prompt if which == "prompt" else None,
+        inputs=tuple(body.embed.inputs) if which == "embed" else None,
+        dimensions=_opt(body.embed, "dimensions") if which == "embed" else None,
         sampling=_sampling_from_pb(body.sampling),
         user=body.user,
         continuation=body.continuation,
@@ -349,6 +358,7 @@ def event_to_pb(event: InferenceEvent, served_by: ServedBy) -> pb.InferEvent:
             usage_record=(
                 lpb.SignedRecord.FromString(event.usage_record) if event.usage_record else None
             ),
+            embeddings=[pb.Embedding(values=vector) for vector in event.embeddings],
         )
     )
 
@@ -370,6 +380,7 @@ def event_from_pb(message: pb.InferEvent) -> InferenceEvent:
                 if message.finish.HasField("usage_record")
                 else b""
             ),
+            embeddings=tuple(tuple(e.values) for e in message.finish.embeddings),
         )
     if which == "error":
         error = error_from_status(

@@ -35,6 +35,7 @@ from typing import Any
 from aiohttp import web
 
 from mesh.api import openai_api
+from mesh.api.embeddings import embeddings_body, parse_embeddings_request
 from mesh.clock import SYSTEM, Clock
 from mesh.errors import (
     ForeignRequest,
@@ -44,6 +45,7 @@ from mesh.errors import (
     OwnerRequired,
     PermissionDenied,
     QuotaExceeded,
+    RemoteProtocolError,
     RequestTooLarge,
     UnsupportedMediaType,
 )
@@ -348,6 +350,33 @@ async def completions(request: web.Request) -> web.StreamResponse:
     return await _answer(request, caller, parsed)
 
 
+async def create_embeddings(request: web.Request) -> web.Response:
+    """POST /v1/embeddings: planned, sealed, recorded and counted like a chat request."""
+    caller = get_caller(request)
+    body = await _read_body(request)
+    parsed = parse_embeddings_request(body, max_bytes=request.app[MAX_BYTES])
+    inference = dataclasses.replace(parsed.request, user=caller.user)
+    privacy = caller.privacy_for(_privacy(request))
+    async with request.app[ENTRY].answer(inference, privacy) as answer:
+        noted = facts(request)
+        noted.model = answer.served_by.model
+        noted.route = answer.served_by.route.value
+        async with contextlib.aclosing(answer.events()) as events:
+            async for event in events:
+                if isinstance(event, Finished):
+                    _note_tokens(request, event)
+                    return json_response(
+                        embeddings_body(
+                            answer.request,
+                            event,
+                            model=answer.served_by.model,
+                            encoding=parsed.encoding,
+                        ),
+                        headers=_route_headers(answer),
+                    )
+    raise RemoteProtocolError("the embeddings answer ended without its vectors")
+
+
 async def list_models(request: web.Request) -> web.Response:
     """Every model the mesh can serve, and where (the nodes up that serve it)."""
     get_caller(request)  # beyond loopback: only with a key
@@ -559,6 +588,7 @@ def build_app(
     app.router.add_get("/v1/models/{model:.+}", get_model)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/embeddings", create_embeddings)
     app.router.add_get("/allerac/status", get_status)
     app.router.add_get("/allerac/route", route_explain)
     app.router.add_get("/allerac/mesh", mesh_describe)

@@ -199,7 +199,12 @@ class EntryAnswer:
                 )
                 self._starter.failed(served_by, exc)
                 failures.append(Failure(candidate=candidate, error=exc))
-        error = refusal(request.model, excluded=self._plan.excluded, failures=failures)
+        error = refusal(
+            request.model,
+            excluded=self._plan.excluded,
+            failures=failures,
+            embeddings=request.inputs is not None,
+        )
         if isinstance(error, Overloaded):
             self._starter.models.rejected(request.model)
         raise error

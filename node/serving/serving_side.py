@@ -154,7 +154,12 @@ class ServingSide:
                     accountant=self._accountant,
                     clock=self._clock,
                 )
-        error = refusal(request.model, excluded=[left_out] if left_out else [], failures=failures)
+        error = refusal(
+            request.model,
+            excluded=[left_out] if left_out else [],
+            failures=failures,
+            embeddings=request.inputs is not None,
+        )
         if isinstance(error, Overloaded):
             self._models.rejected(request.model)
         raise error

@@ -182,11 +182,12 @@ class InferRequest(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ..., sealed: _Optional[_Union[_trust_pb2.SealedEnvelope, _Mapping]] = ...) -> None: ...
 
 class InferBody(_message.Message):
-    __slots__ = ("request_id", "model", "chat", "prompt", "sampling", "user", "continuation", "tools", "tool_choice", "parallel_tool_calls", "response_format")
+    __slots__ = ("request_id", "model", "chat", "prompt", "embed", "sampling", "user", "continuation", "tools", "tool_choice", "parallel_tool_calls", "response_format")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     CHAT_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
+    EMBED_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     USER_FIELD_NUMBER: _ClassVar[int]
     CONTINUATION_FIELD_NUMBER: _ClassVar[int]
@@ -198,6 +199,7 @@ class InferBody(_message.Message):
     model: str
     chat: ChatInput
     prompt: str
+    embed: EmbedInput
     sampling: Sampling
     user: str
     continuation: str
@@ -205,7 +207,7 @@ class InferBody(_message.Message):
     tool_choice: ToolChoice
     parallel_tool_calls: bool
     response_format: ResponseFormat
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., chat: _Optional[_Union[ChatInput, _Mapping]] = ..., prompt: _Optional[str] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., user: _Optional[str] = ..., continuation: _Optional[str] = ..., tools: _Optional[_Iterable[_Union[Tool, _Mapping]]] = ..., tool_choice: _Optional[_Union[ToolChoice, _Mapping]] = ..., parallel_tool_calls: _Optional[bool] = ..., response_format: _Optional[_Union[ResponseFormat, _Mapping]] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., chat: _Optional[_Union[ChatInput, _Mapping]] = ..., prompt: _Optional[str] = ..., embed: _Optional[_Union[EmbedInput, _Mapping]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., user: _Optional[str] = ..., continuation: _Optional[str] = ..., tools: _Optional[_Iterable[_Union[Tool, _Mapping]]] = ..., tool_choice: _Optional[_Union[ToolChoice, _Mapping]] = ..., parallel_tool_calls: _Optional[bool] = ..., response_format: _Optional[_Union[ResponseFormat, _Mapping]] = ...) -> None: ...
 
 class Tool(_message.Message):
     __slots__ = ("name", "description", "parameters_json", "strict")
@@ -272,6 +274,20 @@ class ToolCall(_message.Message):
     name: str
     arguments: str
     def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., arguments: _Optional[str] = ...) -> None: ...
+
+class EmbedInput(_message.Message):
+    __slots__ = ("inputs", "dimensions")
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    DIMENSIONS_FIELD_NUMBER: _ClassVar[int]
+    inputs: _containers.RepeatedScalarFieldContainer[str]
+    dimensions: int
+    def __init__(self, inputs: _Optional[_Iterable[str]] = ..., dimensions: _Optional[int] = ...) -> None: ...
+
+class Embedding(_message.Message):
+    __slots__ = ("values",)
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    values: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, values: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ChatInput(_message.Message):
     __slots__ = ("messages",)
@@ -412,7 +428,7 @@ class ToolCallDelta(_message.Message):
     def __init__(self, index: _Optional[int] = ..., id: _Optional[str] = ..., name: _Optional[str] = ..., arguments: _Optional[str] = ...) -> None: ...
 
 class Finish(_message.Message):
-    __slots__ = ("reason", "prompt_tokens", "completion_tokens", "served_by", "route", "model", "usage_record")
+    __slots__ = ("reason", "prompt_tokens", "completion_tokens", "served_by", "route", "model", "usage_record", "embeddings")
     REASON_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -420,6 +436,7 @@ class Finish(_message.Message):
     ROUTE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     USAGE_RECORD_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
     reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
@@ -427,4 +444,5 @@ class Finish(_message.Message):
     route: str
     model: str
     usage_record: _ledger_pb2.SignedRecord
-    def __init__(self, reason: _Optional[_Union[FinishReason, str]] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., served_by: _Optional[str] = ..., route: _Optional[str] = ..., model: _Optional[str] = ..., usage_record: _Optional[_Union[_ledger_pb2.SignedRecord, _Mapping]] = ...) -> None: ...
+    embeddings: _containers.RepeatedCompositeFieldContainer[Embedding]
+    def __init__(self, reason: _Optional[_Union[FinishReason, str]] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., served_by: _Optional[str] = ..., route: _Optional[str] = ..., model: _Optional[str] = ..., usage_record: _Optional[_Union[_ledger_pb2.SignedRecord, _Mapping]] = ..., embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ...) -> None: ...
