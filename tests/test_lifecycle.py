@@ -123,6 +123,7 @@ def test_sigterm_lets_the_stream_in_flight_finish_and_exits_0(fresh_home: Path) 
             "temperature": 0,
             "max_tokens": 200,
             "stream": True,
+            "stream_options": {"include_usage": True},
         }
         conn.request(
             "POST",
