@@ -52,6 +52,7 @@ from mesh.inference import (
     Route,
     Sampling,
     TextDelta,
+    ToolCallDelta,
     new_request_id,
 )
 from mesh.ledger.records import open_record
@@ -123,6 +124,7 @@ class Script:
     error: Exception = field(default_factory=lambda: Unavailable("the peer went away"))
     prompt_tokens: int = 3
     pause_after: int | None = None
+    calls: Sequence[ToolCallDelta] = ()  # tool-call pieces, one a token, before the text
 
 
 def counting(n: int) -> tuple[str, ...]:
@@ -161,6 +163,13 @@ async def play(
                 tokens = []
     made = 0
     budget = request.sampling.max_tokens
+    for call in script.calls:
+        if script.fail_after is not None and made >= script.fail_after:
+            raise script.error
+        if paused is not None and script.pause_after is not None and made == script.pause_after:
+            await paused.wait()
+        made += 1
+        yield TextDelta("", 1, (), (call,))
     for text in tokens:
         if script.fail_after is not None and made >= script.fail_after:
             raise script.error

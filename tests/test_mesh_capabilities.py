@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from mesh.errors import UnsupportedParameter
+from mesh.errors import MeshError, UnsupportedParameter
 from mesh.inference import (
     ChatMessage,
     Feature,
@@ -21,6 +21,7 @@ from mesh.inference import (
     TextDelta,
     Tool,
     ToolCall,
+    ToolCallDelta,
     ToolChoice,
     ToolChoiceMode,
 )
@@ -170,3 +171,63 @@ async def test_embeddings_go_to_the_peer_that_has_them_and_are_recorded(tmp_path
         with pytest.raises(UnsupportedParameter) as info:
             await ask(a.entry, InferenceRequest(model=MODEL, inputs=("x",)), Privacy.LOCAL_ONLY)
         assert info.value.param == "input"
+
+
+async def test_an_echoed_prompt_is_not_continued_from_nor_echoed_twice(tmp_path: Path) -> None:
+    prompt = "1, 2,"
+    echoing = (prompt, " 3", ",", " 4", ",")
+    echo = frozenset({Feature.ECHO})
+    specs = {
+        "a": NodeSpec(),
+        "b": box(echo),
+        "c": box(echo),
+    }
+    async with mesh(tmp_path, specs) as m:
+        a, b, c = m["a"], m["b"], m["c"]
+        for backend in (b.backends[0], c.backends[0]):  # whoever comes first pauses
+            backend.script = Script(tokens=echoing, pause_after=2)
+        request = InferenceRequest(
+            model=MODEL, prompt=prompt, sampling=Sampling(max_tokens=5, echo=True)
+        )
+        pieces: list[str] = []
+        async with a.entry.answer(request) as answer:
+            serving = b if answer.served_by.node_id == b.node_id else c
+            other = c if serving is b else b
+            # What a box asked to continue after " 3" without echoing makes.
+            other.backends[0].script = Script(tokens=echoing[1:])
+            async with contextlib.aclosing(answer.events()) as events:
+                async for event in events:
+                    if isinstance(event, TextDelta):
+                        pieces.append(event.text)
+                        if len(pieces) == 2:
+                            m.net.cut(serving)
+        assert "".join(pieces) == "".join(echoing)
+        [follow_up] = other.backends[0].asked
+        assert (follow_up.continuation, follow_up.sampling.echo) == (" 3", False)
+
+
+async def test_a_tool_call_cut_mid_stream_is_an_error_not_a_second_call(tmp_path: Path) -> None:
+    calls = (
+        ToolCallDelta(index=0, id="call_1", name="weather"),
+        ToolCallDelta(index=0, arguments='{"city":'),
+        ToolCallDelta(index=0, arguments='"Paris"}'),
+    )
+    script = Script(tokens=(), calls=calls, pause_after=2)
+    specs = {"a": NodeSpec(), "b": box(TOOLS, script), "c": box(TOOLS, script)}
+    async with mesh(tmp_path, specs) as m:
+        a = m["a"]
+        got: list[ToolCallDelta] = []
+
+        async def listen() -> None:
+            async with a.entry.answer(with_tools()) as answer:
+                serving = answer.served_by.node_id
+                async with contextlib.aclosing(answer.events()) as events:
+                    async for event in events:
+                        assert isinstance(event, TextDelta)
+                        got.extend(event.tool_calls)
+                        if len(got) == 2:
+                            m.net.cut(m["b"] if serving == m["b"].node_id else m["c"])
+
+        with pytest.raises(MeshError, match="while sending a tool call"):
+            await listen()
+        assert got == list(calls[:2])

@@ -223,6 +223,7 @@ class EntryAnswer:
         asked = self.request  # what the current source was asked (a failover asks anew)
         pending: InferenceEvent | None = source.first
         finished = False
+        calls_delivered = False  # a tool call was (partly) sent: no box can continue it
         try:
             while True:
                 try:
@@ -230,6 +231,7 @@ class EntryAnswer:
                         event = pending if pending is not None else await anext(source.rest)
                         pending = None
                         if isinstance(event, TextDelta):
+                            calls_delivered = calls_delivered or bool(event.tool_calls)
                             delivered.append(event.text)
                             delivered_tokens += event.tokens
                             seen = seen.plus(event.text)
@@ -263,21 +265,20 @@ class EntryAnswer:
                         reason=FinishReason.LENGTH, prompt_tokens=0, completion_tokens=tokens_before
                     )
                     return
-                follow_up = dataclasses.replace(
-                    self.request,
-                    request_id=new_request_id(),
-                    continuation=self.request.continuation + "".join(delivered),
-                    sampling=dataclasses.replace(
-                        self.request.sampling,
-                        max_tokens=None if wanted is None else wanted - tokens_before,
-                    ),
-                )
+                failed = source.served_by
+                if calls_delivered:
+                    finished = True  # the failed part is recorded; nothing else was delivered
+                    raise failure.reworded(
+                        f"{failed.node_id[:7]} ({failed.route}) failed mid-answer "
+                        f"({failure.message}) while sending a tool call, which another box "
+                        "cannot continue: ask again"
+                    )
+                follow_up = self._follow_up(delivered, tokens_before)
                 logger.warning(
                     "%s failed mid-stream (%s); continuing on the next candidate",
                     source.served_by.node_id[:7],
                     failure.message,
                 )
-                failed = source.served_by
                 try:
                     source = await self._first(follow_up)
                     asked = follow_up
@@ -300,6 +301,24 @@ class EntryAnswer:
                 await asyncio.shield(
                     self._partial(source.served_by, asked, delivered_tokens - tokens_before, seen)
                 )
+
+    def _follow_up(self, delivered: list[str], tokens_before: int) -> InferenceRequest:
+        """The request the next candidate continues: after the text delivered, for the
+        tokens left, with every constraint of the original (tools, formats, logprobs...).
+        An echoed prompt is not part of what to continue from, nor echoed again."""
+        wanted = self.request.sampling.max_tokens
+        continued = self.request.continuation + "".join(delivered)
+        sampling = dataclasses.replace(
+            self.request.sampling,
+            max_tokens=None if wanted is None else wanted - tokens_before,
+        )
+        prompt = self.request.prompt
+        if sampling.echo and prompt is not None and continued.startswith(prompt):
+            continued = continued[len(prompt) :]
+            sampling = dataclasses.replace(sampling, echo=False)
+        return dataclasses.replace(
+            self.request, request_id=new_request_id(), continuation=continued, sampling=sampling
+        )
 
     async def _account(
         self, served_by: ServedBy, asked: InferenceRequest, finished: Finished, seen: Delivered
