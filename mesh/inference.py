@@ -471,6 +471,14 @@ class TextDelta:
     logprobs: tuple[TokenLogprob, ...] = ()  # of the tokens of this piece, when asked
     tool_calls: tuple[ToolCallDelta, ...] = ()
 
+    @property
+    def delivered(self) -> str:
+        """What of this piece reaches the client as generated text: the text, and the
+        tool calls' names and arguments (what bounds its tokens in the ledger)."""
+        if not self.tool_calls:
+            return self.text
+        return self.text + "".join(c.name + c.arguments for c in self.tool_calls)
+
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Finished:

@@ -376,3 +376,31 @@ def _served() -> Any:
     from mesh.inference import Route, ServedBy
 
     return ServedBy(node_id="n", route=Route.LAN, model="m")
+
+
+def test_the_ledger_bounds_count_tools_and_tool_calls() -> None:
+    """A serving node's honest record of a tool answer is within what the entry node
+    bounds: tool schemas and calls in the prompt, call arguments in the answer."""
+    from mesh.ledger.bounds import Delivered, completion_tokens_bound
+    from mesh.quota.rules import prompt_bound
+
+    plain = parse_chat_request(
+        json.dumps(
+            {
+                **EVERYTHING,
+                "tools": None,
+                "tool_choice": None,
+                "parallel_tool_calls": None,
+                "response_format": None,
+                "max_completion_tokens": None,
+                "messages": USER_HI,
+            }
+        ).encode(),
+        max_bytes=MAX,
+    ).request
+    rich = parse_chat_request(json.dumps(EVERYTHING).encode(), max_bytes=MAX).request
+    schema_bytes = len(rich.tools[0].parameters) + len(rich.tools[0].description)
+    assert prompt_bound(rich) - prompt_bound(plain) > schema_bytes
+    call = TextDelta("", 30, (), (ToolCallDelta(index=0, name="get_weather", arguments="{" * 40),))
+    seen = Delivered().plus(call.delivered)
+    assert completion_tokens_bound(plain, seen) >= 30

@@ -234,7 +234,7 @@ class EntryAnswer:
                             calls_delivered = calls_delivered or bool(event.tool_calls)
                             delivered.append(event.text)
                             delivered_tokens += event.tokens
-                            seen = seen.plus(event.text)
+                            seen = seen.plus(event.delivered)
                             yield event
                             continue
                         self._starter.served(
