@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import openai
+import pydantic
 import pytest
 from aiohttp import web
 
@@ -60,7 +61,8 @@ class ScriptedUpstream:
     broken-sse  "Hello", then invalid UTF-8     stall       "Hello", then waits for release()
     silent      never answers (until release() or the client leaves)
     tools       with tools: a streamed call of the first tool (finish_reason tool_calls);
-                else "Paris" with logprobs when asked (and the prompt first with echo)
+                with a json_schema response format: a JSON weather report; else "Paris"
+                with logprobs when asked (and the prompt first with echo)
     """
 
     MODELS = (
@@ -228,6 +230,10 @@ class ScriptedUpstream:
                 call = {"index": 0, "function": {"arguments": piece}}
                 await send({"delta": {"tool_calls": [call]}})
             await send({"delta": {}, "finish_reason": "tool_calls"})
+        elif chat and (body.get("response_format") or {}).get("type") == "json_schema":
+            answer = json.dumps({"city": "Paris", "temperature_c": 21})
+            await send({"delta": {"content": answer}})
+            await send({"delta": {}, "finish_reason": "stop"})
         else:
             top = [{"token": " Paris", "logprob": -0.5}, {"token": " Lyon", "logprob": -2.0}]
             top = top[: body.get("top_logprobs") or 0] if chat else top[: body["logprobs"]]
@@ -822,3 +828,22 @@ def test_the_front_node_advertises_what_its_upstream_honours(client: openai.Open
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model="tools", messages=CAPITAL, n=2)
     assert info.value.body["param"] == "n"  # type: ignore[index]
+
+
+class Weather(pydantic.BaseModel):
+    city: str
+    temperature_c: int
+
+
+def test_parse_with_a_pydantic_model_gets_a_valid_object(
+    client: openai.OpenAI, scripted: ScriptedUpstream
+) -> None:
+    completion = client.chat.completions.parse(
+        model="tools", messages=CAPITAL, response_format=Weather
+    )
+    assert completion.choices[0].message.parsed == Weather(city="Paris", temperature_c=21)
+    sent = scripted.requests[-1]["body"]["response_format"]
+    assert sent["type"] == "json_schema"
+    assert sent["json_schema"]["name"] == "Weather"
+    assert sent["json_schema"]["strict"] is True
+    assert set(sent["json_schema"]["schema"]["properties"]) == {"city", "temperature_c"}
