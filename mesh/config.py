@@ -102,6 +102,9 @@ class UpstreamConfig:
     # The longest the upstream may keep us waiting for anything: the answer to start, or the
     # next piece of a streamed answer. Connecting has its own, shorter deadline.
     timeout_s: float = DEFAULT_UPSTREAM_TIMEOUT_S
+    # What it honours beyond plain sampling (`mesh.inference.Feature` names); None: all
+    # that OpenAI's API has and an answer here can carry (what vLLM honours).
+    capabilities: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -324,7 +327,25 @@ _COMMON_MODEL_KEYS = (
     "top_p",
 )
 _FILE_MODEL_KEYS = ("path", "threads", "queue_size", "embedding")
-_UPSTREAM_MODEL_KEYS = ("url", "upstream_model", "api_key_env", "slots", "timeout_s", "family")
+_UPSTREAM_MODEL_KEYS = (
+    "url",
+    "upstream_model",
+    "api_key_env",
+    "slots",
+    "timeout_s",
+    "family",
+    "capabilities",
+)
+# What an upstream may be said to honour (an answer carries one choice, and embeddings
+# from an upstream are not served yet).
+UPSTREAM_CAPABILITIES = (
+    "tools",
+    "structured_output",
+    "logprobs",
+    "penalties",
+    "logit_bias",
+    "echo",
+)
 _NOT_FOR_UPSTREAM = {
     "path": "an openai model has no model file: its upstream (url) serves it",
     "threads": "an openai model runs on its upstream, which chooses its own threads",
@@ -451,6 +472,17 @@ def _upstream_settings(reader: _Reader, name: str, *, box: Box) -> dict[str, Any
         upstream["slots"] = reader.integer("slots", 1, 10_000)
     if reader.has("timeout_s"):
         upstream["timeout_s"] = reader.number("timeout_s", 0.1, 3600)
+    if reader.has("capabilities"):
+        named = reader.raw("capabilities")
+        if not isinstance(named, list) or not all(
+            isinstance(c, str) and c in UPSTREAM_CAPABILITIES for c in named
+        ):
+            raise reader.fail(
+                "capabilities",
+                named,
+                "must be a list of: " + ", ".join(UPSTREAM_CAPABILITIES),
+            )
+        upstream["capabilities"] = tuple(dict.fromkeys(named))
     out: dict[str, Any] = {"upstream": UpstreamConfig(**upstream)}
     if reader.has("family"):
         family = reader.string("family")

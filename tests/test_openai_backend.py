@@ -305,6 +305,13 @@ def front(
     config += openai_model("ghost", node.url + "/v1", upstream_model="no-such-model")
     late_port = late_socket.getsockname()[1]
     config += openai_model("late", f"http://127.0.0.1:{late_port}/v1", upstream_model="good")
+    config += openai_model(
+        "narrow",
+        scripted.url,
+        api_key_env=KEY_VARIABLE,
+        upstream_model="tools",
+        capabilities=["tools"],
+    )
     for model in ScriptedUpstream.MODELS:
         config += openai_model(
             model, scripted.url, api_key_env=KEY_VARIABLE, slots=1 if model == "stall" else 4
@@ -847,3 +854,12 @@ def test_parse_with_a_pydantic_model_gets_a_valid_object(
     assert sent["json_schema"]["name"] == "Weather"
     assert sent["json_schema"]["strict"] is True
     assert set(sent["json_schema"]["schema"]["properties"]) == {"city", "temperature_c"}
+
+
+def test_an_upstream_said_to_honour_less_refuses_the_rest(client: openai.OpenAI) -> None:
+    """`capabilities = ["tools"]`: a llama.cpp server upstream without logprobs, say."""
+    answer = client.chat.completions.create(model="narrow", messages=CAPITAL, tools=[WEATHER_TOOL])
+    assert answer.choices[0].finish_reason == "tool_calls"
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="narrow", messages=CAPITAL, logprobs=True)
+    assert info.value.body["param"] == "logprobs"  # type: ignore[index]

@@ -378,7 +378,11 @@ class OpenAIUpstreamBackend:
             family=config.family,
             context_length=config.context_length,
             backend="openai",
-            features=UPSTREAM_FEATURES,
+            features=(
+                UPSTREAM_FEATURES
+                if self.upstream.capabilities is None
+                else frozenset(Feature(name) for name in self.upstream.capabilities)
+            ),
         )
         self._session: aiohttp.ClientSession | None = None
         self._streams: set[UpstreamStream] = set()
