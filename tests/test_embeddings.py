@@ -84,7 +84,7 @@ def test_the_answer_in_float_and_in_base64() -> None:
 
 def test_a_wrong_number_of_vectors_is_a_protocol_error() -> None:
     request = InferenceRequest(model="m", inputs=("a", "b"))
-    for vectors in [((1.0,),), ((1.0,), (1.0, 2.0)), ((), ())]:
+    for vectors in [((1.0,),), ((1.0,), (1.0, 2.0)), ((), ()), ((1.0,), (float("nan"),))]:
         finished = Finished(
             reason=FinishReason.STOP, prompt_tokens=1, completion_tokens=0, embeddings=vectors
         )

@@ -404,3 +404,18 @@ def test_the_ledger_bounds_count_tools_and_tool_calls() -> None:
     call = TextDelta("", 30, (), (ToolCallDelta(index=0, name="get_weather", arguments="{" * 40),))
     seen = Delivered().plus(call.delivered)
     assert completion_tokens_bound(plain, seen) >= 30
+
+
+def test_a_peers_non_finite_logprob_never_reaches_json() -> None:
+    from mesh.wire.v1 import node_pb2 as pb
+
+    wire = pb.InferEvent(
+        delta=pb.Delta(
+            text="a",
+            tokens=1,
+            logprobs=[pb.TokenLogprob(token="a", logprob=float("nan"), top=[])],
+        )
+    )
+    delta = codec.event_from_pb(wire)
+    assert isinstance(delta, TextDelta)
+    assert delta.logprobs[0].logprob is None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import enum
+import math
 import struct
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -80,6 +81,8 @@ def embeddings_body(
     vectors of mixed sizes, broke the protocol."""
     vectors = finished.embeddings
     sizes = {len(v) for v in vectors}
+    if not all(math.isfinite(x) for vector in vectors for x in vector):
+        raise RemoteProtocolError("the answer's embeddings hold values that are not numbers")
     if len(vectors) != len(request.inputs or ()) or len(sizes) != 1 or 0 in sizes:
         raise RemoteProtocolError(
             f"the answer holds {len(vectors)} embeddings of sizes {sorted(sizes)[:4]} for "

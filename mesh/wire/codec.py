@@ -7,6 +7,7 @@ validated by the domain constructors, so a bad message becomes an
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, TypeVar
 
@@ -319,6 +320,11 @@ def _delta_to_pb(event: TextDelta) -> pb.Delta:
     )
 
 
+def _finite(value: float | None) -> float | None:
+    """A peer's logprob as JSON can carry it (NaN and infinities are not JSON)."""
+    return value if value is not None and math.isfinite(value) else None
+
+
 def _delta_from_pb(delta: pb.Delta) -> TextDelta:
     if len(delta.logprobs) > MAX_DELTA_LOGPROBS or len(delta.tool_calls) > MAX_DELTA_TOOL_CALLS:
         raise RemoteProtocolError("a delta carries more logprobs or tool calls than allowed")
@@ -332,8 +338,10 @@ def _delta_from_pb(delta: pb.Delta) -> TextDelta:
         tuple(
             TokenLogprob(
                 token=lp.token,
-                logprob=_opt(lp, "logprob"),
-                top=tuple(TopLogprob(token=t.token, logprob=t.logprob) for t in lp.top),
+                logprob=_finite(_opt(lp, "logprob")),
+                top=tuple(
+                    TopLogprob(token=t.token, logprob=_finite(t.logprob) or 0.0) for t in lp.top
+                ),
             )
             for lp in delta.logprobs
         ),
