@@ -231,3 +231,42 @@ async def test_a_tool_call_cut_mid_stream_is_an_error_not_a_second_call(tmp_path
         with pytest.raises(MeshError, match="while sending a tool call"):
             await listen()
         assert got == list(calls[:2])
+
+
+def test_the_one_capable_peer_among_many_is_a_candidate_however_it_ranks() -> None:
+    """The vectorized pre-selection knows nothing of capabilities: a request that needs some
+    looks at every peer whose model has them, even the slowest, busiest one."""
+    from mesh.inference import Load, ModelInfo, Route
+    from mesh.routing.candidates import Estimate, candidates
+    from mesh.routing.peers import PeerTable
+
+    table = PeerTable()
+    for i in range(20):
+        capable = i == 19
+        table.verified(
+            node_id=f"n{i}",
+            address=f"h:{i}",
+            route=Route.LAN,
+            models=(
+                ModelInfo(
+                    name=MODEL,
+                    context_length=4096,
+                    tokens_per_second=5.0 if capable else 80.0,
+                    features=TOOLS if capable else frozenset(),
+                ),
+            ),
+            display_name="",
+            now_ms=0,
+        )
+        table.heartbeat_ok(
+            f"n{i}",
+            now_ms=0,
+            rtt_ms=50.0 if capable else 1.0,
+            load=Load(active_streams=2 if capable else 0, queued=0, slots=3),
+        )
+    request = with_tools()
+    estimate = Estimate.of(request)
+    plain = candidates(MODEL, local=None, peers=table, estimate=estimate)
+    assert "n19" not in {c.node_id for c in plain}  # the pre-selection leaves it out
+    found = candidates(MODEL, local=None, peers=table, estimate=estimate, needs=request.needs())
+    assert [c.node_id for c in found] == ["n19"]

@@ -388,19 +388,21 @@ class EntrySide:
         closed: Mapping[Route, str] | None = None,
     ) -> Plan:
         estimate = reach.Estimate.of(request)
+        needs = request.needs()
         return plan(
             reach.candidates(
                 request.model,
                 local=self.models.offer(request.model),
                 peers=self.peers,
                 estimate=estimate,
+                needs=needs,
             ),
             privacy=privacy,
             prompt_tokens=estimate.prompt_tokens,
             max_tokens=estimate.max_tokens,
             max_wait_ms=self._max_wait_ms,
             closed=closed,
-            needs=request.needs(),
+            needs=needs,
         )
 
     def explain(
