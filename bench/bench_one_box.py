@@ -126,6 +126,7 @@ async def run_http(
         "temperature": 0,
         "max_tokens": max_tokens,
         "stream": True,
+        "stream_options": {"include_usage": True},
     }
     started = time.perf_counter()
     first = last = 0.0

@@ -51,6 +51,7 @@ async def one(
         "temperature": 0,
         "max_tokens": tokens,
         "stream": True,
+        "stream_options": {"include_usage": True},
     }
     made = 0
     async with session.post(url + "/v1/completions", json=body) as response:

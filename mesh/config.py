@@ -105,6 +105,9 @@ class UpstreamConfig:
     # The longest the upstream may keep us waiting for anything: the answer to start, or the
     # next piece of a streamed answer. Connecting has its own, shorter deadline.
     timeout_s: float = DEFAULT_UPSTREAM_TIMEOUT_S
+    # What it honours beyond plain sampling (`mesh.inference.Feature` names); None: all
+    # that OpenAI's API has and an answer here can carry (what vLLM honours).
+    capabilities: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -133,6 +136,8 @@ class ModelConfig:
     # What plans compare with their size caps (mesh.quota.plans); 0: the GGUF's own count
     # (llama_cpp reads it), unknown for an upstream's model unless set.
     parameter_count: int = 0
+    # llama_cpp: also answer /v1/embeddings, through an embedding context of its own.
+    embedding: bool = False
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -236,6 +241,7 @@ def embedded_model(path: Path) -> ModelConfig:
         # greedily unless a request asks otherwise, it answers plain questions correctly.
         system_prompt="You are a helpful assistant.",
         temperature=0.0,
+        embedding=True,  # mean-pooled embeddings from the same file
     )
 
 
@@ -341,9 +347,27 @@ _COMMON_MODEL_KEYS = (
     "top_p",
     "parameters",
 )
-_FILE_MODEL_KEYS = ("path", "threads", "queue_size", "parallel", "prompt_cache_mb")
+_FILE_MODEL_KEYS = ("path", "threads", "queue_size", "parallel", "prompt_cache_mb", "embedding")
 MAX_PARALLEL = 256  # sequences in one llama.cpp context (llama.cpp's LLAMA_MAX_SEQ)
-_UPSTREAM_MODEL_KEYS = ("url", "upstream_model", "api_key_env", "slots", "timeout_s", "family")
+_UPSTREAM_MODEL_KEYS = (
+    "url",
+    "upstream_model",
+    "api_key_env",
+    "slots",
+    "timeout_s",
+    "family",
+    "capabilities",
+)
+# What an upstream may be said to honour (an answer carries one choice, and embeddings
+# from an upstream are not served yet).
+UPSTREAM_CAPABILITIES = (
+    "tools",
+    "structured_output",
+    "logprobs",
+    "penalties",
+    "logit_bias",
+    "echo",
+)
 _NOT_FOR_UPSTREAM = {
     "path": "an openai model has no model file: its upstream (url) serves it",
     "threads": "an openai model runs on its upstream, which chooses its own threads",
@@ -458,6 +482,11 @@ def _file_settings(
         out["parallel"] = reader.integer("parallel", 1, MAX_PARALLEL)
     if reader.has("prompt_cache_mb"):
         out["prompt_cache_mb"] = reader.integer("prompt_cache_mb", 0, 1 << 20)
+    if reader.has("embedding"):
+        embedding = reader.raw("embedding")
+        if not isinstance(embedding, bool):
+            raise reader.fail("embedding", embedding, "must be true or false")
+        out["embedding"] = embedding
     return out
 
 
@@ -488,6 +517,17 @@ def _upstream_settings(reader: _Reader, name: str, *, box: Box) -> dict[str, Any
         upstream["slots"] = reader.integer("slots", 1, 10_000)
     if reader.has("timeout_s"):
         upstream["timeout_s"] = reader.number("timeout_s", 0.1, 3600)
+    if reader.has("capabilities"):
+        named = reader.raw("capabilities")
+        if not isinstance(named, list) or not all(
+            isinstance(c, str) and c in UPSTREAM_CAPABILITIES for c in named
+        ):
+            raise reader.fail(
+                "capabilities",
+                named,
+                "must be a list of: " + ", ".join(UPSTREAM_CAPABILITIES),
+            )
+        upstream["capabilities"] = tuple(dict.fromkeys(named))
     out: dict[str, Any] = {"upstream": UpstreamConfig(**upstream)}
     if reader.has("family"):
         family = reader.string("family")

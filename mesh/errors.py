@@ -101,6 +101,12 @@ class ContextLengthExceeded(InvalidRequest):
     code = "context_length_exceeded"
 
 
+class UnsupportedParameter(InvalidRequest):
+    """A field no node that could serve the request can honour (`param` names it)."""
+
+    code = "unsupported_parameter"
+
+
 class UnsupportedProtocol(InvalidRequest):
     grpc_status = "FAILED_PRECONDITION"
     code = "unsupported_protocol_version"

@@ -635,6 +635,12 @@ def _chat_session(
     "--privacy", type=click.Choice(["local-only", "mesh", "any"]), default="mesh", show_default=True
 )
 @click.option("--max-tokens", type=int, default=None)
+@click.option(
+    "--needs",
+    default="",
+    help="Capabilities the request asks, comma-separated (tools, structured_output, logprobs, "
+    "penalties, logit_bias, echo, choices, embeddings).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def route(
     home_dir: Path | None,
@@ -642,11 +648,17 @@ def route(
     explain: bool,
     privacy: str,
     max_tokens: int | None,
+    needs: str,
     as_json: bool,
 ) -> None:
     """Where a request for MODEL would go now, and (--explain) why."""
     query = urllib.parse.urlencode(
-        {"model": model, "privacy": privacy, **({"max_tokens": max_tokens} if max_tokens else {})}
+        {
+            "model": model,
+            "privacy": privacy,
+            **({"max_tokens": max_tokens} if max_tokens else {}),
+            **({"needs": needs} if needs else {}),
+        }
     )
     data = _json(_node(home_dir), "GET", f"/allerac/route?{query}")
     rows = data["candidates"]

@@ -42,6 +42,7 @@ from mesh.clock import SYSTEM
 from mesh.errors import MeshError, Overloaded, RemoteProtocolError, Unavailable
 from mesh.inference import (
     ChatMessage,
+    Feature,
     Finished,
     FinishReason,
     InferenceEvent,
@@ -51,6 +52,7 @@ from mesh.inference import (
     Route,
     Sampling,
     TextDelta,
+    ToolCallDelta,
     new_request_id,
 )
 from mesh.ledger.records import open_record
@@ -123,6 +125,7 @@ class Script:
     error: Exception = field(default_factory=lambda: Unavailable("the peer went away"))
     prompt_tokens: int = 3
     pause_after: int | None = None
+    calls: Sequence[ToolCallDelta] = ()  # tool-call pieces, one a token, before the text
 
 
 def counting(n: int) -> tuple[str, ...]:
@@ -138,6 +141,16 @@ def counting(n: int) -> tuple[str, ...]:
 async def play(
     script: Script, request: InferenceRequest, paused: asyncio.Event | None = None
 ) -> AsyncGenerator[InferenceEvent, None]:
+    if request.inputs is not None:  # embeddings: one small vector per input
+        if script.fail_after is not None:
+            raise script.error
+        yield Finished(
+            reason=FinishReason.STOP,
+            prompt_tokens=sum(len(text) for text in request.inputs),
+            completion_tokens=0,
+            embeddings=tuple((float(len(text)), 1.0) for text in request.inputs),
+        )
+        return
     tokens = list(script.tokens)
     if request.continuation:
         text = ""
@@ -151,6 +164,13 @@ async def play(
                 tokens = []
     made = 0
     budget = request.sampling.max_tokens
+    for call in script.calls:
+        if script.fail_after is not None and made >= script.fail_after:
+            raise script.error
+        if paused is not None and script.pause_after is not None and made == script.pause_after:
+            await paused.wait()
+        made += 1
+        yield TextDelta("", 1, (), (call,))
     for text in tokens:
         if script.fail_after is not None and made >= script.fail_after:
             raise script.error
@@ -194,6 +214,7 @@ class ScriptedBackend:
         context: int = 4096,
         model: str = MODEL,
         parameters: int = 0,
+        features: frozenset[Feature] = frozenset(),
     ) -> None:
         self.script = script or Script()
         self.active = 0
@@ -201,7 +222,11 @@ class ScriptedBackend:
         self.asked: list[InferenceRequest] = []
         self.counters = {"completed": 0, "cancelled": 0, "failed": 0, "rejected": 0}
         self.info = ModelInfo(
-            name=model, context_length=context, tokens_per_second=50.0, parameter_count=parameters
+            name=model,
+            context_length=context,
+            tokens_per_second=50.0,
+            parameter_count=parameters,
+            features=features,
         )
         self.go = asyncio.Event()  # a paused script goes on when it is set
 

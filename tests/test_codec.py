@@ -129,7 +129,7 @@ def test_wrong_protocol_version(version: int) -> None:
 def test_missing_input() -> None:
     message = request_to_pb(CHAT)
     message.ClearField("chat")
-    with pytest.raises(InvalidRequest, match="neither chat messages nor a prompt") as info:
+    with pytest.raises(InvalidRequest, match="neither chat messages, a prompt nor inputs") as info:
         request_from_pb(message)
     assert type(info.value) is InvalidRequest
 

@@ -422,6 +422,21 @@ def test_openai_model_defaults(tmp_path: Path) -> None:
     assert upstream.model == "cloud-llama"  # the entry's own name
     assert (upstream.api_key, upstream.slots, upstream.timeout_s) == (None, 8, 120.0)
     assert model.context_length == 0  # unknown: the upstream's /models says it at start
+    assert upstream.capabilities is None  # all an upstream can honour
+
+
+def test_an_openai_model_can_be_narrowed_and_a_file_model_embeds(
+    tmp_path: Path, model_file: Path
+) -> None:
+    path = upstream_config(tmp_path, 'url = "http://h/v1"\ncapabilities = ["tools", "logprobs"]')
+    (model,) = build_config(config_file=path, flags=Flags()).models
+    assert model.upstream is not None
+    assert model.upstream.capabilities == ("tools", "logprobs")
+    path = write_config(tmp_path, f'[[models]]\npath = "{model_file}"\nembedding = true\n')
+    (model,) = build_config(config_file=path, flags=Flags()).models
+    assert model.embedding is True
+    path = write_config(tmp_path, f'[[models]]\npath = "{model_file}"\nembedding = "yes"\n')
+    assert "models[0].embedding = 'yes': must be true or false" in config_error(path)
 
 
 def test_an_unset_key_variable_is_named_at_start(
@@ -481,6 +496,9 @@ def test_a_key_written_into_the_file_is_refused_and_never_repeated(
             'url = "http://h/v1"\nslot = 4',
             "models[0].slot = 4: unknown key (did you mean 'slots'?)",
         ),
+        ('url = "http://h/v1"\ncapabilities = ["telepathy"]', "must be a list of: tools,"),
+        ('url = "http://h/v1"\ncapabilities = "tools"', "must be a list of: tools,"),
+        ('url = "http://h/v1"\nembedding = true', "unknown key"),
     ],
 )
 def test_bad_openai_model_setting_names_key_and_value(

@@ -129,6 +129,7 @@ def test_sigterm_lets_the_stream_in_flight_finish_and_exits_0(fresh_home: Path) 
             "temperature": 0,
             "max_tokens": 200,
             "stream": True,
+            "stream_options": {"include_usage": True},
         }
         conn.request(
             "POST",
@@ -179,6 +180,7 @@ def test_a_stream_longer_than_the_grace_period_still_ends_cleanly(fresh_home: Pa
             "temperature": 0,
             "max_tokens": 1500,  # ~15 s of counting: far beyond the 1 s grace
             "stream": True,
+            "stream_options": {"include_usage": True},
         }
         conn.request(
             "POST",

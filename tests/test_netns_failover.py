@@ -124,7 +124,7 @@ class Stream:
             node.box,
             STREAM_SCRIPT,
             node.url + "/v1/completions",
-            json.dumps({**body, "stream": True}),
+            json.dumps({**body, "stream": True, "stream_options": {"include_usage": True}}),
             str(pause_at),
             str(self.go),
             log=log,

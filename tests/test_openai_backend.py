@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import openai
+import pydantic
 import pytest
 from aiohttp import web
 
@@ -59,6 +60,9 @@ class ScriptedUpstream:
     too-long    vLLM's 400 about the context    cut-off     "Hello", then the stream ends
     broken-sse  "Hello", then invalid UTF-8     stall       "Hello", then waits for release()
     silent      never answers (until release() or the client leaves)
+    tools       with tools: a streamed call of the first tool (finish_reason tool_calls);
+                with a json_schema response format: a JSON weather report; else "Paris"
+                with logprobs when asked (and the prompt first with echo)
     """
 
     MODELS = (
@@ -73,6 +77,7 @@ class ScriptedUpstream:
         "broken-sse",
         "stall",
         "silent",
+        "tools",
     )
 
     def __init__(self, sock: socket.socket | None = None, api_key: str | None = None) -> None:
@@ -181,6 +186,8 @@ class ScriptedUpstream:
         if model == "too-long":
             message = "This model's maximum context length is 2048 tokens. However, you asked more"
             return web.json_response({"object": "error", "message": message}, status=400)
+        if model == "tools":
+            return await self._tools(request, body, chat)
         if model == "silent":
             await self._wait_for_release()
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
@@ -200,6 +207,52 @@ class ScriptedUpstream:
         await response.write(chunk(None, "stop"))
         if model != "no-usage":
             await response.write(usage)
+        await response.write(b"data: [DONE]\n\n")
+        return response
+
+    async def _tools(
+        self, request: web.Request, body: dict[str, Any], chat: bool
+    ) -> web.StreamResponse:
+        """What vLLM streams for tools and logprobs (OpenAI's shapes)."""
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+
+        async def send(choice: dict[str, Any]) -> None:
+            payload = {"choices": [{"index": 0, "logprobs": None, **choice}]}
+            await response.write(b"data: " + json.dumps(payload).encode() + b"\n\n")
+
+        if chat and body.get("tools"):
+            name = body["tools"][0]["function"]["name"]
+            first = {"index": 0, "id": "call_7", "type": "function"}
+            first["function"] = {"name": name, "arguments": ""}
+            await send({"delta": {"role": "assistant", "tool_calls": [first]}})
+            for piece in ('{"city":', ' "Paris"}'):
+                call = {"index": 0, "function": {"arguments": piece}}
+                await send({"delta": {"tool_calls": [call]}})
+            await send({"delta": {}, "finish_reason": "tool_calls"})
+        elif chat and (body.get("response_format") or {}).get("type") == "json_schema":
+            answer = json.dumps({"city": "Paris", "temperature_c": 21})
+            await send({"delta": {"content": answer}})
+            await send({"delta": {}, "finish_reason": "stop"})
+        else:
+            top = [{"token": " Paris", "logprob": -0.5}, {"token": " Lyon", "logprob": -2.0}]
+            top = top[: body.get("top_logprobs") or 0] if chat else top[: body["logprobs"]]
+            if chat:
+                logprobs = {"content": [{"token": " Paris", "logprob": -0.5, "top_logprobs": top}]}
+                choice: dict[str, Any] = {"delta": {"content": " Paris"}}
+            else:
+                logprobs = {
+                    "tokens": [" Paris"],
+                    "token_logprobs": [-0.5],
+                    "top_logprobs": [{t["token"]: t["logprob"] for t in top}],
+                }
+                choice = {"text": (body["prompt"] if body.get("echo") else "") + " Paris"}
+            asked = body.get("logprobs") not in (None, False)
+            await send({**choice, "logprobs": logprobs if asked else None})
+            await send({"delta": {}, "text": "", "finish_reason": "stop"})
+        await response.write(
+            b'data: {"choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 3}}\n\n'
+        )
         await response.write(b"data: [DONE]\n\n")
         return response
 
@@ -252,6 +305,13 @@ def front(
     config += openai_model("ghost", node.url + "/v1", upstream_model="no-such-model")
     late_port = late_socket.getsockname()[1]
     config += openai_model("late", f"http://127.0.0.1:{late_port}/v1", upstream_model="good")
+    config += openai_model(
+        "narrow",
+        scripted.url,
+        api_key_env=KEY_VARIABLE,
+        upstream_model="tools",
+        capabilities=["tools"],
+    )
     for model in ScriptedUpstream.MODELS:
         config += openai_model(
             model, scripted.url, api_key_env=KEY_VARIABLE, slots=1 if model == "stall" else 4
@@ -321,7 +381,12 @@ def test_a_streamed_answer_passes_tokens_through_and_ends_with_the_upstreams_usa
     )
     chunks = list(
         client.chat.completions.create(
-            model="real", messages=CAPITAL, temperature=0, max_tokens=40, stream=True
+            model="real",
+            messages=CAPITAL,
+            temperature=0,
+            max_tokens=40,
+            stream=True,
+            stream_options={"include_usage": True},
         )
     )
     pieces = [
@@ -654,3 +719,147 @@ async def test_a_full_backend_refuses_at_once_with_overloaded(backend_for: Any) 
     finally:
         await holding.aclose()
     assert text_of(await collect(backend, request)) == "Hello world"  # the slot came back
+
+
+# --- issue 15: every field its upstream accepts, and tool calls and logprobs back ----------------
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+        },
+    },
+}
+
+
+def test_the_upstream_receives_every_forwarded_field_and_the_tool_call_comes_back(
+    client: openai.OpenAI, scripted: ScriptedUpstream
+) -> None:
+    fields: dict[str, Any] = {
+        "tools": [WEATHER_TOOL],
+        "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+        "parallel_tool_calls": False,
+        "response_format": {
+            "type": "json_schema",
+            "json_schema": {"name": "weather", "schema": {"type": "object"}, "strict": True},
+        },
+        "logprobs": True,
+        "top_logprobs": 2,
+        "presence_penalty": 0.5,
+        "frequency_penalty": 0.25,
+        "logit_bias": {"42": -100},
+        "seed": 11,
+        "stop": ["END"],
+        "temperature": 0.3,
+        "top_p": 0.8,
+    }
+    answer = client.chat.completions.create(
+        model="tools", messages=CAPITAL, max_completion_tokens=50, **fields
+    )
+    body = scripted.requests[-1]["body"]
+    for key, value in fields.items():
+        assert body[key] == value, key
+    assert body["max_tokens"] == 50
+    choice = answer.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    [call] = choice.message.tool_calls or []
+    assert (call.id, call.type, call.function.name) == ("call_7", "function", "get_weather")
+    assert json.loads(call.function.arguments) == {"city": "Paris"}
+    assert (answer.usage.prompt_tokens, answer.usage.completion_tokens) == (9, 3)
+
+
+def test_streamed_tool_call_deltas_arrive_in_openais_shape(client: openai.OpenAI) -> None:
+    chunks = list(
+        client.chat.completions.create(
+            model="tools", messages=CAPITAL, tools=[WEATHER_TOOL], stream=True
+        )
+    )
+    pieces = [call for c in chunks if c.choices for call in (c.choices[0].delta.tool_calls or [])]
+    assert pieces[0].id == "call_7"
+    assert pieces[0].function is not None
+    assert pieces[0].function.name == "get_weather"
+    arguments = "".join(p.function.arguments or "" for p in pieces if p.function)
+    assert json.loads(arguments) == {"city": "Paris"}
+    assert {p.index for p in pieces} == {0}
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+
+
+def test_a_tool_round_trip_is_forwarded_whole(
+    client: openai.OpenAI, scripted: ScriptedUpstream
+) -> None:
+    history: list[Any] = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_7",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_7", "content": "sunny"},
+    ]
+    answer = client.chat.completions.create(model="tools", messages=history, logprobs=True)
+    assert scripted.requests[-1]["body"]["messages"] == history
+    assert answer.choices[0].message.content == " Paris"
+
+
+def test_logprobs_come_back_with_the_asked_alternatives(client: openai.OpenAI) -> None:
+    answer = client.chat.completions.create(
+        model="tools", messages=CAPITAL, logprobs=True, top_logprobs=2
+    )
+    assert answer.choices[0].logprobs is not None
+    [token] = answer.choices[0].logprobs.content or []
+    assert (token.token, token.logprob) == (" Paris", -0.5)
+    assert len(token.top_logprobs) == 2
+    assert token.token in {t.token for t in token.top_logprobs}
+    text = client.completions.create(model="tools", prompt="The capital is", echo=True, logprobs=1)
+    assert text.choices[0].text == "The capital is Paris"
+    assert text.choices[0].logprobs is not None
+    assert text.choices[0].logprobs.top_logprobs == [{" Paris": -0.5}]
+
+
+def test_the_front_node_advertises_what_its_upstream_honours(client: openai.OpenAI) -> None:
+    model = client.models.retrieve("tools")
+    assert {"tools", "structured_output", "logprobs", "penalties", "logit_bias", "echo"} <= set(
+        model.model_extra["capabilities"]  # type: ignore[index]
+    )
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="tools", messages=CAPITAL, n=2)
+    assert info.value.body["param"] == "n"  # type: ignore[index]
+
+
+class Weather(pydantic.BaseModel):
+    city: str
+    temperature_c: int
+
+
+def test_parse_with_a_pydantic_model_gets_a_valid_object(
+    client: openai.OpenAI, scripted: ScriptedUpstream
+) -> None:
+    completion = client.chat.completions.parse(
+        model="tools", messages=CAPITAL, response_format=Weather
+    )
+    assert completion.choices[0].message.parsed == Weather(city="Paris", temperature_c=21)
+    sent = scripted.requests[-1]["body"]["response_format"]
+    assert sent["type"] == "json_schema"
+    assert sent["json_schema"]["name"] == "Weather"
+    assert sent["json_schema"]["strict"] is True
+    assert set(sent["json_schema"]["schema"]["properties"]) == {"city", "temperature_c"}
+
+
+def test_an_upstream_said_to_honour_less_refuses_the_rest(client: openai.OpenAI) -> None:
+    """`capabilities = ["tools"]`: a llama.cpp server upstream without logprobs, say."""
+    answer = client.chat.completions.create(model="narrow", messages=CAPITAL, tools=[WEATHER_TOOL])
+    assert answer.choices[0].finish_reason == "tool_calls"
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="narrow", messages=CAPITAL, logprobs=True)
+    assert info.value.body["param"] == "logprobs"  # type: ignore[index]

@@ -257,9 +257,46 @@ chunk_shaped = st.fixed_dictionaries(
                 {},
                 optional={
                     "index": json_values,
-                    "delta": json_values | st.fixed_dictionaries({"content": json_values}),
+                    "delta": json_values
+                    | st.fixed_dictionaries(
+                        {"content": json_values},
+                        optional={
+                            "tool_calls": json_values
+                            | st.lists(
+                                st.fixed_dictionaries(
+                                    {},
+                                    optional={
+                                        "index": json_values,
+                                        "id": json_values,
+                                        "function": json_values
+                                        | st.fixed_dictionaries(
+                                            {"name": json_values, "arguments": json_values}
+                                        ),
+                                    },
+                                ),
+                                max_size=2,
+                            )
+                        },
+                    ),
                     "text": json_values,
                     "finish_reason": json_values,
+                    "logprobs": json_values
+                    | st.fixed_dictionaries(
+                        {},
+                        optional={
+                            "content": json_values
+                            | st.lists(
+                                st.fixed_dictionaries(
+                                    {"token": json_values, "logprob": json_values},
+                                    optional={"top_logprobs": json_values},
+                                ),
+                                max_size=2,
+                            ),
+                            "tokens": json_values,
+                            "token_logprobs": json_values,
+                            "top_logprobs": json_values,
+                        },
+                    ),
                 },
             ),
             max_size=2,
@@ -283,7 +320,8 @@ def test_any_chunks_give_deltas_or_a_mesh_error(chunks: list[str], chat: bool) -
         deltas, finished = read(reader, chunks)
     except (RemoteProtocolError, BackendError):
         return
-    assert all(isinstance(d.text, str) and d.text and d.tokens >= 0 for d in deltas)
+    assert all(isinstance(d.text, str) and (d.text or d.tool_calls) for d in deltas)
+    assert all(d.tokens >= 0 for d in deltas)
     assert "x" not in "".join(d.text for d in deltas)
     assert finished.completion_tokens >= 0
 

@@ -25,6 +25,7 @@ escapes these functions.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -42,7 +43,20 @@ from mesh.errors import (
     RequestTooLarge,
     Unavailable,
 )
-from mesh.inference import Finished, FinishReason, InferenceRequest, TextDelta
+from mesh.inference import (
+    MAX_TOOL_CALLS,
+    MAX_TOP_LOGPROBS,
+    ChatMessage,
+    Finished,
+    FinishReason,
+    InferenceRequest,
+    ResponseFormatType,
+    TextDelta,
+    TokenLogprob,
+    ToolCallDelta,
+    ToolChoiceMode,
+    TopLogprob,
+)
 
 DONE = "[DONE]"
 MAX_SHOWN_CHARS = 300  # of an upstream's error message, in ours
@@ -65,6 +79,68 @@ class ModelDefaults:
     top_p: float | None = None
 
 
+def _schema(text: str) -> dict[str, Any]:
+    """A schema the domain checked is a JSON object (`mesh.inference`)."""
+    value = json.loads(text) if text else {}
+    assert isinstance(value, dict)
+    return value
+
+
+def _message(m: ChatMessage) -> dict[str, Any]:
+    out: dict[str, Any] = {"role": m.role, "content": m.content}
+    if m.name:
+        out["name"] = m.name
+    if m.tool_calls:
+        out["content"] = m.content or None
+        out["tool_calls"] = [
+            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+            for c in m.tool_calls
+        ]
+    if m.tool_call_id:
+        out["tool_call_id"] = m.tool_call_id
+    return out
+
+
+def _tools(request: InferenceRequest) -> dict[str, Any]:
+    """tools, tool_choice, parallel_tool_calls and response_format, as OpenAI spells them."""
+    out: dict[str, Any] = {}
+    if request.tools:
+        tools = []
+        for tool in request.tools:
+            function: dict[str, Any] = {"name": tool.name}
+            if tool.description:
+                function["description"] = tool.description
+            if tool.parameters:
+                function["parameters"] = _schema(tool.parameters)
+            if tool.strict is not None:
+                function["strict"] = tool.strict
+            tools.append({"type": "function", "function": function})
+        out["tools"] = tools
+    choice = request.tool_choice
+    if choice is not None:
+        out["tool_choice"] = (
+            {"type": "function", "function": {"name": choice.function}}
+            if choice.mode is ToolChoiceMode.FUNCTION
+            else choice.mode.value
+        )
+    if request.parallel_tool_calls is not None:
+        out["parallel_tool_calls"] = request.parallel_tool_calls
+    fmt = request.response_format
+    if fmt is not None:
+        if fmt.type is ResponseFormatType.JSON_SCHEMA:
+            spec: dict[str, Any] = {"name": fmt.name}
+            if fmt.description:
+                spec["description"] = fmt.description
+            if fmt.schema:
+                spec["schema"] = _schema(fmt.schema)
+            if fmt.strict is not None:
+                spec["strict"] = fmt.strict
+            out["response_format"] = {"type": "json_schema", "json_schema": spec}
+        else:
+            out["response_format"] = {"type": fmt.type.value}
+    return out
+
+
 def request_body(
     request: InferenceRequest, *, model: str, defaults: ModelDefaults = ModelDefaults()
 ) -> tuple[str, dict[str, Any]]:
@@ -72,7 +148,7 @@ def request_body(
     body: dict[str, Any] = {"model": model}
     if request.messages is not None:
         path = "chat/completions"
-        messages = [{"role": m.role, "content": m.content} for m in request.messages]
+        messages = [_message(m) for m in request.messages]
         if defaults.system_prompt and not any(m.role == "system" for m in request.messages):
             messages.insert(0, {"role": "system", "content": defaults.system_prompt})
         if request.continuation:
@@ -95,8 +171,21 @@ def request_body(
         "top_p": top_p,
         "seed": sampling.seed,
         "stop": list(sampling.stop) or None,
+        "presence_penalty": sampling.presence_penalty,
+        "frequency_penalty": sampling.frequency_penalty,
+        "logit_bias": {str(t): b for t, b in sampling.logit_bias} or None,
+        "n": sampling.n if sampling.n != 1 else None,
     }
+    if sampling.logprobs:
+        if request.is_chat:
+            optional["logprobs"] = True
+            optional["top_logprobs"] = sampling.top_logprobs or None
+        else:
+            optional["logprobs"] = sampling.top_logprobs  # completions: an int, 0..5
+    if sampling.echo:
+        optional["echo"] = True
     body.update({key: value for key, value in optional.items() if value is not None})
+    body.update(_tools(request))
     body["stream"] = True
     body["stream_options"] = {"include_usage": True}
     return path, body
@@ -212,6 +301,118 @@ def _usage(value: object) -> Usage | None:
     )
 
 
+_FINISH_REASONS = {
+    "stop": FinishReason.STOP,
+    "length": FinishReason.LENGTH,
+    "tool_calls": FinishReason.TOOL_CALLS,
+    "function_call": FinishReason.TOOL_CALLS,
+}
+MAX_CHUNK_LOGPROBS = 4096
+
+
+def _number(value: object, what: str) -> float | None:
+    """A logprob: a finite number, or None (null, or one JSON cannot carry back)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise RemoteProtocolError(f"{what} must be a number")
+    try:
+        number = float(value)
+    except OverflowError as exc:
+        raise RemoteProtocolError(f"{what} is out of range") from exc
+    return number if math.isfinite(number) else None
+
+
+def _text(value: object, what: str) -> str:
+    if not isinstance(value, str):
+        raise RemoteProtocolError(f"{what} must be a string")
+    return value
+
+
+def _top(pairs: list[tuple[object, object]]) -> tuple[TopLogprob, ...]:
+    return tuple(
+        TopLogprob(
+            token=_text(token, "a top logprob's token"),
+            logprob=_number(logprob, "a top logprob") or 0.0,
+        )
+        for token, logprob in pairs[:MAX_TOP_LOGPROBS]
+    )
+
+
+def _logprobs(value: object, *, chat: bool) -> tuple[TokenLogprob, ...]:
+    """A choice's logprobs: chat's {"content": [...]} or completions' parallel arrays."""
+    if value is None:
+        return ()
+    if not isinstance(value, Mapping):
+        raise RemoteProtocolError("an answer chunk's logprobs must be an object")
+    if chat:
+        content = value.get("content")
+        if content is None:
+            return ()
+        if not isinstance(content, list) or len(content) > MAX_CHUNK_LOGPROBS:
+            raise RemoteProtocolError("logprobs.content must be a list")
+        out = []
+        for entry in content:
+            if not isinstance(entry, Mapping):
+                raise RemoteProtocolError("logprobs.content holds a non-object")
+            top = entry.get("top_logprobs") or []
+            if not isinstance(top, list) or not all(isinstance(t, Mapping) for t in top):
+                raise RemoteProtocolError("top_logprobs must be a list of objects")
+            out.append(
+                TokenLogprob(
+                    token=_text(entry.get("token"), "a logprob's token"),
+                    logprob=_number(entry.get("logprob"), "a logprob"),
+                    top=_top([(t.get("token"), t.get("logprob")) for t in top]),
+                )
+            )
+        return tuple(out)
+    tokens, values = value.get("tokens") or [], value.get("token_logprobs") or []
+    tops = value.get("top_logprobs") or []
+    if not (isinstance(tokens, list) and isinstance(values, list) and isinstance(tops, list)):
+        raise RemoteProtocolError("completion logprobs must hold lists")
+    if len(tokens) > MAX_CHUNK_LOGPROBS:
+        raise RemoteProtocolError("too many logprobs in one chunk")
+    out = []
+    for index, token in enumerate(tokens):
+        top = tops[index] if index < len(tops) else None
+        if top is not None and not isinstance(top, Mapping):
+            raise RemoteProtocolError("completion top_logprobs must be objects")
+        out.append(
+            TokenLogprob(
+                token=_text(token, "a logprob's token"),
+                logprob=_number(values[index] if index < len(values) else None, "a logprob"),
+                top=_top(list((top or {}).items())),
+            )
+        )
+    return tuple(out)
+
+
+def _tool_call_deltas(value: object) -> tuple[ToolCallDelta, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or len(value) > MAX_TOOL_CALLS:
+        raise RemoteProtocolError("delta.tool_calls must be a list")
+    out = []
+    for position, call in enumerate(value):
+        if not isinstance(call, Mapping):
+            raise RemoteProtocolError("delta.tool_calls holds a non-object")
+        index = call.get("index", position)
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < MAX_TOOL_CALLS:
+            raise RemoteProtocolError("a tool call's index must be a small integer")
+        function = call.get("function") or {}
+        if not isinstance(function, Mapping):
+            raise RemoteProtocolError("a tool call's function must be an object")
+        out.append(
+            ToolCallDelta(
+                index=index,
+                id=_text(call.get("id") or "", "a tool call's id"),
+                name=_text(function.get("name") or "", "a tool call's name"),
+                arguments=_text(function.get("arguments") or "", "a tool call's arguments"),
+            )
+        )
+    return tuple(out)
+
+
 class AnswerReader:
     """One streamed answer, chunk by chunk (the `data` of each server-sent event).
 
@@ -232,6 +433,7 @@ class AnswerReader:
         self.usage: Usage | None = None
         self.done = False  # [DONE] seen
         self.stopped = False  # ended here: a stop sequence, or past max_tokens
+        self._held_logprobs: list[TokenLogprob] = []  # of text the stop scanner holds
 
     @property
     def complete(self) -> bool:
@@ -252,15 +454,15 @@ class AnswerReader:
         if error is not None:
             raise BackendError(f"the upstream failed mid-answer: {_shown(_message_of(error))}")
         usage = _usage(chunk.get("usage"))
-        content = self._content(chunk)
+        content, logprobs, calls = self._piece(chunk)
         if usage is not None:
             self.usage = usage
-        if not content:
+        if not content and not calls and not logprobs:
             return None
         if usage is not None and usage.completion_tokens > 0:
             tokens = max(0, usage.completion_tokens - self.counted)  # cumulative counts
         else:
-            tokens = 1
+            tokens = max(1, len(logprobs))
         if self._max_tokens is not None and self.counted + tokens > self._max_tokens:
             # The upstream ignored max_tokens: end the answer where the client asked.
             self.reason = FinishReason.LENGTH
@@ -268,19 +470,24 @@ class AnswerReader:
             return None
         self.counted += tokens
         self._unsent += tokens
-        released, hit = self._scanner.feed(content)
+        self._held_logprobs.extend(logprobs)
+        released, hit = self._scanner.feed(content) if content else ("", False)
         if hit:
             self.reason = FinishReason.STOP
             self.stopped = True
-        if not released:
+        if not released and not calls:
             return None
         sent, self._unsent = self._unsent, 0
-        return TextDelta(released, sent)
+        held, self._held_logprobs = tuple(self._held_logprobs), []
+        return TextDelta(released, max(sent, 1) if calls else sent, held, calls)
 
-    def _content(self, chunk: Mapping[str, Any]) -> str:
+    def _piece(
+        self, chunk: Mapping[str, Any]
+    ) -> tuple[str, tuple[TokenLogprob, ...], tuple[ToolCallDelta, ...]]:
+        """(text, logprobs, tool-call pieces) of choice 0 of a chunk."""
         choices = chunk.get("choices")
         if choices is None or choices == []:
-            return ""  # the usage chunk, or a keep-alive
+            return "", (), ()  # the usage chunk, or a keep-alive
         if not isinstance(choices, list) or not isinstance(choices[0], Mapping):
             raise RemoteProtocolError("an answer chunk's choices must be a list of objects")
         choice = next((c for c in choices if isinstance(c, Mapping) and c.get("index") == 0), None)
@@ -289,23 +496,26 @@ class AnswerReader:
         if reason is not None:
             if not isinstance(reason, str):
                 raise RemoteProtocolError("an answer chunk's finish_reason must be a string")
-            self.reason = FinishReason.LENGTH if reason == "length" else FinishReason.STOP
+            self.reason = _FINISH_REASONS.get(reason, FinishReason.STOP)
+        logprobs = _logprobs(choice.get("logprobs"), chat=self._chat)
+        calls: tuple[ToolCallDelta, ...] = ()
         if self._chat:
             delta = choice.get("delta")
             if delta is None:
-                return ""
+                return "", logprobs, ()
             if not isinstance(delta, Mapping):
                 raise RemoteProtocolError("a chat answer chunk's delta must be an object")
             content = delta.get("content")
+            calls = _tool_call_deltas(delta.get("tool_calls"))
         else:
             content = choice.get("text")
         if content is None:
-            return ""
+            return "", logprobs, calls
         if not isinstance(content, str):
             raise RemoteProtocolError(
                 f"an answer chunk's {'delta.content' if self._chat else 'text'} must be a string"
             )
-        return content
+        return content, logprobs, calls
 
     def finish(self) -> tuple[TextDelta | None, Finished]:
         """The end: held text (if any) and the counts. Raises RemoteProtocolError when the
@@ -318,7 +528,7 @@ class AnswerReader:
             if hit:
                 self.reason = FinishReason.STOP
             if rest:
-                tail = TextDelta(rest, self._unsent)
+                tail = TextDelta(rest, self._unsent, tuple(self._held_logprobs))
         if self.usage is not None and not self.stopped:
             prompt, completion = self.usage.prompt_tokens, self.usage.completion_tokens
         else:

@@ -179,10 +179,27 @@ def prompt_bound(request: InferenceRequest) -> int:
     if request.messages is not None:
         text_bytes = sum(len(m.content.encode("utf-8")) for m in request.messages)
         messages = len(request.messages) + 1  # and the assistant's turn
+    elif request.inputs is not None:  # embeddings: each input on its own, special tokens too
+        text_bytes = sum(len(text.encode("utf-8")) for text in request.inputs)
+        messages = len(request.inputs)
     else:
         text_bytes = len((request.prompt or "").encode("utf-8"))
         messages = 1
     text_bytes += len(request.continuation.encode("utf-8"))
+    # What a chat template renders besides the contents: tool definitions, tool calls and
+    # results, participants' names, a response format's schema (for the guided decoding
+    # that may put it in the prompt).
+    extra = [
+        part
+        for m in request.messages or ()
+        for part in (m.name, m.tool_call_id, *(c.id + c.name + c.arguments for c in m.tool_calls))
+    ]
+    extra += [t.name + t.description + t.parameters for t in request.tools]
+    if request.response_format is not None:
+        fmt = request.response_format
+        extra.append(fmt.name + fmt.description + fmt.schema)
+    text_bytes += sum(len(part.encode("utf-8")) for part in extra)
+    messages += len(request.tools)
     return text_bytes + TEMPLATE_TOKENS_PER_MESSAGE * messages
 
 

@@ -12,7 +12,7 @@ from typing import Any
 from mesh.inference import InferenceRequest, Load, ModelInfo, Route
 from mesh.routing.peers import PeerState, PeerTable
 from mesh.routing.refusals import Unplanned
-from mesh.routing.scheduler import Candidate, Plan, Privacy, Scored
+from mesh.routing.scheduler import Candidate, Needs, Plan, Privacy, Scored
 
 PRESELECT_PEERS = 8  # peers given a full look per request (the rest are failover-irrelevant)
 DEFAULT_NEW_TOKENS = 256  # what a request without max_tokens is assumed to make
@@ -41,6 +41,7 @@ class LocalOffer:
             context_length=self.info.context_length,
             available=not self.load.draining,
             unavailable_reason="draining",
+            features=self.info.features,
         )
 
 
@@ -55,6 +56,8 @@ class Estimate:
     @classmethod
     def of(cls, request: InferenceRequest) -> Estimate:
         chars = len(request.prompt or "") + sum(len(m.content) for m in request.messages or ())
+        # Embeddings: each input is embedded on its own, so the longest must fit.
+        chars += max((len(text) for text in request.inputs or ()), default=0)
         wanted = request.sampling.max_tokens
         return cls(
             prompt_tokens=chars // 4,
@@ -73,21 +76,35 @@ def candidates(
     local: LocalOffer | None,
     peers: PeerTable,
     estimate: Estimate | None = None,
+    needs: Needs = (),
 ) -> list[Candidate]:
     """This box (when it serves `model`) and the peers serving it. With an `estimate`, only
     the most promising peers for it (a vectorized pre-selection, so thousands of peers cost
-    about nothing); without, every peer that serves it (for `explain`)."""
+    about nothing); without, every peer that serves it (for `explain`). A request that
+    `needs` capabilities looks at every peer whose model has them (the pre-selection does
+    not know capabilities, and could leave only peers that lack them)."""
     out = [local.candidate()] if local is not None else []
-    chosen = (
-        peers.best(
+    wanted = {feature for feature, _ in needs}
+    capable = (
+        [
+            peer
+            for peer in peers
+            if (info := peer.serves(model)) is not None and wanted <= info.features
+        ]
+        if wanted
+        else []
+    )
+    if capable:
+        chosen = capable
+    elif estimate is not None:  # (nobody capable: the usual few show why)
+        chosen = peers.best(
             model,
             k=PRESELECT_PEERS,
             new_tokens=estimate.new_tokens,
             needed_context=estimate.needed_context,
         )
-        if estimate is not None
-        else list(peers)
-    )
+    else:
+        chosen = list(peers)
     # A peer that has not measured this model yet is assumed as fast as this box is at it
     # (rather than a pessimistic default that would keep it idle).
     local_speed = local.info.tokens_per_second if local is not None else 0.0
@@ -109,6 +126,7 @@ def candidates(
                 context_length=info.context_length,
                 available=peer.state is PeerState.UP and not peer.load.draining,
                 unavailable_reason=f"peer is {peer.state}",
+                features=info.features,
             )
         )
     return out
@@ -159,6 +177,7 @@ def explain(model: str, privacy: Privacy, decided: Plan) -> dict[str, Any]:
             "slots": candidate.slots,
             "parallel": candidate.parallel,
             "tokens_per_second": candidate.tokens_per_second,
+            "capabilities": sorted(f.value for f in candidate.features),
             "status": status,
         }
 

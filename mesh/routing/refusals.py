@@ -29,6 +29,7 @@ from mesh.errors import (
     SealingError,
     Unauthenticated,
     Unavailable,
+    UnsupportedParameter,
 )
 from mesh.routing.scheduler import Candidate, Excluded, Exclusion
 
@@ -50,6 +51,7 @@ _ABOUT_THE_CANDIDATE: tuple[type[MeshError], ...] = (
     ModelNotFound,
     QuotaExceeded,  # a cloud node's plan is used up: another may still serve
     ContextLengthExceeded,  # another box may have a larger context
+    UnsupportedParameter,  # another box's model may honour the field
 )
 
 
@@ -101,7 +103,13 @@ def no_candidate(
     )
 
 
-def refusal(model: str, *, excluded: Sequence[Excluded], failures: Sequence[Failure]) -> MeshError:
+def refusal(
+    model: str,
+    *,
+    excluded: Sequence[Excluded],
+    failures: Sequence[Failure],
+    embeddings: bool = False,
+) -> MeshError:
     """The one error the client hears when no candidate of a plan could serve `model`:
     each was left out of the plan (`excluded`) or tried and failed (`failures`)."""
 
@@ -118,6 +126,26 @@ def refusal(model: str, *, excluded: Sequence[Excluded], failures: Sequence[Fail
             param="quota",
             resets_at=over_quota[0].resets_at,
         )
+    # Privacy-excluded candidates do not count: a field only the cloud could honour is still
+    # a field this request cannot have (the client hears which field, not a 503).
+    cannot = [x for x in excluded if x.reason is Exclusion.CAPABILITY]
+    cannot_failed = [f for f in failures if isinstance(f.error, UnsupportedParameter)]
+    others = [x for x in excluded if x.reason not in (Exclusion.CAPABILITY, Exclusion.PRIVACY)]
+    if (cannot or cannot_failed) and not others and len(cannot_failed) == len(failures):
+        # The field the most capable candidate stops at: the one nobody honours.
+        furthest = max(cannot, key=lambda x: x.honoured) if cannot else None
+        param = furthest.param if furthest else (cannot_failed[0].error.param or "")
+        said = "; ".join(
+            [
+                f"{who(x.candidate)}: {x.detail}"
+                for x in cannot + [x for x in excluded if x.reason is Exclusion.PRIVACY]
+            ]
+            + [f"{who(f.candidate)}: {f.error.message}" for f in cannot_failed]
+        )
+        return UnsupportedParameter(
+            f"{param} is not supported by any node that may serve {model!r} ({said})",
+            param=param,
+        )
     too_small = [
         f"{x.candidate.node_id[:7]}: {x.detail}" for x in excluded if x.reason is Exclusion.CONTEXT
     ] + [
@@ -126,6 +154,12 @@ def refusal(model: str, *, excluded: Sequence[Excluded], failures: Sequence[Fail
         if isinstance(f.error, ContextLengthExceeded)
     ]
     if too_small and len(too_small) == len(reasons):
+        if embeddings:
+            return ContextLengthExceeded(
+                f"no node serving {model!r} can embed an input this long "
+                f"({'; '.join(too_small)}): shorten it",
+                param="input",
+            )
         return ContextLengthExceeded(
             f"no node serving {model!r} has room for this request "
             f"({'; '.join(too_small)}): shorten the prompt or lower max_tokens",

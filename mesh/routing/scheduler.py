@@ -3,8 +3,9 @@
 Pure: candidates and a policy in, an ordered plan out (the first choice, then the
 failover order), with the reason for every candidate left out.
 
-1. Capable: serves the model (name or alias), the context fits, not full, not
-   down or draining, and the privacy policy allows its tier.
+1. Capable: serves the model (name or alias), can honour what the request asks
+   (tools, structured output, logprobs, ...: `InferenceRequest.needs`), the context
+   fits, not full, not down or draining, and the privacy policy allows its tier.
 2. Nearest: tiers in order local -> lan -> relay -> cloud. Within a tier, the
    smallest estimated time to finish: RTT + wait + generation (tokens to make /
    measured tokens per second). A candidate decodes `parallel` requests at once:
@@ -25,7 +26,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from mesh.errors import InvalidRequest
-from mesh.inference import Route
+from mesh.inference import Feature, Route
 
 TIER_ORDER = (Route.LOCAL, Route.LAN, Route.RELAY, Route.CLOUD)
 DEFAULT_SERVICE_MS = 2000.0  # assumed time per request ahead before we have measured one
@@ -70,6 +71,7 @@ class Candidate:
     context_length: int = 0
     available: bool = True  # up (not suspect, down or draining)
     unavailable_reason: str = ""
+    features: frozenset[Feature] = frozenset()  # what the model there honours
 
 
 class Exclusion(enum.StrEnum):
@@ -81,6 +83,35 @@ class Exclusion(enum.StrEnum):
     UNAVAILABLE = "unavailable"  # not up, or draining
     FULL = "full"  # every slot busy
     CONTEXT = "context"  # the prompt and max_tokens do not fit its context
+    CAPABILITY = "capability"  # its model cannot honour a field of the request
+
+
+Needs = tuple[tuple[Feature, str], ...]  # what a request asks, with the field asking it
+
+
+def parse_needs(text: str) -> Needs:
+    """`tools,logprobs`: capabilities asked by name (`route --explain --needs`)."""
+    needs = []
+    for name in filter(None, (part.strip() for part in text.split(","))):
+        try:
+            feature = Feature(name)
+        except ValueError as exc:
+            raise InvalidRequest(
+                f"needs: {name[:40]!r} is not a capability; known: "
+                + ", ".join(f.value for f in Feature),
+                param="needs",
+            ) from exc
+        needs.append((feature, feature.value))
+    return tuple(needs)
+
+
+def missing(candidate: Candidate, needs: Needs) -> tuple[int, Feature, str] | None:
+    """The first thing asked that `candidate` cannot honour: its place among the needs,
+    and its field."""
+    for place, (feature, param) in enumerate(needs):
+        if feature not in candidate.features:
+            return place, feature, param
+    return None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -88,6 +119,8 @@ class Excluded:
     candidate: Candidate
     reason: Exclusion
     detail: str  # the same, in words, for people
+    param: str = ""  # CAPABILITY: the request's field it cannot honour...
+    honoured: int = 0  # ...after honouring this many of the fields asked (in order)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -136,6 +169,7 @@ def exclusion(
     prompt_tokens: int,
     max_tokens: int | None,
     closed: Mapping[Route, str] | None = None,
+    needs: Needs = (),
 ) -> Excluded | None:
     """Why `candidate` cannot take this request, or None when it can."""
 
@@ -144,6 +178,16 @@ def exclusion(
 
     if not privacy.allows(candidate.route):
         return out(Exclusion.PRIVACY, f"privacy {privacy.value} keeps it off {candidate.route}")
+    lacking = missing(candidate, needs)
+    if lacking is not None:
+        place, feature, param = lacking
+        return Excluded(
+            candidate=candidate,
+            reason=Exclusion.CAPABILITY,
+            detail=f"its model cannot honour {param} ({feature.value})",
+            param=param,
+            honoured=place,
+        )
     if closed and candidate.route in closed:
         return out(Exclusion.CLOSED, closed[candidate.route])
     if not candidate.available:
@@ -163,8 +207,10 @@ def plan(
     max_tokens: int | None,
     max_wait_ms: float = DEFAULT_MAX_WAIT_MS,
     closed: Mapping[Route, str] | None = None,
+    needs: Needs = (),
 ) -> Plan:
-    """`closed`: tiers this request may not use, and why (a user's quota, say)."""
+    """`closed`: tiers this request may not use, and why (a user's quota, say); `needs`:
+    what the request asks beyond plain sampling (`InferenceRequest.needs`)."""
     new_tokens = max_tokens if max_tokens is not None else 256
     by_tier: dict[Route, list[Scored]] = {tier: [] for tier in TIER_ORDER}
     excluded: list[Excluded] = []
@@ -175,6 +221,7 @@ def plan(
             prompt_tokens=prompt_tokens,
             max_tokens=max_tokens,
             closed=closed,
+            needs=needs,
         )
         if left_out is not None:
             excluded.append(left_out)

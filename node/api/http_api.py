@@ -35,22 +35,25 @@ from typing import Any
 from aiohttp import web
 
 from mesh.api import openai_api
+from mesh.api.embeddings import embeddings_body, parse_embeddings_request
 from mesh.clock import SYSTEM, Clock
 from mesh.errors import (
     ForeignRequest,
     InvalidRequest,
     MeshError,
+    ModelNotFound,
     OwnerRequired,
     PermissionDenied,
     QuotaExceeded,
+    RemoteProtocolError,
     RequestTooLarge,
     UnsupportedMediaType,
 )
-from mesh.inference import Finished, InferenceRequest, TextDelta
+from mesh.inference import Finished, TextDelta
 from mesh.quota.rules import UNLIMITED, Quota, parse_quota
 from mesh.quota.users import KEY_PREFIX as API_KEY_PREFIX
 from mesh.quota.users import OWNER, Caller, bearer_key
-from mesh.routing.scheduler import Privacy
+from mesh.routing.scheduler import Privacy, parse_needs
 from node.api.mesh_admin import MAX_INVITE_TTL_S, MeshAdmin
 from node.api.owner import HostGuard, OwnerToken
 from node.api.request_log import (
@@ -277,8 +280,9 @@ def get_caller(request: web.Request) -> Caller:
 
 
 async def _answer(
-    request: web.Request, caller: Caller, inference: InferenceRequest, stream: bool
+    request: web.Request, caller: Caller, parsed: openai_api.Parsed
 ) -> web.StreamResponse:
+    inference = parsed.request
     privacy = caller.privacy_for(_privacy(request))
     # The user is who the key says (the owner: ""), never the body's own `user` field.
     inference = dataclasses.replace(inference, user=caller.user)
@@ -286,29 +290,31 @@ async def _answer(
     # when it ends, however it ends (a client that hangs up included).
     async with request.app[ENTRY].answer(inference, privacy) as answer:
         try:
-            return await _respond(request, answer, stream)
+            return await _respond(request, answer, parsed)
         finally:
             noted = facts(request)
             noted.model = answer.served_by.model
             noted.route = answer.served_by.route.value
 
 
-async def _respond(request: web.Request, answer: EntryAnswer, stream: bool) -> web.StreamResponse:
+async def _respond(
+    request: web.Request, answer: EntryAnswer, parsed: openai_api.Parsed
+) -> web.StreamResponse:
     inference = answer.request
     ids = openai_api.ResponseIds(
         inference, answer.served_by.model, now=request.app[CLOCK].now_ms() / 1000
     )
-    if not stream:
-        parts: list[str] = []
+    if not parsed.stream:
+        collected = openai_api.Collected()
         async with contextlib.aclosing(answer.events()) as events:
             async for event in events:
                 note_first_token(request)
                 if isinstance(event, TextDelta):
-                    parts.append(event.text)
+                    collected.add(event)
                 else:
                     _note_tokens(request, event)
                     return json_response(
-                        ids.complete("".join(parts), event), headers=_route_headers(answer)
+                        ids.complete(collected, event), headers=_route_headers(answer)
                     )
         raise AssertionError("an answer always ends with Finished")
     response = web.StreamResponse(
@@ -326,11 +332,12 @@ async def _respond(request: web.Request, answer: EntryAnswer, stream: bool) -> w
             async for event in coalesce(events):
                 note_first_token(request)
                 if isinstance(event, TextDelta):
-                    await response.write(openai_api.sse(ids.chunk(event.text)))
+                    await response.write(openai_api.sse(ids.chunk(event)))
                 elif isinstance(event, Finished):
                     _note_tokens(request, event)
                     await response.write(openai_api.sse(ids.chunk(None, event)))
-                    await response.write(openai_api.sse(ids.usage_chunk(event)))
+                    if parsed.include_usage:  # the ledger records it either way
+                        await response.write(openai_api.sse(ids.usage_chunk(event)))
         except MeshError as error:
             # Headers are gone: say it in the stream (the OpenAI client raises on it).
             logger.warning("stream %s failed: %s", inference.request_id, error.message)
@@ -349,19 +356,44 @@ def _note_tokens(request: web.Request, finished: Finished) -> None:
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     caller = get_caller(request)
     body = await _read_body(request)
-    inference, stream = openai_api.parse_chat_request(
-        body, max_bytes=request.app[LIMITS].max_request_bytes
-    )
-    return await _answer(request, caller, inference, stream)
+    parsed = openai_api.parse_chat_request(body, max_bytes=request.app[LIMITS].max_request_bytes)
+    return await _answer(request, caller, parsed)
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
     caller = get_caller(request)
     body = await _read_body(request)
-    inference, stream = openai_api.parse_completion_request(
+    parsed = openai_api.parse_completion_request(
         body, max_bytes=request.app[LIMITS].max_request_bytes
     )
-    return await _answer(request, caller, inference, stream)
+    return await _answer(request, caller, parsed)
+
+
+async def create_embeddings(request: web.Request) -> web.Response:
+    """POST /v1/embeddings: planned, sealed, recorded and counted like a chat request."""
+    caller = get_caller(request)
+    body = await _read_body(request)
+    parsed = parse_embeddings_request(body, max_bytes=request.app[LIMITS].max_request_bytes)
+    inference = dataclasses.replace(parsed.request, user=caller.user)
+    privacy = caller.privacy_for(_privacy(request))
+    async with request.app[ENTRY].answer(inference, privacy) as answer:
+        noted = facts(request)
+        noted.model = answer.served_by.model
+        noted.route = answer.served_by.route.value
+        async with contextlib.aclosing(answer.events()) as events:
+            async for event in events:
+                if isinstance(event, Finished):
+                    _note_tokens(request, event)
+                    return json_response(
+                        embeddings_body(
+                            answer.request,
+                            event,
+                            model=answer.served_by.model,
+                            encoding=parsed.encoding,
+                        ),
+                        headers=_route_headers(answer),
+                    )
+    raise RemoteProtocolError("the embeddings answer ended without its vectors")
 
 
 async def list_models(request: web.Request) -> web.Response:
@@ -372,6 +404,22 @@ async def list_models(request: web.Request) -> web.Response:
     for entry, (_, nodes) in zip(body["data"], served, strict=True):
         entry["served_by"] = nodes
     return json_response(body)
+
+
+async def get_model(request: web.Request) -> web.Response:
+    """GET /v1/models/{id}: a model the mesh serves, by name or alias (404 otherwise)."""
+    get_caller(request)
+    wanted = request.match_info["model"]
+    served = request.app[ENTRY].mesh_models()
+    for info, nodes in served:
+        if wanted == info.name or wanted in info.aliases:
+            body = openai_api.model_object(info)
+            body["served_by"] = nodes
+            return json_response(body)
+    known = ", ".join(sorted(info.name for info, _ in served)) or "none"
+    raise ModelNotFound(
+        f"model {wanted[:200]!r} is not served in this mesh; available: {known}", param="model"
+    )
 
 
 async def route_explain(request: web.Request) -> web.Response:
@@ -390,6 +438,7 @@ async def route_explain(request: web.Request) -> web.Response:
             model,
             privacy or entry.default_privacy,
             int(raw_max) if raw_max is not None else None,
+            needs=parse_needs(request.query.get("needs", "")),
         )
     )
 
@@ -575,8 +624,10 @@ def build_app(
     if plans is not None:
         app[PLANS] = plans
     app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/v1/models/{model:.+}", get_model)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/embeddings", create_embeddings)
     app.router.add_get("/allerac/status", get_status)
     app.router.add_get("/allerac/route", route_explain)
     app.router.add_get("/allerac/mesh", mesh_describe)

@@ -48,7 +48,7 @@ from mesh.ledger.bounds import Delivered
 from mesh.routing import candidates as reach
 from mesh.routing.peers import PeerEvent, PeerTable
 from mesh.routing.refusals import Failure, Next, after_candidate_failure, no_candidate, refusal
-from mesh.routing.scheduler import DEFAULT_MAX_WAIT_MS, Candidate, Plan, Privacy, plan
+from mesh.routing.scheduler import DEFAULT_MAX_WAIT_MS, Candidate, Needs, Plan, Privacy, plan
 from mesh.wire.v1 import ledger_pb2 as lpb
 from node.serving.accounting import Accountant, Arrival
 from node.serving.models import LocalModels
@@ -200,7 +200,12 @@ class EntryAnswer:
                 )
                 self._starter.failed(served_by, exc)
                 failures.append(Failure(candidate=candidate, error=exc))
-        error = refusal(request.model, excluded=self._plan.excluded, failures=failures)
+        error = refusal(
+            request.model,
+            excluded=self._plan.excluded,
+            failures=failures,
+            embeddings=request.inputs is not None,
+        )
         if isinstance(error, Overloaded):
             self._starter.models.rejected(request.model)
         raise error
@@ -219,6 +224,7 @@ class EntryAnswer:
         asked = self.request  # what the current source was asked (a failover asks anew)
         pending: InferenceEvent | None = source.first
         finished = False
+        calls_delivered = False  # a tool call was (partly) sent: no box can continue it
         try:
             while True:
                 try:
@@ -226,9 +232,10 @@ class EntryAnswer:
                         event = pending if pending is not None else await anext(source.rest)
                         pending = None
                         if isinstance(event, TextDelta):
+                            calls_delivered = calls_delivered or bool(event.tool_calls)
                             delivered.append(event.text)
                             delivered_tokens += event.tokens
-                            seen = seen.plus(event.text)
+                            seen = seen.plus(event.delivered)
                             yield event
                             continue
                         self._starter.served(
@@ -259,21 +266,20 @@ class EntryAnswer:
                         reason=FinishReason.LENGTH, prompt_tokens=0, completion_tokens=tokens_before
                     )
                     return
-                follow_up = dataclasses.replace(
-                    self.request,
-                    request_id=new_request_id(),
-                    continuation=self.request.continuation + "".join(delivered),
-                    sampling=dataclasses.replace(
-                        self.request.sampling,
-                        max_tokens=None if wanted is None else wanted - tokens_before,
-                    ),
-                )
+                failed = source.served_by
+                if calls_delivered:
+                    finished = True  # the failed part is recorded; nothing else was delivered
+                    raise failure.reworded(
+                        f"{failed.node_id[:7]} ({failed.route}) failed mid-answer "
+                        f"({failure.message}) while sending a tool call, which another box "
+                        "cannot continue: ask again"
+                    )
+                follow_up = self._follow_up(delivered, tokens_before)
                 logger.warning(
                     "%s failed mid-stream (%s); continuing on the next candidate",
                     source.served_by.node_id[:7],
                     failure.message,
                 )
-                failed = source.served_by
                 try:
                     source = await self._first(follow_up)
                     asked = follow_up
@@ -296,6 +302,24 @@ class EntryAnswer:
                 await asyncio.shield(
                     self._partial(source.served_by, asked, delivered_tokens - tokens_before, seen)
                 )
+
+    def _follow_up(self, delivered: list[str], tokens_before: int) -> InferenceRequest:
+        """The request the next candidate continues: after the text delivered, for the
+        tokens left, with every constraint of the original (tools, formats, logprobs...).
+        An echoed prompt is not part of what to continue from, nor echoed again."""
+        wanted = self.request.sampling.max_tokens
+        continued = self.request.continuation + "".join(delivered)
+        sampling = dataclasses.replace(
+            self.request.sampling,
+            max_tokens=None if wanted is None else wanted - tokens_before,
+        )
+        prompt = self.request.prompt
+        if sampling.echo and prompt is not None and continued.startswith(prompt):
+            continued = continued[len(prompt) :]
+            sampling = dataclasses.replace(sampling, echo=False)
+        return dataclasses.replace(
+            self.request, request_id=new_request_id(), continuation=continued, sampling=sampling
+        )
 
     async def _account(
         self, served_by: ServedBy, asked: InferenceRequest, finished: Finished, seen: Delivered
@@ -372,27 +396,33 @@ class EntrySide:
         closed: Mapping[Route, str] | None = None,
     ) -> Plan:
         estimate = reach.Estimate.of(request)
+        needs = request.needs()
         return plan(
             reach.candidates(
                 request.model,
                 local=self.models.offer(request.model),
                 peers=self.peers,
                 estimate=estimate,
+                needs=needs,
             ),
             privacy=privacy,
             prompt_tokens=estimate.prompt_tokens,
             max_tokens=estimate.max_tokens,
             max_wait_ms=self._max_wait_ms,
             closed=closed,
+            needs=needs,
         )
 
-    def explain(self, model: str, privacy: Privacy, max_tokens: int | None) -> dict[str, Any]:
+    def explain(
+        self, model: str, privacy: Privacy, max_tokens: int | None, needs: Needs = ()
+    ) -> dict[str, Any]:
         decided = plan(
             reach.candidates(model, local=self.models.offer(model), peers=self.peers),
             privacy=privacy,
             prompt_tokens=0,
             max_tokens=max_tokens,
             max_wait_ms=self._max_wait_ms,
+            needs=needs,
         )
         return reach.explain(model, privacy, decided)
 

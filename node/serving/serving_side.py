@@ -125,6 +125,7 @@ class ServingSide:
             privacy=Privacy.LOCAL_ONLY,
             prompt_tokens=estimate.prompt_tokens,
             max_tokens=estimate.max_tokens,
+            needs=request.needs(),
         )
         failures: list[Failure] = []
         if left_out is None:
@@ -153,7 +154,12 @@ class ServingSide:
                     accountant=self._accountant,
                     clock=self._clock,
                 )
-        error = refusal(request.model, excluded=[left_out] if left_out else [], failures=failures)
+        error = refusal(
+            request.model,
+            excluded=[left_out] if left_out else [],
+            failures=failures,
+            embeddings=request.inputs is not None,
+        )
         if isinstance(error, Overloaded):
             self._models.rejected(request.model)
         raise error

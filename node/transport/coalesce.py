@@ -66,10 +66,11 @@ async def coalesce(
             event = settle(await queue.get())
             if event is None:
                 return
-            if not isinstance(event, TextDelta):
-                yield event
+            if not isinstance(event, TextDelta) or event.tool_calls:
+                yield event  # tool-call pieces go as they are (each names its call)
                 continue
             parts = [event.text]
+            logprobs = list(event.logprobs)
             tokens = event.tokens
             size = len(event.text)
             held: _Item | None = None
@@ -88,15 +89,16 @@ async def coalesce(
                         following = await asyncio.wait_for(queue.get(), remaining)
                     except TimeoutError:
                         break
-                if isinstance(following, TextDelta):
+                if isinstance(following, TextDelta) and not following.tool_calls:
                     parts.append(following.text)
+                    logprobs.extend(following.logprobs)
                     tokens += following.tokens
                     size += len(following.text)
                 else:
                     held = following
                     break
             last_sent = clock.monotonic()
-            yield TextDelta("".join(parts), tokens) if len(parts) > 1 else event
+            yield TextDelta("".join(parts), tokens, tuple(logprobs)) if len(parts) > 1 else event
             if held is not None:
                 settled = settle(held)
                 if settled is None:

@@ -564,7 +564,7 @@ async function sendChat(event) {
   const headers = {};
   if ($("chat-privacy").value) headers["x-allerac-privacy"] = $("chat-privacy").value;
   try {
-    const response = await api("POST", "/v1/chat/completions", { model: $("chat-model").value, messages: state.chat, stream: true }, headers);
+    const response = await api("POST", "/v1/chat/completions", { model: $("chat-model").value, messages: state.chat, stream: true, stream_options: { include_usage: true } }, headers);
     const node = response.headers.get("x-allerac-node");
     const route = response.headers.get("x-allerac-route");
     bubble.append(el("div", { class: "served-by", "data-node": node || "", "data-route": route || "" }, `answered by ${boxName(node)} (${route})`));

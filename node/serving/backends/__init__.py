@@ -11,6 +11,7 @@ from mesh.config import ModelConfig
 from mesh.errors import ConfigError
 from node.serving.backends.base import Backend
 from node.serving.backends.llama_cpp import LlamaCppBackend
+from node.serving.backends.llama_embed import EmbeddingModel
 from node.serving.backends.openai_upstream import OpenAIUpstreamBackend
 
 FACTORIES: dict[str, Callable[[ModelConfig], Backend]] = {
@@ -26,4 +27,7 @@ def create_backend(config: ModelConfig) -> Backend:
             f"model {config.name!r}: backend = {config.backend!r} is unknown; "
             f"known: {', '.join(sorted(FACTORIES))}"
         )
-    return factory(config)
+    backend = factory(config)
+    if config.embedding:  # also /v1/embeddings, through an embedding context of its own
+        return EmbeddingModel(backend, config)
+    return backend

@@ -70,6 +70,7 @@ from mesh.errors import (
     Unavailable,
 )
 from mesh.inference import (
+    Feature,
     Finished,
     FinishReason,
     InferenceEvent,
@@ -344,6 +345,20 @@ class UpstreamStream:
             raise Unavailable(f"lost the connection to {source} mid-answer: {_why(exc)}") from exc
 
 
+# What an OpenAI-compatible upstream (vLLM, llama.cpp's server, a hosted API) honours: every
+# field is forwarded as OpenAI spells it. Not n > 1: the answer stream carries one choice.
+UPSTREAM_FEATURES = frozenset(
+    {
+        Feature.TOOLS,
+        Feature.STRUCTURED_OUTPUT,
+        Feature.LOGPROBS,
+        Feature.PENALTIES,
+        Feature.LOGIT_BIAS,
+        Feature.ECHO,
+    }
+)
+
+
 class OpenAIUpstreamBackend:
     def __init__(self, config: ModelConfig, *, clock: Clock = SYSTEM) -> None:
         self.clock = clock
@@ -364,6 +379,11 @@ class OpenAIUpstreamBackend:
             parameter_count=config.parameter_count,  # the upstream does not say it
             context_length=config.context_length,
             backend="openai",
+            features=(
+                UPSTREAM_FEATURES
+                if self.upstream.capabilities is None
+                else frozenset(Feature(name) for name in self.upstream.capabilities)
+            ),
         )
         self._session: aiohttp.ClientSession | None = None
         self._streams: set[UpstreamStream] = set()
