@@ -180,7 +180,12 @@ def owner(world: dict[str, Any], mesh2: dict[str, NodeProcess]) -> Any:
     """The browser signed in as box a's owner, with the link `allerac console` prints
     (asked for over HTTP, as the command does: tests/test_console_api.py runs the command)."""
     browser = world["browser"]
-    browser.get(owner_post(mesh2["a"], "/console/login-tokens", {})["url"])
+    a = mesh2["a"]
+    browser.get(a.url + "/")  # nobody signed in yet: the sign-in page, and nothing else
+    wait(browser, lambda d: d.find_element(By.ID, "sign-in").is_displayed(), "sign-in page")
+    assert not browser.find_elements(By.CSS_SELECTOR, "#nav a")
+    screenshot(browser, "sign-in")
+    browser.get(owner_post(a, "/console/login-tokens", {})["url"])
     wait(browser, lambda d: d.find_element(By.ID, "nav-mesh").is_displayed(), "signed in")
     assert "token=" not in browser.current_url  # the one-time token left the address bar
     return browser
@@ -381,6 +386,9 @@ def test_the_members_list_revokes_a_box(
         return c.node_id not in {p["node_id"] for p in status_of(node)["peers"]}
 
     wait_until(lambda: dropped(a) and dropped(b), 10, "a and b drop c")
+    owner.execute_script(
+        "arguments[0].scrollIntoView()", owner.find_element(By.ID, "members-table")
+    )
     screenshot(owner, "invite-revoked")
 
 
