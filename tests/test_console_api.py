@@ -51,7 +51,9 @@ def one_thread_model(name: str = "smollm2-135m-instruct") -> str:
     )
 
 
-CONFIG = f"""
+def box_config() -> str:
+    """A name other than loopback's, a scraper token, and the embedded model on one thread."""
+    return f"""
 [http]
 allowed_hosts = ["box.test"]
 
@@ -76,7 +78,7 @@ JSON_TYPE = {"Content-Type": "application/json"}
 @pytest.fixture(scope="module")
 def box(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
     proc = NodeProcess(
-        tmp_path_factory.mktemp("console"), "--log-format", "json", config=CONFIG
+        tmp_path_factory.mktemp("console"), "--log-format", "json", config=box_config()
     ).start()
     try:
         yield proc
