@@ -223,15 +223,22 @@ def test_every_page_renders_with_live_data(owner: Any, mesh2: dict[str, NodeProc
         screenshot(owner, page)
 
 
-def test_a_person_added_in_the_browser_gets_a_working_key(
-    owner: Any, mesh2: dict[str, NodeProcess]
-) -> None:
+@pytest.fixture(scope="module")
+def carol_key(owner: Any) -> str:
+    """A person added on the People page: the key it showed once."""
     open_page(owner, "people")
     owner.find_element(By.ID, "person-name").send_keys("carol")
     Select(owner.find_element(By.ID, "person-privacy")).select_by_visible_text("mesh")
     owner.find_element(By.ID, "person-quota").send_keys("mesh=200k/day")
     owner.find_element(By.CSS_SELECTOR, "#add-person button").click()
     key = wait(owner, lambda d: d.find_element(By.ID, "new-key-value").text, "the new key")
+    return str(key)
+
+
+def test_a_person_added_in_the_browser_gets_a_working_key(
+    owner: Any, mesh2: dict[str, NodeProcess], carol_key: str
+) -> None:
+    key = carol_key
     assert key.startswith("amk_")
     assert key in text_of(owner, "#new-key-snippet")
     wait(
@@ -500,3 +507,29 @@ def test_the_owner_renames_the_box_and_the_other_box_learns_it(
         return any(p["node_id"] == a.node_id and p["display_name"] == "kitchen" for p in peers)
 
     wait(owner, lambda _: b_knows(), "box b shows box a's new name")
+
+
+def test_a_person_signs_in_with_their_key_and_sees_their_own_pages(
+    owner: Any, mesh2: dict[str, NodeProcess], carol_key: str
+) -> None:
+    """Last: it signs the owner out. Carol's key opens her usage and the chat, nothing of
+    the administration."""
+    owner.find_element(By.ID, "sign-out").click()
+    wait(owner, lambda d: d.find_element(By.ID, "sign-in").is_displayed(), "signed out")
+    owner.find_element(By.ID, "sign-in-key").send_keys(carol_key)
+    owner.find_element(By.CSS_SELECTOR, "#sign-in-form button").click()
+    wait(owner, lambda d: d.find_element(By.ID, "page-usage").is_displayed(), "her usage")
+    assert text_of(owner, "#who") == "carol"
+    pages = [
+        link.get_attribute("data-page") for link in owner.find_elements(By.CSS_SELECTOR, "#nav a")
+    ]
+    assert pages == ["usage", "chat"]
+    rows = wait(
+        owner, lambda d: d.find_elements(By.CSS_SELECTOR, "#usage-user tr[data-key]"), "rows"
+    )
+    assert [row.get_attribute("data-key") for row in rows] == ["carol"]  # hers alone
+    assert "carol" in text_of(owner, "#usage-verification")
+    screenshot(owner, "person-usage")
+    owner.get(mesh2["a"].url + "/#people")  # an administration page by address: not hers
+    wait(owner, lambda d: d.find_element(By.ID, "page-usage").is_displayed(), "her usage again")
+    assert not owner.find_element(By.ID, "page-people").is_displayed()
