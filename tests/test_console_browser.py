@@ -400,12 +400,24 @@ def test_the_members_list_revokes_a_box(
 
 
 def test_a_name_set_in_the_config_file_is_not_renamed_from_the_console(
-    mesh2: dict[str, NodeProcess],
+    owner: Any, mesh2: dict[str, NodeProcess]
 ) -> None:
-    """Box b's name is in its config file: renaming it (the owner's request, or the
-    console's Mesh page, whose session sends the same) is a 409 that says where to change
-    it, and nothing changes."""
+    """Box b's name is in its config file: its Mesh page says so instead of offering a
+    rename; renaming it anyway (the owner's request, or a console session's) is a 409
+    that says where to change it, and nothing changes."""
     a, b = mesh2["a"], mesh2["b"]
+    owner.get(owner_post(b, "/console/login-tokens", {})["url"])  # b's own console
+    wait(owner, lambda d: d.find_element(By.ID, "rename-note").is_displayed(), "the note")
+    assert "config file" in text_of(owner, "#rename-note")
+    assert not owner.find_element(By.ID, "rename-input").is_enabled()
+    assert not owner.find_element(By.CSS_SELECTOR, "#rename-form button").is_enabled()
+    assert text_of(owner, "#box-name") == GARAGE
+    screenshot(owner, "mesh-name-in-config")
+    owner.get(a.url + "/#mesh")  # back to a, whose session (its own cookie) still holds
+    name_a = display_name(a)
+    wait(owner, lambda d: text_of(d, "#box-name") == name_a, "a's console again")
+    assert owner.find_element(By.ID, "rename-input").is_enabled()
+    assert not owner.find_element(By.ID, "rename-note").is_displayed()
     login = urllib.parse.urlsplit(owner_post(b, "/console/login-tokens", {})["url"])
     cookie = raw(b, "GET", f"{login.path}?{login.query}")[1]["set-cookie"].split(";")[0]
     csrf = raw(b, "GET", "/console/session", headers={"Cookie": cookie})[2]["csrf"]

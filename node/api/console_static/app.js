@@ -269,6 +269,10 @@ function renderMesh() {
   const s = state.status;
   if (!s) return;
   $("mesh-id").textContent = s.mesh_id;
+  const fixedName = Boolean(s.display_name_in_config);
+  $("rename-input").disabled = fixedName;
+  $("rename-form").querySelector("button").disabled = fixedName;
+  $("rename-note").hidden = !fixedName;
   $("mesh-updated").textContent = `updated ${new Date().toLocaleTimeString()}`;
   const rows = [
     el(
