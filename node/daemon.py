@@ -811,6 +811,7 @@ class RunningNode:
             **self.run_info(),
             "protocol_version": PROTOCOL_VERSION,
             "display_name": self.display_name,
+            "display_name_in_config": bool(self.config.display_name),  # not renamed at run time
             "uptime_s": round((self._clock.now_ms() - self._started_at_ms) / 1000, 1),
             "connections": self._connection_stats(),
             "profile": self.profile.describe(),

@@ -44,6 +44,7 @@ apt_for_tests() {
 }
 if [ -n "$extras" ]; then
     apt_for_tests "the console's browser tests" chromium chromedriver -- chromium chromium-driver
+    apt_for_tests "the console's QR test" zbarimg -- zbar-tools
     apt_for_tests "the service unit check" systemd-analyze -- systemd
 fi
 stamp=".venv/.allerac-setup${extras:+-test}"

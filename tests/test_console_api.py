@@ -10,14 +10,19 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import socket
+import stat
+import subprocess
+import sys
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 from prometheus_client.parser import text_string_to_metric_families
 
 from mesh.config import parse_config
@@ -25,19 +30,47 @@ from mesh.errors import ConfigError
 from mesh.trust.names import clean_name, default_display_name, node_label
 from node.api.console import _browser_host
 from node.api.request_log import JsonFormatter, RequestFacts, format_text
+from node.cli import cli
+from node.store.config_file import embedded_model_path
 from node.store.names_file import NamesFile, read_names
-from tests.nodeproc import NodeProcess, run_cli
+from tests.nodeproc import NodeProcess
 from tests.test_config import FakeBox
 from tests.test_owner_edges import raw
 
 SCRAPER_TOKEN = "scraper-0123456789abcdef"
-CONFIG = f"""
+
+
+def one_thread_model(name: str = "smollm2-135m-instruct") -> str:
+    """The embedded model as `default` serves it (greedy, with its system prompt), on one
+    thread: two llama.cpp threads per test node on a loaded two-core machine spin against
+    each other (a first answer took 0.3 s on one thread, 4 to 15 s on two, measured here)."""
+    return (
+        f'[[models]]\nname = "{name}"\npath = "{embedded_model_path()}"\n'
+        'aliases = ["default"]\nsystem_prompt = "You are a helpful assistant."\n'
+        "temperature = 0.0\nthreads = 1\n"
+    )
+
+
+def box_config() -> str:
+    """A name other than loopback's, a scraper token, and the embedded model on one thread."""
+    return f"""
 [http]
 allowed_hosts = ["box.test"]
 
 [metrics]
 token = "{SCRAPER_TOKEN}"
-"""
+
+{one_thread_model()}"""
+
+
+def cli_in_process(home: Path, *args: str) -> str:
+    """An `allerac` command run in this process (the same code, without starting another
+    interpreter): its output, once it has succeeded."""
+    result = CliRunner().invoke(cli, [*args, "--home", str(home)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.stdout
+
+
 SECRET_PROMPT = "the-secret-prompt-words"
 JSON_TYPE = {"Content-Type": "application/json"}
 
@@ -45,7 +78,7 @@ JSON_TYPE = {"Content-Type": "application/json"}
 @pytest.fixture(scope="module")
 def box(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
     proc = NodeProcess(
-        tmp_path_factory.mktemp("console"), "--log-format", "json", config=CONFIG
+        tmp_path_factory.mktemp("console"), "--log-format", "json", config=box_config()
     ).start()
     try:
         yield proc
@@ -214,7 +247,7 @@ def test_usage_over_http_equals_the_command(box: NodeProcess, used: str) -> None
         status, _, body = raw(box, "GET", f"/allerac/usage?period=month&by={by}", headers=box.owner)
         assert status == 200, body
         command = json.loads(
-            run_cli(box.home, "usage", "--period", "month", "--by", by, "--json").stdout
+            cli_in_process(box.home, "usage", "--period", "month", "--by", by, "--json")
         )
         verification = body.pop("verification")
         assert body == command
@@ -243,7 +276,7 @@ def test_display_names_default_and_usage_by_node(box: NodeProcess, used: str) ->
     assert expected.endswith("-" + box.node_id[:5])
     _, _, by_node = raw(box, "GET", "/allerac/usage?by=node", headers=box.owner)
     assert by_node["rows"][0]["display_name"] == expected
-    text = run_cli(box.home, "usage", "--by", "node").stdout
+    text = cli_in_process(box.home, "usage", "--by", "node")
     assert f"{expected} ({box.node_id[:7]})" in text
 
 
@@ -297,21 +330,83 @@ def test_the_status_stream_sends_status_events(box: NodeProcess) -> None:
 # --- console sign-in ------------------------------------------------------------------------
 
 
-def login(box: NodeProcess) -> str:
-    """`allerac console --print`, then the browser's visit: the session cookie it set."""
-    printed = run_cli(box.home, "console", "--print")
-    assert printed.returncode == 0, printed.stderr
-    link = urllib.parse.urlsplit(printed.stdout.strip())
+def login_url(box: NodeProcess) -> str:
+    """What `allerac console` asks the node for (with the owner token): a one-time link."""
+    status, _, body = raw(box, "POST", "/console/login-tokens", {}, {**box.owner, **JSON_TYPE})
+    assert status == 200, body
+    assert body["expires_in_s"] == 120
+    return str(body["url"])
+
+
+def visit(box: NodeProcess, url: str) -> tuple[str, str]:
+    """A browser's visit of a login link: where it is sent on, and the cookie it is given."""
+    link = urllib.parse.urlsplit(url)
+    assert f"{link.scheme}://{link.netloc}" == box.url  # a link to this very box
     status, headers, _ = raw(box, "GET", f"{link.path}?{link.query}")
     assert status == 303
-    assert headers["location"] == "/"
-    cookie = headers["set-cookie"]
+    return headers["location"], headers.get("set-cookie", "")
+
+
+def login(box: NodeProcess) -> str:
+    """A login link visited: the session cookie it set (strict, HttpOnly), good once."""
+    url = login_url(box)
+    location, cookie = visit(box, url)
+    assert location == "/"
     assert "HttpOnly" in cookie
     assert "SameSite=Strict" in cookie
-    again = raw(box, "GET", f"{link.path}?{link.query}")  # one time only
-    assert again[0] == 303
-    assert again[1]["location"] == "/?login=expired"
+    assert visit(box, url) == ("/?login=expired", "")  # one time only
     return cookie.split(";")[0]
+
+
+RECORDING_BROWSER = """#!/bin/sh
+printf '%s\\n' "$1" >> "$(dirname "$0")/opened.txt"
+"""
+
+
+def test_allerac_console_opens_the_link_in_the_browser_and_it_signs_in_once(
+    box: NodeProcess, tmp_path: Path
+) -> None:
+    """`allerac console` prints the link and opens it with Python's `webbrowser`, which
+    honours $BROWSER (here a script that notes the URL it is given); `--print` only prints;
+    with no browser to be found it says so and the printed link still works."""
+    browser = tmp_path / "browser.sh"
+    browser.write_text(RECORDING_BROWSER)
+    browser.chmod(browser.stat().st_mode | stat.S_IXUSR)
+    nowhere = tmp_path / "no-browsers-here"  # a PATH with no www-browser, lynx, w3m...
+    nowhere.mkdir()
+    runs = {
+        "open": ((), {"BROWSER": str(browser)}),
+        "print": (("--print",), {"BROWSER": str(browser)}),
+        "none": ((), {"BROWSER": "/bin/false", "PATH": str(nowhere)}),
+    }
+    started = {
+        name: subprocess.Popen(
+            [sys.executable, "-m", "node", "console", *flags, "--home", str(box.home)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
+        )
+        for name, (flags, env) in runs.items()
+    }
+    printed, complained = {}, {}
+    for name, command in started.items():  # all at once: each mostly starts Python
+        out, err = command.communicate(timeout=60)
+        assert command.returncode == 0, err
+        printed[name], complained[name] = out.strip(), err
+    assert complained == {
+        "open": "",
+        "print": "",
+        "none": "No browser found here: open the URL above in one.\n",
+    }
+    # The browser was given the printed link, once; --print's was never opened.
+    assert (tmp_path / "opened.txt").read_text().splitlines() == [printed["open"]]
+    location, cookie = visit(box, printed["open"])
+    assert location == "/"
+    assert "SameSite=Strict" in cookie
+    assert visit(box, printed["open"]) == ("/?login=expired", "")  # good for one sign-in
+    assert visit(box, printed["print"])[0] == "/"  # each command's link is its own
+    assert visit(box, printed["none"])[0] == "/"
 
 
 def test_a_console_session_needs_its_csrf_token_on_every_request(box: NodeProcess) -> None:
@@ -360,6 +455,10 @@ def test_an_api_key_session_never_administers(box: NodeProcess, used: str) -> No
     signed_in = {"Cookie": headers["set-cookie"].split(";")[0], "X-Allerac-CSRF": session["csrf"]}
     assert raw(box, "GET", "/allerac/users", headers=signed_in)[0] == 403
     assert raw(box, "GET", "/allerac/mesh/members", headers=signed_in)[0] == 403
+    revoke = raw(
+        box, "POST", "/allerac/mesh/revoke", {"node_id": box.node_id}, {**signed_in, **JSON_TYPE}
+    )
+    assert revoke[0] == 403  # the members list's Revoke is the owner's alone
     mine = raw(box, "GET", "/allerac/usage?by=user", headers=signed_in)
     assert mine[0] == 200
     assert {r["user"] for r in mine[2]["rows"]} == {"alice"}
@@ -400,7 +499,7 @@ def test_the_owner_renames_the_box(box: NodeProcess, used: str) -> None:
     assert (box.home / "display-name").read_text().strip() == "attic"  # kept for restarts
     members = raw(box, "GET", "/allerac/mesh/members", headers=box.owner)[2]["members"]
     assert members[0]["display_name"] == "attic"
-    by_node = json.loads(run_cli(box.home, "usage", "--by", "node", "--json").stdout)
+    by_node = json.loads(cli_in_process(box.home, "usage", "--by", "node", "--json"))
     assert by_node["rows"][0]["display_name"] == "attic"
 
 

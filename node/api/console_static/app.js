@@ -47,9 +47,30 @@ function fmt(n) {
   return Number(n || 0).toLocaleString("en-US");
 }
 
+function plural(n, one, many) {
+  return `${fmt(n)} ${n === 1 ? one : many}`;
+}
+
+function compact(n) {
+  return new Intl.NumberFormat("en-US", { notation: "compact", maximumFractionDigits: 1 }).format(n);
+}
+
+// What a box is doing, in words: "idle, 9 slots" or "2 of 9 slots busy, 1 waiting".
+function loadText(load) {
+  const waiting = load.queued ? `, ${fmt(load.queued)} waiting` : "";
+  if (!load.active_streams) return `idle, ${plural(load.slots, "slot", "slots")}${waiting}`;
+  return `${fmt(load.active_streams)} of ${plural(load.slots, "slot", "slots")} busy${waiting}`;
+}
+
+// A model and its measured speed, one per line.
+function modelLines(models) {
+  return models.map((m) => el("div", {}, m.name, el("span", { class: "muted" }, m.tps ? ` · ${Math.round(m.tps)} tokens/s` : " · speed not measured yet")));
+}
+
 function ago(unixMs) {
   if (!unixMs) return "never";
   const s = Math.max(0, (Date.now() - unixMs) / 1000);
+  if (s < 5) return "just now";
   if (s < 90) return `${Math.round(s)} s ago`;
   if (s < 5400) return `${Math.round(s / 60)} min ago`;
   return `${Math.round(s / 3600)} h ago`;
@@ -248,8 +269,11 @@ function renderMesh() {
   const s = state.status;
   if (!s) return;
   $("mesh-id").textContent = s.mesh_id;
+  const fixedName = Boolean(s.display_name_in_config);
+  $("rename-input").disabled = fixedName;
+  $("rename-form").querySelector("button").disabled = fixedName;
+  $("rename-note").hidden = !fixedName;
   $("mesh-updated").textContent = `updated ${new Date().toLocaleTimeString()}`;
-  const speeds = (models) => models.map((m) => `${m.name}: ${m.tokens_per_second ? Math.round(m.tokens_per_second) : "–"}`).join(", ");
   const rows = [
     el(
       "tr",
@@ -257,16 +281,15 @@ function renderMesh() {
       el("td", {}, el("strong", {}, s.display_name), el("div", { class: "muted" }, "this box")),
       el("td", {}, el("span", { class: "pill up" }, s.load.draining ? "draining" : "up")),
       el("td", {}, "local"),
-      el("td", {}, "0"),
-      el("td", {}, `${s.load.active_streams}+${s.load.queued}/${s.load.slots}`),
-      el("td", {}, s.models.map((m) => m.name).join(", ")),
-      el("td", {}, speeds(s.models)),
-      el("td", {}, "–"),
+      el("td", { class: "muted" }, "–"),
+      el("td", {}, loadText(s.load)),
+      el("td", {}, ...modelLines(s.models.map((m) => ({ name: m.name, tps: m.tokens_per_second })))),
+      el("td", { class: "muted" }, "its own ledger"),
     ),
   ];
   for (const p of s.peers) {
     const sync = p.ledger_sync;
-    const tps = Object.entries(p.tokens_per_second || {}).map(([name, v]) => `${name}: ${v ? Math.round(v) : "–"}`);
+    const speeds = p.tokens_per_second || {};
     rows.push(
       el(
         "tr",
@@ -274,14 +297,14 @@ function renderMesh() {
         el("td", {}, el("strong", {}, p.display_name || p.node_id.slice(0, 15)), el("div", { class: "muted mono" }, p.node_id.slice(0, 15))),
         el("td", {}, el("span", { class: `pill ${p.state}` }, p.state)),
         el("td", {}, p.route),
-        el("td", {}, p.rtt_ms.toFixed(1)),
-        el("td", {}, `${p.load.active_streams}+${p.load.queued}/${p.load.slots}`),
-        el("td", {}, p.models.join(", ")),
-        el("td", {}, tps.join(", ")),
-        el("td", {}, sync ? (sync.error ? `failed ${ago(sync.at_unix_ms)}` : `${ago(sync.at_unix_ms)} (+${sync.records})`) : "not yet"),
+        el("td", {}, `${p.rtt_ms.toFixed(1)} ms`),
+        el("td", {}, loadText(p.load)),
+        el("td", {}, ...modelLines(p.models.map((name) => ({ name, tps: speeds[name] })))),
+        el("td", {}, sync ? (sync.error ? `failed ${ago(sync.at_unix_ms)}` : `${ago(sync.at_unix_ms)} (${plural(sync.records, "new record", "new records")})`) : "not pulled yet"),
       ),
     );
   }
+  if (!s.peers.length) rows.push(el("tr", {}, el("td", { colSpan: 7, class: "muted" }, "No other box yet: add one from the Invite page.")));
   fill($("mesh-table").tBodies[0], rows);
   const relays = s.relays.map((r) => el("tr", {}, el("td", {}, r.address), el("td", {}, el("span", { class: `pill ${r.connected ? "up" : "down"}` }, r.connected ? "connected" : "reconnecting"))));
   fill($("relay-table").tBodies[0], relays.length ? relays : [el("tr", {}, el("td", { colSpan: 2, class: "muted" }, "no relay configured"))]);
@@ -323,7 +346,9 @@ async function loadPeople() {
   const rows = users.map((u) => {
     const privacy = el("select", { "aria-label": `privacy of ${u.name}` }, ...["local-only", "mesh", "any"].map((p) => el("option", { value: p, selected: p === u.privacy }, p)));
     const quota = el("input", { value: u.quota, "aria-label": `quota of ${u.name}`, size: 28 });
-    const states = (u.quota_state || []).map((q) => el("div", {}, `${q.limit}: ${fmt(q.used)} / ${fmt(q.reserved)} / ${fmt(q.left)} (resets ${q.resets_at.replace("T", " ").replace(":00Z", " UTC")})`));
+    const states = (u.quota_state || []).map((q) =>
+      el("div", {}, `${q.limit}: ${fmt(q.used)} used, ${fmt(q.reserved)} reserved, `, el("strong", {}, `${fmt(q.left)} left`), el("div", { class: "muted" }, `resets ${q.resets_at.replace("T", " ").replace(":00Z", " UTC")}`)),
+    );
     const save = el("button", { type: "button", onclick: () => changePerson(u.name, privacy.value, quota.value) }, "Save");
     const remove = el("button", { type: "button", class: "danger", onclick: () => removePerson(u.name) }, "Remove");
     return el(
@@ -332,7 +357,7 @@ async function loadPeople() {
       el("td", {}, el("strong", {}, u.name)),
       el("td", {}, privacy),
       el("td", {}, quota),
-      el("td", {}, ...(states.length ? states : ["unlimited"])),
+      el("td", {}, ...(states.length ? states : [el("span", { class: "muted" }, "no limit")])),
       el("td", { class: "actions" }, save, remove),
     );
   });
@@ -419,7 +444,7 @@ async function loadUsage() {
 
 function renderUsageTable(by, report) {
   const total = Math.max(1, ...report.rows.map((r) => r.prompt_tokens + r.completion_tokens));
-  const head = el("tr", {}, el("th", {}, by === "node" ? "box" : by), el("th", {}, "requests"), el("th", {}, "prompt"), el("th", {}, "completion"), el("th", {}, ""));
+  const head = el("tr", {}, el("th", {}, by === "node" ? "box" : by === "user" ? "person" : by), el("th", { class: "num" }, "requests"), el("th", { class: "num" }, "prompt tokens"), el("th", { class: "num" }, "completion tokens"), el("th", {}, ""));
   const rows = report.rows.map((r) => {
     const bar = el("div", { class: "bar" });
     bar.style.width = `${(100 * (r.prompt_tokens + r.completion_tokens)) / total}%`;
@@ -451,7 +476,8 @@ function renderChart(rows, period) {
     const column = el("div", { class: "column", title: `${day}: ${fmt(byDay[day] || 0)} tokens`, "data-day": day });
     const bar = el("div", { class: "fill" });
     bar.style.height = `${(100 * (byDay[day] || 0)) / top}%`;
-    column.append(bar, el("span", {}, day.slice(8)));
+    const value = el("span", { class: "value" }, byDay[day] ? compact(byDay[day]) : "");
+    column.append(value, bar, el("span", {}, day.slice(8)));
     return column;
   });
   $("usage-chart").replaceChildren(...(bars.length ? bars : [el("p", { class: "muted" }, "no usage in this period")]));
@@ -463,7 +489,7 @@ function renderVerification(report) {
   const parts = [];
   if (v) {
     parts.push(
-      el("p", {}, el("span", { class: `pill ${v.ok ? "up" : "down"}` }, v.ok ? "verified" : `${v.problems.length} problems`), ` ${fmt(v.records)} signed records from ${v.nodes} boxes; ${v.awaiting_receipts} countersignatures awaited (kept by their entry boxes until the ledgers sync).`),
+      el("p", {}, el("span", { class: `pill ${v.ok ? "up" : "down"}` }, v.ok ? "verified" : `${v.problems.length} problems`), ` ${plural(v.records, "signed record", "signed records")} from ${plural(v.nodes, "box", "boxes")}; ${v.awaiting_receipts ? `${plural(v.awaiting_receipts, "countersignature", "countersignatures")} awaited (kept by their entry boxes until the ledgers sync)` : "every record countersigned by its entry box"}.`),
     );
     for (const p of v.problems) parts.push(el("div", { class: "error" }, `${p.kind} at ${boxName(p.node_id)} #${p.seq}: ${p.detail}`));
   } else {
@@ -477,6 +503,13 @@ function renderVerification(report) {
 
 async function loadInvite() {
   const data = await apiJson("GET", "/allerac/mesh/members");
+  const peers = Object.fromEntries(((state.status && state.status.peers) || []).map((p) => [p.node_id, p]));
+  const seen = (m) => {
+    if (m.this_node) return "this box";
+    if (m.revoked) return el("span", { class: "pill down" }, "revoked");
+    const p = peers[m.node_id];
+    return p ? el("span", { class: `pill ${p.state}` }, `${p.state} (${p.route})`) : el("span", { class: "muted" }, "not reached from here now");
+  };
   const rows = data.members.map((m) =>
     el(
       "tr",
@@ -484,7 +517,7 @@ async function loadInvite() {
       el("td", {}, el("strong", {}, m.display_name || boxName(m.node_id))),
       el("td", { class: "mono" }, m.node_id),
       el("td", {}, m.role),
-      el("td", {}, m.this_node ? "this box" : m.revoked ? el("span", { class: "pill down" }, "revoked") : "member"),
+      el("td", {}, seen(m)),
       el("td", {}, m.this_node || m.revoked ? "" : el("button", { type: "button", class: "danger", onclick: () => revoke(m) }, "Revoke")),
     ),
   );
