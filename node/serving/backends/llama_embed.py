@@ -201,8 +201,8 @@ class EmbeddingModel:
 
     def __init__(self, chat: Backend, config: ModelConfig, *, clock: Clock = SYSTEM) -> None:
         self._chat = chat
+        self._config = config
         self._embedder = Embedder(config, clock=clock)
-        self.embedded = 0  # embeddings requests answered
 
     @property
     def info(self) -> ModelInfo:
@@ -211,7 +211,7 @@ class EmbeddingModel:
 
     @property
     def config(self) -> ModelConfig:
-        return self._embedder._config
+        return self._config
 
     @property
     def counters(self) -> dict[str, int]:
