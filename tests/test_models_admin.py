@@ -164,6 +164,7 @@ def test_remove_lets_the_answer_in_flight_finish(
         "max_tokens": 100,
         "temperature": 0,
         "stream": True,
+        "stream_options": {"include_usage": True},
     }
     conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
     response = conn.getresponse()

@@ -89,7 +89,13 @@ def test_sighup_during_a_stream_finishes_it_and_serves_the_new_model(
     assert proc.proc is not None
     url = urllib.parse.urlsplit(proc.url)
     conn = http.client.HTTPConnection(url.hostname or "127.0.0.1", url.port, timeout=60)
-    body = {"model": "default", "prompt": "1, 2, 3, 4,", "max_tokens": 150, "stream": True}
+    body = {
+        "model": "default",
+        "prompt": "1, 2, 3, 4,",
+        "max_tokens": 150,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
     response = conn.getresponse()
     assert response.status == 200
