@@ -46,6 +46,7 @@ from mesh.inference import (
     ModelInfo,
 )
 from node.serving.backends.base import Backend, InferenceStream
+from node.store.hardware import default_threads
 
 logger = logging.getLogger(__name__)
 
@@ -80,9 +81,13 @@ class Embedder:
             "n_ubatch": cfg.context_length,
             "verbose": False,
         }
-        if cfg.threads is not None:
-            kwargs["n_threads"] = cfg.threads
-            kwargs["n_threads_batch"] = cfg.threads
+        # The same threads as the model's decoding (node.store.hardware.default_threads: the
+        # physical cores, or $ALLERAC_THREADS), for the prompt too: llama-cpp-python's own
+        # default reads prompts on every logical CPU, and its OpenMP threads spin-wait for
+        # each other, so on cores shared with other work an embedding took seconds, not ms.
+        threads = cfg.threads or default_threads()
+        kwargs["n_threads"] = threads
+        kwargs["n_threads_batch"] = threads
         try:
             self._llama = Llama(**kwargs)
         except (ValueError, RuntimeError, OSError) as exc:
