@@ -174,7 +174,7 @@ def test_text_request_lines_and_json_formatting() -> None:
         "POST /v1/chat/completions 200 user=alice model=m route=lan tokens=3+5 250.0ms"
     )
     record = logging.LogRecord("allerac.requests", logging.INFO, "", 0, "%s", ("x",), None)
-    record.request = {"status": 200, "model": ""}
+    record.request = RequestFacts(status=200, model="")
     line = json.loads(JsonFormatter().format(record))
     assert line["message"] == "x"
     assert line["status"] == 200

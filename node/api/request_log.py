@@ -137,7 +137,8 @@ def build_observe(observers: list[RequestObserver]) -> Any:
         finally:
             noted.status = status
             noted.duration_s = loop.time() - started
-            logger.info("%s", format_text(noted), extra={"request": asdict(noted)})
+            # The facts themselves: only the JSON formatter turns them into a dict.
+            logger.info("%s", format_text(noted), extra={"request": noted})
             endpoint = endpoint_of(request)
             for observer in observers:
                 observer.request_done(endpoint, noted)
@@ -157,8 +158,8 @@ class JsonFormatter(logging.Formatter):
             "message": record.getMessage(),
         }
         request = getattr(record, "request", None)
-        if isinstance(request, dict):
-            line.update({k: v for k, v in request.items() if v not in ("", None)})
+        if isinstance(request, RequestFacts):
+            line.update({k: v for k, v in asdict(request).items() if v not in ("", None)})
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
         return json.dumps(line, ensure_ascii=False)
