@@ -48,6 +48,7 @@ from mesh.inference import (  # noqa: E402
 )
 from mesh.trust.cards import PeerCard  # noqa: E402
 from node.store.config_file import embedded_model_path  # noqa: E402
+from node.store.hardware import default_threads  # noqa: E402
 from node.transport.peer_client import PeerClient  # noqa: E402
 from tests.members import join_as_member  # noqa: E402
 from tests.nodeproc import NodeProcess  # noqa: E402
@@ -184,7 +185,16 @@ def report(paths: list[Path_], rss_idle: int, rss_after: int, rounds: int) -> No
 async def main(rounds: int, ttft_samples: int) -> None:
     from llama_cpp import Llama
 
-    llama = Llama(model_path=str(embedded_model_path()), n_ctx=2048, verbose=False)
+    # The node's threads (its default: the physical cores, or $ALLERAC_THREADS), for the
+    # prompt too: llama-cpp-python's own default (half the CPUs) would measure another engine.
+    threads = default_threads()
+    llama = Llama(
+        model_path=str(embedded_model_path()),
+        n_ctx=2048,
+        n_threads=threads,
+        n_threads_batch=threads,
+        verbose=False,
+    )
     paths = [
         Path_("(a) llama-cpp-python"),
         Path_("(b) node gRPC Infer"),
