@@ -303,20 +303,16 @@ async def bench_model(name: str, path: Path, rounds: int, new_tokens: int, threa
                 firsts = sorted(t for t, _, _ in together)
                 worst.append(firsts[-1])
                 median.append(statistics.median(firsts))
-            # A conversation's next turn after two other users' requests.
-            chat = node.url + "/v1/chat/completions"
+            # A conversation's next turn after two other users' requests (completions, so a
+            # base model without a chat template runs it too).
+            url = node.url + "/v1/completions"
             turn: dict[str, Any] = {"model": "bench", "temperature": 0, "max_tokens": 4}
-            history = [{"role": "user", "content": HISTORY}]
-            first_turn, _, _ = await stream(session, chat, {**turn, "messages": history})
+            history = HISTORY + "\nQ: What did we talk about?\nA:"
+            first_turn, _, _ = await stream(session, url, {**turn, "prompt": history})
             for other in ("What is 2 + 2?", "Name a colour."):
-                await stream(
-                    session, chat, {**turn, "messages": [{"role": "user", "content": other}]}
-                )
-            history += [
-                {"role": "assistant", "content": "I see."},
-                {"role": "user", "content": "And what happened next?"},
-            ]
-            next_turn, _, _ = await stream(session, chat, {**turn, "messages": history})
+                await stream(session, url, {**turn, "prompt": other})
+            history += " The weather.\nQ: And what happened next?\nA:"
+            next_turn, _, _ = await stream(session, url, {**turn, "prompt": history})
     direct.close()
     llama.close()
 
