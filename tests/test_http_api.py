@@ -11,6 +11,7 @@ from typing import Any
 import openai
 import pytest
 
+from node.store.config_file import embedded_model_path
 from tests.clients import openai_client
 from tests.nodeproc import NodeProcess
 
@@ -329,9 +330,6 @@ UNHONOURED = [
     ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format"),
     ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 2}, "logprobs"),
-    ("/v1/chat/completions", {"presence_penalty": 1.0}, "presence_penalty"),
-    ("/v1/chat/completions", {"frequency_penalty": 1.0}, "frequency_penalty"),
-    ("/v1/chat/completions", {"logit_bias": {"1": -100}}, "logit_bias"),
     ("/v1/chat/completions", {"n": 2}, "n"),
     ("/v1/completions", {"echo": True}, "echo"),
     ("/v1/completions", {"logprobs": 1}, "logprobs"),
@@ -354,6 +352,41 @@ def test_a_field_this_box_cannot_honour_is_a_400_naming_it(
     assert param in payload["error"]["message"]
 
 
+def _greedy(client: openai.OpenAI, prompt: str, **fields: Any) -> str:
+    answer = client.completions.create(
+        model=MODEL, prompt=prompt, **{"max_tokens": 12, "temperature": 0, **fields}
+    )
+    return answer.choices[0].text
+
+
+def test_penalties_change_what_greedy_decoding_repeats(client: openai.OpenAI) -> None:
+    # Penalties count the tokens generated so far: a frequency penalty grows with each
+    # repeat, a presence penalty is the same once a token has appeared.
+    counting = "1, 1, 1, 1, 1, 1,"
+    plain = _greedy(client, counting)
+    assert _greedy(client, counting) == plain  # greedy: the same text again
+    assert _greedy(client, counting, frequency_penalty=2.0) != plain
+    letters = "a b c d e f g"
+    plain = _greedy(client, letters, max_tokens=24)
+    assert _greedy(client, letters, max_tokens=24, presence_penalty=2.0) != plain
+
+
+def test_a_logit_bias_bans_or_forces_a_token(client: openai.OpenAI) -> None:
+    from llama_cpp import Llama
+
+    vocab = Llama(model_path=str(embedded_model_path()), vocab_only=True, verbose=False)
+    prompt = "The capital of France is"
+    first = _greedy(client, prompt, max_tokens=1)
+    [banned] = vocab.tokenize(first.encode(), add_bos=False, special=False)
+    assert _greedy(client, prompt, max_tokens=1, logit_bias={str(banned): -100}) != first
+    [forced] = vocab.tokenize(b" banana", add_bos=False, special=False)[:1]
+    piece = vocab.detokenize([forced]).decode()
+    assert _greedy(client, prompt, max_tokens=1, logit_bias={str(forced): 100}) == piece
+    with pytest.raises(openai.BadRequestError) as info:
+        _greedy(client, prompt, logit_bias={str(vocab.n_vocab() + 5): 1})
+    assert info.value.body["param"] == "logit_bias"  # type: ignore[index]
+
+
 def test_openais_ranges_are_enforced(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model=MODEL, messages=CAPITAL, presence_penalty=5.0)
@@ -370,7 +403,8 @@ def test_route_explain_shows_who_cannot_honour_what_a_request_needs(node: NodePr
     assert status == 200
     [row] = body["candidates"]
     assert row["status"] == "its model cannot honour tools (tools)"
-    assert row["capabilities"] == ["embeddings"]  # the embedded model: embeddings only
+    # The embedded model: embeddings, and penalties and a logit bias through its samplers.
+    assert row["capabilities"] == ["embeddings", "logit_bias", "penalties"]
     status, body = _get(node, "/allerac/route?model=default&needs=telepathy")
     assert (status, body["error"]["param"]) == (400, "needs")
 

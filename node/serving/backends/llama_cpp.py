@@ -69,6 +69,7 @@ from mesh.errors import (
     Unavailable,
 )
 from mesh.inference import (
+    Feature,
     Finished,
     FinishReason,
     InferenceEvent,
@@ -313,6 +314,8 @@ class LlamaCppBackend:
             backend="llama_cpp",
             threads=self._threads,
             parallel=self._parallel,
+            # Through each slot's sampler chain (llama_sampling.SamplingPlan).
+            features=frozenset({Feature.PENALTIES, Feature.LOGIT_BIAS}),
         )
         self._inbox: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
@@ -641,6 +644,14 @@ class LlamaCppBackend:
                 if bos == -1:
                     raise InvalidRequest("prompt must not be empty", param="prompt")
                 tokens = [bos]
+        n_vocab = self._n_vocab
+        for token, _ in request.sampling.logit_bias:
+            if not 0 <= token < n_vocab:
+                raise InvalidRequest(
+                    f"logit_bias names token {token}; model {self._config.name!r} has token "
+                    f"IDs 0 to {n_vocab - 1}",
+                    param="logit_bias",
+                )
         n_ctx = self._n_ctx_seq
         room = n_ctx - len(tokens)
         wanted = request.sampling.max_tokens

@@ -10,10 +10,10 @@ included, did not change: a penalties stage (neutral: repeat 1.0, no frequency o
 presence penalty, over the last 64 tokens), then greedy at temperature 0, or top-k 40,
 typical 1.0, top-p, min-p 0.05, temperature and a seeded draw.
 
-How later stages plug in: `SamplingPlan` is the whole recipe, stage by stage (`stages()`);
-a grammar, penalties, a logit bias or logprobs become fields of the plan and stages of the
-chain in the place llama.cpp wants them (a bias and a grammar before the truncations,
-penalties in the first stage), built per slot like the rest.
+How stages plug in: `SamplingPlan` is the whole recipe, stage by stage (`stages()`). The
+request's presence and frequency penalties go in the penalties stage, its logit bias in a
+stage of its own before it; a grammar and logprobs are still to come, in the place llama.cpp
+wants them (a grammar before the truncations), built per slot like the rest.
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ class SamplingPlan:
     repeat_penalty: float = 1.0
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias), as OpenAI's
 
     @classmethod
     def of(cls, sampling: Sampling, model: ModelConfig) -> SamplingPlan:
@@ -62,6 +63,9 @@ class SamplingPlan:
             temperature=_first(sampling.temperature, model.temperature, DEFAULT_TEMPERATURE),
             top_p=_first(sampling.top_p, model.top_p, DEFAULT_TOP_P),
             seed=sampling.seed if sampling.seed is not None else secrets.randbits(32),
+            frequency_penalty=sampling.frequency_penalty or 0.0,
+            presence_penalty=sampling.presence_penalty or 0.0,
+            logit_bias=sampling.logit_bias,
         )
 
     @property
@@ -69,8 +73,14 @@ class SamplingPlan:
         return self.temperature == 0.0
 
     def stages(self) -> list[tuple[str, tuple[Any, ...]]]:
-        """The chain, in order: (the `LlamaSampler.add_*` stage, its arguments)."""
+        """The chain, in order: (the `LlamaSampler.add_*` stage, its arguments). A logit
+        bias comes first (OpenAI adds it to the logits before anything samples; -100 bans a
+        token, +100 all but forces it); without one the chain is exactly as it was."""
+        bias: list[tuple[str, tuple[Any, ...]]] = []
+        if self.logit_bias:
+            bias.append(("logit_bias", (dict(self.logit_bias),)))
         out: list[tuple[str, tuple[Any, ...]]] = [
+            *bias,
             (
                 "penalties",
                 (
@@ -79,7 +89,7 @@ class SamplingPlan:
                     self.frequency_penalty,
                     self.presence_penalty,
                 ),
-            )
+            ),
         ]
         if self.greedy:
             return [*out, ("greedy", ())]
@@ -104,8 +114,8 @@ class SlotSampler:
         self.plan = plan
         self._chain: Any = internals.LlamaSampler()
         for stage, args in plan.stages():
-            if stage == "penalties":
-                self._chain.add_penalties(n_vocab, *args)
+            if stage in ("penalties", "logit_bias"):
+                getattr(self._chain, f"add_{stage}")(n_vocab, *args)
             else:
                 getattr(self._chain, f"add_{stage}")(*args)
 
