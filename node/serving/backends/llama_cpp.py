@@ -78,7 +78,7 @@ from mesh.inference import (
     ModelInfo,
     TextDelta,
 )
-from node.serving.backends.llama_sampling import SamplingPlan, SlotSampler
+from node.serving.backends.llama_sampling import SamplingPlan, SlotSampler, grammar_of
 from node.serving.backends.prompt_cache import PromptCache, common_prefix
 from node.store.hardware import default_threads, memory_bytes, physical_cores
 
@@ -315,7 +315,7 @@ class LlamaCppBackend:
             threads=self._threads,
             parallel=self._parallel,
             # Through each slot's sampler chain (llama_sampling.SamplingPlan).
-            features=frozenset({Feature.PENALTIES, Feature.LOGIT_BIAS}),
+            features=frozenset({Feature.PENALTIES, Feature.LOGIT_BIAS, Feature.STRUCTURED_OUTPUT}),
         )
         self._inbox: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
@@ -644,6 +644,7 @@ class LlamaCppBackend:
                 if bos == -1:
                     raise InvalidRequest("prompt must not be empty", param="prompt")
                 tokens = [bos]
+        grammar_of(request)  # a schema no grammar can express: a 400 now, not mid-answer
         n_vocab = self._n_vocab
         for token, _ in request.sampling.logit_bias:
             if not 0 <= token < n_vocab:
@@ -785,10 +786,15 @@ class LlamaCppBackend:
                     continue
             slot = self._place(job.prompt_tokens, free)
             free.remove(slot)
-            plan = SamplingPlan.of(job.request.sampling, self._config)
-            slot.generation = _Generation(
-                job, SlotSampler(plan, n_vocab=self._n_vocab), backend=self
+            plan = SamplingPlan.of(job.request.sampling, self._config, request=job.request)
+            answered = job.prompt_tokens[job.counted_prompt_tokens :]  # a continuation's
+            sampler = SlotSampler(
+                plan,
+                n_vocab=self._n_vocab,
+                model=self._model,
+                accepted=answered if job.request.continuation else [],
             )
+            slot.generation = _Generation(job, sampler, backend=self)
             slot.sampled = False
 
     def _place(self, prompt: list[int], free: list[_Slot]) -> _Slot:

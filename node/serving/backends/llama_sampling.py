@@ -18,12 +18,15 @@ wants them (a grammar before the truncations), built per slot like the rest.
 
 from __future__ import annotations
 
+import functools
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from mesh.config import ModelConfig
-from mesh.inference import Sampling
+from mesh.errors import InvalidRequest
+from mesh.inference import InferenceRequest, ResponseFormatType, Sampling
 
 DEFAULT_TEMPERATURE = 0.8
 DEFAULT_TOP_P = 0.95
@@ -56,9 +59,12 @@ class SamplingPlan:
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias), as OpenAI's
+    grammar: str = ""  # GBNF the answer must follow (structured output), or none
 
     @classmethod
-    def of(cls, sampling: Sampling, model: ModelConfig) -> SamplingPlan:
+    def of(
+        cls, sampling: Sampling, model: ModelConfig, *, request: InferenceRequest | None = None
+    ) -> SamplingPlan:
         return cls(
             temperature=_first(sampling.temperature, model.temperature, DEFAULT_TEMPERATURE),
             top_p=_first(sampling.top_p, model.top_p, DEFAULT_TOP_P),
@@ -66,6 +72,7 @@ class SamplingPlan:
             frequency_penalty=sampling.frequency_penalty or 0.0,
             presence_penalty=sampling.presence_penalty or 0.0,
             logit_bias=sampling.logit_bias,
+            grammar=grammar_of(request) if request is not None else "",
         )
 
     @property
@@ -91,6 +98,8 @@ class SamplingPlan:
                 ),
             ),
         ]
+        if self.grammar:
+            out.append(("grammar", (self.grammar,)))
         if self.greedy:
             return [*out, ("greedy", ())]
         return [
@@ -107,8 +116,12 @@ class SamplingPlan:
 class SlotSampler:
     """One request's sampler chain (llama.cpp's); `close()` frees it."""
 
-    def __init__(self, plan: SamplingPlan, *, n_vocab: int) -> None:
+    def __init__(
+        self, plan: SamplingPlan, *, n_vocab: int, model: Any = None, accepted: Sequence[int] = ()
+    ) -> None:
+        import llama_cpp
         from llama_cpp import _internals
+        from llama_cpp.llama_grammar import LlamaGrammar
 
         internals: Any = _internals  # llama-cpp-python leaves these untyped
         self.plan = plan
@@ -116,8 +129,14 @@ class SlotSampler:
         for stage, args in plan.stages():
             if stage in ("penalties", "logit_bias"):
                 getattr(self._chain, f"add_{stage}")(n_vocab, *args)
+            elif stage == "grammar":
+                self._chain.add_grammar(model, LlamaGrammar.from_string(args[0], verbose=False))
             else:
                 getattr(self._chain, f"add_{stage}")(*args)
+        # A failover continuation: what the answer already says is this chain's history
+        # (the grammar goes on from there; the penalties count it).
+        for token in accepted:
+            llama_cpp.llama_sampler_accept(self._chain.sampler, token)
 
     def sample(self, ctx: Any, index: int) -> int:
         """The next token from the logits at `index` of the last batch (accepted into the
@@ -126,3 +145,31 @@ class SlotSampler:
 
     def close(self) -> None:
         self._chain.close()
+
+
+@functools.lru_cache(maxsize=64)
+def _schema_grammar(schema: str) -> str:
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+    return str(json_schema_to_gbnf(schema))
+
+
+def grammar_of(request: InferenceRequest) -> str:
+    """The GBNF grammar a request's `response_format` asks for ("" for plain text):
+    any JSON object for `json_object`, the schema's language for `json_schema`
+    (llama-cpp-python's converter, as `LlamaGrammar.from_json_schema`); a schema it
+    cannot express is a 400 naming the field."""
+    fmt = request.response_format
+    if fmt is None or fmt.type is ResponseFormatType.TEXT:
+        return ""
+    if fmt.type is ResponseFormatType.JSON_OBJECT:
+        from llama_cpp.llama_grammar import JSON_GBNF  # llama.cpp's json.gbnf: an object
+
+        return str(JSON_GBNF)
+    try:
+        return _schema_grammar(fmt.schema)
+    except Exception as exc:  # the converter raises what it meets (ValueError, KeyError...)
+        raise InvalidRequest(
+            f"response_format.json_schema.schema cannot be turned into a grammar: {exc}",
+            param="response_format",
+        ) from exc
