@@ -10,6 +10,7 @@ One backend for the module (loading costs a second); short prompts and answers.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
@@ -18,7 +19,7 @@ import pytest
 import pytest_asyncio
 
 from mesh.config import ModelConfig, embedded_model
-from mesh.errors import BackendError, Overloaded
+from mesh.errors import BackendError, Overloaded, UnsupportedParameter
 from mesh.inference import (
     ChatMessage,
     Finished,
@@ -26,6 +27,8 @@ from mesh.inference import (
     InferenceEvent,
     InferenceRequest,
     Load,
+    ResponseFormat,
+    ResponseFormatType,
     Sampling,
     TextDelta,
 )
@@ -205,6 +208,27 @@ async def test_a_returning_conversation_reads_only_what_is_new(backend: LlamaCpp
     assert stats["prefixes_restored"] >= 1
     assert stats["prompt_tokens_cached"] - cached >= history_tokens - 1
     assert stats["prompt_tokens_read"] - read_before < 16
+
+
+async def test_a_structured_answer_follows_its_grammar_beside_plain_ones(
+    backend: LlamaCppBackend,
+) -> None:
+    """A slot with a grammar beside slots without: the JSON one parses, the plain one is
+    the text it is alone; a structured answer is never continued from another box's half."""
+    structured = replace(
+        chat("What is the capital of France? Answer in JSON.", max_tokens=120),
+        response_format=ResponseFormat(type=ResponseFormatType.JSON_OBJECT),
+    )
+    plain = completion("1, 2, 3,")
+    alone, _ = await answer(backend, plain)
+    (text, finished), (beside, _) = await asyncio.gather(
+        answer(backend, structured), answer(backend, plain)
+    )
+    assert finished.reason is FinishReason.STOP
+    assert isinstance(json.loads(text), dict)
+    assert beside == alone
+    with pytest.raises(UnsupportedParameter, match="cannot be continued"):
+        await answer(backend, replace(structured, continuation='{"capital": "Pa'))
 
 
 async def test_status_shows_threads_and_slots(backend: LlamaCppBackend) -> None:

@@ -67,6 +67,7 @@ from mesh.errors import (
     MeshError,
     Overloaded,
     Unavailable,
+    UnsupportedParameter,
 )
 from mesh.inference import (
     Feature,
@@ -644,7 +645,15 @@ class LlamaCppBackend:
                 if bos == -1:
                     raise InvalidRequest("prompt must not be empty", param="prompt")
                 tokens = [bos]
-        grammar_of(request)  # a schema no grammar can express: a 400 now, not mid-answer
+        # A schema no grammar can express: a 400 now, not mid-answer. A structured answer cut
+        # off on another box is not continued here: a grammar started afresh would make a
+        # second object after the first one's half, and feeding the half to llama.cpp's
+        # grammar aborts the process if one token of it does not fit.
+        if grammar_of(request) and request.continuation:
+            raise UnsupportedParameter(
+                "a structured answer cut off on one box cannot be continued on another",
+                param="response_format",
+            )
         n_vocab = self._n_vocab
         for token, _ in request.sampling.logit_bias:
             if not 0 <= token < n_vocab:
@@ -787,13 +796,7 @@ class LlamaCppBackend:
             slot = self._place(job.prompt_tokens, free)
             free.remove(slot)
             plan = SamplingPlan.of(job.request.sampling, self._config, request=job.request)
-            answered = job.prompt_tokens[job.counted_prompt_tokens :]  # a continuation's
-            sampler = SlotSampler(
-                plan,
-                n_vocab=self._n_vocab,
-                model=self._model,
-                accepted=answered if job.request.continuation else [],
-            )
+            sampler = SlotSampler(plan, n_vocab=self._n_vocab, model=self._model)
             slot.generation = _Generation(job, sampler, backend=self)
             slot.sampled = False
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import secrets
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,10 +115,7 @@ class SamplingPlan:
 class SlotSampler:
     """One request's sampler chain (llama.cpp's); `close()` frees it."""
 
-    def __init__(
-        self, plan: SamplingPlan, *, n_vocab: int, model: Any = None, accepted: Sequence[int] = ()
-    ) -> None:
-        import llama_cpp
+    def __init__(self, plan: SamplingPlan, *, n_vocab: int, model: Any = None) -> None:
         from llama_cpp import _internals
         from llama_cpp.llama_grammar import LlamaGrammar
 
@@ -133,10 +129,6 @@ class SlotSampler:
                 self._chain.add_grammar(model, LlamaGrammar.from_string(args[0], verbose=False))
             else:
                 getattr(self._chain, f"add_{stage}")(*args)
-        # A failover continuation: what the answer already says is this chain's history
-        # (the grammar goes on from there; the penalties count it).
-        for token in accepted:
-            llama_cpp.llama_sampler_accept(self._chain.sampler, token)
 
     def sample(self, ctx: Any, index: int) -> int:
         """The next token from the logits at `index` of the last batch (accepted into the
