@@ -331,7 +331,6 @@ UNHONOURED = [
     ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 2}, "logprobs"),
     ("/v1/chat/completions", {"n": 2}, "n"),
-    ("/v1/completions", {"echo": True}, "echo"),
     ("/v1/completions", {"logprobs": 1}, "logprobs"),
 ]
 
@@ -385,6 +384,21 @@ def test_a_logit_bias_bans_or_forces_a_token(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as info:
         _greedy(client, prompt, logit_bias={str(vocab.n_vocab() + 5): 1})
     assert info.value.body["param"] == "logit_bias"  # type: ignore[index]
+
+
+def test_echo_sends_the_prompt_before_the_answer(client: openai.OpenAI) -> None:
+    prompt = "1, 2, 3,"
+    plain = _greedy(client, prompt)
+    echoed = client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=12, temperature=0, echo=True
+    )
+    assert echoed.choices[0].text == prompt + plain
+    assert echoed.usage is not None
+    assert echoed.usage.completion_tokens <= 12  # the prompt is not counted as generated
+    pieces = client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=12, temperature=0, echo=True, stream=True
+    )
+    assert "".join(chunk.choices[0].text for chunk in pieces if chunk.choices) == prompt + plain
 
 
 def test_json_object_answers_parse(client: openai.OpenAI) -> None:
@@ -462,7 +476,13 @@ def test_route_explain_shows_who_cannot_honour_what_a_request_needs(node: NodePr
     assert row["status"] == "its model cannot honour tools (tools)"
     # The embedded model: embeddings, and through its samplers penalties, a logit bias and
     # structured output.
-    assert row["capabilities"] == ["embeddings", "logit_bias", "penalties", "structured_output"]
+    assert row["capabilities"] == [
+        "echo",
+        "embeddings",
+        "logit_bias",
+        "penalties",
+        "structured_output",
+    ]
     status, body = _get(node, "/allerac/route?model=default&needs=telepathy")
     assert (status, body["error"]["param"]) == (400, "needs")
 
