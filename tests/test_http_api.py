@@ -329,9 +329,7 @@ def test_a_model_is_found_by_name_and_alias_and_an_unknown_one_is_a_404(
 # Each is something a llama.cpp box does not honour yet (issue 15): never ignored silently.
 UNHONOURED = [
     ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 2}, "logprobs"),
     ("/v1/chat/completions", {"n": 2}, "n"),
-    ("/v1/completions", {"logprobs": 1}, "logprobs"),
 ]
 
 
@@ -384,6 +382,50 @@ def test_a_logit_bias_bans_or_forces_a_token(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as info:
         _greedy(client, prompt, logit_bias={str(vocab.n_vocab() + 5): 1})
     assert info.value.body["param"] == "logit_bias"  # type: ignore[index]
+
+
+def test_logprobs_come_with_each_token_and_its_alternatives(client: openai.OpenAI) -> None:
+    answer = client.chat.completions.create(
+        model=MODEL, messages=CAPITAL, temperature=0, max_tokens=8, logprobs=True, top_logprobs=3
+    )
+    choice = answer.choices[0]
+    assert choice.logprobs is not None
+    tokens = choice.logprobs.content or []
+    assert "".join(t.token for t in tokens) == choice.message.content
+    assert answer.usage is not None
+    assert len(tokens) == answer.usage.completion_tokens
+    for token in tokens:
+        assert len(token.top_logprobs) == 3
+        assert token.logprob <= 0
+        # Greedy: the token chosen is the most likely one, the first alternative.
+        assert token.top_logprobs[0].token == token.token
+        assert abs(token.top_logprobs[0].logprob - token.logprob) < 1e-6
+        assert [t.logprob for t in token.top_logprobs] == sorted(
+            (t.logprob for t in token.top_logprobs), reverse=True
+        )
+    streamed = client.chat.completions.create(
+        model=MODEL,
+        messages=CAPITAL,
+        temperature=0,
+        max_tokens=8,
+        logprobs=True,
+        top_logprobs=3,
+        stream=True,
+    )
+    pieces = [
+        t.token
+        for chunk in streamed
+        if chunk.choices and chunk.choices[0].logprobs
+        for t in chunk.choices[0].logprobs.content or []
+    ]
+    assert pieces == [t.token for t in tokens]
+    completion = client.completions.create(
+        model=MODEL, prompt="1, 2, 3,", temperature=0, max_tokens=6, logprobs=2
+    )
+    lp = completion.choices[0].logprobs
+    assert lp is not None
+    assert "".join(lp.tokens or []) == completion.choices[0].text
+    assert all(len(alternatives) == 2 for alternatives in lp.top_logprobs or [])
 
 
 def test_echo_sends_the_prompt_before_the_answer(client: openai.OpenAI) -> None:
@@ -480,6 +522,7 @@ def test_route_explain_shows_who_cannot_honour_what_a_request_needs(node: NodePr
         "echo",
         "embeddings",
         "logit_bias",
+        "logprobs",
         "penalties",
         "structured_output",
     ]
