@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import dataclasses
 import datetime
-import http.client
 import json
 import logging
 import signal
 import sys
 import urllib.parse
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +18,13 @@ import click
 from mesh.config import Flags
 from mesh.errors import MeshError
 from node.cli_backup import backup
+from node.cli_client import NodeAddress, NodeRefused, node_at, node_json, node_request
 from node.cli_options import home_option
 from node.cli_service import service
 from node.signals import SighupReloads
 from node.store.config_file import ConfigSource, build_config
 from node.store.home import Home
 
-HTTP_TIMEOUT_S = 600.0
 DEFAULT_CHAT_SYSTEM = None
 
 
@@ -175,71 +172,6 @@ def up(
 # --- clients of a running node ----------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class NodeAddress:
-    """A running node as its owner reaches it: its API and the owner token it wrote."""
-
-    url: str
-    owner_token: str | None
-
-
-class NodeRefused(click.ClickException):
-    """The node answered with an error: its status, code and message."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(f"{status}: {message}")
-        self.status = status
-        self.code = code
-        self.reason = message
-
-
-def _node(home_dir: Path | None) -> NodeAddress:
-    from node.api.owner import read_token
-
-    home = Home.resolve(home_dir)
-    try:
-        url = str(home.read_run_info()["http_url"])
-    except MeshError as exc:
-        raise click.ClickException(exc.message) from exc
-    return NodeAddress(url=url, owner_token=read_token(home.owner_token_file))
-
-
-@contextlib.contextmanager
-def _request(
-    node: NodeAddress, method: str, path: str, body: dict[str, Any] | None = None
-) -> Iterator[http.client.HTTPResponse]:
-    url = urllib.parse.urlsplit(node.url)
-    conn = http.client.HTTPConnection(url.hostname or "127.0.0.1", url.port, timeout=HTTP_TIMEOUT_S)
-    try:
-        payload = json.dumps(body).encode() if body is not None else None
-        headers = {"Content-Type": "application/json"} if payload is not None else {}
-        if node.owner_token is not None:  # the box's owner: whoever can read the node's files
-            headers["Authorization"] = f"Bearer {node.owner_token}"
-        try:
-            conn.request(method, path, body=payload, headers=headers)
-            response = conn.getresponse()
-        except OSError as exc:
-            raise click.ClickException(
-                f"cannot reach the node at {node.url} ({exc}); is `allerac up` running?"
-            ) from exc
-        if response.status >= 400:
-            raw = response.read()
-            try:
-                error = json.loads(raw)["error"]
-                message, code = str(error["message"]), str(error.get("code") or "")
-            except (ValueError, KeyError, TypeError):
-                message, code = raw.decode("utf-8", "replace")[:500], ""
-            raise NodeRefused(response.status, code, message)
-        yield response
-    finally:
-        conn.close()
-
-
-def _json(node: NodeAddress, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-    with _request(node, method, path, body) as response:
-        return json.loads(response.read())
-
-
 @cli.group()
 def mesh() -> None:
     """Your mesh: invite boxes, join one, list members, revoke."""
@@ -266,7 +198,7 @@ def invite(home_dir: Path | None, role: str, ttl: str) -> None:
     except MeshError as exc:
         raise click.ClickException(exc.message) from exc
     body = {"role": role, "ttl_s": ttl_s}
-    reply = _json(_node(home_dir), "POST", "/allerac/mesh/invites", body)
+    reply = node_json(node_at(home_dir), "POST", "/allerac/mesh/invites", body)
     click.echo(reply["code"])
     click.echo(
         f"One-time {reply['role']} invite to mesh {reply['mesh_id']}, valid {ttl}. "
@@ -285,16 +217,16 @@ def invite(home_dir: Path | None, role: str, ttl: str) -> None:
 )
 def join(home_dir: Path | None, code: str, leave_current: bool) -> None:
     """Join the mesh that CODE invites this box to (the node must be running)."""
-    node = _node(home_dir)
+    node = node_at(home_dir)
     body: dict[str, Any] = {"code": code, "leave_current": leave_current}
     try:
-        reply = _json(node, "POST", "/allerac/mesh/join", body)
+        reply = node_json(node, "POST", "/allerac/mesh/join", body)
     except NodeRefused as refused:
         if refused.code != "mesh_not_empty" or not sys.stdin.isatty():
             raise
         click.echo(refused.reason, err=True)
         click.confirm("Leave the current mesh and join the new one?", abort=True)
-        reply = _json(node, "POST", "/allerac/mesh/join", {**body, "leave_current": True})
+        reply = node_json(node, "POST", "/allerac/mesh/join", {**body, "leave_current": True})
     click.echo(f"Joined mesh {reply['mesh_id']} as {reply['role']}.")
 
 
@@ -303,7 +235,7 @@ def join(home_dir: Path | None, code: str, leave_current: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def members(home_dir: Path | None, as_json: bool) -> None:
     """List the members this node knows (an admin knows everyone it invited)."""
-    data = _json(_node(home_dir), "GET", "/allerac/mesh/members")
+    data = node_json(node_at(home_dir), "GET", "/allerac/mesh/members")
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
@@ -319,7 +251,7 @@ def members(home_dir: Path | None, as_json: bool) -> None:
 @click.argument("node_id")
 def revoke(home_dir: Path | None, node_id: str) -> None:
     """Revoke NODE_ID: every peer refuses it from now on."""
-    reply = _json(_node(home_dir), "POST", "/allerac/mesh/revoke", {"node_id": node_id})
+    reply = node_json(node_at(home_dir), "POST", "/allerac/mesh/revoke", {"node_id": node_id})
     click.echo(
         f"Revocation list v{reply['version']}: {len(reply['revoked'])} revoked; told "
         f"{len(reply['told'])} member(s) at once."
@@ -339,7 +271,7 @@ def mesh_admin() -> None:
 def mesh_admin_add(home_dir: Path | None, node_id: str) -> None:
     """Make member NODE_ID an admin too: it can then invite and revoke (run on an admin;
     NODE_ID must be running and reachable)."""
-    reply = _json(_node(home_dir), "POST", "/allerac/mesh/admins", {"node_id": node_id})
+    reply = node_json(node_at(home_dir), "POST", "/allerac/mesh/admins", {"node_id": node_id})
     click.echo(f"Node {reply['node_id']} is now an admin of mesh {reply['mesh_id']}.")
 
 
@@ -397,7 +329,7 @@ def user_add(
         **({"quota": quota} if quota is not None else {}),
         **({"plan": plan} if plan is not None else {}),
     }
-    reply = _json(_node(home_dir), "POST", "/allerac/users", body)
+    reply = node_json(node_at(home_dir), "POST", "/allerac/users", body)
     click.echo(reply["api_key"])
     click.echo(
         f"API key of {reply['name']} (privacy {reply['privacy']}, quota {reply['quota']}). "
@@ -426,7 +358,7 @@ def user_set(
         **({"plan": plan} if plan is not None else {}),
     }
     path = "/allerac/users/" + urllib.parse.quote(name, safe="")
-    reply = _json(_node(home_dir), "PATCH", path, body)
+    reply = node_json(node_at(home_dir), "PATCH", path, body)
     click.echo(f"User {reply['name']}: privacy {reply['privacy']}, quota {reply['quota']}.")
 
 
@@ -435,7 +367,7 @@ def user_set(
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def user_list(home_dir: Path | None, as_json: bool) -> None:
     """List the users (never their keys)."""
-    data = _json(_node(home_dir), "GET", "/allerac/users")
+    data = node_json(node_at(home_dir), "GET", "/allerac/users")
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
@@ -467,7 +399,7 @@ def user_remove(home_dir: Path | None, name: str) -> None:
     except MeshError as exc:
         raise click.ClickException(exc.message) from exc
     path = "/allerac/users/" + urllib.parse.quote(name, safe="")
-    reply = _json(_node(home_dir), "DELETE", path)
+    reply = node_json(node_at(home_dir), "DELETE", path)
     click.echo(f"Removed user {reply['name']}: their API key no longer works.")
 
 
@@ -476,7 +408,7 @@ def user_remove(home_dir: Path | None, name: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def status(home_dir: Path | None, as_json: bool) -> None:
     """Show this node: identity, addresses, load and models."""
-    info = _json(_node(home_dir), "GET", "/allerac/status")
+    info = node_json(node_at(home_dir), "GET", "/allerac/status")
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
@@ -525,7 +457,7 @@ def status(home_dir: Path | None, as_json: bool) -> None:
 def _stream_chat(node: NodeAddress, body: dict[str, Any]) -> str:
     """Send one chat request, print the answer as it streams, return its text."""
     parts: list[str] = []
-    with _request(node, "POST", "/v1/chat/completions", body) as response:
+    with node_request(node, "POST", "/v1/chat/completions", body) as response:
         for raw in response:
             line = raw.decode("utf-8").rstrip("\r\n")
             if not line.startswith("data: "):
@@ -562,7 +494,7 @@ def chat(
     prompt: str | None,
 ) -> None:
     """Chat with the node: one answer for PROMPT, or an interactive session without it."""
-    node = _node(home_dir)
+    node = node_at(home_dir)
     history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
 
     def ask(text: str) -> str:
@@ -660,7 +592,7 @@ def route(
             **({"needs": needs} if needs else {}),
         }
     )
-    data = _json(_node(home_dir), "GET", f"/allerac/route?{query}")
+    data = node_json(node_at(home_dir), "GET", f"/allerac/route?{query}")
     rows = data["candidates"]
     chosen = next((r for r in rows if r["status"] == "chosen"), None)
     if as_json:
@@ -692,7 +624,7 @@ def route(
 def console(home_dir: Path | None, print_only: bool) -> None:
     """Open the console in a browser: a one-time login URL for the box's owner (valid two
     minutes, good for one sign-in)."""
-    reply = _json(_node(home_dir), "POST", "/console/login-tokens", {})
+    reply = node_json(node_at(home_dir), "POST", "/console/login-tokens", {})
     url = str(reply["url"])
     click.echo(url)
     if not print_only:

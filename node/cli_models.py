@@ -15,7 +15,7 @@ from typing import Any, cast
 import click
 
 from mesh.errors import MeshError
-from node.cli import _json, _node
+from node.cli_client import node_at, node_json
 from node.cli_options import home_option
 from node.store.home import Home
 
@@ -29,7 +29,7 @@ def models(ctx: click.Context, home_dir: Path | None, as_json: bool) -> None:
     if ctx.invoked_subcommand is not None:
         ctx.obj = home_dir  # `allerac models --home DIR add ...` means that home too
         return
-    data = _json(_node(home_dir), "GET", "/v1/models")
+    data = node_json(node_at(home_dir), "GET", "/v1/models")
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
@@ -52,7 +52,7 @@ def _add(home_dir: Path | None, path: Path, name: str | None, aliases: tuple[str
     body: dict[str, Any] = {"path": str(path), "aliases": list(aliases)}
     if name is not None:
         body["name"] = name
-    reply = _json(_node(home_dir), "POST", "/allerac/models", body)
+    reply = node_json(node_at(home_dir), "POST", "/allerac/models", body)
     click.echo(reply["name"])
     _report(reply)
 
@@ -81,7 +81,7 @@ def models_add(
 def models_remove(group_home: Path | None, home_dir: Path | None, name: str) -> None:
     """Stop serving model NAME; answers in progress on it finish first."""
     path = "/allerac/models/" + urllib.parse.quote(name, safe="")
-    reply = _json(_node(home_dir or group_home), "DELETE", path)
+    reply = node_json(node_at(home_dir or group_home), "DELETE", path)
     click.echo(f"Removed {reply['removed']}.")
     _report(reply)
 
@@ -127,7 +127,7 @@ def models_pull(
     from node.transport.model_download import download_model
 
     home_dir = home_dir or group_home
-    _node(home_dir)  # is the node running? Said before a long download, not after it
+    node_at(home_dir)  # is the node running? Said before a long download, not after it
     directory = Home.resolve(home_dir).root / "models"
     start, close = _progress_bar("downloading")
     try:
