@@ -730,8 +730,18 @@ def usage(
 
     home = Home.resolve(home_dir)
     try:
-        period_bounds(period, now_ms=SYSTEM.now_ms())  # a bad period before the ledger is read
+        since, until = period_bounds(period, now_ms=SYSTEM.now_ms())  # before the ledger is read
         held, report = _verified_ledger(home, require_receipts=False)
+        if cost:
+            from mesh.ledger.records import refused_records, summarize
+            from node.cli_costs import print_costs
+
+            refused = refused_records(held.records, held.refusals)
+            rows = summarize(
+                held.records, by="tier", user=user, since_ms=since, until_ms=until, excluded=refused
+            )
+            print_costs(home, rows, as_json=as_json)
+            return
         result = usage_report(
             held,
             report,
@@ -743,17 +753,6 @@ def usage(
         )
     except MeshError as exc:
         _fail(exc.message)
-        return
-    if cost:
-        from mesh.ledger.records import refused_records, summarize
-        from node.cli_costs import print_costs
-
-        since, until = period_bounds(period, now_ms=SYSTEM.now_ms())
-        refused = refused_records(held.records, held.refusals)
-        rows = summarize(
-            held.records, by="tier", user=user, since_ms=since, until_ms=until, excluded=refused
-        )
-        print_costs(home, rows, as_json=as_json)
         return
     missing = result["missing"]
     if as_json:
