@@ -12,6 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tests import launch
+
 READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 30.0
 
@@ -46,13 +48,17 @@ class NodeProcess:
         *args: str,
         config: str | None = None,
         command: list[str] | None = None,
+        forked: bool = True,
     ) -> None:
         self.home = home
+        # Forked from the test worker's preloaded server (tests/launch.py) unless False, or
+        # a command is given: then a new interpreter runs the command.
+        self.forked = forked and command is None
         self.args = list(args)
         self.config = config
         # What runs the CLI: `python -m node`, or a launcher (the benchmarks' instant node).
         self.command = command or [sys.executable, "-m", "node"]
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.proc: subprocess.Popen[bytes] | launch.Forked | None = None
         self.info: dict[str, Any] = {}
 
     @property
@@ -79,8 +85,12 @@ class NodeProcess:
             path = self.home / "test-config.toml"
             path.write_text(self.config, encoding="utf-8")
             args += ["--config", str(path)]
-        self.log = (self.home / "node.log").open("wb")
-        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
+        if self.forked and launch.forking():
+            (self.home / "node.log").write_bytes(b"")
+            self.proc = launch.start(args[3:], out=self.home / "node.log")
+        else:
+            self.log = (self.home / "node.log").open("wb")
+            self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
         try:
             self.info = wait_for_run_info(self.proc, self.home, self.output)
         except RuntimeError:
@@ -104,7 +114,8 @@ class NodeProcess:
             except subprocess.TimeoutExpired:
                 self.kill()
                 raise
-        self.log.close()
+        if hasattr(self, "log"):
+            self.log.close()
         return self.proc.returncode
 
     def kill(self) -> None:
@@ -122,6 +133,8 @@ def owner_headers(home: Path) -> dict[str, str]:
 
 def run_cli(home: Path, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if launch.forking():
+        return launch.run([*args, "--home", str(home)], timeout=timeout, env=env)
     return subprocess.run(
         [sys.executable, "-m", "node", *args, "--home", str(home)],
         capture_output=True,
@@ -143,7 +156,7 @@ class RelayProcess:
         self.host = host
         self.prefix = prefix
         self.port = 0
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.proc: subprocess.Popen[bytes] | launch.Forked | None = None
 
     @property
     def address(self) -> str:
@@ -157,16 +170,18 @@ class RelayProcess:
 
     def start(self) -> RelayProcess:
         self.home.mkdir(parents=True, exist_ok=True)
-        with (self.home / "relay.log").open("ab") as log:
-            self.proc = subprocess.Popen(
-                [
-                    *self.prefix,  # `ip netns exec NS` execs in place: the pid is the relay's
-                    *(sys.executable, "-m", "node", "relay", "up", "--home", str(self.home)),
-                    *("--host", self.host, "--port", str(self.port), "--log-level", "info"),
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
+        argv = ["relay", "up", "--home", str(self.home)]
+        argv += ["--host", self.host, "--port", str(self.port), "--log-level", "info"]
+        if not self.prefix and launch.forking():
+            self.proc = launch.start(argv, out=self.home / "relay.log")
+        else:
+            with (self.home / "relay.log").open("ab") as log:
+                self.proc = subprocess.Popen(
+                    # `ip netns exec NS` execs in place: the pid is the relay's
+                    [*self.prefix, sys.executable, "-m", "node", *argv],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
         try:
             info = wait_for_run_info(self.proc, self.home, self.output, "relay", "relay.json")
         except RuntimeError:

@@ -139,7 +139,9 @@ def test_verification_workers_end_when_their_node_is_killed(
     asyncio.run(_fill(b_home.ledger_file, b_identity, 600))
     nodes: list[NodeProcess] = []
     try:
-        a = NodeProcess(tmp_path / "a", config=models_config("m-a")).start()
+        # `a` runs as a command of its own (not forked from the tests' preloaded server,
+        # whose resource tracker its process pool would share): its whole tree is its own.
+        a = NodeProcess(tmp_path / "a", config=models_config("m-a"), forked=False).start()
         nodes.append(a)
         b = NodeProcess(
             tmp_path / "b", "--peer", a.info["grpc_address"], config=models_config("m-b")

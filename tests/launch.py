@@ -1,0 +1,141 @@
+"""Start the project's own processes (nodes, relays, CLI runs) for tests, quickly.
+
+A new interpreter importing the node (grpc, aiohttp, llama_cpp, cryptography, ~300
+modules) costs ~0.8 s of CPU, and the suite starts a few hundred of them. Here each one
+is forked instead from a server that imported the project once (the standard library's
+`multiprocessing` forkserver, one per test worker): still a process of its own, with its
+own pid, sockets, signals, files and exit code, running the same `allerac` command line
+(`node.cli`), only without paying for the imports again. The server imports but never
+runs anything: it holds no threads, event loops, gRPC channels or models to be forked.
+
+`ALLERAC_TEST_FORK=0` turns it off: every process is then `python -m node ...` (the
+coverage run uses it, so that coverage starts in every process the usual way). The
+namespaced tests always exec (`ip netns exec` must run the command).
+"""
+
+from __future__ import annotations
+
+import io
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Mapping
+from multiprocessing.context import ForkServerContext
+from pathlib import Path
+
+_context: ForkServerContext | None = None
+
+
+def forking() -> bool:
+    """Whether processes are forked here: not when turned off, and not from a script run
+    as a file (multiprocessing would run that script again in every process it starts;
+    the benchmarks exec)."""
+    if os.environ.get("ALLERAC_TEST_FORK", "1") == "0":
+        return False
+    main = sys.modules.get("__main__")
+    return getattr(main, "__spec__", None) is not None or not hasattr(main, "__file__")
+
+
+def _forkserver() -> ForkServerContext:
+    global _context
+    if _context is None:
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["node.cli", "node.daemon", "tests.launch"])
+        _context = context
+    return _context
+
+
+def _run(argv: list[str], env: dict[str, str], cwd: str, out: str, err: str) -> None:
+    """In the forked process: become `allerac ARGV` with this environment and output."""
+    os.chdir(cwd)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    os.environ.clear()
+    os.environ.update(env)
+    for fd, path in ((1, out), (2, err)):
+        target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.dup2(target, fd)
+        os.close(target)
+    sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), write_through=True)
+    sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), write_through=True)
+    sys.argv = ["allerac", *argv]
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+        signal.signal(sig, signal.SIG_DFL)
+    from node.cli import cli
+
+    cli.main(args=argv, prog_name="allerac")
+
+
+class Forked:
+    """What `subprocess.Popen` offers the tests, for a process forked by the server."""
+
+    def __init__(self, process: multiprocessing.process.BaseProcess) -> None:
+        self._process = process
+        self.pid: int = process.pid or 0
+
+    @property
+    def returncode(self) -> int | None:
+        return self._process.exitcode
+
+    def poll(self) -> int | None:
+        return self._process.exitcode
+
+    def wait(self, timeout: float | None = None) -> int:
+        self._process.join(timeout)
+        code = self._process.exitcode
+        if code is None:
+            raise subprocess.TimeoutExpired(["allerac"], timeout or 0.0)
+        return code
+
+    def send_signal(self, sig: int) -> None:
+        if self._process.exitcode is None:
+            os.kill(self.pid, sig)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+def start(
+    argv: list[str], *, out: Path, err: Path | None = None, env: Mapping[str, str] | None = None
+) -> Forked:
+    """`allerac ARGV` as a forked process; stdout (and stderr unless `err`) appended to `out`."""
+    process = _forkserver().Process(
+        target=_run,
+        args=(
+            list(argv),
+            dict(os.environ if env is None else env),
+            os.getcwd(),
+            str(out),
+            str(err or out),
+        ),
+    )
+    process.start()
+    return Forked(process)
+
+
+def run(
+    argv: list[str], *, timeout: float, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`allerac ARGV` to its end, as `subprocess.run(..., capture_output=True, text=True)`."""
+    with tempfile.TemporaryDirectory(prefix="allerac-run-") as folder:
+        out, err = Path(folder) / "out", Path(folder) / "err"
+        process = start(argv, out=out, err=err, env=env)
+        try:
+            code = process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+            raise
+        return subprocess.CompletedProcess(
+            ["allerac", *argv],
+            code,
+            out.read_text(encoding="utf-8", errors="replace"),
+            err.read_text(encoding="utf-8", errors="replace"),
+        )
