@@ -8,13 +8,18 @@ own pid, sockets, signals, files and exit code, running the same `allerac` comma
 (`node.cli`), only without paying for the imports again. The server imports but never
 runs anything: it holds no threads, event loops, gRPC channels or models to be forked.
 
+A process for a box of a network-namespace lab (tests/netns.py) enters the box's
+namespace first (`setns`, what `ip netns exec` does before it execs), and
+`in_namespace` runs a function on a thread of this process that entered one (a network
+namespace belongs to a thread), for the lab's HTTP requests.
+
 `ALLERAC_TEST_FORK=0` turns it off: every process is then `python -m node ...` (the
-coverage run uses it, so that coverage starts in every process the usual way). The
-namespaced tests always exec (`ip netns exec` must run the command).
+coverage run uses it, so that coverage starts in every process the usual way).
 """
 
 from __future__ import annotations
 
+import ctypes
 import io
 import multiprocessing
 import os
@@ -22,9 +27,13 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Mapping
 from multiprocessing.context import ForkServerContext
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 _context: ForkServerContext | None = None
 
@@ -48,8 +57,47 @@ def _forkserver() -> ForkServerContext:
     return _context
 
 
-def _run(argv: list[str], env: dict[str, str], cwd: str, out: str, err: str) -> None:
+CLONE_NEWNET = 0x40000000
+
+
+def enter_namespace(name: str) -> None:
+    """Move the calling thread into network namespace NAME (made by `ip netns add`)."""
+    fd = os.open(f"/var/run/netns/{name}", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.setns(fd, CLONE_NEWNET) != 0:
+            errno = ctypes.get_errno()
+            raise OSError(errno, f"setns into {name}: {os.strerror(errno)}")
+    finally:
+        os.close(fd)
+
+
+def in_namespace(name: str, work: Callable[[], T]) -> T:
+    """`work()` run on a new thread inside network namespace NAME; its result or error."""
+    outcome: list[T] = []
+    failure: list[BaseException] = []
+
+    def inside() -> None:
+        try:
+            enter_namespace(name)
+            outcome.append(work())
+        except BaseException as exc:  # handed to the caller
+            failure.append(exc)
+
+    thread = threading.Thread(target=inside, name=f"netns-{name}", daemon=True)
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
+    return outcome[0]
+
+
+def _run(
+    argv: list[str], env: dict[str, str], cwd: str, out: str, err: str, netns: str | None
+) -> None:
     """In the forked process: become `allerac ARGV` with this environment and output."""
+    if netns is not None:
+        enter_namespace(netns)
     os.chdir(cwd)
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
@@ -103,9 +151,15 @@ class Forked:
 
 
 def start(
-    argv: list[str], *, out: Path, err: Path | None = None, env: Mapping[str, str] | None = None
+    argv: list[str],
+    *,
+    out: Path,
+    err: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    netns: str | None = None,
 ) -> Forked:
-    """`allerac ARGV` as a forked process; stdout (and stderr unless `err`) appended to `out`."""
+    """`allerac ARGV` as a forked process (inside network namespace `netns` if given);
+    stdout (and stderr unless `err`) appended to `out`."""
     process = _forkserver().Process(
         target=_run,
         args=(
@@ -114,6 +168,7 @@ def start(
             os.getcwd(),
             str(out),
             str(err or out),
+            netns,
         ),
     )
     process.start()
@@ -121,12 +176,16 @@ def start(
 
 
 def run(
-    argv: list[str], *, timeout: float, env: Mapping[str, str] | None = None
+    argv: list[str],
+    *,
+    timeout: float,
+    env: Mapping[str, str] | None = None,
+    netns: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """`allerac ARGV` to its end, as `subprocess.run(..., capture_output=True, text=True)`."""
     with tempfile.TemporaryDirectory(prefix="allerac-run-") as folder:
         out, err = Path(folder) / "out", Path(folder) / "err"
-        process = start(argv, out=out, err=err, env=env)
+        process = start(argv, out=out, err=err, env=env, netns=netns)
         try:
             code = process.wait(timeout)
         except subprocess.TimeoutExpired:

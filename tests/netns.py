@@ -26,12 +26,15 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from tests import launch
 from tests.nodeproc import wait_for_run_info
 
 STOP_TIMEOUT_S = 30.0
@@ -107,6 +110,26 @@ def netns_unavailable() -> str | None:
     return None
 
 
+def _http(
+    url: str, method: str, body: dict[str, Any] | None, headers: dict[str, str]
+) -> tuple[int, dict[str, str], Any]:
+    """What _HTTP_SCRIPT does, on a thread inside the namespace (tests/launch.py)."""
+    data = json.dumps(body).encode() if body is not None else None
+    if data is not None:
+        headers.setdefault("Content-Type", "application/json")
+    request = urllib.request.Request(url, data=data, headers=headers, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            code, head, raw = response.status, response.headers, response.read()
+    except urllib.error.HTTPError as exc:
+        code, head, raw = exc.code, exc.headers, exc.read()
+    try:
+        payload = json.loads(raw)
+    except ValueError:
+        payload = raw.decode("utf-8", "replace")
+    return code, {k.lower(): v for k, v in head.items()}, payload
+
+
 class LabNode:
     """One `python -m node up` inside a namespace, its log in HOME/node.log."""
 
@@ -128,7 +151,7 @@ class LabNode:
         self.args = args
         self.config = config
         self.http_host = http_host
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.proc: subprocess.Popen[bytes] | launch.Forked | None = None
         self.info: dict[str, Any] = {}
         self._log: Any = None
 
@@ -161,8 +184,11 @@ class LabNode:
             path = self.home / "test-config.toml"
             path.write_text(self.config, encoding="utf-8")
             args += ["--config", str(path)]
-        self._log = (self.home / "node.log").open("ab")
-        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, env=_ENV)
+        if launch.forking():
+            self.proc = launch.start(args[7:], out=self.home / "node.log", env=_ENV, netns=self.ns)
+        else:
+            self._log = (self.home / "node.log").open("ab")
+            self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, env=_ENV)
         try:
             self.info = wait_for_run_info(self.proc, self.home, self.output, f"node {self.name}")
         except RuntimeError:
@@ -365,6 +391,9 @@ class NetnsLab:
         self, node: LabNode, *args: str, timeout_s: float = CLI_TIMEOUT_S
     ) -> subprocess.CompletedProcess[str]:
         """`python -m node ARGS --home HOME` inside the node's namespace."""
+        if launch.forking():
+            argv = [*args, "--home", str(node.home)]
+            return launch.run(argv, timeout=timeout_s, env=_ENV, netns=self.namespaces[node.box])
         return self.run(
             node.box,
             *(sys.executable, "-m", "node", *args, "--home", str(node.home)),
@@ -406,6 +435,9 @@ class NetnsLab:
         headers: dict[str, str] | None = None,
     ) -> tuple[int, dict[str, str], Any]:
         """One request to the node's HTTP API, made inside its namespace."""
+        if launch.forking():
+            request = functools.partial(_http, node.url + path, method, body, dict(headers or {}))
+            return launch.in_namespace(self.namespaces[node.box], request)
         result = self.python(
             node.box,
             _HTTP_SCRIPT,

@@ -24,7 +24,7 @@ import heapq
 import logging
 import math
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from zeroconf import IPVersion, ServiceStateChange, Zeroconf
@@ -242,6 +242,7 @@ class Discovery:
         self._zc: AsyncZeroconf | None = None
         self._browser: BoundedBrowser | None = None
         self._info: AsyncServiceInfo | None = None
+        self._announcing: Awaitable[object] | None = None  # the latest announcement's repeats
         self._resolving: dict[str, asyncio.Task[None]] = {}  # lowercased name -> its resolve
         self._tasks = Tasks("mdns")
         # Every name held, of any mesh: after joining another mesh its boxes are known.
@@ -266,7 +267,8 @@ class Discovery:
     async def start(self) -> None:
         self._zc = AsyncZeroconf(ip_version=IPVersion.V4Only)
         self._info = self._service_info()
-        await self._zc.async_register_service(self._info, allow_name_change=True)
+        # zeroconf repeats the announcement in the background (twice, a second apart).
+        self._announcing = await self._zc.async_register_service(self._info, allow_name_change=True)
         self._browser = BoundedBrowser(self._zc.zeroconf, self._book, self._on_change, self._clock)
         self._tasks.start(self._sweep_forever(), "sweep")
         logger.info("announcing on mDNS as %s (%s)", self._info.name, ", ".join(self._ips))
@@ -276,12 +278,21 @@ class Discovery:
         if self._zc is None or self._info is None:
             return
         self._info = self._service_info()
-        await self._zc.async_update_service(self._info)
+        # Repeats of an earlier announcement still to come would carry the old mesh after
+        # the new one, and listeners would keep the old hint: they stop here.
+        self._quiet_announcements()
+        self._announcing = await self._zc.async_update_service(self._info)
         for hint, addresses, source in self._book.hints():
             if hint.mesh_id == self._mesh_id() and hint.node_id != self._node_id:
                 self._forward(hint.node_id, addresses, source)
 
+    def _quiet_announcements(self) -> None:
+        if isinstance(self._announcing, asyncio.Future) and not self._announcing.done():
+            self._announcing.cancel()
+        self._announcing = None
+
     async def aclose(self) -> None:
+        self._quiet_announcements()
         await self._tasks.aclose()
         self._resolving.clear()
         if self._browser is not None:
