@@ -713,6 +713,11 @@ class Mesh:
     def __getitem__(self, name: str) -> Node:
         return self.nodes[name]
 
+    async def _time_passes(self, seconds_per_tick: float = 1.0) -> None:
+        while True:
+            await asyncio.sleep(0.02)
+            self.clock.advance(seconds_per_tick)
+
     async def add(self, name: str, spec: NodeSpec | None = None, *, join: bool = True) -> Node:
         """A node; it joins the mesh of the first node (by a real invite over the
         transport), unless it is the first or `join` is False (a mesh of its own)."""
@@ -791,8 +796,17 @@ class Mesh:
 
     async def aclose(self) -> None:
         self.net.restore_all()  # so that leases given back on the way out get home
-        for node in reversed(self.nodes.values()):  # the mesh's admin (a home, often) last
-            await node.close()
+        # Time passes while the nodes close: a lease report that failed is due again a
+        # second later on the nodes' clock (a stopped clock would keep it waiting until
+        # the close gives up, seconds later).
+        ticking = asyncio.create_task(self._time_passes())
+        try:
+            for node in reversed(self.nodes.values()):  # the mesh's admin (a home) last
+                await node.close()
+        finally:
+            ticking.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await ticking
         # What a crashed node left running (it can reach nobody any more).
         orphans = [t for t in asyncio.all_tasks() if _quota_work(t)]
         for task in orphans:

@@ -69,7 +69,8 @@ async def test_excess_requests_get_429_at_once_and_the_rest_complete(
     small_queue_node: NodeProcess, session: aiohttp.ClientSession
 ) -> None:
     node = small_queue_node
-    long_body = {**COUNTING, "max_tokens": 600, "stream": True}
+    # Long enough to outlast six requests sent at its first token (refused within ms).
+    long_body = {**COUNTING, "max_tokens": 200, "stream": True}
     async with session.post(node.url + "/v1/completions", json=long_body) as running:
         assert running.status == 200
         await running.content.readline()  # the first token is out: the model is busy

@@ -302,13 +302,13 @@ def test_a_flooding_node_costs_the_others_nothing_and_the_relay_stays_bounded(
 
 
 def _busy_until_done(
-    lab: NetnsLab, node: LabNode, model: str, log: Path
+    lab: NetnsLab, node: LabNode, model: str, log: Path, tokens: int = 600
 ) -> subprocess.Popen[bytes]:
     """A long greedy answer streamed from `node`, in the background."""
     script = (
         "import json, sys, urllib.request\n"
         "body = json.dumps({'model': sys.argv[2], 'prompt': '1, 2, 3, 4, 5, 6,', "
-        "'max_tokens': 600, 'stream': True}).encode()\n"
+        "'max_tokens': int(sys.argv[3]), 'stream': True}).encode()\n"
         "request = urllib.request.Request(sys.argv[1] + '/v1/completions', data=body, "
         "headers={'Content-Type': 'application/json'})\n"
         "with urllib.request.urlopen(request, timeout=300) as response:\n"
@@ -317,7 +317,7 @@ def _busy_until_done(
         "        sys.stdout.flush()\n"
         "print('done', flush=True)\n"
     )
-    return lab.popen_python(node.box, script, node.url, model, log=log)
+    return lab.popen_python(node.box, script, node.url, model, str(tokens), log=log)
 
 
 def _status_at(lab: NetnsLab, node: LabNode, model: str, peer: LabNode) -> str:
@@ -343,7 +343,9 @@ def test_cloud_overflow_only_when_the_mesh_is_saturated_and_the_policy_allows(
     assert headers["x-allerac-node"] == b1.node_id
     # b1 busy with a long answer: now `any` goes to the cloud, `mesh` does not.
     log = tmp_path / "busy.log"
-    busy = _busy_until_done(lab_a, a1, B_MODEL, log)
+    # Long enough for the requests below (a few seconds of decoding), no longer: it is
+    # waited for to the end.
+    busy = _busy_until_done(lab_a, a1, B_MODEL, log, tokens=300)
     try:
         wait_until(
             lambda: _status_at(lab_a, a1, B_MODEL, b1).startswith("full"), 60, "b1 saturated"

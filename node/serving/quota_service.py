@@ -158,7 +158,7 @@ class QuotaService:
         self.cloud_plan = cloud_plan
         self.plan_book = QuotaBook()
         self._settling: set[asyncio.Task[None]] = set()
-        self._telling: dict[str, set[asyncio.Task[None]]] = {}  # by user: releases, reports
+        self._telling: dict[str, set[asyncio.Future[None]]] = {}  # by user: releases, reports
         self._leases = EntryLeases(incarnation=secrets.randbits(62))  # this node's, at other homes
         self._upkeep: asyncio.Task[None] | None = None
         self._holds_file = holds_file
@@ -369,7 +369,9 @@ class QuotaService:
         while the response goes out)."""
         if not self._settle_here(admission, records):
             user = admission.request.user
-            self._background(self.settle(admission, records), "quota-release", user=user)
+            first_try = asyncio.get_running_loop().create_future()
+            work = self.settle(admission, records, first_try)
+            self._background(work, "quota-release", user=user, first_try=first_try)
 
     def _settle_here(self, admission: Admission, records: list[lpb.SignedRecord]) -> bool:
         """Settle what needs no call to another node; False when the home must be told."""
@@ -392,22 +394,33 @@ class QuotaService:
             return True
         return False
 
-    def _background(self, work: Coroutine[Any, Any, None], name: str, *, user: str = "") -> None:
+    def _background(
+        self,
+        work: Coroutine[Any, Any, None],
+        name: str,
+        *,
+        user: str = "",
+        first_try: asyncio.Future[None] | None = None,
+    ) -> None:
         """Quota business that must not hold anything up; `aclose` waits for it. A release
-        or report about `user` is also awaited by the next reserve of theirs (`_told`)."""
+        or report about `user` is also awaited by the next reserve of theirs (`_told`):
+        its first try (`first_try`, resolved by the work), or all of it."""
         task = asyncio.create_task(work, name=name)
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)
         if user:
+            awaited: asyncio.Future[None] = task if first_try is None else first_try
             telling = self._telling.setdefault(user, set())
-            telling.add(task)
+            telling.add(awaited)
 
-            def done(task: asyncio.Task[None]) -> None:
-                telling.discard(task)
+            def done(_: object) -> None:
+                telling.discard(awaited)
                 if not telling and self._telling.get(user) is telling:
                     del self._telling[user]
 
-            task.add_done_callback(done)
+            awaited.add_done_callback(done)
+            if first_try is not None:
+                task.add_done_callback(lambda _: None if first_try.done() else first_try.set_result(None))
 
     async def _told(self, user: str) -> None:
         """Let this node's releases and lease reports about `user` reach the home before a
@@ -449,10 +462,17 @@ class QuotaService:
                 await asyncio.sleep(RETRY_S)
             self._lease_events(self._leases.tick(self._now()))
 
-    async def settle(self, admission: Admission, records: list[lpb.SignedRecord]) -> None:
+    async def settle(
+        self,
+        admission: Admission,
+        records: list[lpb.SignedRecord],
+        first_try: asyncio.Future[None] | None = None,
+    ) -> None:
         """Release the reservation (the answer's records count from now on). Never
         raises: a home that cannot be told is told again until it is (or until the
-        reservation would have expired there); the records reach it by ledger sync too."""
+        reservation would have expired there); the records reach it by ledger sync too.
+        `first_try` resolves when the first call ends: a reserve of the same user waits
+        for that, not for the tries again (the home did not answer it the first time)."""
         if self._settle_here(admission, records):
             return
         admission.settled = True
@@ -466,6 +486,8 @@ class QuotaService:
                 await self._call(admission.home, lpb.QuotaCall(release=release), "")
                 return
             except MeshError as exc:
+                if first_try is not None and not first_try.done():
+                    first_try.set_result(None)
                 if self._now() >= give_up_at:
                     logger.warning(
                         "could not release request %s at %s: %s (it expires there)",
