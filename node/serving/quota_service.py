@@ -420,7 +420,7 @@ class QuotaService:
 
             awaited.add_done_callback(done)
             if first_try is not None:
-                task.add_done_callback(lambda _: None if first_try.done() else first_try.set_result(None))
+                task.add_done_callback(lambda _: _resolve(first_try))
 
     async def _told(self, user: str) -> None:
         """Let this node's releases and lease reports about `user` reach the home before a
@@ -486,8 +486,8 @@ class QuotaService:
                 await self._call(admission.home, lpb.QuotaCall(release=release), "")
                 return
             except MeshError as exc:
-                if first_try is not None and not first_try.done():
-                    first_try.set_result(None)
+                if first_try is not None:
+                    _resolve(first_try)
                 if self._now() >= give_up_at:
                     logger.warning(
                         "could not release request %s at %s: %s (it expires there)",
@@ -645,3 +645,8 @@ def replace_user(record: lpb.UsageRecord, user: str) -> lpb.UsageRecord:
     copy.CopyFrom(record)
     copy.user = user
     return copy
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
