@@ -328,7 +328,6 @@ def test_a_model_is_found_by_name_and_alias_and_an_unknown_one_is_a_404(
 
 # Each is something a llama.cpp box does not honour yet (issue 15): never ignored silently.
 UNHONOURED = [
-    ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ("/v1/chat/completions", {"n": 2}, "n"),
 ]
 
@@ -512,12 +511,12 @@ def test_openais_ranges_are_enforced(client: openai.OpenAI) -> None:
 
 
 def test_route_explain_shows_who_cannot_honour_what_a_request_needs(node: NodeProcess) -> None:
-    status, body = _get(node, "/allerac/route?model=default&needs=tools,logprobs")
+    status, body = _get(node, "/allerac/route?model=default&needs=choices,logprobs")
     assert status == 200
     [row] = body["candidates"]
-    assert row["status"] == "its model cannot honour tools (tools)"
-    # The embedded model: embeddings, and through its samplers penalties, a logit bias and
-    # structured output.
+    assert row["status"] == "its model cannot honour choices (choices)"
+    # The embedded model: embeddings, and through its samplers penalties, a logit bias,
+    # structured output and tool calls.
     assert row["capabilities"] == [
         "echo",
         "embeddings",
@@ -525,6 +524,7 @@ def test_route_explain_shows_who_cannot_honour_what_a_request_needs(node: NodePr
         "logprobs",
         "penalties",
         "structured_output",
+        "tools",
     ]
     status, body = _get(node, "/allerac/route?model=default&needs=telepathy")
     assert (status, body["error"]["param"]) == (400, "needs")
