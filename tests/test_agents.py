@@ -1,15 +1,23 @@
 """What agents call, against one real node on the embedded model (a llama.cpp box whose
 chat template knows no tools: the generic format, mesh.api.tool_calls): tools through the
-official client, as a user with an API key."""
+official client, then LangChain's `bind_tools` and `with_structured_output`, as a user
+with an API key.
+
+Nothing here may reach the internet: LangChain is only asked what it sends to the node
+(it counts no tokens, so tiktoken never fetches its BPE files), and LangSmith tracing is
+off unless its environment variables turn it on."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import socket
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
 import openai
+import pydantic
 import pytest
 
 from tests.clients import openai_client
@@ -206,3 +214,59 @@ def test_a_tool_message_for_no_call_is_a_400_naming_it(client: openai.OpenAI) ->
             tools=[GET_WEATHER],  # type: ignore[list-item]
         )
     assert info.value.body["param"] == "messages[1].tool_call_id"  # type: ignore[index]
+
+
+# --- LangChain -------------------------------------------------------------------------------
+
+
+class Weather(pydantic.BaseModel):
+    """Current weather in a city"""
+
+    city: str
+    unit: str
+
+
+@pytest.fixture
+def loopback_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any connection beyond this machine fails the test (CI reaches no internet)."""
+    connect = socket.socket.connect
+
+    def guarded(sock: socket.socket, address: Any) -> None:
+        if isinstance(address, tuple) and not ipaddress.ip_address(address[0]).is_loopback:
+            pytest.fail(f"a connection to {address} (nothing may be downloaded at run time)")
+        connect(sock, address)
+
+    monkeypatch.setattr(socket.socket, "connect", guarded)
+
+
+@pytest.fixture(scope="module")
+def chat_model(node: NodeProcess, key: str) -> Any:
+    from langchain_openai import ChatOpenAI
+
+    return ChatOpenAI(
+        base_url=node.url + "/v1",
+        api_key=key,  # type: ignore[arg-type]
+        model=MODEL,
+        temperature=0,
+        max_tokens=40,  # type: ignore[call-arg]
+        max_retries=0,
+    )
+
+
+@pytest.mark.usefixtures("loopback_only")
+def test_langchain_bind_tools_with_a_forced_tool_returns_a_valid_call(chat_model: Any) -> None:
+    bound = chat_model.bind_tools([GET_WEATHER], tool_choice="get_weather")
+    message = bound.invoke("What is the weather in Paris?")
+    [call] = message.tool_calls
+    assert call["name"] == "get_weather"
+    assert call["id"].startswith("call_")
+    _valid_weather(json.dumps(call["args"]))
+
+
+@pytest.mark.usefixtures("loopback_only")
+@pytest.mark.parametrize("method", ["json_schema", "function_calling", "json_mode"])
+def test_langchain_structured_output(chat_model: Any, method: str) -> None:
+    structured = chat_model.with_structured_output(Weather, method=method)
+    weather = structured.invoke("Give the weather in Paris as JSON with a city and a unit.")
+    assert isinstance(weather, Weather)
+    assert weather.city
