@@ -8,7 +8,7 @@ import json
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mesh.api.tool_calls import (
@@ -79,6 +79,7 @@ GENERIC = (
 )
 
 
+@settings(deadline=None)  # a loaded machine must not fail it
 @given(st.lists(st.integers(min_value=0, max_value=10_000), max_size=30))
 def test_a_call_streams_the_same_however_the_text_is_cut(cuts: list[int]) -> None:
     text, calls, done = _read(_split(GENERIC, cuts))
@@ -146,6 +147,7 @@ def test_a_forced_call_cut_off_sends_what_it_has() -> None:
     assert _read(['{"tool_calls": [{"na'], forced=True) == ("", {}, False)
 
 
+@settings(deadline=None)  # a loaded machine must not fail it
 @given(st.text(max_size=300), st.lists(st.integers(min_value=0, max_value=400), max_size=20))
 def test_the_reader_never_raises_and_loses_no_text(text: str, cuts: list[int]) -> None:
     for forced in (False, True):
@@ -176,6 +178,7 @@ JSONISH = st.recursive(
 )
 
 
+@settings(deadline=None)  # a loaded machine must not fail it
 @given(JSONISH, st.lists(st.integers(min_value=0, max_value=400), max_size=20))
 def test_the_reader_never_raises_on_call_shaped_json(value: Any, cuts: list[int]) -> None:
     text = json.dumps(value)
