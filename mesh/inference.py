@@ -60,7 +60,7 @@ class Feature(enum.StrEnum):
     PENALTIES = "penalties"  # presence_penalty, frequency_penalty
     LOGIT_BIAS = "logit_bias"
     ECHO = "echo"  # completions: the prompt echoed before the answer
-    CHOICES = "choices"  # n > 1
+    CHOICES = "choices"  # n > 1 in one request (no card says it: the HTTP API splits n)
     EMBEDDINGS = "embeddings"
 
     @classmethod
