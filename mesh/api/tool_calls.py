@@ -348,7 +348,6 @@ class ToolCallReader:
         self._string_is_key = False
         self._value_key = ""  # the key of the value about to start at call depth
         self._args: list[str] | None = None  # the arguments being read (raw JSON)
-        self._args_depth_open = False  # the arguments value is a container
         self._call_name = ""
         self._call_index = -1  # the index this call is sent as (-1: not yet sent)
         self._call_args_sent = False
@@ -440,12 +439,9 @@ class ToolCallReader:
             return
         if char in " \t\r\n":
             return
-        if depth == 0 and self._stack_was_used():
-            return  # after the object: ignored
         if depth == _CALL_DEPTH and self._expect_value_at_call():
             if self._value_key == "arguments" and self._args is None:
                 self._args = [char]
-                self._args_depth_open = char in "{["
         if char == '"':
             self._in_string = True
             self._escape = False
@@ -503,9 +499,6 @@ class ToolCallReader:
                 self._give_up_streaming()
                 return
         self._flush_args(out)
-
-    def _stack_was_used(self) -> bool:
-        return self._call_index >= 0 or self.calls > 0
 
     def _expect_value_at_call(self) -> bool:
         return self._stack[-1] == "{" and not self._expect_key[-1] and self._value_key != ""
