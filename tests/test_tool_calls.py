@@ -207,13 +207,15 @@ def test_the_generic_prompt_describes_the_tools_and_writes_out_calls_and_results
     messages = generic_messages(
         _request(USER, CALLED, RESULT, second, USER), system_prompt="Be brief."
     )
-    assert [m["role"] for m in messages] == ["system", "user", "user", "user"]
+    assert [m["role"] for m in messages] == ["system", "user", "user"]
     system = messages[0]["content"]
     assert system.startswith("Be brief.")
     assert json.dumps(json.loads(WEATHER.parameters)) in system
     assert '{"tool_calls": [{"name": "get_weather"' in system
-    # The call (an assistant turn with nothing else) comes back with its results.
-    assert messages[2]["content"] == (
+    # The call (an assistant turn with nothing else) comes back with its results, in the
+    # user's turn (user and assistant turns still alternate).
+    assert messages[1]["content"] == (
+        f"{USER.content}\n\n"
         'get_weather({"city": "Paris"}) returned:\n22 degrees and sunny\n\n'
         "get_time call_8 returned:\n12:00"
     )

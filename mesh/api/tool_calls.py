@@ -7,10 +7,11 @@ object and nothing else,
 
     {"tool_calls": [{"name": "get_weather", "arguments": {"city": "Paris"}}]}
 
-An earlier call comes back to it with its result, as a user message
-`get_weather({"city": "Paris"}) returned:` followed by the result (`result_text`); the
-assistant turn that only made calls is left out (shown its own call again, SmolLM2 made
-it again instead of answering from the result).
+An earlier call comes back to it with its result,
+`get_weather({"city": "Paris"}) returned:` followed by the result (`result_text`), in a
+user turn (the one before it when there is one: Gemma's and Mistral's templates want user
+and assistant turns to alternate); the assistant turn that only made calls is left out
+(shown its own call again, SmolLM2 made it again instead of answering from the result).
 
 A required or forced call (`tool_choice` `required` or a named function) is decoded under
 a grammar made from `call_schema` (the wrapper, each allowed function's name as a
@@ -181,19 +182,19 @@ def generic_messages(request: InferenceRequest, *, system_prompt: str = "") -> l
     assert request.messages is not None
     out: list[dict[str, str]] = []
     calls: dict[str, ToolCall] = {}
-    results = False  # the last message out is tool results
     for message in request.messages:
         for call in message.tool_calls:
             calls[call.id] = call
         if message.role == "tool":
             text = result_text(message, calls)
-            if results:
-                out[-1]["content"] += "\n\n" + text  # several results: one user turn
+            if out and out[-1]["role"] == "user":
+                # Into the user turn before (the question whose calls-only answer is left
+                # out, or other results): templates that want user and assistant turns
+                # to alternate (Gemma's, Mistral's) take it.
+                out[-1]["content"] += "\n\n" + text
             else:
                 out.append({"role": "user", "content": text})
-            results = True
             continue
-        results = False
         if message.tool_calls and not message.content:
             continue  # its calls are written out with their results
         out.append({"role": message.role, "content": message.content})
