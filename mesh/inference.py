@@ -60,7 +60,7 @@ class Feature(enum.StrEnum):
     PENALTIES = "penalties"  # presence_penalty, frequency_penalty
     LOGIT_BIAS = "logit_bias"
     ECHO = "echo"  # completions: the prompt echoed before the answer
-    CHOICES = "choices"  # n > 1
+    CHOICES = "choices"  # n > 1 in one request (no card says it: the HTTP API splits n)
     EMBEDDINGS = "embeddings"
 
     @classmethod
@@ -474,10 +474,12 @@ class TextDelta:
     @property
     def delivered(self) -> str:
         """What of this piece reaches the client as generated text: the text, and the
-        tool calls' names and arguments (what bounds its tokens in the ledger)."""
+        tool calls' ids, names and arguments (what bounds its tokens in the ledger: a
+        llama.cpp box's calls are written in a JSON wrapper the client does not see, a
+        dozen tokens per call, which its id's 29 characters cover)."""
         if not self.tool_calls:
             return self.text
-        return self.text + "".join(c.name + c.arguments for c in self.tool_calls)
+        return self.text + "".join(c.id + c.name + c.arguments for c in self.tool_calls)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import http.client
+import itertools
 import json
+import time
 import urllib.parse
 from collections.abc import Iterator
 from typing import Any
@@ -235,7 +237,7 @@ def test_bad_completion_inputs(node: NodeProcess) -> None:
         (b'{"model": "default"}', 400),
         (b'{"model": "default", "prompt": ["a", "b"]}', 400),
         (b'{"model": "default", "prompt": "x", "max_tokens": 0}', 400),
-        (b'{"model": "default", "prompt": "x", "n": 3}', 400),
+        (b'{"model": "default", "prompt": "x", "n": 0}', 400),
         (b'{"model": "nope", "prompt": "x"}', 404),
     ]
     for body, status in cases:
@@ -327,28 +329,6 @@ def test_a_model_is_found_by_name_and_alias_and_an_unknown_one_is_a_404(
 
 
 # Each is something a llama.cpp box does not honour yet (issue 15): never ignored silently.
-UNHONOURED = [
-    ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ("/v1/chat/completions", {"n": 2}, "n"),
-]
-
-
-@pytest.mark.parametrize(
-    ("path", "fields", "param"), UNHONOURED, ids=[u[2] + u[0][3:7] for u in UNHONOURED]
-)
-def test_a_field_this_box_cannot_honour_is_a_400_naming_it(
-    node: NodeProcess, path: str, fields: dict[str, Any], param: str
-) -> None:
-    base: dict[str, Any] = (
-        {"model": MODEL, "messages": CAPITAL} if "chat" in path else {"model": MODEL, "prompt": "x"}
-    )
-    status, payload = raw_post(node, path, json.dumps({**base, **fields}).encode())
-    assert status == 400, payload
-    assert payload["error"]["param"] == param
-    assert payload["error"]["code"] == "unsupported_parameter"
-    assert param in payload["error"]["message"]
-
-
 def _greedy(client: openai.OpenAI, prompt: str, **fields: Any) -> str:
     answer = client.completions.create(
         model=MODEL, prompt=prompt, **{"max_tokens": 12, "temperature": 0, **fields}
@@ -512,12 +492,12 @@ def test_openais_ranges_are_enforced(client: openai.OpenAI) -> None:
 
 
 def test_route_explain_shows_who_cannot_honour_what_a_request_needs(node: NodeProcess) -> None:
-    status, body = _get(node, "/allerac/route?model=default&needs=tools,logprobs")
+    status, body = _get(node, "/allerac/route?model=default&needs=choices,logprobs")
     assert status == 200
     [row] = body["candidates"]
-    assert row["status"] == "its model cannot honour tools (tools)"
-    # The embedded model: embeddings, and through its samplers penalties, a logit bias and
-    # structured output.
+    assert row["status"] == "its model cannot honour choices (choices)"
+    # The embedded model: embeddings, and through its samplers penalties, a logit bias,
+    # structured output and tool calls.
     assert row["capabilities"] == [
         "echo",
         "embeddings",
@@ -525,6 +505,7 @@ def test_route_explain_shows_who_cannot_honour_what_a_request_needs(node: NodePr
         "logprobs",
         "penalties",
         "structured_output",
+        "tools",
     ]
     status, body = _get(node, "/allerac/route?model=default&needs=telepathy")
     assert (status, body["error"]["param"]) == (400, "needs")
@@ -535,6 +516,69 @@ def test_route_explain_shows_who_cannot_honour_what_a_request_needs(node: NodePr
 
 def _embed(node: NodeProcess, **fields: Any) -> tuple[int, dict[str, Any]]:
     return raw_post(node, "/v1/embeddings", json.dumps({"model": MODEL, **fields}).encode())
+
+
+def test_n_choices_each_with_its_index_and_usage_summed(
+    client: openai.OpenAI, node: NodeProcess
+) -> None:
+    before = _requests_recorded(node)
+    seeded = client.completions.create(
+        model=MODEL, prompt="Once upon a time", n=3, max_tokens=6, temperature=1.0, seed=7
+    )
+    assert [c.index for c in seeded.choices] == [0, 1, 2]
+    texts = [c.text for c in seeded.choices]
+    assert len(set(texts)) > 1  # each choice its own draw (the seed moves on per choice)
+    assert seeded.usage is not None
+    assert seeded.usage.completion_tokens == 18
+    again = client.completions.create(
+        model=MODEL, prompt="Once upon a time", n=3, max_tokens=6, temperature=1.0, seed=7
+    )
+    assert [c.text for c in again.choices] == texts  # and repeatable
+    greedy: dict[str, Any] = {"messages": CAPITAL, "n": 2, "max_tokens": 6, "temperature": 0}
+    plain = client.chat.completions.create(model=MODEL, **greedy)
+    assert [c.index for c in plain.choices] == [0, 1]
+    streamed: dict[int, str] = {}
+    finishes: dict[int, str | None] = {}
+    chunks = client.chat.completions.create(
+        model=MODEL, stream=True, stream_options={"include_usage": True}, **greedy
+    )
+    for chunk in chunks:
+        for choice in chunk.choices:
+            streamed[choice.index] = streamed.get(choice.index, "") + (choice.delta.content or "")
+            finishes[choice.index] = choice.finish_reason or finishes.get(choice.index)
+        if chunk.usage is not None:
+            assert plain.usage is not None
+            assert chunk.usage.completion_tokens == plain.usage.completion_tokens
+    assert streamed == {c.index: c.message.content for c in plain.choices}
+    assert finishes == {c.index: c.finish_reason for c in plain.choices}
+    assert _requests_recorded(node) == before + 3 + 3 + 2 + 2  # one record per choice
+
+
+def _requests_of_the_model(node: NodeProcess) -> dict[str, int]:
+    status, body = _get(node, "/allerac/status")
+    assert status == 200, body
+    [model] = [m for m in body["models"] if m["name"] == MODEL]
+    return dict(model["requests"])
+
+
+def test_a_client_leaving_stops_every_choice(client: openai.OpenAI, node: NodeProcess) -> None:
+    before = _requests_of_the_model(node)
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Tell me a long story about a dragon."}],
+        n=2,
+        max_tokens=400,
+        temperature=0,
+        stream=True,
+    )
+    first = [c for c in itertools.islice(stream, 3) if c.choices[0].delta.content]
+    assert first[0].choices[0].index == 0
+    stream.close()  # choice 1 is being made meanwhile, never read: it stops too
+    deadline = time.monotonic() + 30
+    while _requests_of_the_model(node).get("cancelled", 0) < before.get("cancelled", 0) + 2:
+        assert time.monotonic() < deadline, _requests_of_the_model(node)
+        time.sleep(0.05)
+    assert _requests_of_the_model(node).get("completed") == before.get("completed")
 
 
 def test_embeddings_shape_determinism_batch_and_base64(

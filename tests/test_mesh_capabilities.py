@@ -7,15 +7,19 @@ constraints (tools and all) and goes only to a box that honours them."""
 from __future__ import annotations
 
 import contextlib
+import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from mesh.config import embedded_model
 from mesh.errors import MeshError, UnsupportedParameter
 from mesh.inference import (
     ChatMessage,
     Feature,
     Finished,
+    FinishReason,
     InferenceRequest,
     Sampling,
     TextDelta,
@@ -27,6 +31,8 @@ from mesh.inference import (
 )
 from mesh.ledger.records import open_record
 from mesh.routing.scheduler import Exclusion, Privacy, parse_needs
+from node.serving.backends.llama_cpp import LlamaCppBackend
+from node.store.config_file import embedded_model_path
 from tests.harness import NodeSpec, Script, ScriptedBackend, ask, counting, mesh
 
 MODEL = "shared"
@@ -270,3 +276,55 @@ def test_the_one_capable_peer_among_many_is_a_candidate_however_it_ranks() -> No
     assert "n19" not in {c.node_id for c in plain}  # the pre-selection leaves it out
     found = candidates(MODEL, local=None, peers=table, estimate=estimate, needs=request.needs())
     assert [c.node_id for c in found] == ["n19"]
+
+
+async def test_a_forced_tool_call_made_by_a_peer_comes_back_whole_and_counted(
+    tmp_path: Path,
+) -> None:
+    """A real llama.cpp box behind the wire: the call's deltas arrive at the entry node in
+    OpenAI's order, the answer ends with tool_calls, and the entry node countersigns what
+    the peer claims (the wrapper the client never sees is within what bounds its tokens)."""
+    config = replace(embedded_model(embedded_model_path()), name=MODEL, parallel=1, threads=1)
+    real = LlamaCppBackend(config)
+    await real.start()
+    weather = Tool(
+        name="get_weather",
+        parameters=json.dumps(
+            {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+        ),
+    )
+    request = InferenceRequest(
+        model=MODEL,
+        messages=(ChatMessage(role="user", content="What is the weather in Paris?"),),
+        sampling=Sampling(max_tokens=40, temperature=0),
+        tools=(Tool(name="get_time"), weather),
+        tool_choice=ToolChoice(mode=ToolChoiceMode.FUNCTION, function="get_weather"),
+    )
+    try:
+        specs = {"a": NodeSpec(), "b": NodeSpec(backends=[real])}  # type: ignore[list-item]
+        async with mesh(tmp_path, specs) as m:
+            a, b = m["a"], m["b"]
+            pieces: list[ToolCallDelta] = []
+            async with a.entry.answer(request) as answer:
+                async with contextlib.aclosing(answer.events()) as events:
+                    async for event in events:
+                        if isinstance(event, TextDelta):
+                            assert event.text == ""
+                            pieces.extend(event.tool_calls)
+                        else:
+                            finished = event
+            assert answer.served_by.node_id == b.node_id
+            assert finished.reason is FinishReason.TOOL_CALLS
+            first, *rest = pieces
+            assert (first.index, first.name) == (0, "get_weather")
+            assert first.id.startswith("call_")
+            assert all(p.index == 0 and not p.id and not p.name for p in rest)
+            arguments = json.loads(first.arguments + "".join(p.arguments for p in rest))
+            assert isinstance(arguments["city"], str)
+            await m.settled()
+            await a.ledger.flush()  # a peer's record is committed just after the answer left
+            [record] = [r for r in await a.ledger.records() if open_record(r).node_id == b.node_id]
+            # Not clamped: the entry node vouches for every token the peer counted.
+            assert open_record(record).completion_tokens == finished.completion_tokens > 10
+    finally:
+        await real.aclose()

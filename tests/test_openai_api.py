@@ -17,6 +17,7 @@ from mesh.api.openai_api import (
     error_body,
     parse_chat_request,
     parse_completion_request,
+    split_choices,
     sse,
 )
 from mesh.errors import (
@@ -33,6 +34,7 @@ from mesh.inference import (
     Finished,
     FinishReason,
     InferenceRequest,
+    Sampling,
     TextDelta,
 )
 
@@ -656,3 +658,33 @@ def test_arbitrary_json_gives_a_request_or_a_mesh_error(parse: Any, value: Any) 
 @given(value=shaped_bodies)
 def test_request_shaped_json_gives_a_request_or_a_mesh_error(parse: Any, value: Any) -> None:
     _request_or_400(parse, json.dumps(value).encode())
+
+
+def test_n_choices_are_n_requests_of_one_with_their_own_ids_and_seeds() -> None:
+    edge = (1 << 63) - 2
+    request = InferenceRequest(model="m", prompt="x", sampling=Sampling(n=3, seed=edge))
+    choices = split_choices(request)
+    assert [c.sampling.n for c in choices] == [1, 1, 1]
+    assert choices[0].request_id == request.request_id
+    assert len({c.request_id for c in choices}) == 3  # each its own usage record
+    # The seed moves on by one per choice, wrapping within 64 bits.
+    assert [c.sampling.seed for c in choices] == [edge, edge + 1, -(1 << 63)]
+    unseeded = split_choices(InferenceRequest(model="m", prompt="x", sampling=Sampling(n=2)))
+    assert [c.sampling.seed for c in unseeded] == [None, None]
+    one = InferenceRequest(model="m", prompt="x")
+    assert split_choices(one) == [one]
+
+
+def test_choices_render_with_their_index_and_usage_summed() -> None:
+    request = InferenceRequest(model="m", prompt="x", sampling=Sampling(n=2))
+    ids = ResponseIds(request, "m", now=0)
+    answers = []
+    for index, text in enumerate(["a", "bc"]):
+        collected = Collected()
+        collected.add(TextDelta(text))
+        finished = Finished(reason=FinishReason.STOP, prompt_tokens=3, completion_tokens=index + 1)
+        answers.append((collected, finished))
+    body = ids.complete_choices(answers)
+    assert [(c["index"], c["text"]) for c in body["choices"]] == [(0, "a"), (1, "bc")]
+    assert body["usage"] == {"prompt_tokens": 6, "completion_tokens": 3, "total_tokens": 9}
+    assert ids.chunk(TextDelta("z"), index=1)["choices"][0]["index"] == 1

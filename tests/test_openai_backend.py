@@ -827,14 +827,20 @@ def test_logprobs_come_back_with_the_asked_alternatives(client: openai.OpenAI) -
     assert text.choices[0].logprobs.top_logprobs == [{" Paris": -0.5}]
 
 
-def test_the_front_node_advertises_what_its_upstream_honours(client: openai.OpenAI) -> None:
+def test_the_front_node_advertises_what_its_upstream_honours(
+    client: openai.OpenAI, scripted: ScriptedUpstream
+) -> None:
     model = client.models.retrieve("tools")
     assert {"tools", "structured_output", "logprobs", "penalties", "logit_bias", "echo"} <= set(
         model.model_extra["capabilities"]  # type: ignore[index]
     )
-    with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model="tools", messages=CAPITAL, n=2)
-    assert info.value.body["param"] == "n"  # type: ignore[index]
+    # n choices reach the upstream as n requests of one choice.
+    before = len(scripted.requests)
+    answer = client.chat.completions.create(model="tools", messages=CAPITAL, n=2)
+    assert [(c.index, c.message.content) for c in answer.choices] == [(0, " Paris"), (1, " Paris")]
+    sent = scripted.requests[before:]
+    assert len(sent) == 2
+    assert all("n" not in r["body"] for r in sent)
 
 
 class Weather(pydantic.BaseModel):

@@ -31,6 +31,9 @@ from mesh.inference import (
     ResponseFormatType,
     Sampling,
     TextDelta,
+    Tool,
+    ToolChoice,
+    ToolChoiceMode,
 )
 from node.serving.backends.llama_cpp import LlamaCppBackend, LlamaStream
 from node.store.config_file import embedded_model_path
@@ -229,6 +232,15 @@ async def test_a_structured_answer_follows_its_grammar_beside_plain_ones(
     assert beside == alone
     with pytest.raises(UnsupportedParameter, match="cannot be continued"):
         await answer(backend, replace(structured, continuation='{"capital": "Pa'))
+    # Nor is a forced tool call (tests/test_agents.py has tool calls' own tests).
+    forced = replace(
+        chat("What is the capital of France?", max_tokens=20),
+        tools=(Tool(name="capital_of"),),
+        tool_choice=ToolChoice(mode=ToolChoiceMode.REQUIRED),
+    )
+    with pytest.raises(UnsupportedParameter, match="cannot be continued") as info:
+        await answer(backend, replace(forced, continuation='{"tool_calls": [{"na'))
+    assert info.value.param == "tool_choice"
 
 
 async def test_status_shows_threads_and_slots(backend: LlamaCppBackend) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any, NamedTuple
 
 from mesh.errors import InvalidRequest, MeshError, RequestTooLarge
@@ -37,6 +38,7 @@ from mesh.inference import (
     ToolCallDelta,
     ToolChoice,
     ToolChoiceMode,
+    new_request_id,
 )
 
 # Accepted and ignored: they change nothing in the answer (OpenAI's bookkeeping, hints
@@ -535,6 +537,39 @@ def _finish_reason(reason: FinishReason) -> str:
     return "stop" if reason is FinishReason.STOP else "length"
 
 
+def split_choices(request: InferenceRequest) -> list[InferenceRequest]:
+    """`n` choices as `n` requests of one choice each, answered side by side (each in its
+    own slot, or on its own box): the first keeps the request's id, the others get their
+    own (each is its own usage record); a seed moves on by one per choice, so seeded
+    choices differ from each other and are still repeatable."""
+    count = request.sampling.n
+    if count == 1:
+        return [request]
+    out = []
+    for index in range(count):
+        seed = request.sampling.seed
+        if seed is not None:
+            seed = (seed + index + (1 << 63)) % (1 << 64) - (1 << 63)
+        sampling = replace(request.sampling, n=1, seed=seed)
+        out.append(
+            replace(
+                request,
+                sampling=sampling,
+                request_id=request.request_id if index == 0 else new_request_id(),
+            )
+        )
+    return out
+
+
+def total(finished: list[Finished]) -> Finished:
+    """The usage of several choices: their tokens summed (the last one's reason)."""
+    return replace(
+        finished[-1],
+        prompt_tokens=sum(f.prompt_tokens for f in finished),
+        completion_tokens=sum(f.completion_tokens for f in finished),
+    )
+
+
 def usage(finished: Finished) -> dict[str, int]:
     return {
         "prompt_tokens": finished.prompt_tokens,
@@ -631,7 +666,8 @@ class ResponseIds:
         self.id = ("chatcmpl-" if self.chat else "cmpl-") + request.request_id
         self.created = int(now)
         self.model = model
-        self._offset = 0  # completions: characters streamed so far (logprobs' text_offset)
+        # Completions: characters streamed so far per choice (logprobs' text_offset).
+        self._offsets: dict[int, int] = {}
 
     def _base(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
@@ -642,9 +678,21 @@ class ResponseIds:
         return chat_logprobs(logprobs) if self.chat else completion_logprobs(logprobs, offset)
 
     def complete(self, answer: Collected, finished: Finished) -> dict[str, Any]:
+        return self.complete_choices([(answer, finished)])
+
+    def complete_choices(self, answers: list[tuple[Collected, Finished]]) -> dict[str, Any]:
+        """The whole response: one choice per answer (`n`), their usage summed."""
+        body = self._base("chat.completion" if self.chat else "text_completion")
+        body["choices"] = [
+            self._choice(index, answer, finished)
+            for index, (answer, finished) in enumerate(answers)
+        ]
+        body["usage"] = usage(total([finished for _, finished in answers]))
+        return body
+
+    def _choice(self, index: int, answer: Collected, finished: Finished) -> dict[str, Any]:
         logprobs = self._logprobs(tuple(answer.logprobs))
         if self.chat:
-            body = self._base("chat.completion")
             calls = answer.tool_calls()
             message: dict[str, Any] = {
                 "role": "assistant",
@@ -652,28 +700,27 @@ class ResponseIds:
             }
             if calls:
                 message["tool_calls"] = calls
-            choice: dict[str, Any] = {
-                "index": 0,
+            return {
+                "index": index,
                 "message": message,
                 "logprobs": logprobs,
                 "finish_reason": _finish_reason(finished.reason),
             }
-        else:
-            body = self._base("text_completion")
-            choice = {
-                "index": 0,
-                "text": answer.text,
-                "logprobs": logprobs,
-                "finish_reason": _finish_reason(finished.reason),
-            }
-        body["choices"] = [choice]
-        body["usage"] = usage(finished)
-        return body
+        return {
+            "index": index,
+            "text": answer.text,
+            "logprobs": logprobs,
+            "finish_reason": _finish_reason(finished.reason),
+        }
 
-    def chunk(self, delta: TextDelta | None, finished: Finished | None = None) -> dict[str, Any]:
-        """A streamed piece: a delta, or the final chunk carrying finish_reason."""
+    def chunk(
+        self, delta: TextDelta | None, finished: Finished | None = None, *, index: int = 0
+    ) -> dict[str, Any]:
+        """A streamed piece of choice `index`: a delta, or its final chunk carrying
+        finish_reason."""
         reason = _finish_reason(finished.reason) if finished is not None else None
-        logprobs = self._logprobs(delta.logprobs, self._offset) if delta is not None else None
+        offset = self._offsets.get(index, 0)
+        logprobs = self._logprobs(delta.logprobs, offset) if delta is not None else None
         if self.chat:
             body = self._base("chat.completion.chunk")
             fields: dict[str, Any] = {}
@@ -682,22 +729,22 @@ class ResponseIds:
             if delta is not None and delta.tool_calls:
                 fields["tool_calls"] = [_tool_call_delta(c) for c in delta.tool_calls]
             body["choices"] = [
-                {"index": 0, "delta": fields, "logprobs": logprobs, "finish_reason": reason}
+                {"index": index, "delta": fields, "logprobs": logprobs, "finish_reason": reason}
             ]
         else:
             body = self._base("text_completion")
             text = delta.text if delta is not None else ""
-            self._offset += len(text)
+            self._offsets[index] = offset + len(text)
             body["choices"] = [
-                {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": reason}
+                {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
             ]
         return body
 
-    def role_chunk(self) -> dict[str, Any]:
+    def role_chunk(self, index: int = 0) -> dict[str, Any]:
         body = self._base("chat.completion.chunk")
         body["choices"] = [
             {
-                "index": 0,
+                "index": index,
                 "delta": {"role": "assistant", "content": ""},
                 "logprobs": None,
                 "finish_reason": None,

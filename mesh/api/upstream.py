@@ -86,7 +86,8 @@ def _schema(text: str) -> dict[str, Any]:
     return value
 
 
-def _message(m: ChatMessage) -> dict[str, Any]:
+def message_object(m: ChatMessage) -> dict[str, Any]:
+    """A message as OpenAI spells it (also what tool-aware chat templates read)."""
     out: dict[str, Any] = {"role": m.role, "content": m.content}
     if m.name:
         out["name"] = m.name
@@ -101,7 +102,7 @@ def _message(m: ChatMessage) -> dict[str, Any]:
     return out
 
 
-def _tools(request: InferenceRequest) -> dict[str, Any]:
+def tool_fields(request: InferenceRequest) -> dict[str, Any]:
     """tools, tool_choice, parallel_tool_calls and response_format, as OpenAI spells them."""
     out: dict[str, Any] = {}
     if request.tools:
@@ -148,7 +149,7 @@ def request_body(
     body: dict[str, Any] = {"model": model}
     if request.messages is not None:
         path = "chat/completions"
-        messages = [_message(m) for m in request.messages]
+        messages = [message_object(m) for m in request.messages]
         if defaults.system_prompt and not any(m.role == "system" for m in request.messages):
             messages.insert(0, {"role": "system", "content": defaults.system_prompt})
         if request.continuation:
@@ -185,7 +186,7 @@ def request_body(
     if sampling.echo:
         optional["echo"] = True
     body.update({key: value for key, value in optional.items() if value is not None})
-    body.update(_tools(request))
+    body.update(tool_fields(request))
     body["stream"] = True
     body["stream_options"] = {"include_usage": True}
     return path, body

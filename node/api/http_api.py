@@ -287,36 +287,36 @@ async def _answer(
     # The user is who the key says (the owner: ""), never the body's own `user` field.
     inference = dataclasses.replace(inference, user=caller.user)
     # Admitted (its user's quota reserved at the home node) before it is planned; settled
-    # when it ends, however it ends (a client that hangs up included).
-    async with request.app[ENTRY].answer(inference, privacy) as answer:
+    # when it ends, however it ends (a client that hangs up included). `n` choices are `n`
+    # requests started side by side (each in its own slot, or on its own box), sent one
+    # after the other.
+    async with contextlib.AsyncExitStack() as stack:
+        answers: list[EntryAnswer] = []
+        for one in openai_api.split_choices(inference):
+            answers.append(await stack.enter_async_context(request.app[ENTRY].answer(one, privacy)))
+            stack.push_async_callback(answers[-1].aclose)  # a choice never read stops
         try:
-            return await _respond(request, answer, parsed)
+            return await _respond(request, answers, parsed)
         finally:
             noted = facts(request)
-            noted.model = answer.served_by.model
-            noted.route = answer.served_by.route.value
+            noted.model = answers[0].served_by.model
+            noted.route = answers[0].served_by.route.value
 
 
 async def _respond(
-    request: web.Request, answer: EntryAnswer, parsed: openai_api.Parsed
+    request: web.Request, answers: list[EntryAnswer], parsed: openai_api.Parsed
 ) -> web.StreamResponse:
+    answer = answers[0]  # the route headers are the first choice's
     inference = answer.request
     ids = openai_api.ResponseIds(
         inference, answer.served_by.model, now=request.app[CLOCK].now_ms() / 1000
     )
     if not parsed.stream:
-        collected = openai_api.Collected()
-        async with contextlib.aclosing(answer.events()) as events:
-            async for event in events:
-                note_first_token(request)
-                if isinstance(event, TextDelta):
-                    collected.add(event)
-                else:
-                    _note_tokens(request, event)
-                    return json_response(
-                        ids.complete(collected, event), headers=_route_headers(answer)
-                    )
-        raise AssertionError("an answer always ends with Finished")
+        done: list[tuple[openai_api.Collected, Finished]] = []
+        for one in answers:
+            done.append(await _collect(request, one))
+        _note_tokens(request, openai_api.total([finished for _, finished in done]))
+        return json_response(ids.complete_choices(done), headers=_route_headers(answer))
     response = web.StreamResponse(
         headers={
             "Content-Type": "text/event-stream; charset=utf-8",
@@ -324,27 +324,46 @@ async def _respond(
             **_route_headers(answer),
         }
     )
-    async with contextlib.aclosing(answer.events()) as events:
-        await response.prepare(request)
-        if inference.is_chat:
-            await response.write(openai_api.sse(ids.role_chunk()))
-        try:
-            async for event in coalesce(events):
-                note_first_token(request)
-                if isinstance(event, TextDelta):
-                    await response.write(openai_api.sse(ids.chunk(event)))
-                elif isinstance(event, Finished):
-                    _note_tokens(request, event)
-                    await response.write(openai_api.sse(ids.chunk(None, event)))
-                    if parsed.include_usage:  # the ledger records it either way
-                        await response.write(openai_api.sse(ids.usage_chunk(event)))
-        except MeshError as error:
-            # Headers are gone: say it in the stream (the OpenAI client raises on it).
-            logger.warning("stream %s failed: %s", inference.request_id, error.message)
-            await response.write(openai_api.sse(openai_api.error_body(error)))
-        await response.write(openai_api.SSE_DONE)
-        await response.write_eof()
+    await response.prepare(request)
+    finished: list[Finished] = []
+    try:
+        for index, one in enumerate(answers):
+            async with contextlib.aclosing(one.events()) as events:
+                if inference.is_chat:
+                    await response.write(openai_api.sse(ids.role_chunk(index)))
+                async for event in coalesce(events):
+                    note_first_token(request)
+                    if isinstance(event, TextDelta):
+                        await response.write(openai_api.sse(ids.chunk(event, index=index)))
+                    elif isinstance(event, Finished):
+                        finished.append(event)
+                        chunk = ids.chunk(None, event, index=index)
+                        await response.write(openai_api.sse(chunk))
+        summed = openai_api.total(finished)
+        _note_tokens(request, summed)
+        if parsed.include_usage:  # the ledger records it either way
+            await response.write(openai_api.sse(ids.usage_chunk(summed)))
+    except MeshError as error:
+        # Headers are gone: say it in the stream (the OpenAI client raises on it).
+        logger.warning("stream %s failed: %s", inference.request_id, error.message)
+        await response.write(openai_api.sse(openai_api.error_body(error)))
+    await response.write(openai_api.SSE_DONE)
+    await response.write_eof()
     return response
+
+
+async def _collect(
+    request: web.Request, answer: EntryAnswer
+) -> tuple[openai_api.Collected, Finished]:
+    collected = openai_api.Collected()
+    async with contextlib.aclosing(answer.events()) as events:
+        async for event in events:
+            note_first_token(request)
+            if isinstance(event, TextDelta):
+                collected.add(event)
+            else:
+                return collected, event
+    raise AssertionError("an answer always ends with Finished")
 
 
 def _note_tokens(request: web.Request, finished: Finished) -> None:

@@ -169,6 +169,7 @@ class EntryAnswer:
         self._tried: set[str] = set()
         self._started_ms = clock.now_ms()
         self._source: Source | None = None
+        self._read = False  # events() ran: it closes the source itself
         self.failovers: list[str] = []
         self.records: list[lpb.SignedRecord] = []
 
@@ -216,6 +217,7 @@ class EntryAnswer:
         client went away) leaves a PARTIAL record of what it delivered."""
         source = self._source
         assert source is not None, "start() first"
+        self._read = True
         delivered: list[str] = []
         delivered_tokens = 0  # tokens whose text the client has (as its sources counted)
         tokens_before = 0  # of those, made by sources that failed mid-stream
@@ -302,6 +304,14 @@ class EntryAnswer:
                 await asyncio.shield(
                     self._partial(source.served_by, asked, delivered_tokens - tokens_before, seen)
                 )
+
+    async def aclose(self) -> None:
+        """End a started answer whose events are never read (one of `n` choices after the
+        client left or another choice failed): its work stops wherever it runs. Nothing
+        reached the client, so nothing is recorded. A no-op once events() ran."""
+        if self._source is not None and not self._read:
+            self._read = True
+            await self._source.aclose()
 
     def _follow_up(self, delivered: list[str], tokens_before: int) -> InferenceRequest:
         """The request the next candidate continues: after the text delivered, for the

@@ -12,17 +12,19 @@ typical 1.0, top-p, min-p 0.05, temperature and a seeded draw.
 
 How stages plug in: `SamplingPlan` is the whole recipe, stage by stage (`stages()`). The
 request's presence and frequency penalties go in the penalties stage, its logit bias in a
-stage of its own before it; a grammar and logprobs are still to come, in the place llama.cpp
-wants them (a grammar before the truncations), built per slot like the rest.
+stage of its own before it; a grammar (structured output, a forced tool call) after the
+penalties, before the truncations, where llama.cpp wants it.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import secrets
 from dataclasses import dataclass
 from typing import Any
 
+from mesh.api.tool_calls import call_forced, call_schema
 from mesh.config import ModelConfig
 from mesh.errors import InvalidRequest
 from mesh.inference import InferenceRequest, ResponseFormatType, Sampling
@@ -147,10 +149,21 @@ def _schema_grammar(schema: str) -> str:
 
 
 def grammar_of(request: InferenceRequest) -> str:
-    """The GBNF grammar a request's `response_format` asks for ("" for plain text):
-    any JSON object for `json_object`, the schema's language for `json_schema`
-    (llama-cpp-python's converter, as `LlamaGrammar.from_json_schema`); a schema it
-    cannot express is a 400 naming the field."""
+    """The GBNF grammar a request asks for ("" for plain text). A required or forced tool
+    call: the generic call format with each function's parameters schema
+    (`mesh.api.tool_calls.call_schema`; it wins over `response_format`, which is for
+    content). Else `response_format`'s: any JSON object for `json_object`, the schema's
+    language for `json_schema` (llama-cpp-python's converter, as `LlamaGrammar.
+    from_json_schema`). A schema it cannot express is a 400 naming the field."""
+    if call_forced(request):
+        try:
+            # Not sorted: `name` must come before `arguments` (the reader streams it first).
+            return _schema_grammar(json.dumps(call_schema(request), ensure_ascii=False))
+        except Exception as exc:  # the converter raises what it meets
+            raise InvalidRequest(
+                f"a tool's parameters schema cannot be turned into a grammar: {exc}",
+                param="tools",
+            ) from exc
     fmt = request.response_format
     if fmt is None or fmt.type is ResponseFormatType.TEXT:
         return ""
