@@ -44,6 +44,7 @@ LONGEST_FIRST = (
     "test_api_keys.py",
     "test_admission.py",
     "test_http_api.py",
+    "test_agents.py",
     "test_mesh_trust.py",
     "test_console_api.py",
     "test_quotas.py",
