@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Set up (first time) and run the checks CI runs: lint, types, the test suite.
 # Extra arguments go to pytest, e.g. scripts/test.sh -k http -x (-n 0: no test workers).
-# The tests run in ALLERAC_TEST_WORKERS worker processes (pytest-xdist; default: one per
-# core), a test file to a worker, so the nodes a module starts for its tests start once.
+# The tests run in ALLERAC_TEST_WORKERS worker processes (pytest-xdist; default: one more
+# than the cores, as many tests wait on a real timer part of the time), a test file to a
+# worker, so the nodes a module starts for its tests start once.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh --test
@@ -16,4 +17,5 @@ echo "== pytest" >&2
 # none of them compiles them again (where PYTHONDONTWRITEBYTECODE is set, nothing would
 # keep the bytecode, and each process would pay ~0.3 s CPU for it).
 .venv/bin/python -m compileall -q -j 0 mesh node cloud_relay tests bench > /dev/null
-exec .venv/bin/python -m pytest -m "not slow" -n "${ALLERAC_TEST_WORKERS:-auto}" --dist loadfile "$@"
+workers="${ALLERAC_TEST_WORKERS:-$(($(nproc) + 1))}"
+exec .venv/bin/python -m pytest -m "not slow" -n "$workers" --dist loadfile "$@"
