@@ -171,9 +171,18 @@ class Cards:
         self.public = pb.SignedCard()
         self.full = pb.SignedCard()
         self.issued_at_ms = 0
+        self._prefixes: dict[str, frozenset[bytes]] = {}  # what the full card says is held
+
+    def current_issued_at(self) -> int:
+        """The cards' version, re-signed first when the conversations this box's models hold
+        moved (peers fetch the new full card when a heartbeat shows the version changed)."""
+        if self._models.held_prefixes() != self._prefixes:
+            self.refresh()
+        return self.issued_at_ms
 
     def refresh(self) -> None:
         """Re-sign both cards (after a key rotation, a join, a model change)."""
+        self._prefixes = self._models.held_prefixes()
         trust = self._trust
         common = {
             "membership": trust.cert,
@@ -313,6 +322,7 @@ async def _open_parts(
             plans=plans,
             max_wait_ms=config.max_wait_ms,
             default_privacy=Privacy(config.privacy),
+            cache_aware=config.cache_aware,
             clock=clock,
         ),
         serving=ServingSide(
@@ -460,7 +470,7 @@ class RunningNode:
             full_card=lambda: self.cards.full,
             on_revocations=self.after_membership_change,
             on_leaving=parts.peering.leaving,
-            card_issued_at=lambda: self.cards.issued_at_ms,
+            card_issued_at=self.cards.current_issued_at,
             on_member_joined=self._member_joined,
             ledger=parts.ledger,
             quota=parts.quota,
@@ -838,9 +848,13 @@ class RunningNode:
                     "threads": m.threads,
                     "parallel": m.parallel,
                     "requests": counters.get(m.name, {}),
+                    "conversations_held": len(m.prefixes),
                 }
                 for m in self.models.models()
             ],
+            # Requests peers sent here for a conversation this box held (cache-aware
+            # routing), and how many found it still held.
+            "cache_routed": dict(self.models.cache_routed),
             "peers": [
                 {
                     "node_id": peer.node_id,

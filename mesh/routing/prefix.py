@@ -1,0 +1,113 @@
+"""Conversation prefixes: which box already holds the start of a chat (cache-aware routing).
+
+A box that served a chat keeps its prompt's KV cache (a slot's, or saved in memory), so the
+conversation's next turn reads only what is new there. To send that next turn back to it,
+every node names a conversation's prefixes the same way, without any tokenizer: the key of
+`messages[:n]` is a BLAKE2b hash over canonical bytes of the tools and the first n messages
+(each message's role, content, name, tool calls and tool call ID as compact JSON, with its
+length before it, so no two conversations share their bytes). Hashing is incremental, so a
+request's keys at every message boundary cost one pass over its text.
+
+- A box advertises, per model, the keys of the conversations its slots and saved prompts
+  hold (`conversation_key` of each chat it served), a bounded set, in its sealed full card.
+- The entry node computes a request's boundaries once (`boundaries`) and looks for the
+  longest one a candidate holds (`longest_held`): that candidate reads about
+  `chars / CHARS_PER_TOKEN` fewer prompt tokens (`mesh.routing.scheduler`).
+- The key the entry planned with travels inside the sealed request (`InferenceRequest.
+  cache_prefix`); the serving box checks it against what it holds.
+
+Pure: messages in, keys out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Container, Sequence
+from dataclasses import dataclass
+
+from mesh.inference import PREFIX_KEY_BYTES, ChatMessage, InferenceRequest, Tool
+
+PREFIX_BYTES = PREFIX_KEY_BYTES  # 128 bits: no two conversations a mesh sees share a key
+CHARS_PER_TOKEN = 4  # the scheduler's estimate (mesh.routing.candidates.Estimate)
+_PERSON = b"allerac-prefix1"  # BLAKE2b personalization: these hashes are no other hashes
+
+
+@dataclass(frozen=True, slots=True)
+class Boundary:
+    """The first `messages` messages of a chat: their key and their text's length."""
+
+    messages: int
+    key: bytes
+    chars: int
+
+    @property
+    def tokens(self) -> int:
+        return self.chars // CHARS_PER_TOKEN
+
+
+def _record(value: object) -> bytes:
+    data = json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return len(data).to_bytes(8, "big") + data
+
+
+def _message(message: ChatMessage) -> bytes:
+    return _record(
+        [
+            message.role,
+            message.content,
+            message.name,
+            [[c.id, c.name, c.arguments] for c in message.tool_calls],
+            message.tool_call_id,
+        ]
+    )
+
+
+def _start(tools: Sequence[Tool]) -> hashlib.blake2b:
+    # Tools are rendered into the prompt (before the messages) by chat templates.
+    digest = hashlib.blake2b(digest_size=PREFIX_BYTES, person=_PERSON)
+    digest.update(_record([[t.name, t.description, t.parameters, t.strict] for t in tools]))
+    return digest
+
+
+def boundaries(messages: Sequence[ChatMessage], tools: Sequence[Tool] = ()) -> list[Boundary]:
+    """The key of every prefix `messages[:n]`, n = 1 .. len(messages), in that order."""
+    digest = _start(tools)
+    chars = 0
+    out: list[Boundary] = []
+    for n, message in enumerate(messages, start=1):
+        digest.update(_message(message))
+        chars += len(message.content)
+        out.append(Boundary(messages=n, key=digest.digest(), chars=chars))
+    return out
+
+
+def conversation_key(messages: Sequence[ChatMessage], tools: Sequence[Tool] = ()) -> bytes:
+    """The key of the whole of `messages`: what a box holds once it has read them."""
+    digest = _start(tools)
+    for message in messages:
+        digest.update(_message(message))
+    return digest.digest()
+
+
+def request_boundaries(request: InferenceRequest) -> list[Boundary]:
+    """A chat request's boundaries; none for other requests (a failover's continuation is
+    a text the box has never seen, so a chat that continues one has none either)."""
+    if request.messages is None or request.continuation:
+        return []
+    return boundaries(request.messages, request.tools)
+
+
+def request_key(request: InferenceRequest) -> bytes | None:
+    """What a box holds after serving `request` (None: not a chat, nothing to name)."""
+    if request.messages is None or request.continuation:
+        return None
+    return conversation_key(request.messages, request.tools)
+
+
+def longest_held(found: Sequence[Boundary], held: Container[bytes]) -> Boundary | None:
+    """The longest of a request's boundaries that `held` contains."""
+    for boundary in reversed(found):
+        if boundary.key in held:
+            return boundary
+    return None
