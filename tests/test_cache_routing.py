@@ -28,6 +28,7 @@ from mesh.routing.peers import PeerTable
 from mesh.routing.scheduler import Candidate, Privacy, estimate, plan
 from mesh.wire import codec
 from node.serving.backends.prompt_cache import PromptCache
+from node.serving.models import MAX_CARD_PREFIXES, MIN_PREFIXES_PER_MODEL, LocalModels
 from tests.harness import NodeSpec, Script, ScriptedBackend, ask, mesh
 
 MODEL = "m"
@@ -86,6 +87,8 @@ def test_a_key_covers_every_field_that_reaches_the_prompt() -> None:
     assert prefix.conversation_key(moved) != base  # message limits are part of the bytes
     assert prefix.conversation_key([dataclasses.replace(chat[0], name="zoe"), chat[1]]) != base
     assert prefix.conversation_key(chat, (Tool(name="weather"),)) != base  # tools are rendered
+    lone = [ChatMessage(role="user", content="\ud800")]  # JSON may carry a lone surrogate
+    assert prefix.conversation_key(lone) != prefix.conversation_key([])
     request = InferenceRequest(model=MODEL, messages=tuple(chat))
     assert prefix.request_key(request) == base
     assert prefix.request_key(dataclasses.replace(request, continuation="he")) is None
@@ -116,6 +119,20 @@ def test_a_card_carries_a_bounded_set_of_well_formed_keys() -> None:
     read = codec.model_from_pb(card).prefixes
     assert len(read) <= MAX_HELD_PREFIXES
     assert all(len(k) == prefix.PREFIX_BYTES for k in read)
+
+
+def test_a_box_with_many_models_keeps_its_card_small() -> None:
+    class Holding(ScriptedBackend):
+        def held_prefixes(self) -> frozenset[bytes]:
+            return frozenset(f"{self.info.name}{i:06d}".encode()[-16:] for i in range(64))
+
+    few = LocalModels("n", [Holding(model=f"m{i}") for i in range(2)])
+    assert [len(info.prefixes) for info in few.models()] == [64, 64]
+    many = LocalModels("n", [Holding(model=f"m{i}") for i in range(40)])
+    sizes = [len(info.prefixes) for info in many.models()]
+    assert all(size == MIN_PREFIXES_PER_MODEL for size in sizes)
+    assert sum(sizes) <= max(MAX_CARD_PREFIXES, 40 * MIN_PREFIXES_PER_MODEL)
+    assert many.models() == many.models()  # the same keys each time: no needless new card
 
 
 def test_saved_prefixes_keep_the_keys_of_what_they_hold() -> None:

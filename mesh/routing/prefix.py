@@ -4,8 +4,8 @@ A box that served a chat keeps its prompt's KV cache (a slot's, or saved in memo
 conversation's next turn reads only what is new there. To send that next turn back to it,
 every node names a conversation's prefixes the same way, without any tokenizer: the key of
 `messages[:n]` is a BLAKE2b hash over canonical bytes of the tools and the first n messages
-(each message's role, content, name, tool calls and tool call ID as compact JSON, with its
-length before it, so no two conversations share their bytes). Hashing is incremental, so a
+(every field of every message -- role, content, name, tool call ID, tool calls -- as UTF-8
+with its length before it, so no two conversations share their bytes). Hashing is incremental, so a
 request's keys at every message boundary cost one pass over its text.
 
 - A box advertises, per model, the keys of the conversations its slots and saved prompts
@@ -22,7 +22,6 @@ Pure: messages in, keys out.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Container, Sequence
 from dataclasses import dataclass
 
@@ -46,27 +45,42 @@ class Boundary:
         return self.chars // CHARS_PER_TOKEN
 
 
-def _record(value: object) -> bytes:
-    data = json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-    return len(data).to_bytes(8, "big") + data
+def _fields(*texts: str) -> bytes:
+    """Each text as its UTF-8 bytes with their length before them (8 bytes, big-endian)."""
+    out = bytearray()
+    for text in texts:
+        data = text.encode("utf-8", "surrogatepass")
+        out += len(data).to_bytes(8, "big")
+        out += data
+    return bytes(out)
 
 
 def _message(message: ChatMessage) -> bytes:
-    return _record(
-        [
-            message.role,
-            message.content,
-            message.name,
-            [[c.id, c.name, c.arguments] for c in message.tool_calls],
-            message.tool_call_id,
-        ]
+    calls = [part for c in message.tool_calls for part in (c.id, c.name, c.arguments)]
+    return _fields(
+        message.role,
+        message.content,
+        message.name,
+        message.tool_call_id,
+        str(len(message.tool_calls)),
+        *calls,
     )
 
 
 def _start(tools: Sequence[Tool]) -> hashlib.blake2b:
     # Tools are rendered into the prompt (before the messages) by chat templates.
     digest = hashlib.blake2b(digest_size=PREFIX_BYTES, person=_PERSON)
-    digest.update(_record([[t.name, t.description, t.parameters, t.strict] for t in tools]))
+    strict = {None: "", True: "1", False: "0"}
+    digest.update(
+        _fields(
+            str(len(tools)),
+            *(
+                part
+                for t in tools
+                for part in (t.name, t.description, t.parameters, strict[t.strict])
+            ),
+        )
+    )
     return digest
 
 

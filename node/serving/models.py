@@ -21,6 +21,10 @@ from node.serving.backends.base import Backend, HoldsPrefixes, InferenceStream
 logger = logging.getLogger(__name__)
 
 SERVICE_SMOOTHING = 0.3
+# Conversation prefixes the full card carries over all models (16 bytes each, so the card
+# stays far below mesh.trust.cards.MAX_CARD_BYTES however many models a box serves).
+MAX_CARD_PREFIXES = 256
+MIN_PREFIXES_PER_MODEL = 8
 RETIRE_POLL_S = 0.05
 
 
@@ -50,14 +54,16 @@ class LocalModels:
                 self.cache_routed["held"] += 1
         return await backend.open(request)
 
-    @staticmethod
-    def _held(backend: Backend) -> frozenset[bytes]:
-        return backend.held_prefixes() if isinstance(backend, HoldsPrefixes) else frozenset()
+    def _held(self, backend: Backend) -> frozenset[bytes]:
+        if not isinstance(backend, HoldsPrefixes):
+            return frozenset()
+        held = backend.held_prefixes()
+        share = max(MIN_PREFIXES_PER_MODEL, MAX_CARD_PREFIXES // max(1, len(self._backends)))
+        return held if len(held) <= share else frozenset(sorted(held)[:share])
 
-    @classmethod
-    def _info(cls, backend: Backend) -> ModelInfo:
+    def _info(self, backend: Backend) -> ModelInfo:
         """The backend's model, with the conversations its prompt cache holds."""
-        held = cls._held(backend)
+        held = self._held(backend)
         return dataclasses.replace(backend.info, prefixes=held) if held else backend.info
 
     def swap(self, *, add: Iterable[Backend], remove: Iterable[Backend]) -> None:
