@@ -438,9 +438,17 @@ def status(home_dir: Path | None, as_json: bool) -> None:
         where = (
             f"  {model['parallel']} slots, {model['threads']} threads" if model["threads"] else ""
         )
+        held = model.get("conversations_held")
         click.echo(
             f"model     {model['name']}  ctx {model['context_length']}  "
             f"{model['quantization'] or '?'}  {tps}{where}"
+            + (f", {held} conversations held" if held else "")
+        )
+    routed = info.get("cache_routed") or {}
+    if routed.get("asked"):
+        click.echo(
+            f"cache     {routed['asked']} requests sent here for a conversation it held, "
+            f"{routed['held']} still held"
         )
     click.echo(f"mesh      {info['mesh_id']}  (this node: {info['role']})")
     if not info["peers"]:
