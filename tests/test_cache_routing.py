@@ -277,6 +277,10 @@ def test_the_peer_table_knows_who_holds_a_prefix() -> None:
     assert prefix.longest_held(found, table.get("p").models[0].prefixes) == found[0]  # type: ignore[union-attr]
     card()  # its next card: it holds nothing now
     assert table.holding(found) == {}
+    table.note_held("p", MODEL, prefix.conversation_key(chat))  # it answered that chat
+    assert list(table.holding(found)) == ["p"]
+    card()  # its card, newer than the answer, says it holds nothing after all
+    assert table.holding(found) == {}
     card(prefix.conversation_key(chat))
     assert list(table.holding(found)) == ["p"]
     table.forget("p", "gone")
@@ -379,3 +383,20 @@ async def test_a_box_holding_nothing_any_more_says_so_in_its_next_card(tmp_path:
         decided = a.entry.plan(conversation("Hello world", "?"), Privacy.MESH)
         assert not decided.by_cache
         assert all(s.candidate.cached_tokens == 0 for s in decided.order)
+
+
+async def test_the_entry_knows_at_once_what_a_peer_it_used_holds(tmp_path: Path) -> None:
+    """A tool call's result or a quick reply comes back before the next heartbeat: the entry
+    box that sent the chat to a peer knows the peer holds it from its answer on."""
+    specs = {"a": box(), "b": box(Script(tokens=("from", " b")))}
+    async with mesh(tmp_path, specs) as m:
+        a, b = m["a"], m["b"]
+        hog = await a.backends[0].open(InferenceRequest(model=MODEL, prompt="busy"))
+        first = conversation()
+        assert (await ask(a.entry, first)).answer.served_by.node_id == b.node_id  # a was busy
+        await hog.aclose()
+        [info] = a.table.get(b.node_id).models  # type: ignore[union-attr]
+        assert prefix.request_key(first) in info.prefixes  # no heartbeat, no new card yet
+        got = await ask(a.entry, conversation("from b", "and then?"))  # a is idle now
+        assert got.answer.served_by.node_id == b.node_id
+        assert b.models.cache_routed == {"asked": 1, "held": 1}

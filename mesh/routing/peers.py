@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from mesh.inference import Load, ModelInfo, Route
+from mesh.inference import MAX_HELD_PREFIXES, Load, ModelInfo, Route
 from mesh.routing.peer_index import ModelColumns
 from mesh.routing.prefix import Boundary
 
@@ -132,6 +132,22 @@ class PeerTable:
         for info in peer.models:
             for key in info.prefixes:
                 self._holders.setdefault(key, set()).add(peer.node_id)
+
+    def note_held(self, node_id: str, model: str, key: bytes) -> None:
+        """A peer answered a chat with `model` (its canonical name): its prompt cache holds
+        that chat now, until its next card says otherwise."""
+        peer = self._peers.get(node_id)
+        if peer is None:
+            return
+        for i, info in enumerate(peer.models):
+            if info.name == model and key not in info.prefixes:
+                if len(info.prefixes) >= MAX_HELD_PREFIXES:
+                    return  # its card says what it holds; a note never grows it past that
+                models = list(peer.models)
+                models[i] = replace(info, prefixes=info.prefixes | {key})
+                peer.models = tuple(models)
+                self._holders.setdefault(key, set()).add(node_id)
+                return
 
     def holding(self, found: Sequence[Boundary]) -> dict[str, Peer]:
         """The peers holding one of a request's conversation prefixes (one lookup each)."""

@@ -47,7 +47,7 @@ from mesh.inference import (
 from mesh.ledger.bounds import Delivered
 from mesh.routing import candidates as reach
 from mesh.routing.peers import PeerEvent, PeerTable
-from mesh.routing.prefix import request_boundaries
+from mesh.routing.prefix import request_boundaries, request_key
 from mesh.routing.refusals import Failure, Next, after_candidate_failure, no_candidate, refusal
 from mesh.routing.scheduler import DEFAULT_MAX_WAIT_MS, Candidate, Needs, Plan, Privacy, plan
 from mesh.wire.v1 import ledger_pb2 as lpb
@@ -143,11 +143,19 @@ class Starter:
             if self._peering is not None:
                 self._peering.apply(events)
 
-    def served(self, served_by: ServedBy, elapsed_ms: float) -> None:
+    def served(
+        self, served_by: ServedBy, elapsed_ms: float, asked: InferenceRequest | None = None
+    ) -> None:
+        """`asked` was answered whole by `served_by`: learn how long it took; a peer's
+        prompt cache holds that chat now (known here at once, before its next card says
+        so: a tool call's result or a quick reply goes back to it)."""
         if served_by.route is Route.LOCAL:
             self.models.served(elapsed_ms)
-        else:
-            self.peers.served(served_by.node_id, elapsed_ms=elapsed_ms)
+            return
+        self.peers.served(served_by.node_id, elapsed_ms=elapsed_ms)
+        key = request_key(asked) if asked is not None else None
+        if key is not None:
+            self.peers.note_held(served_by.node_id, served_by.model, key)
 
 
 class EntryAnswer:
@@ -243,7 +251,7 @@ class EntryAnswer:
                             yield event
                             continue
                         self._starter.served(
-                            source.served_by, (self._clock.monotonic() - started) * 1000
+                            source.served_by, (self._clock.monotonic() - started) * 1000, asked
                         )
                         finished = True
                         event = await self._account(source.served_by, asked, event, seen)
