@@ -525,6 +525,7 @@ class ModelInfo:
     context_length: int = 0
     backend: str = ""
     tokens_per_second: float = 0.0
+    prompt_tokens_per_second: float = 0.0  # prompt tokens read a second, measured (0: not yet)
     chat: bool = True
     # This box's own models only (`allerac status`; not on the card): decode threads and
     # slots (requests decoded at once); 0 where it does not apply or is not known.

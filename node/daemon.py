@@ -210,12 +210,16 @@ class Cards:
     def speeds_moved(self) -> bool:
         """A model's measured speed moved by more than TPS_DRIFT since the card said it."""
         card = pb.NodeCard.FromString(self.full.card)
-        advertised = {m.name: m.tokens_per_second for m in card.models}
+        advertised = {
+            m.name: (m.tokens_per_second, m.prompt_tokens_per_second) for m in card.models
+        }
         for info in self._models.models():
-            before = advertised.get(info.name, 0.0)
-            now = info.tokens_per_second
-            if now and (not before or abs(now - before) / before > TPS_DRIFT):
-                return True
+            said = advertised.get(info.name, (0.0, 0.0))
+            for before, now in zip(
+                said, (info.tokens_per_second, info.prompt_tokens_per_second), strict=True
+            ):
+                if now and (not before or abs(now - before) / before > TPS_DRIFT):
+                    return True
         return False
 
 
@@ -844,6 +848,7 @@ class RunningNode:
                     "context_length": m.context_length,
                     "backend": m.backend,
                     "tokens_per_second": m.tokens_per_second,
+                    "prompt_tokens_per_second": m.prompt_tokens_per_second,
                     "chat": m.chat,
                     "threads": m.threads,
                     "parallel": m.parallel,

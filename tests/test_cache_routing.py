@@ -112,8 +112,12 @@ def test_only_a_chat_carries_a_well_formed_cache_prefix() -> None:
 
 def test_a_card_carries_a_bounded_set_of_well_formed_keys() -> None:
     keys = frozenset(bytes([i]) * prefix.PREFIX_BYTES for i in range(3))
-    info = ModelInfo(name=MODEL, prefixes=keys)
-    assert codec.model_from_pb(codec.model_to_pb(info)).prefixes == keys
+    info = ModelInfo(name=MODEL, prefixes=keys, prompt_tokens_per_second=250.0)
+    assert codec.model_from_pb(codec.model_to_pb(info)) == info
+    for bad in (float("nan"), float("inf"), -3.0):
+        damaged = codec.model_to_pb(info)
+        damaged.prompt_tokens_per_second = bad
+        assert codec.model_from_pb(damaged).prompt_tokens_per_second == 0.0  # not known
     card = codec.model_to_pb(info)
     card.prefixes.extend([b"bad", *(bytes([9, i]) * 8 for i in range(200))])
     read = codec.model_from_pb(card).prefixes
@@ -182,6 +186,15 @@ def test_the_next_turn_goes_back_to_the_box_holding_its_start() -> None:
     assert blind.chosen.candidate.node_id == "here"
     assert not blind.by_cache
     assert all(s.candidate.cached_tokens == 0 for s in blind.order)
+
+
+def test_reading_counts_the_measured_prompt_speed_less_what_is_held() -> None:
+    assert estimate(cand("x", Route.LAN), new_tokens=0, prompt_tokens=1000).read_ms == 10_000
+    measured = cand("x", Route.LAN, prompt_tokens_per_second=500.0)
+    assert estimate(measured, new_tokens=0, prompt_tokens=1000).read_ms == 2000
+    held = cand("x", Route.LAN, prompt_tokens_per_second=500.0, cached_tokens=900)
+    assert estimate(held, new_tokens=0, prompt_tokens=1000).read_ms == 200
+    assert estimate(held, new_tokens=0, prompt_tokens=10).read_ms == 0  # never below nothing
 
 
 def test_a_busy_holder_loses_to_an_idle_box_once_its_wait_passes_what_it_saves() -> None:

@@ -223,6 +223,8 @@ async def test_a_model_names_the_chats_its_slots_and_saved_prefixes_hold(
     for request in (story, short):
         await answer(backend, request)
         assert request_key(request) in backend.held_prefixes()
+    # The story's prompt was read alone: its speed is measured (what the scheduler uses).
+    assert backend.info.prompt_tokens_per_second > 0
     # Every slot is taken by other chats at once: the story's prompt is saved and still
     # held; the short one's (too short to be worth saving) is gone with its slot.
     others = [await backend.open(chat(f"{p} {p}", max_tokens=2)) for p in PROMPTS]

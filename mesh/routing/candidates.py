@@ -46,6 +46,7 @@ class LocalOffer:
             available=not self.load.draining,
             unavailable_reason="draining",
             features=self.info.features,
+            prompt_tokens_per_second=self.info.prompt_tokens_per_second,
             cached_tokens=held.tokens if held else 0,
             cache_prefix=held.key if held else b"",
         )
@@ -141,6 +142,7 @@ def candidates(
                 available=peer.state is PeerState.UP and not peer.load.draining,
                 unavailable_reason=f"peer is {peer.state}",
                 features=info.features,
+                prompt_tokens_per_second=info.prompt_tokens_per_second,
                 cached_tokens=held.tokens if held else 0,
                 cache_prefix=held.key if held else b"",
             )

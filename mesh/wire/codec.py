@@ -436,6 +436,7 @@ def model_to_pb(info: ModelInfo) -> pb.ModelCard:
         context_length=info.context_length,
         backend=info.backend,
         tokens_per_second=info.tokens_per_second,
+        prompt_tokens_per_second=info.prompt_tokens_per_second,
         chat=info.chat,
         features=sorted(f.value for f in info.features),
         prefixes=sorted(info.prefixes),
@@ -464,6 +465,11 @@ def _by_code() -> dict[str, type[MeshError]]:
     return found
 
 
+def _speed(value: float) -> float:
+    """A peer's measured speed, or 0 (not known) when it is not a positive number."""
+    return value if math.isfinite(value) and value > 0 else 0.0
+
+
 def model_from_pb(card: pb.ModelCard) -> ModelInfo:
     return ModelInfo(
         name=card.name,
@@ -474,6 +480,7 @@ def model_from_pb(card: pb.ModelCard) -> ModelInfo:
         context_length=card.context_length,
         backend=card.backend,
         tokens_per_second=card.tokens_per_second,
+        prompt_tokens_per_second=_speed(card.prompt_tokens_per_second),
         chat=card.chat,
         features=Feature.parse_all(card.features[:MAX_CARD_FEATURES]),
         # Only well-formed keys count (a wrong one could only misroute: it is left out).

@@ -136,7 +136,7 @@ class Hardware(_message.Message):
     def __init__(self, cpu_count: _Optional[int] = ..., cpu_model: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., gpu: _Optional[str] = ..., gpu_memory_bytes: _Optional[int] = ..., profile: _Optional[str] = ...) -> None: ...
 
 class ModelCard(_message.Message):
-    __slots__ = ("name", "aliases", "family", "parameter_count", "quantization", "context_length", "backend", "tokens_per_second", "chat", "features", "prefixes")
+    __slots__ = ("name", "aliases", "family", "parameter_count", "quantization", "context_length", "backend", "tokens_per_second", "chat", "features", "prefixes", "prompt_tokens_per_second")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ALIASES_FIELD_NUMBER: _ClassVar[int]
     FAMILY_FIELD_NUMBER: _ClassVar[int]
@@ -148,6 +148,7 @@ class ModelCard(_message.Message):
     CHAT_FIELD_NUMBER: _ClassVar[int]
     FEATURES_FIELD_NUMBER: _ClassVar[int]
     PREFIXES_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     name: str
     aliases: _containers.RepeatedScalarFieldContainer[str]
     family: str
@@ -159,7 +160,8 @@ class ModelCard(_message.Message):
     chat: bool
     features: _containers.RepeatedScalarFieldContainer[str]
     prefixes: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, name: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ..., family: _Optional[str] = ..., parameter_count: _Optional[int] = ..., quantization: _Optional[str] = ..., context_length: _Optional[int] = ..., backend: _Optional[str] = ..., tokens_per_second: _Optional[float] = ..., chat: _Optional[bool] = ..., features: _Optional[_Iterable[str]] = ..., prefixes: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    prompt_tokens_per_second: float
+    def __init__(self, name: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ..., family: _Optional[str] = ..., parameter_count: _Optional[int] = ..., quantization: _Optional[str] = ..., context_length: _Optional[int] = ..., backend: _Optional[str] = ..., tokens_per_second: _Optional[float] = ..., chat: _Optional[bool] = ..., features: _Optional[_Iterable[str]] = ..., prefixes: _Optional[_Iterable[bytes]] = ..., prompt_tokens_per_second: _Optional[float] = ...) -> None: ...
 
 class PingRequest(_message.Message):
     __slots__ = ("nonce", "sent_at_unix_ms", "leaving_node_id", "recipient_node_id", "card_issued_at_unix_ms", "goodbye_signature")

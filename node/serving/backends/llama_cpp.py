@@ -360,6 +360,7 @@ class LlamaCppBackend:
         self._closing = False
         self._thread: threading.Thread | None = None
         self._tokens_per_second = 0.0
+        self._prompt_tokens_per_second = 0.0  # measured on steps that only read prompts
         # The worker's own (no lock: only its thread touches them).
         self._slots: list[_Slot] = []
         self._ready: list[_Job] = []  # handed to the worker, waiting for a slot
@@ -379,7 +380,11 @@ class LlamaCppBackend:
 
     @property
     def info(self) -> ModelInfo:
-        return replace(self._info, tokens_per_second=round(self._tokens_per_second, 1))
+        return replace(
+            self._info,
+            tokens_per_second=round(self._tokens_per_second, 1),
+            prompt_tokens_per_second=round(self._prompt_tokens_per_second, 1),
+        )
 
     @property
     def config(self) -> ModelConfig:
@@ -826,6 +831,16 @@ class LlamaCppBackend:
                 else (1 - TPS_SMOOTHING) * self._tokens_per_second + TPS_SMOOTHING * rate
             )
 
+    def _prompt_measured(self, tokens: int, seconds: float) -> None:
+        """A step read `tokens` prompt tokens (and nothing else) in `seconds`."""
+        if seconds > 0:
+            rate = tokens / seconds
+            self._prompt_tokens_per_second = (
+                rate
+                if self._prompt_tokens_per_second == 0
+                else (1 - TPS_SMOOTHING) * self._prompt_tokens_per_second + TPS_SMOOTHING * rate
+            )
+
     def _assign_slots(self) -> None:
         """Waiting requests into free slots: the user holding the fewest slots first, each
         into the free slot whose KV cache holds the longest prefix of its prompt."""
@@ -987,7 +1002,10 @@ class LlamaCppBackend:
             count = min(len(slot.pending), room)
             add(slot, count, last_logits=count == len(slot.pending))
             room -= count
+        started = self.clock.monotonic()
         code = llama_cpp.llama_decode(self._ctx.ctx, batch)
+        if not decoding and batch.n_tokens >= MIN_SAVED_PREFIX_TOKENS and code == 0:
+            self._prompt_measured(batch.n_tokens, self.clock.monotonic() - started)
         if code != 0:
             logger.error("model %s: llama_decode returned %d", self._config.name, code)
             self._fail_all(BackendError(f"model {self._config.name!r} failed (decode {code})"))
