@@ -5,8 +5,8 @@ conversation's next turn reads only what is new there. To send that next turn ba
 every node names a conversation's prefixes the same way, without any tokenizer: the key of
 `messages[:n]` is a BLAKE2b hash over canonical bytes of the tools and the first n messages
 (every field of every message -- role, content, name, tool call ID, tool calls -- as UTF-8
-with its length before it, so no two conversations share their bytes). Hashing is incremental, so a
-request's keys at every message boundary cost one pass over its text.
+with its length before it, so no two conversations share their bytes). Hashing is
+incremental, so a request's keys at every message boundary cost one pass over its text.
 
 - A box advertises, per model, the keys of the conversations its slots and saved prompts
   hold (`conversation_key` of each chat it served), a bounded set, in its sealed full card.
