@@ -368,17 +368,26 @@ async def bench_model(name: str, path: Path, rounds: int, new_tokens: int, threa
         print(f"target {what}: {'met' if ok else 'NOT met'}")
 
 
-async def chat_turn(
-    session: aiohttp.ClientSession, node: NodeProcess, messages: list[dict[str, str]]
+Said = list[dict[str, str]] | str  # a chat's messages, or a text completion's prompt
+
+
+async def ask_turn(
+    session: aiohttp.ClientSession, node: NodeProcess, said: Said
 ) -> tuple[float, str, str]:
-    """A chat turn entering at `node`: (seconds to its first token, the answer, who served)."""
+    """A turn entering at `node`: (seconds to its first token, the answer, who served)."""
     started = time.perf_counter()
     first = 0.0
     text: list[str] = []
-    body = {"model": "bench", "messages": messages, "max_tokens": 4, "temperature": 0}
-    async with session.post(
-        node.url + "/v1/chat/completions", json={**body, "stream": True}
-    ) as response:
+    chat = not isinstance(said, str)
+    body = {
+        "model": "bench",
+        "max_tokens": 4,
+        "temperature": 0,
+        "stream": True,
+        **({"messages": said} if chat else {"prompt": said}),
+    }
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    async with session.post(node.url + path, json=body) as response:
         if response.status != 200:
             raise RuntimeError(f"{response.status}: {await response.text()}")
         served = response.headers["x-allerac-node"]
@@ -386,9 +395,11 @@ async def chat_turn(
             if not line.startswith(b"data: {"):
                 continue
             choices = json.loads(line[6:])["choices"]
-            if choices and choices[0].get("delta", {}).get("content"):
+            piece = choices[0].get("delta", {}).get("content") if chat else None
+            piece = piece or (choices[0].get("text") if choices else None)
+            if piece:
                 first = first or time.perf_counter() - started
-                text.append(choices[0]["delta"]["content"])
+                text.append(piece)
     return first, "".join(text), served
 
 
@@ -399,20 +410,26 @@ async def cache_aware_of(session: aiohttp.ClientSession, node: NodeProcess) -> b
 
 
 async def next_turn(
-    session: aiohttp.ClientSession, holder: NodeProcess, entry: NodeProcess, label: str
+    session: aiohttp.ClientSession, holder: NodeProcess, entry: NodeProcess, label: str, chat: bool
 ) -> tuple[float, float, str]:
     """A conversation's first turn served by `holder`, two other users' requests there, then
-    its next turn entering at `entry`: (first turn's TTFT, next turn's TTFT, who served it)."""
-    said = [{"role": "user", "content": f"{label}. {HISTORY} What did we talk about?"}]
-    first, answer, _ = await chat_turn(session, holder, said)
+    its next turn entering at `entry`: (first turn's TTFT, next turn's TTFT, who served it).
+    A chat, or (a model with no chat template) a text completion going on from the first."""
+    question = f"{label}. {HISTORY} What did we talk about?"
+    said: Said = [{"role": "user", "content": question}] if chat else f"{question}\nA:"
+    first, answer, _ = await ask_turn(session, holder, said)
     for other in ("What is 2 + 2?", "Name a colour."):
-        await chat_turn(session, holder, [{"role": "user", "content": f"{label}: {other}"}])
-    said += [
-        {"role": "assistant", "content": answer},
-        {"role": "user", "content": "And what happened next?"},
-    ]
+        asked = f"{label}: {other}"
+        await ask_turn(session, holder, [{"role": "user", "content": asked}] if chat else asked)
+    if isinstance(said, str):
+        said += f"{answer}\nQ: And what happened next?\nA:"
+    else:
+        said += [
+            {"role": "assistant", "content": answer},
+            {"role": "user", "content": "And what happened next?"},
+        ]
     await asyncio.sleep(1.5)  # the user reads the answer; the boxes' heartbeats go on
-    then, _, served = await chat_turn(session, entry, said)
+    then, _, served = await ask_turn(session, entry, said)
     return first, then, served
 
 
@@ -424,10 +441,16 @@ async def bench_conversation(name: str, path: Path, threads: int) -> None:
         a, b = nodes["a"], nodes["b"]
         try:
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
-                await chat_turn(session, a, [{"role": "user", "content": "warm up"}])
-                await chat_turn(session, b, [{"role": "user", "content": "warm up"}])
-                rows = [("one box (entry A, A holds it)", await next_turn(session, a, a, "One"))]
-                rows.append(("two boxes, cache-aware on", await next_turn(session, a, b, "On")))
+                async with session.get(a.url + "/allerac/status") as response:
+                    chat = bool((await response.json())["models"][0]["chat"])
+                for node in (a, b):
+                    await ask_turn(session, node, "warm up")
+                rows = [
+                    ("one box (entry A, A holds it)", await next_turn(session, a, a, "One", chat))
+                ]
+                rows.append(
+                    ("two boxes, cache-aware on", await next_turn(session, a, b, "On", chat))
+                )
                 (b.home / "test-config.toml").write_text(
                     bench_config(path, threads, cache_aware=False), encoding="utf-8"
                 )
@@ -437,12 +460,15 @@ async def bench_conversation(name: str, path: Path, threads: int) -> None:
                     if not await cache_aware_of(session, b):
                         break
                     await asyncio.sleep(0.05)
-                rows.append(("two boxes, cache-aware off", await next_turn(session, a, b, "Off")))
+                rows.append(
+                    ("two boxes, cache-aware off", await next_turn(session, a, b, "Off", chat))
+                )
         finally:
             for node in nodes.values():
                 node.kill()
     who = {a.node_id: "A", b.node_id: "B"}
-    print(f"\nmodel {name}: next turn of a ~1,400-token conversation after two other users")
+    kind = "chat" if chat else "text completion (no chat template)"
+    print(f"\nmodel {name}: next turn of a ~1,400-token {kind} after two other users")
     print(f"{'':32} {'first turn ms':>13} {'next turn ms':>12} {'ratio':>6}  served by")
     for label, (first, then, served) in rows:
         print(

@@ -352,9 +352,11 @@ class InferenceRequest:
             )
         if len(self.user) > 256:
             raise InvalidRequest("user must be at most 256 characters", param="user")
-        if self.cache_prefix and (len(self.cache_prefix) != PREFIX_KEY_BYTES or not self.is_chat):
+        if self.cache_prefix and (
+            len(self.cache_prefix) != PREFIX_KEY_BYTES or self.inputs is not None
+        ):
             raise InvalidRequest(
-                f"cache_prefix must be a chat's {PREFIX_KEY_BYTES}-byte prefix key",
+                f"cache_prefix must be a chat's or a prompt's {PREFIX_KEY_BYTES}-byte prefix key",
                 param="cache_prefix",
             )
 

@@ -64,7 +64,7 @@ def test_every_node_names_every_prefix_the_same_way(chat: list[ChatMessage]) -> 
     again = [dataclasses.replace(m) for m in chat]
     assert prefix.boundaries(again) == found
     for n, boundary in enumerate(found, start=1):
-        assert boundary.messages == n
+        assert boundary.end == n
         assert boundary.key == prefix.conversation_key(chat[:n])  # what a holder advertises
         assert boundary.chars == sum(len(m.content) for m in chat[:n])
         assert len(boundary.key) == prefix.PREFIX_BYTES
@@ -95,15 +95,46 @@ def test_a_key_covers_every_field_that_reaches_the_prompt() -> None:
     assert prefix.request_boundaries(InferenceRequest(model=MODEL, prompt="ab")) == []
 
 
-def test_only_a_chat_carries_a_well_formed_cache_prefix() -> None:
+def test_a_text_prompt_is_named_by_its_whole_chunks() -> None:
+    chunk = prefix.TEXT_CHUNK_CHARS
+    assert prefix.request_key(InferenceRequest(model=MODEL, prompt="x" * (chunk - 1))) is None
+    first = InferenceRequest(model=MODEL, prompt=LONG[: 3 * chunk + 10])
+    key = prefix.request_key(first)
+    # Its next turn (the prompt, its answer, more) holds that key among its boundaries, and
+    # no chat shares a key with a text.
+    then = prefix.request_boundaries(InferenceRequest(model=MODEL, prompt=LONG))
+    assert prefix.longest_held(then, {key}) == prefix.Boundary(
+        end=3 * chunk,
+        key=key,
+        chars=3 * chunk,  # type: ignore[arg-type]
+    )
+    chat = [ChatMessage(role="user", content=LONG[: 3 * chunk])]
+    assert prefix.conversation_key(chat) not in {b.key for b in then}
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.text(max_size=1200), st.text(max_size=600))
+def test_a_longer_prompt_keeps_the_boundaries_of_the_one_it_goes_on_from(
+    start: str, more: str
+) -> None:
+    before = prefix.text_boundaries(start)
+    after = prefix.text_boundaries(start + more)
+    assert after[: len(before)] == before
+    assert [b.end for b in after] == [
+        prefix.TEXT_CHUNK_CHARS * (i + 1) for i in range(len(start + more) // 256)
+    ]
+
+
+def test_only_a_chat_or_a_prompt_carries_a_well_formed_cache_prefix() -> None:
     chat = (ChatMessage(role="user", content="hi"),)
     key = prefix.conversation_key(chat)
     sent = InferenceRequest(model=MODEL, messages=chat, cache_prefix=key)
     assert codec.request_from_pb(codec.request_to_pb(sent)) == sent  # sealed, whole
     with pytest.raises(InvalidRequest, match="cache_prefix"):
         InferenceRequest(model=MODEL, messages=chat, cache_prefix=b"short")
+    InferenceRequest(model=MODEL, prompt="hi", cache_prefix=key)  # a text completion's
     with pytest.raises(InvalidRequest, match="cache_prefix"):
-        InferenceRequest(model=MODEL, prompt="hi", cache_prefix=key)
+        InferenceRequest(model=MODEL, inputs=("hi",), cache_prefix=key)
     body = codec.request_to_pb(sent)
     body.cache_prefix = b"x" * 40  # a member's damaged request: refused, not used
     with pytest.raises(InvalidRequest, match="cache_prefix"):

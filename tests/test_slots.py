@@ -32,7 +32,7 @@ from mesh.inference import (
     Sampling,
     TextDelta,
 )
-from mesh.routing.prefix import request_key
+from mesh.routing.prefix import longest_held, request_boundaries, request_key
 from node.serving.backends.llama_cpp import LlamaCppBackend, LlamaStream
 from node.store.config_file import embedded_model_path
 
@@ -195,6 +195,9 @@ async def test_a_returning_conversation_reads_only_what_is_new(backend: LlamaCpp
     history = "The story so far: " + " ".join(f"day {i} was calm," for i in range(60))
     first = completion(history + " Then", max_tokens=4)
     await answer(backend, first)
+    then = completion(history + " Then the rain came, and", max_tokens=4)
+    # A text's prefix is named too (its whole 256-character chunks): its next turn finds it.
+    assert longest_held(request_boundaries(then), backend.held_prefixes()) is not None
     # Every slot is taken by other prompts: the conversation's slot moves on and its
     # prefix is saved; its next turn is restored from memory into whichever slot is free.
     others = [await backend.open(completion(f"{p} {p}", max_tokens=4)) for p in PROMPTS]
@@ -204,7 +207,7 @@ async def test_a_returning_conversation_reads_only_what_is_new(backend: LlamaCpp
     saved, cached = stats["prefixes_saved"], stats["prompt_tokens_cached"]
     assert saved >= 1
     read_before = stats["prompt_tokens_read"]
-    await answer(backend, completion(history + " Then the rain came, and", max_tokens=4))
+    await answer(backend, then)
     history_tokens = len(backend._model.tokenize(history.encode(), True, False))
     assert stats["prefixes_restored"] >= 1
     assert stats["prompt_tokens_cached"] - cached >= history_tokens - 1

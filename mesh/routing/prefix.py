@@ -7,9 +7,14 @@ every node names a conversation's prefixes the same way, without any tokenizer: 
 (every field of every message -- role, content, name, tool call ID, tool calls -- as UTF-8
 with its length before it, so no two conversations share their bytes). Hashing is
 incremental, so a request's keys at every message boundary cost one pass over its text.
+A text completion's prompt has no messages: its boundaries are every TEXT_CHUNK_CHARS
+characters (a prompt that goes on from an earlier one, the earlier one's answer and more,
+shares the earlier one's boundaries up to its last whole chunk), hashed in a domain of their
+own.
 
 - A box advertises, per model, the keys of the conversations its slots and saved prompts
-  hold (`conversation_key` of each chat it served), a bounded set, in its sealed full card.
+  hold (`request_key` of each chat or prompt it served), a bounded set, in its sealed full
+  card.
 - The entry node computes a request's boundaries once (`boundaries`) and looks for the
   longest one a candidate holds (`longest_held`): that candidate reads about
   `chars / CHARS_PER_TOKEN` fewer prompt tokens (`mesh.routing.scheduler`).
@@ -30,13 +35,16 @@ from mesh.inference import PREFIX_KEY_BYTES, ChatMessage, InferenceRequest, Tool
 PREFIX_BYTES = PREFIX_KEY_BYTES  # 128 bits: no two conversations a mesh sees share a key
 CHARS_PER_TOKEN = 4  # the scheduler's estimate (mesh.routing.candidates.Estimate)
 _PERSON = b"allerac-prefix1"  # BLAKE2b personalization: these hashes are no other hashes
+_TEXT_PERSON = b"allerac-text256"  # a text completion's prefixes (chunks of 256 characters)
+TEXT_CHUNK_CHARS = 256
 
 
 @dataclass(frozen=True, slots=True)
 class Boundary:
-    """The first `messages` messages of a chat: their key and their text's length."""
+    """The start of a request, up to `end` (a chat's first `end` messages; a text's first
+    `end` characters): its key and its text's length."""
 
-    messages: int
+    end: int
     key: bytes
     chars: int
 
@@ -92,7 +100,17 @@ def boundaries(messages: Sequence[ChatMessage], tools: Sequence[Tool] = ()) -> l
     for n, message in enumerate(messages, start=1):
         digest.update(_message(message))
         chars += len(message.content)
-        out.append(Boundary(messages=n, key=digest.digest(), chars=chars))
+        out.append(Boundary(end=n, key=digest.digest(), chars=chars))
+    return out
+
+
+def text_boundaries(prompt: str) -> list[Boundary]:
+    """The key of every prefix `prompt[:k * TEXT_CHUNK_CHARS]` that is whole, in order."""
+    digest = hashlib.blake2b(digest_size=PREFIX_BYTES, person=_TEXT_PERSON)
+    out: list[Boundary] = []
+    for end in range(TEXT_CHUNK_CHARS, len(prompt) + 1, TEXT_CHUNK_CHARS):
+        digest.update(prompt[end - TEXT_CHUNK_CHARS : end].encode("utf-8", "surrogatepass"))
+        out.append(Boundary(end=end, key=digest.digest(), chars=end))
     return out
 
 
@@ -105,18 +123,26 @@ def conversation_key(messages: Sequence[ChatMessage], tools: Sequence[Tool] = ()
 
 
 def request_boundaries(request: InferenceRequest) -> list[Boundary]:
-    """A chat request's boundaries; none for other requests (a failover's continuation is
-    a text the box has never seen, so a chat that continues one has none either)."""
-    if request.messages is None or request.continuation:
+    """A chat's or a text completion's boundaries; none for embeddings, nor for a failover's
+    continuation (a text the box has never seen)."""
+    if request.continuation:
         return []
-    return boundaries(request.messages, request.tools)
+    if request.messages is not None:
+        return boundaries(request.messages, request.tools)
+    if request.prompt is not None:
+        return text_boundaries(request.prompt)
+    return []
 
 
 def request_key(request: InferenceRequest) -> bytes | None:
-    """What a box holds after serving `request` (None: not a chat, nothing to name)."""
-    if request.messages is None or request.continuation:
+    """What a box holds after serving `request`: its chat's key, or its prompt's last whole
+    chunk's (None: nothing to name)."""
+    if request.continuation:
         return None
-    return conversation_key(request.messages, request.tools)
+    if request.messages is not None:
+        return conversation_key(request.messages, request.tools)
+    found = text_boundaries(request.prompt) if request.prompt is not None else []
+    return found[-1].key if found else None
 
 
 def longest_held(found: Sequence[Boundary], held: Container[bytes]) -> Boundary | None:
