@@ -23,7 +23,8 @@ requests to the last token) and (b)/(a). Then:
   message) after two other users' requests, its first turn served by box A: entering at A
   (one box), and entering at box B of a two-box mesh with cache-aware routing on (B sends
   it to A, which holds its start) and off (B reads it all), against the first turn's time
-  to first token, each row with a conversation of its own.
+  to first token, each row with a conversation of its own (a text completion going on from
+  the first turn on a model with no chat template).
 
 Targets (issue 14): (b) >= 90 % of (a) at every N; worst TTFT <= alone + 3 prompts'
 reading; next turn <= 15 % of the first (on one box, and across two boxes with cache-aware
