@@ -371,6 +371,11 @@ async def test_a_next_turn_goes_to_the_box_holding_its_start_unless_it_is_busy(
         assert b.backends[0].asked[-1].cache_prefix == prefix.request_key(first)
         assert b.models.cache_routed == {"asked": 1, "held": 1}
         assert a.backends[0].asked == []
+        # At b's own door the conversation is served there; only what peers sent counts.
+        mine = await ask(b.entry, conversation("from b", "and at b?"))
+        assert mine.answer.served_by.node_id == b.node_id
+        assert b.backends[0].asked[-1].cache_prefix == b""
+        assert b.models.cache_routed == {"asked": 1, "held": 1}
         # explain (the route --messages path) shows the cache deciding, and what b holds.
         shown = a.entry.explain_request(conversation("from b", "and after?"), Privacy.MESH)
         assert shown["by_cache"]

@@ -100,8 +100,9 @@ class Starter:
         served_by = ServedBy(
             node_id=candidate.node_id, route=candidate.route, model=candidate.model
         )
-        if request.cache_prefix != candidate.cache_prefix and not request.continuation:
-            # The prefix it was chosen for (or none), sealed inside the request.
+        if candidate.cache_prefix and candidate.route is not Route.LOCAL:
+            # The prefix a peer was chosen for, sealed inside the request (it counts
+            # whether it still held it).
             request = dataclasses.replace(request, cache_prefix=candidate.cache_prefix)
         if candidate.route is Route.LOCAL:
             backend = self.models.resolve(request.model)
