@@ -18,12 +18,19 @@ requests to the last token) and (b)/(a). Then:
 - a conversation's next turn (a ~1,400-token history) after two other users' requests:
   time to first token against its first turn's;
 - one user alone: the node's decode tokens/s against llama-cpp-python's `Llama` in-process
-  with the same threads.
+  with the same threads;
+- cache-aware routing (`--part conversation`): a chat's next turn (a ~1,400-token first
+  message) after two other users' requests, its first turn served by box A: entering at A
+  (one box), and entering at box B of a two-box mesh with cache-aware routing on (B sends
+  it to A, which holds its start) and off (B reads it all), against the first turn's time
+  to first token, each row with a conversation of its own (a text completion going on from
+  the first turn on a model with no chat template).
 
 Targets (issue 14): (b) >= 90 % of (a) at every N; worst TTFT <= alone + 3 prompts'
-reading; next turn <= 15 % of the first; one user >= 0.97x llama-cpp-python.
+reading; next turn <= 15 % of the first (on one box, and across two boxes with cache-aware
+routing on); one user >= 0.97x llama-cpp-python.
 
-    python bench/bench_slots.py [--rounds 2] [--tokens 64]
+    python bench/bench_slots.py [--rounds 2] [--tokens 64] [--part all|slots|conversation]
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ import importlib.util
 import json
 import os
 import platform
+import signal
 import statistics
 import sys
 import tempfile
@@ -51,6 +59,7 @@ sys.path.insert(0, str(ROOT))
 from node.store.config_file import embedded_model_path  # noqa: E402
 from node.store.hardware import physical_cores  # noqa: E402
 from tests.nodeproc import NodeProcess  # noqa: E402
+from tests.test_lan_mesh import start_mesh  # noqa: E402
 
 USERS = (1, 2, 4, 8)
 PARALLEL = 8
@@ -236,9 +245,11 @@ async def node_rate(session: aiohttp.ClientSession, node: NodeProcess, model: st
     return (tokens - 1) / (last - first)
 
 
-@contextlib.contextmanager
-def node_for(path: Path, threads: int, home: Path) -> Iterator[NodeProcess]:
-    config = f"""
+def bench_config(path: Path, threads: int, *, cache_aware: bool = True) -> str:
+    return f"""
+[scheduler]
+cache_aware = {str(cache_aware).lower()}
+
 [[models]]
 name = "bench"
 path = "{path}"
@@ -247,7 +258,11 @@ parallel = {PARALLEL}
 queue_size = 8
 context_length = 2048
 """
-    node = NodeProcess(home, config=config).start()
+
+
+@contextlib.contextmanager
+def node_for(path: Path, threads: int, home: Path) -> Iterator[NodeProcess]:
+    node = NodeProcess(home, config=bench_config(path, threads)).start()
     try:
         yield node
     finally:
@@ -354,7 +369,121 @@ async def bench_model(name: str, path: Path, rounds: int, new_tokens: int, threa
         print(f"target {what}: {'met' if ok else 'NOT met'}")
 
 
-async def main(rounds: int, new_tokens: int, threads: int, models_wanted: str) -> None:
+Said = list[dict[str, str]] | str  # a chat's messages, or a text completion's prompt
+
+
+async def ask_turn(
+    session: aiohttp.ClientSession, node: NodeProcess, said: Said
+) -> tuple[float, str, str]:
+    """A turn entering at `node`: (seconds to its first token, the answer, who served)."""
+    started = time.perf_counter()
+    first = 0.0
+    text: list[str] = []
+    chat = not isinstance(said, str)
+    body = {
+        "model": "bench",
+        "max_tokens": 4,
+        "temperature": 0,
+        "stream": True,
+        **({"messages": said} if chat else {"prompt": said}),
+    }
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    async with session.post(node.url + path, json=body) as response:
+        if response.status != 200:
+            raise RuntimeError(f"{response.status}: {await response.text()}")
+        served = response.headers["x-allerac-node"]
+        async for line in response.content:
+            if not line.startswith(b"data: {"):
+                continue
+            choices = json.loads(line[6:])["choices"]
+            piece = choices[0].get("delta", {}).get("content") if chat else None
+            piece = piece or (choices[0].get("text") if choices else None)
+            if piece:
+                first = first or time.perf_counter() - started
+                text.append(piece)
+    return first, "".join(text), served
+
+
+async def cache_aware_of(session: aiohttp.ClientSession, node: NodeProcess) -> bool:
+    body = {"model": "bench", "messages": [{"role": "user", "content": "hi"}]}
+    async with session.post(node.url + "/allerac/route", json=body) as response:
+        return bool((await response.json())["cache_aware"])
+
+
+async def next_turn(
+    session: aiohttp.ClientSession, holder: NodeProcess, entry: NodeProcess, label: str, chat: bool
+) -> tuple[float, float, str]:
+    """A conversation's first turn served by `holder`, two other users' requests there, then
+    its next turn entering at `entry`: (first turn's TTFT, next turn's TTFT, who served it).
+    A chat, or (a model with no chat template) a text completion going on from the first."""
+    question = f"{label}. {HISTORY} What did we talk about?"
+    said: Said = [{"role": "user", "content": question}] if chat else f"{question}\nA:"
+    first, answer, _ = await ask_turn(session, holder, said)
+    for other in ("What is 2 + 2?", "Name a colour."):
+        asked = f"{label}: {other}"
+        await ask_turn(session, holder, [{"role": "user", "content": asked}] if chat else asked)
+    if isinstance(said, str):
+        said += f"{answer}\nQ: And what happened next?\nA:"
+    else:
+        said += [
+            {"role": "assistant", "content": answer},
+            {"role": "user", "content": "And what happened next?"},
+        ]
+    await asyncio.sleep(1.5)  # the user reads the answer; the boxes' heartbeats go on
+    then, _, served = await ask_turn(session, entry, said)
+    return first, then, served
+
+
+async def bench_conversation(name: str, path: Path, threads: int) -> None:
+    """Cache-aware routing: the next turn on one box, and across two boxes, on and off."""
+    with tempfile.TemporaryDirectory() as root:
+        config = bench_config(path, threads)
+        nodes = start_mesh(Path(root), {"a": config, "b": config})
+        a, b = nodes["a"], nodes["b"]
+        try:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
+                async with session.get(a.url + "/allerac/status") as response:
+                    chat = bool((await response.json())["models"][0]["chat"])
+                for node in (a, b):
+                    await ask_turn(session, node, "warm up")
+                rows = [
+                    ("one box (entry A, A holds it)", await next_turn(session, a, a, "One", chat))
+                ]
+                rows.append(
+                    ("two boxes, cache-aware on", await next_turn(session, a, b, "On", chat))
+                )
+                (b.home / "test-config.toml").write_text(
+                    bench_config(path, threads, cache_aware=False), encoding="utf-8"
+                )
+                assert b.proc is not None
+                b.proc.send_signal(signal.SIGHUP)  # reloaded at once; it serves on
+                for _ in range(200):
+                    if not await cache_aware_of(session, b):
+                        break
+                    await asyncio.sleep(0.05)
+                rows.append(
+                    ("two boxes, cache-aware off", await next_turn(session, a, b, "Off", chat))
+                )
+        finally:
+            for node in nodes.values():
+                node.kill()
+    who = {a.node_id: "A", b.node_id: "B"}
+    kind = "chat" if chat else "text completion (no chat template)"
+    print(f"\nmodel {name}: next turn of a ~1,400-token {kind} after two other users")
+    print(f"{'':32} {'first turn ms':>13} {'next turn ms':>12} {'ratio':>6}  served by")
+    for label, (first, then, served) in rows:
+        print(
+            f"{label:32} {first * 1000:13.0f} {then * 1000:12.0f} {then / first:6.0%}  "
+            f"{who.get(served, served[:7])}"
+        )
+    for label, (first, then, _) in rows[:2]:
+        print(f"target {label}: next turn <= 15 % of the first: "
+              f"{'met' if then <= 0.15 * first else 'NOT met'}")  # fmt: skip
+
+
+async def main(
+    rounds: int, new_tokens: int, threads: int, models_wanted: str, part: str = "all"
+) -> None:
     print(
         f"machine: {platform.machine()} {os.cpu_count()} CPUs ({threads} physical cores), "
         f"{platform.python_version()}, {platform.platform()}; load average "
@@ -369,7 +498,10 @@ async def main(rounds: int, new_tokens: int, threads: int, models_wanted: str) -
     else:
         models.append(("gemma-3-270m", gemma))
     for name, path in models:
-        await bench_model(name, path, rounds, new_tokens, threads)
+        if part in ("all", "slots"):
+            await bench_model(name, path, rounds, new_tokens, threads)
+        if part in ("all", "conversation"):
+            await bench_conversation(name, path, threads)
 
 
 if __name__ == "__main__":
@@ -384,5 +516,11 @@ if __name__ == "__main__":
         "with other busy work, 1: llama.cpp's threads spin-wait for each other)",
     )
     parser.add_argument("--models", choices=("all", "smollm2", "gemma"), default="all")
+    parser.add_argument(
+        "--part",
+        choices=("all", "slots", "conversation"),
+        default="all",
+        help="slots: several users on one box; conversation: cache-aware routing's rows",
+    )
     args = parser.parse_args()
-    asyncio.run(main(args.rounds, args.tokens, args.threads, args.models))
+    asyncio.run(main(args.rounds, args.tokens, args.threads, args.models, args.part))

@@ -34,6 +34,7 @@ Example file:
     [scheduler]
     max_wait_ms = 0           # wait this long on a nearer tier before using a further one
     privacy = "mesh"          # default for requests: local-only | mesh | any
+    cache_aware = true        # a conversation's next turn goes back to the box holding it
 
     [[models]]
     name = "smollm2-135m-instruct"
@@ -184,6 +185,9 @@ class NodeConfig:
     # and the privacy policy of requests that do not choose one.
     max_wait_ms: float = 0.0
     privacy: str = "mesh"
+    # Cache-aware routing: send a conversation's next turn to the box whose prompt cache
+    # holds its start, when that is quicker there (mesh.routing.scheduler, step 4).
+    cache_aware: bool = True
     # An overflow (cloud) node's plan for the mesh it serves: a quota spec on its tokens.
     cloud_plan: str = "unlimited"
     # The scraper's credential for /metrics from beyond this box ([metrics] token).
@@ -737,7 +741,12 @@ def _node_settings(reader: _Reader, *, base_dir: Path, box: Box) -> dict[str, An
                     "privacy", privacy, f"must be one of {', '.join(PRIVACY_POLICIES)}"
                 )
             out["privacy"] = privacy
-        sched.finish(("max_wait_ms", "privacy"))
+        if sched.has("cache_aware"):
+            cache_aware = sched.raw("cache_aware")
+            if not isinstance(cache_aware, bool):
+                raise sched.fail("cache_aware", cache_aware, "must be true or false")
+            out["cache_aware"] = cache_aware
+        sched.finish(("max_wait_ms", "privacy", "cache_aware"))
     reader.finish(
         (
             "display_name",

@@ -21,6 +21,7 @@ from mesh.quota.plans import Plan
 LIVE_FIELDS = (
     "max_wait_ms",
     "privacy",
+    "cache_aware",
     "max_request_bytes",
     "http_allowed_hosts",
     "http_cors_origins",
@@ -35,7 +36,7 @@ _LISTS = ("models", "peers", "relays")
 
 def config_key(field_name: str) -> str:
     """The config file's name for a NodeConfig field: `http_port` -> `http.port`."""
-    if field_name in ("max_wait_ms", "privacy"):
+    if field_name in ("max_wait_ms", "privacy", "cache_aware"):
         return f"scheduler.{field_name}"
     for table in ("http", "grpc"):
         if field_name.startswith(f"{table}_"):

@@ -36,6 +36,8 @@ MAX_STOP_SEQUENCES = 4
 MAX_STOP_CHARS = 256
 MAX_MAX_TOKENS = 1 << 20
 REQUEST_ID_HEX_CHARS = 32
+PREFIX_KEY_BYTES = 16  # a conversation prefix's key (mesh.routing.prefix)
+MAX_HELD_PREFIXES = 64  # keys a box advertises per model (its most recently used)
 
 
 def new_request_id() -> str:
@@ -311,6 +313,9 @@ class InferenceRequest:
     tool_choice: ToolChoice | None = None  # None: the model's default (auto with tools)
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
+    # The conversation prefix the entry node expects the serving box to hold (a key of
+    # mesh.routing.prefix; empty: none), so that box can tell whether it still did.
+    cache_prefix: bytes = b""
 
     def __post_init__(self) -> None:
         if not self.model or len(self.model) > 256:
@@ -347,6 +352,13 @@ class InferenceRequest:
             )
         if len(self.user) > 256:
             raise InvalidRequest("user must be at most 256 characters", param="user")
+        if self.cache_prefix and (
+            len(self.cache_prefix) != PREFIX_KEY_BYTES or self.inputs is not None
+        ):
+            raise InvalidRequest(
+                f"cache_prefix must be a chat's or a prompt's {PREFIX_KEY_BYTES}-byte prefix key",
+                param="cache_prefix",
+            )
 
     def _check_inputs(self) -> None:
         assert self.inputs is not None
@@ -517,12 +529,16 @@ class ModelInfo:
     context_length: int = 0
     backend: str = ""
     tokens_per_second: float = 0.0
+    prompt_tokens_per_second: float = 0.0  # prompt tokens read a second, measured (0: not yet)
     chat: bool = True
     # This box's own models only (`allerac status`; not on the card): decode threads and
     # slots (requests decoded at once); 0 where it does not apply or is not known.
     threads: int = 0
     parallel: int = 0
     features: frozenset[Feature] = frozenset()  # what it honours beyond plain sampling
+    # The conversation prefixes its slots and saved prompts hold (keys of
+    # mesh.routing.prefix; at most MAX_HELD_PREFIXES), for cache-aware routing.
+    prefixes: frozenset[bytes] = frozenset()
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -11,7 +11,7 @@ import sys
 import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import click
 
@@ -19,7 +19,7 @@ from mesh.config import Flags
 from mesh.errors import MeshError
 from node.cli_backup import backup
 from node.cli_client import NodeAddress, NodeRefused, node_at, node_json, node_request
-from node.cli_options import home_option
+from node.cli_options import chat_body, home_option
 from node.cli_service import service
 from node.signals import SighupReloads
 from node.store.config_file import ConfigSource, build_config
@@ -438,9 +438,17 @@ def status(home_dir: Path | None, as_json: bool) -> None:
         where = (
             f"  {model['parallel']} slots, {model['threads']} threads" if model["threads"] else ""
         )
+        held = model.get("conversations_held")
         click.echo(
             f"model     {model['name']}  ctx {model['context_length']}  "
             f"{model['quantization'] or '?'}  {tps}{where}"
+            + (f", {held} conversations held" if held else "")
+        )
+    routed = info.get("cache_routed") or {}
+    if routed.get("asked"):
+        click.echo(
+            f"cache     {routed['asked']} requests sent here for a conversation it held, "
+            f"{routed['held']} still held"
         )
     click.echo(f"mesh      {info['mesh_id']}  (this node: {info['role']})")
     if not info["peers"]:
@@ -573,6 +581,15 @@ def _chat_session(
     help="Capabilities the request asks, comma-separated (tools, structured_output, logprobs, "
     "penalties, logit_bias, echo, choices, embeddings).",
 )
+@click.option(
+    "--messages",
+    "messages_file",
+    type=click.File("r", encoding="utf-8"),
+    default=None,
+    help="Plan this chat: a JSON file ('-': stdin) holding its messages (an array of "
+    "OpenAI messages, or a whole chat completions body); shows the boxes holding the start "
+    "of the conversation (cache-aware routing).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def route(
     home_dir: Path | None,
@@ -581,18 +598,24 @@ def route(
     privacy: str,
     max_tokens: int | None,
     needs: str,
+    messages_file: TextIO | None,
     as_json: bool,
 ) -> None:
     """Where a request for MODEL would go now, and (--explain) why."""
-    query = urllib.parse.urlencode(
-        {
-            "model": model,
-            "privacy": privacy,
-            **({"max_tokens": max_tokens} if max_tokens else {}),
-            **({"needs": needs} if needs else {}),
-        }
-    )
-    data = node_json(node_at(home_dir), "GET", f"/allerac/route?{query}")
+    if messages_file is not None:
+        body = chat_body(messages_file, model=model, max_tokens=max_tokens)
+        query = urllib.parse.urlencode({"privacy": privacy})
+        data = node_json(node_at(home_dir), "POST", f"/allerac/route?{query}", body)
+    else:
+        query = urllib.parse.urlencode(
+            {
+                "model": model,
+                "privacy": privacy,
+                **({"max_tokens": max_tokens} if max_tokens else {}),
+                **({"needs": needs} if needs else {}),
+            }
+        )
+        data = node_json(node_at(home_dir), "GET", f"/allerac/route?{query}")
     rows = data["candidates"]
     chosen = next((r for r in rows if r["status"] == "chosen"), None)
     if as_json:
@@ -604,7 +627,7 @@ def route(
     if explain and not as_json:
         click.echo(
             f"{'NODE':16} {'ROUTE':6} {'ETA ms':>8} {'WAIT ms':>8} {'RTT ms':>7} "
-            f"{'LOAD':>6} {'TOK/S':>6}  STATUS"
+            f"{'LOAD':>6} {'TOK/S':>6} {'CACHED':>6}  STATUS"
         )
         for r in rows:
             eta = f"{r['eta_ms']:.0f}" if r["eta_ms"] is not None else "-"
@@ -612,8 +635,10 @@ def route(
             click.echo(
                 f"{r['node_id'][:15]:16} {r['route']:6} {eta:>8} {wait:>8} "
                 f"{r['rtt_ms']:>7.1f} {r['busy']:>3}/{r['slots']:<2} "
-                f"{r['tokens_per_second']:>6.0f}  {r['status']}"
+                f"{r['tokens_per_second']:>6.0f} {r.get('cached_tokens', 0):>6}  {r['status']}"
             )
+        if data.get("by_cache"):
+            click.echo("The cache decided: without it another box would serve this request.")
     if chosen is None:
         sys.exit(1)  # the question was "who serves it": nobody does
 

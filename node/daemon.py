@@ -171,9 +171,18 @@ class Cards:
         self.public = pb.SignedCard()
         self.full = pb.SignedCard()
         self.issued_at_ms = 0
+        self._prefixes: dict[str, frozenset[bytes]] = {}  # what the full card says is held
+
+    def current_issued_at(self) -> int:
+        """The cards' version, re-signed first when the conversations this box's models hold
+        moved (peers fetch the new full card when a heartbeat shows the version changed)."""
+        if self._models.held_prefixes() != self._prefixes:
+            self.refresh()
+        return self.issued_at_ms
 
     def refresh(self) -> None:
         """Re-sign both cards (after a key rotation, a join, a model change)."""
+        self._prefixes = self._models.held_prefixes()
         trust = self._trust
         common = {
             "membership": trust.cert,
@@ -201,12 +210,16 @@ class Cards:
     def speeds_moved(self) -> bool:
         """A model's measured speed moved by more than TPS_DRIFT since the card said it."""
         card = pb.NodeCard.FromString(self.full.card)
-        advertised = {m.name: m.tokens_per_second for m in card.models}
+        advertised = {
+            m.name: (m.tokens_per_second, m.prompt_tokens_per_second) for m in card.models
+        }
         for info in self._models.models():
-            before = advertised.get(info.name, 0.0)
-            now = info.tokens_per_second
-            if now and (not before or abs(now - before) / before > TPS_DRIFT):
-                return True
+            said = advertised.get(info.name, (0.0, 0.0))
+            for before, now in zip(
+                said, (info.tokens_per_second, info.prompt_tokens_per_second), strict=True
+            ):
+                if now and (not before or abs(now - before) / before > TPS_DRIFT):
+                    return True
         return False
 
 
@@ -313,6 +326,7 @@ async def _open_parts(
             plans=plans,
             max_wait_ms=config.max_wait_ms,
             default_privacy=Privacy(config.privacy),
+            cache_aware=config.cache_aware,
             clock=clock,
         ),
         serving=ServingSide(
@@ -460,7 +474,7 @@ class RunningNode:
             full_card=lambda: self.cards.full,
             on_revocations=self.after_membership_change,
             on_leaving=parts.peering.leaving,
-            card_issued_at=lambda: self.cards.issued_at_ms,
+            card_issued_at=self.cards.current_issued_at,
             on_member_joined=self._member_joined,
             ledger=parts.ledger,
             quota=parts.quota,
@@ -834,13 +848,18 @@ class RunningNode:
                     "context_length": m.context_length,
                     "backend": m.backend,
                     "tokens_per_second": m.tokens_per_second,
+                    "prompt_tokens_per_second": m.prompt_tokens_per_second,
                     "chat": m.chat,
                     "threads": m.threads,
                     "parallel": m.parallel,
                     "requests": counters.get(m.name, {}),
+                    "conversations_held": len(m.prefixes),
                 }
                 for m in self.models.models()
             ],
+            # Requests peers sent here for a conversation this box held (cache-aware
+            # routing), and how many found it still held.
+            "cache_routed": dict(self.models.cache_routed),
             "peers": [
                 {
                     "node_id": peer.node_id,

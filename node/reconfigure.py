@@ -201,7 +201,9 @@ class Reconfigurer:
     def _apply_settings(self, config: NodeConfig) -> None:
         node = self._node
         node.entry.reschedule(
-            max_wait_ms=config.max_wait_ms, default_privacy=Privacy(config.privacy)
+            max_wait_ms=config.max_wait_ms,
+            default_privacy=Privacy(config.privacy),
+            cache_aware=config.cache_aware,
         )
         node.plans.configure(config.plans)
         limits = node.http_limits

@@ -58,6 +58,7 @@ from mesh.inference import (
 from mesh.ledger.records import open_record
 from mesh.quota.rules import UNLIMITED, Quota, parse_quota
 from mesh.routing.peers import PeerEvent, PeerTable
+from mesh.routing.prefix import request_key
 from mesh.routing.scheduler import Privacy
 from mesh.trust.cards import HardwareSummary
 from mesh.trust.invites import decode_invite, make_join_request
@@ -215,10 +216,15 @@ class ScriptedBackend:
         model: str = MODEL,
         parameters: int = 0,
         features: frozenset[Feature] = frozenset(),
+        remember: int = 0,
     ) -> None:
         self.script = script or Script()
         self.active = 0
         self.slots = slots
+        # A prompt cache holding the last `remember` chats it was asked (0: none), as the
+        # llama.cpp backend says what it holds (`held_prefixes`).
+        self.remember = remember
+        self._held: dict[bytes, None] = {}
         self.asked: list[InferenceRequest] = []
         self.counters = {"completed": 0, "cancelled": 0, "failed": 0, "rejected": 0}
         self.info = ModelInfo(
@@ -241,7 +247,16 @@ class ScriptedBackend:
             raise Overloaded("every slot is taken")
         self.asked.append(request)
         self.active += 1
+        key = request_key(request) if self.remember else None
+        if key is not None:
+            self._held.pop(key, None)
+            self._held[key] = None
+            while len(self._held) > self.remember:
+                del self._held[next(iter(self._held))]
         return ScriptedStream(self, request)
+
+    def held_prefixes(self) -> frozenset[bytes]:
+        return frozenset(self._held)
 
     async def aclose(self) -> None:
         pass
@@ -481,6 +496,7 @@ class Directory:
         self._node = node
         self.handles: dict[str, PeerHandle] = {}
         self.applied: list[PeerEvent] = []
+        self._card_versions: dict[str, int] = {}  # node ID -> issued-at of the card we hold
 
     def client(self, node_id: str) -> PeerHandle | None:
         return self.handles.get(node_id)
@@ -498,18 +514,24 @@ class Directory:
             transport=MemoryTransport(node.net, node, other.address),
         )
         card = await client.public_card()
-        full = await client.full_card(card)
-        route = Route.CLOUD if card.membership.role is Role.OVERFLOW else Route.LAN
         self.handles[card.node_id] = PeerHandle(client, card)
-        node.table.verified(
-            node_id=card.node_id,
-            address=other.address,
+        await self._learn(card.node_id, other.address)
+        await self.ping(card.node_id, rtt_ms=rtt_ms)
+
+    async def _learn(self, node_id: str, address: str) -> None:
+        """The peer's sealed full card, into the table (peering's `_learn`)."""
+        handle = self.handles[node_id]
+        full = await handle.client.full_card(handle.card)
+        self._card_versions[node_id] = full.issued_at_unix_ms
+        route = Route.CLOUD if handle.card.membership.role is Role.OVERFLOW else Route.LAN
+        self._node.table.verified(
+            node_id=node_id,
+            address=address,
             route=route,
             models=tuple(codec.model_from_pb(m) for m in full.models),
             display_name=full.display_name,
-            now_ms=node.clock.now_ms(),
+            now_ms=self._node.clock.now_ms(),
         )
-        await self.ping(card.node_id, rtt_ms=rtt_ms)
 
     async def ping(self, node_id: str, *, rtt_ms: float = 1.0) -> bool:
         """A heartbeat: the peer's load now; False when it did not answer."""
@@ -518,6 +540,11 @@ class Directory:
             reply = await handle.client.ping()
         except MeshError:
             return False
+        if reply.card_issued_at_unix_ms != self._card_versions.get(node_id):
+            peer = self._node.table.get(node_id)  # a new card: fetched, as peering does
+            if peer is not None:
+                with contextlib.suppress(MeshError):
+                    await self._learn(node_id, peer.address)
         self.apply(
             self._node.table.heartbeat_ok(
                 node_id,
@@ -620,7 +647,7 @@ class Node:
             public_card=lambda: self.cards.public,
             full_card=lambda: self.cards.full,
             on_revocations=self.cards.refresh,
-            card_issued_at=lambda: self.cards.issued_at_ms,
+            card_issued_at=self.cards.current_issued_at,
             ledger=self.ledger,
             quota=self.quota,
             users=self.users,

@@ -29,6 +29,29 @@ def test_route_for_a_model_nobody_serves_exits_non_zero(node: NodeProcess) -> No
     assert "nobody can serve it now" in missing.stdout  # the explanation is still shown
 
 
+def test_route_plans_a_given_chat_and_refuses_a_bad_one(node: NodeProcess, tmp_path: Path) -> None:
+    chat = tmp_path / "chat.json"
+    chat.write_text('[{"role": "user", "content": "Hi"}]', encoding="utf-8")
+    planned = run_cli(node.home, "route", "--explain", "--messages", str(chat), "default")
+    assert planned.returncode == 0, planned.stderr
+    assert "CACHED" in planned.stdout
+    chat.write_text("[{", encoding="utf-8")
+    broken = run_cli(node.home, "route", "--messages", str(chat), "default")
+    assert broken.returncode == 2
+    assert "is not JSON" in broken.stderr
+    chat.write_text('[{"role": "robot", "content": "Hi"}]', encoding="utf-8")
+    wrong = run_cli(node.home, "route", "--messages", str(chat), "default")
+    assert wrong.returncode == 1
+    assert "400" in wrong.stderr
+    assert "messages[0].role" in wrong.stderr
+    chat.write_text('"Hi"', encoding="utf-8")
+    assert "array of messages" in run_cli(node.home, "route", "--messages", str(chat), "x").stderr
+    owner = {"Content-Type": "application/json", **node.owner}
+    body = {"model": "default", "messages": [{"role": "user", "content": "Hi"}]}
+    status, _, refused = raw(node, "POST", "/allerac/route?privacy=nowhere", body, owner)
+    assert (status, refused["error"]["param"]) == (400, "privacy")
+
+
 def test_a_malformed_invite_code_is_a_400(node: NodeProcess) -> None:
     owner = {"Content-Type": "application/json", **node.owner}
     for code in ("hello", "allerac1-!!!!", "allerac1-AAAA"):

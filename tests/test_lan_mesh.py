@@ -217,3 +217,78 @@ def test_ledger_verify_names_an_edited_record(
     assert {"kind": "bad_signature", "node_id": a.node_id, "seq": row[0]}.items() <= next(
         p for p in problems if p["kind"] == "bad_signature"
     ).items()
+
+
+def open_stream(node: NodeProcess, path: str, body: dict[str, Any], privacy: str = "mesh") -> Any:
+    """A streamed answer, open (closing it early cancels the work)."""
+    request = urllib.request.Request(
+        node.url + path,
+        data=json.dumps({**body, "stream": True}).encode(),
+        headers={"Content-Type": "application/json", "x-allerac-privacy": privacy},
+        method="POST",
+    )
+    response = urllib.request.urlopen(request, timeout=60)
+    response.readline()  # its first event: it runs
+    return response
+
+
+def served_by(node: NodeProcess, body: dict[str, Any]) -> str:
+    """Which box starts answering `body` entering at `node` (the rest is not waited for)."""
+    with open_stream(node, "/v1/chat/completions", body) as response:
+        return str(response.headers["x-allerac-node"])
+
+
+def explain_at(node: NodeProcess, body: dict[str, Any]) -> dict[str, Any]:
+    code, _, shown = post(node, "/allerac/route?privacy=mesh", body)
+    assert code == 200, shown
+    return dict(shown)
+
+
+def test_a_next_turn_goes_to_the_box_holding_its_start_unless_it_is_busy(
+    mesh3: dict[str, NodeProcess], tmp_path: Path
+) -> None:
+    """Cache-aware routing with real boxes: b serves a conversation's first turn; a, idle,
+    sends the next turn to b (b reads only what is new), and keeps it when b is busy beyond
+    what its cache saves (the answer asked is longer than the prompt b would not read)."""
+    a, b = mesh3["a"], mesh3["b"]
+    model = "smollm2-135m-instruct"
+    notes = " ".join(f"Note {i}: the shed roof leaks." for i in range(10))  # ~80 tokens
+    said = [{"role": "user", "content": f"{notes} Which notes mention the roof?"}]
+    code, _, body = post(
+        b,
+        "/v1/chat/completions",
+        {"model": model, "messages": said, "max_tokens": 4},
+        {"x-allerac-privacy": "local-only"},
+    )
+    assert code == 200, body
+    said += [
+        {"role": "assistant", "content": body["choices"][0]["message"]["content"]},
+        {"role": "user", "content": "And which mention the door?"},
+    ]
+    turn = {"model": model, "messages": said, "max_tokens": 256}
+    # a hears of it at a heartbeat: b's new card (sealed) says which chats it holds.
+    wait_until(lambda: explain_at(a, turn)["by_cache"], 10, "a plans the next turn for b")
+    conversation = tmp_path / "conversation.json"
+    conversation.write_text(json.dumps(said), encoding="utf-8")
+    shown = run_cli(a.home, "route", "--explain", "--max-tokens", "256", "--messages",
+                    str(conversation), model)  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    assert f"{model} -> {b.node_id}" in shown.stdout
+    assert "The cache decided" in shown.stdout
+    assert served_by(a, turn) == b.node_id
+    assert status(b)["cache_routed"] == {"asked": 1, "held": 1}
+    shown_b = run_cli(b.home, "status").stdout
+    assert "conversations held" in shown_b
+    assert "1 requests sent here for a conversation it held, 1 still held" in shown_b
+
+    # b busy: one long answer running there costs the turn more than b's cache saves it.
+    hog = open_stream(
+        b, "/v1/completions", {"model": model, "prompt": "1, 2,", "max_tokens": 1000}, "local-only"
+    )
+    try:
+        wait_until(lambda: not explain_at(a, turn)["by_cache"], 10, "a sees b busy")
+        rows = {r["node_id"]: r for r in explain_at(a, turn)["candidates"]}
+        assert rows[b.node_id]["cached_tokens"] > 0  # b still holds it; it is too busy
+        assert served_by(a, turn) != b.node_id
+    finally:
+        hog.close()

@@ -35,6 +35,7 @@ from mesh.inference import (
     ToolChoice,
     ToolChoiceMode,
 )
+from mesh.routing.prefix import longest_held, request_boundaries, request_key
 from node.serving.backends.llama_cpp import LlamaCppBackend, LlamaStream
 from node.store.config_file import embedded_model_path
 
@@ -197,6 +198,9 @@ async def test_a_returning_conversation_reads_only_what_is_new(backend: LlamaCpp
     history = "The story so far: " + " ".join(f"day {i} was calm," for i in range(60))
     first = completion(history + " Then", max_tokens=4)
     await answer(backend, first)
+    then = completion(history + " Then the rain came, and", max_tokens=4)
+    # A text's prefix is named too (its whole 256-character chunks): its next turn finds it.
+    assert longest_held(request_boundaries(then), backend.held_prefixes()) is not None
     # Every slot is taken by other prompts: the conversation's slot moves on and its
     # prefix is saved; its next turn is restored from memory into whichever slot is free.
     others = [await backend.open(completion(f"{p} {p}", max_tokens=4)) for p in PROMPTS]
@@ -206,11 +210,40 @@ async def test_a_returning_conversation_reads_only_what_is_new(backend: LlamaCpp
     saved, cached = stats["prefixes_saved"], stats["prompt_tokens_cached"]
     assert saved >= 1
     read_before = stats["prompt_tokens_read"]
-    await answer(backend, completion(history + " Then the rain came, and", max_tokens=4))
+    await answer(backend, then)
     history_tokens = len(backend._model.tokenize(history.encode(), True, False))
     assert stats["prefixes_restored"] >= 1
     assert stats["prompt_tokens_cached"] - cached >= history_tokens - 1
     assert stats["prompt_tokens_read"] - read_before < 16
+
+
+async def test_a_model_names_the_chats_its_slots_and_saved_prefixes_hold(
+    backend: LlamaCppBackend,
+) -> None:
+    """What its card advertises for cache-aware routing (mesh.routing.prefix)."""
+    await idle(backend)
+    story = chat(
+        "The story so far: " + " ".join(f"night {i} was long," for i in range(20)), max_tokens=2
+    )
+    short = chat("Hi", max_tokens=2)
+    for request in (story, short):
+        await answer(backend, request)
+        assert request_key(request) in backend.held_prefixes()
+    # The story's prompt was read alone: its speed is measured (what the scheduler uses).
+    assert backend.info.prompt_tokens_per_second > 0
+    # Every slot is taken by other chats at once: the story's prompt is saved and still
+    # held; the short one's (too short to be worth saving) is gone with its slot.
+    others = [await backend.open(chat(f"{p} {p}", max_tokens=2)) for p in PROMPTS]
+    firsts = [await anext(aiter(stream)) for stream in others]
+    held_while_running = backend.held_prefixes()
+    for stream, first_event in zip(others, firsts, strict=True):
+        await read(stream, first_event)
+    held = backend.held_prefixes()
+    assert request_key(story) in held_while_running
+    assert request_key(story) in held
+    assert request_key(short) not in held
+    assert {request_key(chat(f"{p} {p}")) for p in PROMPTS} <= held
+    assert request_key(completion("1, 2, 3")) is None  # a text completion names nothing
 
 
 async def test_a_structured_answer_follows_its_grammar_beside_plain_ones(

@@ -6,11 +6,13 @@ Pure: the peer table, this box's offer and a request in; candidates, estimates a
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from mesh.inference import InferenceRequest, Load, ModelInfo, Route
 from mesh.routing.peers import PeerState, PeerTable
+from mesh.routing.prefix import Boundary, longest_held
 from mesh.routing.refusals import Unplanned
 from mesh.routing.scheduler import Candidate, Needs, Plan, Privacy, Scored
 
@@ -28,7 +30,9 @@ class LocalOffer:
     load: Load
     service_ms: float
 
-    def candidate(self) -> Candidate:
+    def candidate(self, found: Sequence[Boundary] = ()) -> Candidate:
+        """This box as a candidate; `found`: the request's conversation prefixes."""
+        held = longest_held(found, self.info.prefixes) if found else None
         return Candidate(
             node_id=self.node_id,
             route=Route.LOCAL,
@@ -42,6 +46,9 @@ class LocalOffer:
             available=not self.load.draining,
             unavailable_reason="draining",
             features=self.info.features,
+            prompt_tokens_per_second=self.info.prompt_tokens_per_second,
+            cached_tokens=held.tokens if held else 0,
+            cache_prefix=held.key if held else b"",
         )
 
 
@@ -77,13 +84,16 @@ def candidates(
     peers: PeerTable,
     estimate: Estimate | None = None,
     needs: Needs = (),
+    found: Sequence[Boundary] = (),
 ) -> list[Candidate]:
     """This box (when it serves `model`) and the peers serving it. With an `estimate`, only
     the most promising peers for it (a vectorized pre-selection, so thousands of peers cost
     about nothing); without, every peer that serves it (for `explain`). A request that
     `needs` capabilities looks at every peer whose model has them (the pre-selection does
-    not know capabilities, and could leave only peers that lack them)."""
-    out = [local.candidate()] if local is not None else []
+    not know capabilities, and could leave only peers that lack them). `found`: the
+    request's conversation prefixes (mesh.routing.prefix); the peers holding one are
+    looked at too, with what they hold."""
+    out = [local.candidate(found)] if local is not None else []
     wanted = {feature for feature, _ in needs}
     capable = (
         [
@@ -105,6 +115,10 @@ def candidates(
         )
     else:
         chosen = list(peers)
+    holding = peers.holding(found) if found else {}
+    if holding:
+        looked = {peer.node_id for peer in chosen}
+        chosen += [peer for node_id, peer in holding.items() if node_id not in looked]
     # A peer that has not measured this model yet is assumed as fast as this box is at it
     # (rather than a pessimistic default that would keep it idle).
     local_speed = local.info.tokens_per_second if local is not None else 0.0
@@ -112,6 +126,7 @@ def candidates(
         info = peer.serves(model)
         if info is None:
             continue
+        held = longest_held(found, info.prefixes) if peer.node_id in holding else None
         out.append(
             Candidate(
                 node_id=peer.node_id,
@@ -127,6 +142,9 @@ def candidates(
                 available=peer.state is PeerState.UP and not peer.load.draining,
                 unavailable_reason=f"peer is {peer.state}",
                 features=info.features,
+                prompt_tokens_per_second=info.prompt_tokens_per_second,
+                cached_tokens=held.tokens if held else 0,
+                cache_prefix=held.key if held else b"",
             )
         )
     return out
@@ -178,6 +196,8 @@ def explain(model: str, privacy: Privacy, decided: Plan) -> dict[str, Any]:
             "parallel": candidate.parallel,
             "tokens_per_second": candidate.tokens_per_second,
             "capabilities": sorted(f.value for f in candidate.features),
+            "cached_tokens": candidate.cached_tokens,
+            "read_ms": round(scored.read_ms, 1) if scored else None,
             "status": status,
         }
 
@@ -186,4 +206,10 @@ def explain(model: str, privacy: Privacy, decided: Plan) -> dict[str, Any]:
         for i, s in enumerate(decided.order)
     ]
     rows += [row(None, x.candidate, x.detail) for x in decided.excluded]
-    return {"model": model, "privacy": privacy.value, "reason": decided.reason, "candidates": rows}
+    return {
+        "model": model,
+        "privacy": privacy.value,
+        "reason": decided.reason,
+        "by_cache": decided.by_cache,
+        "candidates": rows,
+    }

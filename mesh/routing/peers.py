@@ -18,10 +18,12 @@ DOWN_AFTER_MS + one heartbeat (< 6 s); a node back is up at its first answer.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 
-from mesh.inference import Load, ModelInfo, Route
+from mesh.inference import MAX_HELD_PREFIXES, Load, ModelInfo, Route
 from mesh.routing.peer_index import ModelColumns
+from mesh.routing.prefix import Boundary
 
 HEARTBEAT_INTERVAL_MS = 1000
 HEARTBEAT_TIMEOUT_MS = 1000
@@ -91,6 +93,8 @@ class PeerTable:
     def __init__(self) -> None:
         self._peers: dict[str, Peer] = {}
         self._index: dict[str, ModelColumns] = {}  # model name or alias -> columns
+        # Conversation prefix key -> the peers whose card says they hold it (any model).
+        self._holders: dict[bytes, set[str]] = {}
 
     # --- the per-model index (kept in step with every change to a peer) -----------------
 
@@ -117,6 +121,43 @@ class PeerTable:
                 columns = self._index.get(name)
                 if columns is not None:
                     columns.remove(peer.node_id)
+            for key in info.prefixes:
+                holders = self._holders.get(key)
+                if holders is not None:
+                    holders.discard(peer.node_id)
+                    if not holders:
+                        del self._holders[key]
+
+    def _index_prefixes(self, peer: Peer) -> None:
+        for info in peer.models:
+            for key in info.prefixes:
+                self._holders.setdefault(key, set()).add(peer.node_id)
+
+    def note_held(self, node_id: str, model: str, key: bytes) -> None:
+        """A peer answered a chat with `model` (its canonical name): its prompt cache holds
+        that chat now, until its next card says otherwise."""
+        peer = self._peers.get(node_id)
+        if peer is None:
+            return
+        for i, info in enumerate(peer.models):
+            if info.name == model and key not in info.prefixes:
+                if len(info.prefixes) >= MAX_HELD_PREFIXES:
+                    return  # its card says what it holds; a note never grows it past that
+                models = list(peer.models)
+                models[i] = replace(info, prefixes=info.prefixes | {key})
+                peer.models = tuple(models)
+                self._holders.setdefault(key, set()).add(node_id)
+                return
+
+    def holding(self, found: Sequence[Boundary]) -> dict[str, Peer]:
+        """The peers holding one of a request's conversation prefixes (one lookup each)."""
+        out: dict[str, Peer] = {}
+        for boundary in found:
+            for node_id in self._holders.get(boundary.key, ()):
+                peer = self._peers.get(node_id)
+                if peer is not None:
+                    out[node_id] = peer
+        return out
 
     def best(self, model: str, *, k: int, new_tokens: int, needed_context: int) -> list[Peer]:
         """The k most promising peers for `model` (vectorized; see mesh.routing.peer_index)."""
@@ -171,12 +212,14 @@ class PeerTable:
             )
             self._peers[node_id] = peer
             self._sync(peer)
+            self._index_prefixes(peer)
             return [PeerDiscovered(node_id)]
         self._unindex(peer)
         peer.address, peer.route, peer.models = address, route, models
         peer.display_name = display_name
         events = self._mark_ok(peer, now_ms, "card verified")
         self._sync(peer)
+        self._index_prefixes(peer)
         return events
 
     def _mark_ok(self, peer: Peer, now_ms: int, reason: str) -> list[PeerEvent]:

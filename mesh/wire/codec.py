@@ -29,10 +29,12 @@ from mesh.errors import (
 )
 from mesh.inference import (
     MAX_EMBED_INPUTS,
+    MAX_HELD_PREFIXES,
     MAX_MESSAGES,
     MAX_TOOL_CALLS,
     MAX_TOOLS,
     MAX_TOP_LOGPROBS,
+    PREFIX_KEY_BYTES,
     ChatMessage,
     Feature,
     Finished,
@@ -170,6 +172,7 @@ def request_to_pb(request: InferenceRequest) -> pb.InferBody:
             for t in request.tools
         ],
         parallel_tool_calls=request.parallel_tool_calls,
+        cache_prefix=request.cache_prefix,
     )
     if request.tool_choice is not None:
         body.tool_choice.CopyFrom(
@@ -259,6 +262,7 @@ def request_from_pb(body: pb.InferBody) -> InferenceRequest:
         tool_choice=_tool_choice_from_pb(body),
         parallel_tool_calls=_opt(body, "parallel_tool_calls"),
         response_format=_format_from_pb(body),
+        cache_prefix=body.cache_prefix,
     )
 
 
@@ -432,8 +436,10 @@ def model_to_pb(info: ModelInfo) -> pb.ModelCard:
         context_length=info.context_length,
         backend=info.backend,
         tokens_per_second=info.tokens_per_second,
+        prompt_tokens_per_second=info.prompt_tokens_per_second,
         chat=info.chat,
         features=sorted(f.value for f in info.features),
+        prefixes=sorted(info.prefixes),
     )
 
 
@@ -459,6 +465,11 @@ def _by_code() -> dict[str, type[MeshError]]:
     return found
 
 
+def _speed(value: float) -> float:
+    """A peer's measured speed, or 0 (not known) when it is not a positive number."""
+    return value if math.isfinite(value) and value > 0 else 0.0
+
+
 def model_from_pb(card: pb.ModelCard) -> ModelInfo:
     return ModelInfo(
         name=card.name,
@@ -469,8 +480,13 @@ def model_from_pb(card: pb.ModelCard) -> ModelInfo:
         context_length=card.context_length,
         backend=card.backend,
         tokens_per_second=card.tokens_per_second,
+        prompt_tokens_per_second=_speed(card.prompt_tokens_per_second),
         chat=card.chat,
         features=Feature.parse_all(card.features[:MAX_CARD_FEATURES]),
+        # Only well-formed keys count (a wrong one could only misroute: it is left out).
+        prefixes=frozenset(
+            key for key in card.prefixes[:MAX_HELD_PREFIXES] if len(key) == PREFIX_KEY_BYTES
+        ),
     )
 
 

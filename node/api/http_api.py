@@ -462,6 +462,22 @@ async def route_explain(request: web.Request) -> web.Response:
     )
 
 
+async def route_explain_request(request: web.Request) -> web.Response:
+    """POST /allerac/route: where a chat request (an OpenAI chat body; privacy from the
+    query, as GET has it, or the usual header) would go now, and why: its prompt, what it
+    asks, and the boxes holding the start of its conversation (`route --messages`)."""
+    caller = get_caller(request)
+    body = await _read_body(request)
+    parsed = openai_api.parse_chat_request(body, max_bytes=request.app[LIMITS].max_request_bytes)
+    entry = request.app[ENTRY]
+    requested = request.query.get("privacy")
+    asked = Privacy.parse(requested) if requested is not None else _privacy(request)
+    privacy = caller.privacy_for(asked) or entry.default_privacy
+    return json_response(
+        entry.explain_request(dataclasses.replace(parsed.request, user=caller.user), privacy)
+    )
+
+
 async def get_status(request: web.Request) -> web.Response:
     get_caller(request)  # beyond loopback: only with a key
     return json_response(request.app[STATUS]())
@@ -649,6 +665,7 @@ def build_app(
     app.router.add_post("/v1/embeddings", create_embeddings)
     app.router.add_get("/allerac/status", get_status)
     app.router.add_get("/allerac/route", route_explain)
+    app.router.add_post("/allerac/route", route_explain_request)
     app.router.add_get("/allerac/mesh", mesh_describe)
     app.router.add_post("/allerac/mesh/invites", mesh_invite)
     app.router.add_post("/allerac/mesh/join", mesh_join)

@@ -47,6 +47,7 @@ from mesh.inference import (
 from mesh.ledger.bounds import Delivered
 from mesh.routing import candidates as reach
 from mesh.routing.peers import PeerEvent, PeerTable
+from mesh.routing.prefix import request_boundaries, request_key
 from mesh.routing.refusals import Failure, Next, after_candidate_failure, no_candidate, refusal
 from mesh.routing.scheduler import DEFAULT_MAX_WAIT_MS, Candidate, Needs, Plan, Privacy, plan
 from mesh.wire.v1 import ledger_pb2 as lpb
@@ -99,6 +100,10 @@ class Starter:
         served_by = ServedBy(
             node_id=candidate.node_id, route=candidate.route, model=candidate.model
         )
+        if candidate.cache_prefix and candidate.route is not Route.LOCAL:
+            # The prefix a peer was chosen for, sealed inside the request (it counts
+            # whether it still held it).
+            request = dataclasses.replace(request, cache_prefix=candidate.cache_prefix)
         if candidate.route is Route.LOCAL:
             backend = self.models.resolve(request.model)
             if backend is None:
@@ -139,11 +144,19 @@ class Starter:
             if self._peering is not None:
                 self._peering.apply(events)
 
-    def served(self, served_by: ServedBy, elapsed_ms: float) -> None:
+    def served(
+        self, served_by: ServedBy, elapsed_ms: float, asked: InferenceRequest | None = None
+    ) -> None:
+        """`asked` was answered whole by `served_by`: learn how long it took; a peer's
+        prompt cache holds that chat now (known here at once, before its next card says
+        so: a tool call's result or a quick reply goes back to it)."""
         if served_by.route is Route.LOCAL:
             self.models.served(elapsed_ms)
-        else:
-            self.peers.served(served_by.node_id, elapsed_ms=elapsed_ms)
+            return
+        self.peers.served(served_by.node_id, elapsed_ms=elapsed_ms)
+        key = request_key(asked) if asked is not None else None
+        if key is not None:
+            self.peers.note_held(served_by.node_id, served_by.model, key)
 
 
 class EntryAnswer:
@@ -241,7 +254,7 @@ class EntryAnswer:
                             yield event
                             continue
                         self._starter.served(
-                            source.served_by, (self._clock.monotonic() - started) * 1000
+                            source.served_by, (self._clock.monotonic() - started) * 1000, asked
                         )
                         finished = True
                         event = await self._account(source.served_by, asked, event, seen)
@@ -378,6 +391,7 @@ class EntrySide:
         plans: PlanGate | None = None,
         max_wait_ms: float = DEFAULT_MAX_WAIT_MS,
         default_privacy: Privacy = Privacy.MESH,
+        cache_aware: bool = True,
         clock: Clock = SYSTEM,
     ) -> None:
         self.models = models
@@ -387,13 +401,17 @@ class EntrySide:
         self._admitter = admitter
         self._plans = plans
         self._max_wait_ms = max_wait_ms
+        self.cache_aware = cache_aware  # send a conversation back to the box holding it
         self._clock = clock
         self._starter = Starter(models=models, peers=peers, peering=peering)
 
-    def reschedule(self, *, max_wait_ms: float, default_privacy: Privacy) -> None:
+    def reschedule(
+        self, *, max_wait_ms: float, default_privacy: Privacy, cache_aware: bool = True
+    ) -> None:
         """New scheduler settings (a reloaded configuration), for the next request."""
         self._max_wait_ms = max_wait_ms
         self.default_privacy = default_privacy
+        self.cache_aware = cache_aware
 
     def mesh_models(self) -> list[tuple[ModelInfo, list[str]]]:
         """Every model the mesh can serve, with the nodes (up) that serve it."""
@@ -407,6 +425,8 @@ class EntrySide:
     ) -> Plan:
         estimate = reach.Estimate.of(request)
         needs = request.needs()
+        # The conversation's prefixes, hashed once per request (mesh.routing.prefix).
+        found = request_boundaries(request) if self.cache_aware else []
         return plan(
             reach.candidates(
                 request.model,
@@ -414,6 +434,7 @@ class EntrySide:
                 peers=self.peers,
                 estimate=estimate,
                 needs=needs,
+                found=found,
             ),
             privacy=privacy,
             prompt_tokens=estimate.prompt_tokens,
@@ -421,6 +442,7 @@ class EntrySide:
             max_wait_ms=self._max_wait_ms,
             closed=closed,
             needs=needs,
+            cache_aware=self.cache_aware,
         )
 
     def explain(
@@ -435,6 +457,13 @@ class EntrySide:
             needs=needs,
         )
         return reach.explain(model, privacy, decided)
+
+    def explain_request(self, request: InferenceRequest, privacy: Privacy) -> dict[str, Any]:
+        """Where `request` itself would go now, and why (its prompt, what it asks, and the
+        boxes holding the start of its conversation, as `answer` would plan it)."""
+        shown = reach.explain(request.model, privacy, self.plan(request, privacy))
+        shown["cache_aware"] = self.cache_aware
+        return shown
 
     @contextlib.asynccontextmanager
     async def answer(

@@ -10,16 +10,21 @@ they no longer resolve to it) and closed only once its answers in flight have fi
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Callable, Iterable, Sequence
 
 from mesh.inference import InferenceRequest, Load, ModelInfo
 from mesh.routing.candidates import LocalOffer
-from node.serving.backends.base import Backend, InferenceStream
+from node.serving.backends.base import Backend, HoldsPrefixes, InferenceStream
 
 logger = logging.getLogger(__name__)
 
 SERVICE_SMOOTHING = 0.3
+# Conversation prefixes the full card carries over all models (16 bytes each, so the card
+# stays far below mesh.trust.cards.MAX_CARD_BYTES however many models a box serves).
+MAX_CARD_PREFIXES = 256
+MIN_PREFIXES_PER_MODEL = 8
 RETIRE_POLL_S = 0.05
 
 
@@ -34,13 +39,32 @@ class LocalModels:
         # Asked before a request takes a place (raises to refuse it): users' plans keep a
         # full model's last places for higher plans (node.serving.plans.PlanGate.take_place).
         self.place_keeper: Callable[[InferenceRequest, Load], None] | None = None
+        # Requests sent here for a conversation prefix (cache-aware routing), and how many
+        # of them found it still held.
+        self.cache_routed = {"asked": 0, "held": 0}
         self.swap(add=backends, remove=())
 
     async def open(self, backend: Backend, request: InferenceRequest) -> InferenceStream:
         """Start `request` on one of this box's backends (resolved by the caller)."""
         if self.place_keeper is not None:
             self.place_keeper(request, backend.load())
+        if request.cache_prefix:
+            self.cache_routed["asked"] += 1
+            if request.cache_prefix in self._held(backend):
+                self.cache_routed["held"] += 1
         return await backend.open(request)
+
+    def _held(self, backend: Backend) -> frozenset[bytes]:
+        if not isinstance(backend, HoldsPrefixes):
+            return frozenset()
+        held = backend.held_prefixes()
+        share = max(MIN_PREFIXES_PER_MODEL, MAX_CARD_PREFIXES // max(1, len(self._backends)))
+        return held if len(held) <= share else frozenset(sorted(held)[:share])
+
+    def _info(self, backend: Backend) -> ModelInfo:
+        """The backend's model, with the conversations its prompt cache holds."""
+        held = self._held(backend)
+        return dataclasses.replace(backend.info, prefixes=held) if held else backend.info
 
     def swap(self, *, add: Iterable[Backend], remove: Iterable[Backend]) -> None:
         """Take `remove` out and put `add` in, at once (callers then `retire` the removed)."""
@@ -77,7 +101,11 @@ class LocalModels:
             await backend.aclose()
 
     def models(self) -> list[ModelInfo]:
-        return [backend.info for backend in self._backends]
+        return [self._info(backend) for backend in self._backends]
+
+    def held_prefixes(self) -> dict[str, frozenset[bytes]]:
+        """Each model's conversation prefixes held now (what the full card advertises)."""
+        return {backend.info.name: self._held(backend) for backend in self._backends}
 
     def resolve(self, model: str) -> Backend | None:
         return self._by_name.get(model)
@@ -89,7 +117,7 @@ class LocalModels:
             return None
         return LocalOffer(
             node_id=self.node_id,
-            info=backend.info,
+            info=self._info(backend),
             load=backend.load(),
             service_ms=self._service_ms,
         )

@@ -136,7 +136,7 @@ class Hardware(_message.Message):
     def __init__(self, cpu_count: _Optional[int] = ..., cpu_model: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., gpu: _Optional[str] = ..., gpu_memory_bytes: _Optional[int] = ..., profile: _Optional[str] = ...) -> None: ...
 
 class ModelCard(_message.Message):
-    __slots__ = ("name", "aliases", "family", "parameter_count", "quantization", "context_length", "backend", "tokens_per_second", "chat", "features")
+    __slots__ = ("name", "aliases", "family", "parameter_count", "quantization", "context_length", "backend", "tokens_per_second", "chat", "features", "prefixes", "prompt_tokens_per_second")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ALIASES_FIELD_NUMBER: _ClassVar[int]
     FAMILY_FIELD_NUMBER: _ClassVar[int]
@@ -147,6 +147,8 @@ class ModelCard(_message.Message):
     TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     CHAT_FIELD_NUMBER: _ClassVar[int]
     FEATURES_FIELD_NUMBER: _ClassVar[int]
+    PREFIXES_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     name: str
     aliases: _containers.RepeatedScalarFieldContainer[str]
     family: str
@@ -157,7 +159,9 @@ class ModelCard(_message.Message):
     tokens_per_second: float
     chat: bool
     features: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ..., family: _Optional[str] = ..., parameter_count: _Optional[int] = ..., quantization: _Optional[str] = ..., context_length: _Optional[int] = ..., backend: _Optional[str] = ..., tokens_per_second: _Optional[float] = ..., chat: _Optional[bool] = ..., features: _Optional[_Iterable[str]] = ...) -> None: ...
+    prefixes: _containers.RepeatedScalarFieldContainer[bytes]
+    prompt_tokens_per_second: float
+    def __init__(self, name: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ..., family: _Optional[str] = ..., parameter_count: _Optional[int] = ..., quantization: _Optional[str] = ..., context_length: _Optional[int] = ..., backend: _Optional[str] = ..., tokens_per_second: _Optional[float] = ..., chat: _Optional[bool] = ..., features: _Optional[_Iterable[str]] = ..., prefixes: _Optional[_Iterable[bytes]] = ..., prompt_tokens_per_second: _Optional[float] = ...) -> None: ...
 
 class PingRequest(_message.Message):
     __slots__ = ("nonce", "sent_at_unix_ms", "leaving_node_id", "recipient_node_id", "card_issued_at_unix_ms", "goodbye_signature")
@@ -212,7 +216,7 @@ class InferRequest(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ..., sealed: _Optional[_Union[_trust_pb2.SealedEnvelope, _Mapping]] = ...) -> None: ...
 
 class InferBody(_message.Message):
-    __slots__ = ("request_id", "model", "chat", "prompt", "embed", "sampling", "user", "continuation", "tools", "tool_choice", "parallel_tool_calls", "response_format")
+    __slots__ = ("request_id", "model", "chat", "prompt", "embed", "sampling", "user", "continuation", "tools", "tool_choice", "parallel_tool_calls", "response_format", "cache_prefix")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     CHAT_FIELD_NUMBER: _ClassVar[int]
@@ -225,6 +229,7 @@ class InferBody(_message.Message):
     TOOL_CHOICE_FIELD_NUMBER: _ClassVar[int]
     PARALLEL_TOOL_CALLS_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    CACHE_PREFIX_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     chat: ChatInput
@@ -237,7 +242,8 @@ class InferBody(_message.Message):
     tool_choice: ToolChoice
     parallel_tool_calls: bool
     response_format: ResponseFormat
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., chat: _Optional[_Union[ChatInput, _Mapping]] = ..., prompt: _Optional[str] = ..., embed: _Optional[_Union[EmbedInput, _Mapping]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., user: _Optional[str] = ..., continuation: _Optional[str] = ..., tools: _Optional[_Iterable[_Union[Tool, _Mapping]]] = ..., tool_choice: _Optional[_Union[ToolChoice, _Mapping]] = ..., parallel_tool_calls: _Optional[bool] = ..., response_format: _Optional[_Union[ResponseFormat, _Mapping]] = ...) -> None: ...
+    cache_prefix: bytes
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., chat: _Optional[_Union[ChatInput, _Mapping]] = ..., prompt: _Optional[str] = ..., embed: _Optional[_Union[EmbedInput, _Mapping]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., user: _Optional[str] = ..., continuation: _Optional[str] = ..., tools: _Optional[_Iterable[_Union[Tool, _Mapping]]] = ..., tool_choice: _Optional[_Union[ToolChoice, _Mapping]] = ..., parallel_tool_calls: _Optional[bool] = ..., response_format: _Optional[_Union[ResponseFormat, _Mapping]] = ..., cache_prefix: _Optional[bytes] = ...) -> None: ...
 
 class Tool(_message.Message):
     __slots__ = ("name", "description", "parameters_json", "strict")

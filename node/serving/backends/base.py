@@ -8,7 +8,7 @@ slot is taken), then yields the answer as `TextDelta`s ending in exactly one
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from mesh.inference import InferenceEvent, InferenceRequest, Load, ModelInfo
 
@@ -47,3 +47,13 @@ class Backend(Protocol):
 
     async def aclose(self) -> None:
         """Cancel whatever still runs, stop the worker, release the model."""
+
+
+@runtime_checkable
+class HoldsPrefixes(Protocol):
+    """A backend with a prompt cache says which conversations it holds (cache-aware
+    routing, `mesh.routing.prefix`)."""
+
+    def held_prefixes(self) -> frozenset[bytes]:
+        """The keys of the chats whose prompts its slots and saved prefixes hold now (at
+        most `mesh.inference.MAX_HELD_PREFIXES`, the most recently used)."""

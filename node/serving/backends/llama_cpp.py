@@ -19,7 +19,9 @@ Prompt cache: a slot keeps its sequence's KV cache after its request ends, and a
 takes the free slot holding the longest prefix of its prompt, so a conversation's next turn
 reads only what is new. When a slot's cached conversation is about to be overwritten it is
 saved to memory first (`prompt_cache`, bounded by `prompt_cache_mb`) and restored into any
-free slot when that conversation comes back.
+free slot when that conversation comes back. Each slot and saved prefix keeps the keys of
+the chats it holds (`mesh.routing.prefix`): `held_prefixes()` says which, for the card
+(cache-aware routing sends a conversation's next turn back here).
 
 Admission is counted synchronously in `open()` (slots running + `queue_size` waiting), so
 a full model answers `Overloaded` at once. When it is full, a user holding more than a fair
@@ -78,6 +80,7 @@ from mesh.errors import (
     UnsupportedParameter,
 )
 from mesh.inference import (
+    MAX_HELD_PREFIXES,
     Feature,
     Finished,
     FinishReason,
@@ -90,6 +93,7 @@ from mesh.inference import (
     ToolCallDelta,
     TopLogprob,
 )
+from mesh.routing.prefix import request_key
 from node.serving.backends.llama_sampling import SamplingPlan, SlotSampler, grammar_of
 from node.serving.backends.prompt_cache import PromptCache, common_prefix
 from node.store.hardware import default_threads, memory_bytes, physical_cores
@@ -367,6 +371,7 @@ class _Slot:
     generation: _Generation | None = None
     sampled: bool = False  # its request has its first token: `pending` is the last one
     last_used: int = 0
+    keys: frozenset[bytes] = frozenset()  # the chats whose prompts `tokens` hold
 
 
 class LlamaCppBackend:
@@ -411,11 +416,13 @@ class LlamaCppBackend:
         self._closing = False
         self._thread: threading.Thread | None = None
         self._tokens_per_second = 0.0
+        self._prompt_tokens_per_second = 0.0  # measured on steps that only read prompts
         # The worker's own (no lock: only its thread touches them).
         self._slots: list[_Slot] = []
         self._ready: list[_Job] = []  # handed to the worker, waiting for a slot
         self._cache = PromptCache(budget_bytes=0)
         self._ticks = itertools.count(1)
+        self._held: frozenset[bytes] = frozenset()  # set by the worker (_note_held)
         # Lifetime counters, shown by `allerac status`.
         self.counters = {"completed": 0, "cancelled": 0, "failed": 0, "rejected": 0}
         self.prompt_cache_stats = {
@@ -429,7 +436,11 @@ class LlamaCppBackend:
 
     @property
     def info(self) -> ModelInfo:
-        return replace(self._info, tokens_per_second=round(self._tokens_per_second, 1))
+        return replace(
+            self._info,
+            tokens_per_second=round(self._tokens_per_second, 1),
+            prompt_tokens_per_second=round(self._prompt_tokens_per_second, 1),
+        )
 
     @property
     def config(self) -> ModelConfig:
@@ -846,6 +857,10 @@ class LlamaCppBackend:
         slot.last_used = next(self._ticks)
         generation.sampler.close()
         job = generation.job
+        key = request_key(job.request) if slot.sampled else None  # its prompt is all read
+        if key is not None:
+            slot.keys = frozenset({key})
+            self._note_held()
         if isinstance(outcome, Finished):
             self._measured(generation)
         with self._lock:
@@ -877,6 +892,16 @@ class LlamaCppBackend:
                 rate
                 if self._tokens_per_second == 0
                 else (1 - TPS_SMOOTHING) * self._tokens_per_second + TPS_SMOOTHING * rate
+            )
+
+    def _prompt_measured(self, tokens: int, seconds: float) -> None:
+        """A step read `tokens` prompt tokens (and nothing else) in `seconds`."""
+        if seconds > 0:
+            rate = tokens / seconds
+            self._prompt_tokens_per_second = (
+                rate
+                if self._prompt_tokens_per_second == 0
+                else (1 - TPS_SMOOTHING) * self._prompt_tokens_per_second + TPS_SMOOTHING * rate
             )
 
     def _assign_slots(self) -> None:
@@ -953,6 +978,8 @@ class LlamaCppBackend:
             keep = 0
         slot.tokens = prompt[:keep]
         slot.pending = prompt[keep:]
+        slot.keys = frozenset()  # what it holds is a new chat's now (named when it ends)
+        self._note_held()
         self.prompt_cache_stats["prompt_tokens_cached"] += keep
         return slot
 
@@ -961,20 +988,40 @@ class LlamaCppBackend:
 
         llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
         slot.tokens = []
+        slot.keys = frozenset()
+        self._note_held()
+
+    def _note_held(self) -> None:
+        """What `held_prefixes` answers from now on: the chats the slots and the saved
+        prefixes hold, the most recently used first, at most MAX_HELD_PREFIXES."""
+        newest: list[frozenset[bytes]] = [
+            s.keys for s in sorted(self._slots, key=lambda s: -s.last_used)
+        ]
+        newest += self._cache.keys()
+        held: dict[bytes, None] = {}
+        for keys in newest:
+            held.update(dict.fromkeys(keys))
+        self._held = frozenset(list(held)[:MAX_HELD_PREFIXES])
+
+    def held_prefixes(self) -> frozenset[bytes]:
+        return self._held
 
     def _save(self, slot: _Slot) -> None:
         """Keep what `slot` holds in the prompt cache (llama.cpp's sequence state)."""
         import llama_cpp
 
         cache = self._cache
-        if cache.budget_bytes <= 0 or cache.holds(slot.tokens):
+        if cache.budget_bytes <= 0:
+            return
+        if cache.holds(slot.tokens):
+            cache.add_keys(slot.tokens, slot.keys)
             return
         size = int(llama_cpp.llama_state_seq_get_size(self._ctx.ctx, slot.seq_id))
         if not 0 < size <= cache.budget_bytes:
             return
         buffer = (ctypes.c_uint8 * size)()
         written = int(llama_cpp.llama_state_seq_get_data(self._ctx.ctx, buffer, size, slot.seq_id))
-        if written and cache.put(slot.tokens, bytes(buffer)[:written]):
+        if written and cache.put(slot.tokens, bytes(buffer)[:written], slot.keys):
             self.prompt_cache_stats["prefixes_saved"] += 1
 
     def _step(self) -> None:
@@ -1018,7 +1065,10 @@ class LlamaCppBackend:
             count = min(len(slot.pending), room)
             add(slot, count, last_logits=count == len(slot.pending))
             room -= count
+        started = self.clock.monotonic()
         code = llama_cpp.llama_decode(self._ctx.ctx, batch)
+        if not decoding and batch.n_tokens >= MIN_SAVED_PREFIX_TOKENS and code == 0:
+            self._prompt_measured(batch.n_tokens, self.clock.monotonic() - started)
         if code != 0:
             logger.error("model %s: llama_decode returned %d", self._config.name, code)
             self._fail_all(BackendError(f"model {self._config.name!r} failed (decode {code})"))

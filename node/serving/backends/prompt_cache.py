@@ -5,7 +5,10 @@ only pays for what is new. When a slot is taken by a different prompt, what it h
 saved here first (llama.cpp's per-sequence state, `llama_state_seq_get_data`), so a
 returning conversation is restored into whichever slot is free instead of being processed
 again. The store is bounded by bytes; the least recently used entries go first, and an
-entry that another one extends is dropped (the longer one serves both).
+entry that another one extends is dropped (the longer one serves both). Each entry keeps the
+keys of the chats it holds (`mesh.routing.prefix`), so the box can say which conversations
+it holds (cache-aware routing): an entry's keys go when it goes, and pass to the entry that
+extends it.
 
 Plain values in, plain values out: the backend does the llama.cpp calls.
 """
@@ -30,6 +33,7 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 class SavedPrefix:
     tokens: tuple[int, ...]
     state: bytes
+    keys: frozenset[bytes] = frozenset()  # the chats whose prompts it holds
 
 
 class PromptCache:
@@ -64,24 +68,40 @@ class PromptCache:
             len(e.tokens) >= n and common_prefix(e.tokens, tokens) == n for e in self._entries
         )
 
-    def put(self, tokens: Sequence[int], state: bytes) -> bool:
-        """Save `state` for `tokens`; False when it is larger than the whole budget."""
+    def put(
+        self, tokens: Sequence[int], state: bytes, keys: frozenset[bytes] = frozenset()
+    ) -> bool:
+        """Save `state` for `tokens` (the prompts of the chats `keys` name); False when it is
+        larger than the whole budget."""
         if len(state) > self.budget_bytes:
             return False
-        entry = SavedPrefix(tuple(tokens), state)
         # What the new entry extends is served by it from now on.
-        for old in [
+        extended = [
             e
             for e in self._entries
-            if len(e.tokens) <= len(entry.tokens)
-            and common_prefix(e.tokens, entry.tokens) == len(e.tokens)
-        ]:
+            if len(e.tokens) <= len(tokens) and common_prefix(e.tokens, tokens) == len(e.tokens)
+        ]
+        for old in extended:
+            keys |= old.keys
             self._drop(old)
+        entry = SavedPrefix(tuple(tokens), state, keys)
         self._entries.append(entry)
         self.used_bytes += len(state)
         while self.used_bytes > self.budget_bytes:
             self._drop(self._entries[0])
         return True
+
+    def add_keys(self, tokens: Sequence[int], keys: frozenset[bytes]) -> None:
+        """The chats `keys` name are held by the entry holding `tokens` (or extending them)."""
+        n = len(tokens)
+        for i, e in enumerate(self._entries):
+            if len(e.tokens) >= n and common_prefix(e.tokens, tokens) == n:
+                self._entries[i] = SavedPrefix(e.tokens, e.state, e.keys | keys)
+                return
+
+    def keys(self) -> list[frozenset[bytes]]:
+        """The chats each entry holds, the most recently used entry first."""
+        return [e.keys for e in reversed(self._entries)]
 
     def _drop(self, entry: SavedPrefix) -> None:
         self._entries.remove(entry)
