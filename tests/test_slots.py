@@ -17,9 +17,11 @@ from dataclasses import replace
 
 import pytest
 import pytest_asyncio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mesh.config import ModelConfig, embedded_model
-from mesh.errors import BackendError, Overloaded, UnsupportedParameter
+from mesh.errors import BackendError, InvalidRequest, Overloaded, UnsupportedParameter
 from mesh.inference import (
     ChatMessage,
     Finished,
@@ -250,7 +252,7 @@ async def test_a_structured_answer_follows_its_grammar_beside_plain_ones(
     backend: LlamaCppBackend,
 ) -> None:
     """A slot with a grammar beside slots without: the JSON one parses, the plain one is
-    the text it is alone; a structured answer is never continued from another box's half."""
+    the text it is alone; a forced tool call is never continued from another box's half."""
     structured = replace(
         chat("What is the capital of France? Answer in JSON.", max_tokens=120),
         response_format=ResponseFormat(type=ResponseFormatType.JSON_OBJECT),
@@ -263,9 +265,12 @@ async def test_a_structured_answer_follows_its_grammar_beside_plain_ones(
     assert finished.reason is FinishReason.STOP
     assert isinstance(json.loads(text), dict)
     assert beside == alone
-    with pytest.raises(UnsupportedParameter, match="cannot be continued"):
-        await answer(backend, replace(structured, continuation='{"capital": "Pa'))
-    # Nor is a forced tool call (tests/test_agents.py has tool calls' own tests).
+    # Continued from another box's half, the JSON object is still one object.
+    rest, finished = await answer(backend, replace(structured, continuation='{"capital": "Pa'))
+    assert finished.reason is FinishReason.STOP, rest
+    assert isinstance(json.loads('{"capital": "Pa' + rest), dict)
+    # A forced tool call is not (what was delivered is calls, not the hidden JSON; tests/
+    # test_agents.py has tool calls' own tests).
     forced = replace(
         chat("What is the capital of France?", max_tokens=20),
         tools=(Tool(name="capital_of"),),
@@ -274,6 +279,108 @@ async def test_a_structured_answer_follows_its_grammar_beside_plain_ones(
     with pytest.raises(UnsupportedParameter, match="cannot be continued") as info:
         await answer(backend, replace(forced, continuation='{"tool_calls": [{"na'))
     assert info.value.param == "tool_choice"
+
+
+PERSON = {
+    "type": "object",
+    "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+    "required": ["name", "age"],
+    "additionalProperties": False,
+}
+
+
+def person(text: str) -> dict[str, object]:
+    """`text` parsed and checked against PERSON (an AssertionError when it does not fit).
+    Not strict: llama-cpp-python's schema grammar lets a string hold raw control characters."""
+    value = json.loads(text, strict=False)
+    assert isinstance(value, dict), value
+    assert set(value) == {"name", "age"}, value
+    assert isinstance(value["name"], str), value
+    assert type(value["age"]) is int, value
+    return value
+
+
+def structured_chat(*, continuation: str = "", **sampling: object) -> InferenceRequest:
+    return replace(
+        chat("Make up a person. Give their name and age.", **{"max_tokens": 60, **sampling}),
+        continuation=continuation,
+        response_format=ResponseFormat(
+            type=ResponseFormatType.JSON_SCHEMA, name="person", schema=json.dumps(PERSON)
+        ),
+    )
+
+
+async def test_a_structured_answer_cut_anywhere_is_finished_under_its_schema(
+    backend: LlamaCppBackend,
+) -> None:
+    """Failover's continuation of a json_schema answer: the box reading the half starts its
+    grammar past it, so delivered part + continued part parse and fit the schema, wherever
+    the first box was cut off (also inside a string, a key or a number)."""
+    whole, finished = await answer(backend, structured_chat())
+    assert finished.reason is FinishReason.STOP
+    person(whole)
+    cuts = sorted({5, 17, 30, len(whole) - 2} & set(range(1, len(whole))))
+    assert len(cuts) >= 3, whole
+    for cut in cuts:
+        delivered = whole[:cut]
+        rest, finished = await answer(backend, structured_chat(continuation=delivered))
+        assert finished.reason is FinishReason.STOP, (delivered, rest)
+        person(delivered + rest)
+    # Seeded sampling too (another draw, the same constraints).
+    delivered = whole[:9]
+    rest, _ = await answer(
+        backend, structured_chat(continuation=delivered, temperature=0.9, seed=7)
+    )
+    person(delivered + rest)
+
+
+async def test_a_continuation_that_breaks_the_schema_is_a_400_and_the_box_lives_on(
+    backend: LlamaCppBackend,
+) -> None:
+    """llama.cpp's grammar aborts the process on a token it cannot take; a peer's bad half
+    is a 400 naming response_format instead, and the next request is answered."""
+    for bad in ('{"name": 12', "Sure! Here is a person:", '{"name": "Al", "age": 3}}', '{"x'):
+        with pytest.raises(InvalidRequest, match="does not fit the schema") as info:
+            await answer(backend, structured_chat(continuation=bad))
+        assert info.value.param == "response_format"
+    # A complete answer is a fine half: the grammar lets it end at once.
+    done = '{"name": "Al", "age": 3}'
+    rest, _ = await answer(backend, structured_chat(continuation=done))
+    person(done + rest)
+    whole, _ = await answer(backend, structured_chat())
+    person(whole)
+
+
+async def test_any_continuation_is_answered_or_refused_never_a_crash(
+    backend: LlamaCppBackend,
+) -> None:
+    """Hypothesis over whatever a peer may send as the answer so far: the box answers
+    (and then the whole text fits the schema) or refuses with the 400; it never dies."""
+    loop = asyncio.get_running_loop()
+    prefixes = st.sampled_from(['{"name": "', '{"name": "Bo", "age": ', "{", ""])
+    halves = st.one_of(st.text(max_size=20), st.builds(str.__add__, prefixes, st.text(max_size=8)))
+
+    @settings(max_examples=25, deadline=None, database=None)
+    @given(halves)
+    def check(delivered: str) -> None:
+        request = structured_chat(continuation=delivered, max_tokens=8)
+        try:
+            rest, finished = asyncio.run_coroutine_threadsafe(
+                answer(backend, request), loop
+            ).result(60)
+        except InvalidRequest as error:
+            refused: InvalidRequest | None = error
+        else:
+            refused = None
+        if refused is not None:
+            assert refused.param == "response_format"
+            assert "does not fit the schema" in str(refused)
+        elif finished.reason is FinishReason.STOP:
+            person(delivered + rest)
+
+    await loop.run_in_executor(None, check)
+    whole, _ = await answer(backend, structured_chat())
+    person(whole)
 
 
 async def test_status_shows_threads_and_slots(backend: LlamaCppBackend) -> None:

@@ -94,7 +94,13 @@ from mesh.inference import (
     TopLogprob,
 )
 from mesh.routing.prefix import request_key
-from node.serving.backends.llama_sampling import SamplingPlan, SlotSampler, grammar_of
+from node.serving.backends.llama_sampling import (
+    SamplingPlan,
+    SlotSampler,
+    grammar_fits,
+    grammar_misfit,
+    grammar_of,
+)
 from node.serving.backends.prompt_cache import PromptCache, common_prefix
 from node.store.hardware import default_threads, memory_bytes, physical_cores
 
@@ -217,6 +223,7 @@ class _Job:
     cancel: threading.Event = field(default_factory=threading.Event)
     state: _State = _State.WAITING
     counted_prompt_tokens: int = 0  # the prompt without a failover continuation
+    grammar_prime: list[int] = field(default_factory=list)  # a structured continuation's
     prepared: bool = True  # False: the worker renders and tokenizes the prompt first
     refusal: MeshError | None = None  # why it was turned away after admission
     arrival: int = field(default_factory=lambda: next(_arrivals))
@@ -650,6 +657,7 @@ class LlamaCppBackend:
                 job.prompt_tokens,
                 job.max_new_tokens,
                 job.counted_prompt_tokens,
+                job.grammar_prime,
             ) = await loop.run_in_executor(None, self._prepare, request)
         except BaseException:
             self._forget(job)
@@ -701,8 +709,9 @@ class LlamaCppBackend:
         job.cancel.set()
         self._forget(job, cancelled=True)
 
-    def _prepare(self, request: InferenceRequest) -> tuple[list[int], int, int]:
-        """Render and tokenize the prompt; check it fits. Runs on the worker or an executor thread
+    def _prepare(self, request: InferenceRequest) -> tuple[list[int], int, int, list[int]]:
+        """Render and tokenize the prompt; check it fits (and a continuation its grammar:
+        the last value, `_grammar_prime`). Runs on the worker or an executor thread
         (llama.cpp tokenization only reads the vocabulary, so it is safe beside decoding)."""
         model = self._model
         prompt_only = 0
@@ -744,20 +753,15 @@ class LlamaCppBackend:
                 if bos == -1:
                     raise InvalidRequest("prompt must not be empty", param="prompt")
                 tokens = [bos]
-        # A schema no grammar can express: a 400 now, not mid-answer. A structured answer cut
-        # off on another box is not continued here: a grammar started afresh would make a
-        # second object after the first one's half, and feeding the half to llama.cpp's
-        # grammar aborts the process if one token of it does not fit.
+        # A forced tool call cut off on another box is not continued here: what was delivered
+        # is the calls read from the hidden JSON, not that JSON.
         if request.continuation and call_forced(request):
             raise UnsupportedParameter(
                 "a tool call cut off on one box cannot be continued on another",
                 param="tool_choice",
             )
-        if grammar_of(request) and request.continuation:
-            raise UnsupportedParameter(
-                "a structured answer cut off on one box cannot be continued on another",
-                param="response_format",
-            )
+        n_vocab = self._n_vocab
+        prime = self._grammar_prime(request)  # also: a schema no grammar can express, a 400 now
         n_vocab = self._n_vocab
         for token, _ in request.sampling.logit_bias:
             if not 0 <= token < n_vocab:
@@ -778,7 +782,23 @@ class LlamaCppBackend:
                 param="messages" if request.is_chat else "prompt",
             )
         prompt_tokens = prompt_only if request.continuation else len(tokens)
-        return tokens, room if wanted is None else wanted, prompt_tokens
+        return tokens, room if wanted is None else wanted, prompt_tokens, prime
+
+    def _grammar_prime(self, request: InferenceRequest) -> list[int]:
+        """A structured answer continued after failover: the delivered text's tokens, for
+        the grammar to start past them (checked here, so a misfit is a 400 before the answer
+        takes a slot). The grammar reads text, so any tokenization of it will do; a grammar
+        whose schema cannot be expressed is a 400 here too (`grammar_of`)."""
+        grammar = grammar_of(request)
+        if not (grammar and request.continuation):
+            return []
+        text = request.continuation.encode("utf-8")
+        tokens = self._model.tokenize(text, False, False)
+        if bytes(self._model.detokenize(tokens)) != text or not grammar_fits(
+            self._model, grammar, tokens
+        ):
+            raise grammar_misfit()
+        return list(tokens)
 
     # --- what the generations ask ------------------------------------------------------------
 
@@ -925,9 +945,12 @@ class LlamaCppBackend:
                 job.state = _State.RUNNING
             if not job.prepared:
                 try:
-                    job.prompt_tokens, job.max_new_tokens, job.counted_prompt_tokens = (
-                        self._prepare(job.request)
-                    )
+                    (
+                        job.prompt_tokens,
+                        job.max_new_tokens,
+                        job.counted_prompt_tokens,
+                        job.grammar_prime,
+                    ) = self._prepare(job.request)
                 except MeshError as error:  # refused before its first token, as in open()
                     self._forget(job)
                     job.emit(_Failure(error))
@@ -935,7 +958,10 @@ class LlamaCppBackend:
             slot = self._place(job.prompt_tokens, free)
             free.remove(slot)
             plan = SamplingPlan.of(job.request.sampling, self._config, request=job.request)
-            sampler = SlotSampler(plan, n_vocab=self._n_vocab, model=self._model)
+            # The prime was checked in _prepare: it fits (SlotSampler checks each token again).
+            sampler = SlotSampler(
+                plan, n_vocab=self._n_vocab, model=self._model, prime=job.grammar_prime
+            )
             slot.generation = _Generation(job, sampler, backend=self)
             slot.sampled = False
 

@@ -14,6 +14,14 @@ How stages plug in: `SamplingPlan` is the whole recipe, stage by stage (`stages(
 request's presence and frequency penalties go in the penalties stage, its logit bias in a
 stage of its own before it; a grammar (structured output, a forced tool call) after the
 penalties, before the truncations, where llama.cpp wants it.
+
+A structured answer continued after failover (`InferenceRequest.continuation`) starts with
+its grammar already past the text delivered (`SlotSampler(prime=...)`). llama.cpp's grammar
+accept aborts the whole process on a token that does not fit (GGML_ABORT on an end token the
+grammar cannot end at, an uncaught C++ exception on any other misfit), so every token is
+first offered alone to the grammar's apply, which only masks (a misfit's logit becomes
+-inf), and accepted only when it survived: a continuation the grammar cannot take is a 400
+(`grammar_misfit`), never a crash.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from __future__ import annotations
 import functools
 import json
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -117,9 +126,13 @@ class SamplingPlan:
 class SlotSampler:
     """One request's sampler chain (llama.cpp's); `close()` frees it."""
 
-    def __init__(self, plan: SamplingPlan, *, n_vocab: int, model: Any = None) -> None:
+    def __init__(
+        self, plan: SamplingPlan, *, n_vocab: int, model: Any = None, prime: Sequence[int] = ()
+    ) -> None:
+        """`prime`: tokens of answer text already delivered (a failover's continuation); the
+        grammar starts past them. One that does not fit is `grammar_misfit`'s 400."""
+        import llama_cpp
         from llama_cpp import _internals
-        from llama_cpp.llama_grammar import LlamaGrammar
 
         internals: Any = _internals  # llama-cpp-python leaves these untyped
         self.plan = plan
@@ -128,7 +141,11 @@ class SlotSampler:
             if stage in ("penalties", "logit_bias"):
                 getattr(self._chain, f"add_{stage}")(n_vocab, *args)
             elif stage == "grammar":
-                self._chain.add_grammar(model, LlamaGrammar.from_string(args[0], verbose=False))
+                grammar = grammar_stage(model, args[0])
+                llama_cpp.llama_sampler_chain_add(self._chain.sampler, grammar)  # it owns it
+                if prime and advance_grammar(grammar, prime) is not None:
+                    self._chain.close()
+                    raise grammar_misfit()
             else:
                 getattr(self._chain, f"add_{stage}")(*args)
 
@@ -139,6 +156,61 @@ class SlotSampler:
 
     def close(self) -> None:
         self._chain.close()
+
+
+def grammar_stage(model: Any, gbnf: str) -> Any:
+    """A llama.cpp grammar sampler for `gbnf` (freed by `llama_sampler_free`, or by the chain
+    it is added to)."""
+    import llama_cpp
+    from llama_cpp.llama_grammar import LlamaGrammar
+
+    parsed = LlamaGrammar.from_string(gbnf, verbose=False)
+    stage = llama_cpp.llama_sampler_init_grammar(
+        model.vocab, parsed._grammar.encode("utf-8"), parsed._root.encode("utf-8")
+    )
+    if not stage:  # llama.cpp could not parse it (it logs why)
+        raise InvalidRequest("the answer's grammar cannot be parsed", param="response_format")
+    return stage
+
+
+def advance_grammar(stage: Any, tokens: Sequence[int]) -> int | None:
+    """Feed `tokens` to the grammar sampler `stage`, each one checked before it is accepted
+    (module docstring): the index of the first that does not fit (nothing from it on is
+    fed), or None when all did."""
+    import ctypes
+
+    import llama_cpp
+
+    cell = (llama_cpp.llama_token_data * 1)()
+    candidates = llama_cpp.llama_token_data_array(
+        data=ctypes.cast(cell, llama_cpp.llama_token_data_p), size=1, selected=-1, sorted=False
+    )
+    for index, token in enumerate(tokens):
+        cell[0] = llama_cpp.llama_token_data(token, 0.0, 0.0)
+        candidates.size = 1
+        llama_cpp.llama_sampler_apply(stage, ctypes.byref(candidates))
+        if candidates.size != 1 or cell[0].logit == float("-inf"):
+            return index
+        llama_cpp.llama_sampler_accept(stage, token)
+    return None
+
+
+def grammar_fits(model: Any, gbnf: str, tokens: Sequence[int]) -> bool:
+    """Whether `tokens` (any tokenization of the text) are a start the grammar allows."""
+    import llama_cpp
+
+    stage = grammar_stage(model, gbnf)
+    try:
+        return advance_grammar(stage, tokens) is None
+    finally:
+        llama_cpp.llama_sampler_free(stage)
+
+
+def grammar_misfit() -> InvalidRequest:
+    return InvalidRequest(
+        "the answer so far (the continuation) does not fit the schema the answer must follow",
+        param="response_format",
+    )
 
 
 @functools.lru_cache(maxsize=64)
