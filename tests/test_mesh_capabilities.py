@@ -21,6 +21,8 @@ from mesh.inference import (
     Finished,
     FinishReason,
     InferenceRequest,
+    ResponseFormat,
+    ResponseFormatType,
     Sampling,
     TextDelta,
     Tool,
@@ -326,5 +328,52 @@ async def test_a_forced_tool_call_made_by_a_peer_comes_back_whole_and_counted(
             [record] = [r for r in await a.ledger.records() if open_record(r).node_id == b.node_id]
             # Not clamped: the entry node vouches for every token the peer counted.
             assert open_record(record).completion_tokens == finished.completion_tokens > 10
+    finally:
+        await real.aclose()
+
+
+async def test_a_structured_answer_cut_mid_stream_is_finished_under_its_schema(
+    tmp_path: Path,
+) -> None:
+    """Failover of a json_schema answer: the entry box's own source breaks after the first
+    pieces of the object; a real llama.cpp box on the peer is asked to continue after them
+    and starts its grammar past them, so what the client got, whole, parses and fits."""
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+        "required": ["name", "age"],
+        "additionalProperties": False,
+    }
+    halves = ('{"', "name", '": "', "Al")
+    broken = Script(tokens=(*halves, "ice", '"'), fail_after=len(halves))
+    structured = frozenset({Feature.STRUCTURED_OUTPUT})
+    config = replace(embedded_model(embedded_model_path()), name=MODEL, parallel=1, threads=1)
+    real = LlamaCppBackend(config)
+    await real.start()
+    request = InferenceRequest(
+        model=MODEL,
+        messages=(ChatMessage(role="user", content="Make up a person: name and age."),),
+        sampling=Sampling(max_tokens=40, temperature=0),
+        response_format=ResponseFormat(
+            type=ResponseFormatType.JSON_SCHEMA, name="person", schema=json.dumps(schema)
+        ),
+    )
+    try:
+        specs = {
+            "a": box(structured, broken),
+            "b": NodeSpec(backends=[real]),  # type: ignore[list-item]
+        }
+        async with mesh(tmp_path, specs) as m:
+            a, b = m["a"], m["b"]
+            got = await ask(a.entry, request)
+            assert got.answer.failovers == [b.node_id]
+            [asked] = a.backends[0].asked
+            assert asked.response_format == request.response_format
+            assert got.text.startswith("".join(halves))
+            assert got.finished.reason is FinishReason.STOP
+            person = json.loads(got.text)
+            assert set(person) == {"name", "age"}
+            assert person["name"].startswith("Al")
+            assert type(person["age"]) is int
     finally:
         await real.aclose()
