@@ -1,8 +1,9 @@
 """Parallel slots in the llama.cpp backend, with real inference on the embedded model: batched
 answers equal the same requests run alone (greedy and seeded, with stops), a request that
 leaves frees its slot at once (also while its prompt is read), a full model refuses at once,
-a user holding many places gives one up to another, and a returning conversation finds its
-prefix (in its slot, or saved after the slot moved on).
+a user holding many places gives one up to another, a returning conversation finds its
+prefix (in its slot, or saved after the slot moved on), and a structured answer continued
+from another box's half is finished under its grammar (a half that does not fit is a 400).
 
 One backend for the module (loading costs a second); short prompts and answers.
 """
@@ -39,6 +40,7 @@ from mesh.inference import (
 )
 from mesh.routing.prefix import longest_held, request_boundaries, request_key
 from node.serving.backends.llama_cpp import LlamaCppBackend, LlamaStream
+from node.serving.backends.llama_sampling import advance_grammar, grammar_fits, grammar_stage
 from node.store.config_file import embedded_model_path
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -321,6 +323,13 @@ async def test_a_structured_answer_cut_anywhere_is_finished_under_its_schema(
     person(whole)
     cuts = sorted({5, 17, 30, len(whole) - 2} & set(range(1, len(whole))))
     assert len(cuts) >= 3, whole
+
+    def tokens(text: str) -> list[int]:
+        return list(backend._model.tokenize(text.encode("utf-8"), False, False))
+
+    # Some cut splits a token: the half is read as other tokens than the answer was made of
+    # (the grammar reads text, so it is primed all the same).
+    assert any(tokens(whole[:cut]) != tokens(whole)[: len(tokens(whole[:cut]))] for cut in cuts)
     for cut in cuts:
         delivered = whole[:cut]
         rest, finished = await answer(backend, structured_chat(continuation=delivered))
@@ -349,6 +358,29 @@ async def test_a_continuation_that_breaks_the_schema_is_a_400_and_the_box_lives_
     person(done + rest)
     whole, _ = await answer(backend, structured_chat())
     person(whole)
+
+
+async def test_the_grammar_is_offered_each_token_before_it_takes_it(
+    backend: LlamaCppBackend,
+) -> None:
+    """The two ways llama.cpp's grammar accept aborts the process, met with a check first:
+    an end token before the object is complete, a piece the grammar has no room for."""
+    import llama_cpp
+    from llama_cpp.llama_grammar import JSON_GBNF
+
+    model = backend._model
+    end = model.token_eos()
+    opening = model.tokenize(b'{"a": 1', False, False)
+    stage = grammar_stage(model, str(JSON_GBNF))
+    try:
+        assert advance_grammar(stage, [*opening, end]) == len(opening)  # the end refused
+        assert advance_grammar(stage, model.tokenize(b"}", False, False)) is None  # fed on
+        assert advance_grammar(stage, [end]) is None  # complete: now it may end
+    finally:
+        llama_cpp.llama_sampler_free(stage)
+    prose = model.tokenize(b"Sure! {", False, False)
+    assert not grammar_fits(model, str(JSON_GBNF), prose)
+    assert grammar_fits(model, str(JSON_GBNF), model.tokenize(b'{"x": [tr', False, False))
 
 
 async def test_any_continuation_is_answered_or_refused_never_a_crash(
