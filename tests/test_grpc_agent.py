@@ -19,6 +19,7 @@ from mesh.wire import grpc_options
 from mesh.wire.v1 import node_pb2 as pb
 from node.store.trust_store import TrustStore
 from node.transport import node_pb2_grpc as pb_grpc
+from node.transport import peer_client
 from node.transport.peer_client import GrpcTransport, M, PeerClient
 from tests.members import join_as_member, new_trust
 from tests.nodeproc import NodeProcess
@@ -251,6 +252,37 @@ async def test_a_finished_answer_is_read_to_its_end_not_cancelled(
         await anext(stream)
         await stream.aclose()
     assert transport.ends == ["read to its end", "closed before its end"]
+
+
+class _HeldOpen(_Watched):
+    """A peer that keeps the call open after its final frame."""
+
+    async def stream(
+        self, method: str, request: Message, reply_type: type[M], timeout_s: float
+    ) -> AsyncGenerator[M, None]:
+        async for reply in super().stream(method, request, reply_type, timeout_s):
+            yield reply
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            self.ends.append("cancelled")
+            raise
+
+
+async def test_a_call_held_open_after_its_final_frame_is_cancelled(
+    node: NodeProcess, member: TrustStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(peer_client, "END_WAIT_S", 0.2)
+    transport = _HeldOpen(node.info["grpc_address"])
+    short = InferenceRequest(model="default", prompt="hi", sampling=Sampling(max_tokens=2))
+    async with PeerClient(transport.label, trust=member, transport=transport) as client:
+        peer = await client.public_card()
+        events = [event async for event in client.infer(peer, short)]
+        assert isinstance(events[-1], Finished)
+        async with asyncio.timeout(10):
+            while len(client._ends):  # noqa: ASYNC110 (a task of the client's)
+                await asyncio.sleep(0.01)
+    assert transport.ends == ["read to its end", "cancelled"]
 
 
 async def _collect(client: PeerClient, peer: PeerCard, request: InferenceRequest) -> list:  # type: ignore[type-arg]

@@ -38,6 +38,9 @@ logger = logging.getLogger(__name__)
 CONTROL_TIMEOUT_S = 10.0
 INFER_TIMEOUT_S = 600.0
 SYNC_TIMEOUT_S = 120.0
+# How long a call may stay open after its final frame (the peer ends it at once): one held
+# longer is cancelled, so a peer cannot pile up open streams on the connection.
+END_WAIT_S = 5.0
 
 
 def _rpc_error(exc: grpc.aio.AioRpcError) -> MeshError:
@@ -307,11 +310,13 @@ async def _read_to_end(frames: AsyncGenerator[bytes, None]) -> None:
     frame reader refuses anything after the final frame; the answer was delivered, so
     that is only logged)."""
     try:
-        async with contextlib.aclosing(frames):
+        async with asyncio.timeout(END_WAIT_S), contextlib.aclosing(frames):
             async for _ in frames:
                 pass
     except MeshError as exc:
         logger.debug("after its final frame, an answer's call ended with: %s", exc.message)
+    except TimeoutError:
+        logger.debug("an answer's call stayed open after its final frame; cancelled")
 
 
 async def join_mesh(
