@@ -39,6 +39,10 @@ class Tasks:
     def __len__(self) -> int:
         return len(self._running)
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     async def aclose(self, grace_s: float = 0.0) -> None:
         """Stop: no new task starts; running ones get `grace_s` to end, then are cancelled.
         Safe to call more than once."""

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf.message import Message
 
 from mesh import PROTOCOL_VERSION
 from mesh.errors import InvalidRequest, ModelNotFound, NotAMember
@@ -17,7 +19,8 @@ from mesh.wire import grpc_options
 from mesh.wire.v1 import node_pb2 as pb
 from node.store.trust_store import TrustStore
 from node.transport import node_pb2_grpc as pb_grpc
-from node.transport.peer_client import PeerClient
+from node.transport import peer_client
+from node.transport.peer_client import GrpcTransport, M, PeerClient
 from tests.members import join_as_member, new_trust
 from tests.nodeproc import NodeProcess
 
@@ -194,6 +197,92 @@ async def test_a_cancelled_sealed_stream_frees_the_model(
     events = await asyncio.wait_for(_collect(client, peer, short), timeout=10)
     assert isinstance(events[-1], Finished)
     assert events[-1].completion_tokens == 2
+
+
+class _Watched:
+    """A gRPC transport that notes how each of its streams ended."""
+
+    def __init__(self, address: str) -> None:
+        self._inner = GrpcTransport(address)
+        self.label = address
+        self.ends: list[str] = []
+        self.ended = asyncio.Event()
+
+    async def stream(
+        self, method: str, request: Message, reply_type: type[M], timeout_s: float
+    ) -> AsyncGenerator[M, None]:
+        replies = self._inner.stream(method, request, reply_type, timeout_s)
+        async with contextlib.aclosing(replies):
+            try:
+                async for reply in replies:
+                    yield reply
+            except GeneratorExit:
+                self.ends.append("closed before its end")
+                self.ended.set()
+                raise
+        self.ends.append("read to its end")
+        self.ended.set()
+
+    async def unary(
+        self, method: str, request: Message, reply_type: type[M], timeout_s: float
+    ) -> M:
+        return await self._inner.unary(method, request, reply_type, timeout_s)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+async def test_a_finished_answer_is_read_to_its_end_not_cancelled(
+    node: NodeProcess, member: TrustStore
+) -> None:
+    """The entry stops reading at the Finished event; the call is still read to its
+    status (in the background), not cancelled: a reset costs both sides work."""
+    transport = _Watched(node.info["grpc_address"])
+    short = InferenceRequest(model="default", prompt="hi", sampling=Sampling(max_tokens=2))
+    async with PeerClient(transport.label, trust=member, transport=transport) as client:
+        peer = await client.public_card()
+        stream = client.infer(peer, short)
+        async for event in stream:
+            if isinstance(event, Finished):
+                break
+        await stream.aclose()  # what the entry does once it has the Finished event
+        await asyncio.wait_for(transport.ended.wait(), 10)
+        # Stopped early, it is closed (the peer's work stops at once).
+        stream = client.infer(peer, short)
+        await anext(stream)
+        await stream.aclose()
+    assert transport.ends == ["read to its end", "closed before its end"]
+
+
+class _HeldOpen(_Watched):
+    """A peer that keeps the call open after its final frame."""
+
+    async def stream(
+        self, method: str, request: Message, reply_type: type[M], timeout_s: float
+    ) -> AsyncGenerator[M, None]:
+        async for reply in super().stream(method, request, reply_type, timeout_s):
+            yield reply
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            self.ends.append("cancelled")
+            raise
+
+
+async def test_a_call_held_open_after_its_final_frame_is_cancelled(
+    node: NodeProcess, member: TrustStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(peer_client, "END_WAIT_S", 0.2)
+    transport = _HeldOpen(node.info["grpc_address"])
+    short = InferenceRequest(model="default", prompt="hi", sampling=Sampling(max_tokens=2))
+    async with PeerClient(transport.label, trust=member, transport=transport) as client:
+        peer = await client.public_card()
+        events = [event async for event in client.infer(peer, short)]
+        assert isinstance(events[-1], Finished)
+        async with asyncio.timeout(10):
+            while len(client._ends):  # noqa: ASYNC110 (a task of the client's)
+                await asyncio.sleep(0.01)
+    assert transport.ends == ["read to its end", "cancelled"]
 
 
 async def _collect(client: PeerClient, peer: PeerCard, request: InferenceRequest) -> list:  # type: ignore[type-arg]

@@ -4,6 +4,8 @@ a fork, and an uncountersigned record is reported."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -187,6 +189,20 @@ def test_periods_are_utc_days_and_months() -> None:
     for bad in ("yesterday", "2026-13", "2026-11-31", ""):
         with pytest.raises(InvalidRequest, match="not a period"):
             period_bounds(bad, now_ms=now)
+
+
+@settings(max_examples=300)
+@given(st.integers(min_value=-(10**12), max_value=253_370_764_799_999))  # 1938 to 9998
+def test_todays_and_this_months_bounds_are_the_utc_calendars(now: int) -> None:
+    """The day and month of `now_ms` (worked out once per day) are the ones its UTC date
+    names, and hold it."""
+    date = datetime.fromtimestamp(now / 1000, tz=UTC)
+    day = period_bounds("day", now_ms=now)
+    assert day == period_bounds(date.strftime("%Y-%m-%d"), now_ms=now)
+    month = period_bounds("month", now_ms=now)
+    assert month == period_bounds(date.strftime("%Y-%m"), now_ms=now)
+    assert day[0] <= now < day[1]
+    assert month[0] <= day[0] < day[1] <= month[1]
 
 
 # --- a chain's head, evident outside the chain (issue 12, finding 4) ------------------------

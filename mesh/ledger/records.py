@@ -23,6 +23,7 @@ they arrived as, and parsed only after their signature verifies.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections import defaultdict
 from collections.abc import Callable, Collection, Iterable, Mapping
@@ -661,23 +662,15 @@ def refused_records(
 def period_bounds(text: str, *, now_ms: int) -> tuple[int, int]:
     """'all', 'day' (today, UTC), 'month' (this month, UTC), 'YYYY-MM' or 'YYYY-MM-DD'
     -> [since_ms, until_ms)."""
-    now = datetime.fromtimestamp(now_ms / 1000, tz=UTC)
+    if text == "day":  # what quotas ask for every record counted: worked out once a day
+        return _calendar(now_ms // DAY_MS)[0]
+    if text == "month":
+        return _calendar(now_ms // DAY_MS)[1]
     try:
         if text == "all":
             return 0, 2**63 - 1
-        if text == "day":
-            start = now.replace(hour=0, minute=0, second=0, microsecond=0)
-            return _ms(start), _ms(start + timedelta(days=1))
-        if text == "month" or len(text) == 7:
-            start = (
-                now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-                if text == "month"
-                else datetime.strptime(text, "%Y-%m").replace(tzinfo=UTC)
-            )
-            following = start.replace(
-                year=start.year + start.month // 12, month=start.month % 12 + 1
-            )
-            return _ms(start), _ms(following)
+        if len(text) == 7:
+            return _month_of(datetime.strptime(text, "%Y-%m").replace(tzinfo=UTC))
         start = datetime.strptime(text, "%Y-%m-%d").replace(tzinfo=UTC)
         return _ms(start), _ms(start + timedelta(days=1))
     except ValueError as exc:
@@ -685,6 +678,22 @@ def period_bounds(text: str, *, now_ms: int) -> tuple[int, int]:
             f"not a period: {text!r} (use all, day, month, 2026-11 or 2026-11-25)",
             param="period",
         ) from exc
+
+
+DAY_MS = 86_400_000  # Unix time has no leap seconds: every UTC day is this long
+
+
+@functools.lru_cache(maxsize=16)
+def _calendar(day: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The bounds of the UTC day number `day` (days since 1970-01-01) and of its month."""
+    start = datetime.fromtimestamp(day * DAY_MS / 1000, tz=UTC)
+    return (_ms(start), _ms(start + timedelta(days=1))), _month_of(start.replace(day=1))
+
+
+def _month_of(start: datetime) -> tuple[int, int]:
+    """[start of the month starting at `start`, start of the next)."""
+    following = start.replace(year=start.year + start.month // 12, month=start.month % 12 + 1)
+    return _ms(start), _ms(following)
 
 
 def _ms(moment: datetime) -> int:

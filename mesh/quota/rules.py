@@ -70,6 +70,9 @@ class Period(enum.StrEnum):
         return period_bounds(self.value, now_ms=now_ms)
 
 
+_PERIODS = tuple(Period)  # iterating the enum class itself is slow; counting does it per record
+
+
 @dataclass(frozen=True, slots=True)
 class Limit:
     tier_class: TierClass
@@ -245,7 +248,7 @@ class QuotaBook:
                 continue
             tokens = record.prompt_tokens + record.completion_tokens
             tier_class = TierClass.of_route(record.route)
-            for period in Period:
+            for period in _PERIODS:
                 start, _ = period.bounds(record.ended_at_unix_ms)
                 self._used[(record.user, tier_class, period, start)] += tokens
 

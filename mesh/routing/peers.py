@@ -103,7 +103,10 @@ class PeerTable:
         busy = peer.busy
         for info in peer.models:
             for name in (info.name, *info.aliases):
-                self._index.setdefault(name, ModelColumns()).upsert(
+                columns = self._index.get(name)
+                if columns is None:  # built only when missing: it allocates its columns
+                    columns = self._index[name] = ModelColumns()
+                columns.upsert(
                     peer.node_id,
                     rtt=peer.rtt_ms,
                     busy=busy,

@@ -30,6 +30,7 @@ from mesh.wire.v1 import ledger_pb2 as lpb
 from mesh.wire.v1 import node_pb2 as pb
 from mesh.wire.v1 import trust_pb2 as tpb
 from node.store.trust_store import TrustStore
+from node.tasks import Tasks
 from node.transport import node_pb2_grpc as pb_grpc
 
 logger = logging.getLogger(__name__)
@@ -37,6 +38,9 @@ logger = logging.getLogger(__name__)
 CONTROL_TIMEOUT_S = 10.0
 INFER_TIMEOUT_S = 600.0
 SYNC_TIMEOUT_S = 120.0
+# How long a call may stay open after its final frame (the peer ends it at once): one held
+# longer is cancelled, so a peer cannot pile up open streams on the connection.
+END_WAIT_S = 5.0
 
 
 def _rpc_error(exc: grpc.aio.AioRpcError) -> MeshError:
@@ -127,6 +131,7 @@ class PeerClient:
         self.address = address
         self._trust = trust
         self.transport: Transport = transport or GrpcTransport(address)
+        self._ends = Tasks(f"peer client {address}")  # answers read to their end (`infer`)
 
     @property
     def via_relay(self) -> bool:
@@ -144,6 +149,7 @@ class PeerClient:
         await self.aclose()
 
     async def aclose(self) -> None:
+        await self._ends.aclose()
         await self.transport.aclose()
 
     async def public_card(self, *, timeout_s: float = CONTROL_TIMEOUT_S) -> PeerCard:
@@ -203,16 +209,28 @@ class PeerClient:
         self, peer: PeerCard, request: InferenceRequest, *, timeout_s: float = INFER_TIMEOUT_S
     ) -> AsyncGenerator[InferenceEvent, None]:
         call = pb.SealedCall(infer=codec.request_to_pb(request))
-        async for plaintext in self._sealed_call(peer, call, timeout_s):
-            message = pb.InferEvent()
-            try:
-                message.ParseFromString(plaintext)
-            except DecodeError as exc:
-                raise RemoteProtocolError("peer sent an unreadable event") from exc
-            event = codec.event_from_pb(message)
-            yield event
-            if isinstance(event, Finished):
-                return
+        frames = self._sealed_call(peer, call, timeout_s)
+        finished = False
+        try:
+            async for plaintext in frames:
+                message = pb.InferEvent()
+                try:
+                    message.ParseFromString(plaintext)
+                except DecodeError as exc:
+                    raise RemoteProtocolError("peer sent an unreadable event") from exc
+                event = codec.event_from_pb(message)
+                finished = isinstance(event, Finished)
+                yield event
+                if finished:
+                    return
+        finally:
+            if finished and not self._ends.closed:
+                # The peer ends the call right after its final frame: its status is read
+                # in the background, off the answer's path, rather than the call being
+                # cancelled (a reset both sides would then process for nothing).
+                self._ends.start(_read_to_end(frames), "an answer's end")
+            else:
+                await frames.aclose()
 
     async def sync(
         self, peer: PeerCard, request: lpb.SyncRequest, *, timeout_s: float = SYNC_TIMEOUT_S
@@ -285,6 +303,20 @@ class PeerClient:
             "PushRevocations", signed, pb.PushRevocationsResponse, CONTROL_TIMEOUT_S
         )
         return int(reply.version)
+
+
+async def _read_to_end(frames: AsyncGenerator[bytes, None]) -> None:
+    """The rest of an answer whose final frame came: nothing but the call's status (the
+    frame reader refuses anything after the final frame; the answer was delivered, so
+    that is only logged)."""
+    try:
+        async with asyncio.timeout(END_WAIT_S), contextlib.aclosing(frames):
+            async for _ in frames:
+                pass
+    except MeshError as exc:
+        logger.debug("after its final frame, an answer's call ended with: %s", exc.message)
+    except TimeoutError:
+        logger.debug("an answer's call stayed open after its final frame; cancelled")
 
 
 async def join_mesh(
