@@ -180,7 +180,9 @@ async def stream(
     started = time.perf_counter()
     first = last = 0.0
     tokens = 0
-    async with session.post(url, json={**body, "stream": True}) as response:
+    # The usage chunk (the exact token count) comes only when asked, as OpenAI's.
+    asked = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    async with session.post(url, json=asked) as response:
         if response.status != 200:
             raise RuntimeError(f"{response.status}: {await response.text()}")
         async for line in response.content:
