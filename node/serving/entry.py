@@ -239,7 +239,11 @@ class EntryAnswer:
         asked = self.request  # what the current source was asked (a failover asks anew)
         pending: InferenceEvent | None = source.first
         finished = False
-        calls_delivered = False  # a tool call was (partly) sent: no box can continue it
+        # A tool call's pieces (and what follows them) are held until the answer finishes:
+        # a call is delivered whole, or, when its box fails mid-call, made again by the next
+        # box under the same constraints (half a call cannot be continued: the client would
+        # have its deltas, the next box no text to go on from).
+        held: list[TextDelta] = []
         try:
             while True:
                 try:
@@ -247,12 +251,20 @@ class EntryAnswer:
                         event = pending if pending is not None else await anext(source.rest)
                         pending = None
                         if isinstance(event, TextDelta):
-                            calls_delivered = calls_delivered or bool(event.tool_calls)
+                            if event.tool_calls or held:
+                                held.append(event)
+                                continue
                             delivered.append(event.text)
                             delivered_tokens += event.tokens
                             seen = seen.plus(event.delivered)
                             yield event
                             continue
+                        for piece in held:
+                            delivered.append(piece.text)
+                            delivered_tokens += piece.tokens
+                            seen = seen.plus(piece.delivered)
+                            yield piece
+                        held = []
                         self._starter.served(
                             source.served_by, (self._clock.monotonic() - started) * 1000, asked
                         )
@@ -268,7 +280,9 @@ class EntryAnswer:
                     if after_candidate_failure(exc) is Next.ANSWER:
                         raise
                     failure = exc
-                # Mid-stream failure: continue on the next candidate after what was delivered.
+                # Mid-stream failure: continue on the next candidate after what was delivered
+                # (a tool call held back is made again there).
+                held = []
                 await source.aclose()
                 self._starter.failed(source.served_by, failure)
                 await self._partial(source.served_by, asked, delivered_tokens - tokens_before, seen)
@@ -282,13 +296,6 @@ class EntryAnswer:
                     )
                     return
                 failed = source.served_by
-                if calls_delivered:
-                    finished = True  # the failed part is recorded; nothing else was delivered
-                    raise failure.reworded(
-                        f"{failed.node_id[:7]} ({failed.route}) failed mid-answer "
-                        f"({failure.message}) while sending a tool call, which another box "
-                        "cannot continue: ask again"
-                    )
                 follow_up = self._follow_up(delivered, tokens_before)
                 logger.warning(
                     "%s failed mid-stream (%s); continuing on the next candidate",
