@@ -17,9 +17,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pydantic
 import pytest
 
 from node.store.config_file import embedded_model_path
+from tests.clients import openai_client
 from tests.members import models_config
 from tests.nodeproc import NodeProcess, run_cli
 
@@ -295,3 +297,52 @@ def test_a_next_turn_goes_to_the_box_holding_its_start_unless_it_is_busy(
         assert served_by(a, turn) != b.node_id
     finally:
         hog.close()
+
+
+class Capital(pydantic.BaseModel):
+    city: str
+    country: str
+
+
+def test_the_official_client_gets_structured_answers_and_tool_calls_from_another_box(
+    mesh3: dict[str, NodeProcess],
+) -> None:
+    """Across two real boxes: a asks for the model only c serves; the schema and the forced
+    call travel sealed to c, whose grammar holds them, and come back in OpenAI's shapes."""
+    a, c = mesh3["a"], mesh3["c"]
+    with openai_client(a.url + "/v1") as client:
+        raw = client.beta.chat.completions.with_raw_response.parse(
+            model="c-only",
+            messages=[{"role": "user", "content": "The capital of France, as JSON."}],
+            response_format=Capital,
+            temperature=0,
+            max_tokens=60,
+        )
+        assert raw.headers["x-allerac-node"] == c.node_id
+        assert isinstance(raw.parse().choices[0].message.parsed, Capital)
+        weather = {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+            "additionalProperties": False,
+        }
+        answer = client.chat.completions.create(
+            model="c-only",
+            messages=[{"role": "user", "content": "What is the weather in Paris?"}],
+            tools=[
+                {
+                    "type": "function",
+                    "function": {"name": "get_weather", "parameters": weather},
+                }
+            ],
+            tool_choice={"type": "function", "function": {"name": "get_weather"}},
+            temperature=0,
+            max_tokens=40,
+        )
+    choice = answer.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    [call] = choice.message.tool_calls or []
+    assert call.function.name == "get_weather"
+    arguments = json.loads(call.function.arguments)
+    assert set(arguments) == {"city"}
+    assert isinstance(arguments["city"], str)
