@@ -24,3 +24,21 @@ def openai_client(base_url: str, api_key: str | None = None) -> openai.OpenAI:
         timeout=120,
         http_client=openai.DefaultHttpxClient(event_hooks={"request": [_drop_authorization]}),
     )
+
+
+async def _drop_authorization_async(request: Any) -> None:
+    request.headers.pop("Authorization", None)
+
+
+def async_openai_client(base_url: str, api_key: str | None = None) -> openai.AsyncOpenAI:
+    """`openai_client`, for asyncio (`openai.AsyncOpenAI`)."""
+    if api_key is not None:
+        return openai.AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=120)
+    hooks = {"request": [_drop_authorization_async]}
+    return openai.AsyncOpenAI(
+        base_url=base_url,
+        api_key="owner",
+        max_retries=0,
+        timeout=120,
+        http_client=openai.DefaultAsyncHttpxClient(event_hooks=hooks),
+    )

@@ -15,7 +15,7 @@ import pydantic
 import pytest
 
 from node.store.config_file import embedded_model_path
-from tests.clients import openai_client
+from tests.clients import async_openai_client, openai_client
 from tests.nodeproc import NodeProcess
 
 MODEL = "smollm2-135m-instruct"
@@ -614,3 +614,53 @@ def test_embeddings_bad_input_is_a_400_naming_the_field(node: NodeProcess) -> No
     ]:
         status, payload = _embed(node, **fields)
         assert (status, payload["error"]["param"]) == (400, param), payload
+
+
+async def test_the_async_client_streams_a_forced_tool_call_and_parses_a_schema(
+    node: NodeProcess,
+) -> None:
+    """`openai.AsyncOpenAI`, as asyncio agent frameworks use it: a forced call streamed as
+    deltas that join into arguments that parse, and `parse()` with a pydantic model."""
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+            },
+        },
+    }
+    async with async_openai_client(node.url + "/v1") as client:
+        stream = await client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "What is the weather in Paris?"}],
+            tools=[tool],  # type: ignore[list-item]
+            tool_choice="required",
+            temperature=0,
+            max_tokens=40,
+            stream=True,
+        )
+        names, arguments, reasons = [], [], []
+        async for chunk in stream:
+            if not chunk.choices:
+                continue
+            for delta in chunk.choices[0].delta.tool_calls or []:
+                if delta.function and delta.function.name:
+                    names.append(delta.function.name)
+                if delta.function and delta.function.arguments:
+                    arguments.append(delta.function.arguments)
+            if chunk.choices[0].finish_reason:
+                reasons.append(chunk.choices[0].finish_reason)
+        assert names == ["get_weather"]
+        assert isinstance(json.loads("".join(arguments))["city"], str)
+        assert reasons == ["tool_calls"]
+        parsed = await client.beta.chat.completions.parse(
+            model=MODEL,
+            messages=[{"role": "user", "content": "The capital of France, as JSON."}],
+            response_format=City,
+            temperature=0,
+            max_tokens=200,
+        )
+    assert isinstance(parsed.choices[0].message.parsed, City)
