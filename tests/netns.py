@@ -8,7 +8,7 @@ works between the boxes and nothing reaches the machine's real network.
 
 A node runs inside its namespace with its HTTP API on that namespace's loopback, so the test
 talks to it from inside too: `lab.cli(node, ...)` runs `python -m node ...` there and
-`lab.http(node, ...)` a tiny urllib script.
+`lab.http(node, ...)` makes a request on a thread that entered the namespace.
 
 Leaving the lab (normally, on an exception or on Ctrl-C) kills the nodes it started and
 deletes every namespace, veth and the bridge it made; `atexit` repeats that as a backstop.
@@ -42,26 +42,6 @@ CLI_TIMEOUT_S = 120.0
 IP_TIMEOUT_S = 20.0
 
 _ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
-
-# Runs inside a namespace: one HTTP request, the answer as JSON on stdout.
-_HTTP_SCRIPT = """
-import json, sys, urllib.error, urllib.request
-url, method, body, headers = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
-data = body.encode() if body else None
-if data is not None:
-    headers.setdefault("Content-Type", "application/json")
-request = urllib.request.Request(url, data=data, headers=headers, method=method)
-try:
-    with urllib.request.urlopen(request, timeout=120) as response:
-        code, head, raw = response.status, response.headers, response.read()
-except urllib.error.HTTPError as exc:
-    code, head, raw = exc.code, exc.headers, exc.read()
-print(json.dumps({
-    "status": code,
-    "headers": {k.lower(): v for k, v in head.items()},
-    "body": raw.decode("utf-8", "replace"),
-}))
-"""
 
 
 def wait_until(check: Callable[[], bool], timeout_s: float, what: str) -> float:
@@ -113,7 +93,7 @@ def netns_unavailable() -> str | None:
 def _http(
     url: str, method: str, body: dict[str, Any] | None, headers: dict[str, str]
 ) -> tuple[int, dict[str, str], Any]:
-    """What _HTTP_SCRIPT does, on a thread inside the namespace (tests/launch.py)."""
+    """One HTTP request; called on a thread inside a box's namespace (`NetnsLab.http`)."""
     data = json.dumps(body).encode() if body is not None else None
     if data is not None:
         headers.setdefault("Content-Type", "application/json")
@@ -401,9 +381,9 @@ class NetnsLab:
         )
 
     def status(self, node: LabNode) -> dict[str, Any]:
-        """What `allerac status --json` shows (the node's /allerac/status), asked by the small
-        urllib script: tests poll it, and the CLI's start-up costs five times its CPU, time
-        the nodes under test need."""
+        """What `allerac status --json` shows (the node's /allerac/status), asked over HTTP
+        from this process: tests poll it often, and a CLI run each time would take CPU the
+        nodes under test need."""
         code, _, body = self.http(node, "GET", "/allerac/status")
         if code != 200:
             raise RuntimeError(f"status of {node.name} failed: {code} {body}")
@@ -434,26 +414,9 @@ class NetnsLab:
         body: dict[str, Any] | None = None,
         headers: dict[str, str] | None = None,
     ) -> tuple[int, dict[str, str], Any]:
-        """One request to the node's HTTP API, made inside its namespace."""
-        if launch.forking():
-            request = functools.partial(_http, node.url + path, method, body, dict(headers or {}))
-            return launch.in_namespace(self.namespaces[node.box], request)
-        result = self.python(
-            node.box,
-            _HTTP_SCRIPT,
-            node.url + path,
-            method,
-            json.dumps(body) if body is not None else "",
-            json.dumps(headers or {}),
-        )
-        if result.returncode != 0:
-            raise RuntimeError(f"HTTP {method} {path} at {node.name} failed:\n{result.stderr}")
-        reply = json.loads(result.stdout)
-        try:
-            payload = json.loads(reply["body"])
-        except ValueError:
-            payload = reply["body"]
-        return reply["status"], reply["headers"], payload
+        """One request to the node's HTTP API, made on a thread inside its namespace."""
+        request = functools.partial(_http, node.url + path, method, body, dict(headers or {}))
+        return launch.in_namespace(self.namespaces[node.box], request)
 
     def attach_router(self, router: NetnsLab, box: int = 0) -> str:
         """Give namespace `box` of `router` a leg on this LAN (address .254) and make it

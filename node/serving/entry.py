@@ -250,21 +250,20 @@ class EntryAnswer:
                     while True:
                         event = pending if pending is not None else await anext(source.rest)
                         pending = None
-                        if isinstance(event, TextDelta):
-                            if event.tool_calls or held:
-                                held.append(event)
-                                continue
-                            delivered.append(event.text)
-                            delivered_tokens += event.tokens
-                            seen = seen.plus(event.delivered)
-                            yield event
+                        if isinstance(event, TextDelta) and (event.tool_calls or held):
+                            held.append(event)
                             continue
-                        for piece in held:
+                        # Out now: this text, or at the finish what was held.
+                        ready, held = (
+                            ([event], held) if isinstance(event, TextDelta) else (held, [])
+                        )
+                        for piece in ready:
                             delivered.append(piece.text)
                             delivered_tokens += piece.tokens
                             seen = seen.plus(piece.delivered)
                             yield piece
-                        held = []
+                        if isinstance(event, TextDelta):
+                            continue
                         self._starter.served(
                             source.served_by, (self._clock.monotonic() - started) * 1000, asked
                         )
