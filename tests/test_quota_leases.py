@@ -1065,8 +1065,10 @@ class LeaseWorld(RuleBasedStateMachine):
 
 
 TestLeaseWorld = LeaseWorld.TestCase
+# 200 runs of 100 steps: seeded bugs (a lease handing back what it gave the home, a
+# settle returning one token too many) are found at 100 runs of 50 steps.
 TestLeaseWorld.settings = settings(
-    max_examples=400,
+    max_examples=200,
     stateful_step_count=100,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
