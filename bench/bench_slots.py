@@ -63,12 +63,14 @@ from tests.test_lan_mesh import start_mesh  # noqa: E402
 
 USERS = (1, 2, 4, 8)
 PARALLEL = 8
-# Prompts whose greedy continuation does not stop early.
+# Prompts whose greedy continuation does not stop early, on both test models and on both
+# paths (checked at every round: a user that stopped early would leave the others batched
+# in fewer sequences, and the two paths would not be doing the same work).
 PROMPTS = [
     "1, 2, 3, 4, 5,",
-    "Monday, Tuesday, Wednesday,",
+    "Sunday, Monday,",
     "a b c d e f g",
-    "10 20 30 40",
+    "5, 10, 15, 20,",
     "January, February, March,",
     "2, 4, 6, 8,",
     "A, B, C, D,",
@@ -137,7 +139,9 @@ class Direct:
         return time.perf_counter() - started
 
     def batched(self, users: int, new_tokens: int) -> float:
-        """Aggregate tokens/s of `users` sequences decoded together, prompts included."""
+        """Aggregate tokens/s of `users` sequences decoded together, prompts included; a
+        sequence ends at its model's end of generation, as the node's do (none should:
+        `PROMPTS`; `same_work` checks)."""
         sampler: Any = self.llama_cpp.llama_sampler_init_greedy()
         try:
             for seq in range(users):
@@ -154,16 +158,29 @@ class Direct:
             ]
             positions = [len(p) for p in prompts]
             self._decode(entries)
-            at = [sum(len(p) for p in prompts[: s + 1]) - 1 for s in range(users)]
-            for _ in range(new_tokens):
-                tokens = [
-                    self.llama_cpp.llama_sampler_sample(sampler, self.ctx.ctx, at[s])
-                    for s in range(users)
-                ]
-                self._decode([(tokens[s], positions[s], s, True) for s in range(users)])
-                positions = [p + 1 for p in positions]
-                at = list(range(users))
-            return users * new_tokens / (time.perf_counter() - started)
+            # Where each sequence's logits are in the batch just decoded.
+            at = {s: sum(len(p) for p in prompts[: s + 1]) - 1 for s in range(users)}
+            made = [0] * users
+            live = list(range(users))
+            while live:
+                tokens = {
+                    s: self.llama_cpp.llama_sampler_sample(sampler, self.ctx.ctx, at[s])
+                    for s in live
+                }
+                eog = self.llama_cpp.llama_vocab_is_eog
+                live = [s for s in live if not eog(self.vocab, tokens[s])]
+                for s in live:
+                    made[s] += 1
+                live = [s for s in live if made[s] < new_tokens]
+                if not live:
+                    break
+                self._decode([(tokens[s], positions[s], s, True) for s in live])
+                at = {s: i for i, s in enumerate(live)}
+                for s in live:
+                    positions[s] += 1
+            seconds = time.perf_counter() - started
+            same_work("(a)", users, made, new_tokens)
+            return sum(made) / seconds
         finally:
             self.llama_cpp.llama_sampler_free(sampler)
 
@@ -222,7 +239,19 @@ async def node_users(
         )
     )
     wall = time.perf_counter() - started
+    same_work("(b)", users, [tokens for _, _, tokens in results], new_tokens)
     return sum(tokens for _, _, tokens in results) / wall
+
+
+def same_work(path: str, users: int, made: list[int], new_tokens: int) -> None:
+    """Both paths must decode `new_tokens` for every user: one that stopped early leaves
+    the others batched in fewer sequences (the figures would compare different work)."""
+    short = {PROMPTS[u % len(PROMPTS)]: n for u, n in enumerate(made) if n != new_tokens}
+    if short:
+        raise SystemExit(
+            f"{path}, {users} users: prompts that did not make {new_tokens} tokens {short}; "
+            "pick others for PROMPTS"
+        )
 
 
 def in_process_rate(llama: Any, new_tokens: int) -> float:
