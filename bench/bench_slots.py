@@ -13,7 +13,7 @@ noise hits every path alike:
 for N = 1, 2, 4, 8: aggregate tokens/s (every user's tokens over the wall time from the
 requests to the last token) and (b)/(a). Then:
 
-- time to first token with 4 users sending ~200-token prompts at the same moment: worst
+- time to first token with 4 users sending ~280-token prompts at the same moment: worst
   and median, against one user's alone plus three prompts' reading time (measured in (a));
 - a conversation's next turn (a ~1,400-token history) after two other users' requests:
   time to first token against its first turn's;
@@ -323,8 +323,11 @@ async def bench_model(name: str, path: Path, rounds: int, new_tokens: int, threa
                     )
                 alone_lib.append(in_process_rate(llama, 4 * new_tokens))
                 alone_node.append(await node_rate(session, node, "bench", 4 * new_tokens))
-            # Time to first token, 4 users at the same moment with ~200-token prompts (a
+            # Time to first token, 4 users at the same moment with ~280-token prompts (a
             # numbered variant each, so no prompt is cached).
+            prompt_tokens = len(
+                direct.model.tokenize(f"Run 0. {TTFT_PROMPT}".encode(), True, False)
+            )
             reading = statistics.median(
                 direct.read_prompt(f"Run {i}. {TTFT_PROMPT}") for i in range(3)
             )
@@ -376,7 +379,7 @@ async def bench_model(name: str, path: Path, rounds: int, new_tokens: int, threa
     )
     target_ttft = statistics.median(alone_ttft) + 3 * reading
     print(
-        f"TTFT, 4 users at once (~{len(TTFT_PROMPT) // 4}-token prompts): worst "
+        f"TTFT, 4 users at once ({prompt_tokens}-token prompts): worst "
         f"{statistics.median(worst) * 1000:.0f} ms, median {statistics.median(median) * 1000:.0f}"
         f" ms; alone {statistics.median(alone_ttft) * 1000:.0f} ms + 3 x reading "
         f"{reading * 1000:.0f} ms = {target_ttft * 1000:.0f} ms"

@@ -109,8 +109,10 @@ logger = logging.getLogger(__name__)
 TPS_SMOOTHING = 0.3  # weight of the newest measurement in the tokens/s average
 BATCH_TOKENS = 512  # the most tokens one llama_decode takes (llama.cpp's n_batch)
 # Prompt tokens read per step while other slots are generating: a long prompt costs the
-# others this much delay per token they make, not the whole prompt's.
-PROMPT_CHUNK_BESIDE_DECODING = 128
+# others this much delay per token they make, not the whole prompt's. Most of a batch: each
+# step costs more than its tokens (with 128, four users' 284-token prompts took 11 % longer
+# to read than one after the other; with 384, 2 %: bench/bench_slots.py's TTFT row).
+PROMPT_CHUNK_BESIDE_DECODING = 384
 MAX_DEFAULT_PARALLEL = 8
 MIN_DEFAULT_PARALLEL = 4
 KV_MEMORY_SHARE = 4  # slots' KV caches get at most 1/4 of the box's memory by default
