@@ -654,7 +654,7 @@ def test_arbitrary_json_gives_a_request_or_a_mesh_error(parse: Any, value: Any) 
 
 
 @pytest.mark.parametrize("parse", PARSERS)
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(value=shaped_bodies)
 def test_request_shaped_json_gives_a_request_or_a_mesh_error(parse: Any, value: Any) -> None:
     _request_or_400(parse, json.dumps(value).encode())
