@@ -14,7 +14,8 @@ for N = 1, 2, 4, 8: aggregate tokens/s (every user's tokens over the wall time f
 requests to the last token) and (b)/(a). Then:
 
 - time to first token with 4 users sending ~280-token prompts at the same moment: worst
-  and median, against one user's alone plus three prompts' reading time (measured in (a));
+  and median, against one user's alone plus three prompts' reading time (measured in (a)),
+  the baseline measured again in every round;
 - a conversation's next turn (a ~1,400-token history) after two other users' requests:
   time to first token against its first turn's;
 - one user alone: the node's decode tokens/s against llama-cpp-python's `Llama` in-process
@@ -328,13 +329,15 @@ async def bench_model(name: str, path: Path, rounds: int, new_tokens: int, threa
             prompt_tokens = len(
                 direct.model.tokenize(f"Run 0. {TTFT_PROMPT}".encode(), True, False)
             )
-            reading = statistics.median(
-                direct.read_prompt(f"Run {i}. {TTFT_PROMPT}") for i in range(3)
-            )
+            # Each round measures its own baseline (a prompt read directly, then one user
+            # alone) just before its four users, so that a host whose speed drifts during
+            # the run compares like with like: the target is checked per round.
+            readings: list[float] = []
             alone_ttft: list[float] = []
             worst: list[float] = []
             median: list[float] = []
             for round_ in range(rounds):
+                readings.append(direct.read_prompt(f"Run {round_}. {TTFT_PROMPT}"))
                 body = {"model": "bench", "temperature": 0, "max_tokens": 4}
                 url = node.url + "/v1/completions"
                 first, _, _ = await stream(
@@ -377,12 +380,16 @@ async def bench_model(name: str, path: Path, rounds: int, new_tokens: int, threa
         "batching gain of (a): "
         + ", ".join(f"{n}: {statistics.median(ceiling[n]) / one:.2f}x" for n in USERS)
     )
+    reading = statistics.median(readings)
     target_ttft = statistics.median(alone_ttft) + 3 * reading
+    # worst / (alone + 3 readings), round by round
+    of_target = [w / (a + 3 * r) for w, a, r in zip(worst, alone_ttft, readings, strict=True)]
     print(
         f"TTFT, 4 users at once ({prompt_tokens}-token prompts): worst "
         f"{statistics.median(worst) * 1000:.0f} ms, median {statistics.median(median) * 1000:.0f}"
         f" ms; alone {statistics.median(alone_ttft) * 1000:.0f} ms + 3 x reading "
-        f"{reading * 1000:.0f} ms = {target_ttft * 1000:.0f} ms"
+        f"{reading * 1000:.0f} ms = {target_ttft * 1000:.0f} ms (medians); worst of its round's "
+        "target: " + ", ".join(f"{x:.0%}" for x in of_target)
     )
     print(
         f"conversation (~1,400 tokens): first turn TTFT {first_turn * 1000:.0f} ms, next turn "
@@ -395,7 +402,7 @@ async def bench_model(name: str, path: Path, rounds: int, new_tokens: int, threa
     )
     checks = {
         "(b) >= 0.90 (a) at every N": min(ratios) >= 0.90,
-        "worst TTFT <= alone + 3 readings": statistics.median(worst) <= target_ttft,
+        "worst TTFT <= alone + 3 readings": statistics.median(of_target) <= 1.0,
         "next turn <= 15 % of the first": next_turn <= 0.15 * first_turn,
         "one user >= 0.97x": mine >= 0.97 * lib,
     }
