@@ -116,10 +116,8 @@ def text_boundaries(prompt: str) -> list[Boundary]:
 
 def conversation_key(messages: Sequence[ChatMessage], tools: Sequence[Tool] = ()) -> bytes:
     """The key of the whole of `messages`: what a box holds once it has read them."""
-    digest = _start(tools)
-    for message in messages:
-        digest.update(_message(message))
-    return digest.digest()
+    found = boundaries(messages, tools)
+    return found[-1].key if found else _start(tools).digest()
 
 
 def request_boundaries(request: InferenceRequest) -> list[Boundary]:

@@ -201,6 +201,11 @@ def renders_tools(formatter: Any) -> bool:
     return PROBE_TOOL in str(rendered.prompt)
 
 
+def _smoothed(average: float, rate: float) -> float:
+    """A speed's running average with a new measurement (the first one taken as it is)."""
+    return rate if average == 0 else (1 - TPS_SMOOTHING) * average + TPS_SMOOTHING * rate
+
+
 class _State(enum.Enum):
     WAITING = 1  # admitted, waiting for a slot
     RUNNING = 2  # in a slot
@@ -910,20 +915,13 @@ class LlamaCppBackend:
         produced, first_at, last_at = generation.produced, generation.first_at, generation.last_at
         if produced >= 8 and last_at > first_at:
             rate = (produced - 1) / (last_at - first_at)
-            self._tokens_per_second = (
-                rate
-                if self._tokens_per_second == 0
-                else (1 - TPS_SMOOTHING) * self._tokens_per_second + TPS_SMOOTHING * rate
-            )
+            self._tokens_per_second = _smoothed(self._tokens_per_second, rate)
 
     def _prompt_measured(self, tokens: int, seconds: float) -> None:
         """A step read `tokens` prompt tokens (and nothing else) in `seconds`."""
         if seconds > 0:
-            rate = tokens / seconds
-            self._prompt_tokens_per_second = (
-                rate
-                if self._prompt_tokens_per_second == 0
-                else (1 - TPS_SMOOTHING) * self._prompt_tokens_per_second + TPS_SMOOTHING * rate
+            self._prompt_tokens_per_second = _smoothed(
+                self._prompt_tokens_per_second, tokens / seconds
             )
 
     def _assign_slots(self) -> None:

@@ -63,10 +63,15 @@ class PromptCache:
 
     def holds(self, tokens: Sequence[int]) -> bool:
         """Is `tokens` (or a longer prefix starting with it) saved already?"""
+        return self._holder(tokens) is not None
+
+    def _holder(self, tokens: Sequence[int]) -> int | None:
+        """The index of an entry holding `tokens` (or extending them)."""
         n = len(tokens)
-        return any(
-            len(e.tokens) >= n and common_prefix(e.tokens, tokens) == n for e in self._entries
-        )
+        for i, e in enumerate(self._entries):
+            if len(e.tokens) >= n and common_prefix(e.tokens, tokens) == n:
+                return i
+        return None
 
     def put(
         self, tokens: Sequence[int], state: bytes, keys: frozenset[bytes] = frozenset()
@@ -93,11 +98,10 @@ class PromptCache:
 
     def add_keys(self, tokens: Sequence[int], keys: frozenset[bytes]) -> None:
         """The chats `keys` name are held by the entry holding `tokens` (or extending them)."""
-        n = len(tokens)
-        for i, e in enumerate(self._entries):
-            if len(e.tokens) >= n and common_prefix(e.tokens, tokens) == n:
-                self._entries[i] = SavedPrefix(e.tokens, e.state, e.keys | keys)
-                return
+        i = self._holder(tokens)
+        if i is not None:
+            e = self._entries[i]
+            self._entries[i] = SavedPrefix(e.tokens, e.state, e.keys | keys)
 
     def keys(self) -> list[frozenset[bytes]]:
         """The chats each entry holds, the most recently used entry first."""
