@@ -24,4 +24,4 @@ echo "== mypy --strict" >&2
 wait "$collecting" || true  # a collection error shows in the run below
 echo "== pytest" >&2
 workers="${ALLERAC_TEST_WORKERS:-$(($(nproc) + 1))}"
-exec .venv/bin/python -m pytest -m "not slow" -n "$workers" --dist loadfile "$@"
+exec .venv/bin/python -m pytest -m "not slow" -n "$workers" --dist loadfile --no-loadscope-reorder "$@"

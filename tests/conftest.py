@@ -30,27 +30,40 @@ def fresh_home(tmp_path: Path) -> Path:
     return tmp_path / "home"
 
 
-# The test files that take longest (real processes and network namespaces), the longest
-# first. The test workers take whole files (`--dist loadfile`) in collection order: a long
-# file taken last would keep one worker busy alone at the end of the run.
+# The test files that take longest, in the order the test workers start them: the longest
+# first, and those that mostly wait on real timers (network namespaces, heartbeats, mDNS)
+# beside those that compute (real inference, the browser), so that the cores stay busy.
+# The workers take whole files (`--dist loadfile`) in collection order
+# (`--no-loadscope-reorder`: xdist would otherwise put the files with most tests first),
+# each worker two at the start: the first three files here start at once, the next three
+# follow them one to a worker (in either order, the files that wait meet files that
+# compute). A long file taken last would keep one worker busy alone at the end of the run.
 LONGEST_FIRST = (
-    "test_member_edges.py",
-    "test_netns_failover.py",
-    "test_netns_mesh.py",
-    "test_netns_relay.py",
-    "test_netns_mdns_flood.py",
-    "test_lifecycle.py",
-    "test_ledger_truncation.py",
-    "test_console_browser.py",
-    "test_api_keys.py",
-    "test_admission.py",
+    "test_netns_mesh.py",  # waits
+    "test_slots.py",
     "test_http_api.py",
     "test_agents.py",
-    "test_mesh_trust.py",
-    "test_console_api.py",
-    "test_quotas.py",
+    "test_netns_failover.py",
+    "test_console_browser.py",
+    "test_netns_mdns_flood.py",  # waits
+    "test_netns_relay.py",
     "test_lan_mesh.py",
-    "test_stranger_edges.py",
+    "test_ledger_truncation.py",  # waits
+    "test_api_keys.py",
+    "test_member_edges.py",  # waits
+    "test_mesh_trust.py",
+    "test_lifecycle.py",
+    "test_ledger_sync.py",  # waits
+    "test_openai_api.py",
+    "test_models_admin.py",
+    "test_admission.py",
+    "test_stranger_edges.py",  # waits
+    "test_quota_restarts.py",
+    "test_quotas.py",
+    "test_backup.py",
+    "test_openai_backend.py",
+    "test_refusals.py",
+    "test_console_api.py",
     "test_quota_leases.py",
 )
 

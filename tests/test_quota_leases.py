@@ -1065,11 +1065,13 @@ class LeaseWorld(RuleBasedStateMachine):
 
 
 TestLeaseWorld = LeaseWorld.TestCase
-# 200 runs of 100 steps: seeded bugs (a lease handing back what it gave the home, a
-# settle returning one token too many) are found at 100 runs of 50 steps.
+# 100 runs of 60 steps: seeded bugs (a lease handing back what it gave the home, a
+# settle returning one token too many) are found at 100 runs of 50 steps; a third (the
+# unused part of an ended lease's answer kept as free instead of given back) is found by
+# test_a_lease_ends_when_its_user_changes_and_what_it_had_goes_back.
 TestLeaseWorld.settings = settings(
-    max_examples=200,
-    stateful_step_count=100,
+    max_examples=100,
+    stateful_step_count=60,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
