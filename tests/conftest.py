@@ -35,9 +35,10 @@ def fresh_home(tmp_path: Path) -> Path:
 # beside those that compute (real inference, the browser), so that the cores stay busy.
 # The workers take whole files (`--dist loadfile`) in collection order
 # (`--no-loadscope-reorder`: xdist would otherwise put the files with most tests first),
-# each worker two at the start: the first three files here start at once, the next three
-# follow them one to a worker (in either order, the files that wait meet files that
-# compute). A long file taken last would keep one worker busy alone at the end of the run.
+# each worker two at the start (with 4 workers, the first four files here start at once
+# and the next four follow them, one to a worker: in either order the files that wait
+# meet files that compute). A long file taken last would keep one worker busy alone at
+# the end of the run.
 LONGEST_FIRST = (
     "test_netns_mesh.py",  # waits
     "test_slots.py",

@@ -205,7 +205,7 @@ def test_killing_the_serving_box_mid_stream_costs_the_client_nothing(
         a, b, c = static_mesh(
             lab, [models_config(SMOLLM), models_config("shared"), models_config("shared")]
         )
-        body = {"model": "shared", "prompt": "1, 2, 3, 4,", "temperature": 0, "max_tokens": 120}
+        body = {"model": "shared", "prompt": "1, 2, 3, 4,", "temperature": 0, "max_tokens": 64}
         stream = Stream(lab, a, body, tmp_path / "stream.log", pause_at=20)
         streams.append(stream)
         stream.wait_for(lambda: stream.has("paused"), 30, "20 pieces have arrived")
@@ -247,7 +247,7 @@ def test_killing_the_serving_box_mid_stream_costs_the_client_nothing(
         expected = reference["choices"][0]["text"]
         # One coherent answer: what the killed box sent, then the survivor's continuation.
         assert text == expected
-        assert usage.get("completion_tokens", 0) >= 100, usage
+        assert usage.get("completion_tokens", 0) >= 50, usage
         assert lab.peer_states(a).get(survivor.node_id) == "up"
         assert a.alive()
         assert survivor.alive()
