@@ -285,6 +285,9 @@ def test_a_next_turn_goes_to_the_box_holding_its_start_unless_it_is_busy(
     )
     shown_b = run_cli(b.home, "status").stdout
     assert "1 requests sent here for a conversation it held, 1 still held" in shown_b
+    # ...and a hears of it at a heartbeat (a card b signed while the turn ran, before its
+    # slot named what it holds, may have reached a in between: on a busy host, seen).
+    wait_until(lambda: explain_at(a, turn)["by_cache"], 10, "a knows b holds the turn")
 
     # b busy: one long answer running there costs the turn more than b's cache saves it.
     hog = open_stream(
