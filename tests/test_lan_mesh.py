@@ -279,14 +279,15 @@ def test_a_next_turn_goes_to_the_box_holding_its_start_unless_it_is_busy(
     assert "The cache decided" in shown.stdout
     assert served_by(a, turn) == b.node_id
     assert status(b)["cache_routed"] == {"asked": 1, "held": 1}
-    # The slot names what it holds once its answer has gone out: a moment after.
+    # b's status says it holds it (what the slot is named for: from when it took the turn).
     wait_until(
         lambda: "conversations held" in run_cli(b.home, "status").stdout, 5, "b shows it holds"
     )
     shown_b = run_cli(b.home, "status").stdout
     assert "1 requests sent here for a conversation it held, 1 still held" in shown_b
-    # ...and a hears of it at a heartbeat (a card b signed while the turn ran, before its
-    # slot named what it holds, may have reached a in between: on a busy host, seen).
+    # ...and a knows it before b gets busy (b's cards say so from when it took the turn;
+    # a card signed before that, fetched late on a busy host, would undo a's note a
+    # heartbeat long).
     wait_until(lambda: explain_at(a, turn)["by_cache"], 10, "a knows b holds the turn")
 
     # b busy: one long answer running there costs the turn more than b's cache saves it.

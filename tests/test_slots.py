@@ -160,8 +160,10 @@ async def test_a_request_leaving_while_its_prompt_is_read_frees_its_slot_at_once
     running = await backend.open(completion(COUNTING, max_tokens=48))
     first = await anext(aiter(running))  # decoding: the long prompt is read in chunks beside it
     read_before = backend.prompt_cache_stats["prompt_tokens_read"]
-    long = await backend.open(completion(LONG_PROMPT, max_tokens=8))
+    asked = chat(LONG_PROMPT, max_tokens=8)
+    long = await backend.open(asked)
     await until(backend, lambda load: load.active_streams == 2)  # in a slot, being read
+    assert request_key(asked) in backend.held_prefixes()  # named from the start...
     await long.aclose()
     assert backend.load().active_streams + backend.load().queued == 1  # at once
     text, finished = await read(running, first)  # the other goes on, undisturbed
@@ -169,6 +171,7 @@ async def test_a_request_leaving_while_its_prompt_is_read_frees_its_slot_at_once
     assert text.startswith(" 6, 7, 8, 9, 10")
     await idle(backend)
     assert backend.counters["cancelled"] >= 1
+    assert request_key(asked) not in backend.held_prefixes()  # ...and not once left half read
     prompt_tokens = len(backend._model.tokenize(LONG_PROMPT.encode(), True, False))
     assert backend.prompt_cache_stats["prompt_tokens_read"] - read_before < prompt_tokens
 
@@ -244,6 +247,10 @@ async def test_a_model_names_the_chats_its_slots_and_saved_prefixes_hold(
         await read(stream, first_event)
     held = backend.held_prefixes()
     assert request_key(story) in held_while_running
+    # A chat is named from the moment a slot takes it, not when it ends: a card signed
+    # while it runs already says so (the entry box's note that this box holds it, made
+    # when the answer ends, is not undone by a card signed in between).
+    assert {request_key(chat(f"{p} {p}")) for p in PROMPTS} <= held_while_running
     assert request_key(story) in held
     assert request_key(short) not in held
     assert {request_key(chat(f"{p} {p}")) for p in PROMPTS} <= held

@@ -884,9 +884,8 @@ class LlamaCppBackend:
         slot.last_used = next(self._ticks)
         generation.sampler.close()
         job = generation.job
-        key = request_key(job.request) if slot.sampled else None  # its prompt is all read
-        if key is not None:
-            slot.keys = frozenset({key})
+        if not slot.sampled and slot.keys:  # left with its prompt half read: not held
+            slot.keys = frozenset()
             self._note_held()
         if isinstance(outcome, Finished):
             self._measured(generation)
@@ -955,7 +954,7 @@ class LlamaCppBackend:
                     self._forget(job)
                     job.emit(_Failure(error))
                     continue
-            slot = self._place(job.prompt_tokens, free)
+            slot = self._place(job.prompt_tokens, free, request_key(job.request))
             free.remove(slot)
             plan = SamplingPlan.of(job.request.sampling, self._config, request=job.request)
             # The prime was checked in _prepare: it fits (SlotSampler checks each token again).
@@ -965,9 +964,11 @@ class LlamaCppBackend:
             slot.generation = _Generation(job, sampler, backend=self)
             slot.sampled = False
 
-    def _place(self, prompt: list[int], free: list[_Slot]) -> _Slot:
+    def _place(self, prompt: list[int], free: list[_Slot], key: bytes | None) -> _Slot:
         """The free slot for `prompt` (longest cached prefix; else the least recently used),
-        its KV cache cut to what the prompt shares, and the rest of the prompt to read."""
+        its KV cache cut to what the prompt shares, and the rest of the prompt to read. The
+        slot is named for the chat `key` from now on (a card signed while it runs says this
+        box holds it; `_end` takes the name back if the prompt is left half read)."""
         import llama_cpp
 
         def worth(slot: _Slot) -> tuple[int, int]:
@@ -1004,7 +1005,7 @@ class LlamaCppBackend:
             keep = 0
         slot.tokens = prompt[:keep]
         slot.pending = prompt[keep:]
-        slot.keys = frozenset()  # what it holds is a new chat's now (named when it ends)
+        slot.keys = frozenset() if key is None else frozenset({key})  # a new chat's now
         self._note_held()
         self.prompt_cache_stats["prompt_tokens_cached"] += keep
         return slot
