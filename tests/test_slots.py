@@ -162,8 +162,10 @@ async def test_a_request_leaving_while_its_prompt_is_read_frees_its_slot_at_once
     read_before = backend.prompt_cache_stats["prompt_tokens_read"]
     asked = chat(LONG_PROMPT, max_tokens=8)
     long = await backend.open(asked)
-    await until(backend, lambda load: load.active_streams == 2)  # in a slot, being read
-    assert request_key(asked) in backend.held_prefixes()  # named from the start...
+    await until(backend, lambda load: load.active_streams == 2)  # running...
+    # ...in a slot, being read, and named for its chat from the start (the worker names it
+    # when it takes a slot, a moment after it counts as running)...
+    await until(backend, lambda _: request_key(asked) in backend.held_prefixes())
     await long.aclose()
     assert backend.load().active_streams + backend.load().queued == 1  # at once
     text, finished = await read(running, first)  # the other goes on, undisturbed
