@@ -20,6 +20,7 @@ import json
 import shutil
 import subprocess
 import threading
+import time
 import urllib.parse
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -162,7 +163,13 @@ def wait(driver: Any, check: Any, what: str) -> Any:
 
 
 def text_of(driver: Any, selector: str) -> str:
-    return str(driver.find_element(By.CSS_SELECTOR, selector).text)
+    """The element's text; looked up again if the page redrew it in between (see `wait`)."""
+    for _ in range(20):
+        try:
+            return str(driver.find_element(By.CSS_SELECTOR, selector).text)
+        except StaleElementReferenceException:
+            time.sleep(0.05)
+    raise AssertionError(f"{selector} kept being redrawn")
 
 
 def open_page(driver: Any, page: str) -> None:
