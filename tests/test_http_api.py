@@ -15,7 +15,7 @@ import pydantic
 import pytest
 
 from node.store.config_file import embedded_model_path
-from tests.clients import async_openai_client, openai_client
+from tests.clients import WEATHER_TOOL, async_openai_client, openai_client
 from tests.nodeproc import NodeProcess
 
 MODEL = "smollm2-135m-instruct"
@@ -621,22 +621,11 @@ async def test_the_async_client_streams_a_forced_tool_call_and_parses_a_schema(
 ) -> None:
     """`openai.AsyncOpenAI`, as asyncio agent frameworks use it: a forced call streamed as
     deltas that join into arguments that parse, and `parse()` with a pydantic model."""
-    tool = {
-        "type": "function",
-        "function": {
-            "name": "get_weather",
-            "parameters": {
-                "type": "object",
-                "properties": {"city": {"type": "string"}},
-                "required": ["city"],
-            },
-        },
-    }
     async with async_openai_client(node.url + "/v1") as client:
         stream = await client.chat.completions.create(
             model=MODEL,
             messages=[{"role": "user", "content": "What is the weather in Paris?"}],
-            tools=[tool],  # type: ignore[list-item]
+            tools=[WEATHER_TOOL],
             tool_choice="required",
             temperature=0,
             max_tokens=40,

@@ -21,7 +21,7 @@ import pydantic
 import pytest
 
 from node.store.config_file import embedded_model_path
-from tests.clients import openai_client
+from tests.clients import WEATHER_TOOL, openai_client
 from tests.members import models_config
 from tests.nodeproc import NodeProcess, run_cli
 
@@ -324,21 +324,10 @@ def test_the_official_client_gets_structured_answers_and_tool_calls_from_another
         )
         assert raw.headers["x-allerac-node"] == c.node_id
         assert isinstance(raw.parse().choices[0].message.parsed, Capital)
-        weather = {
-            "type": "object",
-            "properties": {"city": {"type": "string"}},
-            "required": ["city"],
-            "additionalProperties": False,
-        }
         answer = client.chat.completions.create(
             model="c-only",
             messages=[{"role": "user", "content": "What is the weather in Paris?"}],
-            tools=[
-                {
-                    "type": "function",
-                    "function": {"name": "get_weather", "parameters": weather},
-                }
-            ],
+            tools=[WEATHER_TOOL],
             tool_choice={"type": "function", "function": {"name": "get_weather"}},
             temperature=0,
             max_tokens=40,

@@ -248,14 +248,15 @@ async def test_a_model_names_the_chats_its_slots_and_saved_prefixes_hold(
     for stream, first_event in zip(others, firsts, strict=True):
         await read(stream, first_event)
     held = backend.held_prefixes()
+    others_keys = {request_key(chat(f"{p} {p}")) for p in PROMPTS}
     assert request_key(story) in held_while_running
     # A chat is named from the moment a slot takes it, not when it ends: a card signed
     # while it runs already says so (the entry box's note that this box holds it, made
     # when the answer ends, is not undone by a card signed in between).
-    assert {request_key(chat(f"{p} {p}")) for p in PROMPTS} <= held_while_running
+    assert others_keys <= held_while_running
     assert request_key(story) in held
     assert request_key(short) not in held
-    assert {request_key(chat(f"{p} {p}")) for p in PROMPTS} <= held
+    assert others_keys <= held
     assert request_key(completion("1, 2, 3")) is None  # a text completion names nothing
 
 
