@@ -20,7 +20,6 @@ import json
 import shutil
 import subprocess
 import threading
-import time
 import urllib.parse
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -163,13 +162,9 @@ def wait(driver: Any, check: Any, what: str) -> Any:
 
 
 def text_of(driver: Any, selector: str) -> str:
-    """The element's text; looked up again if the page redrew it in between (see `wait`)."""
-    for _ in range(20):
-        try:
-            return str(driver.find_element(By.CSS_SELECTOR, selector).text)
-        except StaleElementReferenceException:
-            time.sleep(0.05)
-    raise AssertionError(f"{selector} kept being redrawn")
+    """The element's text; looked up again if the page redrew it in between (`wait`)."""
+    [text] = wait(driver, lambda d: [d.find_element(By.CSS_SELECTOR, selector).text], selector)
+    return str(text)
 
 
 def open_page(driver: Any, page: str) -> None:
@@ -533,6 +528,13 @@ def test_a_person_signs_in_with_their_key_and_sees_their_own_pages(
 ) -> None:
     """Last: it signs the owner out. Carol's key opens her usage and the chat, nothing of
     the administration."""
+    a = mesh2["a"]
+
+    def carol_counted(_: Any) -> bool:  # her usage page is read once, when she signs in
+        report = raw(a, "GET", "/allerac/usage?period=month&by=user", headers=a.owner)[2]
+        return any(row["user"] == "carol" for row in report["rows"])
+
+    wait(owner, carol_counted, "carol's requests in a's ledger")
     owner.find_element(By.ID, "sign-out").click()
     wait(owner, lambda d: d.find_element(By.ID, "sign-in").is_displayed(), "signed out")
     owner.find_element(By.ID, "sign-in-key").send_keys(carol_key)
