@@ -6,7 +6,9 @@ is forked instead from a server that imported the project once (the standard lib
 `multiprocessing` forkserver, one per test worker): still a process of its own, with its
 own pid, sockets, signals, files and exit code, running the same `allerac` command line
 (`node.cli`), only without paying for the imports again. The server imports but never
-runs anything: it holds no threads, event loops, gRPC channels or models to be forked.
+runs anything: it holds no threads, event loops or gRPC channels to be forked. It holds
+one thing more than imports: the embedded model, loaded once, which the first load of
+it in each forked node takes instead of reading the file again (tests/model_preload.py).
 
 A process for a box of a network-namespace lab (tests/netns.py) enters the box's
 namespace first (`setns`, what `ip netns exec` does before it execs), and
@@ -36,9 +38,9 @@ from typing import TypeVar
 T = TypeVar("T")
 
 _context: ForkServerContext | None = None
-# What the server imports: the command line and the node, and what the node imports only
-# when it loads a model (llama.cpp's bindings, the chat template's jinja2: ~60 ms of CPU in
-# every node forked otherwise).
+# What the server imports: the command line and the node, what the node imports only when
+# it loads a model (llama.cpp's bindings, the chat template's jinja2: ~60 ms of CPU in every
+# node forked otherwise), and the embedded model itself (~0.1 s of CPU in every node).
 PRELOAD = [
     "node.cli",
     "node.daemon",
@@ -46,6 +48,7 @@ PRELOAD = [
     "llama_cpp",
     "llama_cpp._internals",
     "llama_cpp.llama_chat_format",
+    "tests.model_preload",
 ]
 
 
