@@ -39,7 +39,7 @@ from mesh.inference import (
     ToolChoiceMode,
 )
 from mesh.routing.prefix import longest_held, request_boundaries, request_key
-from node.serving.backends.llama_cpp import LlamaCppBackend, LlamaStream
+from node.serving.backends.llama_cpp import BATCH_TOKENS, LlamaCppBackend, LlamaStream
 from node.serving.backends.llama_sampling import advance_grammar, grammar_fits, grammar_stage
 from node.store.config_file import embedded_model_path
 
@@ -105,7 +105,10 @@ async def answer(backend: LlamaCppBackend, request: InferenceRequest) -> tuple[s
 
 async def read(stream: LlamaStream, *before: InferenceEvent) -> tuple[str, Finished]:
     """The rest of `stream`'s answer (after the events already read, `before`)."""
-    events: list[InferenceEvent] = [*before, *[event async for event in stream]]
+    return answer_of([*before, *[event async for event in stream]])
+
+
+def answer_of(events: list[InferenceEvent]) -> tuple[str, Finished]:
     finished = events[-1]
     assert isinstance(finished, Finished)
     deltas = [e for e in events if isinstance(e, TextDelta)]
@@ -151,6 +154,61 @@ async def test_every_slot_decodes_at_once(backend: LlamaCppBackend) -> None:
     for stream, first in zip(streams, firsts, strict=True):  # ...before any of them ended
         _, finished = await read(stream, first)
         assert finished.reason is FinishReason.LENGTH
+    await idle(backend)
+
+
+async def record(
+    streams: list[LlamaStream], seen: list[tuple[int, int]]
+) -> list[tuple[str, Finished]]:
+    """Each stream read to its end, noting in `seen` (user, tokens so far) for every piece
+    in the order the worker made them (each queue is fed from the worker in its order)."""
+
+    async def one(user: int, stream: LlamaStream) -> tuple[str, Finished]:
+        events: list[InferenceEvent] = []
+        made = 0
+        async for event in stream:
+            events.append(event)
+            if isinstance(event, TextDelta):
+                made += event.tokens
+                seen.append((user, made))
+        return answer_of(events)
+
+    return list(await asyncio.gather(*(one(u, s) for u, s in enumerate(streams))))
+
+
+async def test_prompts_arriving_together_each_get_a_first_token_before_anyone_a_second(
+    backend: LlamaCppBackend,
+) -> None:
+    """Four prompts at once, more than one step reads: a prompt is read whole, ahead of the
+    answers already running, so the last user's first token waits for the other prompts
+    only, never for the others' next tokens (issue 14's worst time to first token)."""
+    prompts = [
+        f"Guest {u} brought " + " ".join(f"{i + u} pears and {2 * i} plums," for i in range(22))
+        for u in range(PARALLEL)
+    ]
+    streams = [await backend.open(completion(p, max_tokens=3)) for p in prompts]
+    seen: list[tuple[int, int]] = []
+    answers = await record(streams, seen)
+    for _, finished in answers:  # two fit one step, three do not
+        assert BATCH_TOKENS // 3 < finished.prompt_tokens <= BATCH_TOKENS // 2
+        assert finished.completion_tokens == 3
+    last_first = max(seen.index((u, 1)) for u in range(PARALLEL))
+    assert all(made == 1 for _, made in seen[: last_first + 1]), seen
+    await idle(backend)
+
+
+async def test_a_long_prompt_is_read_beside_the_running_answers(backend: LlamaCppBackend) -> None:
+    """A prompt several steps long does not stall an answer that runs: it is read a chunk
+    per step beside it, and only its last step goes ahead of the answer's next token."""
+    running = await backend.open(completion(COUNTING, max_tokens=24))
+    long = await backend.open(completion(LONG_PROMPT, max_tokens=2))
+    seen: list[tuple[int, int]] = []
+    (text, _), (_, long_finished) = await record([running, long], seen)
+    assert text.startswith(" 6, 7, 8")
+    assert long_finished.prompt_tokens > 3 * BATCH_TOKENS
+    before_long = [made for user, made in seen[: seen.index((1, 1))] if user == 0]
+    # A token of the running answer per chunk read beside it (at least three chunks).
+    assert len(before_long) >= 3, seen
     await idle(backend)
 
 

@@ -6,8 +6,12 @@ step of the worker is one `llama_decode` of a batch that carries, for every slot
 generating, its last sampled token, and for the slots still reading their prompts the next
 chunk of it (continuous batching): a new request starts while others are half-way through
 theirs, and a long prompt is read a chunk per step beside the others' decoding rather than
-stalling them. Each slot samples with its own chain (`llama_sampling`), so requests batched
-together never share sampling state: a seeded request gives what it gives alone.
+stalling them. A step that finishes a prompt goes ahead of the others' next tokens (a few
+such steps in a row at most: `PROMPTS_AHEAD_OF_ANSWERS`), and a later prompt joins a step
+only whole, so requests that arrive together get their first tokens one prompt apart and
+the last waits for the others' prompts only. Each slot samples with its own chain
+(`llama_sampling`), so requests batched together never share sampling state: a seeded
+request gives what it gives alone.
 
 The KV cache gives every sequence its own stream of the full configured context (llama.cpp's
 non-unified cache), so batching never changes what a sequence attends to, and weights are
@@ -113,6 +117,13 @@ BATCH_TOKENS = 512  # the most tokens one llama_decode takes (llama.cpp's n_batc
 # step costs more than its tokens (with 128, four users' 284-token prompts took 11 % longer
 # to read than one after the other; with 384, 2 %: bench/bench_slots.py's TTFT row).
 PROMPT_CHUNK_BESIDE_DECODING = 384
+# A step that finishes a prompt reads it without the running answers' next tokens: with
+# llama.cpp's non-unified cache a batch that mixes sequences is computed in several parts,
+# each costing about a decode step, and with the answers riding along four users' last
+# first token came 2-8 % later than one user's plus three prompts' reading (issue 14's
+# row; bench/bench_slots.py). A running answer waits for at most this many such steps in a
+# row: four users asking a Home box at once each get a first token before anyone a second.
+PROMPTS_AHEAD_OF_ANSWERS = 3
 MAX_DEFAULT_PARALLEL = 8
 MIN_DEFAULT_PARALLEL = 4
 KV_MEMORY_SHARE = 4  # slots' KV caches get at most 1/4 of the box's memory by default
@@ -433,6 +444,7 @@ class LlamaCppBackend:
         self._prompt_tokens_per_second = 0.0  # measured on steps that only read prompts
         # The worker's own (no lock: only its thread touches them).
         self._slots: list[_Slot] = []
+        self._prompt_steps_ahead = 0  # steps in a row that read prompts ahead of answers
         self._ready: list[_Job] = []  # handed to the worker, waiting for a slot
         self._cache = PromptCache(budget_bytes=0)
         self._ticks = itertools.count(1)
@@ -1077,17 +1089,31 @@ class LlamaCppBackend:
 
         active = [s for s in self._slots if s.generation is not None]
         decoding = [s for s in active if s.sampled]
+        reading = sorted(
+            (s for s in active if not s.sampled),
+            key=lambda s: s.generation.job.arrival if s.generation else 0,
+        )
+        # Prompts first: a prompt this step finishes is read ahead of the running answers'
+        # next tokens, at most PROMPTS_AHEAD_OF_ANSWERS steps in a row.
+        if (
+            decoding
+            and reading
+            and len(reading[0].pending) <= BATCH_TOKENS
+            and self._prompt_steps_ahead < PROMPTS_AHEAD_OF_ANSWERS
+        ):
+            self._prompt_steps_ahead += 1
+            decoding = []
+        elif decoding:
+            self._prompt_steps_ahead = 0
         for slot in decoding:
             add(slot, 1, last_logits=True)
         room = BATCH_TOKENS - len(decoding)
         if decoding:
             room = min(room, PROMPT_CHUNK_BESIDE_DECODING)
-        reading = sorted(
-            (s for s in active if not s.sampled),
-            key=lambda s: s.generation.job.arrival if s.generation else 0,
-        )
         for slot in reading:
-            if room <= 0:
+            # The first come is read (a chunk of it if it is long); the next ones only whole,
+            # so that no first token waits for a part of a later prompt.
+            if room <= 0 or (slot is not reading[0] and len(slot.pending) > room):
                 break
             count = min(len(slot.pending), room)
             add(slot, count, last_logits=count == len(slot.pending))
