@@ -346,9 +346,9 @@ def test_cloud_overflow_only_when_the_mesh_is_saturated_and_the_policy_allows(
     assert headers["x-allerac-node"] == b1.node_id
     # b1 busy with a long answer: now `any` goes to the cloud, `mesh` does not.
     log = tmp_path / "busy.log"
-    # Long enough for the requests below (a few seconds of decoding), no longer: it is
-    # waited for to the end.
-    busy = _busy_until_done(lab_a, a1, B_MODEL, log, tokens=300)
+    # Longer than the requests below take; the client leaves once they are done (b1 stops
+    # decoding it at once: it is not waited for).
+    busy = _busy_until_done(lab_a, a1, B_MODEL, log)
     try:
         wait_until(
             lambda: _status_at(lab_a, a1, B_MODEL, b1).startswith("full"), 60, "b1 saturated"
@@ -376,9 +376,11 @@ def test_cloud_overflow_only_when_the_mesh_is_saturated_and_the_policy_allows(
         assert "privacy" in body["error"]["message"]
         status, _, _ = lab_a.http(a1, "POST", "/v1/completions", ask)  # the default is mesh
         assert status == 503
+        assert busy.poll() is None, log.read_text()  # b1 was busy all along
     finally:
-        busy.wait(300)
-    assert "done" in log.read_text()
+        busy.kill()
+        busy.wait(30)
+    assert "data: {" in log.read_text()
     # The overflow node never learned who else is in the mesh.
     assert world.cloud.status(cloud_node)["peers"] == []
 
