@@ -353,6 +353,7 @@ def test_cloud_overflow_only_when_the_mesh_is_saturated_and_the_policy_allows(
         wait_until(
             lambda: _status_at(lab_a, a1, B_MODEL, b1).startswith("full"), 60, "b1 saturated"
         )
+        wait_until(lambda: "data: {" in log.read_text(), 60, "b1 streams the busy answer")
         status, headers, body = lab_a.http(
             a1, "POST", "/v1/completions", ask, {"x-allerac-privacy": "any"}
         )
@@ -380,7 +381,6 @@ def test_cloud_overflow_only_when_the_mesh_is_saturated_and_the_policy_allows(
     finally:
         busy.kill()
         busy.wait(30)
-    assert "data: {" in log.read_text()
     # The overflow node never learned who else is in the mesh.
     assert world.cloud.status(cloud_node)["peers"] == []
 
