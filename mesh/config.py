@@ -465,7 +465,15 @@ def _file_settings(
         embedded = embedded_model(box.embedded_model_path())
         out = {
             key: getattr(embedded, key)
-            for key in ("name", "path", "aliases", "context_length", "system_prompt", "temperature")
+            for key in (
+                "name",
+                "path",
+                "aliases",
+                "context_length",
+                "system_prompt",
+                "temperature",
+                "embedding",
+            )
         }
     elif not reader.has("path"):
         raise ConfigError(f"{reader.source}: {reader.prefix}path is missing", param="path")

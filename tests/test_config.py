@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from mesh.config import (
     Flags,
     ModelFile,
     NodeConfig,
+    embedded_model,
     is_loopback_host,
     node_config,
     parse_config,
@@ -146,6 +148,22 @@ def test_no_models_means_the_embedded_default() -> None:
     assert model.path.is_file()
     assert model.path == embedded_model_path()
     assert "default" in model.aliases
+
+
+def test_the_embedded_model_named_in_a_table_keeps_the_defaults_it_does_not_set(
+    tmp_path: Path,
+) -> None:
+    default = embedded_model(embedded_model_path())
+    path = write_config(
+        tmp_path, f'[[models]]\nname = "{EMBEDDED_MODEL_NAME}"\ncontext_length = 1024\n'
+    )
+    (model,) = build_config(config_file=path, flags=Flags()).models
+    assert model == replace(default, context_length=1024)  # embeddings too, among the rest
+    path = write_config(
+        tmp_path, f'[[models]]\nname = "{EMBEDDED_MODEL_NAME}"\nembedding = false\n'
+    )
+    (model,) = build_config(config_file=path, flags=Flags()).models
+    assert model == replace(default, embedding=False)
 
 
 @pytest.mark.parametrize("flag", ["default", EMBEDDED_MODEL_NAME])
