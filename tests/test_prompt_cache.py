@@ -13,12 +13,12 @@ GIB = 1 << 30
 
 def test_the_longest_shared_prefix_wins_and_a_longer_entry_replaces_its_prefix() -> None:
     cache = PromptCache(budget_bytes=100)
-    assert cache.put([1, 2, 3], b"a" * 10)
-    assert cache.put([1, 5], b"b" * 10)
+    assert cache.put([1, 2, 3], bytearray(b"a" * 10))
+    assert cache.put([1, 5], bytearray(b"b" * 10))
     entry, shared = cache.best([1, 2, 3, 4])
     assert entry is not None
     assert (entry.tokens, shared) == ((1, 2, 3), 3)
-    assert cache.put([1, 2, 3, 4, 5], b"c" * 10)  # extends (1, 2, 3): that one goes
+    assert cache.put([1, 2, 3, 4, 5], bytearray(b"c" * 10))  # extends (1, 2, 3): that one goes
     assert len(cache) == 2
     assert cache.used_bytes == 20
     assert cache.holds([1, 2, 3])
@@ -27,16 +27,16 @@ def test_the_longest_shared_prefix_wins_and_a_longer_entry_replaces_its_prefix()
 
 def test_the_budget_drops_the_least_recently_used_first() -> None:
     cache = PromptCache(budget_bytes=25)
-    cache.put([1], b"x" * 10)
-    cache.put([2], b"y" * 10)
+    cache.put([1], bytearray(b"x" * 10))
+    cache.put([2], bytearray(b"y" * 10))
     first, _ = cache.best([1])
     assert first is not None
     cache.touch(first)  # [1] is used again: [2] is now the oldest
-    cache.put([3], b"z" * 10)
+    cache.put([3], bytearray(b"z" * 10))
     assert cache.holds([1])
     assert cache.holds([3])
     assert not cache.holds([2])
-    assert not cache.put([4], b"w" * 26)  # larger than the whole budget: not kept
+    assert not cache.put([4], bytearray(b"w" * 26))  # larger than the whole budget: not kept
     assert cache.used_bytes <= 25
 
 
@@ -46,7 +46,7 @@ def test_the_budget_drops_the_least_recently_used_first() -> None:
 def test_the_cache_never_holds_more_than_its_budget(puts: list[tuple[list[int], int]]) -> None:
     cache = PromptCache(budget_bytes=64)
     for tokens, size in puts:
-        cache.put(tokens, b"s" * size)
+        cache.put(tokens, bytearray(b"s" * size))
         assert 0 <= cache.used_bytes <= 64
         entry, shared = cache.best(tokens)
         assert shared <= len(tokens)

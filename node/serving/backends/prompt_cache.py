@@ -32,7 +32,7 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 @dataclass(frozen=True, slots=True)
 class SavedPrefix:
     tokens: tuple[int, ...]
-    state: bytes
+    state: bytearray  # llama.cpp's sequence state, written in place (never changed after)
     keys: frozenset[bytes] = frozenset()  # the chats whose prompts it holds
 
 
@@ -74,7 +74,7 @@ class PromptCache:
         return None
 
     def put(
-        self, tokens: Sequence[int], state: bytes, keys: frozenset[bytes] = frozenset()
+        self, tokens: Sequence[int], state: bytearray, keys: frozenset[bytes] = frozenset()
     ) -> bool:
         """Save `state` for `tokens` (the prompts of the chats `keys` name); False when it is
         larger than the whole budget."""
