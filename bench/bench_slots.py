@@ -14,8 +14,9 @@ for N = 1, 2, 4, 8: aggregate tokens/s (every user's tokens over the wall time f
 requests to the last token) and (b)/(a). Then:
 
 - time to first token with 4 users sending ~280-token prompts at the same moment: worst
-  and median, against one user's alone plus three prompts' reading time (measured in (a)),
-  the baseline measured again in every round;
+  and median, against one user's alone plus three prompts' reading time (measured in (a)
+  just before the four users and again just after, averaged), the baseline measured again
+  in every round;
 - a conversation's next turn (a ~1,400-token history) after two other users' requests:
   time to first token against its first turn's;
 - one user alone: the node's decode tokens/s against llama-cpp-python's `Llama` in-process
@@ -329,15 +330,16 @@ async def bench_model(name: str, path: Path, rounds: int, new_tokens: int, threa
             prompt_tokens = len(
                 direct.model.tokenize(f"Run 0. {TTFT_PROMPT}".encode(), True, False)
             )
-            # Each round measures its own baseline (a prompt read directly, then one user
-            # alone) just before its four users, so that a host whose speed drifts during
-            # the run compares like with like: the target is checked per round.
+            # Each round measures its own baseline around its four users (a prompt read
+            # directly before them and another after, averaged; one user alone just before
+            # them), so that a host whose speed drifts during the run compares like with
+            # like: the target is checked per round.
             readings: list[float] = []
             alone_ttft: list[float] = []
             worst: list[float] = []
             median: list[float] = []
             for round_ in range(rounds):
-                readings.append(direct.read_prompt(f"Run {round_}. {TTFT_PROMPT}"))
+                before = direct.read_prompt(f"Run {round_}. {TTFT_PROMPT}")
                 body = {"model": "bench", "temperature": 0, "max_tokens": 4}
                 url = node.url + "/v1/completions"
                 first, _, _ = await stream(
@@ -353,6 +355,8 @@ async def bench_model(name: str, path: Path, rounds: int, new_tokens: int, threa
                     )
                 )
                 firsts = sorted(t for t, _, _ in together)
+                after = direct.read_prompt(f"Run {round_} again. {TTFT_PROMPT}")
+                readings.append((before + after) / 2)
                 worst.append(firsts[-1])
                 median.append(statistics.median(firsts))
             # A conversation's next turn after two other users' requests (completions, so a
