@@ -10,6 +10,12 @@ runs anything: it holds no threads, event loops or gRPC channels to be forked. I
 one thing more than imports: the embedded model, loaded once, which the first load of
 it in each forked node takes instead of reading the file again (tests/model_preload.py).
 
+A forked process ends with the test worker that started it: one thread in it waits on the
+worker's pidfd and kills the process when the worker is gone, so a worker that dies in
+the middle of a test (killed, or an interrupted run) leaves no box running; nothing else
+would stop it, since its parent is the server, which lives on while any of its processes
+do.
+
 A process for a box of a network-namespace lab (tests/netns.py) enters the box's
 namespace first (`setns`, what `ip netns exec` does before it execs), and
 `in_namespace` runs a function on a thread of this process that entered one (a network
@@ -25,6 +31,7 @@ import ctypes
 import io
 import multiprocessing
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -106,10 +113,32 @@ def in_namespace(name: str, work: Callable[[], T]) -> T:
     return outcome[0]
 
 
+def _end_with(worker: int) -> None:
+    """End this process (SIGKILL) when process `worker` ends."""
+    try:
+        pidfd = os.pidfd_open(worker)
+    except ProcessLookupError:  # gone already
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def wait() -> None:
+        select.select([pidfd], [], [])  # readable once the process has ended
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=wait, name="ends-with-its-test-worker", daemon=True).start()
+
+
 def _run(
-    argv: list[str], env: dict[str, str], cwd: str, out: str, err: str, netns: str | None
+    argv: list[str],
+    env: dict[str, str],
+    cwd: str,
+    out: str,
+    err: str,
+    netns: str | None,
+    worker: int,
 ) -> None:
-    """In the forked process: become `allerac ARGV` with this environment and output."""
+    """In the forked process: become `allerac ARGV` with this environment and output, for
+    as long as process `worker` (the test worker that started it) lives."""
+    _end_with(worker)
     if netns is not None:
         enter_namespace(netns)
     os.chdir(cwd)
@@ -183,6 +212,7 @@ def start(
             str(out),
             str(err or out),
             netns,
+            os.getpid(),
         ),
     )
     process.start()
